@@ -1,0 +1,10 @@
+//! Carmine's data plane: per-core reactors, cross-core SPSC rings, buffer pools, transports and
+//! the wire format. Knows nothing about objects or stores: those live in `carmine-storage`, and the
+//! OSD logic that joins the two lives in the `carmine` package.
+
+pub mod buffers;
+pub mod pool;
+pub mod reactor;
+pub mod ring;
+pub mod tcp;
+pub mod wire;
