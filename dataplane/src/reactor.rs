@@ -1,0 +1,279 @@
+//! The reactor: one pinned thread per core running one poll loop to completion.
+//!
+//! The loop calls `Core::poll_once`, which runs the core's pollers in a fixed order (network rx,
+//! inbox, store completions, timers, network tx) and reports how much work it did. Time spent in
+//! passes that did work counts as busy, the rest as idle, so `busy_ns / ops` is the CPU cost of an
+//! op whatever the idle policy.
+//!
+//! Idle policy: `Spin` never leaves user space (an appliance owns its cores). `Adaptive` spins for
+//! `park_after` and then parks in the kernel (`Core::park`, an `epoll_wait` that also watches the
+//! core's `Waker`), so a laptop or a CI machine is not burned by an idle daemon.
+//!
+//! Architecture invariant: a reactor thread never blocks except in `Core::park`, and never takes a lock.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a parked core sleeps at most before looking at its timers again.
+pub const PARK_TIMEOUT_MAX: Duration = Duration::from_millis(10);
+/// How often a core copies its counters to where `status` can read them.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Poll forever: lowest latency, one core at 100% whatever the load.
+    Spin,
+    /// Poll; after `park_after` without work, sleep in the kernel until work arrives.
+    Adaptive { park_after: Duration },
+}
+
+impl IdlePolicy {
+    pub fn parse(text: &str, park_after: Duration) -> Result<IdlePolicy, String> {
+        match text {
+            "spin" => Ok(IdlePolicy::Spin),
+            "adaptive" => Ok(IdlePolicy::Adaptive { park_after }),
+            other => Err(format!(
+                "unknown idle policy {other:?}: expected spin or adaptive"
+            )),
+        }
+    }
+}
+
+/// What a reactor drives. Implemented by the OSD's per-core state.
+pub trait Core {
+    /// One pass over every poller in a fixed order. Returns the units of work done (0: idle pass).
+    fn poll_once(&mut self) -> usize;
+    /// Sleeps in the kernel for at most `timeout`, returning early when the network or the
+    /// core's `Waker` has something. Called only after a pass found no work.
+    fn park(&mut self, timeout: Duration);
+    /// The longest this core may park before a timer of its own is due.
+    fn park_timeout(&self) -> Duration;
+    /// Copies local counters to shared ones (for `status`), outside the hot path.
+    fn publish(&mut self, loop_stats: &LoopCounters);
+    /// True when the core has drained everything it must finish before the thread exits.
+    fn drained(&self) -> bool;
+}
+
+/// Loop-level counters, kept by the reactor and published by the core.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopCounters {
+    pub busy_ns: u64,
+    pub idle_ns: u64,
+    pub passes: u64,
+    pub parks: u64,
+}
+
+/// Lets other cores wake a parked core. The core sets `sleeping` before parking and re-checks
+/// its inbox; a producer that pushed a message checks `sleeping` after the push. The SeqCst
+/// fences on both sides order "store sleeping / load inbox" against "store inbox / load
+/// sleeping", so either the core sees the message or the producer sees the flag (Dekker).
+pub struct Waker {
+    sleeping: AtomicBool,
+    eventfd: OwnedFd,
+    wakeups: AtomicU64,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Waker {
+            sleeping: AtomicBool::new(false),
+            eventfd,
+            wakeups: AtomicU64::new(0),
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Called by a producer after pushing to this core's inbox.
+    pub fn wake_if_sleeping(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) {
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A full counter
+            // (EAGAIN) still leaves the fd readable, which is all a wakeup needs.
+            unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Called by the owning core before its last inbox check ahead of parking.
+    pub fn prepare_park(&self) {
+        self.sleeping.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Called by the owning core after parking (or after deciding not to park).
+    pub fn finish_park(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
+        let mut value: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own; EAGAIN means no wakeup was pending.
+        unsafe { libc::read(self.fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+}
+
+/// Pins the calling thread to `cpu`. Returns false when the OS refused (logged by the caller).
+pub fn pin_current_thread(cpu: usize) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
+}
+
+/// Runs `core` until `stop` is set and the core has drained.
+pub fn run<C: Core>(core: &mut C, policy: IdlePolicy, stop: &AtomicBool) -> LoopCounters {
+    let mut counters = LoopCounters::default();
+    let mut last = Instant::now();
+    let mut last_publish = last;
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let work = core.poll_once();
+        let now = Instant::now();
+        let elapsed_ns = now.duration_since(last).as_nanos() as u64;
+        last = now;
+        counters.passes += 1;
+        if work > 0 {
+            counters.busy_ns += elapsed_ns;
+            idle_since = None;
+        } else {
+            counters.idle_ns += elapsed_ns;
+            if stop.load(Ordering::Relaxed) && core.drained() {
+                break;
+            }
+            if let IdlePolicy::Adaptive { park_after } = policy {
+                let since = *idle_since.get_or_insert(now);
+                if now.duration_since(since) >= park_after {
+                    core.park(core.park_timeout().min(PARK_TIMEOUT_MAX));
+                    counters.parks += 1;
+                    let woke = Instant::now();
+                    counters.idle_ns += woke.duration_since(last).as_nanos() as u64;
+                    last = woke;
+                }
+            }
+        }
+        if last.duration_since(last_publish) >= PUBLISH_INTERVAL {
+            core.publish(&counters);
+            last_publish = last;
+        }
+    }
+    core.publish(&counters);
+    counters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    struct CountingCore {
+        work_left: usize,
+        parks: usize,
+        published: usize,
+        waker: Arc<Waker>,
+    }
+
+    impl Core for CountingCore {
+        fn poll_once(&mut self) -> usize {
+            if self.work_left > 0 {
+                self.work_left -= 1;
+                1
+            } else {
+                0
+            }
+        }
+        fn park(&mut self, timeout: Duration) {
+            self.waker.prepare_park();
+            let mut pfd = libc::pollfd {
+                fd: self.waker.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd on the stack.
+            unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+            self.waker.finish_park();
+            self.parks += 1;
+        }
+        fn park_timeout(&self) -> Duration {
+            Duration::from_millis(1)
+        }
+        fn publish(&mut self, _: &LoopCounters) {
+            self.published += 1;
+        }
+        fn drained(&self) -> bool {
+            self.work_left == 0
+        }
+    }
+
+    #[test]
+    fn loop_counts_busy_passes_and_stops_when_drained() {
+        let stop = AtomicBool::new(true);
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut core = CountingCore {
+            work_left: 1000,
+            parks: 0,
+            published: 0,
+            waker,
+        };
+        let counters = run(&mut core, IdlePolicy::Spin, &stop);
+        assert_eq!(core.work_left, 0);
+        assert_eq!(
+            counters.passes, 1001,
+            "1000 busy passes and one idle pass that sees stop"
+        );
+        assert!(counters.busy_ns > 0);
+        assert!(core.published >= 1);
+        assert_eq!(core.parks, 0, "spin never parks");
+    }
+
+    #[test]
+    fn adaptive_policy_parks_when_idle() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let waker = Arc::new(Waker::new().unwrap());
+        let stopper = {
+            let stop = stop.clone();
+            let waker = waker.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                stop.store(true, Ordering::Relaxed);
+                waker.wake_if_sleeping();
+            })
+        };
+        let mut core = CountingCore {
+            work_left: 0,
+            parks: 0,
+            published: 0,
+            waker,
+        };
+        let policy = IdlePolicy::Adaptive {
+            park_after: Duration::from_micros(100),
+        };
+        let counters = run(&mut core, policy, &stop);
+        stopper.join().unwrap();
+        assert!(core.parks > 0 && counters.parks as usize == core.parks);
+        assert!(counters.idle_ns >= 40_000_000, "parked time counts as idle");
+    }
+
+    #[test]
+    fn waker_only_signals_a_sleeping_core() {
+        let waker = Waker::new().unwrap();
+        waker.wake_if_sleeping();
+        assert_eq!(waker.wakeups(), 0);
+        waker.prepare_park();
+        waker.wake_if_sleeping();
+        assert_eq!(waker.wakeups(), 1);
+        waker.finish_park();
+        assert!(IdlePolicy::parse("spin", Duration::ZERO).is_ok());
+        assert!(IdlePolicy::parse("lazy", Duration::ZERO).is_err());
+    }
+}

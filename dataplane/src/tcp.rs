@@ -1,0 +1,816 @@
+//! Kernel TCP transport: non-blocking sockets and one edge-triggered epoll instance per core.
+//!
+//! Receive: each connection reads into a chunk from the core's small pool; complete frames are
+//! handed up as `Lease`s over the chunk (parsed in place, never copied). Only the partial frame
+//! left at the end of a full chunk is copied into the next chunk (`rx_copied_bytes` counts it);
+//! a frame larger than a chunk is received straight into a large buffer.
+//!
+//! Send: replies queue per connection (header and result table inline, payload by reference)
+//! and go out with one `writev` per connection per pass, so pipelined requests cost a fraction
+//! of a system call each.
+//!
+//! Limits: at most `inflight_per_connection_max` requests per connection are past parsing and not
+//! yet answered; beyond that the connection is not read (TCP flow control pushes back on the
+//! client). Header limits are enforced before the body is buffered.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use crate::buffers::{Body, CorePools};
+use crate::pool::{Buf, Lease};
+use crate::wire::{
+    self, Header, HeaderError, Limits, Status, HEADER_SIZE, SUB_OPS_CEILING, SUB_OP_RESULT_SIZE,
+};
+
+/// Largest reply head: header plus a result per sub-op.
+pub const REPLY_HEAD_MAX_BYTES: usize = HEADER_SIZE + SUB_OPS_CEILING as usize * SUB_OP_RESULT_SIZE;
+/// Events taken from epoll per call; more stay queued in the kernel for the next pass.
+const EPOLL_EVENTS_MAX: usize = 256;
+/// iovecs per writev: enough for 32 replies with a payload each.
+const TX_IOVECS_MAX: usize = 64;
+/// A chunk with less free space than this is retired before the next receive, so that one
+/// recv call can still bring in many small frames.
+const RX_SPARE_MIN_BYTES: usize = 16 << 10;
+
+const TOKEN_WAKER: u64 = u64::MAX;
+const TOKEN_LISTENER: u64 = u64::MAX - 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportConfig {
+    pub limits: Limits,
+    pub inflight_per_connection_max: u32,
+    pub connections_max: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// A complete frame received on `conn`, header checked against the limits, crc not yet checked.
+pub struct RxFrame {
+    pub conn: ConnId,
+    pub header: Header,
+    pub frame: Lease,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TransportStats {
+    pub accepted: u64,
+    pub refused: u64,
+    pub closed: u64,
+    pub connections: u64,
+    pub frames_rx: u64,
+    pub replies_tx: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_copied_bytes: u64,
+    pub rx_syscalls: u64,
+    pub tx_syscalls: u64,
+    pub rx_pool_waits: u64,
+    pub malformed: u64,
+    pub over_limit: u64,
+    pub truncated: u64,
+}
+
+struct TxReply {
+    head: [u8; REPLY_HEAD_MAX_BYTES],
+    head_len: u16,
+    body: Body,
+    /// Bytes of head then body already written to the socket.
+    sent: usize,
+    /// False for the error reply sent before closing on a broken stream: it answers no frame.
+    answers_frame: bool,
+}
+
+impl TxReply {
+    fn len(&self) -> usize {
+        usize::from(self.head_len) + self.body.as_slice().len()
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    generation: u32,
+    /// Receive chunk: bytes [consumed, sealed) are received and not yet parsed.
+    rx: Option<Buf>,
+    consumed: usize,
+    /// A frame larger than a chunk, being received into its own buffer.
+    large: Option<(Buf, usize)>,
+    inflight: u32,
+    tx: VecDeque<TxReply>,
+    in_rx_list: bool,
+    in_tx_list: bool,
+    /// Stop reading; close once the queued replies are written.
+    closing: bool,
+}
+
+enum RxOutcome {
+    /// The socket has no more bytes for now.
+    Drained,
+    /// Stopped early (budget, in-flight limit or buffers); stays on the list.
+    Paused,
+    Closed,
+}
+
+pub struct TcpTransport {
+    core: usize,
+    config: TransportConfig,
+    epoll: OwnedFd,
+    events: Vec<libc::epoll_event>,
+    listener: Option<TcpListener>,
+    accept_ready: bool,
+    conns: Vec<Option<Connection>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    rx_list: VecDeque<u32>,
+    tx_list: Vec<u32>,
+    tx_list_spare: Vec<u32>,
+    /// Bodies of replies that were written or dropped and belong to another core.
+    foreign: Vec<Body>,
+    pub stats: TransportStats,
+}
+
+fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: `event` is a valid epoll_event for the duration of the call; fds are checked by the kernel.
+    let rc = unsafe { libc::epoll_ctl(epoll, op, fd, &mut event) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn token(index: u32, generation: u32) -> u64 {
+    u64::from(generation) << 32 | u64::from(index)
+}
+
+impl TcpTransport {
+    pub fn new(core: usize, config: TransportConfig, waker_fd: RawFd) -> io::Result<TcpTransport> {
+        config
+            .limits
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: no preconditions; result checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            waker_fd,
+            libc::EPOLLIN as u32,
+            TOKEN_WAKER,
+        )?;
+        let count = config.connections_max as usize;
+        Ok(TcpTransport {
+            core,
+            config,
+            epoll,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
+            listener: None,
+            accept_ready: false,
+            conns: (0..count).map(|_| None).collect(),
+            generations: vec![0; count],
+            free: (0..count as u32).rev().collect(),
+            rx_list: VecDeque::with_capacity(count),
+            tx_list: Vec::with_capacity(count),
+            tx_list_spare: Vec::with_capacity(count),
+            foreign: Vec::with_capacity(1024),
+            stats: TransportStats::default(),
+        })
+    }
+
+    /// Takes over a bound listener (only the accepting core has one).
+    pub fn listen(&mut self, listener: TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            TOKEN_LISTENER,
+        )?;
+        self.listener = Some(listener);
+        self.accept_ready = true;
+        Ok(())
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
+    /// Accepts one pending connection, if any. The caller decides which core adopts it.
+    pub fn poll_accept(&mut self) -> Option<(TcpStream, SocketAddr)> {
+        if !self.accept_ready {
+            return None;
+        }
+        let listener = self.listener.as_ref()?;
+        match listener.accept() {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    log::warn!("core {}: accept failed: {e}", self.core);
+                }
+                self.accept_ready = false;
+                None
+            }
+        }
+    }
+
+    /// Makes `stream` one of this core's connections. Refuses (closes) it when the table is full.
+    pub fn adopt(&mut self, stream: TcpStream) -> Option<ConnId> {
+        let Some(index) = self.free.pop() else {
+            self.stats.refused += 1;
+            log::warn!(
+                "core {}: connection refused: {} connections is the limit",
+                self.core,
+                self.conns.len()
+            );
+            return None;
+        };
+        let generation = self.generations[index as usize].wrapping_add(1);
+        self.generations[index as usize] = generation;
+        let setup = stream
+            .set_nonblocking(true)
+            .and_then(|_| stream.set_nodelay(true))
+            .and_then(|_| {
+                let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+                epoll_ctl(
+                    self.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    stream.as_raw_fd(),
+                    events as u32,
+                    token(index, generation),
+                )
+            });
+        if let Err(e) = setup {
+            log::warn!("core {}: cannot set up connection: {e}", self.core);
+            self.free.push(index);
+            return None;
+        }
+        let tx_capacity = self.config.inflight_per_connection_max as usize + 1;
+        self.conns[index as usize] = Some(Connection {
+            stream,
+            generation,
+            rx: None,
+            consumed: 0,
+            large: None,
+            inflight: 0,
+            tx: VecDeque::with_capacity(tx_capacity),
+            in_rx_list: true,
+            in_tx_list: false,
+            closing: false,
+        });
+        // Bytes may have arrived before registration; look once without waiting for an edge.
+        self.rx_list.push_back(index);
+        self.stats.accepted += 1;
+        self.stats.connections = self.connection_count() as u64;
+        Some(ConnId { index, generation })
+    }
+
+    /// Collects readiness from the kernel. `timeout` zero never blocks (the polling case).
+    pub fn poll_events(&mut self, timeout: Duration) -> usize {
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
+        let count = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                EPOLL_EVENTS_MAX as i32,
+                timeout_ms,
+            )
+        };
+        if count <= 0 {
+            return 0;
+        }
+        for event_index in 0..count as usize {
+            let libc::epoll_event { events, u64: token } = self.events[event_index];
+            match token {
+                TOKEN_WAKER => {}
+                TOKEN_LISTENER => self.accept_ready = true,
+                _ => self.on_conn_event(token, events),
+            }
+        }
+        count as usize
+    }
+
+    fn on_conn_event(&mut self, token: u64, events: u32) {
+        let index = token as u32;
+        let Some(conn) = self.conns.get_mut(index as usize).and_then(|c| c.as_mut()) else {
+            return;
+        };
+        if conn.generation != (token >> 32) as u32 {
+            return; // A stale event for a slot that was closed and reused.
+        }
+        let readable = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        if events & readable != 0 && !conn.in_rx_list {
+            conn.in_rx_list = true;
+            self.rx_list.push_back(index);
+        }
+        if events & libc::EPOLLOUT as u32 != 0 && !conn.tx.is_empty() && !conn.in_tx_list {
+            conn.in_tx_list = true;
+            self.tx_list.push(index);
+        }
+    }
+
+    /// Reads from connections with pending bytes and hands up to `budget` complete frames to
+    /// `on_frame`. Returns the number of frames delivered.
+    pub fn poll_rx(
+        &mut self,
+        pools: &mut CorePools,
+        budget: usize,
+        on_frame: &mut dyn FnMut(RxFrame),
+    ) -> usize {
+        let mut delivered = 0;
+        let mut visits = self.rx_list.len();
+        while visits > 0 && delivered < budget {
+            visits -= 1;
+            let index = self.rx_list.pop_front().expect("visits <= list length");
+            let outcome =
+                self.read_connection(index, pools, budget - delivered, &mut delivered, on_frame);
+            match outcome {
+                RxOutcome::Paused => self.rx_list.push_back(index),
+                RxOutcome::Drained => {
+                    if let Some(conn) = self.conns[index as usize].as_mut() {
+                        conn.in_rx_list = false;
+                    }
+                }
+                RxOutcome::Closed => {}
+            }
+        }
+        delivered
+    }
+
+    fn read_connection(
+        &mut self,
+        index: u32,
+        pools: &mut CorePools,
+        budget: usize,
+        delivered: &mut usize,
+        on_frame: &mut dyn FnMut(RxFrame),
+    ) -> RxOutcome {
+        let limits = self.config.limits;
+        let inflight_max = self.config.inflight_per_connection_max;
+        let mut local_delivered = 0;
+        loop {
+            let conn = self.conns[index as usize]
+                .as_mut()
+                .expect("listed connections are open");
+            if conn.closing {
+                return RxOutcome::Drained;
+            }
+            // 1. Hand up every complete frame already received.
+            let pending_len = loop {
+                if local_delivered == budget || conn.inflight >= inflight_max {
+                    *delivered += local_delivered;
+                    return RxOutcome::Paused;
+                }
+                match next_frame(conn, pools, &limits) {
+                    Ok(FrameStep::Frame(header, frame)) => {
+                        conn.inflight += 1;
+                        local_delivered += 1;
+                        self.stats.frames_rx += 1;
+                        on_frame(RxFrame {
+                            conn: ConnId {
+                                index,
+                                generation: conn.generation,
+                            },
+                            header,
+                            frame,
+                        });
+                    }
+                    Ok(FrameStep::NeedMore(len)) => break len,
+                    Err((error, request_id)) => {
+                        *delivered += local_delivered;
+                        self.reject_stream(index, error, request_id);
+                        return RxOutcome::Drained;
+                    }
+                }
+            };
+            // 2. Make room for the rest of the pending frame, then receive.
+            let conn = self.conns[index as usize].as_mut().expect("still open");
+            if !make_room(conn, pools, pending_len, &mut self.stats) {
+                self.stats.rx_pool_waits += 1;
+                *delivered += local_delivered;
+                return RxOutcome::Paused;
+            }
+            let (target, is_large) = match conn.large.as_mut() {
+                Some((buf, frame_len)) => {
+                    let want = *frame_len - buf.sealed_len();
+                    (&mut buf.spare_mut()[..want], true)
+                }
+                None => (
+                    conn.rx
+                        .as_mut()
+                        .expect("make_room provides a chunk")
+                        .spare_mut(),
+                    false,
+                ),
+            };
+            self.stats.rx_syscalls += 1;
+            // SAFETY: `target` is a live, exclusively borrowed byte slice; recv writes at most its length.
+            let received = unsafe {
+                libc::recv(
+                    conn.stream.as_raw_fd(),
+                    target.as_mut_ptr().cast(),
+                    target.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if received > 0 {
+                let received = received as usize;
+                self.stats.rx_bytes += received as u64;
+                match conn.large.as_mut() {
+                    Some((buf, _)) if is_large => buf.seal(received),
+                    _ => conn.rx.as_mut().expect("chunk").seal(received),
+                }
+                continue;
+            }
+            *delivered += local_delivered;
+            let error = io::Error::last_os_error();
+            if received < 0 && error.kind() == io::ErrorKind::WouldBlock {
+                retire_idle_chunk(conn, pools);
+                return RxOutcome::Drained;
+            }
+            if received < 0 && error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            let partial = conn.large.is_some()
+                || conn
+                    .rx
+                    .as_ref()
+                    .is_some_and(|b| b.sealed_len() > conn.consumed);
+            if partial {
+                self.stats.truncated += 1;
+                log::info!("core {}: connection closed mid-frame", self.core);
+            }
+            self.close(index, pools);
+            return RxOutcome::Closed;
+        }
+    }
+
+    /// The byte stream can no longer be trusted: answer once, then close after the answer is sent.
+    fn reject_stream(&mut self, index: u32, error: HeaderError, request_id: u64) {
+        let status = error.status();
+        if status == Status::OverLimit {
+            self.stats.over_limit += 1;
+        } else {
+            self.stats.malformed += 1;
+        }
+        log::info!("core {}: closing connection: {error}", self.core);
+        let request = Header {
+            opcode: 0,
+            request_id,
+            ..Header::default()
+        };
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        conn.closing = true;
+        self.queue(index, &request, status, &[], Body::None, false);
+    }
+
+    /// Queues the reply to a frame delivered on `conn`. A connection that has gone away gets
+    /// nothing and the body comes back to the caller to release.
+    pub fn reply(
+        &mut self,
+        conn: ConnId,
+        request: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+    ) -> Result<(), Body> {
+        let open = self
+            .conns
+            .get(conn.index as usize)
+            .and_then(|c| c.as_ref())
+            .is_some_and(|c| c.generation == conn.generation);
+        if !open {
+            return Err(body);
+        }
+        self.queue(conn.index, request, status, results, body, true);
+        Ok(())
+    }
+
+    fn queue(
+        &mut self,
+        index: u32,
+        request: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+        answers_frame: bool,
+    ) {
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        // The in-flight limit bounds the queue: it never grows past its start-up capacity.
+        assert!(
+            conn.tx.len() < conn.tx.capacity(),
+            "tx queue overflow: in-flight limit not enforced"
+        );
+        let mut reply = TxReply {
+            head: [0; REPLY_HEAD_MAX_BYTES],
+            head_len: 0,
+            body,
+            sent: 0,
+            answers_frame,
+        };
+        let head_len = wire::encode_reply(
+            &mut reply.head,
+            request,
+            status,
+            results,
+            &[reply.body.as_slice()],
+        );
+        reply.head_len = head_len as u16;
+        conn.tx.push_back(reply);
+        if !conn.in_tx_list {
+            conn.in_tx_list = true;
+            self.tx_list.push(index);
+        }
+    }
+
+    /// Writes queued replies, one writev per connection. Returns the replies completed.
+    pub fn flush_tx(&mut self, pools: &mut CorePools) -> usize {
+        // Iterate over a swapped-out list: writing may close a connection, and closing edits
+        // the list. Both vectors keep their start-up capacity, so the swap never allocates.
+        let mut pending = std::mem::take(&mut self.tx_list_spare);
+        std::mem::swap(&mut pending, &mut self.tx_list);
+        let mut completed = 0;
+        for &index in &pending {
+            let (done, keep) = self.write_connection(index, pools);
+            completed += done;
+            if keep {
+                self.tx_list.push(index);
+            }
+        }
+        pending.clear();
+        self.tx_list_spare = pending;
+        completed
+    }
+
+    /// Returns (replies completed, stay on the tx list).
+    fn write_connection(&mut self, index: u32, pools: &mut CorePools) -> (usize, bool) {
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            return (0, false);
+        };
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; TX_IOVECS_MAX];
+        let mut iovec_count = 0;
+        for reply in conn.tx.iter() {
+            if iovec_count + 2 > TX_IOVECS_MAX {
+                break;
+            }
+            let head = &reply.head[..usize::from(reply.head_len)];
+            let body = reply.body.as_slice();
+            let mut skip = reply.sent;
+            for piece in [head, body] {
+                if skip >= piece.len() {
+                    skip -= piece.len();
+                    continue;
+                }
+                iovecs[iovec_count] = libc::iovec {
+                    iov_base: piece[skip..].as_ptr() as *mut _,
+                    iov_len: piece.len() - skip,
+                };
+                iovec_count += 1;
+                skip = 0;
+            }
+        }
+        if iovec_count == 0 {
+            conn.in_tx_list = false;
+            return (0, false);
+        }
+        self.stats.tx_syscalls += 1;
+        // SAFETY: every iovec points into a reply head or body owned by `conn.tx`, which is not
+        // touched until writev returns; writev only reads them.
+        let written =
+            unsafe { libc::writev(conn.stream.as_raw_fd(), iovecs.as_ptr(), iovec_count as i32) };
+        if written < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::WouldBlock {
+                conn.in_tx_list = false; // EPOLLOUT puts it back.
+                return (0, false);
+            }
+            if error.kind() == io::ErrorKind::Interrupted {
+                return (0, true);
+            }
+            log::info!(
+                "core {}: write failed, closing connection: {error}",
+                self.core
+            );
+            self.close(index, pools);
+            return (0, false);
+        }
+        self.stats.tx_bytes += written as u64;
+        let mut remaining = written as usize;
+        let mut completed = 0;
+        while let Some(front) = conn.tx.front_mut() {
+            let left = front.len() - front.sent;
+            if remaining < left {
+                front.sent += remaining;
+                break;
+            }
+            remaining -= left;
+            let reply = conn.tx.pop_front().expect("front exists");
+            if reply.answers_frame {
+                conn.inflight -= 1;
+            }
+            completed += 1;
+            if let Some(foreign) = pools.release_body(reply.body) {
+                self.foreign.push(foreign);
+            }
+        }
+        self.stats.replies_tx += completed as u64;
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        if conn.inflight < self.config.inflight_per_connection_max
+            && !conn.in_rx_list
+            && !conn.closing
+        {
+            // It may have stopped reading at the in-flight limit: look again.
+            conn.in_rx_list = true;
+            self.rx_list.push_back(index);
+        }
+        if conn.tx.is_empty() {
+            conn.in_tx_list = false;
+            if conn.closing {
+                self.close(index, pools);
+            }
+            return (completed, false);
+        }
+        (completed, true)
+    }
+
+    fn close(&mut self, index: u32, pools: &mut CorePools) {
+        let conn = self.conns[index as usize]
+            .take()
+            .expect("closing an open connection");
+        if let Some(buf) = conn.rx {
+            pools.release(buf);
+        }
+        if let Some((buf, _)) = conn.large {
+            pools.release(buf);
+        }
+        for reply in conn.tx {
+            if let Some(foreign) = pools.release_body(reply.body) {
+                self.foreign.push(foreign);
+            }
+        }
+        self.rx_list.retain(|&i| i != index);
+        self.tx_list.retain(|&i| i != index);
+        self.free.push(index);
+        self.stats.closed += 1;
+        self.stats.connections = self.connection_count() as u64;
+        // Dropping the stream closes the socket, which also removes it from the epoll set.
+    }
+
+    /// Bodies from other cores' pools that this core finished with; they must travel home.
+    pub fn take_foreign(&mut self) -> Option<Body> {
+        self.foreign.pop()
+    }
+
+    pub fn has_pending_tx(&self) -> bool {
+        !self.tx_list.is_empty()
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn close_all(&mut self, pools: &mut CorePools) {
+        for index in 0..self.conns.len() as u32 {
+            if self.conns[index as usize].is_some() {
+                self.close(index, pools);
+            }
+        }
+    }
+}
+
+enum FrameStep {
+    Frame(Header, Lease),
+    /// Bytes the pending frame needs in total (HEADER_SIZE while the header is incomplete).
+    NeedMore(usize),
+}
+
+/// Takes the next complete frame out of the connection's receive state.
+fn next_frame(
+    conn: &mut Connection,
+    pools: &mut CorePools,
+    limits: &Limits,
+) -> Result<FrameStep, (HeaderError, u64)> {
+    if let Some((buf, frame_len)) = conn.large.as_ref() {
+        if buf.sealed_len() < *frame_len {
+            return Ok(FrameStep::NeedMore(*frame_len));
+        }
+        let (buf, frame_len) = conn.large.take().expect("checked above");
+        let header = wire::parse_header(buf.sealed(), limits)
+            .ok()
+            .flatten()
+            .expect("header checked when the frame started");
+        let lease = pools.lease(&buf, 0, frame_len);
+        pools.release(buf);
+        return Ok(FrameStep::Frame(header, lease));
+    }
+    let Some(chunk) = conn.rx.as_ref() else {
+        return Ok(FrameStep::NeedMore(HEADER_SIZE));
+    };
+    let available = &chunk.sealed()[conn.consumed..];
+    let header = match wire::parse_header(available, limits) {
+        Ok(Some(header)) => header,
+        Ok(None) => return Ok(FrameStep::NeedMore(HEADER_SIZE)),
+        Err(error) => {
+            let request_id = if available.len() >= 16 {
+                u64::from_le_bytes(available[8..16].try_into().unwrap())
+            } else {
+                0
+            };
+            return Err((error, request_id));
+        }
+    };
+    let frame_len = header.frame_len();
+    if available.len() < frame_len {
+        return Ok(FrameStep::NeedMore(frame_len));
+    }
+    let lease = pools.lease(chunk, conn.consumed, frame_len);
+    conn.consumed += frame_len;
+    Ok(FrameStep::Frame(header, lease))
+}
+
+/// Ensures the connection can receive the rest of a frame of `pending_len` bytes. False when
+/// the pools are exhausted (the connection waits; buffers come back as replies complete).
+fn make_room(
+    conn: &mut Connection,
+    pools: &mut CorePools,
+    pending_len: usize,
+    stats: &mut TransportStats,
+) -> bool {
+    if conn.large.is_some() {
+        return true;
+    }
+    let chunk_size = pools.small.buffer_size();
+    let (partial_start, partial_end) = match conn.rx.as_ref() {
+        Some(chunk) => (conn.consumed, chunk.sealed_len()),
+        None => (0, 0),
+    };
+    let partial_len = partial_end - partial_start;
+    if pending_len > chunk_size {
+        let Some(mut large) = pools.large.acquire() else {
+            return false;
+        };
+        if let Some(chunk) = conn.rx.take() {
+            copy_partial(&chunk, partial_start, partial_end, &mut large, stats);
+            pools.release(chunk);
+        }
+        conn.consumed = 0;
+        conn.large = Some((large, pending_len));
+        return true;
+    }
+    if let Some(chunk) = conn.rx.as_ref() {
+        let fits = partial_start + pending_len <= chunk_size;
+        if fits
+            && chunk_size - chunk.sealed_len() >= RX_SPARE_MIN_BYTES.min(pending_len - partial_len)
+        {
+            return true;
+        }
+    }
+    let Some(mut fresh) = pools.small.acquire() else {
+        return false;
+    };
+    if let Some(chunk) = conn.rx.take() {
+        copy_partial(&chunk, partial_start, partial_end, &mut fresh, stats);
+        pools.release(chunk);
+    }
+    conn.consumed = 0;
+    conn.rx = Some(fresh);
+    true
+}
+
+fn copy_partial(
+    source: &Buf,
+    start: usize,
+    end: usize,
+    target: &mut Buf,
+    stats: &mut TransportStats,
+) {
+    let len = end - start;
+    target.spare_mut()[..len].copy_from_slice(&source.sealed()[start..end]);
+    target.seal(len);
+    stats.rx_copied_bytes += len as u64;
+}
+
+/// An idle connection gives its chunk back so that thousands of idle clients hold no buffers.
+fn retire_idle_chunk(conn: &mut Connection, pools: &mut CorePools) {
+    let fully_parsed = conn
+        .rx
+        .as_ref()
+        .is_some_and(|chunk| chunk.sealed_len() == conn.consumed);
+    if fully_parsed && conn.inflight == 0 {
+        let chunk = conn.rx.take().expect("checked");
+        pools.release(chunk);
+        conn.consumed = 0;
+    }
+}
