@@ -1,0 +1,1449 @@
+//! In-memory object store, in CyanStore's role: the reference implementation of `ObjectStore`,
+//! for tests and for running the OSD without devices.
+//!
+//! One instance per core: no locks, no `unsafe`, every op completes inside `submit`.
+//!
+//! Atomicity comes from two passes. The validation pass simulates the op (does the object exist,
+//! its size, the bytes it and the store account for) through the sub-op sequence without touching
+//! the store, and returns the first error. The apply pass then cannot fail: it mutates in place and
+//! serves read-like sub-ops, which so see the sub-ops before them.
+//!
+//! Steady state allocates nothing: overwriting or reading bytes within an object's size works in
+//! place, reads copy straight from object data into the caller's buffer, and lookups by `&[u8]`
+//! borrow rather than build keys. Allocation happens only when something grows (a new object,
+//! key, or larger size) or shrinks a lot.
+
+use std::cmp::{max, min};
+use std::collections::{BTreeMap, HashMap};
+
+use crate::object_store::{
+    check_operation, ObjectStat, ObjectStore, OutputBuffer, StoreError, StoreStats, SubOp,
+    SubOpResult, Submit, STATUS_OK,
+};
+
+/// Slack, in bytes, that a shrinking object may keep allocated before its buffer is shrunk to
+/// fit. Shrinking reallocates, so small slack is kept: repeated WriteFulls of similar sizes stay
+/// allocation-free, while a big object truncated to little returns its memory.
+const DATA_SLACK_MAX_BYTES: usize = 64 * 1024;
+
+type MetaMap = BTreeMap<Box<[u8]>, Box<[u8]>>;
+
+/// One stored object. While an op has logically removed it, it stays in the map empty (see
+/// `Apply::exists`) so that a later sub-op can recreate it in place.
+#[derive(Debug, Default)]
+struct Object {
+    data: Vec<u8>,
+    xattrs: MetaMap,
+    omap: MetaMap,
+    /// Key plus value bytes of `xattrs` and `omap`, kept so accounting never walks the maps.
+    meta_bytes: u64,
+    generation: u64,
+}
+
+impl Object {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// Bytes this object accounts against the store's capacity.
+    fn bytes_accounted(&self) -> u64 {
+        self.size() + self.meta_bytes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+            && self.xattrs.is_empty()
+            && self.omap.is_empty()
+            && self.generation == 0
+    }
+
+    fn write(&mut self, offset: u64, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return; // As pwrite: writing nothing does not extend.
+        }
+        let start = to_usize(offset);
+        let end = start + bytes.len();
+        if end > self.data.len() {
+            // Zero-fills any hole between the old size and `start`.
+            self.data.resize(end, 0);
+        }
+        self.data[start..end].copy_from_slice(bytes);
+    }
+
+    fn write_full(&mut self, bytes: &[u8]) {
+        self.data.clear();
+        self.data.extend_from_slice(bytes);
+        self.release_slack();
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let start = to_usize(offset);
+        let end = to_usize(offset + length);
+        let stop = min(end, self.data.len());
+        if start < stop {
+            self.data[start..stop].fill(0);
+        }
+        if end > self.data.len() {
+            self.data.resize(end, 0);
+        }
+    }
+
+    fn truncate(&mut self, size: u64) {
+        let size = to_usize(size);
+        if size < self.data.len() {
+            self.data.truncate(size);
+            self.release_slack();
+        } else {
+            self.data.resize(size, 0);
+        }
+    }
+
+    fn release_slack(&mut self) {
+        let slack = self.data.capacity() - self.data.len();
+        if slack > DATA_SLACK_MAX_BYTES && slack > self.data.len() {
+            self.data.shrink_to_fit();
+        }
+    }
+
+    fn stat(&self) -> ObjectStat {
+        ObjectStat {
+            size: self.size(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// Sets `key` to `value` in `map`, overwriting an equal-length value in place.
+fn meta_set(map: &mut MetaMap, meta_bytes: &mut u64, key: &[u8], value: &[u8]) {
+    match map.get_mut(key) {
+        Some(old) => {
+            *meta_bytes = *meta_bytes - old.len() as u64 + value.len() as u64;
+            if old.len() == value.len() {
+                old.copy_from_slice(value);
+            } else {
+                *old = value.into();
+            }
+        }
+        None => {
+            map.insert(key.into(), value.into());
+            *meta_bytes += (key.len() + value.len()) as u64;
+        }
+    }
+}
+
+fn meta_remove(map: &mut MetaMap, meta_bytes: &mut u64, key: &[u8]) {
+    if let Some(old) = map.remove(key) {
+        *meta_bytes -= (key.len() + old.len()) as u64;
+    }
+}
+
+/// Sizes in memory fit `usize`: validation bounded them by the capacity of a store that exists.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).expect("object size does not fit in memory")
+}
+
+/// The in-memory object store.
+pub struct MemoryStore {
+    objects: HashMap<Box<[u8]>, Object>,
+    capacity_bytes: u64,
+    /// Sum of `Object::bytes_accounted` over `objects`; never past `capacity_bytes`.
+    bytes_used: u64,
+    transactions: u64,
+    reads: u64,
+    errors: u64,
+}
+
+impl MemoryStore {
+    /// An empty store that accounts at most `capacity_bytes` (object data plus xattr and omap
+    /// keys and values).
+    pub fn new(capacity_bytes: u64) -> MemoryStore {
+        MemoryStore {
+            objects: HashMap::new(),
+            capacity_bytes,
+            bytes_used: 0,
+            transactions: 0,
+            reads: 0,
+            errors: 0,
+        }
+    }
+
+    /// Checks every accounting invariant by walking the whole store: O(data), for tests.
+    pub fn verify(&self) {
+        let mut bytes_used = 0;
+        for (oid, object) in &self.objects {
+            assert!(!oid.is_empty());
+            assert!(object.generation >= 1, "a stored object was never modified");
+            let meta_bytes: usize = object
+                .xattrs
+                .iter()
+                .chain(object.omap.iter())
+                .map(|(key, value)| key.len() + value.len())
+                .sum();
+            assert_eq!(object.meta_bytes, meta_bytes as u64);
+            bytes_used += object.bytes_accounted();
+        }
+        assert_eq!(self.bytes_used, bytes_used);
+        assert!(self.bytes_used <= self.capacity_bytes);
+    }
+
+    /// Runs a well-formed op: validate, then apply.
+    fn execute(
+        &mut self,
+        oid: &[u8],
+        ops: &[SubOp<'_>],
+        out: &mut OutputBuffer<'_>,
+        results: &mut [SubOpResult],
+    ) -> Result<(), StoreError> {
+        let found = self.objects.get_mut(oid);
+        let bytes_after = validate(found.as_deref(), ops, self.bytes_used, self.capacity_bytes)?;
+        let mutates = ops.iter().any(SubOp::is_mutation);
+        let (object, existed) = match found {
+            Some(object) => (object, true),
+            None if !mutates => {
+                // Nothing to create: every sub-op is read-like and reports NotFound. Taking this
+                // path keeps reads of missing objects from allocating a key.
+                let mut apply = Apply {
+                    exists: false,
+                    bumped: false,
+                    out_pos: 0,
+                };
+                for (op, result) in ops.iter().zip(results.iter_mut()) {
+                    *result = apply.read(None, op, out);
+                }
+                self.reads += ops.len() as u64;
+                return Ok(());
+            }
+            None => (self.objects.entry(oid.into()).or_default(), false),
+        };
+        let bytes_before = object.bytes_accounted();
+        let mut apply = Apply {
+            exists: existed,
+            bumped: false,
+            out_pos: 0,
+        };
+        for (op, result) in ops.iter().zip(results.iter_mut()) {
+            *result = apply.sub_op(object, op, out);
+        }
+        let bytes_now = object.bytes_accounted();
+        if !apply.exists {
+            debug_assert!(object.is_empty());
+            self.objects.remove(oid);
+        }
+        self.bytes_used = self.bytes_used - bytes_before + bytes_now;
+        // Validation and apply must agree, or capacity accounting drifts: a corruption.
+        assert_eq!(
+            self.bytes_used, bytes_after,
+            "validation mispredicted the bytes used"
+        );
+        assert!(self.bytes_used <= self.capacity_bytes);
+        self.reads += ops.iter().filter(|op| !op.is_mutation()).count() as u64;
+        self.transactions += u64::from(mutates);
+        Ok(())
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    fn submit(
+        &mut self,
+        _tag: u64,
+        oid: &[u8],
+        ops: &[SubOp<'_>],
+        out: &mut OutputBuffer<'_>,
+        results: &mut [SubOpResult],
+    ) -> Result<Submit, StoreError> {
+        assert!(results.len() >= ops.len(), "fewer results than sub-ops");
+        let outcome = check_operation(oid, ops).and_then(|()| self.execute(oid, ops, out, results));
+        match outcome {
+            Ok(()) => Ok(Submit::Done),
+            Err(error) => {
+                self.errors += 1;
+                Err(error)
+            }
+        }
+    }
+
+    fn poll(&mut self, _complete: &mut dyn FnMut(u64, Result<(), StoreError>)) -> usize {
+        0 // Every op completes inside `submit`.
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            objects: self.objects.len() as u64,
+            bytes_stored: self.bytes_used,
+            capacity_bytes: self.capacity_bytes,
+            transactions: self.transactions,
+            reads: self.reads,
+            errors: self.errors,
+        }
+    }
+}
+
+/// The object as the validation pass believes it to be after the sub-ops simulated so far.
+struct Simulation {
+    exists: bool,
+    size: u64,
+    /// Bytes the object accounts (data plus xattr and omap bytes).
+    object_bytes: u64,
+    /// Bytes the whole store accounts.
+    store_bytes: u64,
+}
+
+impl Simulation {
+    fn set_size(&mut self, size: u64) {
+        self.object_bytes = self.object_bytes - self.size + size;
+        self.store_bytes = self.store_bytes - self.size + size;
+        self.size = size;
+    }
+
+    /// Replaces a metadata entry of `key_len` bytes whose value was `old` bytes by one of `new`.
+    fn replace_meta(&mut self, key_len: usize, old: Option<usize>, new: Option<usize>) {
+        let old = old.map_or(0, |value_len| (key_len + value_len) as u64);
+        let new = new.map_or(0, |value_len| (key_len + value_len) as u64);
+        self.object_bytes = self.object_bytes - old + new;
+        self.store_bytes = self.store_bytes - old + new;
+    }
+}
+
+/// Validates `ops` against the object as found (`None` if missing) without changing anything.
+/// Returns the bytes the store will account after the op, or the first failing mutation's error.
+/// Capacity is checked after every sub-op, so an op may not even pass through a state past it.
+fn validate(
+    found: Option<&Object>,
+    ops: &[SubOp<'_>],
+    store_bytes: u64,
+    capacity_bytes: u64,
+) -> Result<u64, StoreError> {
+    let mut sim = Simulation {
+        exists: found.is_some(),
+        size: found.map_or(0, Object::size),
+        object_bytes: found.map_or(0, Object::bytes_accounted),
+        store_bytes,
+    };
+    for (index, op) in ops.iter().enumerate() {
+        if !op.is_mutation() {
+            continue; // Read-like sub-ops never fail the op.
+        }
+        op.check_limits()?;
+        simulate_mutation(&mut sim, found, &ops[..index], op)?;
+        if sim.store_bytes > capacity_bytes {
+            return Err(StoreError::NoSpace);
+        }
+    }
+    Ok(sim.store_bytes)
+}
+
+fn simulate_mutation(
+    sim: &mut Simulation,
+    found: Option<&Object>,
+    before: &[SubOp<'_>],
+    op: &SubOp<'_>,
+) -> Result<(), StoreError> {
+    if !sim.exists {
+        if !op.creates_object() {
+            return Err(StoreError::NotFound);
+        }
+        debug_assert!(sim.size == 0 && sim.object_bytes == 0);
+        sim.exists = true;
+    }
+    match *op {
+        SubOp::Write { offset, data } if !data.is_empty() => {
+            sim.set_size(max(sim.size, offset + data.len() as u64));
+        }
+        SubOp::Write { .. } => {}
+        SubOp::WriteFull { data } => sim.set_size(data.len() as u64),
+        SubOp::Zero { offset, length } if length > 0 => {
+            sim.set_size(max(sim.size, offset + length));
+        }
+        SubOp::Zero { .. } => {}
+        SubOp::Truncate { size } => sim.set_size(size),
+        SubOp::Remove => {
+            sim.store_bytes -= sim.object_bytes;
+            *sim = Simulation {
+                exists: false,
+                size: 0,
+                object_bytes: 0,
+                store_bytes: sim.store_bytes,
+            };
+        }
+        SubOp::SetXattr { name, value } => {
+            let old = meta_value_len(found, before, Meta::Xattr, name);
+            sim.replace_meta(name.len(), old, Some(value.len()));
+        }
+        SubOp::OmapSet { key, value } => {
+            let old = meta_value_len(found, before, Meta::Omap, key);
+            sim.replace_meta(key.len(), old, Some(value.len()));
+        }
+        SubOp::OmapRemove { key } => {
+            let old = meta_value_len(found, before, Meta::Omap, key);
+            sim.replace_meta(key.len(), old, None);
+        }
+        SubOp::Read { .. } | SubOp::Stat | SubOp::GetXattr { .. } | SubOp::OmapGet { .. } => {
+            unreachable!("read-like sub-ops are not simulated")
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Meta {
+    Xattr,
+    Omap,
+}
+
+/// Length of the value of metadata `key` as the sub-ops `before` leave it: the last of them to
+/// set or remove it decides, else the object as found. Rescanning (at most `SUB_OPS_MAX` sub-ops)
+/// avoids allocating a map of pending changes.
+fn meta_value_len(
+    found: Option<&Object>,
+    before: &[SubOp<'_>],
+    meta: Meta,
+    key: &[u8],
+) -> Option<usize> {
+    for op in before.iter().rev() {
+        match (*op, meta) {
+            (SubOp::SetXattr { name, value }, Meta::Xattr) if name == key => {
+                return Some(value.len())
+            }
+            (SubOp::OmapSet { key: k, value }, Meta::Omap) if k == key => return Some(value.len()),
+            (SubOp::OmapRemove { key: k }, Meta::Omap) if k == key => return None,
+            // Remove drops all metadata; a recreated object starts with none.
+            (SubOp::Remove, _) => return None,
+            _ => {}
+        }
+    }
+    let object = found?;
+    let map = match meta {
+        Meta::Xattr => &object.xattrs,
+        Meta::Omap => &object.omap,
+    };
+    map.get(key).map(|value| value.len())
+}
+
+/// The apply pass's state through one op. It cannot fail: validation already passed.
+struct Apply {
+    /// Whether the object logically exists; when not, the map entry is empty.
+    exists: bool,
+    /// Whether this op already counted in the object's generation.
+    bumped: bool,
+    /// Where the next output goes.
+    out_pos: usize,
+}
+
+impl Apply {
+    fn sub_op(
+        &mut self,
+        object: &mut Object,
+        op: &SubOp<'_>,
+        out: &mut OutputBuffer<'_>,
+    ) -> SubOpResult {
+        if op.is_mutation() {
+            self.mutate(object, op);
+            SubOpResult {
+                status: STATUS_OK,
+                out_offset: self.out_offset(),
+                out_len: 0,
+            }
+        } else {
+            let found = if self.exists { Some(&*object) } else { None };
+            self.read(found, op, out)
+        }
+    }
+
+    fn mutate(&mut self, object: &mut Object, op: &SubOp<'_>) {
+        if !self.exists {
+            assert!(
+                op.creates_object(),
+                "validation passed a mutation of a missing object"
+            );
+            debug_assert!(object.is_empty());
+            self.exists = true;
+            self.bumped = false;
+        }
+        match *op {
+            SubOp::Write { offset, data } => object.write(offset, data),
+            SubOp::WriteFull { data } => object.write_full(data),
+            SubOp::Zero { offset, length } => object.zero(offset, length),
+            SubOp::Truncate { size } => object.truncate(size),
+            SubOp::Remove => {
+                // Dropping the old object frees its memory now; the entry leaves the map at the
+                // end of the op unless a later sub-op recreates it.
+                *object = Object::default();
+                self.exists = false;
+                return;
+            }
+            SubOp::SetXattr { name, value } => {
+                meta_set(&mut object.xattrs, &mut object.meta_bytes, name, value);
+            }
+            SubOp::OmapSet { key, value } => {
+                meta_set(&mut object.omap, &mut object.meta_bytes, key, value);
+            }
+            SubOp::OmapRemove { key } => meta_remove(&mut object.omap, &mut object.meta_bytes, key),
+            SubOp::Read { .. } | SubOp::Stat | SubOp::GetXattr { .. } | SubOp::OmapGet { .. } => {
+                unreachable!("not a mutation")
+            }
+        }
+        // The generation counts operations, not sub-ops.
+        if !self.bumped {
+            object.generation += 1;
+            self.bumped = true;
+        }
+    }
+
+    /// Serves a read-like sub-op from the object (`None` if it does not exist).
+    fn read(
+        &mut self,
+        found: Option<&Object>,
+        op: &SubOp<'_>,
+        out: &mut OutputBuffer<'_>,
+    ) -> SubOpResult {
+        let out_offset = self.out_offset();
+        let output = op.check_limits().and_then(|()| {
+            let object = found.ok_or(StoreError::NotFound)?;
+            match *op {
+                SubOp::Read { offset, length } => {
+                    let size = object.size();
+                    let start = to_usize(min(offset, size));
+                    let end = to_usize(min(offset.saturating_add(length), size));
+                    self.output(out, &object.data[start..end])
+                }
+                SubOp::Stat => self.output(out, &object.stat().to_bytes()),
+                SubOp::GetXattr { name } => {
+                    let value = object.xattrs.get(name).ok_or(StoreError::NoData)?;
+                    self.output(out, value)
+                }
+                SubOp::OmapGet { key } => {
+                    let value = object.omap.get(key).ok_or(StoreError::NoData)?;
+                    self.output(out, value)
+                }
+                _ => unreachable!("not read-like"),
+            }
+        });
+        match output {
+            Ok(out_len) => SubOpResult {
+                status: STATUS_OK,
+                out_offset,
+                out_len,
+            },
+            Err(error) => SubOpResult {
+                status: error.code(),
+                out_offset,
+                out_len: 0,
+            },
+        }
+    }
+
+    /// Appends `bytes` to the output, or Range if they do not fit (then nothing is written).
+    fn output(&mut self, out: &mut OutputBuffer<'_>, bytes: &[u8]) -> Result<u32, StoreError> {
+        debug_assert!(self.out_pos <= out.capacity());
+        if bytes.len() > out.capacity() - self.out_pos {
+            return Err(StoreError::Range);
+        }
+        out.write_at(self.out_pos, bytes);
+        self.out_pos += bytes.len();
+        // The output buffer's capacity is at most u32::MAX, so lengths fit.
+        Ok(bytes.len() as u32)
+    }
+
+    fn out_offset(&self) -> u32 {
+        u32::try_from(self.out_pos).expect("output offset past u32")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object_store::{OBJECT_SIZE_MAX_BYTES, XATTR_NAME_MAX_BYTES};
+
+    const CAPACITY_BYTES: u64 = 1 << 20;
+
+    /// What one submit produced: the op's result, the per-sub-op results and their outputs.
+    struct Outcome {
+        submit: Result<Submit, StoreError>,
+        results: Vec<SubOpResult>,
+        outputs: Vec<Vec<u8>>,
+    }
+
+    impl Outcome {
+        fn status(&self, index: usize) -> Result<(), StoreError> {
+            self.results[index].result()
+        }
+    }
+
+    fn run_with(
+        store: &mut MemoryStore,
+        oid: &[u8],
+        ops: &[SubOp<'_>],
+        out_capacity: usize,
+    ) -> Outcome {
+        let mut region = vec![0u8; out_capacity];
+        let mut results = vec![SubOpResult::default(); ops.len()];
+        let mut out = OutputBuffer::from_slice(&mut region);
+        let submit = store.submit(7, oid, ops, &mut out, &mut results);
+        store.verify();
+        let outputs = results
+            .iter()
+            .map(|r| region[r.out_offset as usize..][..r.out_len as usize].to_vec())
+            .collect();
+        Outcome {
+            submit,
+            results,
+            outputs,
+        }
+    }
+
+    fn run(store: &mut MemoryStore, oid: &[u8], ops: &[SubOp<'_>]) -> Outcome {
+        run_with(store, oid, ops, 4096)
+    }
+
+    fn read_all(store: &mut MemoryStore, oid: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let outcome = run(
+            store,
+            oid,
+            &[SubOp::Read {
+                offset: 0,
+                length: 4096,
+            }],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        outcome.status(0).map(|()| outcome.outputs[0].clone())
+    }
+
+    fn stat(store: &mut MemoryStore, oid: &[u8]) -> Result<ObjectStat, StoreError> {
+        let outcome = run(store, oid, &[SubOp::Stat]);
+        outcome
+            .status(0)
+            .map(|()| ObjectStat::from_bytes(&outcome.outputs[0]).unwrap())
+    }
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"hello",
+            }],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(outcome.status(0), Ok(()));
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"hello".to_vec()));
+        assert_eq!(store.stats().objects, 1);
+        assert_eq!(store.stats().bytes_stored, 5);
+    }
+
+    #[test]
+    fn write_past_end_zero_fills_the_hole() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"ab",
+            }],
+        );
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 5,
+                data: b"cd",
+            }],
+        );
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"ab\0\0\0cd".to_vec()));
+        // Overwrite within the size does not change it.
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 1,
+                data: b"XY",
+            }],
+        );
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"aXY\0\0cd".to_vec()));
+    }
+
+    #[test]
+    fn empty_write_creates_without_extending() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 100,
+                data: b"",
+            }],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(
+            stat(&mut store, b"obj"),
+            Ok(ObjectStat {
+                size: 0,
+                generation: 1
+            })
+        );
+    }
+
+    #[test]
+    fn write_full_replaces_data_and_keeps_xattrs() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Write {
+                    offset: 0,
+                    data: b"long contents",
+                },
+                SubOp::SetXattr {
+                    name: b"user.a",
+                    value: b"1",
+                },
+            ],
+        );
+        run(&mut store, b"obj", &[SubOp::WriteFull { data: b"new" }]);
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"new".to_vec()));
+        let outcome = run(&mut store, b"obj", &[SubOp::GetXattr { name: b"user.a" }]);
+        assert_eq!(outcome.outputs[0], b"1");
+        assert_eq!(store.stats().bytes_stored, 3 + 6 + 1);
+    }
+
+    #[test]
+    fn short_read_past_end() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"0123456789",
+            }],
+        );
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Read {
+                    offset: 6,
+                    length: 100,
+                },
+                SubOp::Read {
+                    offset: 10,
+                    length: 5,
+                },
+                SubOp::Read {
+                    offset: u64::MAX,
+                    length: u64::MAX,
+                },
+                SubOp::Read {
+                    offset: 2,
+                    length: 3,
+                },
+            ],
+        );
+        assert_eq!(
+            outcome.outputs,
+            vec![b"6789".to_vec(), vec![], vec![], b"234".to_vec()]
+        );
+        assert!(outcome.results.iter().all(|r| r.status == STATUS_OK));
+        // Outputs are back to back.
+        let offsets: Vec<u32> = outcome.results.iter().map(|r| r.out_offset).collect();
+        assert_eq!(offsets, vec![0, 4, 4, 4]);
+    }
+
+    #[test]
+    fn reads_of_missing_object_report_not_found() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"ghost",
+            &[
+                SubOp::Read {
+                    offset: 0,
+                    length: 4,
+                },
+                SubOp::Stat,
+                SubOp::GetXattr { name: b"a" },
+                SubOp::OmapGet { key: b"k" },
+            ],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        for index in 0..4 {
+            assert_eq!(outcome.status(index), Err(StoreError::NotFound));
+            assert_eq!(outcome.results[index].out_len, 0);
+        }
+        assert_eq!(store.stats().objects, 0);
+        assert_eq!(store.stats().reads, 4);
+        assert_eq!(store.stats().transactions, 0);
+    }
+
+    #[test]
+    fn reads_see_earlier_sub_ops_of_the_same_op() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Read {
+                    offset: 0,
+                    length: 8,
+                },
+                SubOp::Write {
+                    offset: 0,
+                    data: b"abc",
+                },
+                SubOp::Read {
+                    offset: 0,
+                    length: 8,
+                },
+                SubOp::Remove,
+                SubOp::Stat,
+                SubOp::Truncate { size: 2 },
+                SubOp::Read {
+                    offset: 0,
+                    length: 8,
+                },
+            ],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(outcome.status(0), Err(StoreError::NotFound));
+        assert_eq!(outcome.outputs[2], b"abc");
+        assert_eq!(outcome.status(4), Err(StoreError::NotFound));
+        assert_eq!(outcome.outputs[6], b"\0\0");
+        assert_eq!(
+            stat(&mut store, b"obj"),
+            Ok(ObjectStat {
+                size: 2,
+                generation: 1
+            })
+        );
+    }
+
+    #[test]
+    fn zero_range_and_extend() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"abcdef",
+            }],
+        );
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Zero {
+                offset: 1,
+                length: 2,
+            }],
+        );
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"a\0\0def".to_vec()));
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Zero {
+                offset: 5,
+                length: 3,
+            }],
+        );
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"a\0\0de\0\0\0".to_vec()));
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Zero {
+                offset: 20,
+                length: 0,
+            }],
+        );
+        assert_eq!(stat(&mut store, b"obj").unwrap().size, 8);
+    }
+
+    #[test]
+    fn zero_of_missing_object_is_not_found() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[SubOp::Zero {
+                offset: 0,
+                length: 4,
+            }],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::NotFound));
+        assert_eq!(store.stats().objects, 0);
+        assert_eq!(store.stats().errors, 1);
+    }
+
+    #[test]
+    fn truncate_shrinks_grows_and_creates() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(&mut store, b"obj", &[SubOp::Truncate { size: 3 }]);
+        assert_eq!(read_all(&mut store, b"obj"), Ok(vec![0, 0, 0]));
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::WriteFull { data: b"abcdef" },
+                SubOp::Truncate { size: 2 },
+            ],
+        );
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"ab".to_vec()));
+        run(&mut store, b"obj", &[SubOp::Truncate { size: 4 }]);
+        // Bytes past a truncation come back as zeros, not as the old data.
+        assert_eq!(read_all(&mut store, b"obj"), Ok(b"ab\0\0".to_vec()));
+        assert_eq!(store.stats().bytes_stored, 4);
+    }
+
+    #[test]
+    fn truncate_releases_large_slack() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let big = vec![7u8; 512 * 1024];
+        run(&mut store, b"obj", &[SubOp::WriteFull { data: &big }]);
+        run(&mut store, b"obj", &[SubOp::Truncate { size: 10 }]);
+        let capacity = store.objects.get(&b"obj"[..]).unwrap().data.capacity();
+        assert!(
+            capacity <= DATA_SLACK_MAX_BYTES,
+            "kept {capacity} bytes allocated"
+        );
+    }
+
+    #[test]
+    fn remove_frees_and_missing_remove_fails_whole_op() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Write {
+                    offset: 0,
+                    data: b"data",
+                },
+                SubOp::OmapSet {
+                    key: b"k",
+                    value: b"v",
+                },
+            ],
+        );
+        let outcome = run(&mut store, b"obj", &[SubOp::Remove]);
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(store.stats().objects, 0);
+        assert_eq!(store.stats().bytes_stored, 0);
+        // The SetXattr would create the object, but the Remove after it fails the op.
+        let outcome = run(
+            &mut store,
+            b"other",
+            &[
+                SubOp::SetXattr {
+                    name: b"a",
+                    value: b"b",
+                },
+                SubOp::Remove,
+                SubOp::Remove,
+            ],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::NotFound));
+        assert_eq!(stat(&mut store, b"other"), Err(StoreError::NotFound));
+        assert_eq!(store.stats().objects, 0);
+    }
+
+    #[test]
+    fn failing_mutation_applies_nothing() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"keep",
+            }],
+        );
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::SetXattr {
+                    name: b"user.x",
+                    value: b"1",
+                },
+                SubOp::Write {
+                    offset: 0,
+                    data: b"lost",
+                },
+                SubOp::Truncate {
+                    size: OBJECT_SIZE_MAX_BYTES + 1,
+                },
+            ],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::TooLarge));
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::GetXattr { name: b"user.x" },
+                SubOp::Read {
+                    offset: 0,
+                    length: 10,
+                },
+            ],
+        );
+        assert_eq!(outcome.status(0), Err(StoreError::NoData));
+        assert_eq!(outcome.outputs[1], b"keep");
+        assert_eq!(
+            stat(&mut store, b"obj"),
+            Ok(ObjectStat {
+                size: 4,
+                generation: 1
+            })
+        );
+    }
+
+    #[test]
+    fn first_failing_mutation_decides_the_error() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let long_name = [b'n'; XATTR_NAME_MAX_BYTES + 1];
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Zero {
+                    offset: 0,
+                    length: 1,
+                },
+                SubOp::SetXattr {
+                    name: &long_name,
+                    value: b"",
+                },
+            ],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::NotFound));
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::SetXattr {
+                    name: &long_name,
+                    value: b"",
+                },
+                SubOp::Zero {
+                    offset: 0,
+                    length: 1,
+                },
+            ],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::TooLarge));
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[SubOp::SetXattr {
+                name: b"",
+                value: b"",
+            }],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::InvalidArgument));
+    }
+
+    #[test]
+    fn no_space_leaves_store_unchanged_until_remove_frees() {
+        let mut store = MemoryStore::new(10);
+        run(
+            &mut store,
+            b"a",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"12345678",
+            }],
+        );
+        let before = store.stats();
+        let outcome = run(
+            &mut store,
+            b"b",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"xyz",
+            }],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::NoSpace));
+        let outcome = run(
+            &mut store,
+            b"a",
+            &[SubOp::OmapSet {
+                key: b"k",
+                value: b"vv",
+            }],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::NoSpace));
+        assert_eq!(
+            store.stats(),
+            StoreStats {
+                errors: before.errors + 2,
+                ..before
+            }
+        );
+        assert_eq!(stat(&mut store, b"b"), Err(StoreError::NotFound));
+        // Exactly full is allowed.
+        assert_eq!(
+            run(
+                &mut store,
+                b"a",
+                &[SubOp::Write {
+                    offset: 8,
+                    data: b"90"
+                }]
+            )
+            .submit,
+            Ok(Submit::Done)
+        );
+        assert_eq!(store.stats().bytes_stored, 10);
+        assert_eq!(
+            run(&mut store, b"a", &[SubOp::Remove]).submit,
+            Ok(Submit::Done)
+        );
+        assert_eq!(
+            run(
+                &mut store,
+                b"b",
+                &[SubOp::Write {
+                    offset: 0,
+                    data: b"xyz"
+                }]
+            )
+            .submit,
+            Ok(Submit::Done)
+        );
+        assert_eq!(store.stats().bytes_stored, 3);
+    }
+
+    #[test]
+    fn no_space_is_checked_at_every_step() {
+        let mut store = MemoryStore::new(10);
+        // Ends at 2 bytes, but passes through 12.
+        let outcome = run(
+            &mut store,
+            b"a",
+            &[
+                SubOp::Write {
+                    offset: 0,
+                    data: &[1; 12],
+                },
+                SubOp::Truncate { size: 2 },
+            ],
+        );
+        assert_eq!(outcome.submit, Err(StoreError::NoSpace));
+        // Freeing first within the op makes room for what follows.
+        run(
+            &mut store,
+            b"a",
+            &[SubOp::Write {
+                offset: 0,
+                data: &[1; 10],
+            }],
+        );
+        let outcome = run(
+            &mut store,
+            b"a",
+            &[
+                SubOp::Truncate { size: 0 },
+                SubOp::SetXattr {
+                    name: b"n",
+                    value: &[2; 9],
+                },
+            ],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(store.stats().bytes_stored, 10);
+    }
+
+    #[test]
+    fn metadata_accounting_tracks_replacements_within_an_op() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::OmapSet {
+                    key: b"k",
+                    value: b"1234",
+                },
+                SubOp::OmapSet {
+                    key: b"k",
+                    value: b"1",
+                },
+                SubOp::SetXattr {
+                    name: b"x",
+                    value: b"12",
+                },
+                SubOp::OmapRemove { key: b"absent" },
+                SubOp::OmapGet { key: b"k" },
+            ],
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(outcome.outputs[4], b"1");
+        assert_eq!(store.stats().bytes_stored, 2 + 3);
+        run(&mut store, b"obj", &[SubOp::OmapRemove { key: b"k" }]);
+        assert_eq!(store.stats().bytes_stored, 3);
+        let outcome = run(&mut store, b"obj", &[SubOp::OmapGet { key: b"k" }]);
+        assert_eq!(outcome.status(0), Err(StoreError::NoData));
+    }
+
+    #[test]
+    fn omap_remove_of_missing_object_is_not_found() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        assert_eq!(
+            run(&mut store, b"obj", &[SubOp::OmapRemove { key: b"k" }]).submit,
+            Err(StoreError::NotFound)
+        );
+    }
+
+    #[test]
+    fn xattr_overwrite_and_get() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::SetXattr {
+                name: b"a",
+                value: b"one",
+            }],
+        );
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::SetXattr {
+                    name: b"a",
+                    value: b"two",
+                },
+                SubOp::SetXattr {
+                    name: b"b",
+                    value: b"",
+                },
+            ],
+        );
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::GetXattr { name: b"a" },
+                SubOp::GetXattr { name: b"b" },
+                SubOp::GetXattr { name: b"c" },
+                SubOp::GetXattr { name: b"" },
+            ],
+        );
+        assert_eq!(outcome.outputs[0], b"two");
+        assert_eq!(outcome.status(1), Ok(()));
+        assert_eq!(outcome.outputs[1], b"");
+        assert_eq!(outcome.status(2), Err(StoreError::NoData));
+        assert_eq!(outcome.status(3), Err(StoreError::InvalidArgument));
+        assert_eq!(store.stats().bytes_stored, 4 + 1);
+    }
+
+    #[test]
+    fn output_that_does_not_fit_is_range() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"0123456789",
+            }],
+        );
+        let outcome = run_with(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Read {
+                    offset: 0,
+                    length: 4,
+                },
+                SubOp::Stat,
+                SubOp::Read {
+                    offset: 4,
+                    length: 2,
+                },
+                SubOp::Read {
+                    offset: 0,
+                    length: 10,
+                },
+            ],
+            8,
+        );
+        assert_eq!(outcome.submit, Ok(Submit::Done));
+        assert_eq!(outcome.outputs[0], b"0123");
+        assert_eq!(outcome.status(1), Err(StoreError::Range));
+        assert_eq!(outcome.results[1].out_len, 0);
+        // A smaller output after a Range still fits.
+        assert_eq!(outcome.outputs[2], b"45");
+        assert_eq!(outcome.results[2].out_offset, 4);
+        assert_eq!(outcome.status(3), Err(StoreError::Range));
+        let outcome = run_with(
+            &mut store,
+            b"obj",
+            &[SubOp::Read {
+                offset: 0,
+                length: 1,
+            }],
+            0,
+        );
+        assert_eq!(outcome.status(0), Err(StoreError::Range));
+    }
+
+    #[test]
+    fn stat_output_encoding() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(&mut store, b"obj", &[SubOp::Truncate { size: 0x0102 }]);
+        let outcome = run(&mut store, b"obj", &[SubOp::Stat]);
+        assert_eq!(
+            outcome.results[0],
+            SubOpResult {
+                status: 0,
+                out_offset: 0,
+                out_len: 16
+            }
+        );
+        assert_eq!(
+            outcome.outputs[0],
+            [2, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn generation_counts_mutating_ops() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let outcome = run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Write {
+                    offset: 0,
+                    data: b"a",
+                },
+                SubOp::Write {
+                    offset: 1,
+                    data: b"b",
+                },
+                SubOp::Stat,
+            ],
+        );
+        // Stat sees the bump of its own op: the op counts once.
+        assert_eq!(
+            ObjectStat::from_bytes(&outcome.outputs[2])
+                .unwrap()
+                .generation,
+            1
+        );
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::OmapSet {
+                    key: b"k",
+                    value: b"v",
+                },
+                SubOp::Truncate { size: 1 },
+            ],
+        );
+        assert_eq!(stat(&mut store, b"obj").unwrap().generation, 2);
+        // Read-only ops and failed ops do not count.
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Read {
+                offset: 0,
+                length: 1,
+            }],
+        );
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Write {
+                    offset: 0,
+                    data: b"x",
+                },
+                SubOp::Truncate { size: u64::MAX },
+            ],
+        );
+        assert_eq!(stat(&mut store, b"obj").unwrap().generation, 2);
+        // A recreated object starts over.
+        run(
+            &mut store,
+            b"obj",
+            &[
+                SubOp::Write {
+                    offset: 0,
+                    data: b"x",
+                },
+                SubOp::Remove,
+                SubOp::Write {
+                    offset: 0,
+                    data: b"y",
+                },
+            ],
+        );
+        assert_eq!(
+            stat(&mut store, b"obj"),
+            Ok(ObjectStat {
+                size: 1,
+                generation: 1
+            })
+        );
+        assert_eq!(store.stats().transactions, 3);
+    }
+
+    #[test]
+    fn malformed_operations_are_rejected() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        assert_eq!(
+            run(&mut store, b"", &[SubOp::Stat]).submit,
+            Err(StoreError::InvalidArgument)
+        );
+        assert_eq!(
+            run(&mut store, b"obj", &[]).submit,
+            Err(StoreError::InvalidArgument)
+        );
+        let long_oid = vec![b'o'; crate::object_store::OBJECT_ID_MAX_BYTES + 1];
+        assert_eq!(
+            run(&mut store, &long_oid, &[SubOp::Truncate { size: 1 }]).submit,
+            Err(StoreError::TooLarge)
+        );
+        assert_eq!(store.stats().objects, 0);
+        assert_eq!(store.stats().errors, 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "fewer results than sub-ops")]
+    fn too_few_results_is_a_bug() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let mut results = [SubOpResult::default(); 1];
+        let _ = store.submit(
+            0,
+            b"obj",
+            &[SubOp::Stat, SubOp::Stat],
+            &mut OutputBuffer::empty(),
+            &mut results,
+        );
+    }
+
+    #[test]
+    fn poll_reports_nothing() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        run(
+            &mut store,
+            b"obj",
+            &[SubOp::Write {
+                offset: 0,
+                data: b"x",
+            }],
+        );
+        let mut calls = 0;
+        assert_eq!(store.poll(&mut |_, _| calls += 1), 0);
+        assert_eq!(calls, 0);
+    }
+}

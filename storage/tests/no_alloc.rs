@@ -1,0 +1,159 @@
+//! The daemon promises no allocation per op in steady state. This test counts allocations made
+//! by the test's own thread while `MemoryStore` serves steady-state ops (overwrites and reads
+//! within an object's size, same-length xattr/omap overwrites, Stat, reads of missing objects)
+//! and requires zero.
+//!
+//! It needs a counting global allocator, which is the one `unsafe` outside `OutputBuffer`: it is
+//! test-only and delegates every call unchanged to the system allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use carmine_storage::{
+    MemoryStore, ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit,
+};
+
+thread_local! {
+    /// Allocations by this thread. Thread-local so the test harness's other threads do not count.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+struct CountingAllocator;
+
+fn count_one() {
+    // `try_with`: during thread teardown the counter may be gone; those allocations don't matter.
+    let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
+}
+
+// SAFETY: every method forwards its arguments unchanged to `System`, which upholds the
+// `GlobalAlloc` contract; counting touches only a const-initialized thread-local `Cell`, which
+// does not allocate.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        // SAFETY: our caller upholds `alloc`'s contract, which is `System::alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_one();
+        // SAFETY: `ptr` was allocated by `System` (through us) with `layout`, per our caller.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through us) with `layout`, per our caller.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// Submits `ops` and requires every sub-op to succeed.
+fn submit(
+    store: &mut MemoryStore,
+    oid: &[u8],
+    ops: &[SubOp<'_>],
+    out: &mut [u8],
+    results: &mut [SubOpResult],
+) {
+    let submit = store.submit(0, oid, ops, &mut OutputBuffer::from_slice(out), results);
+    assert_eq!(submit, Ok(Submit::Done));
+    assert!(results[..ops.len()].iter().all(|r| r.result().is_ok()));
+}
+
+#[test]
+fn steady_state_ops_do_not_allocate() {
+    let mut store = MemoryStore::new(1 << 24);
+    let mut out = vec![0u8; 64 * 1024];
+    let mut results = [SubOpResult::default(); 8];
+    let block = vec![0x5au8; 4096];
+    let oid = b"object.0001";
+
+    // Warm up: create the object at its full size and its metadata.
+    let setup = [
+        SubOp::WriteFull {
+            data: &vec![0u8; 1 << 20],
+        },
+        SubOp::SetXattr {
+            name: b"user.version",
+            value: b"00000001",
+        },
+        SubOp::OmapSet {
+            key: b"header",
+            value: b"0123456789abcdef",
+        },
+    ];
+    submit(&mut store, oid, &setup, &mut out, &mut results);
+
+    let before = allocations();
+    for round in 0..1000u64 {
+        let offset = (round * 4096) % (1 << 20);
+        let version = round.to_le_bytes();
+        let write = [
+            SubOp::Write {
+                offset,
+                data: &block,
+            },
+            SubOp::SetXattr {
+                name: b"user.version",
+                value: &version,
+            },
+            SubOp::OmapSet {
+                key: b"header",
+                value: b"fedcba9876543210",
+            },
+            SubOp::Zero {
+                offset: offset + 100,
+                length: 100,
+            },
+        ];
+        submit(&mut store, oid, &write, &mut out, &mut results);
+        let read = [
+            SubOp::Read {
+                offset,
+                length: 16 * 1024,
+            },
+            SubOp::Stat,
+            SubOp::GetXattr {
+                name: b"user.version",
+            },
+            SubOp::OmapGet { key: b"header" },
+        ];
+        submit(&mut store, oid, &read, &mut out, &mut results);
+        assert_eq!(results[2].out_len, 8);
+        let missing = store.submit(
+            0,
+            b"missing",
+            &[SubOp::Stat],
+            &mut OutputBuffer::from_slice(&mut out),
+            &mut results,
+        );
+        assert_eq!(missing, Ok(Submit::Done));
+        assert_eq!(results[0].result(), Err(StoreError::NotFound));
+    }
+    let allocated = allocations() - before;
+    assert_eq!(allocated, 0, "steady-state ops allocated {allocated} times");
+
+    // The counter works: growing an object must allocate.
+    let before = allocations();
+    submit(
+        &mut store,
+        oid,
+        &[SubOp::Truncate { size: 4 << 20 }],
+        &mut out,
+        &mut results,
+    );
+    assert!(allocations() > before);
+}
