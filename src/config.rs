@@ -1,0 +1,316 @@
+//! `carmine serve` configuration: defaults, then a TOML file (`--config`), then flags.
+//! Every option exists in all three places under one name (`pg_count` in TOML, `--pg-count`
+//! as a flag), declared once below.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use carmine_dataplane::reactor::IdlePolicy;
+use carmine_dataplane::wire::Limits;
+
+use crate::osd::placement::PlacementMode;
+use crate::units::{parse_cpu_list, parse_duration, parse_size};
+
+fn parse_u32(text: &str) -> Result<u32, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("expected a whole number, got {text:?}"))
+}
+fn parse_bool(text: &str) -> Result<bool, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("expected true or false, got {text:?}"))
+}
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("expected IP:PORT (e.g. 127.0.0.1:6800), got {text:?}"))
+}
+fn parse_cpus(text: &str) -> Result<Option<Vec<usize>>, String> {
+    if text.trim() == "auto" {
+        return Ok(None);
+    }
+    parse_cpu_list(text).map(Some)
+}
+fn parse_choice<'a>(choices: &'a [&'a str]) -> impl Fn(&str) -> Result<String, String> + 'a {
+    move |text| {
+        if choices.contains(&text) {
+            Ok(text.to_string())
+        } else {
+            Err(format!("expected one of {choices:?}, got {text:?}"))
+        }
+    }
+}
+
+macro_rules! serve_options {
+    ($( #[doc = $doc:literal] $name:ident : $ty:ty = $default:expr, $parse:expr; )*) => {
+        /// The resolved configuration of `carmine serve`.
+        #[derive(Clone, Debug)]
+        pub struct ServeConfig { $( #[doc = $doc] pub $name: $ty, )* }
+
+        impl Default for ServeConfig {
+            fn default() -> Self {
+                ServeConfig { $( $name: ($parse)($default).expect("default parses"), )* }
+            }
+        }
+
+        /// Flags of `carmine serve`. Each overrides the same key of the `--config` file.
+        #[derive(clap::Args, Clone, Debug, Default)]
+        pub struct ServeArgs {
+            /// TOML file with any of the options below (keys in snake_case, e.g. pg_count = 256).
+            #[arg(long)]
+            pub config: Option<PathBuf>,
+            $( #[doc = $doc] #[doc = concat!("[default: ", $default, "]")] #[arg(long, value_name = "VALUE")] pub $name: Option<String>, )*
+        }
+
+        impl ServeConfig {
+            fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+                match key {
+                    $( stringify!($name) => {
+                        self.$name = ($parse)(value).map_err(|e| format!("{}: {e}", stringify!($name)))?;
+                        Ok(())
+                    } )*
+                    other => Err(format!("unknown option {other:?}")),
+                }
+            }
+
+            fn apply_args(&mut self, args: &ServeArgs) -> Result<(), String> {
+                $( if let Some(value) = args.$name.as_deref() { self.set(stringify!($name), value)?; } )*
+                Ok(())
+            }
+        }
+    };
+}
+
+serve_options! {
+    /// Address to accept clients on (loopback by default: expose deliberately).
+    listen: SocketAddr = "127.0.0.1:6800", parse_addr;
+    /// Reactors (one pinned thread per core).
+    cores: u32 = "1", parse_u32;
+    /// CPUs to pin reactors to, e.g. "2,3" or "2-3"; "auto" takes the highest-numbered CPUs, leaving CPU 0 to the OS and load generators.
+    cpus: Option<Vec<usize>> = "auto", parse_cpus;
+    /// Object store: memory (CyanStore's role).
+    store: String = "memory", parse_choice(&["memory"]);
+    /// Memory store capacity, split evenly over the cores.
+    memory_capacity: u64 = "4GiB", parse_size;
+    /// Placement: pg (object -> PG -> core, ordered by PG) or flex (object -> core, no PG log).
+    placement: String = "pg", parse_choice(&["pg", "flex"]);
+    /// Placement groups (pg placement).
+    pg_count: u32 = "128", parse_u32;
+    /// Idle policy: spin (poll forever; the appliance default) or adaptive (park in the kernel when idle).
+    idle: String = "spin", parse_choice(&["spin", "adaptive"]);
+    /// Adaptive idle: how long a core polls without work before it parks.
+    park_after: Duration = "200us", parse_duration;
+    /// Null replication hook: replica acks every write waits for.
+    replicas: u32 = "0", parse_u32;
+    /// Null replication hook: time until the simulated replica acks arrive (a timer; the core keeps working).
+    replication_cost: Duration = "0us", parse_duration;
+    /// Null snapshot hook: CPU time spent per write (busy work on the reactor).
+    snapshot_cost: Duration = "0us", parse_duration;
+    /// Largest object id accepted, in bytes (checked from the header, before buffering).
+    max_oid_len: u64 = "256", parse_size;
+    /// Largest request payload accepted (checked from the header, before buffering).
+    max_payload: u64 = "4160KiB", parse_size;
+    /// Most sub-ops in one request (at most 16).
+    max_sub_ops: u32 = "16", parse_u32;
+    /// Connections per core; more are refused.
+    max_connections: u32 = "4096", parse_u32;
+    /// Requests per connection past parsing and not yet answered; beyond it the connection is not read.
+    inflight_per_connection: u32 = "128", parse_u32;
+    /// Op slots per core (ops executing here, and ops sent to other cores: each this many).
+    op_slots: u32 = "4096", parse_u32;
+    /// Size of receive chunks and ordinary output buffers.
+    chunk_size: u64 = "128KiB", parse_size;
+    /// Receive chunks / output buffers per core, allocated at start-up.
+    chunk_count: u32 = "512", parse_u32;
+    /// Large buffers per core (frames or outputs bigger than a chunk), each max_payload + headers.
+    large_buffer_count: u32 = "8", parse_u32;
+    /// Back buffer pools with hugepages when reserved (falls back to normal pages).
+    hugepages: bool = "false", parse_bool;
+}
+
+impl ServeConfig {
+    /// Defaults, then the file named by `--config`, then the flags.
+    pub fn resolve(args: &ServeArgs) -> Result<ServeConfig, String> {
+        let mut config = ServeConfig::default();
+        if let Some(path) = &args.config {
+            config.apply_file(path)?;
+        }
+        config.apply_args(args)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, path: &PathBuf) -> Result<(), String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        for (key, value) in &table {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "{}: {key}: unsupported value {other}",
+                        path.display()
+                    ))
+                }
+            };
+            self.set(key, &text)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cores == 0 || self.cores > 64 {
+            return Err("cores must be 1..=64".into());
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.len() < self.cores as usize {
+                return Err(format!(
+                    "cpus lists {} CPUs for {} cores",
+                    cpus.len(),
+                    self.cores
+                ));
+            }
+        }
+        if self.placement == "pg" && self.pg_count < self.cores {
+            return Err(format!(
+                "pg_count {} is less than cores {}: every core needs a PG",
+                self.pg_count, self.cores
+            ));
+        }
+        self.limits().validate()?;
+        if self.chunk_size % 4096 != 0 || self.chunk_size < 64 << 10 {
+            return Err("chunk_size must be a multiple of 4KiB and at least 64KiB".into());
+        }
+        if self.op_slots == 0 || self.chunk_count < 4 || self.large_buffer_count == 0 {
+            return Err(
+                "op_slots, chunk_count (>= 4) and large_buffer_count must be positive".into(),
+            );
+        }
+        if self.inflight_per_connection == 0 || self.max_connections == 0 {
+            return Err("inflight_per_connection and max_connections must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            oid_len_max: u16::try_from(self.max_oid_len).unwrap_or(u16::MAX),
+            payload_len_max: u32::try_from(self.max_payload).unwrap_or(u32::MAX),
+            sub_ops_max: u16::try_from(self.max_sub_ops).unwrap_or(u16::MAX),
+        }
+    }
+
+    pub fn placement_mode(&self) -> PlacementMode {
+        match self.placement.as_str() {
+            "flex" => PlacementMode::Flex,
+            _ => PlacementMode::Pg {
+                pg_count: self.pg_count,
+            },
+        }
+    }
+
+    pub fn idle_policy(&self) -> IdlePolicy {
+        IdlePolicy::parse(&self.idle, self.park_after).expect("validated choice")
+    }
+
+    /// Large buffers hold the largest frame the limits admit, rounded up to 4 KiB.
+    pub fn large_buffer_size(&self) -> usize {
+        self.limits().frame_len_max().div_ceil(4096) * 4096
+    }
+
+    /// CPUs for the reactors: the configured list, or the highest-numbered ones.
+    pub fn reactor_cpus(&self) -> Vec<usize> {
+        let cores = self.cores as usize;
+        match &self.cpus {
+            Some(cpus) => cpus[..cores].to_vec(),
+            None => {
+                let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (0..cores)
+                    .map(|i| (online + i).saturating_sub(cores) % online)
+                    .collect()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("carmine-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("carmine.toml");
+        std::fs::write(
+            &path,
+            "pg_count = 256\ncores = 2\nidle = \"adaptive\"\nmemory_capacity = \"1GiB\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            cores: Some("1".into()),
+            ..ServeArgs::default()
+        };
+        let config = ServeConfig::resolve(&args).unwrap();
+        assert_eq!(config.pg_count, 256, "from the file");
+        assert_eq!(config.cores, 1, "the flag wins");
+        assert_eq!(config.memory_capacity, 1 << 30);
+        assert_eq!(
+            config.idle_policy(),
+            IdlePolicy::Adaptive {
+                park_after: Duration::from_micros(200)
+            }
+        );
+        assert_eq!(config.listen, "127.0.0.1:6800".parse().unwrap(), "default");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let args = ServeArgs {
+            placement: Some("random".into()),
+            ..ServeArgs::default()
+        };
+        let error = ServeConfig::resolve(&args).unwrap_err();
+        assert!(
+            error.contains("placement") && error.contains("random"),
+            "{error}"
+        );
+        let args = ServeArgs {
+            max_sub_ops: Some("64".into()),
+            ..ServeArgs::default()
+        };
+        assert!(ServeConfig::resolve(&args)
+            .unwrap_err()
+            .contains("sub_ops_max"));
+        let dir = std::env::temp_dir().join(format!("carmine-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("typo.toml");
+        std::fs::write(&path, "pg_cuont = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert!(ServeConfig::resolve(&args)
+            .unwrap_err()
+            .contains("unknown option \"pg_cuont\""));
+    }
+
+    #[test]
+    fn auto_cpus_take_the_highest() {
+        let config = ServeConfig::default();
+        let cpus = config.reactor_cpus();
+        let online = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(cpus, vec![online - 1]);
+        assert!(config.large_buffer_size() >= config.limits().frame_len_max());
+    }
+}

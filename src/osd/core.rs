@@ -1,0 +1,1000 @@
+//! `OsdCore`: everything one core owns, and its poll loop.
+//!
+//! An op's path: the connection's core parses the frame in place (`handle_frame`), locates the
+//! object's PG and either runs the op itself (`exec_start`) or sends it one hop to the PG's core
+//! (`Message::Execute`). The PG's core orders it (`Pg`), applies it to its store (`exec_run`),
+//! waits for the null replication hook if configured (a timer), and finishes it (`finish`):
+//! the reply is queued on the connection, or sent back one hop (`Message::Done`).
+//!
+//! Architecture invariant: no locks, no blocking calls except `park`, no allocation per op.
+//! Every queue is bounded by a table sized at start-up.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use carmine_dataplane::buffers::{Body, CorePools};
+use carmine_dataplane::pool::{Buf, Lease};
+use carmine_dataplane::reactor::{Core, LoopCounters, Waker, PARK_TIMEOUT_MAX};
+use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
+use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
+use carmine_dataplane::wire::{
+    Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
+};
+use carmine_storage::{ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit};
+
+use crate::osd::message::{Message, Results};
+use crate::osd::op_table::{OpRef, OpTable, SLOT_NONE};
+use crate::osd::pg::Pg;
+use crate::osd::placement::Placement;
+use crate::osd::stats::{Counter, Counters, SharedCounters};
+use crate::osd::timer::TimerQueue;
+use crate::status::StatusBoard;
+
+/// Frames taken from the network per pass: bounds a pass so inbox and timers stay responsive.
+const RX_FRAMES_PER_PASS_MAX: usize = 256;
+/// Messages taken from each inbox ring per pass.
+const INBOX_BATCH_MAX: usize = 256;
+
+/// Simulated costs of the hooks a full OSD would have here (Crimson prototype: null functions
+/// with configurable cost).
+#[derive(Clone, Copy, Debug)]
+pub struct Hooks {
+    /// Replica acks each write waits for; the wait is a timer, the reactor never blocks.
+    pub replicas: u32,
+    pub replication_cost: Duration,
+    /// CPU spent per write by the snapshot hook (a busy wait: snapshot work is computation).
+    pub snapshot_cost: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+enum Origin {
+    #[default]
+    None,
+    /// A connection on this core.
+    Local(ConnId),
+    /// A client op slot on another core.
+    Remote { core: usize, op: OpRef },
+}
+
+#[derive(Default)]
+struct ExecOp {
+    origin: Origin,
+    header: Header,
+    frame: Option<Lease>,
+    local_pg: u32,
+    object_hash: u32,
+    mutates: bool,
+    /// This op counts in its PG's `unacked_writes`.
+    holds_pg: bool,
+    output: Option<Buf>,
+    results: Results,
+    /// Link in the PG's wait queue.
+    next: u32,
+}
+
+#[derive(Default)]
+struct ClientOp {
+    conn: Option<ConnId>,
+    header: Header,
+}
+
+/// Shared between the cores for shutdown: bit n set while core n has nothing in flight.
+pub struct Shutdown {
+    pub stop: AtomicBool,
+    quiet_mask: AtomicU64,
+    all_mask: u64,
+}
+
+impl Shutdown {
+    pub fn new(cores: usize) -> Shutdown {
+        assert!(cores <= 64);
+        let all_mask = if cores == 64 {
+            u64::MAX
+        } else {
+            (1u64 << cores) - 1
+        };
+        Shutdown {
+            stop: AtomicBool::new(false),
+            quiet_mask: AtomicU64::new(0),
+            all_mask,
+        }
+    }
+}
+
+pub struct CoreSetup {
+    pub index: usize,
+    pub cores: usize,
+    pub placement: Placement,
+    pub exec_slots: u32,
+    pub client_slots: u32,
+    pub hooks: Hooks,
+    pub alloc_counter: fn() -> u64,
+}
+
+pub struct OsdCore {
+    index: usize,
+    transport: TcpTransport,
+    pools: CorePools,
+    store: Box<dyn ObjectStore>,
+    exec: OpTable<ExecOp>,
+    client: OpTable<ClientOp>,
+    pgs: Vec<Pg>,
+    ready_pgs: VecDeque<u32>,
+    timers: TimerQueue,
+    outbox: Vec<Option<Producer<Message>>>,
+    inbox: Vec<Option<Consumer<Message>>>,
+    /// Messages whose ring was full, in order, per target core. Bounded by the op tables.
+    outbound: Vec<VecDeque<Message>>,
+    wake_pending: Vec<bool>,
+    wakers: Arc<[Waker]>,
+    placement: Placement,
+    hooks: Hooks,
+    counters: Counters,
+    shared: Arc<SharedCounters>,
+    board: Arc<StatusBoard>,
+    shutdown: Arc<Shutdown>,
+    rx_batch: Vec<RxFrame>,
+    epoch: Instant,
+    accept_next: usize,
+    alloc_counter: fn() -> u64,
+    alloc_base: u64,
+    alloc_excluded: u64,
+}
+
+fn status_of(error: StoreError) -> Status {
+    Status::from_u32(u32::from(error.code())).unwrap_or(Status::Io)
+}
+
+fn error_counter(status: Status) -> Counter {
+    match status {
+        Status::BadCrc => Counter::err_bad_crc,
+        Status::Malformed => Counter::err_malformed,
+        Status::OverLimit => Counter::err_over_limit,
+        Status::UnknownOpcode => Counter::err_unknown_opcode,
+        Status::Unsupported => Counter::err_unsupported,
+        Status::NotFound => Counter::err_not_found,
+        Status::NoData => Counter::err_no_data,
+        Status::NoSpace => Counter::err_no_space,
+        Status::TooLarge => Counter::err_too_large,
+        Status::InvalidArgument => Counter::err_invalid_argument,
+        Status::Range => Counter::err_range,
+        Status::Io => Counter::err_io,
+        Status::Corrupt => Counter::err_corrupt,
+        Status::Ok | Status::ShuttingDown => Counter::err_other,
+    }
+}
+
+/// The store's view of one wire sub-op (borrowing the same bytes: no copy).
+fn to_store_op<'a>(view: &SubOpView<'a>) -> SubOp<'a> {
+    match view.code {
+        SubOpCode::Write => SubOp::Write {
+            offset: view.offset,
+            data: view.data,
+        },
+        SubOpCode::WriteFull => SubOp::WriteFull { data: view.data },
+        SubOpCode::Read => SubOp::Read {
+            offset: view.offset,
+            length: view.length,
+        },
+        SubOpCode::Zero => SubOp::Zero {
+            offset: view.offset,
+            length: view.length,
+        },
+        SubOpCode::Truncate => SubOp::Truncate { size: view.offset },
+        SubOpCode::Remove => SubOp::Remove,
+        SubOpCode::Stat => SubOp::Stat,
+        SubOpCode::SetXattr => SubOp::SetXattr {
+            name: view.name,
+            value: view.data,
+        },
+        SubOpCode::GetXattr => SubOp::GetXattr { name: view.name },
+        SubOpCode::OmapSet => SubOp::OmapSet {
+            key: view.name,
+            value: view.data,
+        },
+        SubOpCode::OmapGet => SubOp::OmapGet { key: view.name },
+        SubOpCode::OmapRemove => SubOp::OmapRemove { key: view.name },
+    }
+}
+
+impl OsdCore {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        setup: CoreSetup,
+        transport: TcpTransport,
+        pools: CorePools,
+        store: Box<dyn ObjectStore>,
+        links: CoreLinks<Message>,
+        wakers: Arc<[Waker]>,
+        board: Arc<StatusBoard>,
+        shutdown: Arc<Shutdown>,
+    ) -> OsdCore {
+        let pg_count = setup.placement.local_pg_count(setup.index);
+        let log_enabled = matches!(
+            setup.placement.mode,
+            crate::osd::placement::PlacementMode::Pg { .. }
+        );
+        let pgs = (0..pg_count)
+            .map(|local| Pg::new(setup.placement.pg_id(setup.index, local), log_enabled))
+            .collect();
+        let queue_capacity = (setup.exec_slots + setup.client_slots) as usize;
+        OsdCore {
+            index: setup.index,
+            transport,
+            pools,
+            store,
+            exec: OpTable::new(setup.exec_slots),
+            client: OpTable::new(setup.client_slots),
+            pgs,
+            ready_pgs: VecDeque::with_capacity(pg_count as usize),
+            timers: TimerQueue::new(setup.exec_slots as usize),
+            outbox: links.outbox,
+            inbox: links.inbox,
+            outbound: (0..setup.cores)
+                .map(|_| VecDeque::with_capacity(queue_capacity))
+                .collect(),
+            wake_pending: vec![false; setup.cores],
+            wakers,
+            placement: setup.placement,
+            hooks: setup.hooks,
+            counters: Counters::default(),
+            shared: board.core(setup.index),
+            board,
+            shutdown,
+            rx_batch: Vec::with_capacity(RX_FRAMES_PER_PASS_MAX),
+            epoch: Instant::now(),
+            accept_next: 0,
+            alloc_counter: setup.alloc_counter,
+            alloc_base: (setup.alloc_counter)(),
+            alloc_excluded: 0,
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn stopping(&self) -> bool {
+        self.shutdown.stop.load(Ordering::Relaxed)
+    }
+
+    // ---- network ------------------------------------------------------------------------
+
+    fn poll_network(&mut self) -> usize {
+        let mut work = self.transport.poll_events(Duration::ZERO);
+        if self.stopping() {
+            return work;
+        }
+        while let Some((stream, peer)) = self.transport.poll_accept() {
+            let target = self.accept_next % self.placement.cores;
+            self.accept_next += 1;
+            log::debug!(
+                "core {}: accepted {peer}, owned by core {target}",
+                self.index
+            );
+            if target == self.index {
+                self.transport.adopt(stream);
+            } else {
+                self.send(target, Message::Adopt(stream));
+            }
+            work += 1;
+        }
+        let budget = self
+            .exec
+            .free_count()
+            .min(self.client.free_count())
+            .min(RX_FRAMES_PER_PASS_MAX);
+        let mut batch = std::mem::take(&mut self.rx_batch);
+        let delivered = self
+            .transport
+            .poll_rx(&mut self.pools, budget, &mut |frame| batch.push(frame));
+        for frame in batch.drain(..) {
+            self.handle_frame(frame);
+        }
+        self.rx_batch = batch;
+        work + delivered
+    }
+
+    fn handle_frame(&mut self, rx: RxFrame) {
+        let RxFrame {
+            conn,
+            header,
+            frame,
+        } = rx;
+        let view = Frame::view(header, frame.as_slice());
+        if !view.crc_ok(frame.as_slice()) {
+            log::info!(
+                "core {}: request {} failed its crc",
+                self.index,
+                header.request_id
+            );
+            return self.answer_error(conn, header, frame, Status::BadCrc);
+        }
+        match (header.is_reply(), view.opcode()) {
+            (false, Some(Opcode::OsdOp)) => {}
+            (false, Some(Opcode::Ping)) => return self.answer_ping(conn, header, frame),
+            (false, Some(Opcode::Status)) => return self.answer_status(conn, header, frame),
+            _ => return self.answer_error(conn, header, frame, Status::UnknownOpcode),
+        }
+        if let Err(status) = view.validate_sub_ops() {
+            return self.answer_error(conn, header, frame, status);
+        }
+        if view.oid.is_empty() {
+            return self.answer_error(conn, header, frame, Status::InvalidArgument);
+        }
+        let target = self.placement.locate(view.oid);
+        if target.core == self.index {
+            self.exec_start(
+                Origin::Local(conn),
+                header,
+                frame,
+                target.local_pg,
+                target.hash,
+            );
+            return;
+        }
+        let op = self
+            .client
+            .alloc()
+            .expect("rx budget counts free client slots");
+        *self.client.get(op) = ClientOp {
+            conn: Some(conn),
+            header,
+        };
+        self.counters.add(Counter::ops_remote_out, 1);
+        let message = Message::Execute {
+            origin: op,
+            header,
+            frame,
+            local_pg: target.local_pg,
+            object_hash: target.hash,
+        };
+        self.send(target.core, message);
+    }
+
+    fn answer_error(&mut self, conn: ConnId, header: Header, frame: Lease, status: Status) {
+        self.counters.add(error_counter(status), 1);
+        self.pools.release_lease(frame);
+        self.reply(conn, &header, status, &[], Body::None);
+    }
+
+    fn answer_ping(&mut self, conn: ConnId, header: Header, frame: Lease) {
+        self.counters.add(Counter::pings, 1);
+        let payload = Frame::view(header, frame.as_slice()).payload;
+        let body = match self.pools.acquire_for(payload.len()) {
+            Some(mut buf) => {
+                buf.spare_mut()[..payload.len()].copy_from_slice(payload);
+                buf.seal(payload.len());
+                Body::Buf(buf)
+            }
+            None if payload.is_empty() => Body::None,
+            None => {
+                self.counters.add(Counter::buffer_waits, 1);
+                return self.answer_error(conn, header, frame, Status::OverLimit);
+            }
+        };
+        self.pools.release_lease(frame);
+        self.reply(conn, &header, Status::Ok, &[], body);
+    }
+
+    fn answer_status(&mut self, conn: ConnId, header: Header, frame: Lease) {
+        // The status document is built with ordinary allocations; they are kept out of the
+        // `allocations` counter, which tracks the data path.
+        let before = (self.alloc_counter)();
+        self.counters.add(Counter::status_requests, 1);
+        self.publish_now();
+        let json = crate::status::render(&self.board);
+        let body = match self.pools.acquire_for(json.len()) {
+            Some(mut buf) => {
+                buf.spare_mut()[..json.len()].copy_from_slice(json.as_bytes());
+                buf.seal(json.len());
+                Body::Buf(buf)
+            }
+            None => Body::None,
+        };
+        let status = if matches!(body, Body::None) {
+            Status::OverLimit
+        } else {
+            Status::Ok
+        };
+        drop(json);
+        self.pools.release_lease(frame);
+        self.reply(conn, &header, status, &[], body);
+        self.alloc_excluded += (self.alloc_counter)() - before;
+    }
+
+    fn reply(
+        &mut self,
+        conn: ConnId,
+        header: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+    ) {
+        if let Err(body) = self.transport.reply(conn, header, status, results, body) {
+            self.release_body(body); // The client went away; nothing to answer.
+        }
+    }
+
+    fn release_body(&mut self, body: Body) {
+        if let Some(foreign) = self.pools.release_body(body) {
+            let home = foreign.home_core().expect("foreign bodies have a home");
+            self.send(home, Message::Release(foreign));
+        }
+    }
+
+    // ---- execution on the PG's core -------------------------------------------------------
+
+    fn exec_start(
+        &mut self,
+        origin: Origin,
+        header: Header,
+        frame: Lease,
+        local_pg: u32,
+        object_hash: u32,
+    ) {
+        let mutates = Frame::view(header, frame.as_slice())
+            .sub_ops()
+            .any(|s| s.code.is_mutation());
+        let op = self
+            .exec
+            .alloc()
+            .expect("callers check for a free exec slot");
+        *self.exec.get(op) = ExecOp {
+            origin,
+            header,
+            frame: Some(frame),
+            local_pg,
+            object_hash,
+            mutates,
+            next: SLOT_NONE,
+            ..ExecOp::default()
+        };
+        if self.pgs[local_pg as usize].must_queue(mutates) {
+            self.counters.add(Counter::pg_queued, 1);
+            self.enqueue(op);
+            return;
+        }
+        if !self.exec_run(op) {
+            self.enqueue(op);
+            self.mark_ready(local_pg);
+        }
+    }
+
+    fn enqueue(&mut self, op: OpRef) {
+        let local_pg = self.exec.get(op).local_pg;
+        let pg = &mut self.pgs[local_pg as usize];
+        let tail = pg.queue_tail;
+        pg.queue_tail = op.slot;
+        if tail == SLOT_NONE {
+            pg.queue_head = op.slot;
+        } else {
+            self.exec.at(tail).0.next = op.slot;
+        }
+        pg.queued += 1;
+    }
+
+    fn mark_ready(&mut self, local_pg: u32) {
+        let pg = &mut self.pgs[local_pg as usize];
+        if !pg.ready {
+            pg.ready = true;
+            self.ready_pgs.push_back(local_pg);
+        }
+    }
+
+    /// Runs queued ops of PGs that may have become runnable, in queue order.
+    fn drain_ready_pgs(&mut self) -> usize {
+        let mut work = 0;
+        for _ in 0..self.ready_pgs.len() {
+            let local_pg = self.ready_pgs.pop_front().expect("counted");
+            self.pgs[local_pg as usize].ready = false;
+            loop {
+                let head = self.pgs[local_pg as usize].queue_head;
+                if head == SLOT_NONE {
+                    break;
+                }
+                let (op, op_ref) = self.exec.at(head);
+                let (mutates, next) = (op.mutates, op.next);
+                if !self.pgs[local_pg as usize].head_may_run(mutates) {
+                    break;
+                }
+                let pg = &mut self.pgs[local_pg as usize];
+                pg.queue_head = next;
+                if next == SLOT_NONE {
+                    pg.queue_tail = SLOT_NONE;
+                }
+                pg.queued -= 1;
+                self.exec.get(op_ref).next = SLOT_NONE;
+                if !self.exec_run(op_ref) {
+                    self.requeue_front(op_ref);
+                    self.mark_ready(local_pg);
+                    break;
+                }
+                work += 1;
+            }
+        }
+        work
+    }
+
+    fn requeue_front(&mut self, op: OpRef) {
+        let local_pg = self.exec.get(op).local_pg;
+        let pg = &mut self.pgs[local_pg as usize];
+        let head = pg.queue_head;
+        pg.queue_head = op.slot;
+        if head == SLOT_NONE {
+            pg.queue_tail = op.slot;
+        }
+        pg.queued += 1;
+        self.exec.get(op).next = head;
+    }
+
+    /// Applies the op to the store. False when no output buffer is free (the op waits).
+    fn exec_run(&mut self, op_ref: OpRef) -> bool {
+        let op = self.exec.get(op_ref);
+        let frame = op
+            .frame
+            .as_ref()
+            .expect("an op holds its frame until it finishes");
+        let view = Frame::view(op.header, frame.as_slice());
+        let mut store_ops = [SubOp::Stat; SUB_OPS_CEILING as usize];
+        let mut count = 0;
+        let mut output_len: u64 = 0;
+        let mut sub_op_mask: u16 = 0;
+        for sub_op in view.sub_ops() {
+            let store_op = to_store_op(&sub_op);
+            output_len = output_len.saturating_add(store_op.output_len_max().unwrap_or(0));
+            if sub_op.code.is_mutation() {
+                sub_op_mask |= 1 << (sub_op.code as u16);
+            }
+            store_ops[count] = store_op;
+            count += 1;
+        }
+        let mut output = None;
+        if output_len > 0 {
+            if output_len > self.pools.large.buffer_size() as u64 {
+                return self.finish_early(op_ref, Status::OverLimit);
+            }
+            match self.pools.acquire_for(output_len as usize) {
+                Some(buf) => output = Some(buf),
+                None => {
+                    self.counters.add(Counter::buffer_waits, 1);
+                    return false;
+                }
+            }
+        }
+        if op.mutates {
+            if !self.hooks.snapshot_cost.is_zero() {
+                spin_for(self.hooks.snapshot_cost);
+            }
+            self.pgs[op.local_pg as usize].next_version(op.object_hash, sub_op_mask);
+        }
+        let mut results = [SubOpResult::default(); SUB_OPS_CEILING as usize];
+        let submitted = {
+            let mut out = match output.as_mut() {
+                Some(buf) => OutputBuffer::from_slice(buf.spare_mut()),
+                None => OutputBuffer::empty(),
+            };
+            self.store.submit(
+                op_ref.tag(),
+                view.oid,
+                &store_ops[..count],
+                &mut out,
+                &mut results[..count],
+            )
+        };
+        let op = self.exec.get(op_ref);
+        op.results.count = count as u8;
+        let mut output_used = 0;
+        for (item, result) in op.results.items.iter_mut().zip(&results[..count]) {
+            debug_assert!(
+                result.out_len == 0 || result.out_offset as usize == output_used,
+                "outputs back to back"
+            );
+            *item = (u32::from(result.status), result.out_len);
+            output_used += result.out_len as usize;
+        }
+        if let Some(buf) = output.as_mut() {
+            buf.seal(output_used);
+        }
+        op.output = output;
+        match submitted {
+            Ok(Submit::Done) => self.after_store(op_ref),
+            Ok(Submit::Pending) => self.hold_pg(op_ref),
+            Err(error) => {
+                // Failed as a whole: nothing was applied, so no per-sub-op results and no output.
+                let op = self.exec.get(op_ref);
+                op.results.count = 0;
+                if let Some(buf) = op.output.take() {
+                    self.pools.release(buf);
+                }
+                self.finish(op_ref, status_of(error));
+            }
+        }
+        true
+    }
+
+    /// An op that fails before reaching the store.
+    fn finish_early(&mut self, op_ref: OpRef, status: Status) -> bool {
+        self.finish(op_ref, status);
+        true
+    }
+
+    fn hold_pg(&mut self, op_ref: OpRef) {
+        let op = self.exec.get(op_ref);
+        if op.mutates && !op.holds_pg {
+            op.holds_pg = true;
+            let local_pg = op.local_pg;
+            self.pgs[local_pg as usize].unacked_writes += 1;
+        }
+    }
+
+    /// The store has the op: acknowledge now, or after the replication hook's simulated acks.
+    fn after_store(&mut self, op_ref: OpRef) {
+        let op = self.exec.get(op_ref);
+        if op.mutates && self.hooks.replicas > 0 {
+            self.hold_pg(op_ref);
+            let deadline = self.now_ns() + self.hooks.replication_cost.as_nanos() as u64;
+            self.timers.arm(deadline, op_ref.tag());
+        } else {
+            let status = first_failure(&op.results);
+            self.finish(op_ref, status);
+        }
+    }
+
+    fn finish(&mut self, op_ref: OpRef, status: Status) {
+        let op = self.exec.free(op_ref);
+        if op.holds_pg {
+            let pg = &mut self.pgs[op.local_pg as usize];
+            pg.unacked_writes -= 1;
+            if pg.unacked_writes == 0 && pg.queued > 0 {
+                self.mark_ready(op.local_pg);
+            }
+        }
+        self.count_op(&op, status);
+        let frame = op.frame.expect("an op holds its frame until it finishes");
+        let (output, results) = (op.output, op.results);
+        match op.origin {
+            Origin::Local(conn) => {
+                self.pools.release_lease(frame);
+                let body = output.map_or(Body::None, Body::Buf);
+                self.reply(conn, &op.header, status, results.as_slice(), body);
+            }
+            Origin::Remote { core, op: origin } => {
+                self.send(
+                    core,
+                    Message::Done {
+                        origin,
+                        status,
+                        results,
+                        output,
+                        frame,
+                    },
+                );
+            }
+            Origin::None => unreachable!("exec ops always have an origin"),
+        }
+    }
+
+    fn count_op(&mut self, op: &ExecOp, status: Status) {
+        self.counters.add(Counter::ops, 1);
+        if op.mutates {
+            self.counters.add(Counter::ops_write, 1);
+            if let Some(frame) = op.frame.as_ref() {
+                let view = Frame::view(op.header, frame.as_slice());
+                let written: usize = view.sub_ops().map(|s| s.data.len()).sum();
+                self.counters.add(Counter::bytes_written, written as u64);
+            }
+        } else {
+            self.counters.add(Counter::ops_read, 1);
+        }
+        if let Some(buf) = op.output.as_ref() {
+            self.counters
+                .add(Counter::bytes_read, buf.sealed_len() as u64);
+        }
+        if status != Status::Ok {
+            self.counters.add(error_counter(status), 1);
+        }
+    }
+
+    // ---- store completions and timers -----------------------------------------------------
+
+    fn poll_store(&mut self) -> usize {
+        let mut completed: [(u64, Result<(), StoreError>); 64] = [(0, Ok(())); 64];
+        let mut count = 0;
+        self.store.poll(&mut |tag, result| {
+            // The store reports at most what this pass can take; the rest comes next pass.
+            if count < completed.len() {
+                completed[count] = (tag, result);
+                count += 1;
+            }
+        });
+        for &(tag, result) in &completed[..count] {
+            let op_ref = OpRef::from_tag(tag);
+            match result {
+                Ok(()) => self.after_store(op_ref),
+                Err(error) => self.finish(op_ref, status_of(error)),
+            }
+        }
+        count
+    }
+
+    fn poll_timers(&mut self) -> usize {
+        let now = self.now_ns();
+        let mut fired = 0;
+        while let Some(tag) = self.timers.pop_due(now) {
+            let op_ref = OpRef::from_tag(tag);
+            let status = first_failure(&self.exec.get(op_ref).results);
+            self.finish(op_ref, status);
+            fired += 1;
+        }
+        fired
+    }
+
+    // ---- cross-core messages --------------------------------------------------------------
+
+    fn send(&mut self, target: usize, message: Message) {
+        debug_assert_ne!(target, self.index);
+        if !self.outbound[target].is_empty() {
+            self.outbound[target].push_back(message);
+            return;
+        }
+        let producer = self.outbox[target]
+            .as_mut()
+            .expect("a ring to every other core");
+        match producer.push(message) {
+            Ok(()) => self.wake_pending[target] = true,
+            Err(message) => {
+                // Back-pressure: the message waits here, in order; nothing is dropped.
+                self.counters.add(Counter::ring_full_waits, 1);
+                self.outbound[target].push_back(message);
+            }
+        }
+    }
+
+    fn flush_outbound(&mut self) -> usize {
+        let mut work = 0;
+        for target in 0..self.outbound.len() {
+            while let Some(message) = self.outbound[target].pop_front() {
+                let producer = self.outbox[target]
+                    .as_mut()
+                    .expect("a ring to every other core");
+                match producer.push(message) {
+                    Ok(()) => {
+                        self.wake_pending[target] = true;
+                        work += 1;
+                    }
+                    Err(message) => {
+                        self.outbound[target].push_front(message);
+                        break;
+                    }
+                }
+            }
+            if self.wake_pending[target] {
+                self.wake_pending[target] = false;
+                self.wakers[target].wake_if_sleeping();
+            }
+        }
+        work
+    }
+
+    fn poll_inbox(&mut self) -> usize {
+        let mut work = 0;
+        for source in 0..self.inbox.len() {
+            for _ in 0..INBOX_BATCH_MAX {
+                // An Execute needs an exec slot: leave messages in the ring until one is free.
+                if self.exec.free_count() == 0 {
+                    return work;
+                }
+                let Some(consumer) = self.inbox[source].as_mut() else {
+                    break;
+                };
+                let Some(message) = consumer.pop() else { break };
+                work += 1;
+                self.on_message(source, message);
+            }
+        }
+        work
+    }
+
+    fn on_message(&mut self, source: usize, message: Message) {
+        match message {
+            Message::Adopt(stream) => {
+                self.transport.adopt(stream);
+            }
+            Message::Execute {
+                origin,
+                header,
+                frame,
+                local_pg,
+                object_hash,
+            } => {
+                self.counters.add(Counter::ops_remote_in, 1);
+                self.exec_start(
+                    Origin::Remote {
+                        core: source,
+                        op: origin,
+                    },
+                    header,
+                    frame,
+                    local_pg,
+                    object_hash,
+                );
+            }
+            Message::Done {
+                origin,
+                status,
+                results,
+                output,
+                frame,
+            } => {
+                let client = self.client.free(origin);
+                self.pools.release_lease(frame);
+                let body = output.map_or(Body::None, Body::Buf);
+                let conn = client.conn.expect("client ops record their connection");
+                self.reply(conn, &client.header, status, results.as_slice(), body);
+            }
+            Message::Release(body) => {
+                let leftover = self.pools.release_body(body);
+                assert!(
+                    leftover.is_none(),
+                    "a buffer was sent to a core that is not its home"
+                );
+            }
+        }
+    }
+
+    fn route_foreign_bodies(&mut self) -> usize {
+        let mut work = 0;
+        while let Some(body) = self.transport.take_foreign() {
+            let home = body.home_core().expect("foreign bodies have a home");
+            self.send(home, Message::Release(body));
+            work += 1;
+        }
+        work
+    }
+
+    // ---- counters -----------------------------------------------------------------------
+
+    fn publish_now(&mut self) {
+        let transport = self.transport.stats;
+        let store = self.store.stats();
+        let c = &mut self.counters;
+        c.set(Counter::conn_accepted, transport.accepted);
+        c.set(Counter::conn_closed, transport.closed);
+        c.set(Counter::conn_refused, transport.refused);
+        c.set(Counter::connections, transport.connections);
+        c.set(Counter::conn_truncated, transport.truncated);
+        c.set(Counter::rx_bytes, transport.rx_bytes);
+        c.set(Counter::tx_bytes, transport.tx_bytes);
+        c.set(Counter::rx_copied_bytes, transport.rx_copied_bytes);
+        c.set(Counter::rx_syscalls, transport.rx_syscalls);
+        c.set(Counter::tx_syscalls, transport.tx_syscalls);
+        c.set(Counter::rx_pool_waits, transport.rx_pool_waits);
+        c.set(
+            Counter::ops_in_flight,
+            (self.exec.in_flight() + self.client.in_flight()) as u64,
+        );
+        c.set(Counter::buffers_in_use, u64::from(self.pools.in_use()));
+        c.set(Counter::timers_armed, self.timers.len() as u64);
+        c.set(Counter::pgs, self.pgs.len() as u64);
+        c.set(
+            Counter::pg_log_entries,
+            self.pgs.iter().map(|pg| pg.log.len() as u64).sum(),
+        );
+        c.set(
+            Counter::pg_version_max,
+            self.pgs.iter().map(|pg| pg.version).max().unwrap_or(0),
+        );
+        c.set(
+            Counter::pg_id_max,
+            self.pgs
+                .iter()
+                .map(|pg| u64::from(pg.id))
+                .max()
+                .unwrap_or(0),
+        );
+        c.set(Counter::store_objects, store.objects);
+        c.set(Counter::store_bytes, store.bytes_stored);
+        c.set(Counter::store_capacity_bytes, store.capacity_bytes);
+        let allocations = (self.alloc_counter)() - self.alloc_base - self.alloc_excluded;
+        c.set(Counter::allocations, allocations);
+        c.set(Counter::stream_malformed, transport.malformed);
+        c.set(Counter::stream_over_limit, transport.over_limit);
+        self.shared.publish(&self.counters);
+        for (target, producer) in self.outbox.iter().enumerate() {
+            if let Some(producer) = producer {
+                self.shared
+                    .publish_ring(target, producer.len() + self.outbound[target].len());
+            }
+        }
+    }
+
+    fn locally_quiet(&self) -> bool {
+        self.exec.in_flight() == 0
+            && self.client.in_flight() == 0
+            && self.outbound.iter().all(|q| q.is_empty())
+            && !self.transport.has_pending_tx()
+            && self.inbox.iter().flatten().all(|c| c.is_empty())
+    }
+
+    /// Closes connections and hands back the pools; called on the core's thread after the loop.
+    pub fn into_pools(mut self) -> CorePools {
+        self.transport.close_all(&mut self.pools);
+        self.pools
+    }
+}
+
+fn first_failure(results: &Results) -> Status {
+    results
+        .as_slice()
+        .iter()
+        .find(|(status, _)| *status != 0)
+        .map_or(Status::Ok, |(status, _)| {
+            Status::from_u32(*status).unwrap_or(Status::Io)
+        })
+}
+
+fn spin_for(duration: Duration) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+impl Core for OsdCore {
+    fn poll_once(&mut self) -> usize {
+        // The order matters: (1) the inbox first, because completions from other cores free the
+        // op slots that (2) the network poller needs for new frames; (3) store completions and
+        // (4) timers finish ops, which (5) may unblock PG queues; (6) replies go out in one
+        // writev per connection, and (7) messages, including buffers going home, go last so
+        // that every message produced by this pass leaves in it.
+        let mut work = self.poll_inbox();
+        work += self.poll_network();
+        work += self.poll_store();
+        work += self.poll_timers();
+        work += self.drain_ready_pgs();
+        work += self.transport.flush_tx(&mut self.pools);
+        work += self.route_foreign_bodies();
+        work += self.flush_outbound();
+        work
+    }
+
+    fn park(&mut self, timeout: Duration) {
+        let waker = &self.wakers[self.index];
+        waker.prepare_park();
+        if self.inbox.iter().flatten().any(|c| !c.is_empty()) {
+            waker.finish_park();
+            return;
+        }
+        self.transport.poll_events(timeout);
+        self.wakers[self.index].finish_park();
+    }
+
+    fn park_timeout(&self) -> Duration {
+        match self.timers.next_deadline() {
+            Some(deadline) => Duration::from_nanos(deadline.saturating_sub(self.now_ns())),
+            None => PARK_TIMEOUT_MAX,
+        }
+    }
+
+    fn publish(&mut self, loop_counters: &LoopCounters) {
+        self.counters.set(Counter::busy_ns, loop_counters.busy_ns);
+        self.counters.set(Counter::idle_ns, loop_counters.idle_ns);
+        self.counters.set(Counter::passes, loop_counters.passes);
+        self.counters.set(Counter::parks, loop_counters.parks);
+        self.publish_now();
+    }
+
+    fn drained(&self) -> bool {
+        let bit = 1u64 << self.index;
+        if self.locally_quiet() {
+            let mask = self.shutdown.quiet_mask.fetch_or(bit, Ordering::AcqRel) | bit;
+            mask == self.shutdown.all_mask
+        } else {
+            self.shutdown.quiet_mask.fetch_and(!bit, Ordering::AcqRel);
+            false
+        }
+    }
+}

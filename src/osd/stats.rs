@@ -1,0 +1,162 @@
+//! Per-core counters. A core keeps plain `u64`s on its hot path and copies them every
+//! millisecond into its `SharedCounters` (relaxed atomics, one writer), which `status` reads
+//! from any core. That copy is the only state cores share outside the rings, and it is not on
+//! the data path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        /// Names of the counters, as `status` prints them.
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter { $($name),* }
+        pub const COUNTER_NAMES: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+counters!(
+    ops,
+    ops_read,
+    ops_write,
+    ops_remote_out,
+    ops_remote_in,
+    bytes_written,
+    bytes_read,
+    busy_ns,
+    idle_ns,
+    passes,
+    parks,
+    allocations,
+    pg_queued,
+    ring_full_waits,
+    buffer_waits,
+    status_requests,
+    pings,
+    err_bad_crc,
+    err_malformed,
+    err_over_limit,
+    err_unknown_opcode,
+    err_unsupported,
+    err_not_found,
+    err_no_data,
+    err_no_space,
+    err_too_large,
+    err_invalid_argument,
+    err_range,
+    err_io,
+    err_corrupt,
+    err_other,
+    stream_malformed,
+    stream_over_limit,
+    conn_accepted,
+    conn_closed,
+    conn_refused,
+    connections,
+    conn_truncated,
+    rx_bytes,
+    tx_bytes,
+    rx_copied_bytes,
+    rx_syscalls,
+    tx_syscalls,
+    rx_pool_waits,
+    ops_in_flight,
+    buffers_in_use,
+    timers_armed,
+    pgs,
+    pg_log_entries,
+    pg_version_max,
+    pg_id_max,
+    store_objects,
+    store_bytes,
+    store_capacity_bytes,
+);
+
+pub const COUNTER_COUNT: usize = COUNTER_NAMES.len();
+
+#[derive(Clone, Copy, Debug)]
+pub struct Counters {
+    pub values: [u64; COUNTER_COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            values: [0; COUNTER_COUNT],
+        }
+    }
+}
+
+impl Counters {
+    #[inline]
+    pub fn add(&mut self, counter: Counter, value: u64) {
+        self.values[counter as usize] += value;
+    }
+    #[inline]
+    pub fn set(&mut self, counter: Counter, value: u64) {
+        self.values[counter as usize] = value;
+    }
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+}
+
+/// A core's published counters plus its ring occupancy.
+pub struct SharedCounters {
+    values: [AtomicU64; COUNTER_COUNT],
+    /// Messages waiting in this core's outgoing ring to each other core.
+    ring_occupancy: Box<[AtomicU64]>,
+}
+
+impl SharedCounters {
+    pub fn new(cores: usize) -> SharedCounters {
+        SharedCounters {
+            values: std::array::from_fn(|_| AtomicU64::new(0)),
+            ring_occupancy: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn publish(&self, counters: &Counters) {
+        for (shared, value) in self.values.iter().zip(counters.values.iter()) {
+            shared.store(*value, Ordering::Relaxed);
+        }
+    }
+
+    pub fn publish_ring(&self, target: usize, occupancy: usize) {
+        self.ring_occupancy[target].store(occupancy as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> (Counters, Vec<u64>) {
+        let mut counters = Counters::default();
+        for (value, shared) in counters.values.iter_mut().zip(self.values.iter()) {
+            *value = shared.load(Ordering::Relaxed);
+        }
+        let rings = self
+            .ring_occupancy
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .collect();
+        (counters, rings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_and_snapshot_round_trip() {
+        let shared = SharedCounters::new(2);
+        let mut counters = Counters::default();
+        counters.add(Counter::ops, 5);
+        counters.set(Counter::busy_ns, 99);
+        shared.publish(&counters);
+        shared.publish_ring(1, 3);
+        let (seen, rings) = shared.snapshot();
+        assert_eq!(seen.get(Counter::ops), 5);
+        assert_eq!(seen.get(Counter::busy_ns), 99);
+        assert_eq!(rings, vec![0, 3]);
+        assert_eq!(COUNTER_NAMES[Counter::ops_read as usize], "ops_read");
+    }
+}

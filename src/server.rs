@@ -1,0 +1,233 @@
+//! Starting and stopping a server: one pinned reactor thread per core, the rings between
+//! them, and the listener on core 0 (which spreads accepted connections over the cores).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use carmine_dataplane::buffers::{CorePools, PoolSizes};
+use carmine_dataplane::reactor::{self, Waker};
+use carmine_dataplane::ring::{self, CoreLinks};
+use carmine_dataplane::tcp::{TcpTransport, TransportConfig};
+use carmine_storage::{MemoryStore, ObjectStore};
+use serde_json::json;
+
+use crate::config::ServeConfig;
+use crate::osd::core::{CoreSetup, Hooks, OsdCore, Shutdown};
+use crate::osd::message::Message;
+use crate::osd::placement::Placement;
+use crate::status::StatusBoard;
+
+/// Messages in flight from one core to another before the sender holds them back.
+const RING_CAPACITY: usize = 1024;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub cpus: Vec<usize>,
+    pub board: Arc<StatusBoard>,
+    shutdown: Arc<Shutdown>,
+    wakers: Arc<[Waker]>,
+    threads: Vec<JoinHandle<Result<CorePools, String>>>,
+}
+
+fn describe(config: &ServeConfig, addr: SocketAddr, cpus: &[usize]) -> serde_json::Value {
+    json!({
+        "listen": addr.to_string(),
+        "cores": config.cores,
+        "cpus": cpus,
+        "store": config.store,
+        "memory_capacity": config.memory_capacity,
+        "placement": config.placement,
+        "pg_count": config.pg_count,
+        "idle": config.idle,
+        "replicas": config.replicas,
+        "replication_cost_us": config.replication_cost.as_micros() as u64,
+        "snapshot_cost_us": config.snapshot_cost.as_micros() as u64,
+        "max_oid_len": config.max_oid_len,
+        "max_payload": config.max_payload,
+        "max_sub_ops": config.max_sub_ops,
+        "op_slots": config.op_slots,
+        "chunk_size": config.chunk_size,
+        "chunk_count": config.chunk_count,
+        "large_buffer_count": config.large_buffer_count,
+        "transport": "tcp-epoll",
+    })
+}
+
+struct CoreParts {
+    index: usize,
+    links: CoreLinks<Message>,
+    listener: Option<TcpListener>,
+}
+
+fn build_core(
+    config: &ServeConfig,
+    parts: CoreParts,
+    wakers: Arc<[Waker]>,
+    board: Arc<StatusBoard>,
+    shutdown: Arc<Shutdown>,
+    alloc_counter: fn() -> u64,
+) -> Result<OsdCore, String> {
+    let index = parts.index;
+    let cores = config.cores as usize;
+    let transport_config = TransportConfig {
+        limits: config.limits(),
+        inflight_per_connection_max: config.inflight_per_connection,
+        connections_max: config.max_connections,
+    };
+    let mut transport = TcpTransport::new(index, transport_config, wakers[index].fd())
+        .map_err(|e| format!("core {index}: transport: {e}"))?;
+    if let Some(listener) = parts.listener {
+        transport
+            .listen(listener)
+            .map_err(|e| format!("core {index}: listener: {e}"))?;
+    }
+    let sizes = PoolSizes {
+        small_size_bytes: config.chunk_size as usize,
+        small_count: config.chunk_count,
+        large_size_bytes: config.large_buffer_size(),
+        large_count: config.large_buffer_count,
+    };
+    let pools = CorePools::new(index, sizes, config.hugepages)
+        .map_err(|e| format!("core {index}: buffer pools: {e}"))?;
+    if config.hugepages && !pools.small.hugepage_backed() {
+        log::warn!("core {index}: hugepages requested but not reserved; buffers use normal pages");
+    }
+    let store: Box<dyn ObjectStore> =
+        Box::new(MemoryStore::new(config.memory_capacity / cores as u64));
+    let setup = CoreSetup {
+        index,
+        cores,
+        placement: Placement::new(config.placement_mode(), cores),
+        exec_slots: config.op_slots,
+        client_slots: config.op_slots,
+        hooks: Hooks {
+            replicas: config.replicas,
+            replication_cost: config.replication_cost,
+            snapshot_cost: config.snapshot_cost,
+        },
+        alloc_counter,
+    };
+    Ok(OsdCore::new(
+        setup,
+        transport,
+        pools,
+        store,
+        parts.links,
+        wakers,
+        board,
+        shutdown,
+    ))
+}
+
+impl Server {
+    /// Binds, starts every reactor and returns once all of them are serving.
+    pub fn start(config: &ServeConfig, alloc_counter: fn() -> u64) -> Result<Server, String> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let cores = config.cores as usize;
+        let cpus = config.reactor_cpus();
+        let wakers: Vec<Waker> = (0..cores)
+            .map(|_| Waker::new())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("eventfd: {e}"))?;
+        let wakers: Arc<[Waker]> = wakers.into();
+        let board = Arc::new(StatusBoard::new(cores, describe(config, addr, &cpus)));
+        let shutdown = Arc::new(Shutdown::new(cores));
+        let (ready_sender, ready) = mpsc::channel::<Result<usize, String>>();
+        let mut listener = Some(listener);
+        let mut threads = Vec::with_capacity(cores);
+        for (index, links) in ring::mesh::<Message>(cores, RING_CAPACITY)
+            .into_iter()
+            .enumerate()
+        {
+            let parts = CoreParts {
+                index,
+                links,
+                listener: if index == 0 { listener.take() } else { None },
+            };
+            let (config, wakers, board, shutdown, ready_sender) = (
+                config.clone(),
+                wakers.clone(),
+                board.clone(),
+                shutdown.clone(),
+                ready_sender.clone(),
+            );
+            let cpu = cpus[index];
+            let thread = std::thread::Builder::new()
+                .name(format!("carmine-core-{index}"))
+                .spawn(move || {
+                    if !reactor::pin_current_thread(cpu) {
+                        log::warn!("core {index}: could not pin to CPU {cpu}; running unpinned");
+                    }
+                    let stop = shutdown.clone();
+                    let mut core =
+                        match build_core(&config, parts, wakers, board, shutdown, alloc_counter) {
+                            Ok(core) => core,
+                            Err(error) => {
+                                let _ = ready_sender.send(Err(error.clone()));
+                                return Err(error);
+                            }
+                        };
+                    let _ = ready_sender.send(Ok(index));
+                    drop(ready_sender);
+                    reactor::run(&mut core, config.idle_policy(), &stop.stop);
+                    Ok(core.into_pools())
+                })
+                .map_err(|e| format!("cannot start core {index}: {e}"))?;
+            threads.push(thread);
+        }
+        drop(ready_sender);
+        let server = Server {
+            addr,
+            cpus,
+            board,
+            shutdown,
+            wakers,
+            threads,
+        };
+        for _ in 0..cores {
+            match ready.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    server.stop();
+                    let _ = server.join();
+                    return Err(error);
+                }
+                Err(_) => {
+                    server.stop();
+                    let _ = server.join();
+                    return Err("a core exited during start-up".into());
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// Asks every core to finish what is in flight and exit.
+    pub fn stop(&self) {
+        self.shutdown.stop.store(true, Ordering::Relaxed);
+        for waker in self.wakers.iter() {
+            waker.wake_if_sleeping();
+        }
+    }
+
+    /// Waits for every core; the pools' memory is released only after all have exited, since
+    /// a core may hold leases on another core's buffers until the end.
+    pub fn join(self) -> Result<(), String> {
+        let mut pools = Vec::with_capacity(self.threads.len());
+        let mut first_error = None;
+        for thread in self.threads {
+            match thread.join() {
+                Ok(Ok(core_pools)) => pools.push(core_pools),
+                Ok(Err(error)) => first_error = first_error.or(Some(error)),
+                Err(_) => first_error = first_error.or(Some("a core panicked".to_string())),
+            }
+        }
+        drop(pools);
+        first_error.map_or(Ok(()), Err)
+    }
+}

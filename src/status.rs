@@ -1,0 +1,126 @@
+//! `status`: the perf dump. Cores publish counters (`SharedCounters`); this renders them, per
+//! core and summed, as JSON, with the derived figures an operator asks for first.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use crate::osd::stats::{Counter, SharedCounters, COUNTER_NAMES};
+
+pub struct StatusBoard {
+    cores: Vec<Arc<SharedCounters>>,
+    /// Static facts about the server (configuration), rendered as they are.
+    pub info: Value,
+    started: Instant,
+}
+
+impl StatusBoard {
+    pub fn new(cores: usize, info: Value) -> StatusBoard {
+        StatusBoard {
+            cores: (0..cores)
+                .map(|_| Arc::new(SharedCounters::new(cores)))
+                .collect(),
+            info,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn core(&self, index: usize) -> Arc<SharedCounters> {
+        self.cores[index].clone()
+    }
+}
+
+fn per_op(numerator: u64, ops: u64) -> Value {
+    if ops == 0 {
+        Value::Null
+    } else {
+        json!((numerator as f64 / ops as f64 * 1000.0).round() / 1000.0)
+    }
+}
+
+pub fn render(board: &StatusBoard) -> String {
+    let mut totals = vec![0u64; COUNTER_NAMES.len()];
+    let mut per_core = Vec::with_capacity(board.cores.len());
+    for (index, shared) in board.cores.iter().enumerate() {
+        let (counters, rings) = shared.snapshot();
+        let mut core = Map::new();
+        core.insert("core".into(), json!(index));
+        for (position, name) in COUNTER_NAMES.iter().enumerate() {
+            core.insert((*name).into(), json!(counters.values[position]));
+            totals[position] += counters.values[position];
+        }
+        let ops = counters.get(Counter::ops);
+        core.insert(
+            "cpu_ns_per_op".into(),
+            per_op(counters.get(Counter::busy_ns), ops),
+        );
+        let occupancy: Map<String, Value> = rings
+            .iter()
+            .enumerate()
+            .filter(|(target, _)| *target != index)
+            .map(|(target, n)| (format!("to_core_{target}"), json!(n)))
+            .collect();
+        core.insert("ring_occupancy".into(), Value::Object(occupancy));
+        per_core.push(Value::Object(core));
+    }
+    let mut total = Map::new();
+    for (position, name) in COUNTER_NAMES.iter().enumerate() {
+        total.insert((*name).into(), json!(totals[position]));
+    }
+    let ops = totals[Counter::ops as usize];
+    total.insert(
+        "cpu_ns_per_op".into(),
+        per_op(totals[Counter::busy_ns as usize], ops),
+    );
+    total.insert(
+        "allocations_per_op".into(),
+        per_op(totals[Counter::allocations as usize], ops)
+            .as_f64()
+            .map_or(Value::Null, |v| json!(v / 1000.0)),
+    );
+    let errors: Map<String, Value> = COUNTER_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| name.starts_with("err_") || name.starts_with("stream_"))
+        .map(|(position, name)| {
+            (
+                name.trim_start_matches("err_").to_string(),
+                json!(totals[position]),
+            )
+        })
+        .collect();
+    let document = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": board.started.elapsed().as_secs_f64(),
+        "config": board.info,
+        "cores": per_core.len(),
+        "totals": total,
+        "errors": errors,
+        "per_core": per_core,
+    });
+    document.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::osd::stats::Counters;
+
+    #[test]
+    fn renders_totals_and_cost_per_op() {
+        let board = StatusBoard::new(2, json!({"store": "memory"}));
+        let mut counters = Counters::default();
+        counters.set(Counter::ops, 10);
+        counters.set(Counter::busy_ns, 20_000);
+        counters.set(Counter::err_bad_crc, 1);
+        board.core(0).publish(&counters);
+        board.core(1).publish(&counters);
+        let value: Value = serde_json::from_str(&render(&board)).unwrap();
+        assert_eq!(value["totals"]["ops"], 20);
+        assert_eq!(value["totals"]["cpu_ns_per_op"], 2000.0);
+        assert_eq!(value["errors"]["bad_crc"], 2);
+        assert_eq!(value["per_core"][1]["ring_occupancy"]["to_core_0"], 0);
+        assert_eq!(value["config"]["store"], "memory");
+    }
+}
