@@ -1,0 +1,221 @@
+//! `carmine`: the object storage daemon and its tools.
+
+mod bench;
+mod client;
+mod config;
+mod load;
+mod osd;
+mod server;
+mod status;
+mod units;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Counts allocations per thread, so that each reactor can report how many it made: the data
+/// path promises none per op after start-up, and `status` shows whether it keeps the promise.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_allocation() {
+    // try_with: during thread teardown the slot may be gone; such allocations are not counted.
+    let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
+}
+
+/// Allocations made so far by the calling thread.
+pub fn thread_allocations() -> u64 {
+    ALLOCATIONS.try_with(|count| count.get()).unwrap_or(0)
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged;
+// counting touches only a const-initialised thread-local Cell, which never allocates.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_allocation();
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+#[derive(Parser)]
+#[command(
+    name = "carmine",
+    version,
+    about = "User-space, polling, shared-nothing object storage daemon",
+    long_about = "Carmine serves objects over a small pipelined protocol from one pinned, \
+run-to-completion thread per core. Objects map to placement groups, placement groups to cores; \
+each core owns its connections, PGs, buffers and store, and cores talk only through SPSC rings.\n\n\
+Start with `carmine bench` (embedded server + load generator), then `carmine serve` and \
+`carmine load` in two terminals, and `carmine status` to see per-core counters."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGINT/SIGTERM.
+    Serve(config::ServeArgs),
+    /// Drive a server with the bundled load generator.
+    Load(load::LoadArgs),
+    /// Print a server's per-core counters (a perf dump).
+    Status(StatusArgs),
+    /// Start an embedded server on loopback, drive it (write, then read, verified) and print a table.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:6800")]
+    target: String,
+    /// Print the raw JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(
+                signal,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
+
+fn serve(args: &config::ServeArgs) -> Result<(), String> {
+    let config = config::ServeConfig::resolve(args)?;
+    install_signal_handlers();
+    let server = server::Server::start(&config, thread_allocations)?;
+    log::info!(
+        "carmine {} serving on {} with {} core(s) on CPU(s) {:?}, store {}, placement {}, idle {}",
+        env!("CARGO_PKG_VERSION"),
+        server.addr,
+        config.cores,
+        server.cpus,
+        config.store,
+        config.placement,
+        config.idle
+    );
+    while !SIGNALLED.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log::info!("signal received: finishing in-flight ops and stopping");
+    let summary = status::render(&server.board);
+    server.stop();
+    server.join()?;
+    log::info!("stopped; final counters: {summary}");
+    Ok(())
+}
+
+fn print_status(args: &StatusArgs) -> Result<(), String> {
+    let status = client::fetch_status(&args.target)?;
+    if args.json {
+        println!("{status}");
+        return Ok(());
+    }
+    let text = |value: &serde_json::Value| match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::Number(n) if n.is_f64() => format!("{:.0}", n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    };
+    let millis = |value: &serde_json::Value| (value.as_u64().unwrap_or(0) / 1_000_000).to_string();
+    println!(
+        "carmine {} at {}, up {:.1}s",
+        text(&status["version"]),
+        args.target,
+        status["uptime_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:>4} {:>12} {:>12} {:>12} {:>8} {:>6} {:>9} {:>10}",
+        "core", "ops", "busy_ms", "idle_ms", "ns/op", "conns", "in_flight", "allocs"
+    );
+    for core in status["per_core"].as_array().into_iter().flatten() {
+        println!(
+            "{:>4} {:>12} {:>12} {:>12} {:>8} {:>6} {:>9} {:>10}",
+            text(&core["core"]),
+            text(&core["ops"]),
+            millis(&core["busy_ns"]),
+            millis(&core["idle_ns"]),
+            text(&core["cpu_ns_per_op"]),
+            text(&core["connections"]),
+            text(&core["ops_in_flight"]),
+            text(&core["allocations"]),
+        );
+    }
+    let errors: Vec<String> = status["errors"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    println!(
+        "errors: {}",
+        if errors.is_empty() {
+            "none".to_string()
+        } else {
+            errors.join(" ")
+        }
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Load(args) => load::run(args).map(|report| {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serialises")
+                );
+            } else {
+                load::print_human(&report);
+            }
+        }),
+        Command::Status(args) => print_status(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("carmine: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
