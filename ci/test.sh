@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one test entry point: on a fresh Debian machine (root) it installs what it needs, builds,
+# and runs every test. Usage: ci/test.sh            (everything CI runs)
+#                             CARMINE_QUICK=1 ci/test.sh   (skip the release smoke bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# 1. System packages. Today: a C toolchain and pkg-config (cc for crates that build C, pkg-config
+#    for the optional DPDK/SPDK probes). Installed only when missing, so developer machines are untouched.
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing ${need[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  else
+    echo "missing ${need[*]}: run as root or install them" >&2; exit 1
+  fi
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+# 2. Formatting and build.
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "build (release: the integration tests run the optimised binary too)"
+cargo build --workspace --all-targets --locked
+
+# 3. Tests: unit, property, integration (servers started as processes), hostile clients.
+#    Test binaries run one at a time because servers pin reactors to the machine's 2 CPUs.
+log "cargo test"
+cargo test --workspace --locked -- --test-threads=2
+
+# 4. Benchmarks compile and run briefly (numbers are not asserted: speed is measured, not tested).
+if [ -z "${CARMINE_QUICK:-}" ]; then
+  log "criterion micro-benchmarks (quick)"
+  cargo bench -p carmine-dataplane --bench dataplane --locked -- --quick --noplot 2>&1 | grep -E "time:|^[a-z_/]+ " || true
+  log "carmine bench (2 s phases, release build)"
+  cargo run --release --locked --quiet -- bench --duration 2s --idle adaptive
+fi
+log "all tests passed"

@@ -1,0 +1,241 @@
+//! Helpers for tests that run `carmine` as a process, the way an operator does.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const CARMINE: &str = env!("CARGO_BIN_EXE_carmine");
+
+/// A `carmine serve` child process, stopped with SIGINT (and checked for a clean exit) on drop.
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub addr: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    pub fn start(extra_args: &[&str]) -> ServerProcess {
+        let mut child = Command::new(CARMINE)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--idle",
+                "adaptive",
+                "--chunk-count",
+                "64",
+            ])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn carmine serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (sender, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server announces its address");
+            if let Some(rest) = line.split(" serving on ").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .expect("address after 'serving on'")
+                    .to_string();
+                return ServerProcess {
+                    child: Some(child),
+                    addr,
+                    log,
+                };
+            }
+        }
+    }
+
+    /// Log lines printed so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .expect("child")
+            .try_wait()
+            .expect("try_wait")
+            .is_none()
+    }
+
+    /// SIGINT, then wait: the server must exit cleanly (status 0) within a few seconds.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not stop within 10 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The server's own account is the first thing to read when a test fails.
+            std::thread::sleep(Duration::from_millis(100));
+            for line in self.log.try_iter() {
+                eprintln!("server: {line}");
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `carmine` with `args` and parses its stdout as JSON. Panics with stderr on failure.
+pub fn carmine_json(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(CARMINE)
+        .args(args)
+        .output()
+        .expect("run carmine");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "carmine {args:?} failed: {stderr}");
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("carmine {args:?}: bad JSON ({e}): {stdout}"))
+}
+
+pub fn load(addr: &str, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["load", "--target", addr, "--json"];
+    full.extend_from_slice(args);
+    carmine_json(&full)
+}
+
+pub fn status(addr: &str) -> serde_json::Value {
+    carmine_json(&["status", "--target", addr, "--json"])
+}
+
+pub fn total(status: &serde_json::Value, name: &str) -> u64 {
+    status["totals"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in status"))
+}
+
+// ---- a minimal raw client, independent of the `carmine` code, to speak the wire format ----
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"CRMN");
+
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// (code, name, data, offset, length)
+pub type RawSubOp<'a> = (u8, &'a [u8], &'a [u8], u64, u64);
+
+pub fn raw_frame(opcode: u8, request_id: u64, oid: &[u8], ops: &[RawSubOp<'_>]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for (code, name, data, offset, length) in ops {
+        payload.push(*code);
+        payload.push(0);
+        payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        payload.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&offset.to_le_bytes());
+        payload.extend_from_slice(&length.to_le_bytes());
+    }
+    for (_, name, data, _, _) in ops {
+        payload.extend_from_slice(name);
+        payload.extend_from_slice(data);
+    }
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&MAGIC.to_le_bytes());
+    frame.push(1);
+    frame.push(opcode);
+    frame.extend_from_slice(&0u16.to_le_bytes());
+    frame.extend_from_slice(&request_id.to_le_bytes());
+    frame.extend_from_slice(&(oid.len() as u16).to_le_bytes());
+    frame.extend_from_slice(&(ops.len() as u16).to_le_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    let mut covered = frame.clone();
+    covered.extend_from_slice(oid);
+    covered.extend_from_slice(&payload);
+    frame.extend_from_slice(&crc32c(&covered).to_le_bytes());
+    frame.extend_from_slice(oid);
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+pub struct RawReply {
+    pub opcode: u8,
+    pub request_id: u64,
+    pub status: u32,
+    pub sub_op_count: u16,
+    pub payload: Vec<u8>,
+}
+
+/// Reads one reply frame and checks its crc. None when the server closed the connection.
+pub fn read_reply(stream: &mut TcpStream) -> Option<RawReply> {
+    let mut header = [0u8; 32];
+    stream.read_exact(&mut header).ok()?;
+    let oid_len = u16::from_le_bytes([header[16], header[17]]) as usize;
+    let payload_len = u32::from_le_bytes(header[20..24].try_into().unwrap()) as usize;
+    let mut rest = vec![0u8; oid_len + payload_len];
+    stream.read_exact(&mut rest).ok()?;
+    let mut covered = header[..28].to_vec();
+    covered.extend_from_slice(&rest);
+    assert_eq!(
+        crc32c(&covered),
+        u32::from_le_bytes(header[28..32].try_into().unwrap()),
+        "reply crc"
+    );
+    Some(RawReply {
+        opcode: header[5],
+        request_id: u64::from_le_bytes(header[8..16].try_into().unwrap()),
+        status: u32::from_le_bytes(header[24..28].try_into().unwrap()),
+        sub_op_count: u16::from_le_bytes([header[18], header[19]]),
+        payload: rest[oid_len..].to_vec(),
+    })
+}
+
+pub fn connect(addr: &str) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.write_all(bytes).expect("send");
+}

@@ -1,0 +1,186 @@
+//! End-to-end: `carmine serve` as a process, driven by `carmine load --verify` and raw clients.
+
+mod common;
+
+use common::*;
+
+fn assert_clean(report: &serde_json::Value, what: &str) {
+    assert!(
+        report["ops"].as_u64().unwrap() > 0,
+        "{what}: no ops done: {report}"
+    );
+    assert_eq!(report["errors"], 0, "{what}: errors: {report}");
+    assert_eq!(
+        report["verify_failures"], 0,
+        "{what}: verify failures: {report}"
+    );
+}
+
+fn write_then_read(server_args: &[&str]) {
+    let mut server = ServerProcess::start(server_args);
+    let common = [
+        "--duration",
+        "1s",
+        "--objects",
+        "16",
+        "--object-size",
+        "256KiB",
+        "--clients",
+        "4",
+        "--qd",
+        "8",
+        "--verify",
+    ];
+    let mut write = vec!["--op", "randwrite", "--prefill"];
+    write.extend_from_slice(&common);
+    let report = load(&server.addr, &write);
+    assert_clean(&report, "randwrite");
+    assert!(
+        report["prefill_ops"].as_u64().unwrap() >= 16 * 64,
+        "every block prefilled: {report}"
+    );
+    let mut read = vec!["--op", "randread"];
+    read.extend_from_slice(&common);
+    let report = load(&server.addr, &read);
+    assert_clean(&report, "randread");
+    let mut mixed = vec!["--op", "mixed"];
+    mixed.extend_from_slice(&common);
+    assert_clean(&load(&server.addr, &mixed), "mixed");
+    let status = status(&server.addr);
+    assert!(total(&status, "ops") >= report["ops"].as_u64().unwrap());
+    assert_eq!(total(&status, "ops_in_flight"), 0);
+    assert!(server.stop().success(), "clean exit on SIGINT");
+}
+
+#[test]
+fn one_core_write_read_verify() {
+    write_then_read(&["--cores", "1"]);
+}
+
+#[test]
+fn two_cores_cross_core_ops_verify() {
+    write_then_read(&["--cores", "2", "--cpus", "0,1"]);
+}
+
+#[test]
+fn flex_placement_verify() {
+    write_then_read(&["--cores", "2", "--cpus", "0,1", "--placement", "flex"]);
+}
+
+#[test]
+fn replication_hook_delays_but_preserves_order() {
+    // Reads wait behind unacknowledged writes of their PG, so verification still holds.
+    write_then_read(&[
+        "--cores",
+        "2",
+        "--cpus",
+        "0,1",
+        "--replicas",
+        "2",
+        "--replication-cost",
+        "200us",
+        "--snapshot-cost",
+        "2us",
+    ]);
+}
+
+#[test]
+fn cross_core_traffic_is_counted_and_one_hop() {
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let report = load(
+        &server.addr,
+        &[
+            "--op",
+            "randwrite",
+            "--duration",
+            "500ms",
+            "--objects",
+            "32",
+            "--object-size",
+            "64KiB",
+            "--clients",
+            "2",
+        ],
+    );
+    assert_clean(&report, "randwrite");
+    let status = status(&server.addr);
+    let out = total(&status, "ops_remote_out");
+    let inbound = total(&status, "ops_remote_in");
+    assert!(
+        out > 0,
+        "with 2 cores and 2 connections some ops cross cores"
+    );
+    assert_eq!(
+        out, inbound,
+        "every op sent to another core arrives there exactly once"
+    );
+}
+
+#[test]
+fn steady_state_data_path_does_not_allocate() {
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let args = [
+        "--duration",
+        "1s",
+        "--objects",
+        "8",
+        "--object-size",
+        "256KiB",
+        "--clients",
+        "2",
+        "--qd",
+        "16",
+    ];
+    let mut prefill = vec!["--op", "randwrite", "--prefill"];
+    prefill.extend_from_slice(&args);
+    assert_clean(&load(&server.addr, &prefill), "prefill");
+    let before = status(&server.addr);
+    let mut steady = vec!["--op", "mixed"];
+    steady.extend_from_slice(&args);
+    let report = load(&server.addr, &steady);
+    assert_clean(&report, "mixed");
+    let after = status(&server.addr);
+    let ops = total(&after, "ops") - total(&before, "ops");
+    let allocations = total(&after, "allocations") - total(&before, "allocations");
+    // Objects exist already, so writes overwrite in place. What may allocate is connection
+    // set-up (two connections for the load and one per status call), never an op.
+    let connection_setup_budget = 4 * 16;
+    assert!(ops > 1000, "enough ops to see a per-op allocation: {ops}");
+    assert!(
+        allocations <= connection_setup_budget,
+        "{allocations} allocations over {ops} ops: the data path allocates"
+    );
+}
+
+#[test]
+fn status_reports_per_core_counters() {
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1", "--pg-count", "64"]);
+    // Cores publish their counters every millisecond of loop time, or when they wake from a
+    // park (at most 10 ms): poll until both have.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        let status = status(&server.addr);
+        let published = status["per_core"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["idle_ns"].as_u64().unwrap() > 0);
+        if published || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status["cores"], 2);
+    assert_eq!(status["config"]["pg_count"], 64);
+    let per_core = status["per_core"].as_array().unwrap();
+    assert_eq!(per_core.len(), 2);
+    let pgs: u64 = per_core.iter().map(|c| c["pgs"].as_u64().unwrap()).sum();
+    assert_eq!(pgs, 64, "the PGs are split over the cores");
+    for core in per_core {
+        assert!(
+            core["idle_ns"].as_u64().unwrap() > 0,
+            "each reactor counts its idle time"
+        );
+        assert!(core["ring_occupancy"].is_object());
+    }
+}
