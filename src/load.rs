@@ -24,6 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use carmine_dataplane::wire::{self, Frame, Limits, Opcode, Status, SubOpSpec};
+
+use crate::units::{parse_duration, parse_size};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -145,84 +147,6 @@ pub struct LoadArgs {
     pub cpus: Option<String>,
 }
 
-/// Parses a byte count: "4096", "4k", "4KiB", "4KB", "1m", "2GiB". Suffixes are binary (k = 1024):
-/// block and object sizes are powers of two, and fio reads "4k" the same way.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, suffix) = trimmed.split_at(digits_end);
-    if number.is_empty() {
-        return Err(format!("invalid size {text:?}: expected a number with an optional suffix (4096, 4k, 4KiB, 1MiB)"));
-    }
-    let multiplier: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "invalid size {text:?}: unknown suffix {suffix:?} (use k, KiB, m, MiB, g, GiB)"
-            ))
-        }
-    };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: number too large"))?;
-    value
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("invalid size {text:?}: too large"))
-}
-
-/// Parses a duration: "10s", "500ms", "1m", "1.5s", "250us", "1h"; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let trimmed = text.trim();
-    let number_end = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(number_end);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("invalid duration {text:?}: expected a number with a unit (10s, 500ms, 1m)")
-    })?;
-    let seconds_per_unit = match unit.trim() {
-        "" | "s" | "sec" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "ns" => 1e-9,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration {text:?}: unknown unit {other:?} (use ns, us, ms, s, m, h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(value * seconds_per_unit)
-        .map_err(|_| format!("invalid duration {text:?}: out of range"))
-}
-
-/// Parses a CPU list: "0", "0,1", "2-5", "0,4-7".
-fn parse_cpus(text: &str) -> Result<Vec<usize>, String> {
-    let invalid = || format!("invalid --cpus {text:?}: expected a list like 0,1 or 2-5");
-    let mut cpus = Vec::new();
-    for part in text.split(',').map(str::trim) {
-        match part.split_once('-') {
-            Some((first, last)) => {
-                let first: usize = first.trim().parse().map_err(|_| invalid())?;
-                let last: usize = last.trim().parse().map_err(|_| invalid())?;
-                if first > last {
-                    return Err(invalid());
-                }
-                cpus.extend(first..=last);
-            }
-            None => cpus.push(part.parse().map_err(|_| invalid())?),
-        }
-    }
-    Ok(cpus)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Report
 
@@ -338,7 +262,8 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
             args.bs
         ));
     }
-    if args.object_size == 0 || args.object_size % args.bs != 0 {
+    let blocks_per_object = args.object_size / args.bs;
+    if blocks_per_object == 0 || blocks_per_object * args.bs != args.object_size {
         return Err(format!(
             "--object-size ({}) must be a non-zero multiple of --bs ({})",
             args.object_size, args.bs
@@ -371,7 +296,6 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
     if args.read_pct > 100 {
         return Err(format!("--read-pct must be 0..=100, got {}", args.read_pct));
     }
-    let blocks_per_object = args.object_size / args.bs;
     let blocks = blocks_per_object.saturating_mul(u64::from(args.objects));
     if blocks > BLOCKS_MAX {
         return Err(format!(
@@ -406,7 +330,7 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
 }
 
 fn checked_cpus(text: &str) -> Result<Vec<usize>, String> {
-    let cpus = parse_cpus(text)?;
+    let cpus = crate::units::parse_cpu_list(text)?;
     let available: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .iter()
@@ -567,7 +491,7 @@ fn join_all(handles: Vec<Handle>) -> Result<Vec<ThreadOutcome>, String> {
             Ok(outcome) => outcomes.push(outcome),
             Err(e) if e == ABORTED => first_error = first_error.or(Some(e)),
             Err(e) => {
-                if first_error.as_deref().map_or(true, |f| f == ABORTED) {
+                if first_error.as_deref().unwrap_or(ABORTED) == ABORTED {
                     first_error = Some(e);
                 }
             }
@@ -1855,50 +1779,6 @@ mod tests {
     use std::net::TcpListener;
     use wire::{Header, HEADER_SIZE, SUB_OP_RESULT_SIZE};
 
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("4KiB"), Ok(4096));
-        assert_eq!(parse_size("4KB"), Ok(4096));
-        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size(" 64 KiB "), Ok(64 << 10));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("KiB").is_err());
-        assert!(parse_size("4x").is_err());
-        assert!(parse_size("1.5k").is_err());
-        assert!(parse_size("99999999999999999999").is_err());
-        assert!(parse_size("16777216TiB").unwrap_err().contains("too large"));
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("1.2.3s").is_err());
-    }
-
-    #[test]
-    fn cpu_lists_parse() {
-        assert_eq!(parse_cpus("0"), Ok(vec![0]));
-        assert_eq!(parse_cpus("0,1"), Ok(vec![0, 1]));
-        assert_eq!(parse_cpus("0,4-6"), Ok(vec![0, 4, 5, 6]));
-        assert!(parse_cpus("3-1").is_err());
-        assert!(parse_cpus("a").is_err());
-        assert!(parse_cpus("").is_err());
-    }
-
     fn written(bs: usize, hash: u64, offset: u64, counter: u64) -> Vec<u8> {
         let mut block = vec![0u8; bs];
         fill_block(&mut block, hash, offset, counter);
@@ -2340,6 +2220,27 @@ mod tests {
         ))
         .unwrap_err();
         assert!(error.contains("reply crc mismatch"), "{error}");
+    }
+
+    #[test]
+    fn blocking_client_calls_round_trip() {
+        let target = fake_server(Fault::None);
+        let mut stream = client::connect(&target).unwrap();
+        let write = [SubOpSpec::write(4, b"hello")];
+        let reply = client::call(&mut stream, Opcode::OsdOp, b"c.0", &write).unwrap();
+        assert_eq!(
+            (reply.status, reply.results.clone()),
+            (0, vec![(0, Vec::new())])
+        );
+        let read = [SubOpSpec::read(0, 16)];
+        let reply = client::call(&mut stream, Opcode::OsdOp, b"c.0", &read).unwrap();
+        assert_eq!(reply.results, vec![(0, b"\0\0\0\0hello".to_vec())]);
+        let reply = client::call(&mut stream, Opcode::OsdOp, b"c.missing", &read).unwrap();
+        assert_eq!(reply.status_name(), "not_found");
+        assert_eq!(
+            client::fetch_status(&target),
+            Ok(serde_json::json!({"fake": true}))
+        );
     }
 
     #[test]

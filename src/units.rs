@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
+/// Parses a byte count: "4096", "4k", "4KiB", "4KB", "1m", "2GiB". Suffixes are binary (k = 1024):
+/// block and object sizes are powers of two, and fio reads "4k" the same way.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
+    let trimmed = text.trim();
+    let digits_end = trimmed
         .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected e.g. 4096, 4KiB, 64MiB"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        .unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits_end);
+    if number.is_empty() {
+        return Err(format!("invalid size {text:?}: expected a number with an optional suffix (4096, 4k, 4KiB, 1MiB)"));
+    }
+    let multiplier: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
@@ -19,41 +21,43 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         _ => {
             return Err(format!(
-                "invalid size unit in {text:?}: use B, KiB, MiB, GiB or TiB"
+                "invalid size {text:?}: unknown suffix {suffix:?} (use k, KiB, m, MiB, g, GiB)"
             ))
         }
     };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: number too large"))?;
     value
         .checked_mul(multiplier)
-        .ok_or_else(|| format!("size {text:?} overflows 64 bits"))
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
+/// Parses a duration: "10s", "500ms", "1m", "1.5s", "250us", "1h"; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 10s, 500ms, 2m"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" => value / 1e6,
-        "ns" => value / 1e9,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
+    let trimmed = text.trim();
+    let number_end = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(number_end);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected a number with a unit (10s, 500ms, 1m)")
+    })?;
+    let seconds_per_unit = match unit.trim() {
+        "" | "s" | "sec" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "ns" => 1e-9,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
         other => {
             return Err(format!(
-                "invalid duration unit {other:?} in {text:?}: use ns, us, ms, s, m or h"
+                "invalid duration {text:?}: unknown unit {other:?} (use ns, us, ms, s, m, h)"
             ))
         }
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("invalid duration {text:?}"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(value * seconds_per_unit)
+        .map_err(|_| format!("invalid duration {text:?}: out of range"))
 }
 
 /// `"0,2-3"` -> `[0, 2, 3]`.
@@ -86,26 +90,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("4k").unwrap(), 4096);
-        assert_eq!(parse_size("4KiB").unwrap(), 4096);
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert!(parse_size("12parsecs").is_err());
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("4KB"), Ok(4096));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size(" 64 KiB "), Ok(64 << 10));
         assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999TiB").is_err());
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("4x").is_err());
+        assert!(parse_size("1.5k").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("16777216TiB").unwrap_err().contains("too large"));
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 fortnights").is_err());
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1.2.3s").is_err());
     }
 
     #[test]

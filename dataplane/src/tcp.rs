@@ -162,11 +162,14 @@ impl TcpTransport {
         }
         // SAFETY: a fresh descriptor nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Edge-triggered: a wakeup that lands after the core drained the eventfd leaves it
+        // readable, and a level-triggered registration would report it on every pass, so the
+        // core would look busy forever (never park, never see that it has drained).
         epoll_ctl(
             epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             waker_fd,
-            libc::EPOLLIN as u32,
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
             TOKEN_WAKER,
         )?;
         let count = config.connections_max as usize;
@@ -291,15 +294,19 @@ impl TcpTransport {
         if count <= 0 {
             return 0;
         }
+        let mut work = 0;
         for event_index in 0..count as usize {
             let libc::epoll_event { events, u64: token } = self.events[event_index];
+            if token != TOKEN_WAKER {
+                work += 1; // A wakeup is not work: the inbox it announces is polled anyway.
+            }
             match token {
                 TOKEN_WAKER => {}
                 TOKEN_LISTENER => self.accept_ready = true,
                 _ => self.on_conn_event(token, events),
             }
         }
-        count as usize
+        work
     }
 
     fn on_conn_event(&mut self, token: u64, events: u32) {
@@ -812,5 +819,151 @@ fn retire_idle_chunk(conn: &mut Connection, pools: &mut CorePools) {
         let chunk = conn.rx.take().expect("checked");
         pools.release(chunk);
         conn.consumed = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffers::PoolSizes;
+    use crate::reactor::Waker;
+    use crate::wire::{Opcode, SubOpSpec};
+    use std::io::{Read, Write};
+
+    fn setup() -> (TcpTransport, CorePools, Waker) {
+        let waker = Waker::new().unwrap();
+        let config = TransportConfig {
+            limits: Limits::DEFAULT,
+            inflight_per_connection_max: 4,
+            connections_max: 8,
+        };
+        let transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+        let sizes = PoolSizes {
+            small_size_bytes: 64 << 10,
+            small_count: 8,
+            large_size_bytes: 8 << 20,
+            large_count: 1,
+        };
+        (transport, CorePools::new(0, sizes, false).unwrap(), waker)
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn a_late_wakeup_is_not_work_forever() {
+        let (mut transport, _pools, waker) = setup();
+        waker.prepare_park();
+        waker.wake_if_sleeping(); // Lands after the core decided not to park: nobody drains it.
+        assert_eq!(transport.poll_events(Duration::ZERO), 0);
+        assert_eq!(
+            transport.poll_events(Duration::ZERO),
+            0,
+            "a readable eventfd is reported once, and never as work"
+        );
+    }
+
+    #[test]
+    fn frames_arrive_as_leases_and_replies_go_out() {
+        let (mut transport, mut pools, _waker) = setup();
+        let (mut client, server) = pair();
+        let conn = transport.adopt(server).unwrap();
+        let mut request = Vec::new();
+        for id in 0..3 {
+            wire::encode_request(
+                &mut request,
+                Opcode::OsdOp,
+                id,
+                b"obj",
+                &[SubOpSpec::write(0, &[id as u8; 1000])],
+                b"",
+            );
+        }
+        client.write_all(&request).unwrap();
+        let mut frames = Vec::new();
+        for _ in 0..100 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+            if frames.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(frames.len(), 3);
+        assert_eq!(
+            pools.small.in_use(),
+            1,
+            "three frames, one receive chunk: parsed in place"
+        );
+        assert_eq!(transport.stats.rx_copied_bytes, 0);
+        for frame in frames {
+            assert_eq!(frame.conn, conn);
+            let view = wire::Frame::view(frame.header, frame.frame.as_slice());
+            assert!(view.crc_ok(frame.frame.as_slice()));
+            transport
+                .reply(conn, &frame.header, Status::Ok, &[(0, 0)], Body::None)
+                .ok()
+                .unwrap();
+            pools.release_lease(frame.frame);
+        }
+        assert_eq!(transport.flush_tx(&mut pools), 3);
+        let mut replies = vec![0u8; 3 * (HEADER_SIZE + SUB_OP_RESULT_SIZE)];
+        client.read_exact(&mut replies).unwrap();
+        let header = wire::parse_header(&replies, &Limits::CEILING)
+            .unwrap()
+            .unwrap();
+        assert!(header.is_reply());
+        assert_eq!(header.request_id, 0);
+        drop(client);
+        for _ in 0..100 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |_| panic!("no more frames"));
+            if transport.connection_count() == 0 {
+                break;
+            }
+        }
+        assert_eq!(transport.connection_count(), 0, "EOF closes the connection");
+        assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    #[test]
+    fn frame_larger_than_a_chunk_uses_a_large_buffer() {
+        let (mut transport, mut pools, _waker) = setup();
+        let (mut client, server) = pair();
+        transport.adopt(server).unwrap();
+        let data = vec![0xA5u8; 200 << 10];
+        let mut request = Vec::new();
+        wire::encode_request(
+            &mut request,
+            Opcode::OsdOp,
+            9,
+            b"big",
+            &[SubOpSpec::write(0, &data)],
+            b"",
+        );
+        let writer = std::thread::spawn(move || {
+            client.write_all(&request).unwrap();
+            client
+        });
+        let mut frames = Vec::new();
+        for _ in 0..500 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+            if !frames.is_empty() {
+                break;
+            }
+        }
+        let _client = writer.join().unwrap();
+        assert_eq!(frames.len(), 1);
+        let frame = frames.pop().unwrap();
+        assert_eq!(frame.frame.pool(), pools.large.id());
+        let view = wire::Frame::view(frame.header, frame.frame.as_slice());
+        assert!(view.crc_ok(frame.frame.as_slice()));
+        view.validate_sub_ops().unwrap();
+        assert_eq!(view.sub_ops().next().unwrap().data, &data[..]);
+        pools.release_lease(frame.frame);
     }
 }
