@@ -107,6 +107,9 @@ struct Connection {
     in_tx_list: bool,
     /// Stop reading; close once the queued replies are written.
     closing: bool,
+    /// The peer hung up (EPOLLRDHUP/HUP/ERR): read until recv says EOF, since no further edge
+    /// will come to announce it.
+    peer_closed: bool,
 }
 
 enum RxOutcome {
@@ -271,6 +274,7 @@ impl TcpTransport {
             in_rx_list: true,
             in_tx_list: false,
             closing: false,
+            peer_closed: false,
         });
         // Bytes may have arrived before registration; look once without waiting for an edge.
         self.rx_list.push_back(index);
@@ -318,6 +322,10 @@ impl TcpTransport {
             return; // A stale event for a slot that was closed and reused.
         }
         let readable = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        let hangup = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        if events & hangup != 0 {
+            conn.peer_closed = true;
+        }
         if events & readable != 0 && !conn.in_rx_list {
             conn.in_rx_list = true;
             self.rx_list.push_back(index);
@@ -405,7 +413,7 @@ impl TcpTransport {
             };
             // 2. Make room for the rest of the pending frame, then receive.
             let conn = self.conns[index as usize].as_mut().expect("still open");
-            if socket_drained {
+            if socket_drained && !conn.peer_closed {
                 // The last recv returned less than it could take: the socket is empty, and
                 // edge-triggered epoll reports the next arrival. Saves one EAGAIN recv per
                 // connection per pass.
@@ -938,6 +946,39 @@ mod tests {
         }
         assert_eq!(transport.connection_count(), 0, "EOF closes the connection");
         assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    #[test]
+    fn data_and_hangup_in_one_edge_still_close() {
+        let (mut transport, mut pools, _waker) = setup();
+        let (mut client, server) = pair();
+        transport.adopt(server).unwrap();
+        let mut request = Vec::new();
+        wire::encode_request(&mut request, Opcode::Ping, 1, b"", &[], b"");
+        // A partial second frame, then FIN: the short recv must not hide the hang-up.
+        request.extend_from_slice(&[0x43, 0x52]);
+        client.write_all(&request).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let mut frames = Vec::new();
+        for _ in 0..100 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+            if transport.connection_count() == 0 {
+                break;
+            }
+        }
+        assert_eq!(frames.len(), 1, "the complete frame is delivered");
+        assert_eq!(
+            transport.connection_count(),
+            0,
+            "EOF after a short read closes the connection"
+        );
+        assert_eq!(transport.stats.truncated, 1, "the partial frame is counted");
+        for frame in frames {
+            pools.release_lease(frame.frame);
+        }
+        assert_eq!(pools.in_use(), 0);
     }
 
     #[test]
