@@ -8,6 +8,7 @@
 pub mod error;
 pub mod memory;
 pub mod object_store;
+pub mod segment;
 
 pub use error::{StoreError, STATUS_OK};
 pub use memory::MemoryStore;

@@ -1,0 +1,32 @@
+//! The segment store (SeaStore's role): a log-structured store on a block `QueuePair`.
+//!
+//! Status: the on-disk format (`format.rs`) is in place and tested; the journal writer, the
+//! metadata B-trees, the cleaner and replay are being built on it (see the segment-store issue).
+//!
+//! # On-disk layout, version 1
+//!
+//! ```text
+//! offset 0        superblock copy A (one 4 KiB block)
+//! offset 4 KiB    superblock copy B
+//! offset 1 MiB    segment 0 | segment 1 | ... | segment N-1      (segment_size each, from mkfs)
+//! ```
+//!
+//! * The superblock is written by mkfs only, in two copies with a generation number: a torn
+//!   write of one copy leaves the other. It fixes the geometry and the shard partition: shard
+//!   `s` owns a contiguous range of segments (`Superblock::shard_segments`) and no shard ever
+//!   touches another's, as SeaStore's per-core instances on static partitions.
+//! * A segment, once opened by its shard, starts with a `SegmentHeader` block (shard, segment
+//!   sequence number, the filesystem's nonce) and is then filled front to back with records.
+//! * A record is `RecordHeader | deltas | data blocks`: one sequential write, made durable by a
+//!   flush before any op in it is acknowledged (group commit batches ops into one record).
+//!   Deltas describe metadata changes (object created, extent mapped with its per-4-KiB crc32c,
+//!   xattr set, ...); data blocks are 4 KiB-aligned so they can be written straight from a
+//!   network buffer and read back by offset.
+//! * Replay walks a shard's segments in segment-sequence order and its records in
+//!   record-sequence order; the first record that fails any check (magic, nonce, sequence,
+//!   metadata crc, data crc) ends the log: it is a torn tail and is discarded.
+//!
+//! Every data block is covered by a crc32c kept in the metadata (4 KiB granularity, so a 4 KiB
+//! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
+
+pub mod format;
