@@ -30,3 +30,4 @@
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
 pub mod format;
+pub mod scan;

@@ -1,0 +1,516 @@
+//! Scanning a shard's log at mount (and in fsck): which records survive, in which order, and
+//! where the log ends.
+//!
+//! Rules, which the journal writer keeps and this scanner relies on:
+//! - A segment joins the log when its header is written; headers carry a per-shard
+//!   `segment_seq`, so the log's segment order is the header order, whatever the segment numbers.
+//! - Records carry a per-shard `record_seq` that grows by exactly one, across segments.
+//! - A record is acknowledged only after it and every earlier record are durable.
+//! - The cleaner erases a segment's header (durably) before the segment leaves the log, so a
+//!   freed segment's old records can never be mistaken for the start of the log.
+//! So the log is the longest chain of valid records with consecutive sequence numbers, starting
+//! at the oldest segment's first record. The first record that is missing, torn, stale (left
+//! from the segment's previous life: its `segment_seq` differs) or foreign ends the chain; what
+//! follows was never acknowledged and is discarded.
+//!
+//! Mount-time scanning reads synchronously through `BlockReader`; it is not the data path.
+
+use std::io;
+
+use crate::segment::format::{
+    RecordHeader, SegmentHeader, Superblock, BLOCK_SIZE_BYTES, RECORD_DATA_BLOCKS_MAX,
+    RECORD_HEADER_SIZE_BYTES, RECORD_METADATA_MAX_BYTES,
+};
+
+/// Synchronous reads of whole blocks at block-aligned device offsets.
+pub trait BlockReader {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl<T: BlockReader + ?Sized> BlockReader for &mut T {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
+    }
+}
+
+/// A plain byte image is a device (tests, and the `mem` queue pair's power-cut images).
+impl BlockReader for &[u8] {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let source = self
+            .get(start..start + buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(source);
+        Ok(())
+    }
+}
+
+/// A record that belongs to the log, with where it lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    pub header: RecordHeader,
+    pub segment: u32,
+    /// Device offset of the record's first block.
+    pub offset: u64,
+}
+
+/// Why the log ends where it does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogEnd {
+    /// Nothing was ever written (no segment has a header).
+    Empty,
+    /// The next position holds no record of this log: the clean end, or a torn or stale record.
+    Stop {
+        segment: u32,
+        offset: u64,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardLog {
+    /// Segments holding the log's records, in log order (ascending `segment_seq`).
+    pub segments: Vec<SegmentHeader>,
+    /// Segments with a header but after the log's end: nothing in them was acknowledged, so
+    /// they are free. (The writer never appends into a segment after a mount: it opens a new
+    /// one, so a torn tail is never overwritten in place.)
+    pub orphans: Vec<SegmentHeader>,
+    pub records: Vec<LogRecord>,
+    pub end: LogEnd,
+    pub next_record_seq: u64,
+    /// Greater than every header seen, orphans included, so a new segment never collides.
+    pub next_segment_seq: u64,
+}
+
+#[derive(Debug)]
+pub enum ScanError {
+    Io(io::Error),
+    /// Two segments claim the same place in the log: metadata corruption, not a torn write.
+    DuplicateSegmentSeq {
+        seq: u64,
+        segments: (u32, u32),
+    },
+}
+
+impl std::fmt::Display for ScanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScanError::Io(error) => write!(f, "read failed: {error}"),
+            ScanError::DuplicateSegmentSeq { seq, segments } => {
+                write!(
+                    f,
+                    "segments {} and {} both claim log position {seq}",
+                    segments.0, segments.1
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ScanError {}
+
+/// Segment headers of a shard, in log order. Segments without a valid header are free.
+pub fn read_segment_headers(
+    sb: &Superblock,
+    shard: u32,
+    reader: &mut dyn BlockReader,
+) -> Result<Vec<SegmentHeader>, ScanError> {
+    let mut block = vec![0u8; BLOCK_SIZE_BYTES as usize];
+    let mut headers = Vec::new();
+    for segment in sb.shard_segments(shard) {
+        reader
+            .read_at(sb.segment_offset(segment), &mut block)
+            .map_err(ScanError::Io)?;
+        if let Ok(header) = SegmentHeader::decode(&block, sb.nonce(), segment) {
+            if header.shard == shard {
+                headers.push(header);
+            }
+        }
+    }
+    headers.sort_by_key(|h| h.segment_seq);
+    for pair in headers.windows(2) {
+        if pair[0].segment_seq == pair[1].segment_seq {
+            return Err(ScanError::DuplicateSegmentSeq {
+                seq: pair[0].segment_seq,
+                segments: (pair[0].segment, pair[1].segment),
+            });
+        }
+    }
+    Ok(headers)
+}
+
+/// Walks the shard's log. `visit` sees each record's verified deltas, in order, before the scan
+/// moves on (replay applies them; fsck checks them).
+pub fn scan_shard(
+    sb: &Superblock,
+    shard: u32,
+    reader: &mut dyn BlockReader,
+    visit: &mut dyn FnMut(&LogRecord, &[u8]),
+) -> Result<ShardLog, ScanError> {
+    let mut segments = read_segment_headers(sb, shard, reader)?;
+    let next_segment_seq = segments.last().map_or(1, |last| last.segment_seq + 1);
+    let mut log = ShardLog {
+        segments: Vec::with_capacity(segments.len()),
+        orphans: Vec::new(),
+        records: Vec::new(),
+        end: LogEnd::Empty,
+        next_record_seq: segments.first().map_or(1, |first| first.first_record_seq),
+        next_segment_seq,
+    };
+    let mut buf = Vec::new();
+    let mut remaining = segments.drain(..);
+    for segment in remaining.by_ref() {
+        if segment.first_record_seq != log.next_record_seq {
+            // The writer opens a segment with the next sequence number; a mismatch means the
+            // earlier segment's tail records were lost, so this segment's never counted.
+            log.end = LogEnd::Stop {
+                segment: segment.segment,
+                offset: sb.segment_offset(segment.segment),
+                reason: format!(
+                    "segment starts at record {} but the log continues at {}",
+                    segment.first_record_seq, log.next_record_seq
+                ),
+            };
+            log.orphans.push(segment);
+            break;
+        }
+        log.segments.push(segment);
+        if let Some(stop) = scan_segment(sb, &segment, reader, &mut buf, &mut log, visit)? {
+            log.end = stop;
+            break;
+        }
+    }
+    log.orphans.extend(remaining);
+    Ok(log)
+}
+
+/// Appends the segment's records to the log. Returns where the log stops, if it stops here.
+fn scan_segment(
+    sb: &Superblock,
+    segment: &SegmentHeader,
+    reader: &mut dyn BlockReader,
+    buf: &mut Vec<u8>,
+    log: &mut ShardLog,
+    visit: &mut dyn FnMut(&LogRecord, &[u8]),
+) -> Result<Option<LogEnd>, ScanError> {
+    let segment_end = sb.segment_offset(segment.segment) + sb.segment_size;
+    let mut offset = sb.segment_offset(segment.segment) + BLOCK_SIZE_BYTES;
+    loop {
+        match read_record(
+            sb,
+            segment,
+            offset,
+            segment_end,
+            log.next_record_seq,
+            reader,
+            buf,
+        )? {
+            Ok(header) => {
+                let record = LogRecord {
+                    header,
+                    segment: segment.segment,
+                    offset,
+                };
+                visit(
+                    &record,
+                    &buf[RECORD_HEADER_SIZE_BYTES..][..header.metadata_len as usize],
+                );
+                log.records.push(record);
+                log.next_record_seq += 1;
+                offset += u64::from(header.total_blocks()) * BLOCK_SIZE_BYTES;
+            }
+            // The writer moved on to the next segment (it does when a record no longer fits):
+            // the log continues there, if that segment starts with the next record.
+            Err(_) if more_segments_follow(log, segment) => return Ok(None),
+            Err(reason) => {
+                return Ok(Some(LogEnd::Stop {
+                    segment: segment.segment,
+                    offset,
+                    reason,
+                }))
+            }
+        }
+    }
+}
+
+fn more_segments_follow(log: &ShardLog, segment: &SegmentHeader) -> bool {
+    log.next_segment_seq > segment.segment_seq + 1
+}
+
+/// Reads and checks the record at `offset`. The outer error is an I/O failure; the inner one
+/// says why there is no valid record here (the end of the log).
+fn read_record(
+    sb: &Superblock,
+    segment: &SegmentHeader,
+    offset: u64,
+    segment_end: u64,
+    expected_seq: u64,
+    reader: &mut dyn BlockReader,
+    buf: &mut Vec<u8>,
+) -> Result<Result<RecordHeader, String>, ScanError> {
+    let block = BLOCK_SIZE_BYTES as usize;
+    if offset + BLOCK_SIZE_BYTES > segment_end {
+        return Ok(Err("segment full".into()));
+    }
+    buf.resize(block, 0);
+    reader
+        .read_at(offset, &mut buf[..block])
+        .map_err(ScanError::Io)?;
+    let header = match RecordHeader::decode(&buf[..block], sb.nonce()) {
+        Ok(header) => header,
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    if header.record_seq != expected_seq
+        || header.segment_seq != segment.segment_seq
+        || header.shard != segment.shard
+    {
+        return Ok(Err(format!(
+            "record {} of segment seq {} is not the next record {expected_seq}",
+            header.record_seq, header.segment_seq
+        )));
+    }
+    debug_assert!(
+        header.metadata_len <= RECORD_METADATA_MAX_BYTES
+            && header.data_blocks <= RECORD_DATA_BLOCKS_MAX
+    );
+    let total = u64::from(header.total_blocks()) * BLOCK_SIZE_BYTES;
+    if offset + total > segment_end {
+        return Ok(Err("record runs past the end of its segment".into()));
+    }
+    buf.resize(total as usize, 0);
+    reader.read_at(offset, buf).map_err(ScanError::Io)?;
+    let head_len = header.head_blocks() as usize * block;
+    if let Err(error) = header.verify_head(&buf[..head_len]) {
+        return Ok(Err(error.to_string()));
+    }
+    if let Err(error) = header.verify_data(&buf[head_len..]) {
+        return Ok(Err(error.to_string()));
+    }
+    Ok(Ok(header))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::format::{Delta, DeltaReader, SEGMENTS_START_BYTES};
+
+    const SEGMENT_SIZE: u64 = 1 << 20;
+
+    /// Lays out a device image the way the journal writer does.
+    struct Image {
+        sb: Superblock,
+        bytes: Vec<u8>,
+        next_record_seq: u64,
+        /// (segment header, next free offset)
+        open: Option<(SegmentHeader, u64)>,
+    }
+
+    impl Image {
+        fn new() -> Image {
+            let size = SEGMENTS_START_BYTES + 8 * SEGMENT_SIZE;
+            let sb = Superblock::for_device(size, SEGMENT_SIZE, 1, *b"scan-test-uuid!!").unwrap();
+            let mut bytes = vec![0u8; size as usize];
+            bytes[..4096].copy_from_slice(&sb.encode());
+            Image {
+                sb,
+                bytes,
+                next_record_seq: 1,
+                open: None,
+            }
+        }
+
+        fn open_segment(&mut self, segment: u32, segment_seq: u64) {
+            let header = SegmentHeader {
+                nonce: self.sb.nonce(),
+                shard: 0,
+                segment,
+                segment_seq,
+                first_record_seq: self.next_record_seq,
+            };
+            let at = self.sb.segment_offset(segment) as usize;
+            self.bytes[at..at + 4096].copy_from_slice(&header.encode());
+            self.open = Some((header, at as u64 + 4096));
+        }
+
+        /// Appends a record with one ObjectSize delta naming `tag` and `data_blocks` blocks of data.
+        fn append(&mut self, tag: u64, data_blocks: u32) -> u64 {
+            let (segment, offset) = self.open.expect("a segment is open");
+            let data: Vec<u8> = (0..data_blocks as usize * 4096)
+                .map(|i| (i as u64 ^ tag) as u8)
+                .collect();
+            let mut metadata = Vec::new();
+            Delta::ObjectSize {
+                oid: b"obj",
+                size: tag,
+            }
+            .encode(&mut metadata);
+            let header = RecordHeader {
+                nonce: self.sb.nonce(),
+                shard: 0,
+                record_seq: self.next_record_seq,
+                segment_seq: segment.segment_seq,
+                delta_count: 1,
+                metadata_len: metadata.len() as u32,
+                data_blocks,
+                data_crc: crc32c::crc32c(&data),
+            };
+            let mut head = vec![0u8; header.head_blocks() as usize * 4096];
+            header.encode_head(&metadata, &mut head);
+            let at = offset as usize;
+            self.bytes[at..at + head.len()].copy_from_slice(&head);
+            self.bytes[at + head.len()..at + head.len() + data.len()].copy_from_slice(&data);
+            self.next_record_seq += 1;
+            self.open = Some((segment, offset + (head.len() + data.len()) as u64));
+            offset
+        }
+
+        fn scan(&self) -> (ShardLog, Vec<u64>) {
+            let mut tags = Vec::new();
+            let mut reader: &[u8] = &self.bytes;
+            let log = scan_shard(&self.sb, 0, &mut reader, &mut |_, deltas| {
+                for delta in DeltaReader::new(deltas) {
+                    if let Delta::ObjectSize { size, .. } = delta.unwrap() {
+                        tags.push(size);
+                    }
+                }
+            })
+            .unwrap();
+            (log, tags)
+        }
+    }
+
+    #[test]
+    fn empty_device_has_an_empty_log() {
+        let (log, tags) = Image::new().scan();
+        assert_eq!(log.end, LogEnd::Empty);
+        assert!(log.records.is_empty() && tags.is_empty());
+        assert_eq!((log.next_record_seq, log.next_segment_seq), (1, 1));
+    }
+
+    #[test]
+    fn records_replay_in_order_across_segments() {
+        let mut image = Image::new();
+        // Segment numbers out of order on purpose: the log order is the segment_seq order.
+        image.open_segment(5, 1);
+        image.append(10, 1);
+        image.append(11, 3);
+        image.open_segment(2, 2);
+        image.append(12, 0);
+        image.append(13, 2);
+        let (log, tags) = image.scan();
+        assert_eq!(tags, vec![10, 11, 12, 13]);
+        assert_eq!(
+            log.records.iter().map(|r| r.segment).collect::<Vec<_>>(),
+            vec![5, 5, 2, 2]
+        );
+        assert_eq!(log.next_record_seq, 5);
+        assert_eq!(log.next_segment_seq, 3);
+        assert!(log.orphans.is_empty());
+        assert!(
+            matches!(log.end, LogEnd::Stop { segment: 2, .. }),
+            "{:?}",
+            log.end
+        );
+    }
+
+    #[test]
+    fn a_torn_last_record_is_discarded() {
+        let mut image = Image::new();
+        image.open_segment(0, 1);
+        image.append(1, 1);
+        let torn_at = image.append(2, 4);
+        // Tear one 512-byte sector in the middle of the last record's data.
+        let sector = torn_at as usize + 4096 + 3 * 4096 + 512;
+        image.bytes[sector..sector + 512].fill(0);
+        let (log, tags) = image.scan();
+        assert_eq!(tags, vec![1], "the torn record's deltas are never applied");
+        assert_eq!(
+            log.next_record_seq, 2,
+            "the writer reuses the torn record's number"
+        );
+        match log.end {
+            LogEnd::Stop {
+                offset, ref reason, ..
+            } => {
+                assert_eq!(offset, torn_at);
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            ref other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stale_records_of_a_reused_segment_end_the_log() {
+        let mut image = Image::new();
+        image.open_segment(0, 1);
+        for tag in 1..=4 {
+            image.append(tag, 1);
+        }
+        // The cleaner freed segment 0; the writer reopened it later in the log.
+        image.open_segment(1, 2);
+        image.append(5, 1);
+        image.open_segment(0, 3);
+        image.append(6, 1); // Overwrites the old record 1; old records 2..4 follow it on disk.
+        let (log, tags) = image.scan();
+        assert_eq!(
+            tags,
+            vec![5, 6],
+            "log starts at the oldest live segment, stops at stale data"
+        );
+        let LogEnd::Stop { ref reason, .. } = log.end else {
+            panic!("{:?}", log.end)
+        };
+        assert!(reason.contains("not the next record"), "{reason}");
+    }
+
+    #[test]
+    fn records_after_a_gap_were_never_acknowledged() {
+        let mut image = Image::new();
+        image.open_segment(0, 1);
+        image.append(1, 1);
+        let lost = image.append(2, 1);
+        image.open_segment(1, 2);
+        image.append(3, 1);
+        image.bytes[lost as usize..lost as usize + 4096].fill(0); // Record 2 never reached the disk.
+        let (log, tags) = image.scan();
+        assert_eq!(tags, vec![1]);
+        assert_eq!(
+            log.orphans.len(),
+            1,
+            "segment 1 holds only unacknowledged records"
+        );
+        assert_eq!(log.orphans[0].segment, 1);
+        assert_eq!(
+            log.next_segment_seq, 3,
+            "a new segment must not reuse the orphan's number"
+        );
+    }
+
+    #[test]
+    fn foreign_segments_and_duplicate_positions() {
+        let mut image = Image::new();
+        image.open_segment(0, 1);
+        image.append(1, 1);
+        // A segment header from another filesystem (an earlier mkfs) is not part of the log.
+        let foreign = SegmentHeader {
+            nonce: image.sb.nonce() ^ 1,
+            shard: 0,
+            segment: 3,
+            segment_seq: 9,
+            first_record_seq: 2,
+        };
+        let at = image.sb.segment_offset(3) as usize;
+        image.bytes[at..at + 4096].copy_from_slice(&foreign.encode());
+        let (log, tags) = image.scan();
+        assert_eq!(tags, vec![1]);
+        assert_eq!(log.next_segment_seq, 2);
+        image.open_segment(4, 1); // Same segment_seq as segment 0: corruption.
+        let mut reader: &[u8] = &image.bytes;
+        let error = scan_shard(&image.sb, 0, &mut reader, &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(error, ScanError::DuplicateSegmentSeq { seq: 1, .. }),
+            "{error}"
+        );
+    }
+}
