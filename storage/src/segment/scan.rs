@@ -8,6 +8,7 @@
 //! - A record is acknowledged only after it and every earlier record are durable.
 //! - The cleaner erases a segment's header (durably) before the segment leaves the log, so a
 //!   freed segment's old records can never be mistaken for the start of the log.
+//!
 //! So the log is the longest chain of valid records with consecutive sequence numbers, starting
 //! at the oldest segment's first record. The first record that is missing, torn, stale (left
 //! from the segment's previous life: its `segment_seq` differs) or foreign ends the chain; what
