@@ -40,4 +40,7 @@ if [ -z "${CARMINE_QUICK:-}" ]; then
   log "carmine bench (2 s phases, release build)"
   cargo run --release --locked --quiet -- bench --duration 2s --idle adaptive
 fi
+# 5. Fuzzing, time-boxed (30 s per target; the corpora live in fuzz/corpus).
+log "cargo fuzz (bounded)"
+bash ci/fuzz.sh
 log "all tests passed"
