@@ -156,3 +156,61 @@ fn broken_clients_are_answered_counted_and_isolated() {
     );
     assert!(server.stop().success());
 }
+
+/// Raises this process's open-file limit to its hard limit; the server child inherits it.
+fn raise_fd_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = limit.rlim_max.min(wanted.max(limit.rlim_cur));
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    assert!(
+        limit.rlim_cur >= wanted,
+        "need {wanted} open files, the hard limit is {}",
+        limit.rlim_max
+    );
+}
+
+#[test]
+fn a_thousand_connections_are_all_served_with_bounded_buffers() {
+    const CLIENTS: usize = 1000;
+    raise_fd_limit(2 * CLIENTS as u64 + 256);
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let mut streams: Vec<_> = (0..CLIENTS).map(|_| connect(&server.addr)).collect();
+    for (index, stream) in streams.iter_mut().enumerate() {
+        send(stream, &raw_frame(OP_PING, index as u64, b"", &[]));
+    }
+    for (index, stream) in streams.iter_mut().enumerate() {
+        let reply = read_reply(stream).expect("every client is answered");
+        assert_eq!((reply.request_id, reply.status), (index as u64, 0));
+    }
+    let snapshot = status(&server.addr);
+    assert_eq!(total(&snapshot, "connections"), CLIENTS as u64 + 1);
+    // Idle connections hold no receive buffers: only the status request's own are in use.
+    assert!(
+        total(&snapshot, "buffers_in_use") <= 4,
+        "buffers held by idle connections: {}",
+        total(&snapshot, "buffers_in_use")
+    );
+    drop(streams);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let connections = total(&status(&server.addr), "connections");
+        if connections == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{connections} connections still open after the clients left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
