@@ -121,10 +121,32 @@ fn build_core(
     ))
 }
 
+/// Raises the open-file soft limit to the hard limit: each connection is a descriptor, and the
+/// usual soft default (1024) is far below `max_connections`.
+fn raise_open_file_limit(config: &ServeConfig) {
+    let wanted = u64::from(config.max_connections) * u64::from(config.cores) + 64;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write one local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= wanted {
+            return;
+        }
+        limit.rlim_cur = limit.rlim_max.min(wanted);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    if limit.rlim_cur < wanted {
+        log::warn!(
+            "open-file limit {} is below the {wanted} descriptors max_connections may need; raise it (ulimit -n)",
+            limit.rlim_cur
+        );
+    }
+}
+
 impl Server {
     /// Binds, starts every reactor and returns once all of them are serving.
     pub fn start(config: &ServeConfig, alloc_counter: fn() -> u64) -> Result<Server, String> {
         config.validate()?;
+        raise_open_file_limit(config);
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
