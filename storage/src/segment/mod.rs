@@ -30,4 +30,5 @@
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
 pub mod format;
+pub mod metadata;
 pub mod scan;
