@@ -105,6 +105,13 @@ fn put_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
+fn check_version(what: &'static str, version: u32) -> Result<(), FormatError> {
+    if version != FORMAT_VERSION {
+        return Err(FormatError::BadVersion { what, version });
+    }
+    Ok(())
+}
+
 fn need(what: &'static str, bytes: &[u8], needed: usize) -> Result<(), FormatError> {
     if bytes.len() < needed {
         return Err(FormatError::Truncated {
@@ -213,13 +220,7 @@ impl Superblock {
         if crc32c::crc32c(&block[..SUPERBLOCK_CRC_OFFSET]) != u32_at(block, SUPERBLOCK_CRC_OFFSET) {
             return Err(FormatError::BadCrc { what: WHAT });
         }
-        let version = u32_at(block, 8);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::BadVersion {
-                what: WHAT,
-                version,
-            });
-        }
+        check_version(WHAT, u32_at(block, 8))?;
         if u32_at(block, 12) as u64 != BLOCK_SIZE_BYTES || u64_at(block, 64) != SEGMENTS_START_BYTES
         {
             return Err(FormatError::Geometry(
@@ -303,13 +304,7 @@ impl SegmentHeader {
         {
             return Err(FormatError::BadCrc { what: WHAT });
         }
-        let version = u32_at(block, 8);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::BadVersion {
-                what: WHAT,
-                version,
-            });
-        }
+        check_version(WHAT, u32_at(block, 8))?;
         let header = SegmentHeader {
             nonce: u64_at(block, 24),
             shard: u32_at(block, 12),
@@ -392,13 +387,7 @@ impl RecordHeader {
         if u64_at(block, 8) != nonce {
             return Err(FormatError::Foreign { what: WHAT });
         }
-        let version = u32_at(block, 52);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::BadVersion {
-                what: WHAT,
-                version,
-            });
-        }
+        check_version(WHAT, u32_at(block, 52))?;
         let header = RecordHeader {
             nonce,
             record_seq: u64_at(block, 16),
