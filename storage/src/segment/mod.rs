@@ -30,5 +30,6 @@
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
 pub mod format;
+pub mod journal;
 pub mod metadata;
 pub mod scan;
