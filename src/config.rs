@@ -12,6 +12,9 @@ use carmine_dataplane::wire::Limits;
 use crate::osd::placement::PlacementMode;
 use crate::units::{parse_cpu_list, parse_duration, parse_size};
 
+/// Classic mode: most threads of one kind (messengers, shards, workers in all).
+const CLASSIC_THREADS_MAX: usize = 64;
+
 fn parse_u32(text: &str) -> Result<u32, String> {
     text.trim()
         .parse()
@@ -32,6 +35,13 @@ fn parse_cpus(text: &str) -> Result<Option<Vec<usize>>, String> {
         return Ok(None);
     }
     parse_cpu_list(text).map(Some)
+}
+/// "auto" (0: derived from --cores) or a whole number.
+fn parse_auto_u32(text: &str) -> Result<u32, String> {
+    if text.trim() == "auto" {
+        return Ok(0);
+    }
+    parse_u32(text)
 }
 fn parse_choice<'a>(choices: &'a [&'a str]) -> impl Fn(&str) -> Result<String, String> + 'a {
     move |text| {
@@ -84,6 +94,8 @@ macro_rules! serve_options {
 }
 
 serve_options! {
+    /// Execution model: rtc (one pinned run-to-completion thread per core) or classic (messenger threads, a sharded op queue, worker threads with PG locks, a finisher: the classic OSD's shape, as a baseline).
+    mode: String = "rtc", parse_choice(&["rtc", "classic"]);
     /// Address to accept clients on (loopback by default: expose deliberately).
     listen: SocketAddr = "127.0.0.1:6800", parse_addr;
     /// Reactors (one pinned thread per core).
@@ -128,6 +140,12 @@ serve_options! {
     large_buffer_count: u32 = "8", parse_u32;
     /// Back buffer pools with hugepages when reserved (falls back to normal pages).
     hugepages: bool = "false", parse_bool;
+    /// Classic mode: messenger threads, each with its own epoll set of connections ("auto": min(cores, 3), Ceph's ms_async_op_threads).
+    classic_messengers: u32 = "auto", parse_auto_u32;
+    /// Classic mode: op queue shards, each a locked queue with its own workers and store ("auto": cores).
+    classic_shards: u32 = "auto", parse_auto_u32;
+    /// Classic mode: worker threads per shard (Ceph's osd_op_num_threads_per_shard).
+    classic_workers_per_shard: u32 = "1", parse_u32;
 }
 
 impl ServeConfig {
@@ -198,6 +216,28 @@ impl ServeConfig {
         if self.inflight_per_connection == 0 || self.max_connections == 0 {
             return Err("inflight_per_connection and max_connections must be positive".into());
         }
+        self.validate_classic()
+    }
+
+    fn validate_classic(&self) -> Result<(), String> {
+        let (messengers, shards) = (self.classic_messenger_count(), self.classic_shard_count());
+        if messengers > CLASSIC_THREADS_MAX || shards > CLASSIC_THREADS_MAX {
+            return Err(format!(
+                "classic_messengers and classic_shards must be at most {CLASSIC_THREADS_MAX}"
+            ));
+        }
+        let workers = self.classic_workers_per_shard as usize;
+        if workers == 0 || workers * shards > CLASSIC_THREADS_MAX {
+            return Err(format!(
+                "classic_workers_per_shard must be 1.. with at most {CLASSIC_THREADS_MAX} workers in all"
+            ));
+        }
+        if self.placement == "pg" && self.pg_count < shards as u32 {
+            return Err(format!(
+                "pg_count {} is less than classic_shards {shards}: every shard needs a PG",
+                self.pg_count
+            ));
+        }
         Ok(())
     }
 
@@ -206,6 +246,22 @@ impl ServeConfig {
             oid_len_max: u16::try_from(self.max_oid_len).unwrap_or(u16::MAX),
             payload_len_max: u32::try_from(self.max_payload).unwrap_or(u32::MAX),
             sub_ops_max: u16::try_from(self.max_sub_ops).unwrap_or(u16::MAX),
+        }
+    }
+
+    /// Classic mode: messenger threads (auto: one per core, at most 3 as in Ceph).
+    pub fn classic_messenger_count(&self) -> usize {
+        match self.classic_messengers {
+            0 => self.cores.min(3) as usize,
+            n => n as usize,
+        }
+    }
+
+    /// Classic mode: op queue shards (auto: one per core).
+    pub fn classic_shard_count(&self) -> usize {
+        match self.classic_shards {
+            0 => self.cores as usize,
+            n => n as usize,
         }
     }
 
@@ -246,10 +302,29 @@ impl ServeConfig {
 mod tests {
     use super::*;
 
+    /// A directory removed when the test ends, pass or fail.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+        fn join(&self, file: &str) -> std::path::PathBuf {
+            self.0.join(file)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn flags_override_file_which_overrides_defaults() {
-        let dir = std::env::temp_dir().join(format!("carmine-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("carmine-config");
         let path = dir.join("carmine.toml");
         std::fs::write(
             &path,
@@ -292,8 +367,7 @@ mod tests {
         assert!(ServeConfig::resolve(&args)
             .unwrap_err()
             .contains("sub_ops_max"));
-        let dir = std::env::temp_dir().join(format!("carmine-config-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("carmine-config-bad");
         let path = dir.join("typo.toml");
         std::fs::write(&path, "pg_cuont = 3\n").unwrap();
         let args = ServeArgs {

@@ -1,7 +1,9 @@
 //! `carmine`: the object storage daemon and its tools.
 
 mod bench;
+mod classic;
 mod client;
+mod compare;
 mod config;
 mod load;
 mod osd;
@@ -84,6 +86,8 @@ enum Command {
     Status(StatusArgs),
     /// Start an embedded server on loopback, drive it (write, then read, verified) and print a table.
     Bench(bench::BenchArgs),
+    /// Classic thread-pool mode vs run-to-completion on this machine: IOPS, latency, CPU per op.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(clap::Args)]
@@ -114,16 +118,61 @@ fn install_signal_handlers() {
     }
 }
 
+/// A running server of either execution mode.
+enum Running {
+    Rtc(server::Server),
+    Classic(Box<classic::ClassicServer>),
+}
+
+impl Running {
+    fn start(config: &config::ServeConfig) -> Result<Running, String> {
+        if config.mode == "classic" {
+            // Resolve "auto" CPUs before pinning: pinning narrows what the process sees.
+            let mut config = config.clone();
+            let cpus = config.reactor_cpus();
+            config.cpus = Some(cpus.clone());
+            // The main thread too: every thread of the process runs on the server's CPUs.
+            if !classic::pin_to_cpus(&cpus) {
+                log::warn!("could not pin to CPUs {cpus:?}");
+            }
+            return classic::ClassicServer::start(&config).map(|s| Running::Classic(Box::new(s)));
+        }
+        server::Server::start(config, thread_allocations).map(Running::Rtc)
+    }
+
+    fn addr_cpus_board(&self) -> (std::net::SocketAddr, &[usize], &status::StatusBoard) {
+        match self {
+            Running::Rtc(s) => (s.addr, &s.cpus, &s.board),
+            Running::Classic(s) => (s.addr, &s.cpus, &s.board),
+        }
+    }
+
+    fn stop_and_join(self) -> Result<(), String> {
+        match self {
+            Running::Rtc(s) => {
+                s.stop();
+                s.join()
+            }
+            Running::Classic(s) => {
+                s.stop();
+                s.join()
+            }
+        }
+    }
+}
+
 fn serve(args: &config::ServeArgs) -> Result<(), String> {
     let config = config::ServeConfig::resolve(args)?;
     install_signal_handlers();
-    let server = server::Server::start(&config, thread_allocations)?;
+    let server = Running::start(&config)?;
+    let (addr, cpus, _) = server.addr_cpus_board();
     log::info!(
-        "carmine {} serving on {} with {} core(s) on CPU(s) {:?}, store {}, placement {}, idle {}",
+        "carmine {} serving on {} with {} core(s) on CPU(s) {:?}, mode {}, store {}, placement {}, idle {}",
         env!("CARGO_PKG_VERSION"),
-        server.addr,
+        addr,
         config.cores,
-        server.cpus,
+        cpus,
+        config.mode,
         config.store,
         config.placement,
         config.idle
@@ -132,9 +181,8 @@ fn serve(args: &config::ServeArgs) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     log::info!("signal received: finishing in-flight ops and stopping");
-    let summary = status::render(&server.board);
-    server.stop();
-    server.join()?;
+    let summary = status::render(server.addr_cpus_board().2);
+    server.stop_and_join()?;
     log::info!("stopped; final counters: {summary}");
     Ok(())
 }
@@ -210,6 +258,7 @@ fn main() -> ExitCode {
         }),
         Command::Status(args) => print_status(args),
         Command::Bench(args) => bench::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

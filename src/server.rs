@@ -31,8 +31,13 @@ pub struct Server {
     threads: Vec<JoinHandle<Result<CorePools, String>>>,
 }
 
-fn describe(config: &ServeConfig, addr: SocketAddr, cpus: &[usize]) -> serde_json::Value {
+pub(crate) fn describe(
+    config: &ServeConfig,
+    addr: SocketAddr,
+    cpus: &[usize],
+) -> serde_json::Value {
     json!({
+        "mode": config.mode,
         "listen": addr.to_string(),
         "cores": config.cores,
         "cpus": cpus,
@@ -123,9 +128,12 @@ fn build_core(
 
 /// Raises the open-file soft limit to the hard limit: each connection is a descriptor, and the
 /// usual soft default (1024) is far below `max_connections`.
-fn raise_open_file_limit(config: &ServeConfig) {
+pub(crate) fn raise_open_file_limit(config: &ServeConfig) {
     let wanted = u64::from(config.max_connections) * u64::from(config.cores) + 64;
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit read and write one local rlimit.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= wanted {

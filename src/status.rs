@@ -10,6 +10,8 @@ use crate::osd::stats::{Counter, SharedCounters, COUNTER_NAMES};
 
 pub struct StatusBoard {
     cores: Vec<Arc<SharedCounters>>,
+    /// Classic mode: what thread publishes each entry ("worker-0"); RTC entries are cores.
+    labels: Option<Vec<String>>,
     /// Static facts about the server (configuration), rendered as they are.
     pub info: Value,
     started: Instant,
@@ -21,9 +23,17 @@ impl StatusBoard {
             cores: (0..cores)
                 .map(|_| Arc::new(SharedCounters::new(cores)))
                 .collect(),
+            labels: None,
             info,
             started: Instant::now(),
         }
+    }
+
+    /// A board with one entry per labelled thread (classic mode).
+    pub fn with_labels(labels: Vec<String>, info: Value) -> StatusBoard {
+        let mut board = StatusBoard::new(labels.len(), info);
+        board.labels = Some(labels);
+        board
     }
 
     pub fn core(&self, index: usize) -> Arc<SharedCounters> {
@@ -39,6 +49,19 @@ fn per_op(numerator: u64, ops: u64) -> Value {
     }
 }
 
+/// CPU time used so far by every thread of this process (user + system), in nanoseconds.
+pub fn process_cpu_ns() -> u64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) } != 0 {
+        return 0;
+    }
+    time.tv_sec as u64 * 1_000_000_000 + time.tv_nsec as u64
+}
+
 pub fn render(board: &StatusBoard) -> String {
     let mut totals = vec![0u64; COUNTER_NAMES.len()];
     let mut per_core = Vec::with_capacity(board.cores.len());
@@ -46,6 +69,9 @@ pub fn render(board: &StatusBoard) -> String {
         let (counters, rings) = shared.snapshot();
         let mut core = Map::new();
         core.insert("core".into(), json!(index));
+        if let Some(labels) = &board.labels {
+            core.insert("thread".into(), json!(labels[index]));
+        }
         for (position, name) in COUNTER_NAMES.iter().enumerate() {
             core.insert((*name).into(), json!(counters.values[position]));
             totals[position] += counters.values[position];
@@ -73,6 +99,7 @@ pub fn render(board: &StatusBoard) -> String {
         "cpu_ns_per_op".into(),
         per_op(totals[Counter::busy_ns as usize], ops),
     );
+    total.insert("process_cpu_ns".into(), json!(process_cpu_ns()));
     total.insert(
         "allocations_per_op".into(),
         per_op(totals[Counter::allocations as usize], ops)
@@ -94,7 +121,7 @@ pub fn render(board: &StatusBoard) -> String {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": board.started.elapsed().as_secs_f64(),
         "config": board.info,
-        "cores": per_core.len(),
+        "cores": board.info.get("cores").cloned().unwrap_or(json!(per_core.len())),
         "totals": total,
         "errors": errors,
         "per_core": per_core,
@@ -122,5 +149,7 @@ mod tests {
         assert_eq!(value["errors"]["bad_crc"], 2);
         assert_eq!(value["per_core"][1]["ring_occupancy"]["to_core_0"], 0);
         assert_eq!(value["config"]["store"], "memory");
+        assert!(value["totals"]["process_cpu_ns"].as_u64().unwrap() > 0);
+        assert_eq!(value["cores"], 2);
     }
 }

@@ -143,11 +143,11 @@ pub struct OsdCore {
     alloc_excluded: u64,
 }
 
-fn status_of(error: StoreError) -> Status {
+pub(crate) fn status_of(error: StoreError) -> Status {
     Status::from_u32(u32::from(error.code())).unwrap_or(Status::Io)
 }
 
-fn error_counter(status: Status) -> Counter {
+pub(crate) fn error_counter(status: Status) -> Counter {
     match status {
         Status::BadCrc => Counter::err_bad_crc,
         Status::Malformed => Counter::err_malformed,
@@ -167,7 +167,7 @@ fn error_counter(status: Status) -> Counter {
 }
 
 /// The store's view of one wire sub-op (borrowing the same bytes: no copy).
-fn to_store_op<'a>(view: &SubOpView<'a>) -> SubOp<'a> {
+pub(crate) fn to_store_op<'a>(view: &SubOpView<'a>) -> SubOp<'a> {
     match view.code {
         SubOpCode::Write => SubOp::Write {
             offset: view.offset,
@@ -926,7 +926,7 @@ impl OsdCore {
     }
 }
 
-fn first_failure(results: &Results) -> Status {
+pub(crate) fn first_failure(results: &Results) -> Status {
     results
         .as_slice()
         .iter()
@@ -936,7 +936,7 @@ fn first_failure(results: &Results) -> Status {
         })
 }
 
-fn spin_for(duration: Duration) {
+pub(crate) fn spin_for(duration: Duration) {
     let until = Instant::now() + duration;
     while Instant::now() < until {
         std::hint::spin_loop();

@@ -1,0 +1,185 @@
+//! Classic mode (`serve --mode classic`): the same verified runs and hostile basics as RTC
+//! mode, a clean exit on SIGINT, and a short `carmine compare`.
+
+mod common;
+
+use common::*;
+
+const OP_OSD: u8 = 1;
+const OP_PING: u8 = 2;
+const WRITE: u8 = 1;
+const READ: u8 = 3;
+const STATUS_BAD_CRC: u32 = 16;
+const STATUS_UNKNOWN_OPCODE: u32 = 17;
+const STATUS_MALFORMED: u32 = 18;
+const STATUS_NOT_FOUND: u32 = 1;
+
+fn assert_clean(report: &serde_json::Value, what: &str) {
+    assert!(
+        report["ops"].as_u64().unwrap() > 0,
+        "{what}: no ops: {report}"
+    );
+    assert_eq!(report["errors"], 0, "{what}: errors: {report}");
+    assert_eq!(report["verify_failures"], 0, "{what}: verify: {report}");
+}
+
+fn write_read_mixed(server_args: &[&str]) {
+    let mut args = vec!["--mode", "classic"];
+    args.extend_from_slice(server_args);
+    let mut server = ServerProcess::start(&args);
+    let common = [
+        "--duration",
+        "1s",
+        "--objects",
+        "16",
+        "--object-size",
+        "256KiB",
+        "--clients",
+        "4",
+        "--qd",
+        "8",
+        "--verify",
+    ];
+    for (op, prefill) in [("randwrite", true), ("randread", false), ("mixed", false)] {
+        let mut load_args = vec!["--op", op];
+        if prefill {
+            load_args.push("--prefill");
+        }
+        load_args.extend_from_slice(&common);
+        assert_clean(&load(&server.addr, &load_args), op);
+    }
+    let status = status(&server.addr);
+    assert_eq!(status["config"]["mode"], "classic");
+    assert!(total(&status, "ops") >= 16 * 64, "prefill and runs counted");
+    assert_eq!(total(&status, "ops_in_flight"), 0);
+    assert!(total(&status, "process_cpu_ns") > 0);
+    assert!(server.stop().success(), "clean exit on SIGINT");
+}
+
+#[test]
+fn classic_one_core_write_read_mixed_verify() {
+    write_read_mixed(&["--cores", "1"]);
+}
+
+#[test]
+fn classic_two_cores_two_workers_per_shard_verify() {
+    write_read_mixed(&[
+        "--cores",
+        "2",
+        "--cpus",
+        "0,1",
+        "--classic-workers-per-shard",
+        "2",
+    ]);
+}
+
+#[test]
+fn classic_replication_hook_keeps_reads_behind_writes() {
+    write_read_mixed(&[
+        "--cores",
+        "2",
+        "--cpus",
+        "0,1",
+        "--replicas",
+        "2",
+        "--replication-cost",
+        "200us",
+        "--snapshot-cost",
+        "2us",
+    ]);
+}
+
+#[test]
+fn classic_hostile_basics() {
+    let mut server = ServerProcess::start(&["--mode", "classic", "--cores", "1"]);
+    let mut stream = connect(&server.addr);
+    let mut frame = raw_frame(OP_OSD, 7, b"victim", &[(WRITE, b"", b"data", 0, 0)]);
+    *frame.last_mut().unwrap() ^= 0xff;
+    send(&mut stream, &frame);
+    let reply = read_reply(&mut stream).expect("answered");
+    assert_eq!((reply.request_id, reply.status), (7, STATUS_BAD_CRC));
+    send(
+        &mut stream,
+        &raw_frame(OP_OSD, 8, b"victim", &[(READ, b"", b"", 0, 4)]),
+    );
+    assert_eq!(read_reply(&mut stream).unwrap().status, STATUS_NOT_FOUND);
+    send(&mut stream, &raw_frame(42, 9, b"x", &[]));
+    assert_eq!(
+        read_reply(&mut stream).unwrap().status,
+        STATUS_UNKNOWN_OPCODE
+    );
+    send(
+        &mut stream,
+        &raw_frame(OP_OSD, 10, b"x", &[(READ, b"", b"zz", 0, 1)]),
+    );
+    assert_eq!(read_reply(&mut stream).unwrap().status, STATUS_MALFORMED);
+    send(&mut stream, &raw_frame(OP_PING, 11, b"", &[]));
+    assert_eq!(read_reply(&mut stream).unwrap().status, 0, "still serving");
+
+    let mut garbage = connect(&server.addr);
+    send(&mut garbage, &[0x55u8; 64]);
+    assert_eq!(read_reply(&mut garbage).unwrap().status, STATUS_MALFORMED);
+    assert!(
+        read_reply(&mut garbage).is_none(),
+        "garbage closes the connection"
+    );
+
+    send(&mut stream, &raw_frame(OP_PING, 12, b"", &[]));
+    assert_eq!(
+        read_reply(&mut stream).unwrap().status,
+        0,
+        "others unaffected"
+    );
+    drop(stream);
+    drop(garbage);
+    let status = status(&server.addr);
+    assert!(total(&status, "err_bad_crc") >= 1);
+    assert!(total(&status, "stream_malformed") >= 1);
+    assert!(server.is_running());
+    assert!(server.log_lines().join("\n").contains("bad magic"));
+    assert!(server.stop().success());
+}
+
+#[test]
+fn compare_writes_json_and_svg() {
+    let out = std::env::temp_dir().join(format!("carmine-compare-{}", std::process::id()));
+    let out_text = out.to_str().unwrap().to_string();
+    let output = std::process::Command::new(CARMINE)
+        .args([
+            "compare",
+            "--duration",
+            "1s",
+            "--cores-list",
+            "1",
+            "--objects",
+            "8",
+            "--object-size",
+            "256KiB",
+            "--out",
+            &out_text,
+        ])
+        .output()
+        .expect("run carmine compare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "compare failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("segment: not available yet"), "{stdout}");
+    let document: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let rows = document["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "memory x 1 core x {{randread, randwrite}}");
+    for row in rows {
+        assert!(row["classic"]["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["rtc"]["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(
+            row["classic"]["cpu_ns_per_op"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+    }
+    let svg = std::fs::read_to_string(out.join("compare.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<rect"));
+    let _ = std::fs::remove_dir_all(&out);
+}
