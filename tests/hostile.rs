@@ -195,11 +195,19 @@ fn a_thousand_connections_are_all_served_with_bounded_buffers() {
     let snapshot = status(&server.addr);
     assert_eq!(total(&snapshot, "connections"), CLIENTS as u64 + 1);
     // Idle connections hold no receive buffers: only the status request's own are in use.
-    assert!(
-        total(&snapshot, "buffers_in_use") <= 4,
-        "buffers held by idle connections: {}",
-        total(&snapshot, "buffers_in_use")
-    );
+    // A core retires a connection's chunk on the pass after its reply is written, and the
+    // board is a snapshot, so allow the cores a moment to get there (they may be preempted
+    // by this very test on a 2-CPU machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut held = total(&snapshot, "buffers_in_use");
+    while held > 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "buffers held by idle connections: {held}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        held = total(&status(&server.addr), "buffers_in_use");
+    }
     drop(streams);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -154,6 +154,12 @@ pub fn run<C: Core>(core: &mut C, policy: IdlePolicy, stop: &AtomicBool) -> Loop
             if let IdlePolicy::Adaptive { park_after } = policy {
                 let since = *idle_since.get_or_insert(now);
                 if now.duration_since(since) >= park_after {
+                    // Publish before sleeping: a parked core must not leave a stale picture
+                    // of its last busy stretch on the status board for up to a park timeout.
+                    if last_publish < since {
+                        core.publish(&counters);
+                        last_publish = now;
+                    }
                     core.park(core.park_timeout().min(PARK_TIMEOUT_MAX));
                     counters.parks += 1;
                     let woke = Instant::now();
