@@ -34,6 +34,8 @@ use crate::status::StatusBoard;
 
 /// Frames taken from the network per pass: bounds a pass so inbox and timers stay responsive.
 const RX_FRAMES_PER_PASS_MAX: usize = 256;
+/// Store completions taken per pass (bounds the stack array they are gathered in).
+const STORE_COMPLETIONS_PER_PASS: usize = 64;
 /// Messages taken from each inbox ring per pass.
 const INBOX_BATCH_MAX: usize = 256;
 
@@ -573,7 +575,14 @@ impl OsdCore {
         let mut results = [SubOpResult::default(); SUB_OPS_CEILING as usize];
         let submitted = {
             let mut out = match output.as_mut() {
-                Some(buf) => OutputBuffer::from_slice(buf.spare_mut()),
+                Some(buf) => {
+                    let spare = buf.spare_mut();
+                    // SAFETY: the region is a pool buffer that this op owns (`op.output`) until
+                    // it finishes, and nothing reads or writes it before the store reports the
+                    // op complete (from `submit` or from `poll`). Moving the `Buf` handle into
+                    // the op does not move the pool memory it points to.
+                    unsafe { OutputBuffer::from_raw(spare.as_mut_ptr(), spare.len()) }
+                }
                 None => OutputBuffer::empty(),
             };
             self.store.submit(
@@ -586,21 +595,12 @@ impl OsdCore {
         };
         let op = self.exec.get(op_ref);
         op.results.count = count as u8;
-        let mut output_used = 0;
-        for (item, result) in op.results.items.iter_mut().zip(&results[..count]) {
-            debug_assert!(
-                result.out_len == 0 || result.out_offset as usize == output_used,
-                "outputs back to back"
-            );
-            *item = (u32::from(result.status), result.out_len);
-            output_used += result.out_len as usize;
-        }
-        if let Some(buf) = output.as_mut() {
-            buf.seal(output_used);
-        }
         op.output = output;
         match submitted {
-            Ok(Submit::Done) => self.after_store(op_ref),
+            Ok(Submit::Done) => {
+                self.take_results(op_ref, &results[..count]);
+                self.after_store(op_ref)
+            }
             Ok(Submit::Pending) => self.hold_pg(op_ref),
             Err(error) => {
                 // Failed as a whole: nothing was applied, so no per-sub-op results and no output.
@@ -613,6 +613,24 @@ impl OsdCore {
             }
         }
         true
+    }
+
+    /// Records the store's per-sub-op results and seals the output they describe.
+    fn take_results(&mut self, op_ref: OpRef, results: &[SubOpResult]) {
+        let op = self.exec.get(op_ref);
+        debug_assert_eq!(results.len(), usize::from(op.results.count));
+        let mut output_used = 0;
+        for (item, result) in op.results.items.iter_mut().zip(results) {
+            debug_assert!(
+                result.out_len == 0 || result.out_offset as usize == output_used,
+                "outputs back to back"
+            );
+            *item = (u32::from(result.status), result.out_len);
+            output_used += result.out_len as usize;
+        }
+        if let Some(buf) = op.output.as_mut() {
+            buf.seal(output_used);
+        }
     }
 
     /// An op that fails before reaching the store.
@@ -701,20 +719,45 @@ impl OsdCore {
     // ---- store completions and timers -----------------------------------------------------
 
     fn poll_store(&mut self) -> usize {
-        let mut completed: [(u64, Result<(), StoreError>); 64] = [(0, Ok(())); 64];
+        let mut completed = [(0u64, Ok(()), Results::default()); STORE_COMPLETIONS_PER_PASS];
         let mut count = 0;
-        self.store.poll(&mut |tag, result| {
-            // The store reports at most what this pass can take; the rest comes next pass.
-            if count < completed.len() {
-                completed[count] = (tag, result);
-                count += 1;
-            }
+        self.store.poll(completed.len(), &mut |tag, result| {
+            let slot = &mut completed[count];
+            count += 1;
+            slot.0 = tag;
+            slot.1 = result.map(|results| {
+                slot.2.count = results.len() as u8;
+                for (item, r) in slot.2.items.iter_mut().zip(results) {
+                    // Carried as (status, offset) here; `take_results` reads them back.
+                    *item = (u32::from(r.status), r.out_len);
+                }
+            });
         });
-        for &(tag, result) in &completed[..count] {
-            let op_ref = OpRef::from_tag(tag);
+        for (tag, result, carried) in &completed[..count] {
+            let op_ref = OpRef::from_tag(*tag);
             match result {
-                Ok(()) => self.after_store(op_ref),
-                Err(error) => self.finish(op_ref, status_of(error)),
+                Ok(()) => {
+                    let mut results = [SubOpResult::default(); SUB_OPS_CEILING as usize];
+                    let mut offset = 0;
+                    for (r, &(status, len)) in results.iter_mut().zip(carried.as_slice()) {
+                        *r = SubOpResult {
+                            status: status as u16,
+                            out_offset: offset,
+                            out_len: len,
+                        };
+                        offset += len;
+                    }
+                    self.take_results(op_ref, &results[..usize::from(carried.count)]);
+                    self.after_store(op_ref)
+                }
+                Err(error) => {
+                    let op = self.exec.get(op_ref);
+                    op.results.count = 0;
+                    if let Some(buf) = op.output.take() {
+                        self.pools.release(buf);
+                    }
+                    self.finish(op_ref, status_of(*error))
+                }
             }
         }
         count

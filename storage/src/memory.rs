@@ -265,7 +265,11 @@ impl ObjectStore for MemoryStore {
         }
     }
 
-    fn poll(&mut self, _complete: &mut dyn FnMut(u64, Result<(), StoreError>)) -> usize {
+    fn poll(
+        &mut self,
+        _max: usize,
+        _complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
+    ) -> usize {
         0 // Every op completes inside `submit`.
     }
 
@@ -1443,7 +1447,7 @@ mod tests {
             }],
         );
         let mut calls = 0;
-        assert_eq!(store.poll(&mut |_, _| calls += 1), 0);
+        assert_eq!(store.poll(64, &mut |_, _| calls += 1), 0);
         assert_eq!(calls, 0);
     }
 }

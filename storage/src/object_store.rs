@@ -402,6 +402,10 @@ pub trait ObjectStore {
     ///
     /// Returns `Ok(Submit::Done)` when complete, `Ok(Submit::Pending)` when completion for `tag`
     /// will be reported by `poll`, `Err(e)` when the op failed as a whole (nothing applied).
+    ///
+    /// The sub-ops (and the bytes they borrow) are borrowed for the duration of `submit` only:
+    /// a store that completes later copies what it still needs. `out` may be filled later only
+    /// if it was made by `OutputBuffer::from_raw`.
     fn submit(
         &mut self,
         tag: u64,
@@ -411,9 +415,15 @@ pub trait ObjectStore {
         results: &mut [SubOpResult],
     ) -> Result<Submit, StoreError>;
 
-    /// Reports completions of Pending ops by calling `complete(tag, result)`; never blocks.
-    /// Returns how many were reported.
-    fn poll(&mut self, complete: &mut dyn FnMut(u64, Result<(), StoreError>)) -> usize;
+    /// Reports at most `max` completions of Pending ops by calling `complete(tag, result)`,
+    /// where `result` carries the op's per-sub-op results (the `results` slice given to
+    /// `submit` is not written after `submit` returns Pending); never blocks. Returns how many
+    /// were reported.
+    fn poll(
+        &mut self,
+        max: usize,
+        complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
+    ) -> usize;
 
     /// Current counters.
     fn stats(&self) -> StoreStats;

@@ -98,6 +98,8 @@ struct PendingWrite {
 
 struct InFlight {
     record_seq: u64,
+    /// Length of the record's deltas, which stay in `Journal::head` until it is durable.
+    metadata_len: usize,
     tags: Vec<u64>,
     writes_outstanding: u32,
     flush_submitted: bool,
@@ -128,6 +130,8 @@ pub struct Journal {
     pending: Vec<PendingWrite>,
     spare_tags: Vec<u64>,
     failed: Option<IoError>,
+    /// Free segments that ops may not take (the cleaner's working room).
+    pub reserve_segments: usize,
     pub records_written: u64,
     pub bytes_written: u64,
 }
@@ -202,6 +206,21 @@ impl OpAppender<'_> {
         Ok(())
     }
 
+    /// Whether the batch, with what this op added, still has a place on the device: in the
+    /// open segment, or in a free segment beyond the journal's reserve. A batch that passes
+    /// this for its last op never fails to seal for lack of space.
+    pub fn fits_device(&self) -> bool {
+        let journal = &*self.journal;
+        let head_bytes = (RECORD_HEADER_SIZE_BYTES + journal.batch.metadata.len()) as u64;
+        let record_bytes = head_bytes.next_multiple_of(BLOCK_SIZE_BYTES)
+            + u64::from(journal.batch.data_blocks) * BLOCK_SIZE_BYTES;
+        let in_open = journal
+            .open
+            .as_ref()
+            .is_some_and(|open| open.next_offset + record_bytes <= open.end);
+        in_open || journal.free_segments.len() > journal.reserve_segments
+    }
+
     /// The op's completion will be reported under `tag` once its record is durable.
     pub fn commit(mut self, tag: u64) {
         assert_eq!(
@@ -255,6 +274,7 @@ impl Journal {
             ),
             spare_tags: Vec::with_capacity(BATCH_OPS_MAX),
             failed: None,
+            reserve_segments: 0,
             records_written: 0,
             bytes_written: 0,
         }
@@ -315,9 +335,14 @@ impl Journal {
 
     /// Moves the journal forward: submits what the queue pair can take, acknowledges durable
     /// records (reported through `done`), and seals the next batch. Never blocks.
+    ///
+    /// `durable` sees each record's deltas once the record is durable, before its ops are
+    /// acknowledged: the store applies them to its metadata there, so that what it knows is
+    /// exactly what replay would rebuild.
     pub fn pump(
         &mut self,
         qp: &mut dyn QueuePair,
+        durable: &mut dyn FnMut(&[u8]),
         done: &mut dyn FnMut(u64, Result<(), JournalError>),
     ) -> usize {
         let mut work = 0;
@@ -325,6 +350,9 @@ impl Journal {
             if in_flight.durable {
                 let in_flight = self.in_flight.take().expect("checked");
                 let result = self.failed.map_or(Ok(()), |e| Err(JournalError::Io(e)));
+                if result.is_ok() {
+                    durable(&self.head[RECORD_HEADER_SIZE_BYTES..][..in_flight.metadata_len]);
+                }
                 for &tag in &in_flight.tags {
                     done(tag, result);
                 }
@@ -447,6 +475,7 @@ impl Journal {
         let writes = self.pending.len() as u32;
         self.in_flight = Some(InFlight {
             record_seq: header.record_seq,
+            metadata_len,
             tags,
             writes_outstanding: writes,
             flush_submitted: false,
@@ -533,7 +562,7 @@ mod tests {
     }
 
     fn step(journal: &mut Journal, qp: &mut MemQueuePair, acked: &mut Vec<u64>) {
-        journal.pump(qp, &mut |tag, result| {
+        journal.pump(qp, &mut |_| {}, &mut |tag, result| {
             result.unwrap();
             acked.push(tag);
         });

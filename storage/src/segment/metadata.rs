@@ -22,7 +22,8 @@ pub struct BlockRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Onode {
     pub size: u64,
-    /// Mutating deltas applied to this object (its generation, as the memory store counts ops).
+    /// Operations that changed this object since it was created: every mutating op journals
+    /// exactly one `ObjectSize` delta, and only that delta counts (Stat's generation).
     pub changes: u64,
     /// Logical block index -> block. Absent blocks read as zeros.
     pub blocks: BTreeMap<u64, BlockRef>,
@@ -206,7 +207,6 @@ impl Metadata {
                 released.push(old.physical);
             }
         }
-        onode.changes += 1;
         self.live_blocks[first_segment] += blocks;
         for physical in released {
             self.release(physical);
@@ -229,7 +229,6 @@ impl Metadata {
         for index in removed {
             released.push(onode.blocks.remove(&index).expect("listed").physical);
         }
-        onode.changes += 1;
         for physical in released {
             self.release(physical);
         }

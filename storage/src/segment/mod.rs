@@ -29,7 +29,13 @@
 //! Every data block is covered by a crc32c kept in the metadata (4 KiB granularity, so a 4 KiB
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
+pub mod exec;
 pub mod format;
 pub mod journal;
 pub mod metadata;
+pub mod mount;
 pub mod scan;
+pub mod store;
+
+pub use mount::{mkfs, MountError};
+pub use store::{SegmentStats, SegmentStore};

@@ -1,0 +1,547 @@
+//! One op's transaction semantics on the segment store: the sub-ops run against a private
+//! working set (the object as durable before the op, plus the blocks and metadata changes this
+//! op makes) and produce a `Plan`, which the store journals as one record.
+//!
+//! Nothing here touches the store: a failing mutation drops the working set and the op leaves
+//! no trace, which is what makes the op atomic before it is journaled; the record's atomicity
+//! makes it atomic after. The semantics are the memory store's (the `ObjectStore` docs), and a
+//! property test runs both stores side by side.
+//!
+//! Block rules the executor keeps, which reads rely on:
+//! - bytes past the object's size, inside its last block, are zero;
+//! - no block at or past the size's last block is mapped.
+//!
+//! Old block contents come from the store (`OldBlocks`): before running an op, the store reads
+//! every block that `blocks_to_read` lists, and only those.
+
+use std::collections::BTreeMap;
+
+use crate::object_store::{ObjectStat, OutputBuffer, SubOp, SubOpResult, STATUS_OK};
+use crate::queue_pair::AlignedBuf;
+use crate::segment::metadata::Onode;
+use crate::StoreError;
+
+const BLOCK: u64 = 4096;
+const BLOCK_USIZE: usize = BLOCK as usize;
+static ZERO_BLOCK: [u8; BLOCK_USIZE] = [0; BLOCK_USIZE];
+
+/// Durable contents of the blocks the store read for an op.
+pub trait OldBlocks {
+    /// Logical block `index` as durable before the op; Err(Io) if it failed its checksum or
+    /// could not be read. Only blocks that `blocks_to_read` listed are asked for.
+    fn block(&self, index: u64) -> Result<&[u8], StoreError>;
+}
+
+/// A block this op gives the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dirty {
+    /// Block `at` of the op's buffer `buf`.
+    Data { buf: u32, at: u32 },
+    /// No data: reads as zeros, unmapped when journaled.
+    Hole,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetaChange {
+    pub xattr: bool,
+    pub key: Vec<u8>,
+    /// `None` removes the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// What an op does to its object, ready to journal.
+pub struct Plan {
+    pub existed: bool,
+    pub exists: bool,
+    /// The object as it was is dropped (a Remove ran), even if a later sub-op recreated it.
+    pub dropped: bool,
+    pub mutated: bool,
+    pub size: u64,
+    pub dirty: BTreeMap<u64, Dirty>,
+    pub bufs: Vec<AlignedBuf>,
+    pub meta: Vec<MetaChange>,
+    /// The generation Stat reports after the op.
+    pub generation: u64,
+    /// Logical blocks mapped before the op, for deciding which holes need an unmap delta.
+    old_blocks_dropped: bool,
+}
+
+impl Plan {
+    /// Whether the op changes anything durable (else it completes without a record).
+    pub fn needs_record(&self) -> bool {
+        self.mutated && (self.existed || self.exists)
+    }
+
+    /// Data blocks the record will carry.
+    pub fn data_blocks(&self) -> u32 {
+        self.dirty
+            .values()
+            .filter(|d| matches!(d, Dirty::Data { .. }))
+            .count() as u32
+    }
+}
+
+/// Reusable 4 KiB block buffers, so that steady 4 KiB writes allocate nothing.
+pub struct BlockPool {
+    singles: Vec<AlignedBuf>,
+    retain_max: usize,
+    pub allocations: u64,
+}
+
+impl BlockPool {
+    pub fn new(retain_max: usize) -> BlockPool {
+        BlockPool {
+            singles: Vec::with_capacity(retain_max),
+            retain_max,
+            allocations: 0,
+        }
+    }
+
+    /// A buffer of `blocks` blocks. Its contents are arbitrary: callers write every byte.
+    pub fn take(&mut self, blocks: u64) -> AlignedBuf {
+        if blocks == 1 {
+            if let Some(buf) = self.singles.pop() {
+                return buf;
+            }
+        }
+        self.allocations += 1;
+        AlignedBuf::new(usize::try_from(blocks * BLOCK).expect("buffer fits memory"))
+    }
+
+    pub fn give(&mut self, buf: AlignedBuf) {
+        if buf.len() == BLOCK_USIZE && self.singles.len() < self.retain_max {
+            self.singles.push(buf);
+        }
+    }
+
+    pub fn give_all(&mut self, bufs: &mut Vec<AlignedBuf>) {
+        for buf in bufs.drain(..) {
+            self.give(buf);
+        }
+    }
+}
+
+/// Lists (sorted, deduplicated) the mapped blocks of `old` that running `ops` may read:
+/// blocks under Read ranges and the partially covered edge blocks of Write, Zero and Truncate.
+pub fn blocks_to_read(
+    old: Option<&Onode>,
+    ops: &[SubOp<'_>],
+    out_capacity: usize,
+    needed: &mut Vec<u64>,
+) {
+    needed.clear();
+    let Some(old) = old else { return };
+    let mut push_range = |start: u64, end: u64| {
+        if start < end {
+            let (first, last) = (start / BLOCK, (end - 1) / BLOCK);
+            needed.extend(old.blocks.range(first..=last).map(|(&index, _)| index));
+        }
+    };
+    for op in ops {
+        match *op {
+            SubOp::Read { offset, length } => {
+                let end = offset
+                    .saturating_add(length.min(out_capacity as u64))
+                    .min(old.size);
+                push_range(offset.min(end), end);
+            }
+            SubOp::Write { offset, data } => {
+                edges(offset, data.len() as u64, &mut push_range);
+            }
+            SubOp::Zero { offset, length } => edges(offset, length, &mut push_range),
+            SubOp::Truncate { size } if size % BLOCK != 0 => push_range(size, size + 1),
+            _ => {}
+        }
+    }
+    needed.sort_unstable();
+    needed.dedup();
+}
+
+/// Calls `push(start, end)` for the partially covered first and last blocks of a range.
+fn edges(offset: u64, length: u64, push: &mut dyn FnMut(u64, u64)) {
+    let Some(end) = offset.checked_add(length) else {
+        return;
+    };
+    if length == 0 {
+        return;
+    }
+    if offset % BLOCK != 0 {
+        push(offset, offset + 1);
+    }
+    if end % BLOCK != 0 {
+        push(end - 1, end);
+    }
+}
+
+/// Runs `ops` on the object `old` (None if missing). Read-like sub-ops put their output in
+/// `out` and their status in `results`. Returns the plan, or the first failing mutation's error
+/// (then nothing is planned and `results`/`out` mean nothing).
+pub fn execute(
+    old: Option<&Onode>,
+    ops: &[SubOp<'_>],
+    blocks: &dyn OldBlocks,
+    out: &mut OutputBuffer<'_>,
+    results: &mut [SubOpResult],
+    pool: &mut BlockPool,
+) -> Result<Plan, StoreError> {
+    let mut work = Working {
+        old,
+        blocks,
+        plan: Plan {
+            existed: old.is_some(),
+            exists: old.is_some(),
+            dropped: false,
+            mutated: false,
+            size: old.map_or(0, |o| o.size),
+            dirty: BTreeMap::new(),
+            bufs: Vec::new(),
+            meta: Vec::new(),
+            generation: old.map_or(0, |o| o.changes),
+            old_blocks_dropped: false,
+        },
+        bumped: false,
+        out_pos: 0,
+    };
+    for (op, result) in ops.iter().zip(results.iter_mut()) {
+        if op.is_mutation() {
+            if let Err(error) = work.mutate(op, pool) {
+                pool.give_all(&mut work.plan.bufs);
+                return Err(error);
+            }
+            *result = SubOpResult {
+                status: STATUS_OK,
+                out_offset: work.out_pos as u32,
+                out_len: 0,
+            };
+        } else {
+            *result = work.read(op, out);
+        }
+    }
+    Ok(work.plan)
+}
+
+struct Working<'a> {
+    old: Option<&'a Onode>,
+    blocks: &'a dyn OldBlocks,
+    plan: Plan,
+    bumped: bool,
+    out_pos: usize,
+}
+
+impl Working<'_> {
+    /// The old object, unless this op dropped it.
+    fn old_live(&self) -> Option<&Onode> {
+        if self.plan.old_blocks_dropped {
+            None
+        } else {
+            self.old
+        }
+    }
+
+    /// Current content of logical block `index`; `None` means zeros.
+    fn content(&self, index: u64) -> Result<Option<&[u8]>, StoreError> {
+        match self.plan.dirty.get(&index) {
+            Some(Dirty::Data { buf, at }) => {
+                let start = *at as usize * BLOCK_USIZE;
+                Ok(Some(
+                    &self.plan.bufs[*buf as usize][start..start + BLOCK_USIZE],
+                ))
+            }
+            Some(Dirty::Hole) => Ok(None),
+            None => match self.old_live() {
+                Some(old) if old.blocks.contains_key(&index) => self.blocks.block(index).map(Some),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// Blocks in `first..=last` that hold data now.
+    fn blocks_with_data(&self, first: u64, last: u64) -> Vec<u64> {
+        let mut indexes: Vec<u64> = self
+            .plan
+            .dirty
+            .range(first..=last)
+            .filter(|(_, d)| matches!(d, Dirty::Data { .. }))
+            .map(|(&i, _)| i)
+            .collect();
+        if let Some(old) = self.old_live() {
+            indexes.extend(
+                old.blocks
+                    .range(first..=last)
+                    .map(|(&i, _)| i)
+                    .filter(|i| !self.plan.dirty.contains_key(i)),
+            );
+        }
+        indexes.sort_unstable();
+        indexes
+    }
+
+    fn mutate(&mut self, op: &SubOp<'_>, pool: &mut BlockPool) -> Result<(), StoreError> {
+        op.check_limits()?;
+        if !self.plan.exists {
+            if !op.creates_object() {
+                return Err(StoreError::NotFound);
+            }
+            self.plan.exists = true;
+        }
+        match *op {
+            SubOp::Write { offset, data } => self.write(offset, data, pool)?,
+            SubOp::WriteFull { data } => {
+                self.truncate(0, pool)?;
+                self.write(0, data, pool)?;
+            }
+            SubOp::Zero { offset, length } => self.zero(offset, length, pool)?,
+            SubOp::Truncate { size } => self.truncate(size, pool)?,
+            SubOp::Remove => {
+                let plan = &mut self.plan;
+                plan.exists = false;
+                plan.dropped = plan.existed;
+                plan.old_blocks_dropped = true;
+                plan.dirty.clear();
+                plan.meta.clear();
+                plan.size = 0;
+                plan.generation = 0;
+                plan.mutated = true;
+                self.bumped = false;
+                return Ok(());
+            }
+            SubOp::SetXattr { name, value } => self.plan.meta.push(MetaChange {
+                xattr: true,
+                key: name.to_vec(),
+                value: Some(value.to_vec()),
+            }),
+            SubOp::OmapSet { key, value } => self.plan.meta.push(MetaChange {
+                xattr: false,
+                key: key.to_vec(),
+                value: Some(value.to_vec()),
+            }),
+            SubOp::OmapRemove { key } => self.plan.meta.push(MetaChange {
+                xattr: false,
+                key: key.to_vec(),
+                value: None,
+            }),
+            SubOp::Read { .. } | SubOp::Stat | SubOp::GetXattr { .. } | SubOp::OmapGet { .. } => {
+                unreachable!("not a mutation")
+            }
+        }
+        self.plan.mutated = true;
+        if !self.bumped {
+            self.plan.generation += 1;
+            self.bumped = true;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], pool: &mut BlockPool) -> Result<(), StoreError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let blocks = last - first + 1;
+        let mut buf = pool.take(blocks);
+        let head = (offset % BLOCK) as usize;
+        let tail = head + data.len();
+        if head > 0 {
+            fill(&mut buf[..head], self.content(first)?);
+        }
+        buf[head..tail].copy_from_slice(data);
+        if tail < buf.len() {
+            let within_last = tail - (blocks as usize - 1) * BLOCK_USIZE;
+            fill(
+                &mut buf[tail..],
+                self.content(last)?.map(|b| &b[within_last..]),
+            );
+        }
+        let buf_index = self.plan.bufs.len() as u32;
+        self.plan.bufs.push(buf);
+        for at in 0..blocks {
+            self.plan.dirty.insert(
+                first + at,
+                Dirty::Data {
+                    buf: buf_index,
+                    at: at as u32,
+                },
+            );
+        }
+        self.plan.size = self.plan.size.max(end);
+        Ok(())
+    }
+
+    /// Replaces block `index` by a copy with `range` (within the block) zeroed, if it has data.
+    fn zero_within(
+        &mut self,
+        index: u64,
+        range: std::ops::Range<usize>,
+        pool: &mut BlockPool,
+    ) -> Result<(), StoreError> {
+        let Some(content) = self.content(index)? else {
+            return Ok(());
+        };
+        let mut buf = pool.take(1);
+        buf.copy_from_slice(content);
+        buf[range].fill(0);
+        let buf_index = self.plan.bufs.len() as u32;
+        self.plan.bufs.push(buf);
+        self.plan.dirty.insert(
+            index,
+            Dirty::Data {
+                buf: buf_index,
+                at: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, length: u64, pool: &mut BlockPool) -> Result<(), StoreError> {
+        if length == 0 {
+            return Ok(());
+        }
+        let end = offset + length;
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        for index in self.blocks_with_data(first, last) {
+            let (start, stop) = (index * BLOCK, (index + 1) * BLOCK);
+            let (lo, hi) = (offset.max(start), end.min(stop));
+            if lo == start && hi == stop {
+                self.plan.dirty.insert(index, Dirty::Hole);
+            } else {
+                self.zero_within(index, (lo - start) as usize..(hi - start) as usize, pool)?;
+            }
+        }
+        self.plan.size = self.plan.size.max(end);
+        Ok(())
+    }
+
+    fn truncate(&mut self, size: u64, pool: &mut BlockPool) -> Result<(), StoreError> {
+        if size < self.plan.size {
+            let keep = size.div_ceil(BLOCK);
+            let last = (self.plan.size - 1) / BLOCK;
+            if keep <= last {
+                for index in self.blocks_with_data(keep, last) {
+                    self.plan.dirty.insert(index, Dirty::Hole);
+                }
+            }
+            if size % BLOCK != 0 {
+                self.zero_within(size / BLOCK, (size % BLOCK) as usize..BLOCK_USIZE, pool)?;
+            }
+        }
+        self.plan.size = size;
+        Ok(())
+    }
+
+    fn read(&mut self, op: &SubOp<'_>, out: &mut OutputBuffer<'_>) -> SubOpResult {
+        let out_offset = self.out_pos as u32;
+        let output = op.check_limits().and_then(|()| {
+            if !self.plan.exists {
+                return Err(StoreError::NotFound);
+            }
+            match *op {
+                SubOp::Read { offset, length } => self.read_data(offset, length, out),
+                SubOp::Stat => {
+                    let stat = ObjectStat {
+                        size: self.plan.size,
+                        generation: self.plan.generation,
+                    };
+                    self.output(out, &stat.to_bytes())
+                }
+                SubOp::GetXattr { name } => self.output_meta(true, name, out),
+                SubOp::OmapGet { key } => self.output_meta(false, key, out),
+                _ => unreachable!("not read-like"),
+            }
+        });
+        match output {
+            Ok(out_len) => SubOpResult {
+                status: STATUS_OK,
+                out_offset,
+                out_len,
+            },
+            Err(error) => SubOpResult {
+                status: error.code(),
+                out_offset,
+                out_len: 0,
+            },
+        }
+    }
+
+    fn read_data(
+        &mut self,
+        offset: u64,
+        length: u64,
+        out: &mut OutputBuffer<'_>,
+    ) -> Result<u32, StoreError> {
+        let size = self.plan.size;
+        let start = offset.min(size);
+        let end = offset.saturating_add(length).min(size);
+        let total = (end - start) as usize;
+        if total > out.capacity() - self.out_pos {
+            return Err(StoreError::Range);
+        }
+        let mut at = start;
+        while at < end {
+            let index = at / BLOCK;
+            let within = (at % BLOCK) as usize;
+            let take = ((BLOCK as usize - within) as u64).min(end - at) as usize;
+            let bytes = match self.content(index)? {
+                Some(block) => &block[within..within + take],
+                None => &ZERO_BLOCK[..take],
+            };
+            out.write_at(self.out_pos + (at - start) as usize, bytes);
+            at += take as u64;
+        }
+        self.out_pos += total;
+        Ok(total as u32)
+    }
+
+    fn output_meta(
+        &mut self,
+        xattr: bool,
+        key: &[u8],
+        out: &mut OutputBuffer<'_>,
+    ) -> Result<u32, StoreError> {
+        let changed = self
+            .plan
+            .meta
+            .iter()
+            .rev()
+            .find(|c| c.xattr == xattr && c.key == key);
+        let value: Option<&[u8]> = match changed {
+            Some(change) => change.value.as_deref(),
+            None => self.old_live().and_then(|old| {
+                let map = if xattr { &old.xattrs } else { &old.omap };
+                map.get(key).map(|v| &v[..])
+            }),
+        };
+        let value = value.ok_or(StoreError::NoData)?;
+        // Copy out of `self` before writing: `output` borrows `self` mutably.
+        let (pos, len) = (self.out_pos, value.len());
+        if len > out.capacity() - pos {
+            return Err(StoreError::Range);
+        }
+        out.write_at(pos, value);
+        self.out_pos += len;
+        Ok(len as u32)
+    }
+
+    fn output(&mut self, out: &mut OutputBuffer<'_>, bytes: &[u8]) -> Result<u32, StoreError> {
+        if bytes.len() > out.capacity() - self.out_pos {
+            return Err(StoreError::Range);
+        }
+        out.write_at(self.out_pos, bytes);
+        self.out_pos += bytes.len();
+        Ok(bytes.len() as u32)
+    }
+}
+
+/// Fills `dst` from the start of `src`, or with zeros when `src` is None.
+fn fill(dst: &mut [u8], src: Option<&[u8]>) {
+    match src {
+        Some(src) => dst.copy_from_slice(&src[..dst.len()]),
+        None => dst.fill(0),
+    }
+}
+
+/// Mapped-before blocks of `plan` that end as holes need an unmap delta; holes over blocks
+/// that were never mapped (or whose object was dropped) do not.
+pub fn hole_needs_unmap(plan: &Plan, old: Option<&Onode>, index: u64) -> bool {
+    !plan.old_blocks_dropped && old.is_some_and(|o| o.blocks.contains_key(&index))
+}

@@ -1,0 +1,220 @@
+//! Making and mounting a segment store: mkfs writes the superblock; mount reads it back,
+//! replays a shard's log into metadata, and reports what it found. Both are start-up work, so
+//! they drive the queue pair synchronously (submit, then poll until the request completes).
+
+use std::io;
+
+use crate::queue_pair::{AlignedBuf, IoVec, QueuePair, SubmitError};
+use crate::segment::format::{
+    DeltaReader, FormatError, Superblock, BLOCK_SIZE_BYTES, SUPERBLOCK_OFFSETS,
+};
+use crate::segment::metadata::{ApplyError, Metadata};
+use crate::segment::scan::{scan_shard, BlockReader, ScanError, ShardLog};
+
+#[derive(Debug)]
+pub enum MountError {
+    Io(io::Error),
+    /// Neither superblock copy is valid: not a Carmine device, or both copies are damaged.
+    NotFormatted(FormatError),
+    Geometry(FormatError),
+    Scan(ScanError),
+    /// A record that passed its checksums holds a delta the metadata rejects.
+    Corrupt {
+        record_seq: u64,
+        error: String,
+    },
+    /// The superblock has fewer shards than asked for.
+    NoSuchShard {
+        shard: u32,
+        shards: u32,
+    },
+}
+
+impl std::fmt::Display for MountError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountError::Io(error) => write!(f, "device I/O failed: {error}"),
+            MountError::NotFormatted(error) => {
+                write!(f, "no valid superblock (run `carmine mkfs`?): {error}")
+            }
+            MountError::Geometry(error) => write!(f, "bad geometry: {error}"),
+            MountError::Scan(error) => write!(f, "log scan failed: {error}"),
+            MountError::Corrupt { record_seq, error } => {
+                write!(f, "record {record_seq} does not apply: {error}")
+            }
+            MountError::NoSuchShard { shard, shards } => write!(
+                f,
+                "shard {shard} asked for, but the device was made with {shards} shard(s): run with --cores {shards} or mkfs again"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MountError {}
+
+/// Reads and writes through a queue pair, one request at a time, waiting for each.
+pub struct SyncIo<'a> {
+    qp: &'a mut dyn QueuePair,
+    bounce: AlignedBuf,
+}
+
+const BOUNCE_BYTES: usize = 1 << 20;
+const SYNC_TAG: u64 = 0x5359_4e43;
+
+impl<'a> SyncIo<'a> {
+    pub fn new(qp: &'a mut dyn QueuePair) -> SyncIo<'a> {
+        SyncIo {
+            qp,
+            bounce: AlignedBuf::new(BOUNCE_BYTES),
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        let mut outcome = None;
+        while outcome.is_none() {
+            self.qp.poll(1, &mut |tag, result| {
+                debug_assert_eq!(tag, SYNC_TAG);
+                outcome = Some(result);
+            });
+            if outcome.is_none() {
+                std::hint::spin_loop();
+            }
+        }
+        outcome
+            .expect("set above")
+            .map_err(|error| io::Error::other(error.to_string()))
+    }
+
+    fn submit(
+        &mut self,
+        request: impl Fn(&mut dyn QueuePair) -> Result<(), SubmitError>,
+    ) -> io::Result<()> {
+        loop {
+            match request(self.qp) {
+                Ok(()) => return self.wait(),
+                // Synchronous use: nothing else is in flight, so a full queue clears by polling.
+                Err(SubmitError::QueueFull) => {
+                    self.qp.poll(1, &mut |_, _| {});
+                }
+                Err(error) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        error.to_string(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Writes `data` (a whole number of blocks) at `offset`.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        for (index, chunk) in data.chunks(BOUNCE_BYTES).enumerate() {
+            self.bounce[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: the bounce buffer is ours and untouched until `submit` returns, which
+            // waits for the request's completion.
+            let iovec = unsafe { self.bounce.io_vec_at(0, chunk.len()) };
+            let at = offset + (index * BOUNCE_BYTES) as u64;
+            self.submit(|qp| qp.submit_write(at, &[iovec], SYNC_TAG))?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.submit(|qp| qp.submit_flush(SYNC_TAG))
+    }
+}
+
+impl BlockReader for SyncIo<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (index, chunk) in buf.chunks_mut(BOUNCE_BYTES).enumerate() {
+            let len = chunk.len().next_multiple_of(BLOCK_SIZE_BYTES as usize);
+            // SAFETY: as in `write_at`: the bounce buffer is only touched after completion.
+            let iovec: IoVec = unsafe { self.bounce.io_vec_at(0, len) };
+            let at = offset + (index * BOUNCE_BYTES) as u64;
+            self.submit(|qp| qp.submit_read(at, &[iovec], SYNC_TAG))?;
+            chunk.copy_from_slice(&self.bounce[..chunk.len()]);
+        }
+        Ok(())
+    }
+}
+
+/// Lays out an empty filesystem on the device behind `qp` and returns its superblock. Anything
+/// an earlier mkfs left is ignored from then on: the new uuid changes the nonce every segment
+/// and record carries.
+pub fn mkfs(
+    qp: &mut dyn QueuePair,
+    segment_size: u64,
+    shards: u32,
+    uuid: [u8; 16],
+) -> Result<Superblock, MountError> {
+    let sb = Superblock::for_device(qp.capacity_bytes(), segment_size, shards, uuid)
+        .map_err(MountError::Geometry)?;
+    let mut io = SyncIo::new(qp);
+    let block = sb.encode();
+    for offset in SUPERBLOCK_OFFSETS {
+        io.write_at(offset, &block).map_err(MountError::Io)?;
+    }
+    io.flush().map_err(MountError::Io)?;
+    Ok(sb)
+}
+
+pub fn read_superblock(reader: &mut dyn BlockReader) -> Result<Superblock, MountError> {
+    let mut copies = [
+        vec![0u8; BLOCK_SIZE_BYTES as usize],
+        vec![0u8; BLOCK_SIZE_BYTES as usize],
+    ];
+    for (copy, offset) in copies.iter_mut().zip(SUPERBLOCK_OFFSETS) {
+        reader.read_at(offset, copy).map_err(MountError::Io)?;
+    }
+    Superblock::pick(
+        Superblock::decode(&copies[0]),
+        Superblock::decode(&copies[1]),
+    )
+    .map_err(MountError::NotFormatted)
+}
+
+/// What mounting a shard found.
+pub struct Mounted {
+    pub sb: Superblock,
+    pub metadata: Metadata,
+    pub log: ShardLog,
+}
+
+/// Reads the superblock and replays shard `shard`'s log through `reader`.
+pub fn replay_from(reader: &mut dyn BlockReader, shard: u32) -> Result<Mounted, MountError> {
+    let sb = read_superblock(reader)?;
+    if shard >= sb.shard_count {
+        return Err(MountError::NoSuchShard {
+            shard,
+            shards: sb.shard_count,
+        });
+    }
+    let mut metadata = Metadata::new(sb);
+    let mut failure: Option<(u64, String)> = None;
+    let log = scan_shard(&sb, shard, reader, &mut |record, deltas| {
+        if failure.is_some() {
+            return;
+        }
+        for delta in DeltaReader::new(deltas) {
+            let applied = delta.map_err(|error| error.to_string()).and_then(|delta| {
+                metadata
+                    .apply(&delta)
+                    .map_err(|e: ApplyError| e.to_string())
+            });
+            if let Err(error) = applied {
+                failure = Some((record.header.record_seq, error));
+                return;
+            }
+        }
+    })
+    .map_err(MountError::Scan)?;
+    if let Some((record_seq, error)) = failure {
+        return Err(MountError::Corrupt { record_seq, error });
+    }
+    Ok(Mounted { sb, metadata, log })
+}
+
+/// `replay_from` through the shard's own queue pair.
+pub fn replay(qp: &mut dyn QueuePair, shard: u32) -> Result<Mounted, MountError> {
+    replay_from(&mut SyncIo::new(qp), shard)
+}

@@ -1,0 +1,909 @@
+//! `SegmentStore`: one shard of the segment store, an `ObjectStore` on a block `QueuePair`.
+//!
+//! An op's life:
+//! 1. `submit` checks its shape. If another op on the same object is still in progress (its
+//!    blocks being read, or its record not yet durable), it waits in that object's lane: ops
+//!    on one object run one at a time, in order, so each one sees the durable result of the
+//!    one before (and a read never sees data that a crash could still take back).
+//! 2. The blocks it needs from the device (reads, and the edges of partial-block writes) are
+//!    read, each checked against the crc32c in the metadata.
+//! 3. `exec::execute` runs its sub-ops on a private working set: read outputs are produced,
+//!    mutations become a `Plan`, and a failing mutation drops it all (nothing applied).
+//! 4. The plan's deltas and data blocks join the journal's open batch (group commit). When the
+//!    record is durable, its deltas are applied to the in-memory metadata, exactly as replay
+//!    would apply them, and the op completes.
+//!
+//! An op that needs neither the device nor a record (a Stat, an xattr read, a read of a hole)
+//! completes inside `submit`.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::object_store::{
+    check_operation, ObjectStore, OutputBuffer, StoreStats, SubOp, SubOpResult, Submit, SUB_OPS_MAX,
+};
+use crate::queue_pair::{AlignedBuf, IoError, QueuePair, SubmitError};
+use crate::segment::exec::{self, BlockPool, Dirty, OldBlocks, Plan};
+use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
+use crate::segment::journal::{Journal, JournalError, JOURNAL_TAG_BIT};
+use crate::segment::metadata::{Metadata, Onode};
+use crate::segment::mount::{self, MountError};
+use crate::StoreError;
+
+/// Completions with this bit (and not the journal's) are block reads of an op.
+const READ_TAG_BIT: u64 = 1 << 62;
+/// Ops in progress at once: a fixed slot table, sized at mount.
+pub const OPS_IN_FLIGHT_MAX: usize = 4096;
+/// Free 4 KiB block buffers kept for reuse.
+const BLOCK_BUFFERS_RETAINED: usize = 4096;
+/// Block reads merged into one request, at most (a run's validity is a 64-bit mask).
+const READ_RUN_BLOCKS_MAX: u64 = 64;
+/// Queue pair completions taken per poll.
+const QP_COMPLETIONS_PER_POLL: usize = 256;
+
+/// Counters beyond `StoreStats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentStats {
+    pub records_written: u64,
+    pub journal_bytes: u64,
+    pub client_bytes_written: u64,
+    pub block_reads: u64,
+    pub checksum_errors: u64,
+    pub read_errors: u64,
+    pub lane_waits: u64,
+    pub batch_full_waits: u64,
+    pub buffer_allocations: u64,
+    pub free_segments: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SubOpKind {
+    Write,
+    WriteFull,
+    Read,
+    Zero,
+    Truncate,
+    Remove,
+    Stat,
+    SetXattr,
+    GetXattr,
+    OmapSet,
+    OmapGet,
+    OmapRemove,
+}
+
+/// A sub-op copied into its slot: numbers inline, byte strings as ranges of the slot's `args`.
+#[derive(Clone, Copy, Debug)]
+struct StoredSubOp {
+    kind: SubOpKind,
+    a: u64,
+    b: u64,
+    first: (u32, u32),
+    second: (u32, u32),
+}
+
+/// Reads of one op: runs of logically and physically consecutive blocks.
+struct ReadRun {
+    first_index: u64,
+    blocks: u32,
+    physical: u64,
+    buf: AlignedBuf,
+    /// Bit per block, set when the block's crc matched.
+    valid: u64,
+    done: bool,
+    submitted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Free,
+    /// Waiting in its object's lane.
+    Queued,
+    /// Block reads in flight.
+    Reading,
+    /// Planned; waiting for room in the journal's batch.
+    Blocked,
+    /// In the journal; completes when its record is durable.
+    Journaled,
+    /// Finished; waiting to be reported by `poll`.
+    Done,
+}
+
+struct Slot {
+    stage: Stage,
+    tag: u64,
+    oid: Vec<u8>,
+    args: Vec<u8>,
+    ops: Vec<StoredSubOp>,
+    out_ptr: *mut u8,
+    out_capacity: usize,
+    results: [SubOpResult; SUB_OPS_MAX],
+    /// How many of `results` the op has (its sub-op count).
+    result_count: usize,
+    result: Result<(), StoreError>,
+    runs: Vec<ReadRun>,
+    reads_outstanding: u32,
+    plan: Option<Plan>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            stage: Stage::Free,
+            tag: 0,
+            oid: Vec::new(),
+            args: Vec::new(),
+            ops: Vec::with_capacity(SUB_OPS_MAX),
+            out_ptr: std::ptr::null_mut(),
+            out_capacity: 0,
+            results: [SubOpResult::default(); SUB_OPS_MAX],
+            result_count: 0,
+            result: Ok(()),
+            runs: Vec::new(),
+            reads_outstanding: 0,
+            plan: None,
+        }
+    }
+
+    fn store_ops(&mut self, ops: &[SubOp<'_>]) {
+        self.args.clear();
+        self.ops.clear();
+        let args = &mut self.args;
+        let mut put = |bytes: &[u8]| {
+            let start = args.len() as u32;
+            args.extend_from_slice(bytes);
+            (start, args.len() as u32)
+        };
+        for op in ops {
+            let mut stored = StoredSubOp {
+                kind: SubOpKind::Stat,
+                a: 0,
+                b: 0,
+                first: (0, 0),
+                second: (0, 0),
+            };
+            stored.kind = match *op {
+                SubOp::Write { offset, data } => {
+                    stored.a = offset;
+                    stored.first = put(data);
+                    SubOpKind::Write
+                }
+                SubOp::WriteFull { data } => {
+                    stored.first = put(data);
+                    SubOpKind::WriteFull
+                }
+                SubOp::Read { offset, length } => {
+                    (stored.a, stored.b) = (offset, length);
+                    SubOpKind::Read
+                }
+                SubOp::Zero { offset, length } => {
+                    (stored.a, stored.b) = (offset, length);
+                    SubOpKind::Zero
+                }
+                SubOp::Truncate { size } => {
+                    stored.a = size;
+                    SubOpKind::Truncate
+                }
+                SubOp::Remove => SubOpKind::Remove,
+                SubOp::Stat => SubOpKind::Stat,
+                SubOp::SetXattr { name, value } => {
+                    stored.first = put(name);
+                    stored.second = put(value);
+                    SubOpKind::SetXattr
+                }
+                SubOp::GetXattr { name } => {
+                    stored.first = put(name);
+                    SubOpKind::GetXattr
+                }
+                SubOp::OmapSet { key, value } => {
+                    stored.first = put(key);
+                    stored.second = put(value);
+                    SubOpKind::OmapSet
+                }
+                SubOp::OmapGet { key } => {
+                    stored.first = put(key);
+                    SubOpKind::OmapGet
+                }
+                SubOp::OmapRemove { key } => {
+                    stored.first = put(key);
+                    SubOpKind::OmapRemove
+                }
+            };
+            self.ops.push(stored);
+        }
+    }
+
+    /// The stored sub-ops, borrowing `args`.
+    fn sub_ops<'a>(ops: &[StoredSubOp], args: &'a [u8], into: &mut Vec<SubOp<'a>>) {
+        into.clear();
+        let bytes = |(start, end): (u32, u32)| &args[start as usize..end as usize];
+        for op in ops {
+            into.push(match op.kind {
+                SubOpKind::Write => SubOp::Write {
+                    offset: op.a,
+                    data: bytes(op.first),
+                },
+                SubOpKind::WriteFull => SubOp::WriteFull {
+                    data: bytes(op.first),
+                },
+                SubOpKind::Read => SubOp::Read {
+                    offset: op.a,
+                    length: op.b,
+                },
+                SubOpKind::Zero => SubOp::Zero {
+                    offset: op.a,
+                    length: op.b,
+                },
+                SubOpKind::Truncate => SubOp::Truncate { size: op.a },
+                SubOpKind::Remove => SubOp::Remove,
+                SubOpKind::Stat => SubOp::Stat,
+                SubOpKind::SetXattr => SubOp::SetXattr {
+                    name: bytes(op.first),
+                    value: bytes(op.second),
+                },
+                SubOpKind::GetXattr => SubOp::GetXattr {
+                    name: bytes(op.first),
+                },
+                SubOpKind::OmapSet => SubOp::OmapSet {
+                    key: bytes(op.first),
+                    value: bytes(op.second),
+                },
+                SubOpKind::OmapGet => SubOp::OmapGet {
+                    key: bytes(op.first),
+                },
+                SubOpKind::OmapRemove => SubOp::OmapRemove {
+                    key: bytes(op.first),
+                },
+            });
+        }
+    }
+}
+
+/// The blocks an op read, as `exec` asks for them.
+struct ReadBlocks<'a> {
+    runs: &'a [ReadRun],
+}
+
+impl OldBlocks for ReadBlocks<'_> {
+    fn block(&self, index: u64) -> Result<&[u8], StoreError> {
+        let run = self
+            .runs
+            .iter()
+            .find(|r| (r.first_index..r.first_index + u64::from(r.blocks)).contains(&index))
+            .expect("exec asks only for blocks that were read");
+        let at = (index - run.first_index) as usize;
+        if run.valid & (1 << at) == 0 {
+            return Err(StoreError::Io);
+        }
+        Ok(&run.buf[at * BLOCK_SIZE_BYTES as usize..][..BLOCK_SIZE_BYTES as usize])
+    }
+}
+
+/// No blocks: for ops that read none.
+struct NoBlocks;
+
+impl OldBlocks for NoBlocks {
+    fn block(&self, _index: u64) -> Result<&[u8], StoreError> {
+        unreachable!("exec asks only for blocks that were read")
+    }
+}
+
+/// Ops on one object, in order: the one in progress, then the ones waiting.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<u32>,
+}
+
+pub struct SegmentStore<Q: QueuePair> {
+    sb: Superblock,
+    shard: u32,
+    qp: Q,
+    journal: Journal,
+    metadata: Metadata,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    /// Objects with an op in progress.
+    lanes: HashMap<Box<[u8]>, Lane>,
+    /// Slots whose reads all completed, to execute.
+    ready: VecDeque<u32>,
+    /// Slots with a plan that did not fit the open batch.
+    blocked: VecDeque<u32>,
+    /// Slots with reads the queue pair did not accept yet.
+    unsubmitted: VecDeque<u32>,
+    /// Finished slots, to report.
+    finished: VecDeque<u32>,
+    pool: BlockPool,
+    needed: Vec<u64>,
+    crcs: Vec<u32>,
+    durable_scratch: Vec<u8>,
+    done_scratch: Vec<(u64, Result<(), JournalError>)>,
+    stats: StoreStats,
+    extra: SegmentStats,
+}
+
+impl<Q: QueuePair> SegmentStore<Q> {
+    /// Mounts shard `shard` of the filesystem on `qp`: reads the superblock, replays the
+    /// shard's log into memory, and continues the log in a fresh segment.
+    pub fn mount(mut qp: Q, shard: u32) -> Result<SegmentStore<Q>, MountError> {
+        let mounted = mount::replay(&mut qp, shard)?;
+        let journal = Journal::new(mounted.sb, shard, &mounted.log);
+        let mut store = SegmentStore {
+            sb: mounted.sb,
+            shard,
+            qp,
+            journal,
+            metadata: mounted.metadata,
+            slots: (0..OPS_IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
+            free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
+            lanes: HashMap::new(),
+            ready: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
+            blocked: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
+            unsubmitted: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
+            finished: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
+            pool: BlockPool::new(BLOCK_BUFFERS_RETAINED),
+            needed: Vec::new(),
+            crcs: Vec::new(),
+            durable_scratch: Vec::new(),
+            done_scratch: Vec::new(),
+            stats: StoreStats::default(),
+            extra: SegmentStats::default(),
+        };
+        store.stats.capacity_bytes = store.data_capacity_bytes();
+        Ok(store)
+    }
+
+    /// The queue pair (tests cut its power).
+    pub fn queue_pair(&mut self) -> &mut Q {
+        &mut self.qp
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    pub fn segment_stats(&self) -> SegmentStats {
+        let mut extra = self.extra;
+        extra.records_written = self.journal.records_written;
+        extra.journal_bytes = self.journal.bytes_written;
+        extra.buffer_allocations = self.pool.allocations;
+        extra.free_segments = self.journal.free_segment_count() as u64;
+        extra
+    }
+
+    /// Ops in progress (submitted, not yet reported).
+    pub fn in_flight(&self) -> usize {
+        OPS_IN_FLIGHT_MAX - self.free_slots.len()
+    }
+
+    fn data_capacity_bytes(&self) -> u64 {
+        let segments = self.sb.shard_segments(self.shard).len() as u64;
+        segments * (self.sb.segment_size - BLOCK_SIZE_BYTES)
+    }
+
+    // ---- starting ops -------------------------------------------------------------------
+
+    /// Starts the op in `slot` (its lane is ours): read what it needs, or run it now.
+    fn start(&mut self, slot_index: u32) {
+        let slot = &mut self.slots[slot_index as usize];
+        let mut ops = Vec::with_capacity(slot.ops.len());
+        Slot::sub_ops(&slot.ops, &slot.args, &mut ops);
+        let old = self.metadata.object(&slot.oid);
+        exec::blocks_to_read(old, &ops, slot.out_capacity, &mut self.needed);
+        if self.needed.is_empty() {
+            self.run(slot_index);
+            return;
+        }
+        let old = old.expect("blocks to read belong to an object");
+        build_runs(old, &self.needed, &mut slot.runs, &mut self.pool);
+        slot.reads_outstanding = slot.runs.len() as u32;
+        slot.stage = Stage::Reading;
+        self.extra.block_reads += self.needed.len() as u64;
+        self.unsubmitted.push_back(slot_index);
+        self.submit_reads();
+    }
+
+    /// Runs the op in `slot` with its reads complete, and journals its plan.
+    fn run(&mut self, slot_index: u32) {
+        let slot = &mut self.slots[slot_index as usize];
+        let mut ops = Vec::with_capacity(slot.ops.len());
+        Slot::sub_ops(&slot.ops, &slot.args, &mut ops);
+        // SAFETY: the pointer and capacity come from the caller's `OutputBuffer`, checked to
+        // be a `from_raw` buffer in `submit`; its contract keeps the region valid and ours
+        // until we report this op complete, which has not happened yet.
+        let mut out = unsafe { OutputBuffer::from_raw(slot.out_ptr, slot.out_capacity) };
+        let old = self.metadata.object(&slot.oid);
+        let blocks = ReadBlocks { runs: &slot.runs };
+        let executed = exec::execute(
+            old,
+            &ops,
+            &blocks,
+            &mut out,
+            &mut slot.results[..ops.len()],
+            &mut self.pool,
+        );
+        for run in slot.runs.drain(..) {
+            self.pool.give(run.buf);
+        }
+        count_reads(&mut self.stats, &ops);
+        match executed {
+            Err(error) => self.finish(slot_index, Err(error)),
+            Ok(plan) if !plan.needs_record() => {
+                self.stats.transactions += u64::from(plan.mutated);
+                self.finish(slot_index, Ok(()))
+            }
+            Ok(plan) => {
+                let slot = &mut self.slots[slot_index as usize];
+                slot.plan = Some(plan);
+                self.journal_plan(slot_index);
+            }
+        }
+    }
+
+    /// Puts the slot's plan in the journal's batch, or leaves it blocked if the batch is full.
+    fn journal_plan(&mut self, slot_index: u32) {
+        let slot = &mut self.slots[slot_index as usize];
+        let plan = slot.plan.as_mut().expect("a planned op");
+        let old = self.metadata.object(&slot.oid);
+        let appended = append_plan(
+            &mut self.journal,
+            &slot.oid,
+            old,
+            plan,
+            &mut self.crcs,
+            slot_index as u64,
+        );
+        match appended {
+            Ok(()) => {
+                slot.stage = Stage::Journaled;
+                self.extra.client_bytes_written += slot
+                    .ops
+                    .iter()
+                    .filter(|op| matches!(op.kind, SubOpKind::Write | SubOpKind::WriteFull))
+                    .map(|op| u64::from(op.first.1 - op.first.0))
+                    .sum::<u64>();
+            }
+            Err(JournalError::BatchFull) => {
+                slot.stage = Stage::Blocked;
+                self.extra.batch_full_waits += 1;
+                self.blocked.push_back(slot_index);
+            }
+            Err(JournalError::NoSpace) => self.finish(slot_index, Err(StoreError::NoSpace)),
+            Err(JournalError::Io(error)) => {
+                log::error!("shard {}: journal failed earlier: {error}", self.shard);
+                self.finish(slot_index, Err(StoreError::Io))
+            }
+        }
+    }
+
+    /// The op is over (with `result`): report it and let its object's next op start.
+    fn finish(&mut self, slot_index: u32, result: Result<(), StoreError>) {
+        let slot = &mut self.slots[slot_index as usize];
+        if let Some(mut plan) = slot.plan.take() {
+            self.pool.give_all(&mut plan.bufs);
+        }
+        if result.is_err() {
+            self.stats.errors += 1;
+        }
+        slot.result = result;
+        slot.stage = Stage::Done;
+        self.finished.push_back(slot_index);
+        self.release_lane(slot_index);
+    }
+
+    fn release_lane(&mut self, slot_index: u32) {
+        let oid = &self.slots[slot_index as usize].oid;
+        let lane = self.lanes.get_mut(&oid[..]).expect("an op holds its lane");
+        match lane.waiting.pop_front() {
+            Some(next) => self.start(next),
+            None => {
+                self.lanes.remove(&oid[..]);
+            }
+        }
+    }
+
+    fn submit_reads(&mut self) {
+        while let Some(&slot_index) = self.unsubmitted.front() {
+            let slot = &mut self.slots[slot_index as usize];
+            for (run_index, run) in slot.runs.iter_mut().enumerate() {
+                if run.submitted {
+                    continue;
+                }
+                let tag = READ_TAG_BIT | u64::from(slot_index) << 16 | run_index as u64;
+                // SAFETY: the run's buffer lives in the slot until the read completes (the slot
+                // stays in Reading until every run reported) and nobody touches it meanwhile.
+                let iovec = unsafe { run.buf.io_vec_at(0, run.blocks as usize * 4096) };
+                match self.qp.submit_read(run.physical, &[iovec], tag) {
+                    Ok(()) => run.submitted = true,
+                    Err(SubmitError::QueueFull) => return,
+                    Err(error) => panic!("shard read request malformed: {error}"),
+                }
+            }
+            self.unsubmitted.pop_front();
+        }
+    }
+
+    fn read_completed(&mut self, tag: u64, result: Result<(), IoError>) {
+        let slot_index = ((tag & !READ_TAG_BIT) >> 16) as u32;
+        let run_index = (tag & 0xffff) as usize;
+        let slot = &mut self.slots[slot_index as usize];
+        debug_assert_eq!(slot.stage, Stage::Reading);
+        let oid = &slot.oid;
+        let run = &mut slot.runs[run_index];
+        run.done = true;
+        match result {
+            Ok(()) => {
+                let onode = self
+                    .metadata
+                    .object(oid)
+                    .expect("an object being read exists");
+                for at in 0..u64::from(run.blocks) {
+                    let expected = onode.blocks[&(run.first_index + at)].crc;
+                    let bytes =
+                        &run.buf[(at * BLOCK_SIZE_BYTES) as usize..][..BLOCK_SIZE_BYTES as usize];
+                    if crc32c::crc32c(bytes) == expected {
+                        run.valid |= 1 << at;
+                    } else {
+                        self.extra.checksum_errors += 1;
+                        log::error!(
+                            "shard {}: checksum mismatch in object {:?} block {} at device offset {}",
+                            self.shard,
+                            String::from_utf8_lossy(oid),
+                            run.first_index + at,
+                            run.physical + at * BLOCK_SIZE_BYTES
+                        );
+                    }
+                }
+            }
+            Err(error) => {
+                self.extra.read_errors += 1;
+                log::error!(
+                    "shard {}: read of {} blocks at {} failed: {error}",
+                    self.shard,
+                    run.blocks,
+                    run.physical
+                );
+            }
+        }
+        slot.reads_outstanding -= 1;
+        if slot.reads_outstanding == 0 {
+            self.ready.push_back(slot_index);
+        }
+    }
+
+    fn apply_record(&mut self, deltas: &[u8]) {
+        for delta in DeltaReader::new(deltas) {
+            let delta = delta.expect("the store encoded this record itself");
+            if let Err(error) = self.metadata.apply(&delta) {
+                // The store journaled a delta its own metadata rejects: continuing would
+                // serve wrong data. Stop here; replay of the durable log is the recovery.
+                panic!(
+                    "shard {}: own journal record does not apply: {error}",
+                    self.shard
+                );
+            }
+        }
+    }
+}
+
+/// Groups the blocks to read into runs that are consecutive both logically and on the device.
+fn build_runs(old: &Onode, needed: &[u64], runs: &mut Vec<ReadRun>, pool: &mut BlockPool) {
+    runs.clear();
+    let mut i = 0;
+    while i < needed.len() {
+        let first = needed[i];
+        let physical = old.blocks[&first].physical;
+        let mut count = 1;
+        while i + count < needed.len()
+            && (count as u64) < READ_RUN_BLOCKS_MAX
+            && needed[i + count] == first + count as u64
+            && old.blocks[&needed[i + count]].physical == physical + count as u64 * 4096
+        {
+            count += 1;
+        }
+        runs.push(ReadRun {
+            first_index: first,
+            blocks: count as u32,
+            physical,
+            buf: pool.take(count as u64),
+            valid: 0,
+            done: false,
+            submitted: false,
+        });
+        i += count;
+    }
+}
+
+fn count_reads(stats: &mut StoreStats, ops: &[SubOp<'_>]) {
+    stats.reads += ops.iter().filter(|op| !op.is_mutation()).count() as u64;
+}
+
+/// Appends the plan's deltas and data to the journal's batch as one op. On error the batch is
+/// as before.
+fn append_plan(
+    journal: &mut Journal,
+    oid: &[u8],
+    old: Option<&Onode>,
+    plan: &mut Plan,
+    crcs: &mut Vec<u32>,
+    tag: u64,
+) -> Result<(), JournalError> {
+    let mut op = journal.append()?;
+    if plan.dropped {
+        op.delta(&Delta::ObjectRemove { oid })?;
+    }
+    if !plan.exists {
+        debug_assert!(plan.dropped);
+    } else {
+        if !plan.existed || plan.dropped {
+            op.delta(&Delta::ObjectCreate { oid })?;
+        }
+        let entries: Vec<(u64, Dirty)> = plan.dirty.iter().map(|(&i, &d)| (i, d)).collect();
+        let mut i = 0;
+        while i < entries.len() {
+            let (index, dirty) = entries[i];
+            match dirty {
+                Dirty::Data { buf, at } => {
+                    let mut count = 1;
+                    while let Some(&(next, Dirty::Data { buf: b, at: a })) = entries.get(i + count)
+                    {
+                        if next != index + count as u64 || b != buf || a != at + count as u32 {
+                            break;
+                        }
+                        count += 1;
+                    }
+                    let buffer = &mut plan.bufs[buf as usize];
+                    crcs.clear();
+                    for block in 0..count {
+                        let start = (at as usize + block) * 4096;
+                        crcs.push(crc32c::crc32c(&buffer[start..start + 4096]));
+                    }
+                    // SAFETY: the buffer belongs to the plan, which the slot keeps unchanged
+                    // until the journal reports this op's record durable (or failed).
+                    let iovec = unsafe { buffer.io_vec_at(at as usize * 4096, count * 4096) };
+                    // SAFETY: as above: the memory stays valid and unmodified until completion.
+                    unsafe { op.extent(oid, index * BLOCK_SIZE_BYTES, iovec, crcs)? };
+                    i += count;
+                }
+                Dirty::Hole => {
+                    let mut count = 1;
+                    while let Some(&(next, Dirty::Hole)) = entries.get(i + count) {
+                        if next != index + count as u64 {
+                            break;
+                        }
+                        count += 1;
+                    }
+                    let unmapped = (index..index + count as u64)
+                        .any(|block| exec::hole_needs_unmap(plan, old, block));
+                    if unmapped {
+                        op.delta(&Delta::ExtentUnmap {
+                            oid,
+                            offset: index * BLOCK_SIZE_BYTES,
+                            blocks: count as u32,
+                        })?;
+                    }
+                    i += count;
+                }
+            }
+        }
+        for change in &plan.meta {
+            let delta = match (change.xattr, &change.value) {
+                (true, Some(value)) => Delta::XattrSet {
+                    oid,
+                    name: &change.key,
+                    value,
+                },
+                (true, None) => Delta::XattrRemove {
+                    oid,
+                    name: &change.key,
+                },
+                (false, Some(value)) => Delta::OmapSet {
+                    oid,
+                    key: &change.key,
+                    value,
+                },
+                (false, None) => Delta::OmapRemove {
+                    oid,
+                    key: &change.key,
+                },
+            };
+            op.delta(&delta)?;
+        }
+        op.delta(&Delta::ObjectSize {
+            oid,
+            size: plan.size,
+        })?;
+    }
+    if !op.fits_device() {
+        return Err(JournalError::NoSpace);
+    }
+    op.commit(tag);
+    Ok(())
+}
+
+impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
+    fn submit(
+        &mut self,
+        tag: u64,
+        oid: &[u8],
+        ops: &[SubOp<'_>],
+        out: &mut OutputBuffer<'_>,
+        results: &mut [SubOpResult],
+    ) -> Result<Submit, StoreError> {
+        assert!(results.len() >= ops.len(), "fewer results than sub-ops");
+        if let Err(error) = check_operation(oid, ops) {
+            self.stats.errors += 1;
+            return Err(error);
+        }
+        let idle = !self.lanes.contains_key(oid);
+        if idle {
+            // Fast path: nothing to read and nothing to wait for runs right here, with the
+            // caller's sub-ops, and completes now unless it journals.
+            let old = self.metadata.object(oid);
+            exec::blocks_to_read(old, ops, out.capacity(), &mut self.needed);
+            if self.needed.is_empty() {
+                let executed = exec::execute(old, ops, &NoBlocks, out, results, &mut self.pool);
+                count_reads(&mut self.stats, ops);
+                let plan = match executed {
+                    Err(error) => {
+                        self.stats.errors += 1;
+                        return Err(error);
+                    }
+                    Ok(plan) if !plan.needs_record() => {
+                        self.stats.transactions += u64::from(plan.mutated);
+                        return Ok(Submit::Done);
+                    }
+                    Ok(plan) => plan,
+                };
+                let Some(slot_index) = self.free_slots.pop() else {
+                    let mut plan = plan;
+                    self.pool.give_all(&mut plan.bufs);
+                    self.stats.errors += 1;
+                    return Err(StoreError::NoSpace);
+                };
+                let slot = &mut self.slots[slot_index as usize];
+                slot.tag = tag;
+                slot.oid.clear();
+                slot.oid.extend_from_slice(oid);
+                slot.ops.clear();
+                slot.args.clear();
+                slot.results[..ops.len()].copy_from_slice(&results[..ops.len()]);
+                slot.result_count = ops.len();
+                slot.plan = Some(plan);
+                self.lanes.insert(oid.into(), Lane::default());
+                self.journal_plan(slot_index);
+                self.stats.transactions += 1;
+                return Ok(Submit::Pending);
+            }
+        }
+        // The op waits (for its lane or its reads) and fills `out` later: that needs a raw
+        // output buffer, and copies of its arguments.
+        if out.is_borrowed() && ops.iter().any(|op| !op.is_mutation()) {
+            self.stats.errors += 1;
+            return Err(StoreError::InvalidArgument);
+        }
+        let Some(slot_index) = self.free_slots.pop() else {
+            self.stats.errors += 1;
+            return Err(StoreError::NoSpace);
+        };
+        let slot = &mut self.slots[slot_index as usize];
+        slot.tag = tag;
+        slot.oid.clear();
+        slot.oid.extend_from_slice(oid);
+        slot.store_ops(ops);
+        slot.result_count = ops.len();
+        slot.out_ptr = out.as_mut_ptr();
+        slot.out_capacity = out.capacity();
+        slot.stage = Stage::Queued;
+        if ops.iter().any(SubOp::is_mutation) {
+            self.stats.transactions += 1;
+        }
+        if idle {
+            self.lanes.insert(oid.into(), Lane::default());
+            self.start(slot_index);
+        } else {
+            self.extra.lane_waits += 1;
+            self.lanes
+                .get_mut(oid)
+                .expect("checked")
+                .waiting
+                .push_back(slot_index);
+        }
+        Ok(Submit::Pending)
+    }
+
+    fn poll(
+        &mut self,
+        max: usize,
+        complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
+    ) -> usize {
+        // 1. Device completions.
+        let mut events: [(u64, Result<(), IoError>); QP_COMPLETIONS_PER_POLL] =
+            [(0, Ok(())); QP_COMPLETIONS_PER_POLL];
+        let mut count = 0;
+        self.qp.poll(QP_COMPLETIONS_PER_POLL, &mut |tag, result| {
+            events[count] = (tag, result);
+            count += 1;
+        });
+        for &(tag, result) in &events[..count] {
+            if tag & JOURNAL_TAG_BIT != 0 {
+                self.journal.complete_io(tag, result);
+            } else {
+                debug_assert_ne!(tag & READ_TAG_BIT, 0);
+                self.read_completed(tag, result);
+            }
+        }
+        // 2. Ops whose reads are in, then ops waiting for batch room, then the journal.
+        self.submit_reads();
+        while let Some(slot_index) = self.ready.pop_front() {
+            self.run(slot_index);
+        }
+        self.pump_journal();
+        let blocked = self.blocked.len();
+        for _ in 0..blocked {
+            let slot_index = self.blocked.pop_front().expect("counted");
+            self.journal_plan(slot_index);
+        }
+        if blocked > 0 {
+            self.pump_journal();
+        }
+        // 3. Report.
+        let mut reported = 0;
+        while reported < max {
+            let Some(slot_index) = self.finished.pop_front() else {
+                break;
+            };
+            let slot = &mut self.slots[slot_index as usize];
+            let result = slot.result.map(|()| &slot.results[..slot.result_count]);
+            complete(slot.tag, result);
+            slot.stage = Stage::Free;
+            self.free_slots.push(slot_index);
+            reported += 1;
+        }
+        reported + count
+    }
+
+    fn stats(&self) -> StoreStats {
+        let mut stats = self.stats;
+        stats.objects = self.metadata.object_count() as u64;
+        stats.bytes_stored =
+            u64::from(self.metadata.live_block_counts().iter().sum::<u32>()) * BLOCK_SIZE_BYTES;
+        stats
+    }
+}
+
+impl<Q: QueuePair> SegmentStore<Q> {
+    fn pump_journal(&mut self) {
+        // Gathered first, handled after: handling finishes ops, which needs `&mut self`.
+        let mut durable = std::mem::take(&mut self.durable_scratch);
+        let mut done = std::mem::take(&mut self.done_scratch);
+        self.journal.pump(
+            &mut self.qp,
+            &mut |deltas| durable.extend_from_slice(deltas),
+            &mut |tag, result| done.push((tag, result)),
+        );
+        if !durable.is_empty() {
+            self.apply_record(&durable);
+            durable.clear();
+        }
+        for &(tag, result) in &done {
+            let result = result.map_err(|error| {
+                log::error!("shard {}: {error}", self.shard);
+                match error {
+                    JournalError::NoSpace => StoreError::NoSpace,
+                    JournalError::BatchFull | JournalError::Io(_) => StoreError::Io,
+                }
+            });
+            self.finish(tag as u32, result);
+        }
+        done.clear();
+        self.durable_scratch = durable;
+        self.done_scratch = done;
+    }
+}

@@ -1,0 +1,611 @@
+//! The segment store end to end on the `mem` queue pair: the memory store as oracle, crash
+//! consistency under seeded power cuts, checksums, a full device.
+
+use carmine_storage::segment::{mkfs, SegmentStore};
+use carmine_storage::{
+    MemFaults, MemQueuePair, MemoryStore, ObjectStore, OutputBuffer, StoreError, SubOp,
+    SubOpResult, Submit, TearGranularity,
+};
+use proptest::prelude::*;
+
+const SEGMENT: u64 = 1 << 20;
+const OUTPUT_MAX: usize = 256 << 10;
+
+fn device(megabytes: u64, faults: MemFaults) -> MemQueuePair {
+    let mut qp = MemQueuePair::new(megabytes << 20, 64, faults);
+    mkfs(&mut qp, SEGMENT, 1, *b"segment-store-t!").expect("mkfs");
+    qp
+}
+
+fn mount(qp: MemQueuePair) -> SegmentStore<MemQueuePair> {
+    SegmentStore::mount(qp, 0).expect("mount")
+}
+
+/// One op's outcome: the op's error, or each sub-op's status and output.
+type Outcome = Result<Vec<(u16, Vec<u8>)>, StoreError>;
+
+/// An op submitted to a store that completes asynchronously, with its output region.
+struct InFlight {
+    ops: usize,
+    out: Vec<u8>,
+    outcome: Option<Outcome>,
+}
+
+fn outcome_of(results: &[SubOpResult], out: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    results
+        .iter()
+        .map(|r| {
+            let start = r.out_offset as usize;
+            (r.status, out[start..start + r.out_len as usize].to_vec())
+        })
+        .collect()
+}
+
+/// Submits every op of `batch` before polling, then polls until all complete.
+fn run_batch<S: ObjectStore>(store: &mut S, batch: &[(Vec<u8>, Vec<SubOp<'_>>)]) -> Vec<Outcome> {
+    let mut flights: Vec<InFlight> = batch
+        .iter()
+        .map(|(_, ops)| InFlight {
+            ops: ops.len(),
+            out: vec![0; OUTPUT_MAX],
+            outcome: None,
+        })
+        .collect();
+    for (tag, ((oid, ops), flight)) in batch.iter().zip(flights.iter_mut()).enumerate() {
+        let mut results = [SubOpResult::default(); 64];
+        // SAFETY: `flight.out` is neither moved nor touched until the op completes below (the
+        // vector of flights is not resized while ops are in flight).
+        let mut out = unsafe { OutputBuffer::from_raw(flight.out.as_mut_ptr(), flight.out.len()) };
+        match store.submit(tag as u64, oid, ops, &mut out, &mut results[..ops.len()]) {
+            Ok(Submit::Done) => {
+                flight.outcome = Some(Ok(outcome_of(&results[..ops.len()], &flight.out)))
+            }
+            Ok(Submit::Pending) => {}
+            Err(error) => flight.outcome = Some(Err(error)),
+        }
+    }
+    for _ in 0..1_000_000 {
+        if flights.iter().all(|f| f.outcome.is_some()) {
+            break;
+        }
+        store.poll(1024, &mut |tag, result| {
+            let flight = &mut flights[tag as usize];
+            assert!(flight.outcome.is_none(), "op {tag} completed twice");
+            flight.outcome = Some(result.map(|results| {
+                assert_eq!(results.len(), flight.ops);
+                outcome_of(results, &flight.out)
+            }));
+        });
+    }
+    flights
+        .into_iter()
+        .map(|f| f.outcome.expect("every op completes"))
+        .collect()
+}
+
+fn run_one<S: ObjectStore>(store: &mut S, oid: &[u8], ops: Vec<SubOp<'_>>) -> Outcome {
+    run_batch(store, &[(oid.to_vec(), ops)]).remove(0)
+}
+
+/// Everything a client can see of an object.
+fn snapshot<S: ObjectStore>(store: &mut S, oid: &[u8]) -> Outcome {
+    run_one(
+        store,
+        oid,
+        vec![
+            SubOp::Stat,
+            SubOp::Read {
+                offset: 0,
+                length: OUTPUT_MAX as u64 - 1024,
+            },
+            SubOp::GetXattr { name: b"a" },
+            SubOp::GetXattr { name: b"b" },
+            SubOp::OmapGet { key: b"k" },
+        ],
+    )
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write {
+        object: u8,
+        offset: u64,
+        len: usize,
+        fill: u8,
+    },
+    WriteFull {
+        object: u8,
+        len: usize,
+        fill: u8,
+    },
+    Zero {
+        object: u8,
+        offset: u64,
+        len: u64,
+    },
+    Truncate {
+        object: u8,
+        size: u64,
+    },
+    Remove {
+        object: u8,
+    },
+    Xattr {
+        object: u8,
+        name: bool,
+        len: usize,
+    },
+    OmapSet {
+        object: u8,
+        len: usize,
+    },
+    OmapRemove {
+        object: u8,
+    },
+    ReadBack {
+        object: u8,
+        offset: u64,
+        len: u64,
+    },
+    WriteThenRead {
+        object: u8,
+        offset: u64,
+        len: usize,
+        fill: u8,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let object = 0u8..4;
+    let offset = prop_oneof![0u64..40_000, (0u64..10).prop_map(|b| b * 4096)];
+    let len = prop_oneof![0usize..10_000, (1usize..4).prop_map(|b| b * 4096)];
+    prop_oneof![
+        4 => (object.clone(), offset.clone(), len.clone(), any::<u8>()).prop_map(|(object, offset, len, fill)| Step::Write { object, offset, len, fill }),
+        1 => (object.clone(), len.clone(), any::<u8>()).prop_map(|(object, len, fill)| Step::WriteFull { object, len, fill }),
+        1 => (object.clone(), offset.clone(), 0u64..20_000).prop_map(|(object, offset, len)| Step::Zero { object, offset, len }),
+        1 => (object.clone(), 0u64..50_000).prop_map(|(object, size)| Step::Truncate { object, size }),
+        1 => object.clone().prop_map(|object| Step::Remove { object }),
+        1 => (object.clone(), any::<bool>(), 0usize..100).prop_map(|(object, name, len)| Step::Xattr { object, name, len }),
+        1 => (object.clone(), 0usize..100).prop_map(|(object, len)| Step::OmapSet { object, len }),
+        1 => object.clone().prop_map(|object| Step::OmapRemove { object }),
+        2 => (object.clone(), offset.clone(), 0u64..20_000).prop_map(|(object, offset, len)| Step::ReadBack { object, offset, len }),
+        1 => (object, offset, len, any::<u8>()).prop_map(|(object, offset, len, fill)| Step::WriteThenRead { object, offset, len, fill }),
+    ]
+}
+
+fn pattern(len: usize, fill: u8) -> Vec<u8> {
+    (0..len).map(|i| fill.wrapping_add((i / 7) as u8)).collect()
+}
+
+fn oid(object: u8) -> Vec<u8> {
+    vec![b'o', b'0' + object]
+}
+
+/// The op for a step. Its byte strings live in `data`.
+fn ops_for<'a>(step: &Step, data: &'a [u8]) -> (Vec<u8>, Vec<SubOp<'a>>) {
+    match *step {
+        Step::Write { object, offset, .. } => (oid(object), vec![SubOp::Write { offset, data }]),
+        Step::WriteFull { object, .. } => (oid(object), vec![SubOp::WriteFull { data }]),
+        Step::Zero {
+            object,
+            offset,
+            len,
+        } => (
+            oid(object),
+            vec![SubOp::Zero {
+                offset,
+                length: len,
+            }],
+        ),
+        Step::Truncate { object, size } => (oid(object), vec![SubOp::Truncate { size }]),
+        Step::Remove { object } => (oid(object), vec![SubOp::Remove]),
+        Step::Xattr { object, name, .. } => (
+            oid(object),
+            vec![SubOp::SetXattr {
+                name: if name { b"a" } else { b"b" },
+                value: data,
+            }],
+        ),
+        Step::OmapSet { object, .. } => (
+            oid(object),
+            vec![SubOp::OmapSet {
+                key: b"k",
+                value: data,
+            }],
+        ),
+        Step::OmapRemove { object } => (oid(object), vec![SubOp::OmapRemove { key: b"k" }]),
+        Step::ReadBack {
+            object,
+            offset,
+            len,
+        } => (
+            oid(object),
+            vec![
+                SubOp::Read {
+                    offset,
+                    length: len,
+                },
+                SubOp::Stat,
+            ],
+        ),
+        Step::WriteThenRead { object, offset, .. } => (
+            oid(object),
+            vec![
+                SubOp::Write { offset, data },
+                SubOp::Read {
+                    offset: offset.saturating_sub(5000),
+                    length: 20_000,
+                },
+                SubOp::Stat,
+            ],
+        ),
+    }
+}
+
+fn data_for(step: &Step) -> Vec<u8> {
+    match *step {
+        Step::Write { len, fill, .. }
+        | Step::WriteFull { len, fill, .. }
+        | Step::WriteThenRead { len, fill, .. } => pattern(len, fill),
+        Step::Xattr { len, .. } | Step::OmapSet { len, .. } => pattern(len, 3),
+        _ => Vec::new(),
+    }
+}
+
+fn faults(seed: u64) -> MemFaults {
+    MemFaults {
+        seed,
+        latency_polls: (0, 3),
+        reorder: true,
+        ..MemFaults::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Same ops, same outcomes as the memory store, with up to 6 ops in flight at once, and the
+    /// same state again after a remount.
+    #[test]
+    fn behaves_as_the_memory_store(steps in proptest::collection::vec(step(), 1..60), batch in 1usize..7, seed in 0u64..1000) {
+        let mut segment = mount(device(48, faults(seed)));
+        let mut memory = MemoryStore::new(1 << 30);
+        let datas: Vec<Vec<u8>> = steps.iter().map(data_for).collect();
+        for (chunk_steps, chunk_datas) in steps.chunks(batch).zip(datas.chunks(batch)) {
+            let ops: Vec<_> = chunk_steps.iter().zip(chunk_datas).map(|(s, d)| ops_for(s, d)).collect();
+            let got = run_batch(&mut segment, &ops);
+            let want = run_batch(&mut memory, &ops);
+            prop_assert_eq!(got, want, "steps {:?}", chunk_steps);
+        }
+        let image = segment.queue_pair().durable().to_vec();
+        let mut remounted = mount(MemQueuePair::from_image(image, 64, faults(seed + 1)));
+        for object in 0..4 {
+            let want = snapshot(&mut memory, &oid(object));
+            prop_assert_eq!(snapshot(&mut segment, &oid(object)), want.clone());
+            prop_assert_eq!(snapshot(&mut remounted, &oid(object)), want);
+        }
+    }
+}
+
+/// A client's model of one object: what acknowledged ops made of it.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Model {
+    exists: bool,
+    data: Vec<u8>,
+    xattr: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Digests, not megabytes of zeros.
+        let nonzero = self.data.iter().filter(|&&b| b != 0).count();
+        write!(
+            f,
+            "Model {{ exists: {}, size: {}, nonzero bytes: {nonzero}, crc: {:08x}, xattr: {:?} }}",
+            self.exists,
+            self.data.len(),
+            crc32c::crc32c(&self.data),
+            self.xattr.as_ref().map(|x| x.len())
+        )
+    }
+}
+
+impl Model {
+    fn apply(&mut self, step: &Step, data: &[u8]) {
+        match *step {
+            Step::Write { offset, .. } => {
+                self.exists = true;
+                if !data.is_empty() {
+                    let end = offset as usize + data.len();
+                    if self.data.len() < end {
+                        self.data.resize(end, 0);
+                    }
+                    self.data[offset as usize..end].copy_from_slice(data);
+                }
+            }
+            Step::Truncate { size, .. } => {
+                self.exists = true;
+                self.data.resize(size as usize, 0);
+            }
+            Step::Remove { .. } => *self = Model::default(),
+            Step::Xattr { .. } => {
+                self.exists = true;
+                self.xattr = Some(data.to_vec());
+            }
+            _ => unreachable!("not in the crash workload"),
+        }
+    }
+}
+
+fn crash_step(rng: &mut u64) -> Step {
+    let mut next = |n: u64| {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng % n
+    };
+    let object = next(3) as u8;
+    match next(10) {
+        0..=5 => Step::Write {
+            object,
+            offset: if next(2) == 0 {
+                next(12) * 4096
+            } else {
+                next(50_000)
+            },
+            len: if next(2) == 0 {
+                4096 * (1 + next(3) as usize)
+            } else {
+                next(9000) as usize
+            },
+            fill: next(256) as u8,
+        },
+        6 => Step::Truncate {
+            object,
+            size: next(60_000),
+        },
+        7 => Step::Remove { object },
+        _ => Step::Xattr {
+            object,
+            name: true,
+            len: next(64) as usize,
+        },
+    }
+}
+
+fn read_model<S: ObjectStore>(store: &mut S, object: u8) -> Model {
+    match snapshot(store, &oid(object)).expect("snapshot op") {
+        outcome if outcome[0].0 == StoreError::NotFound.code() => Model::default(),
+        outcome => {
+            assert_eq!(outcome[1].0, 0, "reading object {object} back: {outcome:?}");
+            Model {
+                exists: true,
+                data: outcome[1].1.clone(),
+                xattr: (outcome[2].0 == 0).then(|| outcome[2].1.clone()),
+            }
+        }
+    }
+}
+
+/// Seeded power cuts under a pipelined workload: after remount, every object is exactly what
+/// its acknowledged ops made it, or that plus its one op that was in the journal. A failure
+/// names its seed; `CARMINE_CRASH_SEED=n` replays one seed.
+#[test]
+fn power_cuts_keep_every_acknowledged_op_and_no_half_op() {
+    let seeds: Vec<u64> = match std::env::var("CARMINE_CRASH_SEED") {
+        Ok(seed) => vec![seed.parse().expect("a seed number")],
+        Err(_) => (0..300).collect(),
+    };
+    for seed in seeds {
+        let mut store = mount(device(24, faults(seed)));
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut acked: Vec<Model> = vec![Model::default(); 3];
+        // Per object, submitted and not yet acknowledged ops, in order.
+        let mut waiting: Vec<Vec<(u64, Step, Vec<u8>)>> = vec![Vec::new(); 3];
+        let steps = 20 + rng % 150;
+        let mut next_tag = 0u64;
+        for _ in 0..steps {
+            for _ in 0..(rng % 4) {
+                let step = crash_step(&mut rng);
+                let data = data_for(&step);
+                let (oid, ops) = ops_for(&step, &data);
+                let tag = next_tag;
+                next_tag += 1;
+                let mut results = [SubOpResult::default(); 4];
+                let mut out = OutputBuffer::empty();
+                let submitted = store.submit(tag, &oid, &ops, &mut out, &mut results[..ops.len()]);
+                let object = match step {
+                    Step::Write { object, .. }
+                    | Step::Truncate { object, .. }
+                    | Step::Remove { object }
+                    | Step::Xattr { object, .. } => object as usize,
+                    _ => unreachable!(),
+                };
+                match submitted {
+                    Ok(Submit::Done) => acked[object].apply(&step, &data),
+                    Ok(Submit::Pending) => waiting[object].push((tag, step.clone(), data.clone())),
+                    Err(StoreError::NotFound) => {} // Remove of a missing object.
+                    Err(error) => panic!("seed {seed}: submit failed: {error:?}"),
+                }
+            }
+            let mut done = Vec::new();
+            store.poll(1024, &mut |tag, result| {
+                done.push((tag, result.map(|_| ())))
+            });
+            for (tag, result) in done {
+                let object = waiting
+                    .iter()
+                    .position(|w| w.first().is_some_and(|(t, _, _)| *t == tag))
+                    .unwrap_or_else(|| panic!("seed {seed}: op {tag} completed out of order"));
+                let (_, step, data) = waiting[object].remove(0);
+                match result {
+                    Ok(()) => acked[object].apply(&step, &data),
+                    Err(StoreError::NotFound) => {}
+                    Err(error) => panic!("seed {seed}: op failed: {error:?}"),
+                }
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+        }
+        let granularity = if seed % 2 == 0 {
+            TearGranularity::Sector512
+        } else {
+            TearGranularity::Block4K
+        };
+        let image = store.queue_pair().power_cut(granularity);
+        let mut remounted =
+            SegmentStore::mount(MemQueuePair::from_image(image, 64, faults(seed)), 0)
+                .unwrap_or_else(|e| panic!("seed {seed}: remount failed: {e}"));
+        for object in 0..3u8 {
+            let found = read_model(&mut remounted, object);
+            let mut candidates = vec![acked[object as usize].clone()];
+            if let Some((_, step, data)) = waiting[object as usize].first() {
+                let mut with_next = acked[object as usize].clone();
+                with_next.apply(step, data);
+                candidates.push(with_next);
+            }
+            assert!(
+                candidates.contains(&found),
+                "seed {seed}: object {object} recovered as {found:?}, expected one of {candidates:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_flipped_bit_is_an_io_error_on_read_never_wrong_bytes() {
+    let mut store = mount(device(8, faults(1)));
+    let data = pattern(3 * 4096, 9);
+    run_one(
+        &mut store,
+        b"victim",
+        vec![SubOp::WriteFull { data: &data }],
+    )
+    .unwrap();
+    run_one(
+        &mut store,
+        b"bystander",
+        vec![SubOp::WriteFull { data: &data }],
+    )
+    .unwrap();
+    let physical = store.metadata().object(b"victim").unwrap().blocks[&1].physical;
+    store.queue_pair().corrupt(physical + 100, 3);
+    let outcome = run_one(
+        &mut store,
+        b"victim",
+        vec![
+            SubOp::Read {
+                offset: 0,
+                length: 4096,
+            },
+            SubOp::Read {
+                offset: 4096,
+                length: 4096,
+            },
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        outcome[0],
+        (0, data[..4096].to_vec()),
+        "the good block reads fine"
+    );
+    assert_eq!(
+        outcome[1],
+        (StoreError::Io.code(), Vec::new()),
+        "the bad block is an error"
+    );
+    assert_eq!(store.segment_stats().checksum_errors, 1);
+    let partial = run_one(
+        &mut store,
+        b"victim",
+        vec![SubOp::Write {
+            offset: 4096 + 10,
+            data: b"xyz",
+        }],
+    );
+    assert_eq!(
+        partial,
+        Err(StoreError::Io),
+        "a partial write over a bad block fails whole"
+    );
+    let outcome = run_one(
+        &mut store,
+        b"bystander",
+        vec![SubOp::Read {
+            offset: 0,
+            length: 3 * 4096,
+        }],
+    )
+    .unwrap();
+    assert_eq!(outcome[0].1, data);
+    // A full overwrite heals it.
+    let fresh = pattern(4096, 1);
+    run_one(
+        &mut store,
+        b"victim",
+        vec![SubOp::Write {
+            offset: 4096,
+            data: &fresh,
+        }],
+    )
+    .unwrap();
+    let outcome = run_one(
+        &mut store,
+        b"victim",
+        vec![SubOp::Read {
+            offset: 4096,
+            length: 4096,
+        }],
+    )
+    .unwrap();
+    assert_eq!(outcome[0], (0, fresh));
+}
+
+#[test]
+fn a_full_device_says_no_space_and_keeps_what_it_had() {
+    let mut store = mount(device(6, faults(2)));
+    let block = pattern(64 << 10, 5);
+    let mut written = 0u64;
+    let error = loop {
+        let oid = format!("fill{written}");
+        match run_one(
+            &mut store,
+            oid.as_bytes(),
+            vec![SubOp::WriteFull { data: &block }],
+        ) {
+            Ok(_) => written += 1,
+            Err(error) => break error,
+        }
+        assert!(written < 1000, "a 6 MiB device cannot take 64 MiB");
+    };
+    assert_eq!(error, StoreError::NoSpace);
+    assert!(written > 10, "only {written} objects fit");
+    for n in 0..written {
+        let oid = format!("fill{n}");
+        let outcome = run_one(
+            &mut store,
+            oid.as_bytes(),
+            vec![SubOp::Read {
+                offset: 0,
+                length: 64 << 10,
+            }],
+        )
+        .unwrap();
+        assert_eq!(outcome[0].1, block, "object {n} intact");
+    }
+    let image = store.queue_pair().durable().to_vec();
+    let mut remounted = mount(MemQueuePair::from_image(image, 64, faults(3)));
+    assert_eq!(remounted.metadata().object_count() as u64, written);
+    let outcome = run_one(
+        &mut remounted,
+        b"fill0",
+        vec![SubOp::Read {
+            offset: 0,
+            length: 64 << 10,
+        }],
+    )
+    .unwrap();
+    assert_eq!(outcome[0].1, block);
+}
