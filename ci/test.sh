@@ -39,6 +39,7 @@ if [ -z "${CARMINE_QUICK:-}" ]; then
   cargo bench -p carmine-dataplane --bench dataplane --locked -- --quick --noplot 2>&1 | grep -E "time:|^[a-z_/]+ " || true
   log "carmine bench (2 s phases, release build)"
   cargo run --release --locked --quiet -- bench --duration 2s --idle adaptive
+  cargo run --release --locked --quiet -- bench --duration 2s --idle adaptive --store memory
 fi
 # 5. Fuzzing, time-boxed (30 s per target; the corpora live in fuzz/corpus).
 log "cargo fuzz (bounded)"

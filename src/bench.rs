@@ -38,6 +38,17 @@ pub struct BenchArgs {
     /// Size of each object.
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     pub object_size: u64,
+    /// Store: segment (the log-structured store on --device, through io_uring and O_DIRECT) or memory.
+    #[arg(long, default_value = "segment", value_parser = ["segment", "memory"])]
+    pub store: String,
+    /// Segment store: scratch device file, created and formatted for this run and removed
+    /// after it (an existing file at this path is replaced). Must be on a filesystem with
+    /// O_DIRECT (ext4, xfs, btrfs; not tmpfs).
+    #[arg(long, default_value = "carmine-bench.img")]
+    pub device: std::path::PathBuf,
+    /// Segment store: size of the scratch device file (sparse).
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    pub device_size: u64,
     /// Print the rows as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -80,8 +91,8 @@ fn run_phase(phase: &'static str, target: &str, load_args: &LoadArgs) -> Result<
     })
 }
 
-fn print_table(rows: &[Row], cpus: &[usize], addr: &str) {
-    println!("carmine bench: embedded server, {} core(s) on CPU(s) {cpus:?}, memory store, kernel TCP on {addr}", cpus.len());
+fn print_table(rows: &[Row], cpus: &[usize], addr: &str, store: &str) {
+    println!("carmine bench: embedded server, {} core(s) on CPU(s) {cpus:?}, {store} store, kernel TCP on {addr}", cpus.len());
     println!(
         "{:<10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>13} {:>10} {:>7} {:>8}",
         "phase",
@@ -123,11 +134,26 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         listen: Some("127.0.0.1:0".into()),
         cores: Some(args.cores.to_string()),
         idle: Some(args.idle.clone()),
+        store: Some(args.store.clone()),
+        device: Some(args.device.display().to_string()),
+        device_size: Some(args.device_size.to_string()),
         ..ServeArgs::default()
     };
     let config = ServeConfig::resolve(&serve_args)?;
     let needed = u64::from(args.objects) * args.object_size;
-    if needed > config.memory_capacity {
+    if args.store == "segment" {
+        // A scratch device: formatted fresh for this run, so earlier runs cannot fill it.
+        match std::fs::remove_file(&args.device) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", args.device.display())),
+        }
+        if needed * 2 > args.device_size {
+            return Err(format!(
+                "objects x object_size = {needed} bytes needs a --device-size of at least twice that"
+            ));
+        }
+    } else if needed > config.memory_capacity {
         return Err(format!(
             "objects x object_size = {needed} bytes exceeds the memory store capacity {}",
             config.memory_capacity
@@ -171,7 +197,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     })();
     let cpus = server.cpus.clone();
     server.stop();
-    server.join()?;
+    let joined = server.join();
+    if args.store == "segment" {
+        let _ = std::fs::remove_file(&args.device);
+    }
+    joined?;
     let rows = result?;
     if args.json {
         let value: Vec<Value> = rows
@@ -180,7 +210,12 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             .collect();
         println!("{}", Value::Array(value));
     } else {
-        print_table(&rows, &cpus, &target);
+        let store = if args.store == "segment" {
+            format!("segment ({})", args.device.display())
+        } else {
+            "memory".to_string()
+        };
+        print_table(&rows, &cpus, &target, &store);
     }
     let failures: u64 = rows
         .iter()

@@ -288,12 +288,14 @@ fn measure(load_args: &LoadArgs) -> Result<Measure, String> {
     })
 }
 
+/// Whether both modes can serve `store` (compare needs the pair).
 fn store_available(store: &str) -> bool {
     let args = ServeArgs {
         store: Some(store.to_string()),
+        mode: Some("classic".into()),
         ..ServeArgs::default()
     };
-    ServeConfig::resolve(&args).is_ok()
+    ServeConfig::resolve(&args).is_ok_and(|config| config.validate().is_ok())
 }
 
 fn parse_cores_list(text: &str, online: usize) -> Result<Vec<u32>, String> {
@@ -392,7 +394,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     for &store in STORES {
         if !store_available(store) {
             notes.push(format!(
-                "{store}: not available yet (serve --store does not accept it); no rows"
+                "{store}: not available in both modes yet (classic mode drives synchronous stores only); no rows"
             ));
             continue;
         }

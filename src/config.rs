@@ -20,6 +20,12 @@ fn parse_u32(text: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("expected a whole number, got {text:?}"))
 }
+fn parse_path(text: &str) -> Result<PathBuf, String> {
+    match text.trim() {
+        "" => Err("expected a path".into()),
+        path => Ok(PathBuf::from(path)),
+    }
+}
 fn parse_bool(text: &str) -> Result<bool, String> {
     text.trim()
         .parse()
@@ -102,10 +108,18 @@ serve_options! {
     cores: u32 = "1", parse_u32;
     /// CPUs to pin reactors to, e.g. "2,3" or "2-3"; "auto" takes the highest-numbered CPUs, leaving CPU 0 to the OS and load generators.
     cpus: Option<Vec<usize>> = "auto", parse_cpus;
-    /// Object store: memory (CyanStore's role).
-    store: String = "memory", parse_choice(&["memory"]);
+    /// Object store: memory (CyanStore's role) or segment (SeaStore's role: a log-structured store on --device, one shard per core).
+    store: String = "memory", parse_choice(&["memory", "segment"]);
     /// Memory store capacity, split evenly over the cores.
     memory_capacity: u64 = "4GiB", parse_size;
+    /// Segment store: file or block device (a missing file is created sparse, of --device-size, and formatted).
+    device: PathBuf = "carmine.img", parse_path;
+    /// Segment store: size of a device file created on first run.
+    device_size: u64 = "4GiB", parse_size;
+    /// Segment store: segment size when formatting a new device file.
+    segment_size: u64 = "16MiB", parse_size;
+    /// Segment store: io_uring queue depth per core.
+    queue_depth: u32 = "256", parse_u32;
     /// Placement: pg (object -> PG -> core, ordered by PG) or flex (object -> core, no PG log).
     placement: String = "pg", parse_choice(&["pg", "flex"]);
     /// Placement groups (pg placement).
@@ -220,6 +234,12 @@ impl ServeConfig {
     }
 
     fn validate_classic(&self) -> Result<(), String> {
+        if self.mode == "classic" && self.store != "memory" {
+            return Err(format!(
+                "classic mode runs the memory store only: its workers cannot yet wait for an asynchronous store such as {}",
+                self.store
+            ));
+        }
         let (messengers, shards) = (self.classic_messenger_count(), self.classic_shard_count());
         if messengers > CLASSIC_THREADS_MAX || shards > CLASSIC_THREADS_MAX {
             return Err(format!(

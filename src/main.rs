@@ -5,6 +5,7 @@ mod classic;
 mod client;
 mod compare;
 mod config;
+mod device;
 mod load;
 mod osd;
 mod server;
@@ -88,6 +89,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Classic thread-pool mode vs run-to-completion on this machine: IOPS, latency, CPU per op.
     Compare(compare::CompareArgs),
+    Mkfs(device::MkfsArgs),
 }
 
 #[derive(clap::Args)]
@@ -259,6 +261,7 @@ fn main() -> ExitCode {
         Command::Status(args) => print_status(args),
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Mkfs(args) => device::run_mkfs(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

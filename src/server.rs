@@ -10,7 +10,8 @@ use carmine_dataplane::buffers::{CorePools, PoolSizes};
 use carmine_dataplane::reactor::{self, Waker};
 use carmine_dataplane::ring::{self, CoreLinks};
 use carmine_dataplane::tcp::{TcpTransport, TransportConfig};
-use carmine_storage::{MemoryStore, ObjectStore};
+use carmine_storage::segment::SegmentStore;
+use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
 use serde_json::json;
 
 use crate::config::ServeConfig;
@@ -43,6 +44,7 @@ pub(crate) fn describe(
         "cpus": cpus,
         "store": config.store,
         "memory_capacity": config.memory_capacity,
+        "device": config.device.display().to_string(),
         "placement": config.placement,
         "pg_count": config.pg_count,
         "idle": config.idle,
@@ -99,8 +101,7 @@ fn build_core(
     if config.hugepages && !pools.small.hugepage_backed() {
         log::warn!("core {index}: hugepages requested but not reserved; buffers use normal pages");
     }
-    let store: Box<dyn ObjectStore> =
-        Box::new(MemoryStore::new(config.memory_capacity / cores as u64));
+    let store = open_store(config, index)?;
     let setup = CoreSetup {
         index,
         cores,
@@ -124,6 +125,39 @@ fn build_core(
         board,
         shutdown,
     ))
+}
+
+/// Core `index`'s store: its share of the memory store, or its shard of the segment store.
+fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>, String> {
+    if config.store != "segment" {
+        let cores = config.cores as u64;
+        return Ok(Box::new(MemoryStore::new(config.memory_capacity / cores)));
+    }
+    let path = &config.device;
+    let size = crate::device::device_size(path)?;
+    let qp = UringQueuePair::open(path, 0, size, config.queue_depth)
+        .map_err(|e| format!("core {index}: {}: {e}", path.display()))?;
+    let store = SegmentStore::mount(qp, index as u32)
+        .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
+    let sb = *store.superblock();
+    if sb.shard_count != config.cores {
+        return Err(format!(
+            "{} was formatted for {} core(s), this server runs {}: use --cores {} (or mkfs it again, losing its data)",
+            path.display(),
+            sb.shard_count,
+            config.cores,
+            sb.shard_count
+        ));
+    }
+    let stats = store.segment_stats();
+    log::info!(
+        "core {index}: mounted shard {index} of {}: {} objects, {} free segments of {} MiB",
+        path.display(),
+        store.metadata().object_count(),
+        stats.free_segments,
+        sb.segment_size >> 20
+    );
+    Ok(Box::new(store))
 }
 
 /// Raises the open-file soft limit to the hard limit: each connection is a descriptor, and the
@@ -154,6 +188,9 @@ impl Server {
     /// Binds, starts every reactor and returns once all of them are serving.
     pub fn start(config: &ServeConfig, alloc_counter: fn() -> u64) -> Result<Server, String> {
         config.validate()?;
+        if config.store == "segment" {
+            crate::device::prepare(config)?;
+        }
         raise_open_file_limit(config);
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

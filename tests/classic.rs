@@ -166,7 +166,10 @@ fn compare_writes_json_and_svg() {
         "compare failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("segment: not available yet"), "{stdout}");
+    assert!(
+        stdout.contains("segment: not available in both modes yet"),
+        "{stdout}"
+    );
     let document: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
     let rows = document["rows"].as_array().unwrap();

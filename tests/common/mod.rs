@@ -76,6 +76,13 @@ impl ServerProcess {
             .is_none()
     }
 
+    /// SIGKILL, as a crash: no chance to finish anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
     /// SIGINT, then wait: the server must exit cleanly (status 0) within a few seconds.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
