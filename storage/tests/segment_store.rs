@@ -609,3 +609,35 @@ fn a_full_device_says_no_space_and_keeps_what_it_had() {
     .unwrap();
     assert_eq!(outcome[0].1, block);
 }
+
+/// Found by the oracle test: a write grows the object past its old size, then a read in the
+/// same op covers old-block bytes past the old size (zeros, never read from the device).
+#[test]
+fn read_past_old_size_after_a_growing_write_in_the_same_op() {
+    let mut segment = mount(device(8, faults(0)));
+    let mut memory = MemoryStore::new(1 << 30);
+    let first = pattern(2882, 0);
+    let ops = vec![(
+        b"o2".to_vec(),
+        vec![SubOp::Write {
+            offset: 5311,
+            data: &first,
+        }],
+    )];
+    assert_eq!(run_batch(&mut segment, &ops), run_batch(&mut memory, &ops));
+    let ops = vec![(
+        b"o2".to_vec(),
+        vec![
+            SubOp::Write {
+                offset: 13193,
+                data: b"x",
+            },
+            SubOp::Read {
+                offset: 8193,
+                length: 20_000,
+            },
+            SubOp::Stat,
+        ],
+    )];
+    assert_eq!(run_batch(&mut segment, &ops), run_batch(&mut memory, &ops));
+}

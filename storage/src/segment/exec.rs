@@ -255,6 +255,15 @@ impl Working<'_> {
         }
     }
 
+    /// `content`, or zeros without looking when `known_zero`.
+    fn content_if(&self, known_zero: bool, index: u64) -> Result<Option<&[u8]>, StoreError> {
+        if known_zero {
+            Ok(None)
+        } else {
+            self.content(index)
+        }
+    }
+
     /// Blocks in `first..=last` that hold data now.
     fn blocks_with_data(&self, first: u64, last: u64) -> Vec<u64> {
         let mut indexes: Vec<u64> = self
@@ -481,7 +490,12 @@ impl Working<'_> {
             let index = at / BLOCK;
             let within = (at % BLOCK) as usize;
             let take = ((BLOCK as usize - within) as u64).min(end - at) as usize;
-            let bytes = match self.content(index)? {
+            // Bytes of an untouched old block at or past the old size are zero (a rule the
+            // executor keeps), and `blocks_to_read` does not list a block for them: a write
+            // earlier in this op may have grown the object past the old size.
+            let old_size = self.old_live().map_or(0, |old| old.size);
+            let untouched = !self.plan.dirty.contains_key(&index);
+            let bytes = match self.content_if(untouched && at >= old_size, index)? {
                 Some(block) => &block[within..within + take],
                 None => &ZERO_BLOCK[..take],
             };
