@@ -1016,6 +1016,10 @@ impl Core for OsdCore {
     }
 
     fn park_timeout(&self) -> Duration {
+        if self.store.busy() {
+            // Device completions do not wake a parked core: keep polling while I/O is out.
+            return Duration::ZERO;
+        }
         match self.timers.next_deadline() {
             Some(deadline) => Duration::from_nanos(deadline.saturating_sub(self.now_ns())),
             None => PARK_TIMEOUT_MAX,

@@ -425,6 +425,12 @@ pub trait ObjectStore {
         complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
     ) -> usize;
 
+    /// Whether ops are in progress inside the store (device I/O it must poll for): a core
+    /// must not sleep in the kernel then, since device completions do not wake it.
+    fn busy(&self) -> bool {
+        false
+    }
+
     /// Current counters.
     fn stats(&self) -> StoreStats;
 }

@@ -869,6 +869,10 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         reported + count
     }
 
+    fn busy(&self) -> bool {
+        self.in_flight() > 0
+    }
+
     fn stats(&self) -> StoreStats {
         let mut stats = self.stats;
         stats.objects = self.metadata.object_count() as u64;
