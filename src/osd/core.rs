@@ -719,35 +719,28 @@ impl OsdCore {
     // ---- store completions and timers -----------------------------------------------------
 
     fn poll_store(&mut self) -> usize {
-        let mut completed = [(0u64, Ok(()), Results::default()); STORE_COMPLETIONS_PER_PASS];
+        // Gathered first, handled after: handling needs `&mut self`, which `store.poll` holds.
+        let mut completed = [(
+            0u64,
+            Ok(()),
+            [SubOpResult::default(); SUB_OPS_CEILING as usize],
+            0,
+        ); STORE_COMPLETIONS_PER_PASS];
         let mut count = 0;
         self.store.poll(completed.len(), &mut |tag, result| {
-            let slot = &mut completed[count];
+            let (slot_tag, slot_result, slot_results, slot_count) = &mut completed[count];
             count += 1;
-            slot.0 = tag;
-            slot.1 = result.map(|results| {
-                slot.2.count = results.len() as u8;
-                for (item, r) in slot.2.items.iter_mut().zip(results) {
-                    // Carried as (status, offset) here; `take_results` reads them back.
-                    *item = (u32::from(r.status), r.out_len);
-                }
+            *slot_tag = tag;
+            *slot_result = result.map(|results| {
+                slot_results[..results.len()].copy_from_slice(results);
+                *slot_count = results.len();
             });
         });
-        for (tag, result, carried) in &completed[..count] {
+        for (tag, result, results, results_count) in &completed[..count] {
             let op_ref = OpRef::from_tag(*tag);
             match result {
                 Ok(()) => {
-                    let mut results = [SubOpResult::default(); SUB_OPS_CEILING as usize];
-                    let mut offset = 0;
-                    for (r, &(status, len)) in results.iter_mut().zip(carried.as_slice()) {
-                        *r = SubOpResult {
-                            status: status as u16,
-                            out_offset: offset,
-                            out_len: len,
-                        };
-                        offset += len;
-                    }
-                    self.take_results(op_ref, &results[..usize::from(carried.count)]);
+                    self.take_results(op_ref, &results[..*results_count]);
                     self.after_store(op_ref)
                 }
                 Err(error) => {

@@ -382,6 +382,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
         OPS_IN_FLIGHT_MAX - self.free_slots.len()
     }
 
+    /// A free slot for an op on `oid` under `tag`; None when `OPS_IN_FLIGHT_MAX` are in progress.
+    fn claim_slot(&mut self, tag: u64, oid: &[u8]) -> Option<u32> {
+        let slot_index = self.free_slots.pop()?;
+        let slot = &mut self.slots[slot_index as usize];
+        slot.tag = tag;
+        slot.oid.clear();
+        slot.oid.extend_from_slice(oid);
+        Some(slot_index)
+    }
+
     fn data_capacity_bytes(&self) -> u64 {
         let segments = self.sb.shard_segments(self.shard).len() as u64;
         segments * (self.sb.segment_size - BLOCK_SIZE_BYTES)
@@ -761,16 +771,13 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                     }
                     Ok(plan) => plan,
                 };
-                let Some(slot_index) = self.free_slots.pop() else {
+                let Some(slot_index) = self.claim_slot(tag, oid) else {
                     let mut plan = plan;
                     self.pool.give_all(&mut plan.bufs);
                     self.stats.errors += 1;
                     return Err(StoreError::NoSpace);
                 };
                 let slot = &mut self.slots[slot_index as usize];
-                slot.tag = tag;
-                slot.oid.clear();
-                slot.oid.extend_from_slice(oid);
                 slot.ops.clear();
                 slot.args.clear();
                 slot.results[..ops.len()].copy_from_slice(&results[..ops.len()]);
@@ -788,14 +795,11 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::InvalidArgument);
         }
-        let Some(slot_index) = self.free_slots.pop() else {
+        let Some(slot_index) = self.claim_slot(tag, oid) else {
             self.stats.errors += 1;
             return Err(StoreError::NoSpace);
         };
         let slot = &mut self.slots[slot_index as usize];
-        slot.tag = tag;
-        slot.oid.clear();
-        slot.oid.extend_from_slice(oid);
         slot.store_ops(ops);
         slot.result_count = ops.len();
         slot.out_ptr = out.as_mut_ptr();
