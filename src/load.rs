@@ -59,7 +59,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const PROGRESS_TICK: Duration = Duration::from_millis(200);
 /// Latencies above this are recorded as this (replies time out long before).
-const LATENCY_MAX_NS: u64 = 60_000_000_000;
+pub(crate) const LATENCY_MAX_NS: u64 = 60_000_000_000;
 
 const PHASE_CONNECT: u8 = 0;
 const PHASE_PREFILL: u8 = 1;
@@ -360,7 +360,7 @@ fn split_threads(args: &LoadArgs, cpus: Option<&[usize]>) -> Vec<ThreadPlan> {
         .collect()
 }
 
-fn object_name(prefix: &str, index: u64) -> String {
+pub(crate) fn object_name(prefix: &str, index: u64) -> String {
     format!("{prefix}.{index}")
 }
 
@@ -545,7 +545,7 @@ fn merge(args: &LoadArgs, outcomes: Vec<ThreadOutcome>) -> LoadReport {
     }
 }
 
-fn latency_summary(histogram: &Histogram<u64>) -> Latency {
+pub(crate) fn latency_summary(histogram: &Histogram<u64>) -> Latency {
     if histogram.is_empty() {
         return Latency::default();
     }
@@ -614,7 +614,7 @@ fn show_progress(handles: &[Handle], shared: &Shared, total_blocks: u64, duratio
 
 /// FNV-1a of the object name, finished with a mixer: identifies the object in block headers
 /// (names, unlike indices, stay unique across runs with different prefixes).
-fn name_hash(name: &[u8]) -> u64 {
+pub(crate) fn name_hash(name: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &byte in name {
         hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
@@ -729,7 +729,7 @@ fn stream_mismatch(data: &[u8], seed: u64) -> Option<usize> {
 }
 
 /// Writes the content of block (object, offset) at write counter `counter` into `block`.
-fn fill_block(block: &mut [u8], name_hash: u64, offset: u64, counter: u64) {
+pub(crate) fn fill_block(block: &mut [u8], name_hash: u64, offset: u64, counter: u64) {
     let (header, body) = block.split_at_mut(BLOCK_HEADER_BYTES);
     for (at, value) in [BLOCK_MAGIC, name_hash, offset, counter]
         .into_iter()
@@ -741,16 +741,16 @@ fn fill_block(block: &mut [u8], name_hash: u64, offset: u64, counter: u64) {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Mismatch {
-    reason: &'static str,
+pub(crate) struct Mismatch {
+    pub(crate) reason: &'static str,
     /// Counter found in the block header (0 when the header is unusable).
-    got_counter: u64,
+    pub(crate) got_counter: u64,
     /// First differing byte within the block.
-    byte: usize,
+    pub(crate) byte: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum BlockCheck {
+pub(crate) enum BlockCheck {
     /// Intact content of the write with this counter.
     Intact {
         counter: u64,
@@ -768,7 +768,13 @@ fn u64_le(bytes: &[u8], at: usize) -> u64 {
 
 /// Checks a block read back. `expected` is the counter of this run's last acknowledged write to it
 /// (0: not written in this run, so any self-consistent content written by anyone is accepted).
-fn check_block(data: &[u8], bs: usize, name_hash: u64, offset: u64, expected: u32) -> BlockCheck {
+pub(crate) fn check_block(
+    data: &[u8],
+    bs: usize,
+    name_hash: u64,
+    offset: u64,
+    expected: u32,
+) -> BlockCheck {
     let bad = |reason, got_counter, byte| {
         BlockCheck::Mismatch(Mismatch {
             reason,
@@ -825,7 +831,7 @@ fn check_block(data: &[u8], bs: usize, name_hash: u64, offset: u64, expected: u3
 
 /// splitmix64: one add and a mix per number, any seed is good, and adjacent seeds (seed + thread)
 /// give unrelated streams.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -834,7 +840,7 @@ impl Rng {
     }
 
     /// Uniform in 0..n (multiply-shift: no division, bias below 2^-32 for any n we use).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 }

@@ -10,6 +10,7 @@ mod load;
 mod osd;
 mod server;
 mod status;
+mod store_bench;
 mod units;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -90,6 +91,7 @@ enum Command {
     /// Classic thread-pool mode vs run-to-completion on this machine: IOPS, latency, CPU per op.
     Compare(compare::CompareArgs),
     Mkfs(device::MkfsArgs),
+    StoreBench(store_bench::StoreBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -262,6 +264,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Mkfs(args) => device::run_mkfs(args),
+        Command::StoreBench(args) => store_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! The segment store end to end on the `mem` queue pair: the memory store as oracle, crash
 //! consistency under seeded power cuts, checksums, a full device.
 
-use carmine_storage::segment::{mkfs, SegmentStore};
+use carmine_storage::segment::{mkfs, SegmentStats, SegmentStore};
 use carmine_storage::{
     MemFaults, MemQueuePair, MemoryStore, ObjectStore, OutputBuffer, StoreError, SubOp,
     SubOpResult, Submit, TearGranularity,
@@ -9,7 +9,7 @@ use carmine_storage::{
 use proptest::prelude::*;
 
 const SEGMENT: u64 = 1 << 20;
-const OUTPUT_MAX: usize = 256 << 10;
+const OUTPUT_MAX: usize = 512 << 10;
 
 fn device(megabytes: u64, faults: MemFaults) -> MemQueuePair {
     let mut qp = MemQueuePair::new(megabytes << 20, 64, faults);
@@ -337,14 +337,62 @@ impl Model {
     }
 }
 
-fn crash_step(rng: &mut u64) -> Step {
+/// A crash workload: how many objects, and whether writes are small and scattered (journal
+/// and replay) or large and overwriting (the cleaner and checkpoints under churn).
+#[derive(Clone, Copy)]
+struct Workload {
+    device_mb: u64,
+    objects: u8,
+    rounds_min: u64,
+    rounds_spread: u64,
+    churn: bool,
+}
+
+const SCATTERED: Workload = Workload {
+    device_mb: 24,
+    objects: 3,
+    rounds_min: 20,
+    rounds_spread: 150,
+    churn: false,
+};
+
+/// About 3.8 MiB live at most on an 11-segment device, overwritten several times over.
+const CHURN: Workload = Workload {
+    device_mb: 12,
+    objects: 12,
+    rounds_min: 300,
+    rounds_spread: 500,
+    churn: true,
+};
+
+fn crash_step(rng: &mut u64, workload: Workload) -> Step {
     let mut next = |n: u64| {
         *rng ^= *rng << 13;
         *rng ^= *rng >> 7;
         *rng ^= *rng << 17;
         *rng % n
     };
-    let object = next(3) as u8;
+    let object = next(u64::from(workload.objects)) as u8;
+    if workload.churn {
+        return match next(40) {
+            0 => Step::Remove { object },
+            1 => Step::Truncate {
+                object,
+                size: next(300_000),
+            },
+            2 => Step::Xattr {
+                object,
+                name: true,
+                len: next(64) as usize,
+            },
+            _ => Step::Write {
+                object,
+                offset: next(64) * 4096,
+                len: 4096 * (1 + next(16) as usize),
+                fill: next(256) as u8,
+            },
+        };
+    }
     match next(10) {
         0..=5 => Step::Write {
             object,
@@ -397,16 +445,47 @@ fn power_cuts_keep_every_acknowledged_op_and_no_half_op() {
         Err(_) => (0..300).collect(),
     };
     for seed in seeds {
-        let mut store = mount(device(24, faults(seed)));
+        crash_run(seed, SCATTERED);
+    }
+}
+
+/// The same, with the cleaner and checkpoints at work: an 11-segment device overwritten
+/// several times over, cut at a random point (often mid-checkpoint or mid-copy).
+/// `CARMINE_CHURN_SEED=n` replays one seed.
+#[test]
+fn power_cuts_under_churn_with_the_cleaner_at_work() {
+    let seeds: Vec<u64> = match std::env::var("CARMINE_CHURN_SEED") {
+        Ok(seed) => vec![seed.parse().expect("a seed number")],
+        Err(_) => (0..40).collect(),
+    };
+    let mut cleaned = 0;
+    let mut checkpoints = 0;
+    for seed in seeds {
+        let stats = crash_run(seed, CHURN);
+        cleaned += stats.segments_cleaned + stats.segments_freed_empty;
+        checkpoints += stats.checkpoints;
+    }
+    assert!(
+        cleaned > 0 && checkpoints > 0,
+        "the churn never made the cleaner work"
+    );
+}
+
+/// One seeded run: the workload, a power cut, a remount, and every object checked. Returns
+/// the store's counters at the cut.
+fn crash_run(seed: u64, workload: Workload) -> SegmentStats {
+    {
+        let objects = usize::from(workload.objects);
+        let mut store = mount(device(workload.device_mb, faults(seed)));
         let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut acked: Vec<Model> = vec![Model::default(); 3];
+        let mut acked: Vec<Model> = vec![Model::default(); objects];
         // Per object, submitted and not yet acknowledged ops, in order.
-        let mut waiting: Vec<Vec<(u64, Step, Vec<u8>)>> = vec![Vec::new(); 3];
-        let steps = 20 + rng % 150;
+        let mut waiting: Vec<Vec<(u64, Step, Vec<u8>)>> = vec![Vec::new(); objects];
+        let steps = workload.rounds_min + rng % workload.rounds_spread;
         let mut next_tag = 0u64;
         for _ in 0..steps {
             for _ in 0..(rng % 4) {
-                let step = crash_step(&mut rng);
+                let step = crash_step(&mut rng, workload);
                 let data = data_for(&step);
                 let (oid, ops) = ops_for(&step, &data);
                 let tag = next_tag;
@@ -453,11 +532,12 @@ fn power_cuts_keep_every_acknowledged_op_and_no_half_op() {
         } else {
             TearGranularity::Block4K
         };
+        let stats = store.segment_stats();
         let image = store.queue_pair().power_cut(granularity);
         let mut remounted =
             SegmentStore::mount(MemQueuePair::from_image(image, 64, faults(seed)), 0)
                 .unwrap_or_else(|e| panic!("seed {seed}: remount failed: {e}"));
-        for object in 0..3u8 {
+        for object in 0..workload.objects {
             let found = read_model(&mut remounted, object);
             let mut candidates = vec![acked[object as usize].clone()];
             if let Some((_, step, data)) = waiting[object as usize].first() {
@@ -470,6 +550,7 @@ fn power_cuts_keep_every_acknowledged_op_and_no_half_op() {
                 "seed {seed}: object {object} recovered as {found:?}, expected one of {candidates:?}"
             );
         }
+        stats
     }
 }
 
@@ -608,6 +689,41 @@ fn a_full_device_says_no_space_and_keeps_what_it_had() {
     )
     .unwrap();
     assert_eq!(outcome[0].1, block);
+
+    // Removes free space: the cleaner takes it back and writes resume.
+    for n in (0..written).step_by(2) {
+        run_one(
+            &mut remounted,
+            format!("fill{n}").as_bytes(),
+            vec![SubOp::Remove],
+        )
+        .unwrap();
+    }
+    for n in 0..written / 3 {
+        let oid = format!("again{n}");
+        let written_again = run_one(
+            &mut remounted,
+            oid.as_bytes(),
+            vec![SubOp::WriteFull { data: &block }],
+        );
+        assert!(
+            written_again.is_ok(),
+            "write {n} after removes: {written_again:?}; {}",
+            remounted.debug_state()
+        );
+    }
+    for n in (1..written).step_by(2) {
+        let outcome = run_one(
+            &mut remounted,
+            format!("fill{n}").as_bytes(),
+            vec![SubOp::Read {
+                offset: 0,
+                length: 64 << 10,
+            }],
+        )
+        .unwrap();
+        assert_eq!(outcome[0].1, block, "object {n} intact after cleaning");
+    }
 }
 
 /// Found by the oracle test: a write grows the object past its old size, then a read in the

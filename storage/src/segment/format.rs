@@ -9,7 +9,9 @@ use core::fmt;
 use core::ops::Range;
 
 pub const BLOCK_SIZE_BYTES: u64 = 4096;
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: segment headers carry the replay start (checkpoints); `ObjectState` and
+/// `ExtentMove` deltas (checkpoints and the cleaner).
+pub const FORMAT_VERSION: u32 = 2;
 /// Two superblock copies: mkfs writes both; a torn write of one leaves the other.
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE_BYTES];
 /// Segments start at 1 MiB: room for the superblocks, aligned for any device.
@@ -30,7 +32,7 @@ const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"CRMNSUPR");
 const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"CRMNSEGH");
 const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"CRMNRECD");
 const SUPERBLOCK_CRC_OFFSET: usize = 72;
-const SEGMENT_HEADER_CRC_OFFSET: usize = 48;
+const SEGMENT_HEADER_CRC_OFFSET: usize = 64;
 const RECORD_HEADER_CRC_OFFSET: usize = 60;
 
 const _: () = assert!(SUPERBLOCK_CRC_OFFSET + 4 <= BLOCK_SIZE_BYTES as usize);
@@ -189,6 +191,12 @@ impl Superblock {
         start as u32..end as u32
     }
 
+    /// The segment holding device offset `offset`, if any does.
+    pub fn segment_at(&self, offset: u64) -> Option<u32> {
+        let segment = offset.checked_sub(SEGMENTS_START_BYTES)? / self.segment_size;
+        (segment < u64::from(self.segment_count)).then_some(segment as u32)
+    }
+
     pub fn segment_offset(&self, segment: u32) -> u64 {
         assert!(segment < self.segment_count);
         SEGMENTS_START_BYTES + u64::from(segment) * self.segment_size
@@ -275,6 +283,11 @@ pub struct SegmentHeader {
     pub segment_seq: u64,
     /// Sequence number the segment's first record carries.
     pub first_record_seq: u64,
+    /// Where replay starts, as the shard knew it when it opened this segment: the first record
+    /// of the newest complete checkpoint (its sequence number and device offset). 0 means the
+    /// log has no checkpoint yet: replay starts at the oldest segment's first record.
+    pub replay_start_seq: u64,
+    pub replay_start_offset: u64,
 }
 
 impl SegmentHeader {
@@ -287,6 +300,8 @@ impl SegmentHeader {
         put_u64(&mut block, 24, self.nonce);
         put_u64(&mut block, 32, self.segment_seq);
         put_u64(&mut block, 40, self.first_record_seq);
+        put_u64(&mut block, 48, self.replay_start_seq);
+        put_u64(&mut block, 56, self.replay_start_offset);
         let crc = crc32c::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET]);
         put_u32(&mut block, SEGMENT_HEADER_CRC_OFFSET, crc);
         block
@@ -311,6 +326,8 @@ impl SegmentHeader {
             segment: u32_at(block, 16),
             segment_seq: u64_at(block, 32),
             first_record_seq: u64_at(block, 40),
+            replay_start_seq: u64_at(block, 48),
+            replay_start_offset: u64_at(block, 56),
         };
         if header.nonce != nonce || header.segment != segment {
             return Err(FormatError::Foreign { what: WHAT });
@@ -334,7 +351,16 @@ pub struct RecordHeader {
     pub data_blocks: u32,
     /// crc32c of all data blocks, back to back: detects a torn data write at replay.
     pub data_crc: u32,
+    /// `RECORD_FLAG_*` bits.
+    pub flags: u32,
 }
+
+/// The record is part of a checkpoint: its deltas rebuild metadata from nothing, so replay
+/// applies it only as part of the checkpoint it starts from (elsewhere the state it describes
+/// is already there).
+pub const RECORD_FLAG_CHECKPOINT: u32 = 1;
+/// The last record of a checkpoint.
+pub const RECORD_FLAG_CHECKPOINT_END: u32 = 2;
 
 impl RecordHeader {
     /// Blocks taken by the header and the deltas (the record's head).
@@ -369,6 +395,7 @@ impl RecordHeader {
         put_u32(head, 44, self.data_blocks);
         put_u32(head, 48, self.data_crc);
         put_u32(head, 52, FORMAT_VERSION);
+        put_u32(head, 56, self.flags);
         head[RECORD_HEADER_SIZE_BYTES..RECORD_HEADER_SIZE_BYTES + metadata.len()]
             .copy_from_slice(metadata);
         let mut crc = crc32c::crc32c(&head[..RECORD_HEADER_CRC_OFFSET]);
@@ -397,6 +424,7 @@ impl RecordHeader {
             metadata_len: u32_at(block, 40),
             data_blocks: u32_at(block, 44),
             data_crc: u32_at(block, 48),
+            flags: u32_at(block, 56),
         };
         if header.metadata_len > RECORD_METADATA_MAX_BYTES
             || header.data_blocks > RECORD_DATA_BLOCKS_MAX
@@ -480,6 +508,23 @@ pub enum Delta<'a> {
         oid: &'a [u8],
         key: &'a [u8],
     },
+    /// A checkpoint's record of an object: it exists with this size and change count (its
+    /// extents, xattrs and omap follow as their own deltas).
+    ObjectState {
+        oid: &'a [u8],
+        size: u64,
+        changes: u64,
+    },
+    /// The cleaner copied blocks `[offset, offset + blocks * 4 KiB)` of the object from device
+    /// offset `from` to `physical`. Applies to each block only if it still lives at `from`: a
+    /// client write journaled in between wins, and the copy is dead on arrival.
+    ExtentMove {
+        oid: &'a [u8],
+        offset: u64,
+        from: u64,
+        physical: u64,
+        blocks: u32,
+    },
 }
 
 const KIND_OBJECT_CREATE: u8 = 1;
@@ -491,6 +536,8 @@ const KIND_XATTR_SET: u8 = 6;
 const KIND_XATTR_REMOVE: u8 = 7;
 const KIND_OMAP_SET: u8 = 8;
 const KIND_OMAP_REMOVE: u8 = 9;
+const KIND_OBJECT_STATE: u8 = 10;
+const KIND_EXTENT_MOVE: u8 = 11;
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -508,7 +555,9 @@ impl Delta<'_> {
             | Delta::XattrSet { oid, .. }
             | Delta::XattrRemove { oid, .. }
             | Delta::OmapSet { oid, .. }
-            | Delta::OmapRemove { oid, .. } => oid,
+            | Delta::OmapRemove { oid, .. }
+            | Delta::ObjectState { oid, .. }
+            | Delta::ExtentMove { oid, .. } => oid,
         }
     }
 
@@ -525,6 +574,8 @@ impl Delta<'_> {
             Delta::XattrRemove { .. } => KIND_XATTR_REMOVE,
             Delta::OmapSet { .. } => KIND_OMAP_SET,
             Delta::OmapRemove { .. } => KIND_OMAP_REMOVE,
+            Delta::ObjectState { .. } => KIND_OBJECT_STATE,
+            Delta::ExtentMove { .. } => KIND_EXTENT_MOVE,
         };
         out.push(kind);
         put_bytes(out, self.oid());
@@ -560,6 +611,23 @@ impl Delta<'_> {
             Delta::XattrRemove { name: a, .. } | Delta::OmapRemove { key: a, .. } => {
                 put_bytes(out, a)
             }
+            Delta::ObjectState { size, changes, .. } => {
+                out.extend_from_slice(&size.to_le_bytes());
+                out.extend_from_slice(&changes.to_le_bytes());
+            }
+            Delta::ExtentMove {
+                offset,
+                from,
+                physical,
+                blocks,
+                ..
+            } => {
+                assert!(blocks > 0);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&physical.to_le_bytes());
+                out.extend_from_slice(&blocks.to_le_bytes());
+            }
         }
     }
 }
@@ -584,6 +652,30 @@ pub fn encode_extent_map(
     for crc in crcs {
         out.extend_from_slice(&crc.to_le_bytes());
     }
+    physical_at
+}
+
+/// Appends an `ExtentMove` delta; returns the offset of its `physical` field (patched by the
+/// journal, as for `encode_extent_map`). Same bytes as `Delta::ExtentMove::encode`.
+pub fn encode_extent_move(
+    out: &mut Vec<u8>,
+    oid: &[u8],
+    offset: u64,
+    from: u64,
+    blocks: u32,
+) -> usize {
+    let before = out.len();
+    Delta::ExtentMove {
+        oid,
+        offset,
+        from,
+        physical: 0,
+        blocks,
+    }
+    .encode(out);
+    // kind, oid (length + bytes), offset, from: then physical.
+    let physical_at = before + 1 + 4 + oid.len() + 8 + 8;
+    debug_assert_eq!(out.len(), physical_at + 8 + 4);
     physical_at
 }
 
@@ -693,6 +785,28 @@ impl<'a> DeltaReader<'a> {
                 oid,
                 key: self.bytes(value_max)?,
             },
+            KIND_OBJECT_STATE => Delta::ObjectState {
+                oid,
+                size: self.u64()?,
+                changes: self.u64()?,
+            },
+            KIND_EXTENT_MOVE => {
+                let (offset, from, physical, blocks) =
+                    (self.u64()?, self.u64()?, self.u64()?, self.u32()?);
+                if blocks == 0 || blocks > RECORD_DATA_BLOCKS_MAX {
+                    return Err(FormatError::BadDelta {
+                        offset: start,
+                        reason: "extent block count out of range",
+                    });
+                }
+                Delta::ExtentMove {
+                    oid,
+                    offset,
+                    from,
+                    physical,
+                    blocks,
+                }
+            }
             _ => {
                 return Err(FormatError::BadDelta {
                     offset: start,
@@ -795,6 +909,8 @@ mod tests {
             segment: 9,
             segment_seq: 42,
             first_record_seq: 1000,
+            replay_start_seq: 990,
+            replay_start_offset: 1 << 30,
         };
         let block = header.encode();
         assert_eq!(SegmentHeader::decode(&block, 7, 9), Ok(header));
@@ -854,6 +970,7 @@ mod tests {
             metadata_len: metadata.len() as u32,
             data_blocks: 2,
             data_crc: crc32c::crc32c(&data),
+            flags: 0,
         };
         (header, metadata, data)
     }
@@ -988,6 +1105,8 @@ mod tests {
                 Delta::XattrRemove { oid: &oid, name: &a },
                 Delta::OmapSet { oid: &oid, key: &a, value: &b },
                 Delta::OmapRemove { oid: &oid, key: &b },
+                Delta::ObjectState { oid: &oid, size, changes: size ^ 5 },
+                Delta::ExtentMove { oid: &oid, offset, from: physical ^ 4096, physical, blocks },
             ];
             let mut encoded = Vec::new();
             for delta in &deltas {
@@ -995,6 +1114,13 @@ mod tests {
             }
             let decoded: Vec<_> = DeltaReader::new(&encoded).collect::<Result<_, _>>().unwrap();
             prop_assert_eq!(&decoded[..], &deltas[..]);
+
+            // The journal patches a move's destination in place: the offset must be right.
+            let mut moved = Vec::new();
+            let at = encode_extent_move(&mut moved, &oid, offset, physical ^ 4096, blocks);
+            moved[at..at + 8].copy_from_slice(&physical.to_le_bytes());
+            let decoded = DeltaReader::new(&moved).next().unwrap().unwrap();
+            prop_assert_eq!(decoded, deltas[10]);
         }
     }
 }

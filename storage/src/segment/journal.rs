@@ -16,9 +16,12 @@
 use crate::queue_pair::{
     AlignedBuf, IoError, IoVec, QueuePair, SubmitError, IOVECS_PER_REQUEST_MAX,
 };
+use std::collections::VecDeque;
+
 use crate::segment::format::{
-    encode_extent_map, Delta, RecordHeader, SegmentHeader, Superblock, BLOCK_SIZE_BYTES,
-    RECORD_DATA_BLOCKS_MAX, RECORD_HEADER_SIZE_BYTES,
+    encode_extent_map, encode_extent_move, Delta, RecordHeader, SegmentHeader, Superblock,
+    BLOCK_SIZE_BYTES, RECORD_DATA_BLOCKS_MAX, RECORD_FLAG_CHECKPOINT, RECORD_FLAG_CHECKPOINT_END,
+    RECORD_HEADER_SIZE_BYTES,
 };
 use crate::segment::scan::ShardLog;
 
@@ -28,6 +31,8 @@ pub const JOURNAL_TAG_BIT: u64 = 1 << 63;
 pub const BATCH_METADATA_MAX_BYTES: usize = 256 << 10;
 /// Ops acknowledged by one record.
 pub const BATCH_OPS_MAX: usize = 1024;
+/// Deltas in one checkpoint record (the checkpoint reuses the batch's head buffer).
+pub const CHECKPOINT_CHUNK_MAX_BYTES: usize = BATCH_METADATA_MAX_BYTES;
 const HEAD_BUFFER_BYTES: usize =
     (RECORD_HEADER_SIZE_BYTES + BATCH_METADATA_MAX_BYTES).div_ceil(4096) * 4096;
 const TAG_FLUSH: u64 = 1;
@@ -102,9 +107,40 @@ struct InFlight {
     metadata_len: usize,
     tags: Vec<u64>,
     writes_outstanding: u32,
+    /// Whether the record ends with a flush. Only a checkpoint's inner records go without:
+    /// nothing is acknowledged by them, and the checkpoint's last record flushes them all.
+    flush: bool,
     flush_submitted: bool,
-    /// The flush completed: every op in the record can be acknowledged.
+    /// The flush completed (or, without one, the writes did): every op in it is acknowledged.
     durable: bool,
+    /// A checkpoint record: its deltas describe the metadata, they do not change it.
+    checkpoint: bool,
+    /// The record opened a segment whose header names this replay start.
+    names_replay_start: Option<(u64, u64)>,
+}
+
+/// What a segment of the shard is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentRole {
+    /// Holds nothing anybody needs: the journal may open it.
+    Free,
+    /// Part of the log that replay reads (at or after the segment holding the replay start).
+    Journal,
+    /// Before the replay start: only its live data blocks matter. The cleaner empties these.
+    Data,
+}
+
+enum Checkpoint {
+    Idle,
+    /// Asked for: when no record is in flight, the store hands over a snapshot of its
+    /// metadata (which then equals the state after every record written so far).
+    Requested,
+    /// Writing the snapshot as consecutive records; `start` is where the first one went.
+    /// Once all are durable, a record in a fresh segment names `start` in its header.
+    Writing {
+        chunks: VecDeque<Vec<u8>>,
+        start: Option<(u64, u64)>,
+    },
 }
 
 struct OpenSegment {
@@ -116,7 +152,20 @@ struct OpenSegment {
 pub struct Journal {
     sb: Superblock,
     shard: u32,
-    free_segments: std::collections::VecDeque<u32>,
+    free_segments: VecDeque<u32>,
+    /// Role and header sequence number of every segment on the device (the shard's range only).
+    roles: Vec<SegmentRole>,
+    seqs: Vec<u64>,
+    /// Journal segments, in log order.
+    chain: VecDeque<u32>,
+    /// The replay start new segment headers name, and the newest one a durable header names.
+    replay_start_published: (u64, u64),
+    replay_start_durable: (u64, u64),
+    checkpoint: Checkpoint,
+    /// The client batch's place while a checkpoint or marker record is sealed.
+    aux: Batch,
+    pub checkpoints_written: u64,
+    pub checkpoint_bytes: u64,
     open: Option<OpenSegment>,
     next_record_seq: u64,
     next_segment_seq: u64,
@@ -206,19 +255,62 @@ impl OpAppender<'_> {
         Ok(())
     }
 
+    /// Journals a copy the cleaner made: `data` holds blocks read from device offset `from`,
+    /// to live again at the place the record gives them (`Delta::ExtentMove`). `crcs` are the
+    /// crc32c of the bytes as read (for the record's data crc; the metadata keeps its own).
+    ///
+    /// # Safety
+    /// As `extent`: `data` stays valid and unmodified until the op's completion is reported.
+    pub unsafe fn moved_extent(
+        &mut self,
+        oid: &[u8],
+        logical_offset: u64,
+        from: u64,
+        data: IoVec,
+        crcs: &[u32],
+    ) -> Result<(), JournalError> {
+        let blocks = (data.len() / BLOCK_SIZE_BYTES as usize) as u32;
+        assert!(
+            data.len() % BLOCK_SIZE_BYTES as usize == 0
+                && blocks as usize == crcs.len()
+                && blocks > 0
+        );
+        let data_blocks_max = self.journal.record_data_blocks_max();
+        let batch = &mut self.journal.batch;
+        if batch.data_blocks + blocks > data_blocks_max || batch.data.len() == batch.data.capacity()
+        {
+            return Err(JournalError::BatchFull);
+        }
+        let before = batch.metadata.len();
+        let physical_field =
+            encode_extent_move(&mut batch.metadata, oid, logical_offset, from, blocks);
+        if batch.metadata.len() > BATCH_METADATA_MAX_BYTES {
+            batch.metadata.truncate(before);
+            return Err(JournalError::BatchFull);
+        }
+        batch.delta_count += 1;
+        batch.patches.push((physical_field, batch.data_blocks));
+        batch.data.push(data);
+        for &crc in crcs {
+            batch.data_crc = crc32c::crc32c_combine(batch.data_crc, crc, BLOCK_SIZE_BYTES as usize);
+        }
+        batch.data_blocks += blocks;
+        Ok(())
+    }
+
+    /// Like `fits_device`, for the cleaner: it may take the reserve, which exists for it.
+    pub fn fits_device_with_reserve(&self) -> bool {
+        let journal = &*self.journal;
+        journal.fits_open_segment(&journal.batch) || !journal.free_segments.is_empty()
+    }
+
     /// Whether the batch, with what this op added, still has a place on the device: in the
     /// open segment, or in a free segment beyond the journal's reserve. A batch that passes
     /// this for its last op never fails to seal for lack of space.
     pub fn fits_device(&self) -> bool {
         let journal = &*self.journal;
-        let head_bytes = (RECORD_HEADER_SIZE_BYTES + journal.batch.metadata.len()) as u64;
-        let record_bytes = head_bytes.next_multiple_of(BLOCK_SIZE_BYTES)
-            + u64::from(journal.batch.data_blocks) * BLOCK_SIZE_BYTES;
-        let in_open = journal
-            .open
-            .as_ref()
-            .is_some_and(|open| open.next_offset + record_bytes <= open.end);
-        in_open || journal.free_segments.len() > journal.reserve_segments
+        journal.fits_open_segment(&journal.batch)
+            || journal.free_segments.len() > journal.reserve_segments
     }
 
     /// The op's completion will be reported under `tag` once its record is durable.
@@ -250,17 +342,41 @@ impl Drop for OpAppender<'_> {
 
 impl Journal {
     /// A writer continuing `log` (from `scan_shard`). It always opens a fresh segment: nothing is
-    /// ever appended after a possibly torn tail.
-    pub fn new(sb: Superblock, shard: u32, log: &ShardLog) -> Journal {
-        let used: std::collections::HashSet<u32> = log.segments.iter().map(|s| s.segment).collect();
+    /// ever appended after a possibly torn tail. `live_blocks` (per segment, from the replayed
+    /// metadata) tells which segments before the replay start still hold data.
+    pub fn new(sb: Superblock, shard: u32, log: &ShardLog, live_blocks: &[u32]) -> Journal {
+        let count = sb.segment_count as usize;
+        let mut roles = vec![SegmentRole::Free; count];
+        let mut seqs = vec![0; count];
+        let mut chain = VecDeque::with_capacity(count);
+        for header in &log.segments {
+            roles[header.segment as usize] = SegmentRole::Journal;
+            seqs[header.segment as usize] = header.segment_seq;
+            chain.push_back(header.segment);
+        }
+        for header in &log.data_segments {
+            seqs[header.segment as usize] = header.segment_seq;
+            if live_blocks[header.segment as usize] > 0 {
+                roles[header.segment as usize] = SegmentRole::Data;
+            }
+        }
         let free_segments = sb
             .shard_segments(shard)
-            .filter(|s| !used.contains(s))
+            .filter(|&s| roles[s as usize] == SegmentRole::Free)
             .collect();
         Journal {
             sb,
             shard,
             free_segments,
+            roles,
+            seqs,
+            chain,
+            replay_start_published: log.replay_start,
+            replay_start_durable: log.replay_start,
+            checkpoint: Checkpoint::Idle,
+            aux: Batch::new(),
+            checkpoints_written: 0,
+            checkpoint_bytes: 0,
             open: None,
             next_record_seq: log.next_record_seq,
             next_segment_seq: log.next_segment_seq,
@@ -278,6 +394,77 @@ impl Journal {
             records_written: 0,
             bytes_written: 0,
         }
+    }
+
+    fn fits_open_segment(&self, batch: &Batch) -> bool {
+        let head_bytes = (RECORD_HEADER_SIZE_BYTES + batch.metadata.len()) as u64;
+        let record_bytes = head_bytes.next_multiple_of(BLOCK_SIZE_BYTES)
+            + u64::from(batch.data_blocks) * BLOCK_SIZE_BYTES;
+        self.open
+            .as_ref()
+            .is_some_and(|open| open.next_offset + record_bytes <= open.end)
+    }
+
+    pub fn role(&self, segment: u32) -> SegmentRole {
+        self.roles[segment as usize]
+    }
+
+    /// The header sequence number of the segment's current (or last) life; 0 if never opened.
+    pub fn segment_seq(&self, segment: u32) -> u64 {
+        self.seqs[segment as usize]
+    }
+
+    pub fn next_segment_seq(&self) -> u64 {
+        self.next_segment_seq
+    }
+
+    /// Journal segments (what replay reads, and what a checkpoint would retire).
+    pub fn chain_len(&self) -> usize {
+        self.chain.len()
+    }
+
+    /// Journal segments in log order, the open one last.
+    pub fn chain(&self) -> std::collections::vec_deque::Iter<'_, u32> {
+        self.chain.iter()
+    }
+
+    /// The cleaner emptied a data segment: the journal may open it again.
+    pub fn release(&mut self, segment: u32) {
+        assert_eq!(
+            self.roles[segment as usize],
+            SegmentRole::Data,
+            "only a data segment is released"
+        );
+        self.roles[segment as usize] = SegmentRole::Free;
+        self.free_segments.push_back(segment);
+    }
+
+    pub fn checkpoint_idle(&self) -> bool {
+        matches!(self.checkpoint, Checkpoint::Idle)
+    }
+
+    /// Asks for a checkpoint: once written and named by a durable segment header, every
+    /// journal segment before it becomes a data segment the cleaner can empty.
+    pub fn request_checkpoint(&mut self) {
+        if self.checkpoint_idle() {
+            self.checkpoint = Checkpoint::Requested;
+        }
+    }
+
+    /// The journal waits for the store's snapshot (`begin_checkpoint`): nothing is in flight,
+    /// so the store's metadata is the state after every record written.
+    pub fn wants_snapshot(&self) -> bool {
+        matches!(self.checkpoint, Checkpoint::Requested) && self.in_flight.is_none()
+    }
+
+    /// The snapshot, as delta chunks of at most `CHECKPOINT_CHUNK_MAX_BYTES` each.
+    pub fn begin_checkpoint(&mut self, chunks: Vec<Vec<u8>>) {
+        assert!(self.wants_snapshot());
+        assert!(chunks.iter().all(|c| c.len() <= CHECKPOINT_CHUNK_MAX_BYTES));
+        self.checkpoint = Checkpoint::Writing {
+            chunks: chunks.into(),
+            start: None,
+        };
     }
 
     fn record_data_blocks_max(&self) -> u32 {
@@ -330,15 +517,19 @@ impl Journal {
             in_flight.durable = true;
         } else {
             in_flight.writes_outstanding -= 1;
+            if in_flight.writes_outstanding == 0 && !in_flight.flush && self.pending.is_empty() {
+                in_flight.durable = true;
+            }
         }
     }
 
     /// Moves the journal forward: submits what the queue pair can take, acknowledges durable
-    /// records (reported through `done`), and seals the next batch. Never blocks.
+    /// records (reported through `done`), and seals the next record. Never blocks.
     ///
     /// `durable` sees each record's deltas once the record is durable, before its ops are
     /// acknowledged: the store applies them to its metadata there, so that what it knows is
-    /// exactly what replay would rebuild.
+    /// exactly what replay would rebuild. (Checkpoint records are not passed: they describe
+    /// the metadata rather than change it.)
     pub fn pump(
         &mut self,
         qp: &mut dyn QueuePair,
@@ -351,12 +542,17 @@ impl Journal {
                 let in_flight = self.in_flight.take().expect("checked");
                 let result = self.failed.map_or(Ok(()), |e| Err(JournalError::Io(e)));
                 if result.is_ok() {
-                    durable(&self.head[RECORD_HEADER_SIZE_BYTES..][..in_flight.metadata_len]);
+                    if !in_flight.checkpoint {
+                        durable(&self.head[RECORD_HEADER_SIZE_BYTES..][..in_flight.metadata_len]);
+                    }
+                    if let Some(start) = in_flight.names_replay_start {
+                        self.advance_replay_start(start);
+                    }
                 }
                 for &tag in &in_flight.tags {
                     done(tag, result);
                 }
-                work += in_flight.tags.len();
+                work += in_flight.tags.len() + 1;
                 let mut tags = in_flight.tags;
                 tags.clear();
                 self.spare_tags = tags;
@@ -364,9 +560,10 @@ impl Journal {
                 work += self.submit_pending(qp);
             }
         }
-        if self.in_flight.is_none() && !self.batch.tags.is_empty() {
-            match self.seal() {
-                Ok(()) => work += self.submit_pending(qp),
+        if self.in_flight.is_none() {
+            match self.next_record() {
+                Ok(true) => work += self.submit_pending(qp),
+                Ok(false) => {}
                 Err(error) => {
                     for &tag in &self.batch.tags {
                         done(tag, Err(error));
@@ -377,6 +574,86 @@ impl Journal {
             }
         }
         work
+    }
+
+    /// Seals what goes next, if anything: a checkpoint record, the record that publishes a
+    /// finished checkpoint, or the client batch.
+    fn next_record(&mut self) -> Result<bool, JournalError> {
+        match std::mem::replace(&mut self.checkpoint, Checkpoint::Idle) {
+            Checkpoint::Idle => {}
+            // The store's snapshot comes first; client records wait for it.
+            Checkpoint::Requested => {
+                self.checkpoint = Checkpoint::Requested;
+                return Ok(false);
+            }
+            Checkpoint::Writing {
+                mut chunks,
+                mut start,
+            } => {
+                if let Some(chunk) = chunks.pop_front() {
+                    let last = chunks.is_empty();
+                    std::mem::swap(&mut self.batch, &mut self.aux);
+                    self.batch.metadata.extend_from_slice(&chunk);
+                    self.batch.delta_count =
+                        crate::segment::format::DeltaReader::new(&chunk).count() as u32;
+                    let flags =
+                        RECORD_FLAG_CHECKPOINT | if last { RECORD_FLAG_CHECKPOINT_END } else { 0 };
+                    let sealed = self.seal(flags, last);
+                    std::mem::swap(&mut self.batch, &mut self.aux);
+                    self.aux.clear();
+                    // On failure the checkpoint is abandoned (back to Idle); the store asks again.
+                    let at = sealed?;
+                    self.in_flight.as_mut().expect("sealed").checkpoint = true;
+                    start.get_or_insert(at);
+                    self.checkpoints_written += u64::from(last);
+                    self.checkpoint_bytes += chunk.len() as u64;
+                    self.checkpoint = Checkpoint::Writing { chunks, start };
+                    return Ok(true);
+                }
+                // Every checkpoint record is durable: publish the start in a fresh segment's
+                // header, with a record (empty unless clients wait) that makes it durable.
+                self.replay_start_published = start.expect("a checkpoint has a record");
+                self.open = None;
+                if self.batch.tags.is_empty() {
+                    std::mem::swap(&mut self.batch, &mut self.aux);
+                    let sealed = self.seal(0, true);
+                    std::mem::swap(&mut self.batch, &mut self.aux);
+                    self.aux.clear();
+                    sealed?;
+                    return Ok(true);
+                }
+            }
+        }
+        if self.batch.tags.is_empty() {
+            return Ok(false);
+        }
+        self.seal(0, true)?;
+        Ok(true)
+    }
+
+    /// A durable segment header names `start`: journal segments before the one holding it are
+    /// no longer read by replay, so they become data segments.
+    fn advance_replay_start(&mut self, start: (u64, u64)) {
+        if start <= self.replay_start_durable {
+            return;
+        }
+        self.replay_start_durable = start;
+        let holder = self
+            .sb
+            .segment_at(start.1)
+            .expect("a checkpoint lies on the device");
+        while let Some(&front) = self.chain.front() {
+            if front == holder {
+                break;
+            }
+            self.chain.pop_front();
+            self.roles[front as usize] = SegmentRole::Data;
+        }
+        assert_eq!(
+            self.chain.front(),
+            Some(&holder),
+            "the checkpoint's segment is in the log"
+        );
     }
 
     fn submit_pending(&mut self, qp: &mut dyn QueuePair) -> usize {
@@ -394,7 +671,8 @@ impl Journal {
                 Err(error) => panic!("journal wrote a malformed request: {error}"),
             }
         }
-        if in_flight.writes_outstanding == 0
+        if in_flight.flush
+            && in_flight.writes_outstanding == 0
             && !in_flight.flush_submitted
             && self.pending.is_empty()
         {
@@ -410,8 +688,9 @@ impl Journal {
         submitted
     }
 
-    /// Turns the batch into the record in flight: places it, patches addresses, encodes the head.
-    fn seal(&mut self) -> Result<(), JournalError> {
+    /// Turns the batch into the record in flight: places it, patches addresses, encodes the
+    /// head. Returns the record's (sequence number, device offset).
+    fn seal(&mut self, flags: u32, flush: bool) -> Result<(u64, u64), JournalError> {
         if let Some(error) = self.failed {
             return Err(JournalError::Io(error));
         }
@@ -425,6 +704,7 @@ impl Journal {
             metadata_len: metadata_len as u32,
             data_blocks: self.batch.data_blocks,
             data_crc: self.batch.data_crc,
+            flags,
         };
         let record_bytes = u64::from(header.total_blocks()) * BLOCK_SIZE_BYTES;
         self.write_iovecs.clear();
@@ -433,8 +713,10 @@ impl Journal {
             .open
             .as_ref()
             .is_none_or(|open| open.next_offset + record_bytes > open.end);
+        let mut names_replay_start = None;
         if needs_segment {
             self.open_segment()?;
+            names_replay_start = Some(self.replay_start_published);
         }
         let open = self.open.as_mut().expect("opened above");
         header.segment_seq = open.segment_seq;
@@ -478,11 +760,14 @@ impl Journal {
             metadata_len,
             tags,
             writes_outstanding: writes,
+            flush,
             flush_submitted: false,
             durable: false,
+            checkpoint: false,
+            names_replay_start,
         });
         self.batch.clear();
-        Ok(())
+        Ok((header.record_seq, record_offset))
     }
 
     fn open_segment(&mut self) -> Result<(), JournalError> {
@@ -496,10 +781,17 @@ impl Journal {
             segment,
             segment_seq: self.next_segment_seq,
             first_record_seq: self.next_record_seq,
+            replay_start_seq: self.replay_start_published.0,
+            replay_start_offset: self.replay_start_published.1,
         };
+        debug_assert_eq!(self.roles[segment as usize], SegmentRole::Free);
+        self.roles[segment as usize] = SegmentRole::Journal;
+        self.seqs[segment as usize] = header.segment_seq;
+        self.chain.push_back(segment);
         self.next_segment_seq += 1;
         self.segment_header.copy_from_slice(&header.encode());
         let start = self.sb.segment_offset(segment);
+        self.bytes_written += BLOCK_SIZE_BYTES;
         // SAFETY: the header buffer is owned by the journal and unchanged until the record completes.
         let iovec = unsafe { self.segment_header.as_io_vec() };
         self.write_iovecs.push(iovec);
@@ -591,6 +883,7 @@ mod tests {
             sb,
             0,
             &scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap(),
+            &vec![0; sb.segment_count as usize],
         );
         let mut buffers: Vec<AlignedBuf> = (0..40).map(block).collect();
         let mut acked = Vec::new();
@@ -633,6 +926,7 @@ mod tests {
                 sb,
                 0,
                 &scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap(),
+                &vec![0; sb.segment_count as usize],
             );
             let mut buffers: Vec<AlignedBuf> = (0..60).map(|n| block(n ^ seed)).collect();
             let mut acked = Vec::new();

@@ -169,7 +169,73 @@ impl Metadata {
             Delta::OmapRemove { oid, key } => {
                 self.onode(oid, "omap remove")?.omap.remove(key);
             }
+            Delta::ObjectState { oid, size, changes } => {
+                if self.objects.contains_key(oid) {
+                    return Err(ApplyError::ObjectExists { oid: oid.to_vec() });
+                }
+                self.objects.insert(
+                    oid.into(),
+                    Onode {
+                        size,
+                        changes,
+                        ..Onode::default()
+                    },
+                );
+            }
+            Delta::ExtentMove {
+                oid,
+                offset,
+                from,
+                physical,
+                blocks,
+            } => self.move_extent(oid, offset, from, physical, blocks)?,
         }
+        Ok(())
+    }
+
+    /// The cleaner's copy: each block moves only if it still lives where the copy was read
+    /// from. A block overwritten, unmapped or removed since is left alone (the copy is dead).
+    fn move_extent(
+        &mut self,
+        oid: &[u8],
+        offset: u64,
+        from: u64,
+        physical: u64,
+        blocks: u32,
+    ) -> Result<(), ApplyError> {
+        if offset % BLOCK_SIZE_BYTES != 0 {
+            return Err(ApplyError::Misaligned { value: offset });
+        }
+        let span = (u64::from(blocks) - 1) * BLOCK_SIZE_BYTES;
+        let to_segment = self.segment_of(physical)?;
+        if self.segment_of(physical + span)? != to_segment {
+            return Err(ApplyError::OutsideDevice {
+                physical: physical + span,
+            });
+        }
+        let from_segment = self.segment_of(from)?;
+        if self.segment_of(from + span)? != from_segment {
+            return Err(ApplyError::OutsideDevice {
+                physical: from + span,
+            });
+        }
+        let Some(onode) = self.objects.get_mut(oid) else {
+            return Ok(());
+        };
+        let mut moved = 0;
+        for index in 0..u64::from(blocks) {
+            let logical = offset / BLOCK_SIZE_BYTES + index;
+            if let Some(block) = onode.blocks.get_mut(&logical) {
+                if block.physical == from + index * BLOCK_SIZE_BYTES {
+                    block.physical = physical + index * BLOCK_SIZE_BYTES;
+                    moved += 1;
+                }
+            }
+        }
+        self.live_blocks[to_segment] += moved;
+        self.live_blocks[from_segment] = self.live_blocks[from_segment]
+            .checked_sub(moved)
+            .expect("segment inventory underflow");
         Ok(())
     }
 
@@ -261,6 +327,114 @@ impl Metadata {
 
     pub fn live_block_counts(&self) -> &[u32] {
         &self.live_blocks
+    }
+
+    /// Every live block in `segment`: (object, logical block index, block), sorted by device
+    /// offset. Walks all extent maps: the cleaner calls it once per victim segment.
+    pub fn live_in_segment(&self, segment: u32, out: &mut Vec<(Box<[u8]>, u64, BlockRef)>) {
+        out.clear();
+        let start = self.sb.segment_offset(segment);
+        let end = start + self.sb.segment_size;
+        for (oid, onode) in &self.objects {
+            for (&index, &block) in &onode.blocks {
+                if (start..end).contains(&block.physical) {
+                    out.push((oid.clone(), index, block));
+                }
+            }
+        }
+        out.sort_unstable_by_key(|(_, _, block)| block.physical);
+    }
+
+    /// An upper bound of the bytes `checkpoint` encodes (each block its own extent).
+    pub fn checkpoint_bytes_estimate(&self) -> u64 {
+        self.objects
+            .iter()
+            .map(|(oid, onode)| {
+                let oid_bytes = oid.len() as u64 + 5;
+                let extents = onode.blocks.len() as u64 * (oid_bytes + 24);
+                let pairs: u64 = onode
+                    .xattrs
+                    .iter()
+                    .chain(onode.omap.iter())
+                    .map(|(k, v)| oid_bytes + 8 + (k.len() + v.len()) as u64)
+                    .sum();
+                oid_bytes + 16 + extents + pairs
+            })
+            .sum()
+    }
+
+    /// Encodes the whole metadata as deltas that rebuild it from nothing (`ObjectState`, then
+    /// each object's extents, xattrs and omap), split into chunks of at most `chunk_max` bytes
+    /// (each chunk becomes one journal record).
+    pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) {
+        /// Blocks per extent delta: bounds one delta well below any chunk.
+        const EXTENT_BLOCKS_MAX: usize = 256;
+        let mut current = Vec::with_capacity(chunk_max);
+        let mut delta_bytes = Vec::new();
+        let mut crcs = Vec::with_capacity(EXTENT_BLOCKS_MAX * 4);
+        let mut push = |delta: &Delta<'_>, current: &mut Vec<u8>, chunks: &mut Vec<Vec<u8>>| {
+            delta_bytes.clear();
+            delta.encode(&mut delta_bytes);
+            assert!(
+                delta_bytes.len() <= chunk_max,
+                "one delta exceeds a checkpoint chunk"
+            );
+            if current.len() + delta_bytes.len() > chunk_max {
+                chunks.push(std::mem::replace(current, Vec::with_capacity(chunk_max)));
+            }
+            current.extend_from_slice(&delta_bytes);
+        };
+        for (oid, onode) in &self.objects {
+            push(
+                &Delta::ObjectState {
+                    oid,
+                    size: onode.size,
+                    changes: onode.changes,
+                },
+                &mut current,
+                chunks,
+            );
+            let mut blocks = onode.blocks.iter().peekable();
+            while let Some((&first, &block)) = blocks.next() {
+                crcs.clear();
+                crcs.extend_from_slice(&block.crc.to_le_bytes());
+                let mut count = 1u64;
+                while let Some(&(&next, &next_block)) = blocks.peek() {
+                    if count as usize == EXTENT_BLOCKS_MAX
+                        || next != first + count
+                        || next_block.physical != block.physical + count * BLOCK_SIZE_BYTES
+                    {
+                        break;
+                    }
+                    crcs.extend_from_slice(&next_block.crc.to_le_bytes());
+                    count += 1;
+                    blocks.next();
+                }
+                push(
+                    &Delta::ExtentMap {
+                        oid,
+                        offset: first * BLOCK_SIZE_BYTES,
+                        physical: block.physical,
+                        blocks: count as u32,
+                        crcs: &crcs,
+                    },
+                    &mut current,
+                    chunks,
+                );
+            }
+            for (name, value) in &onode.xattrs {
+                push(&Delta::XattrSet { oid, name, value }, &mut current, chunks);
+            }
+            for (key, value) in &onode.omap {
+                push(&Delta::OmapSet { oid, key, value }, &mut current, chunks);
+            }
+        }
+        chunks.push(current);
+    }
+
+    /// Same objects, same contents, same inventory (tests and fsck compare a replayed copy).
+    pub fn same_as(&self, other: &Metadata) -> bool {
+        self.objects == other.objects && self.live_blocks == other.live_blocks
     }
 }
 
@@ -386,7 +560,7 @@ mod tests {
         /// Replaying the encoded deltas into fresh metadata gives the same state: what a
         /// restart recovers is what the running store had.
         #[test]
-        fn replay_of_encoded_deltas_reproduces_the_state(steps in proptest::collection::vec((0u8..6, 0u8..3, 0u64..16, 1u32..4, 0u32..6), 1..80)) {
+        fn replay_of_encoded_deltas_reproduces_the_state(steps in proptest::collection::vec((0u8..8, 0u8..3, 0u64..16, 1u32..4, 0u32..6), 1..80), chunk_max in 64usize..400) {
             let sb = sb();
             let mut live = Metadata::new(sb);
             let mut log = Vec::new();
@@ -400,7 +574,15 @@ mod tests {
                     2 => Delta::ExtentMap { oid: &oid, offset: block * 4096, physical, blocks, crcs: &crc_bytes },
                     3 => Delta::ExtentUnmap { oid: &oid, offset: block * 4096, blocks },
                     4 => Delta::ObjectSize { oid: &oid, size: block * 1000 },
-                    _ => Delta::XattrSet { oid: &oid, name: b"n", value: &crc_bytes },
+                    5 => Delta::XattrSet { oid: &oid, name: b"n", value: &crc_bytes },
+                    6 => Delta::ExtentMove {
+                        oid: &oid,
+                        offset: block * 4096,
+                        from: physical,
+                        physical: sb.segment_offset(segment + 1) + 4096 * (1 + block),
+                        blocks,
+                    },
+                    _ => Delta::OmapSet { oid: &oid, key: &crc_bytes[..4], value: b"v" },
                 };
                 // The running store journals only deltas that apply.
                 if live.apply(&delta).is_ok() {
@@ -417,6 +599,21 @@ mod tests {
             for (oid, onode) in live.objects() {
                 prop_assert_eq!(Some(onode), replayed.object(oid));
             }
+
+            // A checkpoint rebuilds the same state from nothing, whatever its chunking.
+            let mut chunks = Vec::new();
+            live.checkpoint(chunk_max, &mut chunks);
+            let mut rebuilt = Metadata::new(sb);
+            let mut total = 0;
+            for chunk in &chunks {
+                prop_assert!(chunk.len() <= chunk_max);
+                total += chunk.len() as u64;
+                for delta in DeltaReader::new(chunk) {
+                    rebuilt.apply(&delta.unwrap()).unwrap();
+                }
+            }
+            prop_assert!(rebuilt.same_as(&live));
+            prop_assert!(total <= live.checkpoint_bytes_estimate(), "{} > estimate", total);
         }
     }
 }

@@ -1,9 +1,8 @@
 //! The segment store (SeaStore's role): a log-structured store on a block `QueuePair`.
 //!
-//! Status: the on-disk format (`format.rs`) is in place and tested; the journal writer, the
-//! metadata B-trees, the cleaner and replay are being built on it (see the segment-store issue).
+//! Checkpoints and the cleaner: see ARCHITECTURE.md and `cleaner.rs`. Not built yet: fsck.
 //!
-//! # On-disk layout, version 1
+//! # On-disk layout, version 2
 //!
 //! ```text
 //! offset 0        superblock copy A (one 4 KiB block)
@@ -29,6 +28,7 @@
 //! Every data block is covered by a crc32c kept in the metadata (4 KiB granularity, so a 4 KiB
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
+pub mod cleaner;
 pub mod exec;
 pub mod format;
 pub mod journal;

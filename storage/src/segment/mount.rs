@@ -6,7 +6,8 @@ use std::io;
 
 use crate::queue_pair::{AlignedBuf, IoVec, QueuePair, SubmitError};
 use crate::segment::format::{
-    DeltaReader, FormatError, Superblock, BLOCK_SIZE_BYTES, SUPERBLOCK_OFFSETS,
+    DeltaReader, FormatError, Superblock, BLOCK_SIZE_BYTES, RECORD_FLAG_CHECKPOINT,
+    RECORD_FLAG_CHECKPOINT_END, SUPERBLOCK_OFFSETS,
 };
 use crate::segment::metadata::{ApplyError, Metadata};
 use crate::segment::scan::{scan_shard, BlockReader, ScanError, ShardLog};
@@ -191,8 +192,9 @@ pub fn replay_from(reader: &mut dyn BlockReader, shard: u32) -> Result<Mounted, 
     }
     let mut metadata = Metadata::new(sb);
     let mut failure: Option<(u64, String)> = None;
+    let mut replay = Replay::default();
     let log = scan_shard(&sb, shard, reader, &mut |record, deltas| {
-        if failure.is_some() {
+        if failure.is_some() || !replay.applies(record.header.flags) {
             return;
         }
         for delta in DeltaReader::new(deltas) {
@@ -211,7 +213,48 @@ pub fn replay_from(reader: &mut dyn BlockReader, shard: u32) -> Result<Mounted, 
     if let Some((record_seq, error)) = failure {
         return Err(MountError::Corrupt { record_seq, error });
     }
+    // Every live block must lie in a segment the log knows (journal or data segment): one
+    // elsewhere would be handed out as free space and overwritten.
+    let known: std::collections::HashSet<u32> = log
+        .segments
+        .iter()
+        .chain(&log.data_segments)
+        .map(|h| h.segment)
+        .collect();
+    let counts = metadata.live_block_counts();
+    if let Some(segment) = sb
+        .shard_segments(shard)
+        .find(|s| counts[*s as usize] > 0 && !known.contains(s))
+    {
+        return Err(MountError::Corrupt {
+            record_seq: log.next_record_seq,
+            error: format!("live blocks in segment {segment}, which has no valid header"),
+        });
+    }
     Ok(Mounted { sb, metadata, log })
+}
+
+/// Which records replay applies. A checkpoint's records rebuild the metadata from nothing, so
+/// they apply only when replay starts with them (the records right at the replay start); any
+/// later checkpoint restates what replay already built, and is skipped.
+#[derive(Default)]
+pub struct Replay {
+    /// Past the checkpoint replay started with (or there was none).
+    past_start: bool,
+}
+
+impl Replay {
+    pub fn applies(&mut self, flags: u32) -> bool {
+        if flags & RECORD_FLAG_CHECKPOINT == 0 {
+            self.past_start = true;
+            return true;
+        }
+        if self.past_start {
+            return false;
+        }
+        self.past_start = flags & RECORD_FLAG_CHECKPOINT_END != 0;
+        true
+    }
 }
 
 /// `replay_from` through the shard's own queue pair.

@@ -6,11 +6,13 @@
 //!   `segment_seq`, so the log's segment order is the header order, whatever the segment numbers.
 //! - Records carry a per-shard `record_seq` that grows by exactly one, across segments.
 //! - A record is acknowledged only after it and every earlier record are durable.
-//! - The cleaner erases a segment's header (durably) before the segment leaves the log, so a
-//!   freed segment's old records can never be mistaken for the start of the log.
+//! - A segment is freed only once it lies before the replay start that a durable header names
+//!   (and holds no live block); its stale header is then older than the replay start's
+//!   segment, so its records are never replayed, and reusing it writes a new header.
 //!
 //! So the log is the longest chain of valid records with consecutive sequence numbers, starting
-//! at the oldest segment's first record. The first record that is missing, torn, stale (left
+//! at the replay start (the newest checkpoint a header names) or, without one, at the oldest
+//! segment's first record. The first record that is missing, torn, stale (left
 //! from the segment's previous life: its `segment_seq` differs) or foreign ends the chain; what
 //! follows was never acknowledged and is discarded.
 //!
@@ -73,6 +75,9 @@ pub enum LogEnd {
 pub struct ShardLog {
     /// Segments holding the log's records, in log order (ascending `segment_seq`).
     pub segments: Vec<SegmentHeader>,
+    /// Segments opened before the one holding the replay start: not replayed; they hold the
+    /// data blocks the metadata points at (a segment here with no live block is free).
+    pub data_segments: Vec<SegmentHeader>,
     /// Segments with a header but after the log's end: nothing in them was acknowledged, so
     /// they are free. (The writer never appends into a segment after a mount: it opens a new
     /// one, so a torn tail is never overwritten in place.)
@@ -82,6 +87,8 @@ pub struct ShardLog {
     pub next_record_seq: u64,
     /// Greater than every header seen, orphans included, so a new segment never collides.
     pub next_segment_seq: u64,
+    /// (record seq, device offset) replay started at; (0, 0) when the log has no checkpoint.
+    pub replay_start: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -91,6 +98,11 @@ pub enum ScanError {
     DuplicateSegmentSeq {
         seq: u64,
         segments: (u32, u32),
+    },
+    /// A segment header names a checkpoint that is not on the device.
+    MissingCheckpoint {
+        seq: u64,
+        offset: u64,
     },
 }
 
@@ -105,6 +117,10 @@ impl std::fmt::Display for ScanError {
                     segments.0, segments.1
                 )
             }
+            ScanError::MissingCheckpoint { seq, offset } => write!(
+                f,
+                "the log's checkpoint (record {seq} at device offset {offset}) is missing or damaged"
+            ),
         }
     }
 }
@@ -143,6 +159,11 @@ pub fn read_segment_headers(
 
 /// Walks the shard's log. `visit` sees each record's verified deltas, in order, before the scan
 /// moves on (replay applies them; fsck checks them).
+///
+/// Replay starts at the newest checkpoint any segment header names (the writer names one only
+/// once it is durable), or at the oldest segment's first record when none does. Segments older
+/// than the one holding the replay start are not replayed: they hold data blocks the
+/// checkpoint's extent maps point at (`ShardLog::data_segments`), or nothing live at all.
 pub fn scan_shard(
     sb: &Superblock,
     shard: u32,
@@ -151,18 +172,41 @@ pub fn scan_shard(
 ) -> Result<ShardLog, ScanError> {
     let mut segments = read_segment_headers(sb, shard, reader)?;
     let next_segment_seq = segments.last().map_or(1, |last| last.segment_seq + 1);
+    let start = segments
+        .iter()
+        .map(|h| (h.replay_start_seq, h.replay_start_offset))
+        .max()
+        .filter(|&(seq, _)| seq != 0);
+    let mut data_segments = Vec::new();
+    let mut first_offset = None;
+    if let Some((seq, offset)) = start {
+        // The segment holding the checkpoint: every segment opened before it is a data segment.
+        let holder = sb.segment_at(offset);
+        let position = segments
+            .iter()
+            .position(|h| Some(h.segment) == holder && h.first_record_seq <= seq)
+            .ok_or(ScanError::MissingCheckpoint { seq, offset })?;
+        data_segments = segments.drain(..position).collect();
+        first_offset = Some(offset);
+    }
     let mut log = ShardLog {
         segments: Vec::with_capacity(segments.len()),
+        data_segments,
         orphans: Vec::new(),
         records: Vec::new(),
         end: LogEnd::Empty,
-        next_record_seq: segments.first().map_or(1, |first| first.first_record_seq),
+        next_record_seq: start.map_or_else(
+            || segments.first().map_or(1, |first| first.first_record_seq),
+            |(seq, _)| seq,
+        ),
         next_segment_seq,
+        replay_start: start.unwrap_or((0, 0)),
     };
     let mut buf = Vec::new();
     let mut remaining = segments.drain(..);
     for segment in remaining.by_ref() {
-        if segment.first_record_seq != log.next_record_seq {
+        let from = first_offset.take();
+        if from.is_none() && segment.first_record_seq != log.next_record_seq {
             // The writer opens a segment with the next sequence number; a mismatch means the
             // earlier segment's tail records were lost, so this segment's never counted.
             log.end = LogEnd::Stop {
@@ -177,12 +221,17 @@ pub fn scan_shard(
             break;
         }
         log.segments.push(segment);
-        if let Some(stop) = scan_segment(sb, &segment, reader, &mut buf, &mut log, visit)? {
+        if let Some(stop) = scan_segment(sb, &segment, from, reader, &mut buf, &mut log, visit)? {
             log.end = stop;
             break;
         }
     }
     log.orphans.extend(remaining);
+    if start.is_some() && log.records.is_empty() {
+        // The checkpoint a durable header names is not there: corruption, not a torn tail.
+        let (seq, offset) = log.replay_start;
+        return Err(ScanError::MissingCheckpoint { seq, offset });
+    }
     Ok(log)
 }
 
@@ -190,13 +239,14 @@ pub fn scan_shard(
 fn scan_segment(
     sb: &Superblock,
     segment: &SegmentHeader,
+    from: Option<u64>,
     reader: &mut dyn BlockReader,
     buf: &mut Vec<u8>,
     log: &mut ShardLog,
     visit: &mut dyn FnMut(&LogRecord, &[u8]),
 ) -> Result<Option<LogEnd>, ScanError> {
     let segment_end = sb.segment_offset(segment.segment) + sb.segment_size;
-    let mut offset = sb.segment_offset(segment.segment) + BLOCK_SIZE_BYTES;
+    let mut offset = from.unwrap_or(sb.segment_offset(segment.segment) + BLOCK_SIZE_BYTES);
     loop {
         match read_record(
             sb,
@@ -305,6 +355,8 @@ mod tests {
         next_record_seq: u64,
         /// (segment header, next free offset)
         open: Option<(SegmentHeader, u64)>,
+        /// What the next segment header names as the replay start.
+        replay_start: (u64, u64),
     }
 
     impl Image {
@@ -318,6 +370,7 @@ mod tests {
                 bytes,
                 next_record_seq: 1,
                 open: None,
+                replay_start: (0, 0),
             }
         }
 
@@ -328,6 +381,8 @@ mod tests {
                 segment,
                 segment_seq,
                 first_record_seq: self.next_record_seq,
+                replay_start_seq: self.replay_start.0,
+                replay_start_offset: self.replay_start.1,
             };
             let at = self.sb.segment_offset(segment) as usize;
             self.bytes[at..at + 4096].copy_from_slice(&header.encode());
@@ -355,6 +410,7 @@ mod tests {
                 metadata_len: metadata.len() as u32,
                 data_blocks,
                 data_crc: crc32c::crc32c(&data),
+                flags: 0,
             };
             let mut head = vec![0u8; header.head_blocks() as usize * 4096];
             header.encode_head(&metadata, &mut head);
@@ -412,6 +468,55 @@ mod tests {
             matches!(log.end, LogEnd::Stop { segment: 2, .. }),
             "{:?}",
             log.end
+        );
+    }
+
+    #[test]
+    fn replay_starts_at_the_checkpoint_a_header_names() {
+        let mut image = Image::new();
+        image.open_segment(3, 1);
+        image.append(1, 1);
+        image.append(2, 1);
+        image.open_segment(6, 2);
+        image.append(3, 1);
+        let checkpoint_seq = image.next_record_seq;
+        let checkpoint_at = image.append(4, 0);
+        image.append(5, 2);
+        // The header naming the checkpoint comes with the next segment.
+        image.replay_start = (checkpoint_seq, checkpoint_at);
+        image.open_segment(1, 3);
+        image.append(6, 1);
+        let (log, tags) = image.scan();
+        assert_eq!(
+            tags,
+            vec![4, 5, 6],
+            "records before the checkpoint are not replayed"
+        );
+        assert_eq!(
+            log.data_segments
+                .iter()
+                .map(|h| h.segment)
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(
+            log.segments.iter().map(|h| h.segment).collect::<Vec<_>>(),
+            vec![6, 1]
+        );
+        assert_eq!(log.replay_start, (checkpoint_seq, checkpoint_at));
+        assert_eq!(log.next_record_seq, 7);
+
+        // A header that names a checkpoint the device does not hold is corruption, loudly.
+        let mut broken = Image::new();
+        broken.open_segment(0, 1);
+        broken.append(1, 0);
+        broken.replay_start = (40, broken.sb.segment_offset(0) + 4096);
+        broken.open_segment(1, 2);
+        let mut reader: &[u8] = &broken.bytes;
+        let result = scan_shard(&broken.sb, 0, &mut reader, &mut |_, _| {});
+        assert!(
+            matches!(result, Err(ScanError::MissingCheckpoint { seq: 40, .. })),
+            "{result:?}"
         );
     }
 
@@ -500,6 +605,8 @@ mod tests {
             segment: 3,
             segment_seq: 9,
             first_record_seq: 2,
+            replay_start_seq: 0,
+            replay_start_offset: 0,
         };
         let at = image.sb.segment_offset(3) as usize;
         image.bytes[at..at + 4096].copy_from_slice(&foreign.encode());

@@ -18,13 +18,18 @@
 
 use std::collections::{HashMap, VecDeque};
 
+mod maintenance;
+
 use crate::object_store::{
     check_operation, ObjectStore, OutputBuffer, StoreStats, SubOp, SubOpResult, Submit, SUB_OPS_MAX,
 };
 use crate::queue_pair::{AlignedBuf, IoError, QueuePair, SubmitError};
+use crate::segment::cleaner::{self, Cleaner, MoveStage, CLEANER_TAG_BIT};
 use crate::segment::exec::{self, BlockPool, Dirty, OldBlocks, Plan};
 use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
-use crate::segment::journal::{Journal, JournalError, JOURNAL_TAG_BIT};
+use crate::segment::journal::{
+    Journal, JournalError, SegmentRole, CHECKPOINT_CHUNK_MAX_BYTES, JOURNAL_TAG_BIT,
+};
 use crate::segment::metadata::{Metadata, Onode};
 use crate::segment::mount::{self, MountError};
 use crate::StoreError;
@@ -53,6 +58,54 @@ pub struct SegmentStats {
     pub batch_full_waits: u64,
     pub buffer_allocations: u64,
     pub free_segments: u64,
+    /// Segments the journal may not hand to clients (the cleaner's and checkpoint's room).
+    pub reserve_segments: u64,
+    /// Data segments (before the replay start; what the cleaner empties).
+    pub data_segments: u64,
+    /// Journal segments (replay reads them).
+    pub journal_segments: u64,
+    pub checkpoints: u64,
+    pub checkpoint_bytes: u64,
+    pub segments_cleaned: u64,
+    pub segments_freed_empty: u64,
+    pub blocks_moved: u64,
+    pub victims_abandoned: u64,
+    /// Writes that waited for the cleaner to free space.
+    pub space_waits: u64,
+}
+
+impl SegmentStats {
+    /// Bytes written to the device per byte of client data: records (headers, deltas, data),
+    /// segment headers, checkpoints and the cleaner's copies over client write payload.
+    pub fn write_amplification(&self) -> f64 {
+        if self.client_bytes_written == 0 {
+            return 0.0;
+        }
+        self.journal_bytes as f64 / self.client_bytes_written as f64
+    }
+
+    /// Counters accumulated since `earlier` (gauges such as free segments keep their value).
+    pub fn since(&self, earlier: &SegmentStats) -> SegmentStats {
+        SegmentStats {
+            records_written: self.records_written - earlier.records_written,
+            journal_bytes: self.journal_bytes - earlier.journal_bytes,
+            client_bytes_written: self.client_bytes_written - earlier.client_bytes_written,
+            block_reads: self.block_reads - earlier.block_reads,
+            checksum_errors: self.checksum_errors - earlier.checksum_errors,
+            read_errors: self.read_errors - earlier.read_errors,
+            lane_waits: self.lane_waits - earlier.lane_waits,
+            batch_full_waits: self.batch_full_waits - earlier.batch_full_waits,
+            buffer_allocations: self.buffer_allocations - earlier.buffer_allocations,
+            checkpoints: self.checkpoints - earlier.checkpoints,
+            checkpoint_bytes: self.checkpoint_bytes - earlier.checkpoint_bytes,
+            segments_cleaned: self.segments_cleaned - earlier.segments_cleaned,
+            segments_freed_empty: self.segments_freed_empty - earlier.segments_freed_empty,
+            blocks_moved: self.blocks_moved - earlier.blocks_moved,
+            victims_abandoned: self.victims_abandoned - earlier.victims_abandoned,
+            space_waits: self.space_waits - earlier.space_waits,
+            ..*self
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +176,8 @@ struct Slot {
     runs: Vec<ReadRun>,
     reads_outstanding: u32,
     plan: Option<Plan>,
+    /// Client payload bytes the op writes (write amplification's denominator).
+    write_bytes: u64,
 }
 
 impl Slot {
@@ -141,6 +196,7 @@ impl Slot {
             runs: Vec::new(),
             reads_outstanding: 0,
             plan: None,
+            write_bytes: 0,
         }
     }
 
@@ -318,6 +374,14 @@ pub struct SegmentStore<Q: QueuePair> {
     done_scratch: Vec<(u64, Result<(), JournalError>)>,
     stats: StoreStats,
     extra: SegmentStats,
+    cleaner: Cleaner,
+    /// Reads planned or in flight per segment: a segment is not freed under a reader.
+    readers: Vec<u32>,
+    /// Metadata changed since data segments were last checked for being empty.
+    sweep_needed: bool,
+    /// The journal length at which the reserve and checkpoint interval were last computed.
+    sized_at_chain_len: usize,
+    checkpoint_interval: usize,
 }
 
 impl<Q: QueuePair> SegmentStore<Q> {
@@ -325,7 +389,12 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// shard's log into memory, and continues the log in a fresh segment.
     pub fn mount(mut qp: Q, shard: u32) -> Result<SegmentStore<Q>, MountError> {
         let mounted = mount::replay(&mut qp, shard)?;
-        let journal = Journal::new(mounted.sb, shard, &mounted.log);
+        let journal = Journal::new(
+            mounted.sb,
+            shard,
+            &mounted.log,
+            mounted.metadata.live_block_counts(),
+        );
         let mut store = SegmentStore {
             sb: mounted.sb,
             shard,
@@ -346,6 +415,11 @@ impl<Q: QueuePair> SegmentStore<Q> {
             done_scratch: Vec::new(),
             stats: StoreStats::default(),
             extra: SegmentStats::default(),
+            cleaner: Cleaner::new(),
+            readers: vec![0; mounted.sb.segment_count as usize],
+            sweep_needed: true,
+            sized_at_chain_len: usize::MAX,
+            checkpoint_interval: 4,
         };
         store.stats.capacity_bytes = store.data_capacity_bytes();
         Ok(store)
@@ -374,7 +448,43 @@ impl<Q: QueuePair> SegmentStore<Q> {
         extra.journal_bytes = self.journal.bytes_written;
         extra.buffer_allocations = self.pool.allocations;
         extra.free_segments = self.journal.free_segment_count() as u64;
+        extra.reserve_segments = self.journal.reserve_segments as u64;
+        extra.journal_segments = self.journal.chain_len() as u64;
+        extra.data_segments = self
+            .sb
+            .shard_segments(self.shard)
+            .filter(|&s| self.journal.role(s) == SegmentRole::Data)
+            .count() as u64;
+        extra.checkpoints = self.journal.checkpoints_written;
+        extra.checkpoint_bytes = self.journal.checkpoint_bytes;
+        let cleaned = self.cleaner.stats;
+        extra.segments_cleaned = cleaned.segments_cleaned;
+        extra.segments_freed_empty = cleaned.segments_freed_empty;
+        extra.blocks_moved = cleaned.blocks_moved;
+        extra.victims_abandoned = cleaned.victims_abandoned;
         extra
+    }
+
+    /// What the shard is doing, for a test or a log line about a stall.
+    pub fn debug_state(&self) -> String {
+        let mut stages: HashMap<String, usize> = HashMap::new();
+        for slot in &self.slots {
+            if slot.stage != Stage::Free {
+                *stages.entry(format!("{:?}", slot.stage)).or_default() += 1;
+            }
+        }
+        let moves: Vec<_> = self.cleaner.moves.iter().map(|m| m.stage).collect();
+        format!(
+            "ops {stages:?}; free segments {} (reserve {}); journal segments {}; checkpoint idle {}; victim {:?} (todo {}, moves {moves:?}); readers {:?}; stats {:?}",
+            self.journal.free_segment_count(),
+            self.journal.reserve_segments,
+            self.journal.chain_len(),
+            self.journal.checkpoint_idle(),
+            self.cleaner.victim,
+            self.cleaner.todo.len(),
+            self.readers.iter().enumerate().filter(|(_, &r)| r > 0).collect::<Vec<_>>(),
+            self.segment_stats()
+        )
     }
 
     /// Ops in progress (submitted, not yet reported).
@@ -383,9 +493,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     /// A free slot for an op on `oid` under `tag`; None when `OPS_IN_FLIGHT_MAX` are in progress.
-    fn claim_slot(&mut self, tag: u64, oid: &[u8]) -> Option<u32> {
+    fn claim_slot(&mut self, tag: u64, oid: &[u8], ops: &[SubOp<'_>]) -> Option<u32> {
         let slot_index = self.free_slots.pop()?;
         let slot = &mut self.slots[slot_index as usize];
+        slot.write_bytes = ops
+            .iter()
+            .map(|op| match op {
+                SubOp::Write { data, .. } | SubOp::WriteFull { data } => data.len() as u64,
+                _ => 0,
+            })
+            .sum();
         slot.tag = tag;
         slot.oid.clear();
         slot.oid.extend_from_slice(oid);
@@ -412,6 +529,13 @@ impl<Q: QueuePair> SegmentStore<Q> {
         }
         let old = old.expect("blocks to read belong to an object");
         build_runs(old, &self.needed, &mut slot.runs, &mut self.pool);
+        for run in &slot.runs {
+            let segment = self
+                .sb
+                .segment_at(run.physical)
+                .expect("mapped blocks are inside");
+            self.readers[segment as usize] += 1;
+        }
         slot.reads_outstanding = slot.runs.len() as u32;
         slot.stage = Stage::Reading;
         self.extra.block_reads += self.needed.len() as u64;
@@ -472,16 +596,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
         match appended {
             Ok(()) => {
                 slot.stage = Stage::Journaled;
-                self.extra.client_bytes_written += slot
-                    .ops
-                    .iter()
-                    .filter(|op| matches!(op.kind, SubOpKind::Write | SubOpKind::WriteFull))
-                    .map(|op| u64::from(op.first.1 - op.first.0))
-                    .sum::<u64>();
+                self.extra.client_bytes_written += slot.write_bytes;
             }
             Err(JournalError::BatchFull) => {
                 slot.stage = Stage::Blocked;
                 self.extra.batch_full_waits += 1;
+                self.blocked.push_back(slot_index);
+            }
+            Err(JournalError::NoSpace) if self.space_reclaimable() => {
+                self.slots[slot_index as usize].stage = Stage::Blocked;
+                self.extra.space_waits += 1;
                 self.blocked.push_back(slot_index);
             }
             Err(JournalError::NoSpace) => self.finish(slot_index, Err(StoreError::NoSpace)),
@@ -547,6 +671,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let oid = &slot.oid;
         let run = &mut slot.runs[run_index];
         run.done = true;
+        let segment = self.sb.segment_at(run.physical).expect("reads are inside");
+        self.readers[segment as usize] -= 1;
         match result {
             Ok(()) => {
                 let onode = self
@@ -588,6 +714,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     fn apply_record(&mut self, deltas: &[u8]) {
+        self.sweep_needed = true;
         for delta in DeltaReader::new(deltas) {
             let delta = delta.expect("the store encoded this record itself");
             if let Err(error) = self.metadata.apply(&delta) {
@@ -730,7 +857,15 @@ fn append_plan(
             size: plan.size,
         })?;
     }
-    if !op.fits_device() {
+    // An op without data (a remove, a truncate, an xattr) may take the reserve: on a full
+    // device, removes are how space comes back.
+    let writes_data = plan.dirty.values().any(|d| matches!(d, Dirty::Data { .. }));
+    let fits = if writes_data {
+        op.fits_device()
+    } else {
+        op.fits_device_with_reserve()
+    };
+    if !fits {
         return Err(JournalError::NoSpace);
     }
     op.commit(tag);
@@ -771,7 +906,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                     }
                     Ok(plan) => plan,
                 };
-                let Some(slot_index) = self.claim_slot(tag, oid) else {
+                let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
                     let mut plan = plan;
                     self.pool.give_all(&mut plan.bufs);
                     self.stats.errors += 1;
@@ -795,7 +930,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::InvalidArgument);
         }
-        let Some(slot_index) = self.claim_slot(tag, oid) else {
+        let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
             self.stats.errors += 1;
             return Err(StoreError::NoSpace);
         };
@@ -838,6 +973,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         for &(tag, result) in &events[..count] {
             if tag & JOURNAL_TAG_BIT != 0 {
                 self.journal.complete_io(tag, result);
+            } else if tag & CLEANER_TAG_BIT != 0 {
+                self.move_read(tag, result);
             } else {
                 debug_assert_ne!(tag & READ_TAG_BIT, 0);
                 self.read_completed(tag, result);
@@ -857,6 +994,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         if blocked > 0 {
             self.pump_journal();
         }
+        self.maintain();
         // 3. Report.
         let mut reported = 0;
         while reported < max {
@@ -874,7 +1012,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
     }
 
     fn busy(&self) -> bool {
-        self.in_flight() > 0
+        self.in_flight() > 0 || self.cleaner.active() || !self.journal.checkpoint_idle()
     }
 
     fn stats(&self) -> StoreStats {
@@ -900,7 +1038,29 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.apply_record(&durable);
             durable.clear();
         }
+        if self.journal.wants_snapshot() {
+            // Nothing in flight: the metadata is the state after every record written.
+            let mut chunks = Vec::new();
+            self.metadata
+                .checkpoint(CHECKPOINT_CHUNK_MAX_BYTES, &mut chunks);
+            log::debug!(
+                "shard {}: checkpoint of {} objects in {} records",
+                self.shard,
+                self.metadata.object_count(),
+                chunks.len()
+            );
+            self.journal.begin_checkpoint(chunks);
+            self.journal.pump(
+                &mut self.qp,
+                &mut |_| unreachable!("nothing was in flight"),
+                &mut |_, _| unreachable!("nothing was in flight"),
+            );
+        }
         for &(tag, result) in &done {
+            if tag & CLEANER_TAG_BIT != 0 {
+                self.move_done((tag & !CLEANER_TAG_BIT) as usize, result.is_ok());
+                continue;
+            }
             let result = result.map_err(|error| {
                 log::error!("shard {}: {error}", self.shard);
                 match error {

@@ -1,0 +1,296 @@
+//! A shard's background work, run from `poll` between client work (no thread, no timer):
+//! freeing data segments nothing lives in, sizing the reserve, asking the journal for
+//! checkpoints, and the cleaner's copies (see `segment::cleaner` for the policy).
+
+use super::*;
+use crate::segment::cleaner::{MOVES_IN_FLIGHT_MAX, MOVE_BLOCKS_MAX};
+
+/// Cleaning starts when free segments fall to the reserve plus this many (plus 1/16 of the
+/// shard): early enough that clients rarely wait, late enough that victims have died a bit.
+const CLEAN_AHEAD_SEGMENTS: usize = 2;
+/// A checkpoint is written after the journal grew this many times the checkpoint's size: its
+/// cost stays a small fraction of the bytes written.
+const CHECKPOINT_INTERVAL_FACTOR: usize = 8;
+const CHECKPOINT_INTERVAL_MIN_SEGMENTS: usize = 4;
+
+impl<Q: QueuePair> SegmentStore<Q> {
+    /// Data blocks a segment holds (its first block is the header).
+    pub(super) fn blocks_per_segment(&self) -> u32 {
+        (self.sb.segment_size / BLOCK_SIZE_BYTES) as u32 - 1
+    }
+
+    fn clean_ahead(&self) -> usize {
+        CLEAN_AHEAD_SEGMENTS + self.sb.shard_segments(self.shard).len() / 16
+    }
+
+    fn checkpoint_segments(&self) -> usize {
+        let bytes = self.metadata.checkpoint_bytes_estimate();
+        bytes.div_ceil(self.sb.segment_size - BLOCK_SIZE_BYTES) as usize
+    }
+
+    pub(super) fn maintain(&mut self) {
+        if self.sweep_needed {
+            self.sweep_needed = false;
+            self.free_empty_data_segments();
+        }
+        self.size_reserve();
+        let free = self.journal.free_segment_count();
+        let low = free <= self.journal.reserve_segments + self.clean_ahead();
+        // A checkpoint takes its chunks plus the rest of the segment it ends in; it leaves the
+        // cleaner at least one segment to copy into.
+        let checkpoint_room = free > self.checkpoint_segments() + 1;
+        if self.journal.checkpoint_idle() && self.journal.chain_len() >= 2 && checkpoint_room {
+            // Segments written since the last checkpoint (the chain also holds the one it
+            // starts in).
+            let due = self.journal.chain_len() > self.checkpoint_interval;
+            let worth = u64::from(self.blocks_per_segment())
+                * (2 * self.checkpoint_segments() as u64).max(1);
+            let starved = low && !self.cleaner.active() && self.chain_dead_blocks() >= worth;
+            if due || starved {
+                self.journal.request_checkpoint();
+                self.pump_journal();
+            }
+        }
+        if low && self.cleaner.victim.is_none() {
+            self.start_victim();
+        }
+        self.run_cleaner();
+    }
+
+    /// Whether a write that found no room should wait for the cleaner rather than fail: at
+    /// least a segment's worth of dead blocks can come back.
+    pub(super) fn space_reclaimable(&self) -> bool {
+        if self.cleaner.active() || !self.journal.checkpoint_idle() {
+            return true;
+        }
+        let dead_in_data: u64 = self
+            .sb
+            .shard_segments(self.shard)
+            .filter(|&s| {
+                self.journal.role(s) == SegmentRole::Data && !self.cleaner.stuck.contains(&s)
+            })
+            .map(|s| u64::from(self.blocks_per_segment() - self.metadata.live_blocks(s)))
+            .sum();
+        dead_in_data + self.chain_dead_blocks() >= u64::from(self.blocks_per_segment())
+    }
+
+    /// Dead blocks in journal segments other than the newest: a checkpoint would make them
+    /// cleanable.
+    fn chain_dead_blocks(&self) -> u64 {
+        let chain = self.journal.chain();
+        let count = chain.len().saturating_sub(1);
+        chain
+            .take(count)
+            .map(|&s| {
+                u64::from(
+                    self.blocks_per_segment()
+                        .saturating_sub(self.metadata.live_blocks(s)),
+                )
+            })
+            .sum()
+    }
+
+    fn size_reserve(&mut self) {
+        let chain = self.journal.chain_len();
+        if chain == self.sized_at_chain_len {
+            return;
+        }
+        self.sized_at_chain_len = chain;
+        let checkpoint = self.checkpoint_segments();
+        // Room for one checkpoint, the segment it publishes in, and the cleaner's copies.
+        self.journal.reserve_segments = checkpoint + 2;
+        let shard = self.sb.shard_segments(self.shard).len();
+        self.checkpoint_interval = (CHECKPOINT_INTERVAL_FACTOR * checkpoint)
+            .max(CHECKPOINT_INTERVAL_MIN_SEGMENTS)
+            .min((shard / 4).max(2));
+    }
+
+    fn free_empty_data_segments(&mut self) {
+        for segment in self.sb.shard_segments(self.shard) {
+            if self.journal.role(segment) == SegmentRole::Data
+                && self.metadata.live_blocks(segment) == 0
+                && self.readers[segment as usize] == 0
+                && self.cleaner.victim != Some(segment)
+            {
+                self.journal.release(segment);
+                self.cleaner.stats.segments_freed_empty += 1;
+            }
+        }
+    }
+
+    fn start_victim(&mut self) {
+        // The victim's live blocks must fit where the cleaner may write (free segments,
+        // reserve included); otherwise it would stall half-copied.
+        let room = self.journal.free_segment_count() as u64 * u64::from(self.blocks_per_segment());
+        let victim = cleaner::pick_victim(
+            &self.journal,
+            &self.metadata,
+            self.sb.shard_segments(self.shard),
+            self.blocks_per_segment(),
+            &self.cleaner.stuck,
+        );
+        let Some(victim) = victim else {
+            return;
+        };
+        if u64::from(self.metadata.live_blocks(victim)) + 16 > room {
+            return;
+        }
+        self.metadata
+            .live_in_segment(victim, &mut self.cleaner.todo);
+        // Popped from the back: reverse so copies go in device order.
+        self.cleaner.todo.reverse();
+        log::debug!(
+            "shard {}: cleaning segment {victim} ({} live blocks)",
+            self.shard,
+            self.cleaner.todo.len()
+        );
+        self.cleaner.victim = Some(victim);
+    }
+
+    fn run_cleaner(&mut self) {
+        let Some(victim) = self.cleaner.victim else {
+            return;
+        };
+        for mv in 0..MOVES_IN_FLIGHT_MAX {
+            match self.cleaner.moves[mv].stage {
+                MoveStage::Blocked => self.journal_move(mv),
+                MoveStage::Unsubmitted => self.submit_move_read(mv),
+                _ => {}
+            }
+        }
+        while let Some(&mv) = self.cleaner.free_moves.last() {
+            if !self.cleaner.next_run(mv) {
+                break;
+            }
+            self.cleaner.free_moves.pop();
+            let blocks = self.cleaner.moves[mv].blocks;
+            debug_assert!(blocks as usize <= MOVE_BLOCKS_MAX);
+            self.cleaner.moves[mv].buf = Some(self.pool.take(u64::from(blocks)));
+            self.cleaner.moves[mv].stage = MoveStage::Unsubmitted;
+            self.readers[victim as usize] += 1;
+            self.submit_move_read(mv);
+        }
+        if self.cleaner.todo.is_empty() && self.cleaner.moves_in_flight() == 0 {
+            if self.metadata.live_blocks(victim) == 0 {
+                if self.readers[victim as usize] == 0 {
+                    self.cleaner.victim = None;
+                    self.journal.release(victim);
+                    self.cleaner.stats.segments_cleaned += 1;
+                }
+            } else {
+                log::error!(
+                    "shard {}: segment {victim} keeps {} blocks that could not be read; it stays allocated",
+                    self.shard,
+                    self.metadata.live_blocks(victim)
+                );
+                self.cleaner.victim = None;
+                self.cleaner.stuck.push(victim);
+                self.cleaner.stats.victims_abandoned += 1;
+            }
+        }
+    }
+
+    fn submit_move_read(&mut self, mv: usize) {
+        let m = &mut self.cleaner.moves[mv];
+        let buf = m.buf.as_mut().expect("a move being read has a buffer");
+        // SAFETY: the buffer stays in the move, untouched, until the read completes
+        // (`move_read`), and until the journal reports the copy durable after that.
+        let iovec = unsafe { buf.io_vec_at(0, m.blocks as usize * BLOCK_SIZE_BYTES as usize) };
+        match self
+            .qp
+            .submit_read(m.from, &[iovec], CLEANER_TAG_BIT | mv as u64)
+        {
+            Ok(()) => m.stage = MoveStage::Reading,
+            Err(SubmitError::QueueFull) => m.stage = MoveStage::Unsubmitted,
+            Err(error) => panic!("cleaner read request malformed: {error}"),
+        }
+    }
+
+    /// A cleaner read completed: check what was read, then journal the copy.
+    pub(super) fn move_read(&mut self, tag: u64, result: Result<(), IoError>) {
+        let mv = (tag & !CLEANER_TAG_BIT) as usize;
+        let m = &mut self.cleaner.moves[mv];
+        debug_assert_eq!(m.stage, MoveStage::Reading);
+        let segment = self.sb.segment_at(m.from).expect("victims are inside");
+        self.readers[segment as usize] -= 1;
+        self.sweep_needed = true;
+        if let Err(error) = result {
+            self.extra.read_errors += 1;
+            log::error!(
+                "shard {}: cleaner read of {} blocks at {} failed: {error}",
+                self.shard,
+                m.blocks,
+                m.from
+            );
+            self.move_done(mv, false);
+            return;
+        }
+        let buf = m.buf.as_ref().expect("read into it");
+        m.actual.clear();
+        for (index, block) in buf[..m.blocks as usize * BLOCK_SIZE_BYTES as usize]
+            .chunks_exact(BLOCK_SIZE_BYTES as usize)
+            .enumerate()
+        {
+            let crc = crc32c::crc32c(block);
+            m.actual.push(crc);
+            if crc != m.expected[index] {
+                // Rot: the copy keeps the metadata's crc, so a read of it still fails (never
+                // wrong bytes), and fsck still reports it.
+                self.extra.checksum_errors += 1;
+                log::error!(
+                    "shard {}: checksum mismatch in object {:?} block {} at device offset {} (found by the cleaner)",
+                    self.shard,
+                    String::from_utf8_lossy(&m.oid),
+                    m.first_index + index as u64,
+                    m.from + index as u64 * BLOCK_SIZE_BYTES
+                );
+            }
+        }
+        m.stage = MoveStage::Blocked;
+        self.journal_move(mv);
+    }
+
+    fn journal_move(&mut self, mv: usize) {
+        if let Err(JournalError::Io(_)) = self.journal.append().map(|_| ()) {
+            self.move_done(mv, false);
+            return;
+        }
+        let m = &mut self.cleaner.moves[mv];
+        let Ok(mut op) = self.journal.append() else {
+            return;
+        };
+        let buf = m.buf.as_mut().expect("a read move has its buffer");
+        // SAFETY: the buffer stays in the move, unmodified, until the journal reports this op
+        // (`move_done`), which is when it goes back to the pool.
+        let iovec = unsafe { buf.io_vec_at(0, m.blocks as usize * BLOCK_SIZE_BYTES as usize) };
+        // SAFETY: as above.
+        let appended = unsafe {
+            op.moved_extent(
+                &m.oid,
+                m.first_index * BLOCK_SIZE_BYTES,
+                m.from,
+                iovec,
+                &m.actual,
+            )
+        };
+        if appended.is_err() || !op.fits_device_with_reserve() {
+            // Batch full, or no room even in the reserve: dropped (rolled back), tried again.
+            return;
+        }
+        op.commit(CLEANER_TAG_BIT | mv as u64);
+        m.stage = MoveStage::Journaled;
+    }
+
+    /// The copy's record is durable (or the copy failed): its buffer goes back.
+    pub(super) fn move_done(&mut self, mv: usize, moved: bool) {
+        let m = &mut self.cleaner.moves[mv];
+        if moved {
+            self.cleaner.stats.blocks_moved += u64::from(m.blocks);
+        }
+        if let Some(buf) = m.buf.take() {
+            self.pool.give(buf);
+        }
+        m.stage = MoveStage::Free;
+        self.cleaner.free_moves.push(mv);
+    }
+}

@@ -1,0 +1,162 @@
+//! `carmine store-bench`: one segment-store shard driven directly, as an operator runs it:
+//! randwrite on a new device, then randread on the same device (mount replays the log), and the
+//! errors a wrong argument or a foreign file give.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{carmine_json, CARMINE};
+
+/// A directory under cargo's target tmp dir (a real filesystem: O_DIRECT works there, unlike
+/// tmpfs), removed when the test ends.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> TestDir {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir(path)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The keys of `carmine load --json`: store-bench reports the same ones.
+const LOAD_KEYS: [&str; 17] = [
+    "op",
+    "bs",
+    "qd",
+    "clients",
+    "duration_s",
+    "ops",
+    "iops",
+    "bytes",
+    "mib_per_s",
+    "errors",
+    "errors_by_status",
+    "verify_failures",
+    "unwritten_reads",
+    "latency_us",
+    "prefill_ops",
+    "prefill_errors",
+    "server",
+];
+
+fn store_bench(device: &str, op: &str) -> serde_json::Value {
+    carmine_json(&[
+        "store-bench",
+        "--device",
+        device,
+        "--op",
+        op,
+        "--duration",
+        "1s",
+        "--device-size",
+        "256MiB",
+        "--segment-size",
+        "1MiB",
+        "--objects",
+        "8",
+        "--object-size",
+        "1MiB",
+        "--json",
+    ])
+}
+
+fn check_common(report: &serde_json::Value, op: &str) {
+    for key in LOAD_KEYS {
+        assert!(report.get(key).is_some(), "no {key:?}: {report}");
+    }
+    for key in ["p50", "p99", "p999", "max", "mean"] {
+        assert!(report["latency_us"][key].is_number(), "{report}");
+    }
+    assert_eq!(report["op"], op, "{report}");
+    assert_eq!(report["clients"], 1, "{report}");
+    assert_eq!(report["qd"], 32, "{report}");
+    assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["verify_failures"], 0, "{report}");
+    assert_eq!(report["prefill_errors"], 0, "{report}");
+    assert!(report["server"]["journal_bytes"].is_u64(), "{report}");
+    let fill = &report["fill"];
+    for at in ["start", "end"] {
+        let value = fill[at].as_f64().unwrap();
+        // 8 MiB of objects in a ~254 MiB shard.
+        assert!(value > 0.02 && value < 0.05, "fill {at} {value}: {report}");
+    }
+}
+
+#[test]
+fn randwrite_then_randread_on_one_device() {
+    let dir = TestDir::new("store-bench");
+    let device = dir.0.join("store.img");
+    let device = device.to_str().unwrap();
+
+    let write = store_bench(device, "randwrite");
+    check_common(&write, "randwrite");
+    assert!(
+        write["prefill_ops"].as_u64().unwrap() > 0,
+        "a new device is prefilled: {write}"
+    );
+    let wa = write["write_amplification"].as_f64().unwrap();
+    assert!(wa >= 1.0, "write amplification {wa}: {write}");
+    assert!(
+        write["readback_blocks"].as_u64().unwrap() > 0,
+        "written blocks are read back: {write}"
+    );
+
+    let read = store_bench(device, "randread");
+    check_common(&read, "randread");
+    assert_eq!(
+        read["prefill_ops"], 0,
+        "the objects are complete after a remount: {read}"
+    );
+    assert!(read["write_amplification"].is_null(), "{read}");
+    assert_eq!(read["server"]["journal_bytes"], 0, "{read}");
+    assert_eq!(
+        read["bytes"],
+        read["ops"].as_u64().unwrap() * 4096,
+        "{read}"
+    );
+}
+
+#[test]
+fn mistakes_get_messages_not_panics() {
+    let dir = TestDir::new("store-bench-errors");
+    let run = |args: &[&str]| {
+        let output = Command::new(CARMINE)
+            .arg("store-bench")
+            .args(args)
+            .output()
+            .expect("run carmine");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{args:?} succeeded: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    let device = dir.0.join("never-created.img");
+    let device = device.to_str().unwrap();
+    let stderr = run(&["--device", device, "--fill", "0.99"]);
+    assert!(stderr.contains("--fill must be in [0, 0.95]"), "{stderr}");
+    assert!(
+        !std::path::Path::new(device).exists(),
+        "arguments are checked before the device is touched"
+    );
+
+    let foreign = dir.0.join("zeros.img");
+    std::fs::File::create(&foreign)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let stderr = run(&["--device", foreign.to_str().unwrap(), "--duration", "1s"]);
+    assert!(stderr.contains("cannot mount"), "{stderr}");
+    assert!(stderr.contains("carmine mkfs"), "{stderr}");
+}
