@@ -36,16 +36,15 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.size_reserve();
         let free = self.journal.free_segment_count();
         let low = free <= self.journal.reserve_segments + self.clean_ahead();
-        // A checkpoint takes its chunks plus the rest of the segment it ends in; it leaves the
-        // cleaner at least one segment to copy into.
-        let checkpoint_room = free > self.checkpoint_segments() + 1;
-        if self.journal.checkpoint_idle() && self.journal.chain_len() >= 2 && checkpoint_room {
+        let room = self.journal.free_segment_count() > self.checkpoint_segments() + 1;
+        if self.journal.checkpoint_idle() && self.journal.chain_len() >= 2 && room {
             // Segments written since the last checkpoint (the chain also holds the one it
-            // starts in).
+            // starts in), or space short with nothing else to clean.
             let due = self.journal.chain_len() > self.checkpoint_interval;
-            let worth = u64::from(self.blocks_per_segment())
-                * (2 * self.checkpoint_segments() as u64).max(1);
-            let starved = low && !self.cleaner.active() && self.chain_dead_blocks() >= worth;
+            let starved = low
+                && !self.cleaner.active()
+                && self.usable_victim().is_none()
+                && self.checkpoint_can_start();
             if due || starved {
                 self.journal.request_checkpoint();
                 self.pump_journal();
@@ -57,21 +56,36 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.run_cleaner();
     }
 
-    /// Whether a write that found no room should wait for the cleaner rather than fail: at
-    /// least a segment's worth of dead blocks can come back.
+    /// Whether a write that found no room should wait for the cleaner rather than fail: the
+    /// cleaner or a checkpoint is at work, or one of them can start and bring space back.
+    /// (Never true when nothing can move: a waiting write would wait forever.)
     pub(super) fn space_reclaimable(&self) -> bool {
-        if self.cleaner.active() || !self.journal.checkpoint_idle() {
-            return true;
-        }
-        let dead_in_data: u64 = self
-            .sb
-            .shard_segments(self.shard)
-            .filter(|&s| {
-                self.journal.role(s) == SegmentRole::Data && !self.cleaner.stuck.contains(&s)
-            })
-            .map(|s| u64::from(self.blocks_per_segment() - self.metadata.live_blocks(s)))
-            .sum();
-        dead_in_data + self.chain_dead_blocks() >= u64::from(self.blocks_per_segment())
+        self.cleaner.active()
+            || !self.journal.checkpoint_idle()
+            || self.usable_victim().is_some()
+            || self.checkpoint_can_start()
+    }
+
+    /// A checkpoint takes its chunks plus the rest of the segment it ends in and must leave
+    /// the cleaner a segment to copy into; it is worth it only if it makes a segment's worth
+    /// of dead journal blocks cleanable.
+    fn checkpoint_can_start(&self) -> bool {
+        self.journal.chain_len() >= 2
+            && self.journal.free_segment_count() > self.checkpoint_segments() + 1
+            && self.chain_dead_blocks() >= u64::from(self.blocks_per_segment())
+    }
+
+    /// The victim the cleaner would pick, if its live blocks fit where the cleaner may write.
+    fn usable_victim(&self) -> Option<u32> {
+        let victim = cleaner::pick_victim(
+            &self.journal,
+            &self.metadata,
+            self.sb.shard_segments(self.shard),
+            self.blocks_per_segment(),
+            &self.cleaner.stuck,
+        )?;
+        let room = self.journal.free_segment_count() as u64 * u64::from(self.blocks_per_segment());
+        (u64::from(self.metadata.live_blocks(victim)) + 16 <= room).then_some(victim)
     }
 
     /// Dead blocks in journal segments other than the newest: a checkpoint would make them
@@ -119,22 +133,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     fn start_victim(&mut self) {
-        // The victim's live blocks must fit where the cleaner may write (free segments,
-        // reserve included); otherwise it would stall half-copied.
-        let room = self.journal.free_segment_count() as u64 * u64::from(self.blocks_per_segment());
-        let victim = cleaner::pick_victim(
-            &self.journal,
-            &self.metadata,
-            self.sb.shard_segments(self.shard),
-            self.blocks_per_segment(),
-            &self.cleaner.stuck,
-        );
-        let Some(victim) = victim else {
+        let Some(victim) = self.usable_victim() else {
             return;
         };
-        if u64::from(self.metadata.live_blocks(victim)) + 16 > room {
-            return;
-        }
         self.metadata
             .live_in_segment(victim, &mut self.cleaner.todo);
         // Popped from the back: reverse so copies go in device order.
