@@ -3,31 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{load, status, total, ServerProcess, CARMINE};
-
-/// A directory under cargo's target tmp dir (a real filesystem: O_DIRECT works there, unlike
-/// tmpfs), removed when the test ends.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TestDir(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{load, status, total, ServerProcess, TestDir, CARMINE};
 
 const LOAD_SHAPE: [&str; 8] = [
     "--objects",

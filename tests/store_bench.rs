@@ -4,30 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{carmine_json, CARMINE};
-
-/// A directory under cargo's target tmp dir (a real filesystem: O_DIRECT works there, unlike
-/// tmpfs), removed when the test ends.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TestDir(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{carmine_json, TestDir, CARMINE};
 
 /// The keys of `carmine load --json`: store-bench reports the same ones.
 const LOAD_KEYS: [&str; 17] = [

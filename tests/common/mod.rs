@@ -8,6 +8,26 @@ use std::time::{Duration, Instant};
 
 pub const CARMINE: &str = env!("CARGO_BIN_EXE_carmine");
 
+/// A directory under cargo's target tmp dir (a real filesystem: O_DIRECT works there, unlike
+/// tmpfs), removed when the test ends.
+pub struct TestDir(pub std::path::PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir(path)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A `carmine serve` child process, stopped with SIGINT (and checked for a clean exit) on drop.
 pub struct ServerProcess {
     child: Option<Child>,

@@ -226,33 +226,9 @@ impl OpAppender<'_> {
         data: IoVec,
         crcs: &[u32],
     ) -> Result<(), JournalError> {
-        let blocks = (data.len() / BLOCK_SIZE_BYTES as usize) as u32;
-        assert!(
-            data.len() % BLOCK_SIZE_BYTES as usize == 0
-                && blocks as usize == crcs.len()
-                && blocks > 0
-        );
-        let data_blocks_max = self.journal.record_data_blocks_max();
-        let batch = &mut self.journal.batch;
-        if batch.data_blocks + blocks > data_blocks_max || batch.data.len() == batch.data.capacity()
-        {
-            return Err(JournalError::BatchFull);
-        }
-        let before = batch.metadata.len();
-        let physical_field = encode_extent_map(&mut batch.metadata, oid, logical_offset, 0, crcs);
-        if batch.metadata.len() > BATCH_METADATA_MAX_BYTES {
-            batch.metadata.truncate(before);
-            return Err(JournalError::BatchFull);
-        }
-        batch.delta_count += 1;
-        let batch = &mut self.journal.batch;
-        batch.patches.push((physical_field, batch.data_blocks));
-        batch.data.push(data);
-        for &crc in crcs {
-            batch.data_crc = crc32c::crc32c_combine(batch.data_crc, crc, BLOCK_SIZE_BYTES as usize);
-        }
-        batch.data_blocks += blocks;
-        Ok(())
+        self.data_extent(data, crcs, |metadata| {
+            encode_extent_map(metadata, oid, logical_offset, 0, crcs)
+        })
     }
 
     /// Journals a copy the cleaner made: `data` holds blocks read from device offset `from`,
@@ -269,6 +245,20 @@ impl OpAppender<'_> {
         data: IoVec,
         crcs: &[u32],
     ) -> Result<(), JournalError> {
+        let blocks = crcs.len() as u32;
+        self.data_extent(data, crcs, |metadata| {
+            encode_extent_move(metadata, oid, logical_offset, from, blocks)
+        })
+    }
+
+    /// Adds `data` to the batch with the delta `encode` appends (returning the offset of the
+    /// delta's physical address, patched when the record is placed).
+    fn data_extent(
+        &mut self,
+        data: IoVec,
+        crcs: &[u32],
+        encode: impl FnOnce(&mut Vec<u8>) -> usize,
+    ) -> Result<(), JournalError> {
         let blocks = (data.len() / BLOCK_SIZE_BYTES as usize) as u32;
         assert!(
             data.len() % BLOCK_SIZE_BYTES as usize == 0
@@ -282,8 +272,7 @@ impl OpAppender<'_> {
             return Err(JournalError::BatchFull);
         }
         let before = batch.metadata.len();
-        let physical_field =
-            encode_extent_move(&mut batch.metadata, oid, logical_offset, from, blocks);
+        let physical_field = encode(&mut batch.metadata);
         if batch.metadata.len() > BATCH_METADATA_MAX_BYTES {
             batch.metadata.truncate(before);
             return Err(JournalError::BatchFull);
@@ -437,6 +426,11 @@ impl Journal {
         );
         self.roles[segment as usize] = SegmentRole::Free;
         self.free_segments.push_back(segment);
+    }
+
+    /// A journal write or flush failed: nothing more will be acknowledged.
+    pub fn has_failed(&self) -> bool {
+        self.failed.is_some()
     }
 
     pub fn checkpoint_idle(&self) -> bool {

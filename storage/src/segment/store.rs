@@ -382,6 +382,8 @@ pub struct SegmentStore<Q: QueuePair> {
     /// The journal length at which the reserve and checkpoint interval were last computed.
     sized_at_chain_len: usize,
     checkpoint_interval: usize,
+    /// Segments a checkpoint takes, estimated at `sized_at_chain_len`.
+    checkpoint_segments: usize,
 }
 
 impl<Q: QueuePair> SegmentStore<Q> {
@@ -420,6 +422,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sweep_needed: true,
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
+            checkpoint_segments: 1,
         };
         store.stats.capacity_bytes = store.data_capacity_bytes();
         Ok(store)

@@ -23,9 +23,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
         CLEAN_AHEAD_SEGMENTS + self.sb.shard_segments(self.shard).len() / 16
     }
 
+    /// Segments a checkpoint would take, as estimated when the journal last grew (the
+    /// estimate walks every object: not something to do on each poll).
     fn checkpoint_segments(&self) -> usize {
-        let bytes = self.metadata.checkpoint_bytes_estimate();
-        bytes.div_ceil(self.sb.segment_size - BLOCK_SIZE_BYTES) as usize
+        self.checkpoint_segments
     }
 
     pub(super) fn maintain(&mut self) {
@@ -110,7 +111,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
             return;
         }
         self.sized_at_chain_len = chain;
-        let checkpoint = self.checkpoint_segments();
+        let bytes = self.metadata.checkpoint_bytes_estimate();
+        let checkpoint = bytes.div_ceil(self.sb.segment_size - BLOCK_SIZE_BYTES) as usize;
+        self.checkpoint_segments = checkpoint;
         // Room for one checkpoint, the segment it publishes in, and the cleaner's copies.
         self.journal.reserve_segments = checkpoint + 2;
         let shard = self.sb.shard_segments(self.shard).len();
@@ -252,14 +255,15 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     fn journal_move(&mut self, mv: usize) {
-        if let Err(JournalError::Io(_)) = self.journal.append().map(|_| ()) {
+        if self.journal.has_failed() {
             self.move_done(mv, false);
             return;
         }
-        let m = &mut self.cleaner.moves[mv];
+        // Batch full: tried again after the next record.
         let Ok(mut op) = self.journal.append() else {
             return;
         };
+        let m = &mut self.cleaner.moves[mv];
         let buf = m.buf.as_mut().expect("a read move has its buffer");
         // SAFETY: the buffer stays in the move, unmodified, until the journal reports this op
         // (`move_done`), which is when it goes back to the pool.
