@@ -88,10 +88,10 @@ working set of objects named as `carmine load` names them. Objects are prefilled
 a previous store-bench run left them complete. The report has the keys of `carmine load --json` \
 plus write_amplification (journal bytes / bytes of acknowledged writes, timed phase) and fill (live \
 fraction of the shard's capacity at the start and end of the timed phase).\n\n\
-Every write appends to the store's log. Without a cleaner reclaiming dead space (the segment \
-store had none when store-bench was written), the log only grows: runs on one device fill it, and \
-then writes fail with no_space. Give a fresh --device path (or delete the file) to start from an \
-empty log."
+Every write appends to the store's log; the cleaner reclaims what overwrites leave dead, mixed \
+with the benchmark's writes (its cost shows in write_amplification). A write fails with no_space \
+only when the live data leaves the cleaner nothing to reclaim: use a larger --device or a lower \
+--fill."
 )]
 pub struct StoreBenchArgs {
     /// Segment-store device: a file or block device. A missing file is created sparse, of
@@ -257,8 +257,8 @@ fn print_human(report: &StoreBenchReport) {
     }
     if report.load.errors_by_status.contains_key("no_space") {
         println!(
-            "  note: no_space: the store ran out of free segments (without a cleaner its log \
-             only grows); use a larger or fresh --device"
+            "  note: no_space: the live data left the cleaner nothing to reclaim; use a larger \
+             --device or a lower --fill"
         );
     }
 }
@@ -297,6 +297,8 @@ fn prepare_device(args: &StoreBenchArgs) -> Result<(), String> {
         .and_then(|()| {
             let mut qp = UringQueuePair::open(path, 0, size, 64)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+            qp.lock(0, size, true)
+                .map_err(|e| format!("refusing to format it: {e}"))?;
             mkfs(&mut qp, args.segment_size, 1, random_uuid()?)
                 .map_err(|e| format!("cannot format {}: {e}", path.display()))
         });
@@ -315,7 +317,7 @@ fn mount(path: &Path, queue_depth: u32) -> Result<Store, String> {
     }
     let qp = UringQueuePair::open(path, 0, size, queue_depth)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    SegmentStore::mount(qp, 0).map_err(|error| {
+    let mut store = SegmentStore::mount(qp, 0).map_err(|error| {
         let hint = match error {
             MountError::NotFormatted(_) => format!(
                 " (format it with `carmine mkfs --device {} --cores 1`, or give a path that does \
@@ -325,7 +327,10 @@ fn mount(path: &Path, queue_depth: u32) -> Result<Store, String> {
             _ => String::new(),
         };
         format!("cannot mount {}: {error}{hint}", path.display())
-    })
+    })?;
+    let sb = *store.superblock();
+    crate::device::lock_shard(store.queue_pair(), &sb, 0)?;
+    Ok(store)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,6 +457,8 @@ struct Bench {
     readback_failures: u64,
     readback_done: u64,
     verify_logged: u64,
+    /// The store's state was logged at the first no_space.
+    no_space_logged: bool,
 }
 
 fn bit(bits: &[u64], index: u32) -> bool {
@@ -655,6 +662,14 @@ impl Bench {
         self.free.push(slot);
         self.in_flight -= 1;
         let failure = failure_name(&done);
+        if matches!(done, Err(StoreError::NoSpace)) && !self.no_space_logged {
+            self.no_space_logged = true;
+            log::warn!(
+                "first no_space ({:?} phase); store state: {}",
+                self.phase,
+                self.store.debug_state()
+            );
+        }
         match (self.phase, request) {
             (_, Request::Fill { .. }) => {
                 self.prefill.ops += 1;
@@ -798,9 +813,10 @@ impl Bench {
             if completions.is_empty() {
                 if last.elapsed() > STALL_TIMEOUT {
                     return Err(format!(
-                        "the store completed nothing for {}s with {} op(s) in flight ({phase:?} phase)",
+                        "the store completed nothing for {}s with {} op(s) in flight ({phase:?} phase); store state: {}",
                         STALL_TIMEOUT.as_secs(),
-                        self.in_flight
+                        self.in_flight,
+                        self.store.debug_state()
                     ));
                 }
                 std::hint::spin_loop();
@@ -1016,6 +1032,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         readback_failures: 0,
         readback_done: 0,
         verify_logged: 0,
+        no_space_logged: false,
     };
     bench.prefill_counter = bench.counter();
 
@@ -1034,7 +1051,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
     if fill_bytes > free_bytes {
         log::warn!(
             "the prefill writes {fill_bytes} bytes but the log has {free_bytes} bytes of free segments: \
-             it may fail with no_space unless a cleaner reclaims space; a fresh --device (or deleting {}) \
+             it may fail with no_space unless the cleaner reclaims enough; a fresh --device (or deleting {}) \
              starts from an empty log",
             args.device.display()
         );
@@ -1054,7 +1071,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
             bench.prefill.ops,
             bench.prefill.first_error.as_deref().unwrap_or("?"),
             if bench.prefill.first_error.as_deref() == Some("no_space") {
-                ": the log is full (without a cleaner it only grows); use a fresh or larger --device"
+                ": the live data left the cleaner nothing to reclaim; use a larger --device or a lower --fill"
             } else {
                 ""
             }

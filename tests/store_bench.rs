@@ -99,7 +99,9 @@ fn randwrite_then_randread_on_one_device() {
         "the objects are complete after a remount: {read}"
     );
     assert!(read["write_amplification"].is_null(), "{read}");
-    assert_eq!(read["server"]["journal_bytes"], 0, "{read}");
+    // Reads journal nothing of their own (the store may still write a checkpoint: the
+    // write run's log is replayed at mount and may be long).
+    assert_eq!(read["server"]["client_bytes_written"], 0, "{read}");
     assert_eq!(
         read["bytes"],
         read["ops"].as_u64().unwrap() * 4096,

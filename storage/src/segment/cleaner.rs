@@ -31,8 +31,23 @@ pub const MOVES_IN_FLIGHT_MAX: usize = 16;
 /// Blocks per copy (one read request, one extent delta).
 pub const MOVE_BLOCKS_MAX: usize = 64;
 
+/// A victim must have at least this many dead blocks: copies that do not fit the tail of the
+/// open segment wait for a fresh one, so cleaning a segment may leave up to one copy's worth
+/// of blocks unused; a victim with less dead space than that could cost more than it frees,
+/// and a cleaner that keeps picking such victims would never give clients room.
+pub const VICTIM_DEAD_BLOCKS_MIN: u32 = MOVE_BLOCKS_MAX as u32 + 2;
+
+/// Journal blocks that copying `live` blocks may take, at most: the blocks themselves, their
+/// deltas and record heads (a copy can be a single block, with a delta of some 60 bytes: an
+/// eighth more is generous), and the tail of the open segment if a copy did not fit it (the
+/// cleaner opens at most one fresh segment per victim).
+pub fn copy_blocks_bound(live: u32) -> u64 {
+    let live = u64::from(live);
+    live + live / 8 + MOVE_BLOCKS_MAX as u64 + 2
+}
+
 /// The data segment to empty next: the best cost-benefit score among data segments with at
-/// least one dead block. `None` when every data segment is full of live blocks.
+/// least `VICTIM_DEAD_BLOCKS_MIN` dead blocks. `None` when there is none.
 pub fn pick_victim(
     journal: &Journal,
     metadata: &Metadata,
@@ -47,7 +62,7 @@ pub fn pick_victim(
             continue;
         }
         let live = metadata.live_blocks(segment);
-        if live >= blocks_per_segment {
+        if live + VICTIM_DEAD_BLOCKS_MIN > blocks_per_segment {
             continue;
         }
         let u = f64::from(live) / f64::from(blocks_per_segment);
@@ -198,9 +213,15 @@ mod tests {
         .unwrap();
         let mut metadata = Metadata::new(sb);
         metadata.apply(&Delta::ObjectCreate { oid: b"a" }).unwrap();
-        // Segment 1: 200 live blocks; segment 2: 20 live blocks (two runs); segment 3: none.
-        let crcs = vec![0u8; 200 * 4];
-        for (segment, blocks, logical) in [(1u32, 200u32, 0u64), (2, 10, 1000), (2, 10, 2000)] {
+        // Segment 1: 150 live blocks; segment 2: 20 live blocks (two runs); segment 3: none;
+        // segment 4: 250 of 255 live, too few dead blocks to be worth a copy.
+        let crcs = vec![0u8; 250 * 4];
+        for (segment, blocks, logical) in [
+            (1u32, 150u32, 0u64),
+            (2, 10, 1000),
+            (2, 10, 2000),
+            (4, 250, 5000),
+        ] {
             let physical =
                 sb.segment_offset(segment) + 4096 + if logical == 2000 { 40960 } else { 0 };
             metadata
@@ -213,7 +234,7 @@ mod tests {
                 })
                 .unwrap();
         }
-        let headers: Vec<_> = (1..=3)
+        let headers: Vec<_> = (1..=4)
             .map(|segment| crate::segment::format::SegmentHeader {
                 nonce: sb.nonce(),
                 shard: 0,
@@ -231,7 +252,7 @@ mod tests {
             records: vec![],
             end: crate::segment::scan::LogEnd::Empty,
             next_record_seq: 1,
-            next_segment_seq: 4,
+            next_segment_seq: 5,
             replay_start: (0, 0),
         };
         let journal = Journal::new(sb, 0, &log, metadata.live_block_counts());
@@ -246,6 +267,12 @@ mod tests {
         assert_eq!(
             pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[2]),
             Some(1)
+        );
+        assert!(250 + VICTIM_DEAD_BLOCKS_MIN > blocks_per_segment);
+        assert_eq!(
+            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[1, 2]),
+            None,
+            "a segment with fewer than VICTIM_DEAD_BLOCKS_MIN dead blocks is not worth a copy"
         );
 
         let mut cleaner = Cleaner::new();

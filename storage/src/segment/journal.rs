@@ -134,12 +134,17 @@ enum Checkpoint {
     Idle,
     /// Asked for: when no record is in flight, the store hands over a snapshot of its
     /// metadata (which then equals the state after every record written so far).
-    Requested,
+    Requested {
+        urgent: bool,
+    },
     /// Writing the snapshot as consecutive records; `start` is where the first one went.
-    /// Once all are durable, a record in a fresh segment names `start` in its header.
+    /// Once all are durable, the next segment header names `start`: at once in a fresh
+    /// segment if `urgent` (space is short), else when the open segment fills (a roll
+    /// would waste the rest of it).
     Writing {
         chunks: VecDeque<Vec<u8>>,
         start: Option<(u64, u64)>,
+        urgent: bool,
     },
 }
 
@@ -160,6 +165,10 @@ pub struct Journal {
     chain: VecDeque<u32>,
     /// The replay start new segment headers name, and the newest one a durable header names.
     replay_start_published: (u64, u64),
+    /// A finished checkpoint waits for the next segment header to name it.
+    publish_waiting: bool,
+    /// ... and that header should come now: the next record opens a fresh segment.
+    publish_now: bool,
     replay_start_durable: (u64, u64),
     checkpoint: Checkpoint,
     /// The client batch's place while a checkpoint or marker record is sealed.
@@ -281,25 +290,48 @@ impl OpAppender<'_> {
         batch.patches.push((physical_field, batch.data_blocks));
         batch.data.push(data);
         for &crc in crcs {
-            batch.data_crc = crc32c::crc32c_combine(batch.data_crc, crc, BLOCK_SIZE_BYTES as usize);
+            batch.data_crc = crate::segment::format::record_data_crc_append(batch.data_crc, crc);
         }
         batch.data_blocks += blocks;
         Ok(())
     }
 
-    /// Like `fits_device`, for the cleaner: it may take the reserve, which exists for it.
-    pub fn fits_device_with_reserve(&self) -> bool {
+    /// Whether the batch, with what this op added, has a place on the device. Clients keep
+    /// off the journal's reserve: they write while at least `reserve_segments` segments are
+    /// free, and open one only if more are. Removes and the cleaner (`may_use_reserve`) may
+    /// write into it, and open any free segment but the last, which stays for the replay after
+    /// a crash (a journal with no segment to open could not even log a remove). A batch that
+    /// passes this for its last op never fails to seal for lack of space.
+    ///
+    /// `BatchFull` when the ops before this one fit the open segment and this one does not:
+    /// they go there first, and this op waits for the next record, so that a big op never
+    /// rolls the journal past a tail that smaller ones could fill.
+    pub fn placement(&self, may_use_reserve: bool) -> Result<(), JournalError> {
         let journal = &*self.journal;
-        journal.fits_open_segment(&journal.batch) || !journal.free_segments.is_empty()
-    }
-
-    /// Whether the batch, with what this op added, still has a place on the device: in the
-    /// open segment, or in a free segment beyond the journal's reserve. A batch that passes
-    /// this for its last op never fails to seal for lack of space.
-    pub fn fits_device(&self) -> bool {
-        let journal = &*self.journal;
-        journal.fits_open_segment(&journal.batch)
-            || journal.free_segments.len() > journal.reserve_segments
+        let batch = &journal.batch;
+        let free = journal.free_segments.len();
+        let (keep_in_tail, keep_to_open) = if may_use_reserve {
+            (0, 1)
+        } else {
+            (journal.reserve_segments, journal.reserve_segments)
+        };
+        if journal.fits_open_segment(batch.metadata.len(), batch.data_blocks) {
+            return if free >= keep_in_tail {
+                Ok(())
+            } else {
+                Err(JournalError::NoSpace)
+            };
+        }
+        if !batch.tags.is_empty()
+            && journal.fits_open_segment(self.metadata_mark, self.data_blocks_mark)
+        {
+            return Err(JournalError::BatchFull);
+        }
+        if free > keep_to_open {
+            Ok(())
+        } else {
+            Err(JournalError::NoSpace)
+        }
     }
 
     /// The op's completion will be reported under `tag` once its record is durable.
@@ -361,6 +393,8 @@ impl Journal {
             seqs,
             chain,
             replay_start_published: log.replay_start,
+            publish_waiting: false,
+            publish_now: false,
             replay_start_durable: log.replay_start,
             checkpoint: Checkpoint::Idle,
             aux: Batch::new(),
@@ -385,10 +419,19 @@ impl Journal {
         }
     }
 
-    fn fits_open_segment(&self, batch: &Batch) -> bool {
-        let head_bytes = (RECORD_HEADER_SIZE_BYTES + batch.metadata.len()) as u64;
+    /// Blocks left in the open segment (0 when none is open).
+    pub fn open_tail_blocks(&self) -> u64 {
+        self.open
+            .as_ref()
+            .map_or(0, |open| (open.end - open.next_offset) / BLOCK_SIZE_BYTES)
+    }
+
+    /// Whether a record of `metadata_len` bytes of deltas and `data_blocks` fits what is left
+    /// of the open segment.
+    fn fits_open_segment(&self, metadata_len: usize, data_blocks: u32) -> bool {
+        let head_bytes = (RECORD_HEADER_SIZE_BYTES + metadata_len) as u64;
         let record_bytes = head_bytes.next_multiple_of(BLOCK_SIZE_BYTES)
-            + u64::from(batch.data_blocks) * BLOCK_SIZE_BYTES;
+            + u64::from(data_blocks) * BLOCK_SIZE_BYTES;
         self.open
             .as_ref()
             .is_some_and(|open| open.next_offset + record_bytes <= open.end)
@@ -433,31 +476,71 @@ impl Journal {
         self.failed.is_some()
     }
 
+    /// What the journal is doing, for stall reports.
+    pub fn debug_state(&self) -> String {
+        format!(
+            "record in flight {:?}; pending writes {}; batch {} ops {} data blocks; open segment room {:?}; failed {:?}",
+            self.in_flight.as_ref().map(|f| (f.record_seq, f.writes_outstanding, f.flush, f.flush_submitted, f.durable)),
+            self.pending.len(),
+            self.batch.tags.len(),
+            self.batch.data_blocks,
+            self.open.as_ref().map(|o| (o.end - o.next_offset) / BLOCK_SIZE_BYTES),
+            self.failed,
+        )
+    }
+
+    /// No checkpoint is asked for, being written, waiting to be named by a header, or named
+    /// by a header not yet durable.
     pub fn checkpoint_idle(&self) -> bool {
         matches!(self.checkpoint, Checkpoint::Idle)
+            && !self.publish_waiting
+            && self.replay_start_published == self.replay_start_durable
+    }
+
+    /// A checkpoint is asked for or being written (I/O to come, unlike a waiting publish).
+    pub fn checkpoint_in_progress(&self) -> bool {
+        !matches!(self.checkpoint, Checkpoint::Idle)
+    }
+
+    /// A written checkpoint waits for the open segment to fill before a header names it.
+    pub fn publish_waiting(&self) -> bool {
+        self.publish_waiting
+    }
+
+    /// Names the waiting checkpoint now, in a fresh segment (space is short: the journal
+    /// segments before it should become cleanable).
+    pub fn publish_now(&mut self) {
+        if self.publish_waiting {
+            self.publish_now = true;
+        }
     }
 
     /// Asks for a checkpoint: once written and named by a durable segment header, every
-    /// journal segment before it becomes a data segment the cleaner can empty.
-    pub fn request_checkpoint(&mut self) {
+    /// journal segment before it becomes a data segment the cleaner can empty. `urgent`:
+    /// name it in a fresh segment at once rather than when the open one fills.
+    pub fn request_checkpoint(&mut self, urgent: bool) {
         if self.checkpoint_idle() {
-            self.checkpoint = Checkpoint::Requested;
+            self.checkpoint = Checkpoint::Requested { urgent };
         }
     }
 
     /// The journal waits for the store's snapshot (`begin_checkpoint`): nothing is in flight,
     /// so the store's metadata is the state after every record written.
     pub fn wants_snapshot(&self) -> bool {
-        matches!(self.checkpoint, Checkpoint::Requested) && self.in_flight.is_none()
+        matches!(self.checkpoint, Checkpoint::Requested { .. }) && self.in_flight.is_none()
     }
 
     /// The snapshot, as delta chunks of at most `CHECKPOINT_CHUNK_MAX_BYTES` each.
     pub fn begin_checkpoint(&mut self, chunks: Vec<Vec<u8>>) {
         assert!(self.wants_snapshot());
         assert!(chunks.iter().all(|c| c.len() <= CHECKPOINT_CHUNK_MAX_BYTES));
+        let Checkpoint::Requested { urgent } = self.checkpoint else {
+            unreachable!("checked by wants_snapshot");
+        };
         self.checkpoint = Checkpoint::Writing {
             chunks: chunks.into(),
             start: None,
+            urgent,
         };
     }
 
@@ -574,15 +657,23 @@ impl Journal {
     /// finished checkpoint, or the client batch.
     fn next_record(&mut self) -> Result<bool, JournalError> {
         match std::mem::replace(&mut self.checkpoint, Checkpoint::Idle) {
-            Checkpoint::Idle => {}
+            Checkpoint::Idle => {
+                if self.publish_now {
+                    self.publish_now = false;
+                    if self.publish_waiting {
+                        return self.publish_in_fresh_segment();
+                    }
+                }
+            }
             // The store's snapshot comes first; client records wait for it.
-            Checkpoint::Requested => {
-                self.checkpoint = Checkpoint::Requested;
+            requested @ Checkpoint::Requested { .. } => {
+                self.checkpoint = requested;
                 return Ok(false);
             }
             Checkpoint::Writing {
                 mut chunks,
                 mut start,
+                urgent,
             } => {
                 if let Some(chunk) = chunks.pop_front() {
                     let last = chunks.is_empty();
@@ -601,20 +692,18 @@ impl Journal {
                     start.get_or_insert(at);
                     self.checkpoints_written += u64::from(last);
                     self.checkpoint_bytes += chunk.len() as u64;
-                    self.checkpoint = Checkpoint::Writing { chunks, start };
+                    self.checkpoint = Checkpoint::Writing {
+                        chunks,
+                        start,
+                        urgent,
+                    };
                     return Ok(true);
                 }
-                // Every checkpoint record is durable: publish the start in a fresh segment's
-                // header, with a record (empty unless clients wait) that makes it durable.
+                // Every checkpoint record is durable: the next segment header names it.
                 self.replay_start_published = start.expect("a checkpoint has a record");
-                self.open = None;
-                if self.batch.tags.is_empty() {
-                    std::mem::swap(&mut self.batch, &mut self.aux);
-                    let sealed = self.seal(0, true);
-                    std::mem::swap(&mut self.batch, &mut self.aux);
-                    self.aux.clear();
-                    sealed?;
-                    return Ok(true);
+                self.publish_waiting = true;
+                if urgent {
+                    return self.publish_in_fresh_segment();
                 }
             }
         }
@@ -622,6 +711,22 @@ impl Journal {
             return Ok(false);
         }
         self.seal(0, true)?;
+        Ok(true)
+    }
+
+    /// Publishes the waiting checkpoint in a fresh segment's header, with a record (empty
+    /// unless clients wait) that makes the header durable.
+    fn publish_in_fresh_segment(&mut self) -> Result<bool, JournalError> {
+        self.open = None;
+        if !self.batch.tags.is_empty() {
+            self.seal(0, true)?;
+            return Ok(true);
+        }
+        std::mem::swap(&mut self.batch, &mut self.aux);
+        let sealed = self.seal(0, true);
+        std::mem::swap(&mut self.batch, &mut self.aux);
+        self.aux.clear();
+        sealed?;
         Ok(true)
     }
 
@@ -711,6 +816,7 @@ impl Journal {
         if needs_segment {
             self.open_segment()?;
             names_replay_start = Some(self.replay_start_published);
+            self.publish_waiting = false;
         }
         let open = self.open.as_mut().expect("opened above");
         header.segment_seq = open.segment_seq;

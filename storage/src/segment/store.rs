@@ -384,6 +384,8 @@ pub struct SegmentStore<Q: QueuePair> {
     checkpoint_interval: usize,
     /// Segments a checkpoint takes, estimated at `sized_at_chain_len`.
     checkpoint_segments: usize,
+    /// ... and its size in bytes, from the same estimate.
+    checkpoint_bytes: u64,
 }
 
 impl<Q: QueuePair> SegmentStore<Q> {
@@ -423,6 +425,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
             checkpoint_segments: 1,
+            checkpoint_bytes: 0,
         };
         store.stats.capacity_bytes = store.data_capacity_bytes();
         Ok(store)
@@ -478,10 +481,12 @@ impl<Q: QueuePair> SegmentStore<Q> {
         }
         let moves: Vec<_> = self.cleaner.moves.iter().map(|m| m.stage).collect();
         format!(
-            "ops {stages:?}; free segments {} (reserve {}); journal segments {}; checkpoint idle {}; victim {:?} (todo {}, moves {moves:?}); readers {:?}; stats {:?}",
+            "ops {stages:?}; device requests in flight {}; free segments {} (reserve {}); journal segments {} ({}); checkpoint idle {}; victim {:?} (todo {}, moves {moves:?}); readers {:?}; stats {:?}",
+            self.qp.in_flight(),
             self.journal.free_segment_count(),
             self.journal.reserve_segments,
             self.journal.chain_len(),
+            self.journal.debug_state(),
             self.journal.checkpoint_idle(),
             self.cleaner.victim,
             self.cleaner.todo.len(),
@@ -863,14 +868,7 @@ fn append_plan(
     // An op without data (a remove, a truncate, an xattr) may take the reserve: on a full
     // device, removes are how space comes back.
     let writes_data = plan.dirty.values().any(|d| matches!(d, Dirty::Data { .. }));
-    let fits = if writes_data {
-        op.fits_device()
-    } else {
-        op.fits_device_with_reserve()
-    };
-    if !fits {
-        return Err(JournalError::NoSpace);
-    }
+    op.placement(!writes_data)?;
     op.commit(tag);
     Ok(())
 }
@@ -1015,7 +1013,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
     }
 
     fn busy(&self) -> bool {
-        self.in_flight() > 0 || self.cleaner.active() || !self.journal.checkpoint_idle()
+        self.in_flight() > 0 || self.cleaner.active() || self.journal.checkpoint_in_progress()
     }
 
     fn stats(&self) -> StoreStats {
@@ -1032,11 +1030,18 @@ impl<Q: QueuePair> SegmentStore<Q> {
         // Gathered first, handled after: handling finishes ops, which needs `&mut self`.
         let mut durable = std::mem::take(&mut self.durable_scratch);
         let mut done = std::mem::take(&mut self.done_scratch);
+        let mut any_durable = false;
         self.journal.pump(
             &mut self.qp,
-            &mut |deltas| durable.extend_from_slice(deltas),
+            &mut |deltas| {
+                any_durable = true;
+                durable.extend_from_slice(deltas);
+            },
             &mut |tag, result| done.push((tag, result)),
         );
+        // Even a record without deltas may publish a checkpoint, making journal segments
+        // data segments: some may hold nothing live.
+        self.sweep_needed |= any_durable;
         if !durable.is_empty() {
             self.apply_record(&durable);
             durable.clear();

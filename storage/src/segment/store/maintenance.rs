@@ -29,6 +29,14 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.checkpoint_segments
     }
 
+    /// Fresh segments a checkpoint written now would open: what does not fit the open
+    /// segment's tail, plus the segment that publishes it.
+    fn checkpoint_fresh_segments(&self) -> usize {
+        let tail = self.journal.open_tail_blocks() * BLOCK_SIZE_BYTES;
+        let rest = self.checkpoint_bytes.saturating_sub(tail);
+        rest.div_ceil(self.sb.segment_size - BLOCK_SIZE_BYTES) as usize + 1
+    }
+
     pub(super) fn maintain(&mut self) {
         if self.sweep_needed {
             self.sweep_needed = false;
@@ -37,19 +45,26 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.size_reserve();
         let free = self.journal.free_segment_count();
         let low = free <= self.journal.reserve_segments + self.clean_ahead();
-        let room = self.journal.free_segment_count() > self.checkpoint_segments() + 1;
-        if self.journal.checkpoint_idle() && self.journal.chain_len() >= 2 && room {
+        if self.journal.checkpoint_idle() && self.journal.chain_len() >= 2 {
             // Segments written since the last checkpoint (the chain also holds the one it
-            // starts in), or space short with nothing else to clean.
-            let due = self.journal.chain_len() > self.checkpoint_interval;
+            // starts in), while it leaves the cleaner a segment; or space short with nothing
+            // else to clean.
+            let due = self.journal.chain_len() > self.checkpoint_interval
+                && free >= self.checkpoint_segments() + 2;
             let starved = low
                 && !self.cleaner.active()
                 && self.usable_victim().is_none()
                 && self.checkpoint_can_start();
             if due || starved {
-                self.journal.request_checkpoint();
+                self.journal.request_checkpoint(starved);
                 self.pump_journal();
             }
+        }
+        if low && self.journal.publish_waiting() {
+            // Space is short: name the written checkpoint now, so that the journal segments
+            // before it become cleanable, rather than when the open segment fills.
+            self.journal.publish_now();
+            self.pump_journal();
         }
         if low && self.cleaner.victim.is_none() {
             self.start_victim();
@@ -67,16 +82,19 @@ impl<Q: QueuePair> SegmentStore<Q> {
             || self.checkpoint_can_start()
     }
 
-    /// A checkpoint takes its chunks plus the rest of the segment it ends in and must leave
-    /// the cleaner a segment to copy into; it is worth it only if it makes a segment's worth
-    /// of dead journal blocks cleanable.
+    /// A checkpoint asked for because space is short takes its chunks and the fresh segment
+    /// that publishes it (the cleaner then copies into that segment's tail), never the last
+    /// free segment (see `OpAppender::placement`); it is worth it
+    /// only if it makes a segment's worth of dead journal blocks cleanable.
     fn checkpoint_can_start(&self) -> bool {
         self.journal.chain_len() >= 2
-            && self.journal.free_segment_count() > self.checkpoint_segments() + 1
+            && self.journal.free_segment_count() > self.checkpoint_fresh_segments()
             && self.chain_dead_blocks() >= u64::from(self.blocks_per_segment())
     }
 
-    /// The victim the cleaner would pick, if its live blocks fit where the cleaner may write.
+    /// The victim the cleaner would pick, if it can copy all of it and still leave room for
+    /// a checkpoint and the segment that publishes it: a cleaner that ran out of room halfway
+    /// would hold its victim and the last free segments, and nothing could move again.
     fn usable_victim(&self) -> Option<u32> {
         let victim = cleaner::pick_victim(
             &self.journal,
@@ -85,8 +103,18 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.blocks_per_segment(),
             &self.cleaner.stuck,
         )?;
-        let room = self.journal.free_segment_count() as u64 * u64::from(self.blocks_per_segment());
-        (u64::from(self.metadata.live_blocks(victim)) + 16 <= room).then_some(victim)
+        // The cleaner copies into the open segment's tail and at most one fresh segment, never
+        // the last free one: a victim copied so gives back at least the segment it took, so
+        // cleaning never leaves less free space than it found, even when a crash interrupts
+        // it (the copies made are durable; the victim is simply less live after replay).
+        let fresh = if self.journal.free_segment_count() >= 2 {
+            u64::from(self.blocks_per_segment())
+        } else {
+            0
+        };
+        let room = self.journal.open_tail_blocks() + fresh;
+        let need = cleaner::copy_blocks_bound(self.metadata.live_blocks(victim));
+        (need <= room).then_some(victim)
     }
 
     /// Dead blocks in journal segments other than the newest: a checkpoint would make them
@@ -114,7 +142,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let bytes = self.metadata.checkpoint_bytes_estimate();
         let checkpoint = bytes.div_ceil(self.sb.segment_size - BLOCK_SIZE_BYTES) as usize;
         self.checkpoint_segments = checkpoint;
-        // Room for one checkpoint, the segment it publishes in, and the cleaner's copies.
+        self.checkpoint_bytes = bytes;
+        // Where clients stop, either a checkpoint (its segments and the one that publishes
+        // it) or the cleaner (one segment to copy a victim into) can still work, and one
+        // segment is left that neither takes (see `OpAppender::placement`).
         self.journal.reserve_segments = checkpoint + 2;
         let shard = self.sb.shard_segments(self.shard).len();
         self.checkpoint_interval = (CHECKPOINT_INTERVAL_FACTOR * checkpoint)
@@ -278,7 +309,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 &m.actual,
             )
         };
-        if appended.is_err() || !op.fits_device_with_reserve() {
+        if appended.is_err() || op.placement(true).is_err() {
             // Batch full, or no room even in the reserve: dropped (rolled back), tried again.
             return;
         }
