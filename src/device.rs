@@ -5,6 +5,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use carmine_storage::segment::format::{Superblock, SEGMENTS_START_BYTES};
 use carmine_storage::segment::mkfs;
 use carmine_storage::UringQueuePair;
 
@@ -72,6 +73,8 @@ fn format(path: &Path, cores: u32, segment_size: u64) -> Result<(), String> {
     let size = device_size(path)?;
     let mut qp = UringQueuePair::open(path, 0, size / 4096 * 4096, 64)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    qp.lock(0, size, true)
+        .map_err(|e| format!("refusing to format it: {e}"))?;
     let sb = mkfs(&mut qp, segment_size, cores, random_uuid()?)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     log::info!(
@@ -109,4 +112,16 @@ pub fn prepare(config: &ServeConfig) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Claims shard `shard` of a mounted device for `qp`'s process: its segments exclusively, the
+/// superblock shared (see `UringQueuePair::lock`). A second server on the same device, or
+/// mkfs while it is served, is then refused instead of writing over a live log.
+pub fn lock_shard(qp: &UringQueuePair, sb: &Superblock, shard: u32) -> Result<(), String> {
+    let segments = sb.shard_segments(shard);
+    let start = sb.segment_offset(segments.start);
+    let length = u64::from(segments.end - segments.start) * sb.segment_size;
+    qp.lock(0, SEGMENTS_START_BYTES, false)
+        .and_then(|()| qp.lock(start, length, true))
+        .map_err(|e| format!("shard {shard}: {e}"))
 }

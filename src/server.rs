@@ -137,9 +137,10 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
     let size = crate::device::device_size(path)?;
     let qp = UringQueuePair::open(path, 0, size, config.queue_depth)
         .map_err(|e| format!("core {index}: {}: {e}", path.display()))?;
-    let store = SegmentStore::mount(qp, index as u32)
+    let mut store = SegmentStore::mount(qp, index as u32)
         .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
     let sb = *store.superblock();
+    crate::device::lock_shard(store.queue_pair(), &sb, index as u32)?;
     if sb.shard_count != config.cores {
         return Err(format!(
             "{} was formatted for {} core(s), this server runs {}: use --cores {} (or mkfs it again, losing its data)",
@@ -235,6 +236,7 @@ impl Server {
                         match build_core(&config, parts, wakers, board, shutdown, alloc_counter) {
                             Ok(core) => core,
                             Err(error) => {
+                                stop.absent(index);
                                 let _ = ready_sender.send(Err(error.clone()));
                                 return Err(error);
                             }

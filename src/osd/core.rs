@@ -103,6 +103,12 @@ impl Shutdown {
             all_mask,
         }
     }
+
+    /// Core `index` failed to start: it has nothing in flight, and the cores that did start
+    /// must not wait for it to drain (they would, forever, when start-up is undone).
+    pub fn absent(&self, index: usize) {
+        self.quiet_mask.fetch_or(1u64 << index, Ordering::AcqRel);
+    }
 }
 
 pub struct CoreSetup {

@@ -1019,3 +1019,32 @@ fn uring_random_write_iops() {
     );
     assert!(completed > 0);
 }
+
+#[test]
+fn uring_refuses_a_range_another_queue_pair_holds() {
+    let test = "uring_refuses_a_range_another_queue_pair_holds";
+    let file = TempFile::new("lock", 64 * BLOCK);
+    let Some(first) = open_or_skip(test, &file, 4) else {
+        return;
+    };
+    let second = open_or_skip(test, &file, 4).expect("opened once already");
+    // Two shards of one device: the superblock shared, disjoint segment ranges exclusive.
+    first.lock(0, BLOCK, false).unwrap();
+    second.lock(0, BLOCK, false).unwrap();
+    first.lock(BLOCK, 31 * BLOCK, true).unwrap();
+    second.lock(32 * BLOCK, 32 * BLOCK, true).unwrap();
+    // A second claim on a held range (a second server), or mkfs over all of it: refused.
+    let third = open_or_skip(test, &file, 4).expect("opened once already");
+    let error = third.lock(16 * BLOCK, 32 * BLOCK, true).unwrap_err();
+    assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+    assert!(error.to_string().contains("in use"), "{error}");
+    assert!(
+        third.lock(0, 64 * BLOCK, false).is_err(),
+        "fsck while served"
+    );
+    // Released when its holder goes, even though the kernel may close the file later.
+    drop((first, second));
+    third
+        .lock(0, 64 * BLOCK, true)
+        .expect("free once the holders are dropped");
+}

@@ -139,6 +139,8 @@ pub struct UringQueuePair {
     ring: IoUring,
     /// Kept open for the ring's registered file table.
     _file: File,
+    /// For messages (the lock holder's range).
+    path: std::path::PathBuf,
     offset_base: u64,
     length: u64,
     depth: u32,
@@ -217,6 +219,7 @@ impl UringQueuePair {
         Ok(UringQueuePair {
             ring,
             _file: file,
+            path: path.to_path_buf(),
             offset_base,
             length,
             depth,
@@ -239,6 +242,23 @@ impl UringQueuePair {
             ),
             _ => e,
         })
+    }
+
+    /// Locks bytes `start..start + length` of the device for this queue pair: exclusively
+    /// (a shard's segments; the whole device for mkfs) or shared (the superblock a running
+    /// shard reads), so that a second server, a shard claimed twice, or mkfs on a device in
+    /// use is refused instead of overwriting a live log. The locks are advisory (every
+    /// carmine command takes them; fsck a shared one on the whole device) and are released
+    /// at drop.
+    ///
+    /// Errors: `WouldBlock`, naming the range, when another holder keeps it past a short wait.
+    pub fn lock(&self, start: u64, length: u64, exclusive: bool) -> io::Result<()> {
+        let kind = if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        };
+        lock_range(&self._file, &self.path, kind, start, length)
     }
 
     /// Registers memory regions with the ring, replacing earlier ones, so that a one-buffer
@@ -385,6 +405,61 @@ impl UringQueuePair {
     }
 }
 
+/// How long `open` waits for a range a process that just exited may still hold: the kernel
+/// tears an io_uring down asynchronously, and the file (with its lock) goes with it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Sets (`F_WRLCK`) or clears (`F_UNLCK`) an open-file-description lock on a byte range.
+fn set_range_lock(file: &File, kind: libc::c_int, start: u64, length: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` is plain data; all-zero is a valid value for every field.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = start as libc::off_t;
+    lock.l_len = length as libc::off_t;
+    // SAFETY: the descriptor is open for the call, and `lock` is a valid flock that outlives it.
+    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Locks a byte range of `file` (an open-file-description lock: it holds between descriptors
+/// even in one process), waiting up to `LOCK_WAIT` for a holder that is going away.
+pub fn lock_range(
+    file: &File,
+    path: &Path,
+    kind: libc::c_int,
+    offset_base: u64,
+    length: u64,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let error = loop {
+        let error = match set_range_lock(file, kind, offset_base, length) {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if !matches!(error.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
+            || std::time::Instant::now() >= deadline
+        {
+            break error;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    match error.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "{}: bytes {offset_base}..{} are in use by another process (a running carmine?): stop it first",
+                path.display(),
+                offset_base + length
+            ),
+        )),
+        _ => Err(error),
+    }
+}
+
 impl QueuePair for UringQueuePair {
     fn submit_read(&mut self, offset: u64, buffers: &[IoVec], tag: u64) -> Result<(), SubmitError> {
         self.submit(Kind::Read, offset, buffers, tag)
@@ -447,6 +522,17 @@ impl Drop for UringQueuePair {
     /// Waits for requests in flight: the kernel may otherwise still write into caller buffers
     /// after the ring is closed (ring teardown is asynchronous). Blocking is fine at teardown.
     fn drop(&mut self) {
+        self.drain_at_drop();
+        // The ring may keep the file open a little longer (teardown is asynchronous): the
+        // range is released now, not then.
+        if let Err(error) = set_range_lock(&self._file, libc::F_UNLCK, 0, 0) {
+            log::error!("unlocking the device range at drop failed: {error}");
+        }
+    }
+}
+
+impl UringQueuePair {
+    fn drain_at_drop(&mut self) {
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(libc::EINTR) {
