@@ -6,6 +6,7 @@ mod client;
 mod compare;
 mod config;
 mod device;
+mod fsck;
 mod load;
 mod osd;
 mod server;
@@ -91,6 +92,7 @@ enum Command {
     /// Classic thread-pool mode vs run-to-completion on this machine: IOPS, latency, CPU per op.
     Compare(compare::CompareArgs),
     Mkfs(device::MkfsArgs),
+    Fsck(fsck::FsckArgs),
     StoreBench(store_bench::StoreBenchArgs),
 }
 
@@ -264,6 +266,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Mkfs(args) => device::run_mkfs(args),
+        // Its own exit statuses: 0 clean, 1 problems found, 2 cannot check.
+        Command::Fsck(args) => return fsck::run(args),
         Command::StoreBench(args) => store_bench::run(args),
     };
     match result {

@@ -1,6 +1,6 @@
 //! The segment store (SeaStore's role): a log-structured store on a block `QueuePair`.
 //!
-//! Checkpoints and the cleaner: see ARCHITECTURE.md and `cleaner.rs`. Not built yet: fsck.
+//! Checkpoints and the cleaner: see ARCHITECTURE.md and `cleaner.rs`. Offline check: `fsck.rs`.
 //!
 //! # On-disk layout, version 2
 //!
@@ -31,11 +31,13 @@
 pub mod cleaner;
 pub mod exec;
 pub mod format;
+pub mod fsck;
 pub mod journal;
 pub mod metadata;
 pub mod mount;
 pub mod scan;
 pub mod store;
 
+pub use fsck::{fsck, FsckError, FsckReport, Problem, ShardReport};
 pub use mount::{mkfs, MountError};
 pub use store::{SegmentStats, SegmentStore};

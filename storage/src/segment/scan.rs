@@ -285,6 +285,78 @@ fn scan_segment(
     }
 }
 
+/// Valid records of `segment`'s current life (its `segment_seq`) at or after device offset
+/// `from`, found by trying every block position up to the segment's end (fsck: a record past
+/// the log's end means the log was damaged before it). A record found is skipped whole, so
+/// data blocks inside it that happen to look like a record are not taken for one. The range is
+/// read with one read; `buf` is scratch.
+pub fn records_after(
+    sb: &Superblock,
+    segment: &SegmentHeader,
+    from: u64,
+    reader: &mut dyn BlockReader,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<LogRecord>, ScanError> {
+    let segment_end = sb.segment_offset(segment.segment) + sb.segment_size;
+    let mut found = Vec::new();
+    if from >= segment_end {
+        return Ok(found);
+    }
+    let mut area = vec![0u8; (segment_end - from) as usize];
+    reader.read_at(from, &mut area).map_err(ScanError::Io)?;
+    let mut image = Window {
+        bytes: &area,
+        base: from,
+    };
+    let block = BLOCK_SIZE_BYTES as usize;
+    let mut offset = from;
+    while offset < segment_end {
+        let at = (offset - from) as usize;
+        let candidate = RecordHeader::decode(&area[at..at + block], sb.nonce())
+            .ok()
+            .filter(|h| h.segment_seq == segment.segment_seq && h.shard == segment.shard);
+        if let Some(candidate) = candidate {
+            let checked = read_record(
+                sb,
+                segment,
+                offset,
+                segment_end,
+                candidate.record_seq,
+                &mut image,
+                buf,
+            )?;
+            if let Ok(header) = checked {
+                found.push(LogRecord {
+                    header,
+                    segment: segment.segment,
+                    offset,
+                });
+                offset += u64::from(header.total_blocks()) * BLOCK_SIZE_BYTES;
+                continue;
+            }
+        }
+        offset += BLOCK_SIZE_BYTES;
+    }
+    Ok(found)
+}
+
+/// Bytes read from the device at `base`, read again through `BlockReader`.
+struct Window<'a> {
+    bytes: &'a [u8],
+    base: u64,
+}
+
+impl BlockReader for Window<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = offset
+            .checked_sub(self.base)
+            .and_then(|start| usize::try_from(start).ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut bytes = self.bytes;
+        bytes.read_at(start as u64, buf)
+    }
+}
+
 fn more_segments_follow(log: &ShardLog, segment: &SegmentHeader) -> bool {
     log.next_segment_seq > segment.segment_seq + 1
 }
@@ -409,7 +481,7 @@ mod tests {
                 delta_count: 1,
                 metadata_len: metadata.len() as u32,
                 data_blocks,
-                data_crc: crc32c::crc32c(&data),
+                data_crc: crate::segment::format::record_data_crc(&data),
                 flags: 0,
             };
             let mut head = vec![0u8; header.head_blocks() as usize * 4096];
@@ -591,6 +663,40 @@ mod tests {
             log.next_segment_seq, 3,
             "a new segment must not reuse the orphan's number"
         );
+    }
+
+    #[test]
+    fn records_after_finds_what_a_damaged_record_hides() {
+        let mut image = Image::new();
+        image.open_segment(0, 1);
+        image.append(1, 1);
+        let damaged = image.append(2, 2);
+        let hidden = image.append(3, 1);
+        image.append(4, 0);
+        image.bytes[damaged as usize + 4096 + 10] ^= 1; // A flipped bit in record 2's data.
+        let (log, tags) = image.scan();
+        assert_eq!(tags, vec![1], "replay stops at the damaged record");
+        let segment = log.segments[0];
+        let mut reader: &[u8] = &image.bytes;
+        let found =
+            records_after(&image.sb, &segment, damaged, &mut reader, &mut Vec::new()).unwrap();
+        assert_eq!(
+            found
+                .iter()
+                .map(|r| (r.header.record_seq, r.offset))
+                .collect::<Vec<_>>(),
+            vec![(3, hidden), (4, hidden + 2 * 4096)]
+        );
+        // Records of the segment's earlier life (another segment_seq) are not counted.
+        image.open_segment(0, 2);
+        let mut reader: &[u8] = &image.bytes;
+        let header = SegmentHeader {
+            segment_seq: 2,
+            ..segment
+        };
+        let start = image.sb.segment_offset(0) + 4096;
+        let found = records_after(&image.sb, &header, start, &mut reader, &mut Vec::new()).unwrap();
+        assert!(found.is_empty(), "{found:?}");
     }
 
     #[test]
