@@ -108,8 +108,8 @@ serve_options! {
     cores: u32 = "1", parse_u32;
     /// CPUs to pin reactors to, e.g. "2,3" or "2-3"; "auto" takes the highest-numbered CPUs, leaving CPU 0 to the OS and load generators.
     cpus: Option<Vec<usize>> = "auto", parse_cpus;
-    /// Object store: memory (CyanStore's role) or segment (SeaStore's role: a log-structured store on --device, one shard per core).
-    store: String = "memory", parse_choice(&["memory", "segment"]);
+    /// Object store: segment (SeaStore's role: a log-structured store on --device, one shard per core), memory (CyanStore's role: RAM only, lost at exit), or auto (segment; memory in classic mode, whose workers drive synchronous stores only).
+    store: String = "auto", parse_choice(&["auto", "memory", "segment"]);
     /// Memory store capacity, split evenly over the cores.
     memory_capacity: u64 = "4GiB", parse_size;
     /// Segment store: file or block device (a missing file is created sparse, of --device-size, and formatted).
@@ -170,6 +170,14 @@ impl ServeConfig {
             config.apply_file(path)?;
         }
         config.apply_args(args)?;
+        if config.store == "auto" {
+            config.store = if config.mode == "classic" {
+                "memory"
+            } else {
+                "segment"
+            }
+            .into();
+        }
         config.validate()?;
         Ok(config)
     }

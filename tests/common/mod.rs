@@ -47,6 +47,13 @@ impl ServerProcess {
                 "--chunk-count",
                 "64",
             ])
+            // The default store is the segment store on ./carmine.img: tests running side by
+            // side must not share it, so they get the memory store unless they name one.
+            .args(if extra_args.contains(&"--store") {
+                &[][..]
+            } else {
+                &["--store", "memory"][..]
+            })
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
