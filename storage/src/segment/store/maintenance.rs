@@ -84,17 +84,17 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
     /// A checkpoint asked for because space is short takes its chunks and the fresh segment
     /// that publishes it (the cleaner then copies into that segment's tail), never the last
-    /// free segment (see `OpAppender::placement`); it is worth it
-    /// only if it makes a segment's worth of dead journal blocks cleanable.
+    /// free segment (see `OpAppender::placement`); it is worth it only if it makes a
+    /// segment's worth of dead journal blocks cleanable.
     fn checkpoint_can_start(&self) -> bool {
         self.journal.chain_len() >= 2
             && self.journal.free_segment_count() > self.checkpoint_fresh_segments()
             && self.chain_dead_blocks() >= u64::from(self.blocks_per_segment())
     }
 
-    /// The victim the cleaner would pick, if it can copy all of it and still leave room for
-    /// a checkpoint and the segment that publishes it: a cleaner that ran out of room halfway
-    /// would hold its victim and the last free segments, and nothing could move again.
+    /// The victim the cleaner would pick, if all its copies fit where the cleaner may write:
+    /// a cleaner that ran out of room halfway would hold its victim and the last free
+    /// segments, and nothing could move again.
     fn usable_victim(&self) -> Option<u32> {
         let victim = cleaner::pick_victim(
             &self.journal,
