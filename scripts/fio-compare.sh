@@ -10,9 +10,8 @@
 #   DIR       scratch directory, on a filesystem with O_DIRECT (ext4, xfs, btrfs; not tmpfs)
 #             (default target/fio-compare; its two 2 GiB files are removed at the end)
 #   SIZE      size of the fio file (default 2g, fio syntax: k/m/g)
-#   CARMINE_SIZE  size of the carmine device file (default: SIZE). Without a cleaner the store's
-#             log only grows: at ~20k write IOPS a 20 s randwrite appends ~1.7 GB, so a 2g device
-#             can fill up (no_space errors, reported below the table)
+#   CARMINE_SIZE  size of the carmine device file (default: SIZE); the store's cleaner
+#             reclaims what the randwrite run overwrites (its cost shows as write amplification)
 #   CARMINE   carmine binary (default target/release/carmine, built if missing)
 #   CPU       pin fio and carmine to this CPU list (taskset -c), e.g. 1; default: not pinned
 #   KEEP=1    keep the scratch files

@@ -846,3 +846,44 @@ fn random_overwrites_at_high_fill_never_stall_or_fail() {
         );
     }
 }
+
+/// Reads of one object run together; a write waits for the reads before it, and reads after
+/// the write wait for it and see it (the lane keeps submission order between a mutation and
+/// everything else).
+#[test]
+fn reads_share_a_lane_and_a_write_keeps_its_place() {
+    let mut store = mount(device(8, faults(11)));
+    let old = pattern(64 << 10, 1);
+    let new = pattern(64 << 10, 2);
+    run_one(&mut store, b"obj", vec![SubOp::WriteFull { data: &old }]).unwrap();
+    let read = || {
+        vec![SubOp::Read {
+            offset: 0,
+            length: 64 << 10,
+        }]
+    };
+    let waits_before = store.segment_stats().lane_waits;
+    let batch: Vec<(Vec<u8>, Vec<SubOp<'_>>)> = vec![
+        (b"obj".to_vec(), read()),
+        (b"obj".to_vec(), read()),
+        (b"obj".to_vec(), read()),
+        (b"obj".to_vec(), vec![SubOp::WriteFull { data: &new }]),
+        (b"obj".to_vec(), read()),
+        (b"obj".to_vec(), read()),
+    ];
+    let outcomes = run_batch(&mut store, &batch);
+    for (n, outcome) in outcomes.iter().enumerate() {
+        let outcome = outcome.as_ref().expect("every op succeeds");
+        assert_eq!(outcome[0].0, 0, "op {n}");
+        match n {
+            0..=2 => assert!(outcome[0].1 == old, "read {n} is before the write"),
+            3 => {}
+            _ => assert!(outcome[0].1 == new, "read {n} is after the write"),
+        }
+    }
+    assert_eq!(
+        store.segment_stats().lane_waits - waits_before,
+        3,
+        "the first reads ran together; the write and the two reads after it waited"
+    );
+}

@@ -2,9 +2,9 @@
 //!
 //! An op's life:
 //! 1. `submit` checks its shape. If another op on the same object is still in progress (its
-//!    blocks being read, or its record not yet durable), it waits in that object's lane: ops
-//!    on one object run one at a time, in order, so each one sees the durable result of the
-//!    one before (and a read never sees data that a crash could still take back).
+//!    blocks being read, or its record not yet durable), it waits in that object's lane: a
+//!    mutation runs alone, in order, so each op sees the durable result of the one before (and
+//!    a read never sees data that a crash could still take back); reads in a row run together.
 //! 2. The blocks it needs from the device (reads, and the edges of partial-block writes) are
 //!    read, each checked against the crc32c in the metadata.
 //! 3. `exec::execute` runs its sub-ops on a private working set: read outputs are produced,
@@ -178,6 +178,8 @@ struct Slot {
     plan: Option<Plan>,
     /// Client payload bytes the op writes (write amplification's denominator).
     write_bytes: u64,
+    /// The op has a mutating sub-op (it runs alone in its object's lane).
+    mutates: bool,
 }
 
 impl Slot {
@@ -197,6 +199,7 @@ impl Slot {
             reads_outstanding: 0,
             plan: None,
             write_bytes: 0,
+            mutates: false,
         }
     }
 
@@ -343,10 +346,24 @@ impl OldBlocks for NoBlocks {
     }
 }
 
-/// Ops on one object, in order: the one in progress, then the ones waiting.
-#[derive(Default)]
+/// Ops on one object: those in progress (one mutation, or any number of read-only ops), then
+/// the ones waiting, in order.
 struct Lane {
+    active: u32,
+    /// The ops in progress are read-only: another read-only op may join them, unless an op
+    /// waits (a read submitted after a write must see it).
+    reading: bool,
     waiting: VecDeque<u32>,
+}
+
+impl Lane {
+    fn new(reading: bool) -> Lane {
+        Lane {
+            active: 1,
+            reading,
+            waiting: VecDeque::new(),
+        }
+    }
 }
 
 pub struct SegmentStore<Q: QueuePair> {
@@ -511,6 +528,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 _ => 0,
             })
             .sum();
+        slot.mutates = ops.iter().any(SubOp::is_mutation);
         slot.tag = tag;
         slot.oid.clear();
         slot.oid.extend_from_slice(oid);
@@ -642,11 +660,32 @@ impl<Q: QueuePair> SegmentStore<Q> {
     fn release_lane(&mut self, slot_index: u32) {
         let oid = &self.slots[slot_index as usize].oid;
         let lane = self.lanes.get_mut(&oid[..]).expect("an op holds its lane");
-        match lane.waiting.pop_front() {
-            Some(next) => self.start(next),
-            None => {
-                self.lanes.remove(&oid[..]);
-            }
+        debug_assert!(lane.active > 0);
+        lane.active -= 1;
+        if lane.active > 0 {
+            return;
+        }
+        let Some(&front) = lane.waiting.front() else {
+            self.lanes.remove(&oid[..]);
+            return;
+        };
+        // Next: one mutation, or every read-only op up to the next mutation. All are counted
+        // active before any starts: one that completes at once releases the lane again, and
+        // must not see it idle while the others have yet to start.
+        let slots = &self.slots;
+        let read_only = |slot: u32| !slots[slot as usize].mutates;
+        let group = if read_only(front) {
+            lane.waiting.iter().take_while(|&&s| read_only(s)).count()
+        } else {
+            1
+        };
+        lane.active = group as u32;
+        lane.reading = read_only(front);
+        for _ in 0..group {
+            let oid = &self.slots[slot_index as usize].oid;
+            let lane = self.lanes.get_mut(&oid[..]).expect("held while active");
+            let next = lane.waiting.pop_front().expect("counted above");
+            self.start(next);
         }
     }
 
@@ -887,8 +926,12 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(error);
         }
-        let idle = !self.lanes.contains_key(oid);
-        if idle {
+        let read_only = !ops.iter().any(SubOp::is_mutation);
+        let (idle, joins) = match self.lanes.get(oid) {
+            None => (true, false),
+            Some(lane) => (false, read_only && lane.reading && lane.waiting.is_empty()),
+        };
+        if idle || joins {
             // Fast path: nothing to read and nothing to wait for runs right here, with the
             // caller's sub-ops, and completes now unless it journals.
             let old = self.metadata.object(oid);
@@ -919,7 +962,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 slot.results[..ops.len()].copy_from_slice(&results[..ops.len()]);
                 slot.result_count = ops.len();
                 slot.plan = Some(plan);
-                self.lanes.insert(oid.into(), Lane::default());
+                debug_assert!(idle, "only a mutation journals, and it runs alone");
+                self.lanes.insert(oid.into(), Lane::new(false));
                 self.journal_plan(slot_index);
                 self.stats.transactions += 1;
                 return Ok(Submit::Pending);
@@ -945,7 +989,10 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.transactions += 1;
         }
         if idle {
-            self.lanes.insert(oid.into(), Lane::default());
+            self.lanes.insert(oid.into(), Lane::new(read_only));
+            self.start(slot_index);
+        } else if joins {
+            self.lanes.get_mut(oid).expect("checked").active += 1;
             self.start(slot_index);
         } else {
             self.extra.lane_waits += 1;
