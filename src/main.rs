@@ -229,6 +229,13 @@ fn print_status(args: &StatusArgs) -> Result<(), String> {
             text(&core["allocations"]),
         );
     }
+    if let Some(amplification) = status["totals"]["write_amplification"].as_f64() {
+        println!(
+            "store: {} objects, {} MiB live, write amplification {amplification:.2} (device bytes / acknowledged write bytes)",
+            text(&status["totals"]["store_objects"]),
+            status["totals"]["store_bytes"].as_u64().unwrap_or(0) >> 20
+        );
+    }
     let errors: Vec<String> = status["errors"]
         .as_object()
         .into_iter()

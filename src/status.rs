@@ -100,6 +100,18 @@ pub fn render(board: &StatusBoard) -> String {
         per_op(totals[Counter::busy_ns as usize], ops),
     );
     total.insert("process_cpu_ns".into(), json!(process_cpu_ns()));
+    // Device bytes per byte of acknowledged client writes (journal, cleaner copies and
+    // checkpoints over payload); null before any write or on a store without a device.
+    let device = totals[Counter::store_device_bytes_written as usize];
+    let client = totals[Counter::store_client_bytes_written as usize];
+    total.insert(
+        "write_amplification".into(),
+        if client > 0 && device > 0 {
+            json!(device as f64 / client as f64)
+        } else {
+            Value::Null
+        },
+    );
     total.insert(
         "allocations_per_op".into(),
         per_op(totals[Counter::allocations as usize], ops)

@@ -58,7 +58,14 @@ fn data_survives_a_clean_restart_and_a_kill() {
     assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["verify_failures"], 0, "{report}");
-    assert_eq!(total(&status(&server.addr), "store_objects"), 32);
+    let written = status(&server.addr);
+    assert_eq!(total(&written, "store_objects"), 32);
+    // Every acknowledged byte went to the device once, plus record heads: at least 1.
+    let amplification = written["totals"]["write_amplification"].as_f64();
+    assert!(
+        amplification.is_some_and(|wa| (1.0..3.0).contains(&wa)),
+        "write amplification {amplification:?}: {written}"
+    );
     assert!(server.stop().success());
 
     // Clean restart: the log replays, every block reads back intact.

@@ -940,6 +940,14 @@ impl OsdCore {
         c.set(Counter::store_objects, store.objects);
         c.set(Counter::store_bytes, store.bytes_stored);
         c.set(Counter::store_capacity_bytes, store.capacity_bytes);
+        c.set(
+            Counter::store_device_bytes_written,
+            store.device_bytes_written,
+        );
+        c.set(
+            Counter::store_client_bytes_written,
+            store.client_bytes_written,
+        );
         let allocations = (self.alloc_counter)() - self.alloc_base - self.alloc_excluded;
         c.set(Counter::allocations, allocations);
         c.set(Counter::stream_malformed, transport.malformed);

@@ -71,6 +71,8 @@ counters!(
     store_objects,
     store_bytes,
     store_capacity_bytes,
+    store_device_bytes_written,
+    store_client_bytes_written,
 );
 
 pub const COUNTER_COUNT: usize = COUNTER_NAMES.len();

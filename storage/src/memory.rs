@@ -281,6 +281,7 @@ impl ObjectStore for MemoryStore {
             transactions: self.transactions,
             reads: self.reads,
             errors: self.errors,
+            ..StoreStats::default()
         }
     }
 }

@@ -383,6 +383,12 @@ pub struct StoreStats {
     pub reads: u64,
     /// Operations that failed as a whole (`submit` returned `Err`, or `poll` reported one).
     pub errors: u64,
+    /// Bytes the store wrote to its device (journal records, cleaner copies, checkpoints);
+    /// 0 for a store without a device.
+    pub device_bytes_written: u64,
+    /// Payload bytes of acknowledged client writes: with `device_bytes_written`, the write
+    /// amplification.
+    pub client_bytes_written: u64,
 }
 
 /// An object store. One instance per core; callers never share one between threads.

@@ -1068,6 +1068,9 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         stats.objects = self.metadata.object_count() as u64;
         stats.bytes_stored =
             u64::from(self.metadata.live_block_counts().iter().sum::<u32>()) * BLOCK_SIZE_BYTES;
+        let segment = self.segment_stats();
+        stats.device_bytes_written = segment.journal_bytes;
+        stats.client_bytes_written = segment.client_bytes_written;
         stats
     }
 }
