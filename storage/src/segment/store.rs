@@ -410,6 +410,12 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// shard's log into memory, and continues the log in a fresh segment.
     pub fn mount(mut qp: Q, shard: u32) -> Result<SegmentStore<Q>, MountError> {
         let mounted = mount::replay(&mut qp, shard)?;
+        // Replay may have read records the last process wrote but never flushed (so never
+        // acknowledged): they are about to be served and built on, so they become durable
+        // first, or a power cut now could take back what a client has since read.
+        mount::SyncIo::new(&mut qp)
+            .flush()
+            .map_err(MountError::Io)?;
         let journal = Journal::new(
             mounted.sb,
             shard,
