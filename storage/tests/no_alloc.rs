@@ -157,3 +157,62 @@ fn steady_state_ops_do_not_allocate() {
     );
     assert!(allocations() > before);
 }
+
+/// The segment store's read path (lanes shared by reads, block reads, crc checks, output)
+/// allocates nothing once warm: eight reads in flight over four objects, round after round.
+#[test]
+fn segment_store_reads_do_not_allocate_in_steady_state() {
+    use carmine_storage::segment::{mkfs, SegmentStore};
+    use carmine_storage::{MemFaults, MemQueuePair};
+
+    let mut qp = MemQueuePair::new(16 << 20, 64, MemFaults::default());
+    mkfs(&mut qp, 1 << 20, 1, *b"no-alloc-segment").unwrap();
+    let mut store = SegmentStore::mount(qp, 0).unwrap();
+    let data = vec![5u8; 16 * 4096];
+    let oids: Vec<Vec<u8>> = (0..4).map(|n| format!("obj{n}").into_bytes()).collect();
+    let mut results = [SubOpResult::default(); 8];
+    let mut wait = |store: &mut SegmentStore<MemQueuePair>, mut pending: usize| {
+        while pending > 0 {
+            store.poll(64, &mut |_, result| {
+                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
+                pending -= 1;
+            });
+        }
+    };
+    for oid in &oids {
+        let write = [SubOp::WriteFull { data: &data }];
+        let mut out = OutputBuffer::from_slice(&mut []);
+        let submitted = store.submit(0, oid, &write, &mut out, &mut results[..1]);
+        assert_eq!(submitted, Ok(Submit::Pending));
+        wait(&mut store, 1);
+    }
+    let mut outs = vec![vec![0u8; 4096]; 8];
+    let mut round = |store: &mut SegmentStore<MemQueuePair>| {
+        let mut pending = 0;
+        for (n, out) in outs.iter_mut().enumerate() {
+            let read = [SubOp::Read {
+                offset: (n as u64 * 3 % 16) * 4096,
+                length: 4096,
+            }];
+            // SAFETY: `out` is not touched again until `wait` below has seen this op complete.
+            let mut out = unsafe { OutputBuffer::from_raw(out.as_mut_ptr(), out.len()) };
+            match store.submit(n as u64, &oids[n % 4], &read, &mut out, &mut results[..1]) {
+                Ok(Submit::Pending) => pending += 1,
+                other => panic!("a block read is pending: {other:?}"),
+            }
+        }
+        wait(store, pending);
+    };
+    round(&mut store);
+    round(&mut store);
+    let before = allocations();
+    for _ in 0..4 {
+        round(&mut store);
+    }
+    assert_eq!(
+        allocations() - before,
+        0,
+        "allocations in 32 steady-state reads"
+    );
+    assert!(outs.iter().all(|out| out.iter().all(|&b| b == 5)));
+}

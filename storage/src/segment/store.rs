@@ -272,11 +272,12 @@ impl Slot {
     }
 
     /// The stored sub-ops, borrowing `args`.
-    fn sub_ops<'a>(ops: &[StoredSubOp], args: &'a [u8], into: &mut Vec<SubOp<'a>>) {
-        into.clear();
+    /// The op's sub-ops, borrowing its stored arguments, in `into`'s first `ops.len()` places
+    /// (an array on the caller's stack: no allocation per op).
+    fn sub_ops<'a>(ops: &[StoredSubOp], args: &'a [u8], into: &mut [SubOp<'a>; SUB_OPS_MAX]) {
         let bytes = |(start, end): (u32, u32)| &args[start as usize..end as usize];
-        for op in ops {
-            into.push(match op.kind {
+        for (op, place) in ops.iter().zip(into.iter_mut()) {
+            *place = match op.kind {
                 SubOpKind::Write => SubOp::Write {
                     offset: op.a,
                     data: bytes(op.first),
@@ -312,7 +313,7 @@ impl Slot {
                 SubOpKind::OmapRemove => SubOp::OmapRemove {
                     key: bytes(op.first),
                 },
-            });
+            };
         }
     }
 }
@@ -356,16 +357,6 @@ struct Lane {
     waiting: VecDeque<u32>,
 }
 
-impl Lane {
-    fn new(reading: bool) -> Lane {
-        Lane {
-            active: 1,
-            reading,
-            waiting: VecDeque::new(),
-        }
-    }
-}
-
 pub struct SegmentStore<Q: QueuePair> {
     sb: Superblock,
     shard: u32,
@@ -375,7 +366,10 @@ pub struct SegmentStore<Q: QueuePair> {
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     /// Objects with an op in progress.
-    lanes: HashMap<Box<[u8]>, Lane>,
+    lanes: HashMap<Vec<u8>, Lane>,
+    /// Keys and queues of closed lanes, reused: opening a lane allocates nothing once as
+    /// many lanes as ever were open at once have been.
+    spare_lanes: Vec<(Vec<u8>, VecDeque<u32>)>,
     /// Slots whose reads all completed, to execute.
     ready: VecDeque<u32>,
     /// Slots with a plan that did not fit the open batch.
@@ -430,7 +424,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
             metadata: mounted.metadata,
             slots: (0..OPS_IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
             free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
-            lanes: HashMap::new(),
+            lanes: HashMap::with_capacity(OPS_IN_FLIGHT_MAX),
+            spare_lanes: Vec::new(),
             ready: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             blocked: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             unsubmitted: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
@@ -551,10 +546,11 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// Starts the op in `slot` (its lane is ours): read what it needs, or run it now.
     fn start(&mut self, slot_index: u32) {
         let slot = &mut self.slots[slot_index as usize];
-        let mut ops = Vec::with_capacity(slot.ops.len());
-        Slot::sub_ops(&slot.ops, &slot.args, &mut ops);
+        let mut all = [SubOp::Stat; SUB_OPS_MAX];
+        Slot::sub_ops(&slot.ops, &slot.args, &mut all);
+        let ops = &all[..slot.ops.len()];
         let old = self.metadata.object(&slot.oid);
-        exec::blocks_to_read(old, &ops, slot.out_capacity, &mut self.needed);
+        exec::blocks_to_read(old, ops, slot.out_capacity, &mut self.needed);
         if self.needed.is_empty() {
             self.run(slot_index);
             return;
@@ -578,8 +574,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// Runs the op in `slot` with its reads complete, and journals its plan.
     fn run(&mut self, slot_index: u32) {
         let slot = &mut self.slots[slot_index as usize];
-        let mut ops = Vec::with_capacity(slot.ops.len());
-        Slot::sub_ops(&slot.ops, &slot.args, &mut ops);
+        let mut all = [SubOp::Stat; SUB_OPS_MAX];
+        Slot::sub_ops(&slot.ops, &slot.args, &mut all);
+        let ops = &all[..slot.ops.len()];
         // SAFETY: the pointer and capacity come from the caller's `OutputBuffer`, checked to
         // be a `from_raw` buffer in `submit`; its contract keeps the region valid and ours
         // until we report this op complete, which has not happened yet.
@@ -663,6 +660,21 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.release_lane(slot_index);
     }
 
+    /// `oid`'s lane, with one op (a mutation unless `reading`) in progress.
+    fn open_lane(&mut self, oid: &[u8], reading: bool) {
+        let (mut key, waiting) = self.spare_lanes.pop().unwrap_or_default();
+        debug_assert!(waiting.is_empty());
+        key.clear();
+        key.extend_from_slice(oid);
+        let lane = Lane {
+            active: 1,
+            reading,
+            waiting,
+        };
+        let before = self.lanes.insert(key, lane);
+        debug_assert!(before.is_none(), "one lane per object");
+    }
+
     fn release_lane(&mut self, slot_index: u32) {
         let oid = &self.slots[slot_index as usize].oid;
         let lane = self.lanes.get_mut(&oid[..]).expect("an op holds its lane");
@@ -672,7 +684,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
             return;
         }
         let Some(&front) = lane.waiting.front() else {
-            self.lanes.remove(&oid[..]);
+            let (key, lane) = self.lanes.remove_entry(&oid[..]).expect("checked");
+            self.spare_lanes.push((key, lane.waiting));
             return;
         };
         // Next: one mutation, or every read-only op up to the next mutation. All are counted
@@ -969,7 +982,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 slot.result_count = ops.len();
                 slot.plan = Some(plan);
                 debug_assert!(idle, "only a mutation journals, and it runs alone");
-                self.lanes.insert(oid.into(), Lane::new(false));
+                self.open_lane(oid, false);
                 self.journal_plan(slot_index);
                 self.stats.transactions += 1;
                 return Ok(Submit::Pending);
@@ -995,7 +1008,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.transactions += 1;
         }
         if idle {
-            self.lanes.insert(oid.into(), Lane::new(read_only));
+            self.open_lane(oid, read_only);
             self.start(slot_index);
         } else if joins {
             self.lanes.get_mut(oid).expect("checked").active += 1;
