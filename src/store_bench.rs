@@ -138,6 +138,11 @@ pub struct StoreBenchArgs {
     /// Seed of block selection.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Skewed access, FRACTION:SHARE: SHARE of the timed ops go to the first FRACTION of the
+    /// blocks (the hot set), the rest to the others, each uniformly. E.g. 0.1:0.9 (90% of ops
+    /// on 10% of the data). Default: uniform over all blocks.
+    #[arg(long, value_parser = parse_hot)]
+    pub hot: Option<(f64, f64)>,
     /// Object name prefix.
     #[arg(long, default_value = "obj")]
     pub prefix: String,
@@ -265,6 +270,23 @@ fn print_human(report: &StoreBenchReport) {
 
 // ---------------------------------------------------------------------------------------------
 // Device
+
+fn parse_hot(text: &str) -> Result<(f64, f64), String> {
+    let parse = |part: Option<&str>| -> Option<f64> {
+        part?
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| *v > 0.0 && *v < 1.0)
+    };
+    let mut parts = text.split(':');
+    match (parse(parts.next()), parse(parts.next()), parts.next()) {
+        (Some(fraction), Some(share), None) => Ok((fraction, share)),
+        _ => Err(format!(
+            "expected FRACTION:SHARE, both between 0 and 1 (e.g. 0.1:0.9), got {text:?}"
+        )),
+    }
+}
 
 fn random_uuid() -> Result<[u8; 16], String> {
     let mut uuid = [0u8; 16];
@@ -441,6 +463,8 @@ struct Bench {
     written: Vec<u64>,
     next_counter: u32,
     rng: Rng,
+    /// `--hot`: (fraction of the blocks, share of the ops).
+    hot: Option<(f64, f64)>,
 
     phase: Phase,
     op: StoreOp,
@@ -490,11 +514,22 @@ impl Bench {
         self.next_counter
     }
 
-    /// A uniformly random block with no op in flight.
+    /// A random block with no op in flight: uniform, or in the hot or cold set (`--hot`).
     fn pick_block(&mut self) -> u32 {
         let n = u64::from(self.blocks());
+        let (first, count) = match self.hot {
+            None => (0, n),
+            Some((fraction, share)) => {
+                let hot = ((n as f64 * fraction) as u64).clamp(1, n - 1);
+                if (self.rng.below(1 << 20) as f64) < share * f64::from(1 << 20) {
+                    (0, hot)
+                } else {
+                    (hot, n - hot)
+                }
+            }
+        };
         for _ in 0..8 {
-            let block = self.rng.below(n) as u32;
+            let block = (first + self.rng.below(count)) as u32;
             if !bit(&self.busy, block) {
                 return block;
             }
@@ -1019,6 +1054,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         // never passes for this run's.
         next_counter: (load::name_hash(&base.to_le_bytes()) as u32).max(1),
         rng: Rng(args.seed),
+        hot: args.hot,
         phase: Phase::Prefill,
         op: args.op,
         fill_chunk,
@@ -1188,6 +1224,15 @@ mod tests {
         let mut argv = vec!["store-bench", "--device", "/nonexistent/x.img"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).expect("parses").args
+    }
+
+    #[test]
+    fn hot_is_fraction_colon_share() {
+        assert_eq!(parse(&["--hot", "0.1:0.9"]).hot, Some((0.1, 0.9)));
+        assert_eq!(parse(&[]).hot, None);
+        for bad in ["0.1", "1:0.5", "0.1:0", "a:b", "0.1:0.9:0.5"] {
+            assert!(parse_hot(bad).is_err(), "{bad} is refused");
+        }
     }
 
     #[test]
