@@ -100,18 +100,36 @@ pub fn run_mkfs(args: &MkfsArgs) -> Result<(), String> {
 /// Before `serve --store segment`: a missing device file is created and formatted for this
 /// server's cores; an existing one is left for mount to check.
 pub fn prepare(config: &ServeConfig) -> Result<(), String> {
-    if create_if_missing(&config.device, config.device_size)? {
-        log::info!(
-            "{} does not exist: creating a {}-byte sparse file and formatting it",
-            config.device.display(),
-            config.device_size
-        );
-        if let Err(error) = format(&config.device, config.cores, config.segment_size) {
-            let _ = std::fs::remove_file(&config.device);
-            return Err(error);
-        }
+    create_and_format(
+        &config.device,
+        config.device_size,
+        config.cores,
+        config.segment_size,
+    )
+    .map(|_| ())
+}
+
+/// Creates a missing device file (sparse, `size` bytes) and formats it with `shards` shards;
+/// an existing one is left as it is. A file created here is removed again if formatting
+/// fails. Returns whether it was created.
+pub fn create_and_format(
+    path: &Path,
+    size: u64,
+    shards: u32,
+    segment_size: u64,
+) -> Result<bool, String> {
+    if !create_if_missing(path, size)? {
+        return Ok(false);
     }
-    Ok(())
+    log::info!(
+        "{} does not exist: creating a {size}-byte sparse file and formatting it ({shards} shard(s), {segment_size}-byte segments)",
+        path.display()
+    );
+    if let Err(error) = format(path, shards, segment_size) {
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
+    Ok(true)
 }
 
 /// Claims shard `shard` of a mounted device for `qp`'s process: its segments exclusively, the

@@ -17,14 +17,12 @@
 //!    must hold exactly its last acknowledged write.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use carmine_storage::segment::format::Superblock;
 use carmine_storage::segment::store::OPS_IN_FLIGHT_MAX;
-use carmine_storage::segment::{mkfs, MountError, SegmentStats, SegmentStore};
+use carmine_storage::segment::{MountError, SegmentStats, SegmentStore};
 use carmine_storage::{
     AlignedBuf, ObjectStat, ObjectStore, OutputBuffer, StoreError, StoreStats, SubOp, SubOpResult,
     Submit, UringQueuePair, DEPTH_MAX, STATUS_OK,
@@ -288,48 +286,10 @@ fn parse_hot(text: &str) -> Result<(f64, f64), String> {
     }
 }
 
-fn random_uuid() -> Result<[u8; 16], String> {
-    let mut uuid = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut uuid))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
-    Ok(uuid)
-}
-
 /// Creates and formats (one shard) the device file if it is missing.
 fn prepare_device(args: &StoreBenchArgs) -> Result<(), String> {
-    let path = &args.device;
-    if path.exists() {
-        return Ok(());
-    }
-    let size = args.device_size / 4096 * 4096;
-    log::info!(
-        "{} does not exist: creating a {size}-byte sparse file and formatting it (1 shard, {}-byte segments)",
-        path.display(),
-        args.segment_size
-    );
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    let formatted = file
-        .set_len(size)
-        .map_err(|e| format!("{}: cannot size to {size} bytes: {e}", path.display()))
-        .and_then(|()| {
-            let mut qp = UringQueuePair::open(path, 0, size, 64)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            qp.lock(0, size, true)
-                .map_err(|e| format!("refusing to format it: {e}"))?;
-            mkfs(&mut qp, args.segment_size, 1, random_uuid()?)
-                .map_err(|e| format!("cannot format {}: {e}", path.display()))
-        });
-    drop(file);
-    if let Err(error) = formatted {
-        let _ = std::fs::remove_file(path);
-        return Err(error);
-    }
-    Ok(())
+    crate::device::create_and_format(&args.device, args.device_size, 1, args.segment_size)
+        .map(|_| ())
 }
 
 fn mount(path: &Path, queue_depth: u32) -> Result<Store, String> {
