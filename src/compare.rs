@@ -322,6 +322,8 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         prefix: "compare".into(),
         json: true,
         cpus: Some(cpu_list(&plan.load)),
+        ack_log: None,
+        check: None,
     }
 }
 
