@@ -132,10 +132,10 @@ impl ShardStore {
     /// A segment-store shard, whose device completions wake the store thread.
     pub fn segment(mut store: SegmentStore<UringQueuePair>) -> Result<ShardStore, String> {
         let waker = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
-        store
-            .queue_pair()
-            .register_completion_eventfd(waker.fd())
+        let wakes = store
+            .wake_on_completion(waker.fd())
             .map_err(|e| format!("io_uring eventfd: {e}"))?;
+        assert!(wakes, "an io_uring queue pair signals completions");
         Ok(ShardStore::new(Box::new(store), Some(waker)))
     }
 

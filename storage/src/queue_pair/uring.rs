@@ -244,13 +244,6 @@ impl UringQueuePair {
         })
     }
 
-    /// Has the kernel signal eventfd `fd` whenever it posts a completion, so a thread that is
-    /// not polling (classic mode's store thread) can sleep in `poll(2)` until I/O finishes.
-    /// The eventfd stays owned by the caller and must outlive the queue pair.
-    pub fn register_completion_eventfd(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
-        self.ring.submitter().register_eventfd(fd)
-    }
-
     /// Locks bytes `start..start + length` of the device for this queue pair: exclusively
     /// (a shard's segments; the whole device for mkfs) or shared (the superblock a running
     /// shard reads), so that a second server, a shard claimed twice, or mkfs on a device in
@@ -522,6 +515,12 @@ impl QueuePair for UringQueuePair {
 
     fn in_flight(&self) -> u32 {
         self.depth - self.free.len() as u32
+    }
+
+    /// The kernel signals `fd` for every completion it posts (IORING_REGISTER_EVENTFD).
+    fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> io::Result<bool> {
+        self.ring.submitter().register_eventfd(fd)?;
+        Ok(true)
     }
 }
 

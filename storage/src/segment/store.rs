@@ -1089,6 +1089,10 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         self.in_flight() > 0 || self.cleaner.active() || self.journal.checkpoint_in_progress()
     }
 
+    fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        self.qp.wake_on_completion(fd)
+    }
+
     fn stats(&self) -> StoreStats {
         let mut stats = self.stats;
         stats.objects = self.metadata.object_count() as u64;
