@@ -11,3 +11,5 @@
 /* shim.c: what bindgen cannot see because DPDK spells it as a macro. */
 int carmine_rte_errno(void);
 void *carmine_pktmbuf_mtod(struct rte_mbuf *m);
+/* RTE_ETH_RSS_* are RTE_BIT64(n) macro calls, which bindgen cannot evaluate. */
+uint64_t carmine_rss_ipv4_udp(void);
