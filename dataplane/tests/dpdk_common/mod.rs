@@ -5,23 +5,27 @@
 /// its own (a root EAL keeps its runtime files under /var/run/dpdk/<prefix>; two tests sharing
 /// one would clash). `--in-memory` would avoid the files but cannot be combined with `--no-huge`.
 pub fn eal_args(prefix: &str, vdev: &str) -> Vec<String> {
-    [
+    eal_args_on(prefix, vdev, 0)
+}
+
+/// As [`eal_args`], with the main lcore on CPU `cpu` (two polling processes on one CPU starve).
+pub fn eal_args_on(prefix: &str, vdev: &str, cpu: usize) -> Vec<String> {
+    let cpu = cpu.to_string();
+    let args = [
         "--no-huge",
         "--no-pci",
         "-m",
         "256",
         "-l",
-        "0",
+        &cpu,
         "--file-prefix",
         prefix,
         "--vdev",
         vdev,
         "--log-level",
         "lib.eal:error",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 /// A file prefix unique to this process.
