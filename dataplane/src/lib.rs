@@ -3,6 +3,7 @@
 //! OSD logic that joins the two lives in the `carmine` package.
 
 pub mod buffers;
+pub mod dgram;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod pool;
