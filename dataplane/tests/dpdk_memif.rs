@@ -39,36 +39,19 @@ fn main() {
     let role = if client { "client" } else { "server" };
     let prefix = dpdk_common::file_prefix(&format!("memif-{role}"));
     let vdev = format!("net_memif0,role={role},socket={socket}");
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = if client && cpus > 1 { 1 } else { 0 };
-    let args = dpdk_common::eal_args_on(&prefix, &vdev, cpu);
-
-    let mut child = None;
-    if !client {
-        // Start the client first: memif connects on its own schedule, and the server's EAL init
-        // takes as long as the client's.
-        let exe = std::env::current_exe().expect("own path");
-        child = Some(
-            std::process::Command::new(exe)
-                .env(ROLE_ENV, "client")
-                .env(SOCKET_ENV, &socket)
-                .spawn()
-                .expect("start the memif client"),
-        );
-    }
+    let args = dpdk_common::eal_args_floating(&prefix, &vdev);
 
     use carmine_dataplane::dpdk::{Eal, Mempool, Port, PortConfig};
     let eal = match Eal::init(&args) {
         Ok(eal) => eal,
         Err(e) => {
             eprintln!("SKIP: EAL does not start here ({e}); args {args:?}");
-            if let Some(mut c) = child {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
             return;
         }
     };
+    // The client starts once this EAL has probed memif, which creates the listening socket: a
+    // memif client whose connect fails cannot start its port (rte_eth_dev_start: EPERM).
+    let child = (!client).then(|| dpdk_common::spawn_self(ROLE_ENV, SOCKET_ENV, &socket));
     let pool = Mempool::new(&eal, role, 4095, 2176).expect("mempool");
     let port = Port::start(&eal, 0, &PortConfig::default(), &[&pool]).expect("memif port");
     let mut queues = port.queues();

@@ -172,6 +172,34 @@ pub fn build_arp_reply(
     arp[24..28].copy_from_slice(&asker_ip.octets());
 }
 
+/// Writes a broadcast ARP request asking who has `target_ip`.
+pub fn build_arp_request(
+    out: &mut [u8; ARP_FRAME_BYTES],
+    local_mac: [u8; 6],
+    local_ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
+) {
+    build_arp_reply(out, local_mac, local_ip, [0; 6], target_ip);
+    out[0..6].fill(0xff);
+    out[14 + 6..14 + 8].copy_from_slice(&1u16.to_be_bytes());
+}
+
+/// If `frame` is an ARP reply for `local_ip`, the sender's (MAC, IP).
+pub fn parse_arp_reply(frame: &[u8], local_ip: Ipv4Addr) -> Option<([u8; 6], Ipv4Addr)> {
+    if frame.len() < ARP_FRAME_BYTES || u16_at(frame, 12) != ETHERTYPE_ARP {
+        return None;
+    }
+    let arp = &frame[14..];
+    let is_reply = u16_at(arp, 0) == 1 && u16_at(arp, 2) == ETHERTYPE_IPV4 && u16_at(arp, 6) == 2;
+    let for_us = Ipv4Addr::new(arp[24], arp[25], arp[26], arp[27]) == local_ip;
+    (is_reply && for_us).then(|| {
+        (
+            arp[8..14].try_into().unwrap(),
+            Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,10 +255,8 @@ mod tests {
     fn arp_request_answered() {
         // A request from A for B's IP, as a host would broadcast it.
         let mut req = [0u8; ARP_FRAME_BYTES];
-        build_arp_reply(&mut req, A.mac, A.ip, [0xff; 6], B.ip);
-        req[0..6].fill(0xff);
-        req[14 + 6..14 + 8].copy_from_slice(&1u16.to_be_bytes()); // op: request
-        req[14 + 18..14 + 24].fill(0);
+        build_arp_request(&mut req, A.mac, A.ip, B.ip);
+        assert_eq!(&req[0..6], &[0xff; 6]);
         assert_eq!(
             parse(&req, B.ip),
             Parsed::ArpRequest {

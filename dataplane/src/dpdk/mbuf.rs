@@ -114,6 +114,12 @@ impl<'pool> Mbuf<'pool> {
     }
 }
 
+impl AsRef<[u8]> for Mbuf<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
 impl Drop for Mbuf<'_> {
     fn drop(&mut self) {
         // SAFETY: we own the mbuf (never handed out twice: into_raw forgets self) and its pool

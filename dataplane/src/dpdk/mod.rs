@@ -9,11 +9,12 @@ mod eal;
 mod mbuf;
 mod mempool;
 mod port;
+pub mod udp;
 
 pub use eal::Eal;
 pub use mbuf::Mbuf;
 pub use mempool::Mempool;
-pub use port::{MacAddr, Port, PortConfig, RxQueue, TxQueue};
+pub use port::{MacAddr, Port, PortConfig, PortStats, RxQueue, TxQueue, BURST_MAX};
 
 use carmine_ffi::dpdk as sys;
 use std::ffi::CStr;

@@ -5,19 +5,22 @@
 /// its own (a root EAL keeps its runtime files under /var/run/dpdk/<prefix>; two tests sharing
 /// one would clash). `--in-memory` would avoid the files but cannot be combined with `--no-huge`.
 pub fn eal_args(prefix: &str, vdev: &str) -> Vec<String> {
-    eal_args_on(prefix, vdev, 0)
+    eal_args_floating(prefix, vdev)
 }
 
-/// As [`eal_args`], with the main lcore on CPU `cpu` (two polling processes on one CPU starve).
-pub fn eal_args_on(prefix: &str, vdev: &str, cpu: usize) -> Vec<String> {
-    let cpu = cpu.to_string();
+/// As [`eal_args`], for one of two polling processes: the main lcore may run on any CPU
+/// (`--lcores 0@(0-N)`). Pinning each process to one CPU starves it on a shared machine where
+/// other pinned pollers run (seen here: a process held off its CPU for seconds).
+pub fn eal_args_floating(prefix: &str, vdev: &str) -> Vec<String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let lcores = format!("0@(0-{})", cpus - 1);
     let args = [
         "--no-huge",
         "--no-pci",
         "-m",
         "256",
-        "-l",
-        &cpu,
+        "--lcores",
+        &lcores,
         "--file-prefix",
         prefix,
         "--vdev",
@@ -49,4 +52,15 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
+}
+
+/// Starts this test binary again as the other end of a pair (`role_env` set, the socket path
+/// passed in `socket_env`).
+pub fn spawn_self(role_env: &str, socket_env: &str, socket: &str) -> std::process::Child {
+    let exe = std::env::current_exe().expect("own path");
+    std::process::Command::new(exe)
+        .env(role_env, "client")
+        .env(socket_env, socket)
+        .spawn()
+        .expect("start the client process")
 }
