@@ -34,9 +34,9 @@ log "cargo test"
 cargo test --workspace --locked -- --test-threads=2
 
 # 3b. DPDK (issue 5): bindings (bindgen + clang), safe wrappers, and vdev tests that need no NIC
-#     and no hugepages (net_ring0 in-process; net_memif pairs between two processes: frame echo and
-#     the datagram RPC with ARP). Root
-#     installs DPDK 22.11 from Debian; elsewhere the block says why it is skipped. About 2 minutes.
+#     and no hugepages (net_ring0 in-process; net_memif pairs between two processes: frame echo
+#     and the datagram RPC with ARP). Root installs DPDK 22.11 from Debian; elsewhere the block
+#     says why it is skipped. About 2-3 minutes (mostly compiling with the feature).
 log "DPDK: --features dpdk build and vdev tests"
 dpdk_pkgs=(libdpdk-dev dpdk pkg-config clang libclang-dev)
 if [ "$(id -u)" = 0 ] && ! { pkg-config --exists libdpdk && command -v clang >/dev/null; }; then

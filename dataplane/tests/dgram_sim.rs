@@ -2,6 +2,9 @@
 //! every request still runs exactly once on the server and every response arrives exactly once,
 //! intact. The clock is simulated, so the test is deterministic and fast.
 
+// `u64::is_multiple_of` is newer than the workspace's rust-version (1.80).
+#![allow(clippy::manual_is_multiple_of)]
+
 use carmine_dataplane::dgram::{
     RpcClient, RpcConfig, RpcError, RpcServer, SessionId, CREDITS_PER_SESSION,
 };
@@ -114,7 +117,7 @@ fn run(net: &mut Net, total: u64) {
     let mut pending_replies = Vec::new();
     let mut now = 0u64;
     let mut steps = 0u64;
-    while answered.iter().any(|&a| a == 0) {
+    while answered.contains(&0) {
         steps += 1;
         assert!(
             steps < 2_000_000,

@@ -212,7 +212,11 @@ mod run {
         let mut last_ask = None::<Instant>;
         while server.is_none() {
             assert!(start.elapsed() < RUN_LIMIT, "client: no ARP reply");
-            if last_ask.is_none_or(|t| t.elapsed() > Duration::from_millis(1)) {
+            let due = match last_ask {
+                None => true,
+                Some(t) => t.elapsed() > Duration::from_millis(1),
+            };
+            if due {
                 last_ask = Some(Instant::now());
                 let ask = udp::arp_frame(pool, |f| {
                     ipv4::build_arp_request(f, local.mac, local.ip, SERVER_IP)

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use super::packet::{PacketHeader, PacketKind, PACKET_HEADER_BYTES};
 use super::reassembly::{Insert, Message, Reassembly};
-use super::{RpcConfig, RpcStats, CREDITS_PER_SESSION, SLOTS_PER_SESSION};
+use super::{RpcConfig, RpcStats, SendPacket, CREDITS_PER_SESSION, SLOTS_PER_SESSION};
 
 /// A session opened by [`RpcClient::open_session`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -17,6 +17,10 @@ pub enum RpcError {
     /// No progress after `retries_max` resends. The server may or may not have run it.
     TimedOut,
 }
+
+/// Where responses (or failures) go: `(session, request_id, response)`; the message borrows the
+/// received packets for the call.
+pub type OnResponse<'a, B> = dyn FnMut(SessionId, u64, Result<&Message<'_, B>, RpcError>) + 'a;
 
 struct Slot<B, Q> {
     /// The request in flight; `None` when the slot is free.
@@ -154,7 +158,7 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
         buf: B,
         header_offset: usize,
         now_ns: u64,
-        on_response: &mut dyn FnMut(SessionId, u64, Result<&Message<'_, B>, RpcError>),
+        on_response: &mut OnResponse<'_, B>,
     ) {
         self.stats.packets_rx += 1;
         let h = match PacketHeader::decode(&buf.as_ref()[header_offset.min(buf.as_ref().len())..]) {
@@ -251,11 +255,7 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
     /// Resends for slots past their deadline, and fails requests past `retries_max` (handed to
     /// `on_response` with `RpcError::TimedOut`). Call once per poll pass; walks every slot,
     /// which is cheap at the sizes used (sessions x 8).
-    pub fn poll_timers(
-        &mut self,
-        now_ns: u64,
-        on_response: &mut dyn FnMut(SessionId, u64, Result<&Message<'_, B>, RpcError>),
-    ) {
+    pub fn poll_timers(&mut self, now_ns: u64, on_response: &mut OnResponse<'_, B>) {
         for (index, session) in self.sessions.iter_mut().enumerate() {
             for slot_index in 0..SLOTS_PER_SESSION {
                 let slot = &mut session.slots[slot_index];
@@ -292,7 +292,7 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
 
     /// Hands queued request packets to `send(peer, header, payload)`: resends first, then new
     /// packets while the session has credits. `send` returns false when the transport is full.
-    pub fn flush_tx(&mut self, send: &mut dyn FnMut(&P, &[u8], &[u8]) -> bool) -> usize {
+    pub fn flush_tx(&mut self, send: &mut SendPacket<'_, P>) -> usize {
         let mut sent_total = 0;
         let mut head = [0u8; PACKET_HEADER_BYTES];
         let mut visits = self.tx_list.len();

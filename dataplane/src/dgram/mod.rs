@@ -34,12 +34,16 @@ pub mod packet;
 mod reassembly;
 pub mod server;
 
-pub use client::{RpcClient, RpcError, SessionId};
+pub use client::{OnResponse, RpcClient, RpcError, SessionId};
 pub use packet::{
     PacketError, PacketHeader, PacketKind, PACKETS_PER_MESSAGE_MAX, PACKET_HEADER_BYTES,
 };
 pub use reassembly::Message;
 pub use server::{RequestHandle, RpcServer};
+
+/// The send callback of `flush_tx`: `(peer, rpc_header, payload) -> accepted`; false when the
+/// transport is full (the packet and the ones after it wait for the next call).
+pub type SendPacket<'a, P> = dyn FnMut(&P, &[u8], &[u8]) -> bool + 'a;
 
 /// Requests one session may have in flight (one per slot).
 pub const SLOTS_PER_SESSION: usize = 8;

@@ -5,7 +5,7 @@ use std::hash::Hash;
 
 use super::packet::{PacketHeader, PacketKind, PACKET_HEADER_BYTES};
 use super::reassembly::{Insert, Message, Reassembly};
-use super::{RpcConfig, RpcStats, ACKS_QUEUED_MAX, SLOTS_PER_SESSION};
+use super::{RpcConfig, RpcStats, SendPacket, ACKS_QUEUED_MAX, SLOTS_PER_SESSION};
 
 /// Names a request handed up by [`RpcServer::receive`], for [`RpcServer::reply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +254,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
     /// Hands queued packets to `send(peer, header, payload)`, acks first (they free clients'
     /// credits). `send` returns false when the transport is full; the rest waits for the next
     /// call. Returns the packets sent.
-    pub fn flush_tx(&mut self, send: &mut dyn FnMut(&P, &[u8], &[u8]) -> bool) -> usize {
+    pub fn flush_tx(&mut self, send: &mut SendPacket<'_, P>) -> usize {
         let mut sent = 0;
         let mut head = [0u8; PACKET_HEADER_BYTES];
         while let Some(ack) = self.acks.front() {
