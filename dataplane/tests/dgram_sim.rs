@@ -168,9 +168,13 @@ fn run(net: &mut Net, total: u64) {
                 );
             }
         }
-        // Replies after the receive pass, the way a reactor answers after executing.
+        // Replies after the receive pass, the way a reactor answers after executing. The
+        // request is still readable in place until then.
         for (handle, response) in pending_replies.drain(..) {
+            let kept = server.request(handle).expect("kept until reply").to_vec();
+            assert_eq!(response_for(&kept), response);
             server.reply(handle, response).expect("request is current");
+            assert!(server.request(handle).is_none(), "released by the reply");
         }
         server.flush_tx(&mut |&to, h, p| {
             net.send(SERVER, to, h, p, now);

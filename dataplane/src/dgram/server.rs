@@ -91,8 +91,8 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
     }
 
     /// Takes one received datagram from `peer`; the RPC header starts at `header_offset` in
-    /// `buf`. A request made complete by it is handed to `on_request` (its bytes are borrowed
-    /// for the call; the packets go back to their pool right after).
+    /// `buf`. A request made complete by it is handed to `on_request`; its packets are kept
+    /// until `reply` (see [`RpcServer::request`]).
     pub fn receive(
         &mut self,
         peer: P,
@@ -156,8 +156,9 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
                         slot.state = SlotState::Executing;
                         self.stats.messages_delivered += 1;
                         let slot = &mut self.sessions[session as usize].slots[slot_index as usize];
+                        // The packets stay in the slot until `reply`, so the request can be
+                        // read in place (e.g. by the store) after this callback too.
                         on_request(handle, &slot.rx.message());
-                        slot.rx.clear();
                     }
                 }
             }
@@ -221,6 +222,14 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         });
     }
 
+    /// The request behind `handle`, while it waits for its reply: its bytes where they were
+    /// received. None once replied to or superseded.
+    pub fn request(&self, handle: RequestHandle) -> Option<Message<'_, B>> {
+        let slot = &self.sessions.get(handle.session as usize)?.slots[handle.slot as usize];
+        (slot.state == SlotState::Executing && slot.request_id == handle.request_id)
+            .then(|| slot.rx.message())
+    }
+
     /// Queues the response to a request handed up by `receive`. Gives the body back if the
     /// request is no longer current (the client gave up on it and moved on).
     pub fn reply(&mut self, handle: RequestHandle, response: R) -> Result<(), R> {
@@ -235,6 +244,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         if slot.state != SlotState::Executing || slot.request_id != handle.request_id {
             return Err(response);
         }
+        slot.rx.clear(); // the request's packets go back to their pool
         slot.response_packets = self.config.packets_for(response.as_ref().len());
         slot.response = Some(response);
         slot.state = SlotState::Responded;
