@@ -144,6 +144,45 @@ fn main() {
         println!("test ring_full_keeps_unsent ... ok");
         passed += 1;
     }
+    // 5. The tx handle and its frames move to another thread (a reactor) while this thread
+    //    receives: both ends of the ring at once, as two cores would use a port.
+    {
+        let (rx, tx) = &mut queues[0];
+        const FRAMES: usize = 20_000;
+        let pool = &pool;
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let mut out = Vec::with_capacity(32);
+                let mut sent = 0;
+                while sent < FRAMES || !out.is_empty() {
+                    while sent < FRAMES && out.len() < out.capacity() {
+                        let Some(mut m) = pool.alloc() else { break };
+                        m.extend_from_slice(&(sent as u32).to_le_bytes());
+                        out.push(m);
+                        sent += 1;
+                    }
+                    tx.tx_burst(&mut out);
+                }
+            });
+            let mut got = Vec::with_capacity(64);
+            let mut next = 0u32;
+            let start = std::time::Instant::now();
+            while (next as usize) < FRAMES {
+                assert!(
+                    start.elapsed().as_secs() < 30,
+                    "only {next} of {FRAMES} frames arrived"
+                );
+                rx.rx_burst(&mut got);
+                for m in got.drain(..) {
+                    assert_eq!(m.data(), &next.to_le_bytes());
+                    next += 1;
+                }
+            }
+        });
+        println!("test queue_used_from_another_thread ... ok");
+        passed += 1;
+    }
+
     drop(queues);
     drop(port);
     assert_eq!(pool.in_use_count(), 0);

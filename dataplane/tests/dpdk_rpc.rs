@@ -47,7 +47,11 @@ mod run {
     }
 
     /// Sends what fits; false when the tx ring is full (the caller keeps the rest).
-    fn push<'p>(out: &mut Vec<Mbuf<'p>>, tx: &mut TxQueue<'_>, frame: Option<Mbuf<'p>>) -> bool {
+    fn push<'p>(
+        out: &mut Vec<Mbuf<'p>>,
+        tx: &mut TxQueue<'_, 'p>,
+        frame: Option<Mbuf<'p>>,
+    ) -> bool {
         if out.len() == out.capacity() {
             tx.tx_burst(out);
             if out.len() == out.capacity() {
@@ -122,8 +126,8 @@ mod run {
     fn run_server<'a>(
         local: Endpoint,
         pool: &'a Mempool,
-        rx: &mut RxQueue<'a>,
-        tx: &mut TxQueue<'_>,
+        rx: &mut RxQueue<'_, 'a>,
+        tx: &mut TxQueue<'_, 'a>,
         mut child: std::process::Child,
     ) {
         let start = Instant::now();
@@ -199,8 +203,8 @@ mod run {
     fn run_client<'a>(
         local: Endpoint,
         pool: &'a Mempool,
-        rx: &mut RxQueue<'a>,
-        tx: &mut TxQueue<'_>,
+        rx: &mut RxQueue<'_, 'a>,
+        tx: &mut TxQueue<'_, 'a>,
     ) {
         let start = Instant::now();
         let now = || start.elapsed().as_nanos() as u64;

@@ -82,6 +82,16 @@ impl Mempool {
     }
 }
 
+// A pool may be created on the main thread and moved to the reactor that uses it, and buffers
+// freed on another core go back to it from there.
+// SAFETY: pktmbuf pools are created multi-producer/multi-consumer (default flags). The only
+// per-thread state is the per-lcore cache, indexed by the calling thread's lcore id, which is
+// unique per thread (EAL threads, registered threads); unregistered threads use no cache.
+unsafe impl Send for Mempool {}
+// SAFETY: as for Send: concurrent gets and puts from different threads are what DPDK's
+// multi-producer/multi-consumer pool is for; no two threads share an lcore cache.
+unsafe impl Sync for Mempool {}
+
 impl Drop for Mempool {
     fn drop(&mut self) {
         // SAFETY: no Mbuf borrows self any more (lifetimes), and ports using this pool for rx

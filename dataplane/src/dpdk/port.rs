@@ -54,24 +54,49 @@ pub struct Port<'pool> {
     queues_taken: Cell<bool>,
     mac: MacAddr,
     mtu: u16,
-    _pools: PhantomData<&'pool Mempool>,
+    /// Invariant in `'pool`: frames given to tx must come from pools that outlive the port
+    /// (the driver may hold them until close), and covariance would let `'pool` shrink.
+    _pools: PhantomData<fn(&'pool Mempool) -> &'pool Mempool>,
 }
 
-/// The receive side of one queue; owned by one reactor.
+/// The receive side of one queue; owned by one reactor. Frames come out as `Mbuf<'pool>`:
+/// they may outlive the port, not their pool.
 #[derive(Debug)]
-pub struct RxQueue<'a> {
+pub struct RxQueue<'port, 'pool> {
     port: u16,
     queue: u16,
-    _port: PhantomData<&'a Port<'a>>,
+    _port: PhantomData<&'port Port<'pool>>,
 }
 
-/// The transmit side of one queue; owned by one reactor.
+/// The transmit side of one queue; owned by one reactor. Takes only `Mbuf<'pool>`: a frame in
+/// the driver's tx ring is freed at the latest when the port closes, so its pool must outlive
+/// the port. A pool made after the port is refused at compile time:
+///
+/// ```compile_fail
+/// use carmine_dataplane::dpdk::{Eal, Mempool, Port, PortConfig};
+/// fn send_from_short_pool(eal: &Eal, rx_pool: &Mempool) {
+///     let port = Port::start(eal, 0, &PortConfig::default(), &[rx_pool]).unwrap();
+///     let queues = port.queues();
+///     let short = Mempool::new(eal, "short", 64, 2176).unwrap();
+///     let mut frames = vec![short.alloc().unwrap()];
+///     let (_, mut tx) = queues.into_iter().next().unwrap();
+///     tx.tx_burst(&mut frames);
+/// }
+/// ```
 #[derive(Debug)]
-pub struct TxQueue<'a> {
+pub struct TxQueue<'port, 'pool> {
     port: u16,
     queue: u16,
-    _port: PhantomData<&'a Port<'a>>,
+    _port: PhantomData<&'port Port<'pool>>,
 }
+
+// A queue handle may move to the reactor thread that will own it: DPDK asks that one thread at
+// a time use a queue, not a particular thread, and `&mut self` on the burst calls keeps it so.
+// SAFETY: the handles hold only ids; exclusive use follows from `&mut self` and `Port::queues`
+// handing each queue out once.
+unsafe impl Send for RxQueue<'_, '_> {}
+// SAFETY: as for RxQueue.
+unsafe impl Send for TxQueue<'_, '_> {}
 
 fn check(call: &'static str, rc: i32) -> Result<(), DpdkError> {
     if rc < 0 {
@@ -215,7 +240,7 @@ impl<'pool> Port<'pool> {
 
     /// Hands out every queue pair once: element `i` is queue `i`, for reactor `i`.
     /// Panics on a second call (two handles on one queue would race inside the driver).
-    pub fn queues(&self) -> Vec<(RxQueue<'_>, TxQueue<'_>)> {
+    pub fn queues(&self) -> Vec<(RxQueue<'_, 'pool>, TxQueue<'_, 'pool>)> {
         assert!(
             !self.queues_taken.replace(true),
             "queues are handed out once"
@@ -277,10 +302,10 @@ impl Drop for Port<'_> {
     }
 }
 
-impl<'a> RxQueue<'a> {
+impl<'pool> RxQueue<'_, 'pool> {
     /// Receives up to `min(BURST_MAX, spare capacity)` frames, appending them to `out`.
     /// Never allocates: give `out` its capacity at start-up. Returns how many arrived.
-    pub fn rx_burst(&mut self, out: &mut Vec<Mbuf<'a>>) -> usize {
+    pub fn rx_burst(&mut self, out: &mut Vec<Mbuf<'pool>>) -> usize {
         let room = (out.capacity() - out.len()).min(BURST_MAX);
         if room == 0 {
             return 0;
@@ -304,11 +329,11 @@ impl<'a> RxQueue<'a> {
     }
 }
 
-impl<'a> TxQueue<'a> {
+impl<'pool> TxQueue<'_, 'pool> {
     /// Sends frames from the front of `frames` (at most `BURST_MAX`); the sent ones leave the
     /// vector (the driver frees them once on the wire), the rest stay, in order, for the next
     /// call. Returns how many were sent. Never allocates.
-    pub fn tx_burst(&mut self, frames: &mut Vec<Mbuf<'_>>) -> usize {
+    pub fn tx_burst(&mut self, frames: &mut Vec<Mbuf<'pool>>) -> usize {
         let count = frames.len().min(BURST_MAX);
         if count == 0 {
             return 0;
