@@ -172,3 +172,70 @@ impl<'a, B: AsRef<[u8]>> Message<'a, B> {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dgram::packet::PacketKind;
+
+    const PAYLOAD: u16 = 4;
+
+    fn packet(index: u16, message: &[u8]) -> (PacketHeader, Vec<u8>) {
+        let count = message.len().div_ceil(PAYLOAD as usize).max(1) as u16;
+        let start = index as usize * PAYLOAD as usize;
+        let part =
+            &message[start.min(message.len())..(start + PAYLOAD as usize).min(message.len())];
+        let h = PacketHeader {
+            kind: PacketKind::Request,
+            session: 1,
+            request_id: 9,
+            message_bytes: message.len() as u32,
+            packet_index: index,
+            packet_count: count,
+            ack_count: 0,
+            payload_bytes: part.len() as u16,
+        };
+        let mut buf = vec![0xee; 3]; // something before the RPC header, as on a raw port
+        let mut head = [0u8; PACKET_HEADER_BYTES];
+        h.encode(&mut head);
+        buf.extend_from_slice(&head);
+        buf.extend_from_slice(part);
+        (h, buf)
+    }
+
+    #[test]
+    fn out_of_order_duplicate_and_mismatch() {
+        let message = b"0123456789"; // 3 packets of 4, 4, 2
+        let mut r = Reassembly::new();
+        let (h2, b2) = packet(2, message);
+        assert_eq!(r.insert(&h2, b2.clone(), 3, PAYLOAD), Insert::Stored);
+        assert_eq!(r.contiguous(), 0);
+        assert_eq!(r.insert(&h2, b2, 3, PAYLOAD), Insert::Duplicate);
+        let (h0, b0) = packet(0, message);
+        assert_eq!(r.insert(&h0, b0, 3, PAYLOAD), Insert::Stored);
+        assert_eq!(r.contiguous(), 1);
+        let (mut bad, b1) = packet(1, message);
+        bad.message_bytes = 11;
+        assert_eq!(r.insert(&bad, b1.clone(), 3, PAYLOAD), Insert::Mismatch);
+        let (h1, _) = packet(1, message);
+        assert_eq!(r.insert(&h1, b1, 3, PAYLOAD), Insert::Complete);
+        let m = r.message();
+        assert_eq!(m.len(), 10);
+        assert_eq!(m.to_vec(), message);
+        assert!(m.as_single().is_none());
+        r.clear();
+        assert!(!r.is_complete());
+    }
+
+    #[test]
+    fn short_last_packet_and_empty_message() {
+        let mut r = Reassembly::new();
+        let (mut h, b) = packet(0, b"ab");
+        h.payload_bytes = 1; // the only packet must carry the whole message
+        assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::Mismatch);
+        let mut r = Reassembly::new();
+        let (h, b) = packet(0, b"");
+        assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::Complete);
+        assert_eq!(r.message().as_single(), Some(&b""[..]));
+    }
+}

@@ -17,3 +17,30 @@
 )]
 
 include!(concat!(env!("OUT_DIR"), "/dpdk_bindings.rs"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mbuf_layout_matches_dpdk() {
+        // Two cache lines, as rte_mbuf_core.h static-asserts; the safe wrappers read fields.
+        assert_eq!(std::mem::size_of::<rte_mbuf>(), 128);
+        assert_eq!(RTE_PKTMBUF_HEADROOM, 128);
+        assert_eq!(RTE_MBUF_DEFAULT_BUF_SIZE, 2048 + 128);
+    }
+
+    #[test]
+    fn shim_and_static_wrappers_link() {
+        // SAFETY: returns a constant; needs no EAL.
+        let rss = unsafe { carmine_rss_ipv4_udp() };
+        assert_ne!(rss, 0);
+        assert_eq!(rss.count_ones(), 2, "IPv4 and UDP over IPv4: one bit each");
+        // The wrapped static inline functions resolve to real symbols (linking would fail
+        // otherwise); taking their addresses needs no EAL.
+        let burst: unsafe extern "C" fn(u16, u16, *mut *mut rte_mbuf, u16) -> u16 =
+            rte_eth_rx_burst;
+        let alloc: unsafe extern "C" fn(*mut rte_mempool) -> *mut rte_mbuf = rte_pktmbuf_alloc;
+        assert_ne!(burst as usize, alloc as usize);
+    }
+}
