@@ -142,7 +142,7 @@ fn run(net: &mut Net, total: u64) {
         });
         for packet in net.due(now) {
             if packet.to == SERVER {
-                server.receive(packet.from, packet.bytes, 0, &mut |handle, message| {
+                server.receive(packet.from, packet.bytes, 0, now, &mut |handle, message| {
                     let body = message.to_vec();
                     *executions.entry(body.clone()).or_default() += 1;
                     pending_replies.push((handle, response_for(&body)));
@@ -311,10 +311,74 @@ fn server_refuses_sessions_past_the_limit_and_stale_ids() {
             true
         });
         for b in out {
-            server.receive(peer as u8, b, 0, &mut |_, _| delivered += 1);
+            server.receive(peer as u8, b, 0, 0, &mut |_, _| delivered += 1);
         }
     }
     assert_eq!(delivered, 1);
     assert_eq!(server.session_count(), 1);
     assert_eq!(server.stats().sessions_refused, 1);
+}
+
+#[test]
+fn idle_sessions_expire_and_their_handles_go_stale() {
+    let mut cfg = config();
+    cfg.sessions_max = 1;
+    let resend_span_ns = cfg.retransmit_timeout_ns * cfg.retries_max as u64;
+    let mut server: RpcServer<u8, Vec<u8>, Vec<u8>> = RpcServer::new(cfg);
+    let packets_of = |c: &mut RpcClient<u8, Vec<u8>, Vec<u8>>| {
+        let mut out = Vec::new();
+        c.flush_tx(&mut |_, h, p| {
+            out.push([h, p].concat());
+            true
+        });
+        out
+    };
+    // Client 0 sends a request; the server hands it up but never replies.
+    let mut a: RpcClient<u8, Vec<u8>, Vec<u8>> = RpcClient::new(cfg, 0);
+    let sa = a.open_session(SERVER).unwrap();
+    a.request(sa, vec![1; 10], 0).unwrap();
+    let mut handles = Vec::new();
+    for b in packets_of(&mut a) {
+        server.receive(0, b, 0, 0, &mut |h, _| handles.push(h));
+    }
+    assert_eq!(handles.len(), 1);
+    // Busy sessions (a request being executed) are kept however idle.
+    assert_eq!(
+        server.expire_idle(10 * resend_span_ns, resend_span_ns + 1),
+        0
+    );
+    // Once answered and idle past the clients' resend span, the session goes.
+    server.reply(handles[0], vec![2; 3]).unwrap();
+    assert_eq!(
+        server.expire_idle(resend_span_ns, resend_span_ns + 1),
+        0,
+        "not idle long enough"
+    );
+    assert_eq!(
+        server.expire_idle(10 * resend_span_ns, resend_span_ns + 1),
+        1
+    );
+    assert_eq!(server.session_count(), 0);
+    // Client 1 now gets the slot in the table; the old handle names nothing.
+    let mut b: RpcClient<u8, Vec<u8>, Vec<u8>> = RpcClient::new(cfg, 100);
+    let sb = b.open_session(SERVER).unwrap();
+    b.request(sb, vec![3; 10], 0).unwrap();
+    let mut new_handles = Vec::new();
+    for p in packets_of(&mut b) {
+        server.receive(1, p, 0, 10 * resend_span_ns, &mut |h, _| {
+            new_handles.push(h)
+        });
+    }
+    assert_eq!(
+        new_handles.len(),
+        1,
+        "a new client is served once the idle one expired"
+    );
+    assert_eq!(server.stats().sessions_refused, 0);
+    assert!(server.request(handles[0]).is_none());
+    assert!(
+        server.reply(handles[0], vec![9]).is_err(),
+        "a stale handle cannot answer the new session"
+    );
+    assert!(server.reply(new_handles[0], vec![4]).is_ok());
 }

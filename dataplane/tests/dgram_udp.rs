@@ -48,15 +48,22 @@ fn kernel_udp_round_trips() {
     let server = std::thread::spawn(move || {
         let mut rpc: RpcServer<SocketAddr, Vec<u8>, Vec<u8>> = RpcServer::new(cfg);
         let mut replies = Vec::new();
+        let clock = Instant::now();
         while !stop_server.load(std::sync::atomic::Ordering::Relaxed) {
             let mut idle = true;
             while let Some((buf, from)) = recv(&server_socket) {
                 idle = false;
-                rpc.receive(from, buf, 0, &mut |handle, message| {
-                    let mut r = message.to_vec();
-                    r.reverse();
-                    replies.push((handle, r));
-                });
+                rpc.receive(
+                    from,
+                    buf,
+                    0,
+                    clock.elapsed().as_nanos() as u64,
+                    &mut |handle, message| {
+                        let mut r = message.to_vec();
+                        r.reverse();
+                        replies.push((handle, r));
+                    },
+                );
             }
             for (handle, r) in replies.drain(..) {
                 rpc.reply(handle, r).unwrap();

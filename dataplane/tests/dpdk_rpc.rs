@@ -165,7 +165,8 @@ mod run {
                     } => {
                         let frame_start = m.data().as_ptr() as usize;
                         let frame_end = frame_start + m.len();
-                        rpc.receive(source, m, payload_offset, &mut |handle, message| {
+                        let now = start.elapsed().as_nanos() as u64;
+                        rpc.receive(source, m, payload_offset, now, &mut |handle, message| {
                             if let Some(bytes) = message.as_single() {
                                 // Handed up where it was received: inside the mbuf, not a copy.
                                 let at = bytes.as_ptr() as usize;

@@ -6,6 +6,7 @@
 //!
 //! - **Sessions**: a client opens one per server; the server knows it by (peer, session id) and
 //!   creates its state on the first packet, up to `sessions_max` (bounded; refused beyond).
+//!   `RpcServer::expire_idle` forgets sessions idle longer than clients keep resending.
 //! - **Slots and request ids**: each session has `SLOTS_PER_SESSION` slots, one request in
 //!   flight per slot. Slot `s` uses request ids `s, s + SLOTS, s + 2*SLOTS, ...`, so the server
 //!   matches a packet to its slot by `request_id % SLOTS`, and an id below the slot's current one

@@ -11,6 +11,8 @@ use super::{RpcConfig, RpcStats, SendPacket, ACKS_QUEUED_MAX, SLOTS_PER_SESSION}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHandle {
     session: u32,
+    /// The session's generation: an expired session's index is reused by the next one.
+    generation: u32,
     slot: u8,
     request_id: u64,
 }
@@ -46,11 +48,15 @@ struct Slot<B, R> {
 struct Session<P, B, R> {
     peer: P,
     client_session: u32,
+    generation: u32,
+    live: bool,
+    last_active_ns: u64,
     slots: Vec<Slot<B, R>>,
 }
 
 struct Ack {
     session: u32,
+    generation: u32,
     request_id: u64,
     count: u16,
 }
@@ -61,6 +67,8 @@ pub struct RpcServer<P, B, R> {
     config: RpcConfig,
     sessions: Vec<Session<P, B, R>>,
     by_peer: HashMap<(P, u32), u32>,
+    /// Indices of expired sessions, reused before the table grows.
+    free: Vec<u32>,
     /// Slots with response packets to send, each listed once.
     tx_list: VecDeque<(u32, u8)>,
     acks: VecDeque<Ack>,
@@ -76,6 +84,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
             config,
             sessions: Vec::with_capacity(sessions_max),
             by_peer: HashMap::with_capacity(sessions_max),
+            free: Vec::with_capacity(sessions_max),
             tx_list: VecDeque::with_capacity(sessions_max * SLOTS_PER_SESSION),
             acks: VecDeque::with_capacity(ACKS_QUEUED_MAX),
             stats: RpcStats::default(),
@@ -86,8 +95,9 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         self.stats
     }
 
+    /// Live sessions.
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.sessions.len() - self.free.len()
     }
 
     /// Takes one received datagram from `peer`; the RPC header starts at `header_offset` in
@@ -98,6 +108,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         peer: P,
         buf: B,
         header_offset: usize,
+        now_ns: u64,
         on_request: &mut dyn FnMut(RequestHandle, &Message<'_, B>),
     ) {
         self.stats.packets_rx += 1;
@@ -117,6 +128,8 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
             return;
         };
         let slot_index = (h.request_id % SLOTS_PER_SESSION as u64) as u8;
+        let generation = self.sessions[session as usize].generation;
+        self.sessions[session as usize].last_active_ns = now_ns;
         let slot = &mut self.sessions[session as usize].slots[slot_index as usize];
         if slot.state != SlotState::Idle && h.request_id < slot.request_id {
             self.stats.stale += 1;
@@ -131,6 +144,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         }
         let handle = RequestHandle {
             session,
+            generation,
             slot: slot_index,
             request_id: h.request_id,
         };
@@ -186,6 +200,15 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         if let Some(&index) = self.by_peer.get(&(peer, client_session)) {
             return Some(index);
         }
+        if let Some(index) = self.free.pop() {
+            let session = &mut self.sessions[index as usize];
+            debug_assert!(!session.live);
+            session.peer = peer;
+            session.client_session = client_session;
+            session.live = true;
+            self.by_peer.insert((peer, client_session), index);
+            return Some(index);
+        }
         if self.sessions.len() >= self.config.sessions_max as usize {
             return None;
         }
@@ -204,6 +227,9 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         self.sessions.push(Session {
             peer,
             client_session,
+            generation: 0,
+            live: true,
+            last_active_ns: 0,
             slots,
         });
         self.by_peer.insert((peer, client_session), index);
@@ -217,6 +243,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         }
         self.acks.push_back(Ack {
             session: handle.session,
+            generation: handle.generation,
             request_id: handle.request_id,
             count,
         });
@@ -225,7 +252,11 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
     /// The request behind `handle`, while it waits for its reply: its bytes where they were
     /// received. None once replied to or superseded.
     pub fn request(&self, handle: RequestHandle) -> Option<Message<'_, B>> {
-        let slot = &self.sessions.get(handle.session as usize)?.slots[handle.slot as usize];
+        let session = self.sessions.get(handle.session as usize)?;
+        if session.generation != handle.generation {
+            return None;
+        }
+        let slot = &session.slots[handle.slot as usize];
         (slot.state == SlotState::Executing && slot.request_id == handle.request_id)
             .then(|| slot.rx.message())
     }
@@ -240,6 +271,9 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         let Some(session) = self.sessions.get_mut(handle.session as usize) else {
             return Err(response);
         };
+        if session.generation != handle.generation {
+            return Err(response);
+        }
         let slot = &mut session.slots[handle.slot as usize];
         if slot.state != SlotState::Executing || slot.request_id != handle.request_id {
             return Err(response);
@@ -256,6 +290,40 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         Ok(())
     }
 
+    /// Forgets sessions idle for `idle_ns` with no request being executed, so that clients that
+    /// went away do not fill the table. `idle_ns` must be longer than a client keeps resending
+    /// (`retransmit_timeout_ns * retries_max`): a request resent to a forgotten session would
+    /// run again. Call now and then (not per packet: it walks the table). Returns how many.
+    pub fn expire_idle(&mut self, now_ns: u64, idle_ns: u64) -> usize {
+        let resend_span_ns = self.config.retransmit_timeout_ns * self.config.retries_max as u64;
+        assert!(
+            idle_ns > resend_span_ns,
+            "idle_ns must outlast clients' resends"
+        );
+        let mut expired = 0;
+        for (index, session) in self.sessions.iter_mut().enumerate() {
+            let busy = session
+                .slots
+                .iter()
+                .any(|s| s.state == SlotState::Executing);
+            if !session.live || busy || session.last_active_ns + idle_ns > now_ns {
+                continue;
+            }
+            for slot in &mut session.slots {
+                slot.rx.clear();
+                slot.response = None; // a listed slot is skipped by flush_tx
+                slot.state = SlotState::Idle;
+                slot.request_id = 0;
+            }
+            session.live = false;
+            session.generation = session.generation.wrapping_add(1);
+            self.by_peer.remove(&(session.peer, session.client_session));
+            self.free.push(index as u32);
+            expired += 1;
+        }
+        expired
+    }
+
     /// True when acks or response packets wait for `flush_tx`.
     pub fn has_pending_tx(&self) -> bool {
         !self.acks.is_empty() || !self.tx_list.is_empty()
@@ -269,6 +337,10 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         let mut head = [0u8; PACKET_HEADER_BYTES];
         while let Some(ack) = self.acks.front() {
             let session = &self.sessions[ack.session as usize];
+            if session.generation != ack.generation {
+                self.acks.pop_front(); // for an expired session
+                continue;
+            }
             PacketHeader {
                 kind: PacketKind::Ack,
                 session: session.client_session,
