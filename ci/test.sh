@@ -46,7 +46,7 @@ if pkg-config --exists libdpdk && command -v clang >/dev/null; then
   cargo build --locked --features dpdk
   timeout 600 cargo test --locked -p carmine-ffi -p carmine-dataplane --features dpdk --lib
   timeout 300 cargo test --locked -p carmine-dataplane --features dpdk --doc
-  timeout 300 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc
+  timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc
 else
   echo "SKIP: DPDK tests need ${dpdk_pkgs[*]} (run ci/test.sh as root to install them)"
 fi

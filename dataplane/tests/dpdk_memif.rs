@@ -18,7 +18,7 @@ fn main() {
 const FRAMES: usize = 20_000;
 /// Bound on each side's run: a hung link fails the test instead of hanging CI.
 #[cfg(feature = "dpdk")]
-const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 #[cfg(feature = "dpdk")]
 const ROLE_ENV: &str = "CARMINE_MEMIF_ROLE";
 #[cfg(feature = "dpdk")]

@@ -24,7 +24,7 @@ mod run {
     /// Requests the client sends (sizes up to 14 packets each).
     pub const REQUESTS: u64 = 3000;
     /// Bound on each side's run.
-    const RUN_LIMIT: Duration = Duration::from_secs(60);
+    const RUN_LIMIT: Duration = Duration::from_secs(120);
     const ROLE_ENV: &str = "CARMINE_RPC_ROLE";
     const SOCKET_ENV: &str = "CARMINE_RPC_SOCKET";
     const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
