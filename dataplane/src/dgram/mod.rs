@@ -34,6 +34,7 @@ pub mod ipv4;
 pub mod packet;
 mod reassembly;
 pub mod server;
+pub mod socket;
 
 pub use client::{OnResponse, RpcClient, RpcError, SessionId};
 pub use packet::{
