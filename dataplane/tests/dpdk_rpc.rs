@@ -23,6 +23,21 @@ mod run {
 
     /// Requests the client sends (sizes up to 14 packets each).
     pub const REQUESTS: u64 = 3000;
+
+    /// For measuring (not asserted): `CARMINE_RPC_REQUESTS=N CARMINE_RPC_BYTES=B` sends N
+    /// requests of B bytes each instead of the varied default mix. Both processes read them.
+    fn requests() -> u64 {
+        std::env::var("CARMINE_RPC_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(REQUESTS)
+    }
+
+    fn fixed_bytes() -> Option<usize> {
+        std::env::var("CARMINE_RPC_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }
     /// Bound on each side's run.
     const RUN_LIMIT: Duration = Duration::from_secs(120);
     const ROLE_ENV: &str = "CARMINE_RPC_ROLE";
@@ -41,8 +56,8 @@ mod run {
         }
     }
 
-    fn body(i: u64) -> Vec<u8> {
-        let len = (i * 7919 % 20_000) as usize;
+    fn body(i: u64, fixed: Option<usize>) -> Vec<u8> {
+        let len = fixed.unwrap_or((i * 7919 % 20_000) as usize);
         (0..len).map(|b| (b as u64 ^ (i * 3)) as u8).collect()
     }
 
@@ -191,13 +206,18 @@ mod run {
         }
         let s = rpc.stats();
         assert_eq!(
-            s.messages_delivered, REQUESTS,
+            s.messages_delivered,
+            requests(),
             "each request ran exactly once"
         );
         assert!(arp_answered >= 1, "the client resolved the server with ARP");
-        assert!(single_packet_in_place > 0);
+        // The default mix has one-packet requests; a fixed size may not.
+        let one_packet = config().packet_payload_bytes as usize;
+        if !matches!(fixed_bytes(), Some(b) if b > one_packet) {
+            assert!(single_packet_in_place > 0);
+        }
         println!("server {s:?}, {arp_answered} ARP answered, {single_packet_in_place} single-packet requests read in place");
-        println!("test memif_rpc_{REQUESTS}_requests ... ok");
+        println!("test memif_rpc_{}_requests ... ok", requests());
         println!("\ndpdk_rpc: 1 passed, 0 failed");
     }
 
@@ -249,16 +269,18 @@ mod run {
         let session = rpc.open_session(server).unwrap();
         let mut ids = std::collections::HashMap::new();
         let (mut issued, mut answered) = (0u64, 0u64);
-        while answered < REQUESTS {
+        let total = requests();
+        let fixed = fixed_bytes();
+        while answered < total {
             assert!(
                 start.elapsed() < RUN_LIMIT,
-                "client: {answered}/{REQUESTS} answered; {:?}; in flight {}; pool in use {}",
+                "client: {answered}/{total} answered; {:?}; in flight {}; pool in use {}",
                 rpc.stats(),
                 rpc.in_flight(session),
                 pool.in_use_count()
             );
-            while issued < REQUESTS {
-                match rpc.request(session, body(issued), now()) {
+            while issued < total {
+                match rpc.request(session, body(issued, fixed), now()) {
                     Ok(id) => {
                         ids.insert(id, issued);
                         issued += 1;
@@ -281,7 +303,7 @@ mod run {
                 {
                     rpc.receive(source, m, payload_offset, now(), &mut |_, id, result| {
                         let index = ids.remove(&id).expect("matches a request in flight");
-                        let mut want = body(index);
+                        let mut want = body(index, fixed);
                         want.reverse();
                         assert_eq!(result.expect("answered").to_vec(), want, "response {index}");
                         answered += 1;
@@ -294,7 +316,8 @@ mod run {
         }
         let elapsed = start.elapsed() - resolved;
         println!(
-            "client: ARP resolved in {resolved:?}; {REQUESTS} requests answered in {elapsed:?}; {:?}",
+            "client: ARP resolved in {resolved:?}; {total} requests of {fixed:?} bytes answered in {elapsed:?} ({:.0}/s); {:?}",
+            total as f64 / elapsed.as_secs_f64(),
             rpc.stats()
         );
     }
