@@ -214,6 +214,10 @@ pub trait QueuePair {
     /// Requests in flight now.
     fn in_flight(&self) -> u32;
 
+    /// Hands requests queued since the last `poll` to the device now (backends that batch
+    /// submissions into `poll` would otherwise keep them until the next one).
+    fn submit_queued(&mut self) {}
+
     /// Asks the backend to signal eventfd `fd` whenever a completion is ready, so that a
     /// poller may sleep in the kernel while requests are in flight. Returns false when the
     /// backend cannot (it must then be polled); the eventfd must outlive the queue pair.
