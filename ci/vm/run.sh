@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Boots the CI guest (ci/vm/build.sh) on QEMU TCG with an emulated NVMe controller behind an
+# emulated Intel IOMMU, and exits 0 only if the guest reports every test binary passed.
+#
+# Usage: ci/vm/run.sh BINARY...          (test binaries to run inside the guest, in order)
+# Env:   CARMINE_VM_TIMEOUT   seconds before the guest is killed (default 600)
+#        CARMINE_VM_DIR       work directory (default target/vm): kernel, initrd, disk, serial log
+# The kernel has no VFIO no-IOMMU mode, hence intel-iommu; KVM cannot boot guests here, hence TCG.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+work=${CARMINE_VM_DIR:-$here/../../target/vm}
+timeout_s=${CARMINE_VM_TIMEOUT:-600}
+[ $# -gt 0 ] || { echo "usage: ci/vm/run.sh BINARY..." >&2; exit 2; }
+mkdir -p "$work"
+start=$(date +%s)
+"$here/build.sh" "$work" "$@"
+built=$(date +%s)
+
+# A fresh, zeroed 256 MiB namespace each run.
+rm -f "$work/disk.img"
+truncate -s 256M "$work/disk.img"
+
+log=$work/serial.log
+set +e
+timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
+  -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp 2 -m 1024 \
+  -device intel-iommu,intremap=on,caching-mode=on \
+  -kernel "$work/kernel" -initrd "$work/initrd.gz" \
+  -append "console=ttyS0 intel_iommu=on panic=-1 quiet" \
+  -drive file="$work/disk.img",if=none,id=d0,format=raw \
+  -device nvme,serial=deadbeef,drive=d0 \
+  -nodefaults -serial stdio -display none -no-reboot </dev/null | tee "$log"
+qemu_status=${PIPESTATUS[0]}
+set -e
+end=$(date +%s)
+echo "[vm/run] build $((built - start)) s, boot+tests $((end - built)) s, qemu exit $qemu_status"
+
+result=$(grep -a '^CARMINE-VM-RESULT ' "$log" | tail -n1 | tr -d '\r')
+if [ -z "$result" ]; then
+  if [ "$qemu_status" = 124 ]; then
+    echo "[vm/run] FAIL: guest timed out after ${timeout_s} s (serial log: $log)" >&2
+  else
+    echo "[vm/run] FAIL: guest gave no result line (qemu exit $qemu_status; serial log: $log)" >&2
+  fi
+  exit 1
+fi
+echo "[vm/run] $result"
+case "$result" in
+  *" fail=0 "*) ;;
+  *) echo "[vm/run] FAIL: guest tests failed (serial log: $log)" >&2; exit 1 ;;
+esac
+case "$result" in
+  *" pass=0 "*) echo "[vm/run] FAIL: no test ran in the guest" >&2; exit 1 ;;
+esac
+case "$result" in
+  *"device=none"*) echo "[vm/run] FAIL: the guest found no NVMe controller" >&2; exit 1 ;;
+esac
+echo "[vm/run] ok"
