@@ -16,9 +16,12 @@ start=$(date +%s)
 "$here/build.sh" "$work" "$@"
 built=$(date +%s)
 
-# A fresh, zeroed 256 MiB namespace each run.
+# A fresh, zeroed 256 MiB namespace each run. Its serial and size reach the guest's init (and
+# the tests) as environment variables: the kernel hands unknown key=value parameters to init.
+disk_bytes=$((256 << 20))
+serial=deadbeef
 rm -f "$work/disk.img"
-truncate -s 256M "$work/disk.img"
+truncate -s "$disk_bytes" "$work/disk.img"
 
 log=$work/serial.log
 set +e
@@ -26,9 +29,9 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
   -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp 2 -m 1024 \
   -device intel-iommu,intremap=on,caching-mode=on \
   -kernel "$work/kernel" -initrd "$work/initrd.gz" \
-  -append "console=ttyS0 intel_iommu=on panic=-1 quiet" \
+  -append "console=ttyS0 intel_iommu=on panic=-1 quiet CARMINE_NVME_EXPECT_SERIAL=$serial CARMINE_NVME_EXPECT_BYTES=$disk_bytes" \
   -drive file="$work/disk.img",if=none,id=d0,format=raw \
-  -device nvme,serial=deadbeef,drive=d0 \
+  -device nvme,serial=$serial,drive=d0 \
   -nodefaults -serial stdio -display none -no-reboot </dev/null | tee "$log"
 qemu_status=${PIPESTATUS[0]}
 set -e
