@@ -10,6 +10,7 @@ use carmine_dataplane::buffers::{CorePools, PoolSizes};
 use carmine_dataplane::reactor::{self, Waker};
 use carmine_dataplane::ring::{self, CoreLinks};
 use carmine_dataplane::tcp::{TcpTransport, TransportConfig};
+use carmine_storage::queue_pair::QueuePair;
 use carmine_storage::segment::SegmentStore;
 use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
 use serde_json::json;
@@ -134,6 +135,13 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         return Ok(Box::new(MemoryStore::new(config.memory_capacity / cores)));
     }
     let path = &config.device;
+    if let Some(address) = crate::device::nvme_address(path) {
+        let qp = crate::device::nvme_queue_pair(address, config.queue_depth)
+            .map_err(|e| format!("core {index}: {e}"))?;
+        let store = SegmentStore::mount(qp, index as u32)
+            .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
+        return mounted_shard(store, config, index);
+    }
     let size = crate::device::device_size(path)?;
     let qp = UringQueuePair::open(path, 0, size, config.queue_depth)
         .map_err(|e| format!("core {index}: {}: {e}", path.display()))?;
@@ -141,6 +149,17 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
     let sb = *store.superblock();
     crate::device::lock_shard(store.queue_pair(), &sb, index as u32)?;
+    mounted_shard(store, config, index)
+}
+
+/// Checks a mounted shard against the server's core count and logs it.
+fn mounted_shard<Q: QueuePair + Send + 'static>(
+    store: SegmentStore<Q>,
+    config: &ServeConfig,
+    index: usize,
+) -> Result<Box<dyn ObjectStore>, String> {
+    let path = &config.device;
+    let sb = *store.superblock();
     if sb.shard_count != config.cores {
         return Err(format!(
             "{} was formatted for {} core(s), this server runs {}: use --cores {} (or mkfs it again, losing its data)",

@@ -6,6 +6,7 @@
 # Usage: ci/vm/build.sh OUT_DIR BINARY...
 #   OUT_DIR gets `kernel` and `initrd.gz`. Each BINARY (with its shared libraries, found by ldd)
 #   is copied to /tests/ in the guest and run there in order; see init.sh for how.
+#   CARMINE_VM_TOOLS: more executables (space separated) for the guest's /bin, not run as tests.
 # Needs: Debian 12 (apt-get), root to install missing packages (qemu-system-x86, busybox-static,
 # cpio, xz-utils, kmod).
 set -euo pipefail
@@ -60,7 +61,8 @@ rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,tests,modules,lib64,lib/x86_64-linux-gnu,etc}
 busybox=$(command -v busybox || echo /bin/busybox)
 cp "$busybox" "$root/bin/busybox"
-for applet in sh mount mkdir cat echo ls sleep poweroff insmod grep sed tr seq dd cmp head tail basename; do
+for applet in sh mount mkdir cat echo ls sleep poweroff insmod grep sed tr seq dd cmp head tail \
+  basename ip kill ps wc cut; do
   ln -sf busybox "$root/bin/$applet"
 done
 
@@ -96,16 +98,24 @@ for path in "${order[@]}"; do
 done
 log "modules: $(tr '\n' ' ' < "$root/modules/order")"
 
-# Test binaries and the shared libraries they need (glibc, libgcc_s), at the same paths.
+# Test binaries and tools, and the shared libraries they need (glibc, libgcc_s), at the same
+# paths as on the host.
+copy_libraries() {
+  { ldd "$1" 2>/dev/null || true; } | awk '/=> \// {print $3} /^\s*\/lib/ {print $1}' | while read -r lib; do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+}
 : > "$root/tests/order"
 for binary in "$@"; do
   name=$(basename "$binary")
   cp "$binary" "$root/tests/$name"
   echo "$name" >> "$root/tests/order"
-  ldd "$binary" | awk '/=> \// {print $3} /^\s*\/lib/ {print $1}' | while read -r lib; do
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
-  done
+  copy_libraries "$binary"
+done
+for tool in ${CARMINE_VM_TOOLS:-}; do
+  cp "$tool" "$root/bin/"
+  copy_libraries "$tool"
 done
 [ -f /lib64/ld-linux-x86-64.so.2 ] && cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
 cp "$here/init.sh" "$root/init"
