@@ -62,7 +62,7 @@ mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,tests,modules,lib64,lib/x86_64-linux
 busybox=$(command -v busybox || echo /bin/busybox)
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount mkdir cat echo ls sleep poweroff insmod grep sed tr seq dd cmp head tail \
-  basename ip kill ps wc cut; do
+  basename ip kill ps wc cut readlink printf modprobe; do
   ln -sf busybox "$root/bin/$applet"
 done
 
@@ -119,6 +119,7 @@ for tool in ${CARMINE_VM_TOOLS:-}; do
 done
 [ -f /lib64/ld-linux-x86-64.so.2 ] && cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
 cp "$here/init.sh" "$root/init"
+cp "$here/../../scripts/setup.sh" "$root/bin/setup.sh"
 chmod +x "$root/init"
 
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initrd.gz"

@@ -1,5 +1,6 @@
 #!/bin/sh
-# The guest's init (busybox sh): loads the VFIO modules, binds every NVMe controller to vfio-pci,
+# The guest's init (busybox sh): loads the VFIO modules, reserves hugepages and binds every NVMe
+# controller to vfio-pci (scripts/setup.sh),
 # runs /tests/* in order with CARMINE_NVME_PCI set to the first controller's PCI address, prints
 # one machine-readable line and powers off:
 #   CARMINE-VM-RESULT pass=N fail=M device=ADDRESS
@@ -15,18 +16,18 @@ for module in $(cat /modules/order); do
   insmod "/modules/$module" || echo "CARMINE-VM: insmod $module failed"
 done
 
+# Hugepages for the driver's DMA memory, and every NVMe controller to vfio-pci, both through
+# scripts/setup.sh (so CI exercises it).
+setup.sh hugepages 64
 device=
 for path in /sys/bus/pci/devices/*; do
   # PCI class 01 08 02: mass storage, non-volatile memory, NVM Express.
   [ "$(cat "$path/class")" = 0x010802 ] || continue
   address=$(basename "$path")
-  if [ -e "$path/driver" ]; then echo "$address" > "$path/driver/unbind"; fi
-  echo vfio-pci > "$path/driver_override"
-  echo "$address" > /sys/bus/pci/drivers_probe
-  group=$(basename "$(readlink "$path/iommu_group")")
-  echo "CARMINE-VM: $address bound to $(basename "$(readlink "$path/driver")"), iommu group $group"
+  setup.sh bind "$address" || echo "CARMINE-VM: binding $address failed"
   [ -n "$device" ] || device=$address
 done
+setup.sh status
 [ -n "$device" ] || echo "CARMINE-VM: no NVMe controller found"
 ls /dev/vfio
 
