@@ -2,7 +2,7 @@
 # Runs in the ci/vm guest (busybox sh), after the driver tests: the whole server on the emulated
 # NVMe controller. carmine mkfs --device nvme:ADDRESS, serve on it, load --verify (mixed, every
 # read checked), stop; serve again (mount replays the log from the device: every object the
-# first server held must be there), load --verify again.
+# first server held must be there), load --verify again, stop, carmine fsck (exit 0: clean).
 # Exit status 0 only if every step succeeded. Emulation is slow: a functional test, not a
 # benchmark (the load numbers it prints mean nothing).
 set -eu
@@ -54,4 +54,6 @@ grep "mounted shard 0 of $device: $objects objects" /tmp/serve-second.log ||
   { echo "e2e: remount did not find the $objects objects"; cat /tmp/serve-second.log; exit 1; }
 load 2
 stop second
+echo "e2e: carmine fsck --device $device"
+carmine fsck --device "$device"
 echo "e2e: ok"
