@@ -7,6 +7,7 @@
 #   OUT_DIR gets `kernel` and `initrd.gz`. Each BINARY (with its shared libraries, found by ldd)
 #   is copied to /tests/ in the guest and run there in order; see init.sh for how.
 #   CARMINE_VM_TOOLS: more executables (space separated) for the guest's /bin, not run as tests.
+#   CARMINE_VM_EXTRA_FILES: files copied to the same absolute path in the guest (valgrind's tools).
 # Needs: Debian 12 (apt-get), root to install missing packages (qemu-system-x86, busybox-static,
 # cpio, xz-utils, kmod).
 set -euo pipefail
@@ -116,6 +117,11 @@ done
 for tool in ${CARMINE_VM_TOOLS:-}; do
   cp "$tool" "$root/bin/"
   copy_libraries "$tool"
+done
+for file in ${CARMINE_VM_EXTRA_FILES:-}; do
+  mkdir -p "$root$(dirname "$file")"
+  cp -L "$file" "$root$file"
+  copy_libraries "$file"
 done
 [ -f /lib64/ld-linux-x86-64.so.2 ] && cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
 cp "$here/init.sh" "$root/init"

@@ -267,3 +267,67 @@ fn a_missing_or_unbound_device_is_a_clear_error() {
     let text = error.to_string();
     assert!(text.contains("no PCI device 0000:ff:1f.7"), "{text}");
 }
+
+/// Reads per batch in the cost rounds (a reactor's typical queue depth).
+const COST_BATCH: usize = 32;
+/// Batches per cost run: `ci/vm/cost.sh` divides the instructions it counts by 50 x 32.
+const COST_ROUNDS: usize = 50;
+
+/// The submit+poll path, for `ci/vm/cost.sh` to count instructions in under callgrind (here it
+/// only checks every read completes). Each round submits `COST_BATCH` 4 KiB reads, polls once
+/// (the doorbell), sleeps so the device is done, then reaps: few empty polls get counted.
+/// Calls go through `dyn QueuePair` so that `submit_read` and `poll` stay whole functions.
+fn cost_rounds(qp: &mut dyn QueuePair, buffers: &[IoVec]) {
+    assert_eq!(buffers.len(), COST_BATCH);
+    for _ in 0..COST_ROUNDS {
+        for (index, buffer) in buffers.iter().enumerate() {
+            qp.submit_read((index * BLOCK) as u64, &[*buffer], index as u64)
+                .unwrap();
+        }
+        let mut done = 0;
+        let mut failed = 0;
+        let start = Instant::now();
+        while done < COST_BATCH {
+            done += qp.poll(COST_BATCH, &mut |_, result| {
+                failed += result.is_err() as usize
+            });
+            if done < COST_BATCH {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                start.elapsed() < WAIT_MAX,
+                "{done} of {COST_BATCH} reads done"
+            );
+        }
+        assert_eq!(failed, 0);
+    }
+}
+
+#[test]
+fn cost_rounds_zero_copy() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, COST_BATCH as u32).expect("open");
+    let mut region = AlignedBuf::new(COST_BATCH * BLOCK);
+    // SAFETY: `region` outlives `qp`, which is dropped explicitly below.
+    unsafe {
+        qp.register_buffers(&[(region.as_mut_ptr(), region.len())])
+            .unwrap()
+    };
+    let buffers: Vec<IoVec> = (0..COST_BATCH)
+        // SAFETY: each block is only touched by the device, one read at a time.
+        .map(|index| unsafe { region.io_vec_at(index * BLOCK, BLOCK) })
+        .collect();
+    cost_rounds(&mut qp, &buffers);
+    assert_eq!(qp.bounced_commands(), 0);
+    drop(qp);
+}
+
+#[test]
+fn cost_rounds_bounced() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, COST_BATCH as u32).expect("open");
+    let mut blocks: Vec<AlignedBuf> = (0..COST_BATCH).map(|_| AlignedBuf::new(BLOCK)).collect();
+    let buffers: Vec<IoVec> = blocks.iter_mut().map(io_vec).collect();
+    cost_rounds(&mut qp, &buffers);
+    assert_eq!(qp.bounced_commands(), (COST_ROUNDS * COST_BATCH) as u64);
+}
