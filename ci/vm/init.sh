@@ -1,7 +1,8 @@
 #!/bin/sh
 # The guest's init (busybox sh): loads the VFIO modules, reserves hugepages and binds every NVMe
 # controller to vfio-pci (scripts/setup.sh),
-# runs /tests/* in order with CARMINE_NVME_PCI set to the first controller's PCI address, prints
+# runs /tests/* in order with CARMINE_NVME_PCI set to the controller run.sh names (else the first
+# found), prints
 # one machine-readable line and powers off:
 #   CARMINE-VM-RESULT pass=N fail=M device=ADDRESS
 # (ci/vm/run.sh turns it into its exit status). A missing line means the guest died.
@@ -25,7 +26,7 @@ for path in /sys/bus/pci/devices/*; do
   [ "$(cat "$path/class")" = 0x010802 ] || continue
   address=$(basename "$path")
   setup.sh bind "$address" || echo "CARMINE-VM: binding $address failed"
-  [ -n "$device" ] || device=$address
+  [ -n "$device" ] || device=${CARMINE_NVME_PCI:-$address}
 done
 setup.sh status
 [ -n "$device" ] || echo "CARMINE-VM: no NVMe controller found"

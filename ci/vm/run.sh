@@ -16,12 +16,23 @@ start=$(date +%s)
 "$here/build.sh" "$work" "$@"
 built=$(date +%s)
 
-# A fresh, zeroed 256 MiB namespace each run. Its serial and size reach the guest's init (and
-# the tests) as environment variables: the kernel hands unknown key=value parameters to init.
+# A fresh, zeroed 256 MiB namespace each run, at PCI 0000:00:04.0 (the address in issue 6). Its
+# address, serial and size reach the guest's init (and the tests) as environment variables: the
+# kernel hands unknown key=value parameters to init.
 disk_bytes=$((256 << 20))
 serial=deadbeef
-rm -f "$work/disk.img"
+rm -f "$work/disk.img" "$work/faulty.img"
 truncate -s "$disk_bytes" "$work/disk.img"
+# A second controller whose reads of sector 2048 (byte 1 MiB) fail with EIO (QEMU's blkdebug):
+# the driver must report the medium error as its NVMe status.
+truncate -s 16M "$work/faulty.img"
+cat > "$work/blkdebug.conf" <<'CONF'
+[inject-error]
+event = "read_aio"
+errno = "5"
+sector = "2048"
+iotype = "read"
+CONF
 
 log=$work/serial.log
 set +e
@@ -29,9 +40,11 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
   -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp 2 -m 1024 \
   -device intel-iommu,intremap=on,caching-mode=on \
   -kernel "$work/kernel" -initrd "$work/initrd.gz" \
-  -append "console=ttyS0 intel_iommu=on panic=-1 quiet CARMINE_NVME_EXPECT_SERIAL=$serial CARMINE_NVME_EXPECT_BYTES=$disk_bytes" \
+  -append "console=ttyS0 intel_iommu=on panic=-1 quiet CARMINE_NVME_PCI=0000:00:04.0 CARMINE_NVME_EXPECT_SERIAL=$serial CARMINE_NVME_EXPECT_BYTES=$disk_bytes CARMINE_NVME_FAULTY_PCI=0000:00:05.0" \
   -drive file="$work/disk.img",if=none,id=d0,format=raw \
-  -device nvme,serial=$serial,drive=d0 \
+  -device nvme,serial=$serial,drive=d0,addr=4 \
+  -drive file="blkdebug:$work/blkdebug.conf:$work/faulty.img",if=none,id=d1,format=raw \
+  -device nvme,serial=faulty,drive=d1,addr=5 \
   -nodefaults -serial stdio -display none -no-reboot </dev/null | tee "$log"
 qemu_status=${PIPESTATUS[0]}
 set -e

@@ -331,3 +331,33 @@ fn cost_rounds_bounced() {
     cost_rounds(&mut qp, &buffers);
     assert_eq!(qp.bounced_commands(), (COST_ROUNDS * COST_BATCH) as u64);
 }
+
+#[test]
+fn a_medium_error_comes_back_as_its_nvme_status() {
+    // ci/vm/run.sh gives this controller a backing file whose reads of byte 1 MiB fail (EIO).
+    let Ok(address) = std::env::var("CARMINE_NVME_FAULTY_PCI") else {
+        eprintln!("SKIP: CARMINE_NVME_FAULTY_PCI is not set (ci/vm/run.sh sets it in the guest)");
+        return;
+    };
+    let mut qp = NvmeQueuePair::open(&address, 4).expect("open");
+    let mut buf = AlignedBuf::new(2 * BLOCK);
+    qp.submit_read(1 << 20, &[io_vec(&mut buf)], 1).unwrap();
+    let done = drain(&mut qp, 1);
+    let (tag, result) = done[0];
+    assert_eq!(tag, 1);
+    let Err(IoError::Nvme(status)) = result else {
+        panic!("expected an NVMe status, got {result:?}");
+    };
+    // Media and data integrity errors, unrecovered read error.
+    assert_eq!((status.code_type(), status.code()), (2, 0x81), "{status}");
+    assert!(
+        status.to_string().contains("unrecovered read error"),
+        "{status}"
+    );
+    // The rest of the namespace reads, and so does a write to the bad range.
+    qp.submit_read(0, &[io_vec(&mut buf)], 2).unwrap();
+    qp.submit_write(1 << 20, &[io_vec(&mut buf)], 3).unwrap();
+    let mut done = drain(&mut qp, 2);
+    done.sort_by_key(|&(tag, _)| tag);
+    assert_eq!(done, vec![(2, Ok(())), (3, Ok(()))]);
+}
