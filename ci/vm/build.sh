@@ -5,7 +5,8 @@
 #
 # Usage: ci/vm/build.sh OUT_DIR BINARY...
 #   OUT_DIR gets `kernel` and `initrd.gz`. Each BINARY (with its shared libraries, found by ldd)
-#   is copied to /tests/ in the guest and run there in order; see init.sh for how.
+#   is copied to /tests/ in the guest and run there in order; see init.sh for how. BINARY::FILTER
+#   passes FILTER to a test binary (only the tests whose names contain it run).
 #   CARMINE_VM_TOOLS: more executables (space separated) for the guest's /bin, not run as tests.
 #   CARMINE_VM_EXTRA_FILES: files copied to the same absolute path in the guest (valgrind's tools).
 # Needs: Debian 12 (apt-get), root to install missing packages (qemu-system-x86, busybox-static,
@@ -113,10 +114,14 @@ copy_libraries() {
   done
 }
 : > "$root/tests/order"
-for binary in "$@"; do
+for spec in "$@"; do
+  # BINARY::FILTER runs only the tests whose names contain FILTER.
+  binary=${spec%%::*}
+  filter=
+  [ "$binary" = "$spec" ] || filter=${spec#*::}
   name=$(basename "$binary")
   cp "$binary" "$root/tests/$name"
-  echo "$name" >> "$root/tests/order"
+  echo "$name $filter" >> "$root/tests/order"
   copy_libraries "$binary"
 done
 for tool in ${CARMINE_VM_TOOLS:-}; do

@@ -36,14 +36,15 @@ export CARMINE_NVME_PCI=$device RUST_BACKTRACE=1 HOME=/tmp
 cd /tmp
 pass=0
 fail=0
-for test in $(cat /tests/order); do
-  echo "CARMINE-VM: running $test"
-  if "/tests/$test" --test-threads=1; then
+while read -r test filter; do
+  echo "CARMINE-VM: running $test $filter"
+  # shellcheck disable=SC2086
+  if "/tests/$test" --test-threads=1 $filter < /dev/null; then
     pass=$((pass + 1))
   else
     echo "CARMINE-VM: $test FAILED (exit $?)"
     fail=$((fail + 1))
   fi
-done
+done < /tests/order
 echo "CARMINE-VM-RESULT pass=$pass fail=$fail device=${device:-none}"
 poweroff -f
