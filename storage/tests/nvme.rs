@@ -1,7 +1,8 @@
 //! The NVMe queue pair against a real controller: in CI the emulated one in the QEMU guest
 //! (ci/vm/run.sh sets CARMINE_NVME_PCI to its address and binds it to vfio-pci). Without
 //! CARMINE_NVME_PCI each device test prints why it is skipped; the error-path tests that need
-//! no device always run.
+//! no device always run. With a device, run them with `--test-threads=1`: each test opens the
+//! controller, and a VFIO group is open in one place at a time.
 
 use std::time::{Duration, Instant};
 
