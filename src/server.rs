@@ -136,11 +136,32 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
     }
     let path = &config.device;
     if let Some(address) = crate::device::nvme_address(path) {
+        // Carmine's NVMe driver: one I/O queue pair per core on a controller shared by all.
         let qp = crate::device::nvme_queue_pair(address, config.queue_depth)
             .map_err(|e| format!("core {index}: {e}"))?;
         let store = SegmentStore::mount(qp, index as u32)
             .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
-        return mounted_shard(store, config, index);
+        check_mounted_shard(&store, config, index, config.cores)?;
+        return Ok(Box::new(store));
+    }
+    Ok(Box::new(open_segment_shard(config, index, config.cores)?))
+}
+
+/// Mounts shard `index` of the segment store on `config.device` and locks it for this
+/// process; `shards` is how many shards this server runs (the device must have been formatted
+/// for as many).
+pub(crate) fn open_segment_shard(
+    config: &ServeConfig,
+    index: usize,
+    shards: u32,
+) -> Result<SegmentStore<UringQueuePair>, String> {
+    let path = &config.device;
+    if crate::device::nvme_address(path).is_some() {
+        return Err(format!(
+            "{}: classic mode drives files and block devices only (its store threads sleep on \
+             an io_uring eventfd; the NVMe queue pair is polled): use --mode rtc",
+            path.display()
+        ));
     }
     let size = crate::device::device_size(path)?;
     let qp = UringQueuePair::open(path, 0, size, config.queue_depth)
@@ -149,23 +170,25 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
     let sb = *store.superblock();
     crate::device::lock_shard(store.queue_pair(), &sb, index as u32)?;
-    mounted_shard(store, config, index)
+    check_mounted_shard(&store, config, index, shards)?;
+    Ok(store)
 }
 
-/// Checks a mounted shard against the server's core count and logs it.
-fn mounted_shard<Q: QueuePair + Send + 'static>(
-    store: SegmentStore<Q>,
+/// Checks a mounted shard against the server's shard count and logs it.
+fn check_mounted_shard<Q: QueuePair>(
+    store: &SegmentStore<Q>,
     config: &ServeConfig,
     index: usize,
-) -> Result<Box<dyn ObjectStore>, String> {
+    shards: u32,
+) -> Result<(), String> {
     let path = &config.device;
     let sb = *store.superblock();
-    if sb.shard_count != config.cores {
+    if sb.shard_count != shards {
         return Err(format!(
             "{} was formatted for {} core(s), this server runs {}: use --cores {} (or mkfs it again, losing its data)",
             path.display(),
             sb.shard_count,
-            config.cores,
+            shards,
             sb.shard_count
         ));
     }
@@ -177,7 +200,7 @@ fn mounted_shard<Q: QueuePair + Send + 'static>(
         stats.free_segments,
         sb.segment_size >> 20
     );
-    Ok(Box::new(store))
+    Ok(())
 }
 
 /// Raises the open-file soft limit to the hard limit: each connection is a descriptor, and the
