@@ -692,6 +692,10 @@ impl QueuePair for NvmeQueuePair {
         self.submit(Kind::Flush, 0, &[], tag)
     }
 
+    fn submit_queued(&mut self) {
+        self.queue.ring_submissions();
+    }
+
     fn poll(
         &mut self,
         completions_max: usize,
