@@ -98,20 +98,7 @@ fn classic_segment_store_verify_restart_and_kill() {
     let dir = TestDir::new("classic-segment");
     let device = dir.0.join("classic.img");
     let device = device.to_str().unwrap();
-    let store = [
-        "--store",
-        "segment",
-        "--device",
-        device,
-        "--device-size",
-        "512MiB",
-        "--segment-size",
-        "4MiB",
-        "--cores",
-        "2",
-        "--cpus",
-        "0,1",
-    ];
+    let store = segment_args(device);
     let mut args = store.to_vec();
     args.extend(["--classic-workers-per-shard", "2"]);
     write_read_mixed(&args);
@@ -139,16 +126,9 @@ fn classic_segment_store_verify_restart_and_kill() {
     );
     read_back(&server.addr);
 
-    let addr = server.addr.clone();
-    let writer = std::thread::spawn(move || {
-        let mut write = vec!["load", "--target", &addr, "--json", "--duration", "3s"];
-        write.extend_from_slice(&shape);
-        // The load fails when the server dies under it: that is the point.
-        let _ = std::process::Command::new(CARMINE).args(&write).output();
-    });
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    server.kill();
-    writer.join().unwrap();
+    let mut write = vec!["--json", "--duration", "3s"];
+    write.extend_from_slice(&shape);
+    server.kill_under_load(&write, std::time::Duration::from_millis(800));
     let mut server = ServerProcess::start(&args);
     assert_eq!(total(&status(&server.addr), "store_objects"), 16);
     read_back(&server.addr);

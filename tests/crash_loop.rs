@@ -10,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{ServerProcess, TestDir, CARMINE};
+use common::{segment_args, ServerProcess, TestDir, CARMINE};
 
 const CYCLES_DEFAULT: u64 = 6;
 
@@ -68,20 +68,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
     let device = device.to_str().unwrap();
     let log = dir.0.join("acked.log");
     let log = log.to_str().unwrap();
-    let args = [
-        "--store",
-        "segment",
-        "--device",
-        device,
-        "--device-size",
-        "512MiB",
-        "--segment-size",
-        "4MiB",
-        "--cores",
-        "2",
-        "--cpus",
-        "0,1",
-    ];
+    let args = segment_args(device);
     let mut acked_total = 0;
     for cycle in 0..cycles {
         let mut server = ServerProcess::start(&args);
@@ -91,11 +78,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
         }
         let workload = ["randwrite", "mixed", "seqwrite"][(cycle % 3) as usize];
         let seed = (cycle + 1).to_string();
-        let addr = server.addr.clone();
         let load_args = [
-            "load",
-            "--target",
-            &addr,
             "--ack-log",
             log,
             "--op",
@@ -113,16 +96,9 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
             "--clients",
             "2",
             "--json",
-        ]
-        .map(String::from);
-        let writer = std::thread::spawn(move || {
-            // The load fails when the server dies under it: that is the point.
-            let _ = Command::new(CARMINE).args(&load_args).output();
-        });
+        ];
         let kill_after = Duration::from_millis(300 + next(&mut rng) % 1500);
-        std::thread::sleep(kill_after);
-        server.kill();
-        writer.join().unwrap();
+        server.kill_under_load(&load_args, kill_after);
     }
     let mut server = ServerProcess::start(&args);
     let report = check(&server.addr, log, cycles);

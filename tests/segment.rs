@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{load, status, total, ServerProcess, TestDir, CARMINE};
+use common::{load, segment_args, status, total, ServerProcess, TestDir, CARMINE};
 
 const LOAD_SHAPE: [&str; 8] = [
     "--objects",
@@ -37,20 +37,7 @@ fn data_survives_a_clean_restart_and_a_kill() {
     let dir = TestDir::new("segment-restart");
     let device = dir.0.join("carmine.img");
     let device = device.to_str().unwrap();
-    let args = [
-        "--store",
-        "segment",
-        "--device",
-        device,
-        "--device-size",
-        "512MiB",
-        "--segment-size",
-        "4MiB",
-        "--cores",
-        "2",
-        "--cpus",
-        "0,1",
-    ];
+    let args = segment_args(device);
     let mut server = ServerProcess::start(&args);
     let mut write = vec!["--prefill", "--verify", "--duration", "2s"];
     write.extend_from_slice(&LOAD_SHAPE);
@@ -74,16 +61,9 @@ fn data_survives_a_clean_restart_and_a_kill() {
     read_back_everything(&server.addr);
 
     // Killed in the middle of writing: the torn tail is dropped, nothing else.
-    let addr = server.addr.clone();
-    let writer = std::thread::spawn(move || {
-        let mut args = vec!["load", "--target", &addr, "--json", "--duration", "3s"];
-        args.extend_from_slice(&LOAD_SHAPE);
-        // The load fails when the server dies under it: that is the point.
-        let _ = Command::new(CARMINE).args(&args).output();
-    });
-    std::thread::sleep(Duration::from_millis(800));
-    server.kill();
-    writer.join().unwrap();
+    let mut write = vec!["--json", "--duration", "3s"];
+    write.extend_from_slice(&LOAD_SHAPE);
+    server.kill_under_load(&write, Duration::from_millis(800));
     let mut server = ServerProcess::start(&args);
     assert_eq!(total(&status(&server.addr), "store_objects"), 32);
     read_back_everything(&server.addr);

@@ -10,6 +10,25 @@ pub const CARMINE: &str = env!("CARGO_BIN_EXE_carmine");
 
 /// A directory under cargo's target tmp dir (a real filesystem: O_DIRECT works there, unlike
 /// tmpfs), removed when the test ends.
+/// `serve` options for the segment store on `device`: 512 MiB, 4 MiB segments, 2 cores on CPUs
+/// 0 and 1 (the shape the crash and restart tests share).
+pub fn segment_args(device: &str) -> [&str; 12] {
+    [
+        "--store",
+        "segment",
+        "--device",
+        device,
+        "--device-size",
+        "512MiB",
+        "--segment-size",
+        "4MiB",
+        "--cores",
+        "2",
+        "--cpus",
+        "0,1",
+    ]
+}
+
 pub struct TestDir(pub std::path::PathBuf);
 
 impl TestDir {
@@ -108,6 +127,20 @@ impl ServerProcess {
         let mut child = self.child.take().expect("running");
         child.kill().expect("kill");
         child.wait().expect("wait");
+    }
+
+    /// Runs `carmine load --target <this server> <load_args>` in the background, kills the
+    /// server (SIGKILL) `after` it started, and waits for the load, which fails when the
+    /// server dies under it: that is the point.
+    pub fn kill_under_load(&mut self, load_args: &[&str], after: Duration) {
+        let mut args = vec!["load".to_string(), "--target".into(), self.addr.clone()];
+        args.extend(load_args.iter().map(|a| a.to_string()));
+        let writer = std::thread::spawn(move || {
+            let _ = Command::new(CARMINE).args(&args).output();
+        });
+        std::thread::sleep(after);
+        self.kill();
+        writer.join().unwrap();
     }
 
     /// SIGINT, then wait: the server must exit cleanly (status 0) within a few seconds.
