@@ -15,6 +15,7 @@ use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
 use serde_json::json;
 
 use crate::config::ServeConfig;
+use crate::nbd::frontend::NbdFrontend;
 use crate::osd::core::{CoreSetup, Hooks, OsdCore, Shutdown};
 use crate::osd::message::Message;
 use crate::osd::placement::Placement;
@@ -25,6 +26,8 @@ const RING_CAPACITY: usize = 1024;
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where the NBD frontend listens, when enabled.
+    pub nbd_addr: Option<SocketAddr>,
     pub cpus: Vec<usize>,
     pub board: Arc<StatusBoard>,
     shutdown: Arc<Shutdown>,
@@ -59,6 +62,7 @@ pub(crate) fn describe(
         "chunk_count": config.chunk_count,
         "large_buffer_count": config.large_buffer_count,
         "transport": "tcp-epoll",
+        "nbd": config.nbd.map(|a| a.to_string()),
     })
 }
 
@@ -66,6 +70,7 @@ struct CoreParts {
     index: usize,
     links: CoreLinks<Message>,
     listener: Option<TcpListener>,
+    nbd_listener: Option<TcpListener>,
 }
 
 fn build_core(
@@ -102,6 +107,18 @@ fn build_core(
         log::warn!("core {index}: hugepages requested but not reserved; buffers use normal pages");
     }
     let store = open_store(config, index)?;
+    let nbd = match config.nbd {
+        None => None,
+        Some(_) => {
+            let mut nbd = NbdFrontend::new(index, config.chunk_size as usize)
+                .map_err(|e| format!("core {index}: NBD frontend: {e}"))?;
+            if let Some(listener) = parts.nbd_listener {
+                nbd.listen(listener)
+                    .map_err(|e| format!("core {index}: NBD listener: {e}"))?;
+            }
+            Some(nbd)
+        }
+    };
     let setup = CoreSetup {
         index,
         cores,
@@ -115,7 +132,7 @@ fn build_core(
         },
         alloc_counter,
     };
-    Ok(OsdCore::new(
+    let core = OsdCore::new(
         setup,
         transport,
         pools,
@@ -124,7 +141,13 @@ fn build_core(
         wakers,
         board,
         shutdown,
-    ))
+    );
+    match nbd {
+        None => Ok(core),
+        Some(nbd) => core
+            .with_nbd(nbd)
+            .map_err(|e| format!("core {index}: NBD frontend: {e}")),
+    }
 }
 
 /// Core `index`'s store: its share of the memory store, or its shard of the segment store.
@@ -196,6 +219,18 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let nbd_listener = match config.nbd {
+            None => None,
+            Some(nbd) => Some(
+                TcpListener::bind(nbd)
+                    .map_err(|e| format!("cannot listen for NBD on {nbd}: {e}"))?,
+            ),
+        };
+        let nbd_addr = match nbd_listener.as_ref() {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        };
+        let mut nbd_listener = nbd_listener;
         let cores = config.cores as usize;
         let cpus = config.reactor_cpus();
         let wakers: Vec<Waker> = (0..cores)
@@ -216,6 +251,11 @@ impl Server {
                 index,
                 links,
                 listener: if index == 0 { listener.take() } else { None },
+                nbd_listener: if index == 0 {
+                    nbd_listener.take()
+                } else {
+                    None
+                },
             };
             let (config, wakers, board, shutdown, ready_sender) = (
                 config.clone(),
@@ -252,6 +292,7 @@ impl Server {
         drop(ready_sender);
         let server = Server {
             addr,
+            nbd_addr,
             cpus,
             board,
             shutdown,

@@ -209,6 +209,18 @@ impl TcpTransport {
         Ok(())
     }
 
+    /// Adds another descriptor (another frontend's epoll set) to the ones a parked core waits
+    /// on. Its readiness counts as a wakeup, not as work: its owner polls it every pass.
+    pub fn watch_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            TOKEN_WAKER,
+        )
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len() - self.free.len()
     }
