@@ -110,8 +110,9 @@ fn build_core(
     let nbd = match config.nbd {
         None => None,
         Some(_) => {
-            let mut nbd = NbdFrontend::new(index, config.chunk_size as usize)
-                .map_err(|e| format!("core {index}: NBD frontend: {e}"))?;
+            let mut nbd =
+                NbdFrontend::new(index, cores, config.chunk_size as usize, config.chunk_count)
+                    .map_err(|e| format!("core {index}: NBD frontend: {e}"))?;
             if let Some(listener) = parts.nbd_listener {
                 nbd.listen(listener)
                     .map_err(|e| format!("core {index}: NBD listener: {e}"))?;

@@ -186,6 +186,15 @@ pub struct NbdStats {
 struct Work {
     core: usize,
     part_bytes: usize,
+    /// Parts a read may have (and so the largest request: one less, times `part_bytes`).
+    request_parts_max: usize,
+    /// Read outputs this core's requests may hold at once, and how many they hold. A read
+    /// keeps every part's output until its reply is sent, so reads that each hold some and
+    /// wait for more could otherwise take every buffer of a pool and wait forever. All cores'
+    /// budgets together are half of one core's small pool (outputs come from the pool of the
+    /// core that runs the part, which may be any core).
+    read_parts_budget: usize,
+    read_parts_held: usize,
     requests: OpTable<Request>,
     parts: VecDeque<PartOp>,
     /// Zero/trim requests with parts left to issue.
@@ -228,7 +237,14 @@ pub fn part_bytes_for(chunk_bytes: usize) -> usize {
 }
 
 impl NbdFrontend {
-    pub fn new(core: usize, chunk_bytes: usize) -> io::Result<NbdFrontend> {
+    /// `chunk_bytes` and `chunk_count`: each core's small pool; `cores`: how many cores.
+    pub fn new(
+        core: usize,
+        cores: usize,
+        chunk_bytes: usize,
+        chunk_count: u32,
+    ) -> io::Result<NbdFrontend> {
+        let read_parts_budget = (chunk_count as usize / 2 / cores).max(2);
         // SAFETY: no preconditions; result checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -251,6 +267,9 @@ impl NbdFrontend {
             work: Work {
                 core,
                 part_bytes: part_bytes_for(chunk_bytes),
+                request_parts_max: read_parts_budget.min(REQUEST_PARTS_MAX),
+                read_parts_budget,
+                read_parts_held: 0,
                 requests: OpTable::new(REQUESTS_PER_CORE_MAX),
                 parts: VecDeque::with_capacity(PARTS_QUEUED_MAX),
                 pump: VecDeque::with_capacity(REQUESTS_PER_CORE_MAX as usize),
@@ -667,7 +686,7 @@ impl NbdFrontend {
                         conn.phase = Phase::Transmission;
                         conn.export = Some(export);
                     } else {
-                        let maximum = (self.work.part_bytes * (REQUEST_PARTS_MAX - 1)) as u32;
+                        let maximum = self.work.request_bytes_max() as u32;
                         let info = nbd::info_export(header.size);
                         nbd::option_reply(&mut conn.ctl, option, nbd::REP_INFO, &info);
                         let block = nbd::info_block_size(1, 4096, maximum);
@@ -920,6 +939,9 @@ fn release(work: &mut Work, pools: &mut CorePools, buf: Buf) {
 
 fn free_request(work: &mut Work, pools: &mut CorePools, request_ref: OpRef) {
     let mut request = work.requests.free(request_ref);
+    if matches!(request.kind, Kind::Read | Kind::Option(_)) {
+        work.read_parts_held -= request.parts_issued as usize;
+    }
     for output in request.outputs.iter_mut() {
         if let Some(buf) = output.take() {
             release(work, pools, buf);
@@ -1125,6 +1147,10 @@ fn start_option_read(
     oid: &[u8],
     length: usize,
 ) -> Consume {
+    if work.read_parts_held + 1 > work.read_parts_budget {
+        nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
+        return Consume::Progress;
+    }
     let Some(request_ref) = work.requests.alloc() else {
         nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
         return Consume::Progress;
@@ -1153,6 +1179,7 @@ fn start_option_read(
     let request = work.requests.get(request_ref);
     request.parts_issued = 1;
     request.lengths[0] = length as u32;
+    work.read_parts_held += 1;
     conn.option_pending = true;
     Consume::Wait
 }
@@ -1242,6 +1269,13 @@ fn build_part(
     true
 }
 
+impl Work {
+    /// The largest request: every part but one full (the one for an unaligned start).
+    fn request_bytes_max(&self) -> usize {
+        self.part_bytes * (self.request_parts_max - 1)
+    }
+}
+
 /// Room to admit a request of `parts` parts (request slot, part queue).
 fn admits(work: &Work, parts: usize) -> bool {
     work.requests.free_count() > 0 && work.parts.len() + parts <= PARTS_QUEUED_MAX
@@ -1271,7 +1305,7 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
         .offset
         .checked_add(length)
         .is_some_and(|end| end <= size);
-    let payload_max = (work.part_bytes * (REQUEST_PARTS_MAX - 1)) as u64;
+    let payload_max = work.request_bytes_max() as u64;
     let flags_ok = request.flags & !(nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE) == 0;
     match request.command {
         nbd::CMD_READ => {
@@ -1281,6 +1315,9 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 return Consume::Progress;
             }
             let parts = image::part_count(work.part_bytes as u64, request.offset, length) as usize;
+            if work.read_parts_held + parts > work.read_parts_budget {
+                return Consume::Paused; // Outputs held by other reads come back as they answer.
+            }
             let oid_len_max = export.name_len + 21;
             if !arena_room(
                 work,
@@ -1428,6 +1465,7 @@ fn start_read(
         count += 1;
     }
     work.requests.get(request_ref).parts_issued = count as u32;
+    work.read_parts_held += count;
     if count == 0 {
         // A zero-length read: nothing to fetch.
         work.requests.free(request_ref);
