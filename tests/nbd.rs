@@ -489,6 +489,22 @@ fn bad_input_gets_errors_and_the_server_carries_on() {
     assert_eq!(reply(&mut stream), Some((0, 12)));
     stream.read_exact(&mut back).unwrap();
     assert!(back == data);
+    // WRITE_ZEROES on part of object 0, TRIM of all of object 1: both read back as zeroes.
+    request(&mut stream, 6, 0, 20, (4 << 20) - 4096, 4096);
+    assert_eq!(reply(&mut stream), Some((0, 20)));
+    request(&mut stream, 0, 0, 21, (4 << 20) - 4096, 8192);
+    assert_eq!(reply(&mut stream), Some((0, 21)));
+    stream.read_exact(&mut back).unwrap();
+    assert!(back[..4096].iter().all(|b| *b == 0) && back[4096..] == data[4096..]);
+    request(&mut stream, 4, 0, 22, 4 << 20, 4 << 20);
+    assert_eq!(reply(&mut stream), Some((0, 22)));
+    request(&mut stream, 0, 0, 23, (4 << 20) - 4096, 8192);
+    assert_eq!(reply(&mut stream), Some((0, 23)));
+    stream.read_exact(&mut back).unwrap();
+    assert!(
+        back.iter().all(|b| *b == 0),
+        "trimmed and zeroed ranges read as zeroes"
+    );
     request(&mut stream, 2, 0, 13, 0, 0); // DISC
     assert!(closed(&mut stream));
     std::thread::sleep(Duration::from_millis(300));
@@ -497,7 +513,14 @@ fn bad_input_gets_errors_and_the_server_carries_on() {
     assert_eq!(total(&status, "nbd_connections"), 0, "{status}");
     assert!(total(&status, "nbd_protocol_errors") >= 3, "{status}");
     assert!(server.is_running());
+    // A client that stops sending halfway through a write, and stays: shutdown still drains.
+    let mut stream = handshake(&nbd);
+    assert_eq!(go(&mut stream, "disk"), 1);
+    request(&mut stream, 1, 0, 14, 0, 1 << 20);
+    send(&mut stream, &vec![5u8; 200 << 10]);
+    std::thread::sleep(Duration::from_millis(200));
     assert!(server.stop().success());
+    drop(stream);
 }
 
 #[test]

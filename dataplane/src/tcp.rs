@@ -37,6 +37,7 @@ const RX_SPARE_MIN_BYTES: usize = 16 << 10;
 
 const TOKEN_WAKER: u64 = u64::MAX;
 const TOKEN_LISTENER: u64 = u64::MAX - 1;
+const TOKEN_WATCHED: u64 = u64::MAX - 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransportConfig {
@@ -127,6 +128,8 @@ pub struct TcpTransport {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    /// The descriptor added with `watch_fd` became readable since `take_watched_ready`.
+    watched_ready: bool,
     conns: Vec<Option<Connection>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -183,6 +186,7 @@ impl TcpTransport {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            watched_ready: false,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -209,16 +213,24 @@ impl TcpTransport {
         Ok(())
     }
 
-    /// Adds another descriptor (another frontend's epoll set) to the ones a parked core waits
-    /// on. Its readiness counts as a wakeup, not as work: its owner polls it every pass.
+    /// Adds one more descriptor (another frontend's epoll set) to the ones this epoll set
+    /// watches, so a parked core wakes for it too, and its owner polls it only when
+    /// `take_watched_ready` says it became readable (one system call less per pass).
     pub fn watch_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        self.watched_ready = true;
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             fd,
             (libc::EPOLLIN | libc::EPOLLET) as u32,
-            TOKEN_WAKER,
+            TOKEN_WATCHED,
         )
+    }
+
+    /// Whether the watched descriptor became readable since the last call (edge-triggered:
+    /// its owner must then drain it, or call again only after new readiness).
+    pub fn take_watched_ready(&mut self) -> bool {
+        std::mem::take(&mut self.watched_ready)
     }
 
     pub fn connection_count(&self) -> usize {
@@ -313,11 +325,12 @@ impl TcpTransport {
         let mut work = 0;
         for event_index in 0..count as usize {
             let libc::epoll_event { events, u64: token } = self.events[event_index];
-            if token != TOKEN_WAKER {
+            if token != TOKEN_WAKER && token != TOKEN_WATCHED {
                 work += 1; // A wakeup is not work: the inbox it announces is polled anyway.
             }
             match token {
                 TOKEN_WAKER => {}
+                TOKEN_WATCHED => self.watched_ready = true,
                 TOKEN_LISTENER => self.accept_ready = true,
                 _ => self.on_conn_event(token, events),
             }

@@ -96,6 +96,8 @@ struct Request {
     error: u32,
     /// Listed in `Work::pump` (a zero request with ranges left to issue).
     in_pump: bool,
+    /// WRITE_ZEROES with NO_HOLE: zero whole objects too, never remove them.
+    no_hole: bool,
     /// Reads: each part's length and output (short or missing outputs read as zeroes).
     lengths: [u32; REQUEST_PARTS_MAX],
     outputs: [Option<Buf>; REQUEST_PARTS_MAX],
@@ -114,6 +116,7 @@ impl Default for Request {
             remaining: 0,
             error: 0,
             in_pump: false,
+            no_hole: false,
             lengths: [0; REQUEST_PARTS_MAX],
             outputs: std::array::from_fn(|_| None),
         }
@@ -195,6 +198,8 @@ struct Work {
     /// core that runs the part, which may be any core).
     read_parts_budget: usize,
     read_parts_held: usize,
+    /// Parts built and not yet completed (queued, or in the op path).
+    parts_outstanding: usize,
     requests: OpTable<Request>,
     parts: VecDeque<PartOp>,
     /// Zero/trim requests with parts left to issue.
@@ -209,6 +214,8 @@ pub struct NbdFrontend {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    /// The last `epoll_wait` filled its event array: more may be queued.
+    events_pending: bool,
     conns: Vec<Option<Conn>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -258,6 +265,7 @@ impl NbdFrontend {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            events_pending: false,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -270,6 +278,7 @@ impl NbdFrontend {
                 request_parts_max: read_parts_budget.min(REQUEST_PARTS_MAX),
                 read_parts_budget,
                 read_parts_held: 0,
+                parts_outstanding: 0,
                 requests: OpTable::new(REQUESTS_PER_CORE_MAX),
                 parts: VecDeque::with_capacity(PARTS_QUEUED_MAX),
                 pump: VecDeque::with_capacity(REQUESTS_PER_CORE_MAX as usize),
@@ -382,8 +391,13 @@ impl NbdFrontend {
         self.work.stats.accepted += 1;
     }
 
-    /// Collects readiness; never blocks.
-    pub fn poll_events(&mut self) -> usize {
+    /// Collects readiness; never blocks. `ready`: the core's epoll set saw this one's become
+    /// readable (it is nested there); otherwise there is nothing new unless the last call
+    /// left events queued.
+    pub fn poll_events(&mut self, ready: bool) -> usize {
+        if !ready && !self.events_pending {
+            return 0;
+        }
         // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
         let count = unsafe {
             libc::epoll_wait(
@@ -393,6 +407,7 @@ impl NbdFrontend {
                 0,
             )
         };
+        self.events_pending = count == EPOLL_EVENTS_MAX as i32;
         if count <= 0 {
             return 0;
         }
@@ -425,9 +440,14 @@ impl NbdFrontend {
         count as usize
     }
 
-    /// Reads every connection with pending bytes, turning requests into parts. Returns work done.
-    pub fn poll_rx(&mut self, pools: &mut CorePools) -> usize {
+    /// Reads every connection with pending bytes, turning requests into parts (only issues
+    /// the rest of zero requests when `reading` is false: the server is stopping). Returns
+    /// work done.
+    pub fn poll_rx(&mut self, pools: &mut CorePools, reading: bool) -> usize {
         let mut work = self.pump_zero_requests(pools);
+        if !reading {
+            return work;
+        }
         let mut visits = self.rx_list.len();
         while visits > 0 {
             visits -= 1;
@@ -457,12 +477,15 @@ impl NbdFrontend {
         self.work.foreign.pop()
     }
 
+    /// Nothing issued is unfinished and nothing answered is unsent. (A write whose client
+    /// stopped sending its data midway issues nothing more and does not hold up shutdown.)
     pub fn is_quiet(&self) -> bool {
-        self.work.requests.in_flight() == 0 && self.work.parts.is_empty() && self.tx_list.is_empty()
+        self.work.parts_outstanding == 0 && self.work.pump.is_empty() && self.tx_list.is_empty()
     }
 
     fn read_connection(&mut self, index: u32, pools: &mut CorePools) -> (usize, Rx) {
         let mut work = 0;
+        let mut socket_drained = false;
         loop {
             let conn = self.conns[index as usize]
                 .as_mut()
@@ -486,6 +509,11 @@ impl NbdFrontend {
                 }
                 Consume::NeedBytes => {}
             }
+            if socket_drained && !conn.peer_closed {
+                // The last recv returned less than it could take: the socket is empty, and
+                // edge-triggered epoll reports the next arrival. Saves one recv per pass.
+                return (work, Rx::Drained);
+            }
             // Make room at the end of the buffer for the rest of what is pending.
             if conn.in_start == conn.in_end {
                 conn.in_start = 0;
@@ -506,6 +534,7 @@ impl NbdFrontend {
                 )
             };
             if received > 0 {
+                socket_drained = (received as usize) < target.len();
                 conn.in_end += received as usize;
                 continue;
             }
@@ -573,6 +602,7 @@ impl NbdFrontend {
         let failed = status != Status::Ok || sub_status.is_some_and(|s| s != 0);
         let no_space = status == Status::NoSpace || sub_status == Some(Status::NoSpace as u32);
         let mut spare = None;
+        self.work.parts_outstanding -= 1;
         let request = self.work.requests.get(request_ref);
         request.parts_done += 1;
         match request.kind {
@@ -1260,6 +1290,7 @@ fn build_part(
         work.parts.len() < work.parts.capacity(),
         "part queue bounded by admission"
     );
+    work.parts_outstanding += 1;
     work.parts.push_back(PartOp {
         request: request_ref,
         part,
@@ -1391,6 +1422,8 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 conn_generation: conn.generation,
                 cookie: request.cookie,
                 kind: Kind::Zero,
+                no_hole: request.command == nbd::CMD_WRITE_ZEROES
+                    && request.flags & nbd::CMD_FLAG_NO_HOLE != 0,
                 next_offset: request.offset,
                 remaining: length,
                 ..Request::default()
@@ -1554,14 +1587,18 @@ fn issue_zero_parts(
         {
             return issued;
         }
-        let (offset, remaining, part_index) =
-            (request.next_offset, request.remaining, request.parts_issued);
+        let (offset, remaining, part_index, no_hole) = (
+            request.next_offset,
+            request.remaining,
+            request.parts_issued,
+            request.no_hole,
+        );
         // Object ranges, not part_bytes ranges: a zero carries no data.
         let part = image::split(object_size, object_size, offset, remaining)
             .next()
             .expect("bytes left");
         let oid = Oid::data(name, part.index);
-        let (code, length) = if part.offset == 0 && part.length == object_size {
+        let (code, length) = if part.offset == 0 && part.length == object_size && !no_hole {
             (SubOpCode::Remove, 0) // A whole object: drop it; missing objects read as zeroes.
         } else {
             (SubOpCode::Zero, part.length)

@@ -291,7 +291,7 @@ impl OsdCore {
     fn poll_network(&mut self) -> usize {
         let mut work = self.transport.poll_events(Duration::ZERO);
         if self.stopping() {
-            return work;
+            return work + self.poll_nbd();
         }
         while let Some((stream, peer)) = self.transport.poll_accept() {
             let target = self.accept_next % self.placement.cores;
@@ -327,8 +327,16 @@ impl OsdCore {
         let Some(nbd) = self.nbd.as_mut() else {
             return 0;
         };
-        let mut work = nbd.poll_events();
-        while let Some((stream, peer)) = self.nbd.as_mut().and_then(|nbd| nbd.poll_accept()) {
+        let watched_ready = self.transport.take_watched_ready();
+        let mut work = nbd.poll_events(watched_ready);
+        // Stopping: accept and read nothing more, but finish what was issued.
+        let reading = !self.stopping();
+        while let Some((stream, peer)) = self
+            .nbd
+            .as_mut()
+            .filter(|_| reading)
+            .and_then(|nbd| nbd.poll_accept())
+        {
             let target = self.nbd_accept_next % self.placement.cores;
             self.nbd_accept_next += 1;
             log::debug!(
@@ -343,7 +351,7 @@ impl OsdCore {
             work += 1;
         }
         let nbd = self.nbd.as_mut().expect("checked above");
-        work += nbd.poll_rx(&mut self.pools);
+        work += nbd.poll_rx(&mut self.pools, reading);
         work + self.dispatch_nbd_parts()
     }
 
