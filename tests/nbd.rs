@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
@@ -297,12 +297,6 @@ fn segment_store_images_survive_a_restart() {
 
 const OPT_MAGIC: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-
-fn read_u32(stream: &mut TcpStream) -> u32 {
-    let mut raw = [0u8; 4];
-    stream.read_exact(&mut raw).expect("read");
-    u32::from_be_bytes(raw)
-}
 
 fn handshake(nbd: &str) -> TcpStream {
     let mut stream = connect(nbd);
