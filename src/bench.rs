@@ -184,6 +184,8 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         prefix: "bench".into(),
         json: true,
         cpus: client_cpus,
+        ack_log: None,
+        check: None,
     };
     let result = (|| {
         let write = run_phase("randwrite", &target, &base)?;

@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::config::{ServeArgs, ServeConfig};
 use crate::load::{self, LoadArgs, Workload};
 use crate::units::{parse_duration, parse_size};
 
-/// Stores compared, in order. A store joins the comparison when `serve --store` accepts it.
+/// Stores compared, in order: the segment store runs on a fresh file in `--out` per server.
 const STORES: &[&str] = &["memory", "segment"];
 const WORKLOADS: [Workload; 2] = [Workload::Randread, Workload::Randwrite];
 /// How long a child server has to announce its address, and to exit after SIGINT.
@@ -288,16 +287,6 @@ fn measure(load_args: &LoadArgs) -> Result<Measure, String> {
     })
 }
 
-/// Whether both modes can serve `store` (compare needs the pair).
-fn store_available(store: &str) -> bool {
-    let args = ServeArgs {
-        store: Some(store.to_string()),
-        mode: Some("classic".into()),
-        ..ServeArgs::default()
-    };
-    ServeConfig::resolve(&args).is_ok_and(|config| config.validate().is_ok())
-}
-
 fn parse_cores_list(text: &str, online: usize) -> Result<Vec<u32>, String> {
     let mut list = Vec::new();
     for item in text.split(',') {
@@ -333,6 +322,8 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         prefix: "compare".into(),
         json: true,
         cpus: Some(cpu_list(&plan.load)),
+        ack_log: None,
+        check: None,
     }
 }
 
@@ -353,7 +344,20 @@ fn run_server(
     if mode == "rtc" {
         serve_args.extend(["--idle".into(), args.rtc_idle.clone()]);
     }
-    let server = ChildServer::start(&serve_args)?;
+    // A fresh device per server: formatted for its shard count, and no run sees another's data.
+    let device = args.out.join(format!("compare-{store}-{mode}-{cores}.img"));
+    if store == "segment" {
+        let _ = std::fs::remove_file(&device);
+        serve_args.extend(["--device".into(), device.display().to_string()]);
+    }
+    let server = ChildServer::start(&serve_args);
+    let server = match server {
+        Ok(server) => server,
+        Err(error) => {
+            let _ = std::fs::remove_file(&device);
+            return Err(error);
+        }
+    };
     let base = base_load(args, &server.addr, plan);
     let result = (|| {
         let prefill = LoadArgs {
@@ -379,6 +383,7 @@ fn run_server(
         Ok::<_, String>(measures)
     })();
     let stopped = server.stop();
+    let _ = std::fs::remove_file(&device);
     let measures = result?;
     stopped?;
     Ok(measures)
@@ -392,12 +397,6 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for &store in STORES {
-        if !store_available(store) {
-            notes.push(format!(
-                "{store}: not available in both modes yet (classic mode drives synchronous stores only); no rows"
-            ));
-            continue;
-        }
         for &cores in &cores_list {
             let plan = plan_cpus(cores, online);
             if plan.shared {

@@ -116,7 +116,7 @@ serve_options! {
     cores: u32 = "1", parse_u32;
     /// CPUs to pin reactors to, e.g. "2,3" or "2-3"; "auto" takes the highest-numbered CPUs, leaving CPU 0 to the OS and load generators.
     cpus: Option<Vec<usize>> = "auto", parse_cpus;
-    /// Object store: segment (SeaStore's role: a log-structured store on --device, one shard per core), memory (CyanStore's role: RAM only, lost at exit), or auto (segment; memory in classic mode, whose workers drive synchronous stores only).
+    /// Object store: segment (SeaStore's role: a log-structured store on --device, one shard per core, or per classic shard), memory (CyanStore's role: RAM only, lost at exit), or auto (segment).
     store: String = "auto", parse_choice(&["auto", "memory", "segment"]);
     /// Memory store capacity, split evenly over the cores.
     memory_capacity: u64 = "4GiB", parse_size;
@@ -179,12 +179,7 @@ impl ServeConfig {
         }
         config.apply_args(args)?;
         if config.store == "auto" {
-            config.store = if config.mode == "classic" {
-                "memory"
-            } else {
-                "segment"
-            }
-            .into();
+            config.store = "segment".into();
         }
         config.validate()?;
         Ok(config)
@@ -253,12 +248,6 @@ impl ServeConfig {
     }
 
     fn validate_classic(&self) -> Result<(), String> {
-        if self.mode == "classic" && self.store != "memory" {
-            return Err(format!(
-                "classic mode runs the memory store only: its workers cannot yet wait for an asynchronous store such as {}",
-                self.store
-            ));
-        }
         let (messengers, shards) = (self.classic_messenger_count(), self.classic_shard_count());
         if messengers > CLASSIC_THREADS_MAX || shards > CLASSIC_THREADS_MAX {
             return Err(format!(
@@ -297,6 +286,16 @@ impl ServeConfig {
     }
 
     /// Classic mode: op queue shards (auto: one per core).
+    /// Store shards this server runs: one per reactor, or one per classic op-queue shard. A
+    /// segment-store device is formatted for (and must match) this count.
+    pub fn store_shard_count(&self) -> u32 {
+        if self.mode == "classic" {
+            self.classic_shard_count() as u32
+        } else {
+            self.cores
+        }
+    }
+
     pub fn classic_shard_count(&self) -> usize {
         match self.classic_shards {
             0 => self.cores as usize,

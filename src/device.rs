@@ -103,7 +103,7 @@ pub fn prepare(config: &ServeConfig) -> Result<(), String> {
     create_and_format(
         &config.device,
         config.device_size,
-        config.cores,
+        config.store_shard_count(),
         config.segment_size,
     )
     .map(|_| ())

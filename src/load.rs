@@ -29,6 +29,7 @@ use crate::units::{parse_duration, parse_size};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::ack_log::{AckLog, ThreadLog};
 use crate::client;
 
 /// Every block starts with magic, name hash, offset and counter (u64 each).
@@ -145,6 +146,14 @@ pub struct LoadArgs {
     /// Pin generator threads to these CPUs, e.g. "0" or "0,1".
     #[arg(long)]
     pub cpus: Option<String>,
+    /// Append every write sent and every write acknowledged to FILE (the crash tests' oracle;
+    /// keeps one write per block in flight, as --verify does).
+    #[arg(long, value_name = "FILE")]
+    pub ack_log: Option<std::path::PathBuf>,
+    /// Run no workload: read back every block FILE (an --ack-log) names and check that each
+    /// holds its last acknowledged write (or one sent after it). Exit status 1 on any loss.
+    #[arg(long, value_name = "FILE", conflicts_with = "ack_log")]
+    pub check: Option<std::path::PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,6 +254,7 @@ struct Config {
     verify: bool,
     read_pct: u8,
     seed: u64,
+    ack_log: Option<AckLog>,
 }
 
 struct ThreadPlan {
@@ -325,6 +335,10 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
         verify: args.verify,
         read_pct: args.read_pct,
         seed: args.seed,
+        ack_log: match &args.ack_log {
+            Some(path) => Some(AckLog::open(path)?),
+            None => None,
+        },
     };
     Ok((config, split_threads(args, cpus.as_deref())))
 }
@@ -1026,12 +1040,17 @@ struct Work {
     scratch: Vec<u8>,
     timed: Stats,
     prefill: Stats,
+    /// This thread's lines of `--ack-log`.
+    ack_log: Option<ThreadLog>,
 }
 
 impl Work {
     fn new(config: Arc<Config>, thread: usize, names: Vec<String>) -> Work {
-        let table = BlockTable::new(names, config.blocks_per_object, config.bs, config.verify);
+        // The ack log's judgement needs each block's writes in order: one in flight per block.
+        let exclusive = config.verify || config.ack_log.is_some();
+        let table = BlockTable::new(names, config.blocks_per_object, config.bs, exclusive);
         Work {
+            ack_log: config.ack_log.as_ref().map(AckLog::thread),
             rng: Rng(config.seed.wrapping_add(thread as u64)),
             scratch: vec![0; config.bs as usize],
             table,
@@ -1123,6 +1142,9 @@ impl Work {
                     offset,
                     u64::from(request.counter),
                 );
+                if let Some(ack_log) = self.ack_log.as_mut() {
+                    ack_log.issued(name, offset, self.config.bs, request.counter);
+                }
                 let ops = [SubOpSpec::write(offset, &self.scratch)];
                 wire::encode_request(tx, Opcode::OsdOp, request_id, name, &ops, b"");
             }
@@ -1150,6 +1172,11 @@ impl Work {
             Kind::Write if status == Status::Ok as u32 => {
                 stats.bytes += self.config.bs;
                 self.table.counters[block] = self.table.counters[block].max(slot.request.counter);
+                if let Some(ack_log) = self.ack_log.as_mut() {
+                    let (object, offset) = self.table.locate(slot.request.block);
+                    let name = &self.table.names[object];
+                    ack_log.acked(name, offset, self.config.bs, slot.request.counter);
+                }
             }
             Kind::Write => stats.error(status),
             Kind::Read => self.complete_read(slot.request.block, status, output),

@@ -1,5 +1,6 @@
 //! `carmine`: the object storage daemon and its tools.
 
+mod ack_log;
 mod bench;
 mod classic;
 mod client;
@@ -269,6 +270,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(args) => serve(args),
+        Command::Load(args) if args.check.is_some() => check_ack_log(args),
         Command::Load(args) => load::run(args).map(|report| {
             if args.json {
                 println!(
@@ -294,5 +296,27 @@ fn main() -> ExitCode {
             eprintln!("carmine: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `carmine load --check FILE`: the ack log's verdict; an error (exit status 1) on any loss.
+fn check_ack_log(args: &load::LoadArgs) -> Result<(), String> {
+    let path = args.check.as_ref().expect("--check given");
+    let report = ack_log::check(&args.target, path)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serialises")
+        );
+    } else {
+        ack_log::print_human(&report);
+    }
+    match report.failures() {
+        0 => Ok(()),
+        failures => Err(format!(
+            "{failures} of {} blocks failed the check against {}",
+            report.blocks,
+            path.display()
+        )),
     }
 }

@@ -157,6 +157,17 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         let cores = config.cores as u64;
         return Ok(Box::new(MemoryStore::new(config.memory_capacity / cores)));
     }
+    Ok(Box::new(open_segment_shard(config, index, config.cores)?))
+}
+
+/// Mounts shard `index` of the segment store on `config.device` and locks it for this
+/// process; `shards` is how many shards this server runs (the device must have been formatted
+/// for as many).
+pub(crate) fn open_segment_shard(
+    config: &ServeConfig,
+    index: usize,
+    shards: u32,
+) -> Result<SegmentStore<UringQueuePair>, String> {
     let path = &config.device;
     let size = crate::device::device_size(path)?;
     let qp = UringQueuePair::open(path, 0, size, config.queue_depth)
@@ -165,12 +176,12 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
     let sb = *store.superblock();
     crate::device::lock_shard(store.queue_pair(), &sb, index as u32)?;
-    if sb.shard_count != config.cores {
+    if sb.shard_count != shards {
         return Err(format!(
             "{} was formatted for {} core(s), this server runs {}: use --cores {} (or mkfs it again, losing its data)",
             path.display(),
             sb.shard_count,
-            config.cores,
+            shards,
             sb.shard_count
         ));
     }
@@ -182,7 +193,7 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         stats.free_segments,
         sb.segment_size >> 20
     );
-    Ok(Box::new(store))
+    Ok(store)
 }
 
 /// Raises the open-file soft limit to the hard limit: each connection is a descriptor, and the

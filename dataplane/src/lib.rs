@@ -3,6 +3,9 @@
 //! OSD logic that joins the two lives in the `carmine` package.
 
 pub mod buffers;
+pub mod dgram;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod pool;
 pub mod reactor;
 pub mod ring;

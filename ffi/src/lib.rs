@@ -1,8 +1,11 @@
 //! Raw bindings to C libraries. Only this crate calls C (besides `libc` system calls).
 //!
-//! The bindings themselves land with the DPDK and NVMe issues; today the crate carries the
-//! features and the build-time probe, so that `--features dpdk` fails early with a clear message
-//! on a machine without DPDK instead of half-way through a link.
+//! Feature `dpdk`: bindings over DPDK 22.11 in [`dpdk`] (bindgen at build time). Feature `spdk`:
+//! only the build-time probe so far. Without DPDK installed, `--features dpdk` fails early with a
+//! message that says what to install, instead of half-way through a link.
+
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 
 /// True when the crate was built with DPDK bindings.
 pub const DPDK_ENABLED: bool = cfg!(feature = "dpdk");

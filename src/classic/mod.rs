@@ -22,6 +22,7 @@ pub mod finisher;
 pub mod messenger;
 pub mod op_queue;
 pub mod replication;
+pub mod store;
 pub mod worker;
 
 use std::collections::VecDeque;
@@ -32,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use carmine_dataplane::wire::Limits;
-use carmine_storage::{MemoryStore, ObjectStore};
+use carmine_storage::MemoryStore;
 use serde_json::json;
 
 use crate::config::ServeConfig;
@@ -46,6 +47,7 @@ use finisher::Finisher;
 use messenger::{Messenger, MessengerHandle};
 use op_queue::OpQueue;
 use replication::Replication;
+use store::ShardStore;
 use worker::ClassicPg;
 
 /// How long a stopping server waits for in-flight ops to be answered.
@@ -64,21 +66,26 @@ pub struct Gauges {
 struct Layout {
     workers: usize,
     messengers: usize,
+    /// Store threads: one per shard for an asynchronous store, else none.
+    stores: usize,
 }
 
 impl Layout {
     fn messenger(&self, index: usize) -> usize {
         self.workers + index
     }
+    fn store(&self, shard: usize) -> usize {
+        self.workers + self.messengers + shard
+    }
     fn finisher(&self) -> usize {
-        self.workers + self.messengers
+        self.workers + self.messengers + self.stores
     }
     /// Written only while rendering status (under `status_lock`).
     fn gauges(&self) -> usize {
-        self.workers + self.messengers + 1
+        self.finisher() + 1
     }
     fn entries(&self) -> usize {
-        self.workers + self.messengers + 2
+        self.finisher() + 2
     }
 }
 
@@ -94,8 +101,9 @@ pub struct Shared {
     pub queue: OpQueue,
     /// Per shard, its PGs (index: local PG).
     pub pgs: Vec<Vec<Mutex<ClassicPg>>>,
-    /// One store per shard (capacity split like RTC's per-core stores).
-    pub stores: Vec<Mutex<MemoryStore>>,
+    /// One store per shard: a share of the memory store (capacity split like RTC's per-core
+    /// stores) or a shard of the segment store.
+    pub stores: Vec<ShardStore>,
     pub finisher: Finisher,
     pub buffers: buffers::BufferPool,
     pub replication: Option<Arc<Replication>>,
@@ -114,6 +122,8 @@ pub struct ClassicServer {
     handles: Arc<[MessengerHandle]>,
     messengers: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    /// Store threads (asynchronous stores only), stopped after the workers.
+    stores: Vec<JoinHandle<()>>,
     others: Vec<JoinHandle<()>>,
 }
 
@@ -131,7 +141,31 @@ pub fn pin_to_cpus(cpus: &[usize]) -> bool {
     }
 }
 
-fn build_shared(config: &ServeConfig, info: serde_json::Value, layout: Layout) -> Shared {
+/// One store per shard. A segment-store device is created and formatted on first use, for as
+/// many shards as this server runs.
+fn open_stores(config: &ServeConfig) -> Result<Vec<ShardStore>, String> {
+    let shards = config.classic_shard_count();
+    if config.store != "segment" {
+        let capacity = config.memory_capacity / shards as u64;
+        return Ok((0..shards)
+            .map(|_| ShardStore::memory(MemoryStore::new(capacity)))
+            .collect());
+    }
+    crate::device::prepare(config)?;
+    (0..shards)
+        .map(|shard| {
+            let store = crate::server::open_segment_shard(config, shard, shards as u32)?;
+            ShardStore::segment(store).map_err(|e| format!("shard {shard}: {e}"))
+        })
+        .collect()
+}
+
+fn build_shared(
+    config: &ServeConfig,
+    info: serde_json::Value,
+    layout: Layout,
+    stores: Vec<ShardStore>,
+) -> Shared {
     let shards = config.classic_shard_count();
     let placement = Placement::new(config.placement_mode(), shards);
     let log_enabled = matches!(placement.mode, PlacementMode::Pg { .. });
@@ -164,9 +198,7 @@ fn build_shared(config: &ServeConfig, info: serde_json::Value, layout: Layout) -
         connections_max: u64::from(config.max_connections) * u64::from(config.cores),
         queue: OpQueue::new(&pgs_per_shard, config.op_slots as usize),
         pgs,
-        stores: (0..shards)
-            .map(|_| Mutex::new(MemoryStore::new(config.memory_capacity / shards as u64)))
-            .collect(),
+        stores,
         finisher: Finisher::new(),
         buffers: buffers::BufferPool::new(),
         replication: (config.replicas > 0)
@@ -182,6 +214,7 @@ fn build_shared(config: &ServeConfig, info: serde_json::Value, layout: Layout) -
 fn thread_labels(layout: Layout) -> Vec<String> {
     let mut labels: Vec<String> = (0..layout.workers).map(|i| format!("worker-{i}")).collect();
     labels.extend((0..layout.messengers).map(|i| format!("messenger-{i}")));
+    labels.extend((0..layout.stores).map(|i| format!("store-{i}")));
     labels.push("finisher".into());
     labels.push("shared".into());
     labels
@@ -215,9 +248,11 @@ impl ClassicServer {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let cpus = config.reactor_cpus();
+        let stores = open_stores(config)?;
         let layout = Layout {
             workers: config.classic_shard_count() * config.classic_workers_per_shard as usize,
             messengers: config.classic_messenger_count(),
+            stores: stores.iter().filter(|s| s.asynchronous()).count(),
         };
         let mut info = crate::server::describe(config, addr, &cpus);
         info["transport"] = json!("tcp-epoll-threads");
@@ -225,10 +260,11 @@ impl ClassicServer {
             "messengers": layout.messengers,
             "shards": config.classic_shard_count(),
             "workers_per_shard": config.classic_workers_per_shard,
+            "store_threads": layout.stores,
             "finisher": 1,
             "replication_timer": config.replicas > 0,
         });
-        let shared = Arc::new(build_shared(config, info, layout));
+        let shared = Arc::new(build_shared(config, info, layout, stores));
         let handles: Vec<MessengerHandle> = (0..layout.messengers)
             .map(|_| MessengerHandle::new())
             .collect::<Result<_, _>>()
@@ -242,6 +278,7 @@ impl ClassicServer {
             handles: handles.clone(),
             messengers: Vec::new(),
             workers: Vec::new(),
+            stores: Vec::new(),
             others: Vec::new(),
         };
         if let Err(error) = server.spawn_all(config, listener) {
@@ -260,6 +297,12 @@ impl ClassicServer {
             let body = move || worker::run(&shared, shard, index);
             self.workers
                 .push(spawn(format!("carmine-worker-{index}"), &cpus, body)?);
+        }
+        for shard in 0..shared.layout.stores {
+            let (store_shared, entry) = (shared.clone(), shared.layout.store(shard));
+            let body = move || store::run(&store_shared, shard, entry);
+            self.stores
+                .push(spawn(format!("carmine-store-{shard}"), &cpus, body)?);
         }
         let entry = shared.layout.finisher();
         let finisher_shared = shared.clone();
@@ -313,6 +356,12 @@ impl ClassicServer {
         for thread in self.workers {
             panicked |= thread.join().is_err();
         }
+        for store in &self.shared.stores {
+            store.stop();
+        }
+        for thread in self.stores {
+            panicked |= thread.join().is_err();
+        }
         if let Some(replication) = self.shared.replication.as_ref() {
             replication.stop();
         }
@@ -354,10 +403,18 @@ pub fn render_status(shared: &Shared) -> String {
     }
     c.set(Counter::pgs, pgs);
     for store in &shared.stores {
-        let stats = store.lock().expect("store lock").stats();
+        let stats = store.lock().stats();
         c.add(Counter::store_objects, stats.objects);
         c.add(Counter::store_bytes, stats.bytes_stored);
         c.add(Counter::store_capacity_bytes, stats.capacity_bytes);
+        c.add(
+            Counter::store_device_bytes_written,
+            stats.device_bytes_written,
+        );
+        c.add(
+            Counter::store_client_bytes_written,
+            stats.client_bytes_written,
+        );
     }
     shared.board.core(shared.layout.gauges()).publish(&c);
     debug_assert_eq!(shared.layout.entries(), thread_labels(shared.layout).len());

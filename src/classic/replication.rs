@@ -11,6 +11,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::classic::finisher::Reply;
+use crate::classic::worker::release_pg;
 use crate::classic::Shared;
 
 pub struct Acked {
@@ -80,19 +81,7 @@ impl Replication {
 /// The timer thread's loop.
 pub fn run(shared: &Shared, replication: &Replication) {
     while let Some(acked) = replication.next_due() {
-        {
-            let mut pg = shared.pgs[acked.shard][acked.local_pg as usize]
-                .lock()
-                .expect("PG lock poisoned");
-            pg.pg.unacked_writes -= 1;
-            if pg.pg.unacked_writes == 0 && !pg.waiting.is_empty() {
-                let waiting = std::mem::take(&mut pg.waiting);
-                pg.pg.queued = 0;
-                shared
-                    .queue
-                    .requeue_front(acked.shard, acked.local_pg, waiting);
-            }
-        }
+        release_pg(shared, acked.shard, acked.local_pg);
         shared.finisher.push(acked.reply);
     }
 }

@@ -12,11 +12,12 @@ use std::sync::Arc;
 use carmine_dataplane::wire::{
     self, Frame, Header, Status, HEADER_SIZE, SUB_OPS_CEILING, SUB_OP_RESULT_SIZE,
 };
-use carmine_storage::{ObjectStore, OutputBuffer, SubOp, SubOpResult, Submit};
+use carmine_storage::{SubOp, SubOpResult};
 
 use crate::classic::finisher::Reply;
 use crate::classic::op_queue::Op;
 use crate::classic::replication::Acked;
+use crate::classic::store::PendingOp;
 use crate::classic::Shared;
 use crate::osd::core::{error_counter, first_failure, spin_for, status_of, to_store_op};
 use crate::osd::message::Results;
@@ -83,7 +84,7 @@ pub fn run(shared: &Shared, shard: usize, entry: usize) {
 }
 
 /// An op's reply with no per-sub-op results (failed before or as a whole in the store).
-fn status_reply(header: &Header, status: Status) -> Vec<u8> {
+pub(crate) fn status_reply(header: &Header, status: Status) -> Vec<u8> {
     let mut bytes = [0u8; HEADER_SIZE].to_vec();
     wire::encode_reply(&mut bytes, header, status, &[], &[]);
     bytes
@@ -126,7 +127,7 @@ impl Worker<'_> {
             count += 1;
         }
         if output_len > self.shared.output_len_max {
-            self.count_op(op.mutates, 0, 0, Status::OverLimit);
+            count_op(&mut self.counters, op.mutates, 0, 0, Status::OverLimit);
             let bytes = status_reply(&op.header, Status::OverLimit);
             return Some(Reply {
                 conn: op.conn.clone(),
@@ -143,53 +144,56 @@ impl Worker<'_> {
         let mut bytes = self.shared.buffers.take(head_len + output_len as usize);
         bytes.resize(head_len + output_len as usize, 0);
         let mut results = [SubOpResult::default(); SUB_OPS_CEILING as usize];
-        let submitted = {
-            let mut store = self.shared.stores[self.shard]
-                .lock()
-                .expect("store lock poisoned");
-            let mut out = OutputBuffer::from_slice(&mut bytes[head_len..]);
-            store.submit(
-                0,
-                view.oid,
-                &store_ops[..count],
-                &mut out,
-                &mut results[..count],
-            )
+        let shard_store = &self.shared.stores[self.shard];
+        let park = |bytes| PendingOp {
+            conn: op.conn.clone(),
+            header: op.header,
+            bytes,
+            head_len,
+            sub_op_count: count,
+            mutates: op.mutates,
+            written,
+            local_pg: op.local_pg,
         };
-        let status = match submitted {
-            Ok(Submit::Done) => None,
-            Ok(Submit::Pending) => unreachable!("classic mode runs synchronous stores only"),
-            Err(error) => Some(status_of(error)),
+        let submitted = shard_store.lock().submit(
+            view.oid,
+            &store_ops[..count],
+            &mut results[..count],
+            park,
+            bytes,
+            head_len,
+        );
+        let (bytes, result) = match submitted {
+            Some(done) => done,
+            None => {
+                // The store thread replies. Until then the write holds its PG (reads wait
+                // behind it, as behind an unacknowledged write in RTC mode).
+                if op.mutates {
+                    pg.pg.unacked_writes += 1;
+                }
+                shard_store.kick();
+                return None;
+            }
         };
-        if let Some(status) = status {
+        if let Err(error) = result {
             // Failed as a whole: nothing was applied, so no per-sub-op results and no output.
-            self.count_op(op.mutates, written, 0, status);
-            let bytes = status_reply(&op.header, status);
+            let status = status_of(error);
+            count_op(&mut self.counters, op.mutates, written, 0, status);
+            self.shared.buffers.give([bytes]);
             return Some(Reply {
                 conn: op.conn.clone(),
-                bytes,
+                bytes: status_reply(&op.header, status),
             });
         }
-        let mut table = Results {
-            count: count as u8,
-            ..Results::default()
-        };
-        let mut output_used = 0usize;
-        for (item, result) in table.items.iter_mut().zip(&results[..count]) {
-            *item = (u32::from(result.status), result.out_len);
-            output_used += result.out_len as usize;
-        }
-        let status = first_failure(&table);
-        let (head, output) = bytes.split_at_mut(head_len);
-        wire::encode_reply(
-            head,
-            &op.header,
+        let (bytes, status, output_used) =
+            encode_results(&op.header, bytes, head_len, &results[..count]);
+        count_op(
+            &mut self.counters,
+            op.mutates,
+            written,
+            output_used as u64,
             status,
-            table.as_slice(),
-            &[&output[..output_used]],
         );
-        bytes.truncate(head_len + output_used);
-        self.count_op(op.mutates, written, output_used as u64, status);
         let reply = Reply {
             conn: op.conn.clone(),
             bytes,
@@ -206,19 +210,62 @@ impl Worker<'_> {
         }
         Some(reply)
     }
+}
 
-    fn count_op(&mut self, mutates: bool, written: u64, read: u64, status: Status) {
-        let c = &mut self.counters;
-        c.add(Counter::ops, 1);
-        if mutates {
-            c.add(Counter::ops_write, 1);
-            c.add(Counter::bytes_written, written);
-        } else {
-            c.add(Counter::ops_read, 1);
-        }
-        c.add(Counter::bytes_read, read);
-        if status != Status::Ok {
-            c.add(error_counter(status), 1);
-        }
+/// Encodes the reply of an applied op into `bytes` (head space of `head_len`, then the
+/// output the store wrote): returns the trimmed frame, its status and the output length.
+pub(crate) fn encode_results(
+    header: &Header,
+    mut bytes: Vec<u8>,
+    head_len: usize,
+    results: &[SubOpResult],
+) -> (Vec<u8>, Status, usize) {
+    let mut table = Results {
+        count: results.len() as u8,
+        ..Results::default()
+    };
+    let mut output_used = 0usize;
+    for (item, result) in table.items.iter_mut().zip(results) {
+        *item = (u32::from(result.status), result.out_len);
+        output_used += result.out_len as usize;
+    }
+    let status = first_failure(&table);
+    let (head, output) = bytes.split_at_mut(head_len);
+    wire::encode_reply(
+        head,
+        header,
+        status,
+        table.as_slice(),
+        &[&output[..output_used]],
+    );
+    bytes.truncate(head_len + output_used);
+    (bytes, status, output_used)
+}
+
+/// A write the PG waited on is acknowledged: once none is left, the ops held behind it go
+/// back to the front of the op queue.
+pub(crate) fn release_pg(shared: &Shared, shard: usize, local_pg: u32) {
+    let mut pg = shared.pgs[shard][local_pg as usize]
+        .lock()
+        .expect("PG lock poisoned");
+    pg.pg.unacked_writes -= 1;
+    if pg.pg.unacked_writes == 0 && !pg.waiting.is_empty() {
+        let waiting = std::mem::take(&mut pg.waiting);
+        pg.pg.queued = 0;
+        shared.queue.requeue_front(shard, local_pg, waiting);
+    }
+}
+
+pub(crate) fn count_op(c: &mut Counters, mutates: bool, written: u64, read: u64, status: Status) {
+    c.add(Counter::ops, 1);
+    if mutates {
+        c.add(Counter::ops_write, 1);
+        c.add(Counter::bytes_written, written);
+    } else {
+        c.add(Counter::ops_read, 1);
+    }
+    c.add(Counter::bytes_read, read);
+    if status != Status::Ok {
+        c.add(error_counter(status), 1);
     }
 }

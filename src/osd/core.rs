@@ -39,6 +39,8 @@ const RX_FRAMES_PER_PASS_MAX: usize = 256;
 const STORE_COMPLETIONS_PER_PASS: usize = 64;
 /// Messages taken from each inbox ring per pass.
 const INBOX_BATCH_MAX: usize = 256;
+/// Longest park while the store is busy (its completions wake the core sooner).
+const STORE_BUSY_PARK_MAX: Duration = Duration::from_millis(1);
 
 /// Simulated costs of the hooks a full OSD would have here (Crimson prototype: null functions
 /// with configurable cost).
@@ -134,6 +136,9 @@ pub struct OsdCore {
     nbd_accept_next: usize,
     pools: CorePools,
     store: Box<dyn ObjectStore>,
+    /// The store signals this core's waker on device completions: an adaptive core may park
+    /// while it is busy.
+    store_wakes: bool,
     exec: OpTable<ExecOp>,
     client: OpTable<ClientOp>,
     pgs: Vec<Pg>,
@@ -221,12 +226,21 @@ impl OsdCore {
         setup: CoreSetup,
         transport: TcpTransport,
         pools: CorePools,
-        store: Box<dyn ObjectStore>,
+        mut store: Box<dyn ObjectStore>,
         links: CoreLinks<Message>,
         wakers: Arc<[Waker]>,
         board: Arc<StatusBoard>,
         shutdown: Arc<Shutdown>,
     ) -> OsdCore {
+        let store_wakes = store
+            .wake_on_completion(wakers[setup.index].fd())
+            .unwrap_or_else(|e| {
+                log::warn!(
+                    "core {}: the store cannot signal completions ({e}); an adaptive core keeps polling while it is busy",
+                    setup.index
+                );
+                false
+            });
         let pg_count = setup.placement.local_pg_count(setup.index);
         let log_enabled = matches!(
             setup.placement.mode,
@@ -243,6 +257,7 @@ impl OsdCore {
             nbd_accept_next: 0,
             pools,
             store,
+            store_wakes,
             exec: OpTable::new(setup.exec_slots),
             client: OpTable::new(setup.client_slots),
             pgs,
@@ -1164,13 +1179,21 @@ impl Core for OsdCore {
     }
 
     fn park_timeout(&self) -> Duration {
+        let mut longest = PARK_TIMEOUT_MAX;
         if self.store.busy() {
-            // Device completions do not wake a parked core: keep polling while I/O is out.
-            return Duration::ZERO;
+            if !self.store_wakes {
+                // Device completions would not wake a parked core: keep polling.
+                return Duration::ZERO;
+            }
+            // Completions signal this core's waker; the cap bounds how late store work that
+            // waits on no I/O (the cleaner short of space, say) is picked up again.
+            longest = STORE_BUSY_PARK_MAX;
         }
         match self.timers.next_deadline() {
-            Some(deadline) => Duration::from_nanos(deadline.saturating_sub(self.now_ns())),
-            None => PARK_TIMEOUT_MAX,
+            Some(deadline) => {
+                Duration::from_nanos(deadline.saturating_sub(self.now_ns())).min(longest)
+            }
+            None => longest,
         }
     }
 

@@ -437,6 +437,13 @@ pub trait ObjectStore {
         false
     }
 
+    /// Asks the store to signal eventfd `fd` when device completions arrive, so its owner may
+    /// sleep while the store is `busy`. False when it cannot: the owner must keep polling.
+    fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        let _ = fd;
+        Ok(false)
+    }
+
     /// Current counters.
     fn stats(&self) -> StoreStats;
 }

@@ -612,3 +612,111 @@ fn record_offsets_point_at_record_headers() {
         assert_eq!(header, record.header);
     }
 }
+
+/// How a random flip ended.
+#[derive(Default, Debug)]
+struct FlipTally {
+    /// fsck reported damage (or could not read the device as Carmine's).
+    fsck_found: u64,
+    /// fsck clean, and every object still reads back exactly: the flip hit dead bytes.
+    harmless: u64,
+    /// Mount refused the image.
+    mount_refused: u64,
+    /// Reads that returned an error instead of bytes (after fsck found the damage).
+    read_errors: u64,
+}
+
+/// Bit rot at random: one bit flipped anywhere a store once wrote (superblocks, segment
+/// headers, record heads and deltas, data blocks, live or dead), `CARMINE_BITROT_FLIPS` times
+/// (default 150). Each flip must be reported by fsck, or be harmless (every object reads back
+/// exactly); and whatever fsck says, mount and reads never panic and never return wrong bytes:
+/// a read gives the right data or an error.
+#[test]
+fn random_flips_are_found_by_fsck_or_harmless_and_never_read_back_wrong() {
+    let flips: u64 = std::env::var("CARMINE_BITROT_FLIPS")
+        .ok()
+        .map_or(150, |text| {
+            text.parse().expect("CARMINE_BITROT_FLIPS: a number")
+        });
+    let dir = TestDir::new("random-flips");
+    let written = write_history();
+    let path = dir.image("rot.img", &written.image);
+    let written_blocks: Vec<usize> = written
+        .image
+        .chunks(BLOCK)
+        .enumerate()
+        .filter(|(_, block)| block.iter().any(|b| *b != 0))
+        .map(|(index, _)| index)
+        .collect();
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut tally = FlipTally::default();
+    for flip in 0..flips {
+        let block = written_blocks[(next() % written_blocks.len() as u64) as usize];
+        let at = block * BLOCK + (next() % BLOCK as u64) as usize;
+        let bit = 1u8 << (next() % 8);
+        let mut image = written.image.clone();
+        image[at] ^= bit;
+        std::fs::write(&path, &image).unwrap();
+        let verdict = fsck(&path);
+        let found = match &verdict {
+            Ok(report) => !report.is_clean(),
+            Err(_) => true,
+        };
+        let said = match &verdict {
+            Ok(report) => format!(
+                "{:?} end {:?}",
+                problems(report),
+                report.shards[0].log_end_detail
+            ),
+            Err(error) => error.to_string(),
+        };
+        tally.fsck_found += u64::from(found);
+        let what = format!("flip {flip}: byte {at} bit {bit:#04x} (block {block})");
+        let qp = MemQueuePair::from_image(image, 64, MemFaults::default());
+        let Ok(mut store) = SegmentStore::mount(qp, 0) else {
+            assert!(found, "{what}: mount refused an image fsck calls clean");
+            tally.mount_refused += 1;
+            continue;
+        };
+        let mut intact = true;
+        for (name, data) in &written.objects {
+            let outcome = run(
+                &mut store,
+                name,
+                &[SubOp::Read {
+                    offset: 0,
+                    length: data.len() as u64,
+                }],
+            );
+            match outcome {
+                Ok(results) if results[0] == (0, data.clone()) => {}
+                Ok(results) if results[0].0 != 0 => {
+                    intact = false;
+                    tally.read_errors += 1;
+                }
+                Err(_) => {
+                    intact = false;
+                    tally.read_errors += 1;
+                }
+                Ok(results) => panic!(
+                    "{what}: object {:?} read back {} wrong bytes without an error (fsck: {said})",
+                    String::from_utf8_lossy(name),
+                    results[0].1.len()
+                ),
+            }
+        }
+        if !found {
+            assert!(intact, "{what}: fsck calls the image clean but reads fail");
+            tally.harmless += 1;
+        }
+    }
+    eprintln!("{flips} random flips: {tally:?}");
+    assert_eq!(tally.fsck_found + tally.harmless, flips);
+    assert!(tally.fsck_found > 0, "some flips hit live bytes: {tally:?}");
+}

@@ -213,6 +213,14 @@ pub trait QueuePair {
 
     /// Requests in flight now.
     fn in_flight(&self) -> u32;
+
+    /// Asks the backend to signal eventfd `fd` whenever a completion is ready, so that a
+    /// poller may sleep in the kernel while requests are in flight. Returns false when the
+    /// backend cannot (it must then be polled); the eventfd must outlive the queue pair.
+    fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        let _ = fd;
+        Ok(false)
+    }
 }
 
 /// An owned heap buffer aligned to `BLOCK_SIZE_BYTES`, zero-filled, for callers and tests that

@@ -516,6 +516,12 @@ impl QueuePair for UringQueuePair {
     fn in_flight(&self) -> u32 {
         self.depth - self.free.len() as u32
     }
+
+    /// The kernel signals `fd` for every completion it posts (IORING_REGISTER_EVENTFD).
+    fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> io::Result<bool> {
+        self.ring.submitter().register_eventfd(fd)?;
+        Ok(true)
+    }
 }
 
 impl Drop for UringQueuePair {

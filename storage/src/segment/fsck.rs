@@ -33,12 +33,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::segment::format::{
-    Delta, DeltaReader, FormatError, RecordHeader, SegmentHeader, Superblock, BLOCK_SIZE_BYTES,
+    Delta, DeltaReader, FormatError, RecordHeader, Superblock, BLOCK_SIZE_BYTES,
     RECORD_FLAG_CHECKPOINT, SEGMENTS_START_BYTES, SUPERBLOCK_OFFSETS,
 };
 use crate::segment::metadata::Metadata;
 use crate::segment::mount::{self, Mounted};
-use crate::segment::scan::{records_after, BlockReader, LogEnd, LogRecord, ScanError, ShardLog};
+use crate::segment::scan::{BlockReader, LogEnd, ScanError, ShardLog};
+use crate::segment::tail;
 
 /// A file or block device opened read-only, read with positional reads.
 pub struct FileReader {
@@ -648,21 +649,6 @@ fn check_crcs(
     }
 }
 
-/// Where the record after the log's last one would be: its segment (the log's last) and offset.
-fn next_position(sb: &Superblock, log: &ShardLog) -> Option<(SegmentHeader, u64)> {
-    let last = log.segments.last()?;
-    let after_last_record = log
-        .records
-        .iter()
-        .rev()
-        .find(|r| r.segment == last.segment)
-        .map(|r| r.offset + u64::from(r.header.total_blocks()) * BLOCK_SIZE_BYTES);
-    Some((
-        *last,
-        after_last_record.unwrap_or(sb.segment_offset(last.segment) + BLOCK_SIZE_BYTES),
-    ))
-}
-
 /// The record where the log's next one would be, if it carries the right sequence numbers but
 /// fails its checks: whether its head (header and deltas) or its data fails its crc, and which
 /// data blocks fail the crcs its own deltas give them. Information: a torn write of the last
@@ -673,7 +659,7 @@ fn describe_end_record(
     log: &ShardLog,
     metadata: &Metadata,
 ) -> Option<String> {
-    let (segment, offset) = next_position(sb, log)?;
+    let (segment, offset) = tail::next_position(sb, log)?;
     let segment_end = sb.segment_offset(segment.segment) + sb.segment_size;
     if offset + BLOCK_SIZE_BYTES > segment_end {
         return None;
@@ -789,32 +775,8 @@ fn describe_end_record(
     })
 }
 
-/// Records after the log's end: in the rest of the segment where the log stops, in every
-/// segment with a header after the end (`ShardLog::orphans`), and in segments without a valid
-/// header whose first record comes after the end (their header was damaged).
-///
-/// Why a valid record there means damage, and not a torn tail: the writer has one record in
-/// flight at a time and writes the next only once the previous one is durable (written and
-/// flushed). A crash can therefore tear or lose only the last record written, and nothing was
-/// written after it. A segment's header and its first record are writes of one record, so a
-/// crash while a segment is opened leaves at most that one record: with a valid header it
-/// starts at the log's next record number and the scan follows it (it is in the log, not an
-/// orphan); with a torn header its record is the log's next one, which is excused below. After
-/// a mount the writer continues in a fresh segment whose header starts at the next record
-/// number, which the scan follows, so records of a later life of the shard are part of the log,
-/// never after its end. Records of a segment's earlier life carry another `segment_seq` and are
-/// not counted. So a valid record after the end was written after the end's record was durable:
-/// that record was damaged since (a flipped bit, a lost write), and every record after it,
-/// acknowledged ones included, is lost to replay.
-///
-/// The exception: a checkpoint's records go without a flush between them (only its last one
-/// flushes, and nothing is acknowledged by them), so a crash in the middle of one may keep a
-/// later checkpoint record and lose an earlier one. Valid checkpoint records after the end are
-/// therefore reported as notes, not problems. (Also not covered, as too rare to tell from
-/// damage: a checkpoint abandoned halfway for lack of space, then a crash before the next
-/// client record's flush; and a process crash followed by a power loss before the next mount's
-/// first flush, which may lose unflushed records that mount had read from the device's cache
-/// and keep the new segment written after them.)
+/// Valid records after the log's end (`tail::records_after_end` says why they mean damage):
+/// client records are problems, checkpoint records notes.
 fn check_after_end(
     reader: &mut FileReader,
     sb: &Superblock,
@@ -823,88 +785,28 @@ fn check_after_end(
     buf: &mut Vec<u8>,
     report: &mut ShardReport,
 ) -> io::Result<()> {
-    let end_text = match next_position(sb, log) {
-        Some((segment, offset)) => format!(
-            "record {} at offset {offset}, segment {}",
-            log.next_record_seq, segment.segment
-        ),
-        None => "an empty log".to_string(),
-    };
-    let scan_error = |e: ScanError| match e {
+    let end_text = tail::end_text(sb, log);
+    let found = tail::records_after_end(reader, sb, shard, log, buf).map_err(|e| match e {
         ScanError::Io(error) => error,
         other => io::Error::other(other.to_string()),
-    };
-    // (segment, where to look from, whether its header is valid)
-    let mut places: Vec<(SegmentHeader, u64, bool)> = next_position(sb, log)
-        .map(|(segment, from)| (segment, from, true))
-        .into_iter()
-        .collect();
-    for orphan in &log.orphans {
-        places.push((
-            *orphan,
-            sb.segment_offset(orphan.segment) + BLOCK_SIZE_BYTES,
-            true,
-        ));
-    }
-    let with_header: HashSet<u32> = log
-        .segments
-        .iter()
-        .chain(&log.data_segments)
-        .chain(&log.orphans)
-        .map(|h| h.segment)
-        .collect();
-    let mut block = vec![0u8; BLOCK_SIZE_BYTES as usize];
-    for segment in sb.shard_segments(shard) {
-        if with_header.contains(&segment) {
-            continue;
-        }
-        // One block per segment: never-used segments hold zeros or another filesystem's bytes.
-        let first = sb.segment_offset(segment) + BLOCK_SIZE_BYTES;
-        reader.read_at(first, &mut block)?;
-        let Ok(header) = RecordHeader::decode(&block, sb.nonce()) else {
-            continue;
-        };
-        if header.shard != shard || header.record_seq < log.next_record_seq {
-            continue; // Stale: from before the log's end.
-        }
-        // The header this segment had, as its first record names it.
-        let lost = SegmentHeader {
-            nonce: sb.nonce(),
-            shard,
-            segment,
-            segment_seq: header.segment_seq,
-            first_record_seq: header.record_seq,
-            replay_start_seq: 0,
-            replay_start_offset: 0,
-        };
-        places.push((lost, first, false));
-    }
-    for (segment, from, header_valid) in places {
-        let mut found = records_after(sb, &segment, from, reader, buf).map_err(scan_error)?;
-        if !header_valid {
-            // The log's next record, alone in a segment whose header is torn: the crash hit
-            // while the segment was being opened.
-            found.retain(|r| r.header.record_seq > log.next_record_seq);
-        }
-        let (checkpoint, other): (Vec<&LogRecord>, Vec<&LogRecord>) = found
-            .iter()
-            .partition(|r| r.header.flags & RECORD_FLAG_CHECKPOINT != 0);
-        if let Some(first) = other.first() {
+    })?;
+    for after in found {
+        let segment = after.segment.segment;
+        if let Some(first) = after.client.first() {
             report.problems.push(Problem::RecordsAfterEnd {
-                segment: segment.segment,
-                header_valid,
+                segment,
+                header_valid: after.header_valid,
                 offset: first.offset,
                 record_seq: first.header.record_seq,
-                records: other.len(),
+                records: after.client.len(),
                 end: end_text.clone(),
             });
         }
-        if let Some(first) = checkpoint.first() {
+        if let Some(first) = after.checkpoint.first() {
             report.notes.push(format!(
-                "{} record(s) of an unfinished checkpoint after the log's end in segment {} \
+                "{} record(s) of an unfinished checkpoint after the log's end in segment {segment} \
                  (first: record {} at offset {}): a crash during a checkpoint, not damage",
-                checkpoint.len(),
-                segment.segment,
+                after.checkpoint.len(),
                 first.header.record_seq,
                 first.offset
             ));

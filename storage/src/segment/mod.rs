@@ -37,6 +37,7 @@ pub mod metadata;
 pub mod mount;
 pub mod scan;
 pub mod store;
+pub mod tail;
 
 pub use fsck::{fsck, FsckError, FsckReport, Problem, ShardReport};
 pub use mount::{mkfs, MountError};

@@ -11,6 +11,7 @@ use crate::segment::format::{
 };
 use crate::segment::metadata::{ApplyError, Metadata};
 use crate::segment::scan::{scan_shard, BlockReader, ScanError, ShardLog};
+use crate::segment::tail;
 
 #[derive(Debug)]
 pub enum MountError {
@@ -23,6 +24,17 @@ pub enum MountError {
     Corrupt {
         record_seq: u64,
         error: String,
+    },
+    /// Valid records lie after the log's end: the log is damaged in the middle.
+    DamagedLog {
+        /// Where the log ends, as a phrase.
+        end: String,
+        /// The first valid record after it: segment, device offset, record number.
+        segment: u32,
+        offset: u64,
+        record_seq: u64,
+        /// Valid client records after the end, in all.
+        records: usize,
     },
     /// The superblock has fewer shards than asked for.
     NoSuchShard {
@@ -43,6 +55,19 @@ impl std::fmt::Display for MountError {
             MountError::Corrupt { record_seq, error } => {
                 write!(f, "record {record_seq} does not apply: {error}")
             }
+            MountError::DamagedLog {
+                end,
+                segment,
+                offset,
+                record_seq,
+                records,
+            } => write!(
+                f,
+                "the log is damaged in the middle: it ends at {end}, yet {records} valid \
+                 record(s) follow (first: record {record_seq} at offset {offset}, segment \
+                 {segment}); replaying only the part before the damage would serve older data \
+                 as current, so the shard is not mounted. `carmine fsck` names the damage"
+            ),
             MountError::NoSuchShard { shard, shards } => write!(
                 f,
                 "shard {shard} asked for, but the device was made with {shards} shard(s): run with --cores {shards} or mkfs again"
@@ -258,6 +283,35 @@ impl Replay {
 }
 
 /// `replay_from` through the shard's own queue pair.
+/// A server's mount refuses a shard whose log was damaged in the middle: fsck, which replays
+/// through `replay_from` too, reports the damage instead.
 pub fn replay(qp: &mut dyn QueuePair, shard: u32) -> Result<Mounted, MountError> {
-    replay_from(&mut SyncIo::new(qp), shard)
+    let mut io = SyncIo::new(qp);
+    let mounted = replay_from(&mut io, shard)?;
+    refuse_damaged_log(&mut io, &mounted, shard)?;
+    Ok(mounted)
+}
+
+/// Valid client records after the log's end mean damage before them (`tail.rs`): replaying
+/// the part before it would serve older data as current, so the shard is not served.
+fn refuse_damaged_log(
+    reader: &mut dyn BlockReader,
+    mounted: &Mounted,
+    shard: u32,
+) -> Result<(), MountError> {
+    let found = tail::records_after_end(reader, &mounted.sb, shard, &mounted.log, &mut Vec::new())
+        .map_err(MountError::Scan)?;
+    let Some((after, first)) = found
+        .iter()
+        .find_map(|after| after.client.first().map(|first| (after, first)))
+    else {
+        return Ok(());
+    };
+    Err(MountError::DamagedLog {
+        end: tail::end_text(&mounted.sb, &mounted.log),
+        segment: after.segment.segment,
+        offset: first.offset,
+        record_seq: first.header.record_seq,
+        records: found.iter().map(|a| a.client.len()).sum(),
+    })
 }

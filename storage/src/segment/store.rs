@@ -931,6 +931,13 @@ fn append_plan(
     Ok(())
 }
 
+// SAFETY: the only field that is not `Send` is `Slot::out_ptr`, a caller's output region made
+// by `OutputBuffer::from_raw`. Its contract gives the store the region, for writes by nobody
+// else, until the op is reported complete; it names no thread, and the store writes the region
+// only through `&mut self`. Whoever owns the store (one reactor, or classic mode's store under
+// its lock) is the one writer, whichever thread that is.
+unsafe impl<Q: QueuePair + Send> Send for SegmentStore<Q> {}
+
 impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
     fn submit(
         &mut self,
@@ -1080,6 +1087,10 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
 
     fn busy(&self) -> bool {
         self.in_flight() > 0 || self.cleaner.active() || self.journal.checkpoint_in_progress()
+    }
+
+    fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        self.qp.wake_on_completion(fd)
     }
 
     fn stats(&self) -> StoreStats {

@@ -1,0 +1,241 @@
+//! Putting a message back together from its packets, in any order, each kept where it arrived
+//! (no copy): a one-packet message is handed up as the received buffer itself.
+
+use super::packet::{PacketHeader, PACKETS_PER_MESSAGE_MAX, PACKET_HEADER_BYTES};
+
+/// The packets of one message, by index. Each entry keeps the received buffer and where the RPC
+/// header starts in it (after the Ethernet/IP/UDP headers on a raw port, 0 on a socket).
+pub(crate) struct Reassembly<B> {
+    packets: Vec<Option<Held<B>>>,
+    count: u16,
+    message_bytes: u32,
+    /// Bit `i`: packet `i` arrived.
+    received: u64,
+}
+
+/// A received packet kept for its message: the buffer and where the payload lies in it.
+pub(crate) struct Held<B> {
+    buf: B,
+    payload_start: u16,
+    payload_bytes: u16,
+}
+
+/// What an arriving packet did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Insert {
+    /// Stored; the message is still missing packets.
+    Stored,
+    /// Stored and the message is complete.
+    Complete,
+    /// Already had it.
+    Duplicate,
+    /// Disagrees with the packets before it (count or size): dropped.
+    Mismatch,
+}
+
+impl<B: AsRef<[u8]>> Reassembly<B> {
+    /// Sized once (session set-up); never grows.
+    pub(crate) fn new() -> Self {
+        Reassembly {
+            packets: (0..PACKETS_PER_MESSAGE_MAX).map(|_| None).collect(),
+            count: 0,
+            message_bytes: 0,
+            received: 0,
+        }
+    }
+
+    /// Drops every packet (back to its pool) and forgets the message.
+    pub(crate) fn clear(&mut self) {
+        for p in &mut self.packets[..self.count as usize] {
+            *p = None;
+        }
+        self.count = 0;
+        self.message_bytes = 0;
+        self.received = 0;
+    }
+
+    /// Packets received in a row from index 0.
+    pub(crate) fn contiguous(&self) -> u16 {
+        (!self.received).trailing_zeros().min(self.count as u32) as u16
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.count > 0 && self.contiguous() == self.count
+    }
+
+    /// Adds a packet whose header is `h` (already decoded and checked against the session).
+    /// `payload_bytes_max` is the sender's packet size: every packet but the last is full.
+    pub(crate) fn insert(
+        &mut self,
+        h: &PacketHeader,
+        buf: B,
+        header_offset: u16,
+        payload_bytes_max: u16,
+    ) -> Insert {
+        debug_assert!(h.packet_index < h.packet_count && h.packet_count <= PACKETS_PER_MESSAGE_MAX);
+        if self.count == 0 {
+            let need = (h.message_bytes as u64)
+                .div_ceil(payload_bytes_max as u64)
+                .max(1);
+            if need != h.packet_count as u64 {
+                return Insert::Mismatch;
+            }
+            self.count = h.packet_count;
+            self.message_bytes = h.message_bytes;
+        } else if self.count != h.packet_count || self.message_bytes != h.message_bytes {
+            return Insert::Mismatch;
+        }
+        let start = h.packet_index as u32 * payload_bytes_max as u32;
+        let expect =
+            (self.message_bytes - start.min(self.message_bytes)).min(payload_bytes_max as u32);
+        if h.payload_bytes as u32 != expect {
+            return Insert::Mismatch;
+        }
+        let bit = 1u64 << h.packet_index;
+        if self.received & bit != 0 {
+            return Insert::Duplicate;
+        }
+        self.received |= bit;
+        let payload_start = header_offset + PACKET_HEADER_BYTES as u16;
+        self.packets[h.packet_index as usize] = Some(Held {
+            buf,
+            payload_start,
+            payload_bytes: h.payload_bytes,
+        });
+        if self.is_complete() {
+            Insert::Complete
+        } else {
+            Insert::Stored
+        }
+    }
+
+    /// The complete message, as views of the received packets.
+    pub(crate) fn message(&self) -> Message<'_, B> {
+        debug_assert!(self.is_complete());
+        Message {
+            packets: &self.packets[..self.count as usize],
+            message_bytes: self.message_bytes,
+        }
+    }
+}
+
+/// A reassembled message: its bytes are the payloads of its packets in order, where they were
+/// received.
+pub struct Message<'a, B> {
+    packets: &'a [Option<Held<B>>],
+    message_bytes: u32,
+}
+
+impl<'a, B: AsRef<[u8]>> Message<'a, B> {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.message_bytes as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.message_bytes == 0
+    }
+
+    /// The message's bytes, one slice per packet, in order.
+    pub fn parts(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.packets.iter().map(|p| {
+            let held = p.as_ref().expect("complete message has every packet");
+            let start = held.payload_start as usize;
+            &held.buf.as_ref()[start..start + held.payload_bytes as usize]
+        })
+    }
+
+    /// The whole message when it came in one packet (the common case for small ops): no copy.
+    pub fn as_single(&self) -> Option<&'a [u8]> {
+        if self.packets.len() == 1 {
+            self.parts().next()
+        } else {
+            None
+        }
+    }
+
+    /// Copies the message into `out` (which must hold `len()` bytes); for callers that need one
+    /// contiguous buffer for a multi-packet message.
+    pub fn copy_to(&self, out: &mut [u8]) {
+        assert!(out.len() >= self.len());
+        let mut at = 0;
+        for part in self.parts() {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+    }
+
+    /// The message as a new vector (tests, cold paths).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len()];
+        self.copy_to(&mut v);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dgram::packet::PacketKind;
+
+    const PAYLOAD: u16 = 4;
+
+    fn packet(index: u16, message: &[u8]) -> (PacketHeader, Vec<u8>) {
+        let count = message.len().div_ceil(PAYLOAD as usize).max(1) as u16;
+        let start = index as usize * PAYLOAD as usize;
+        let part =
+            &message[start.min(message.len())..(start + PAYLOAD as usize).min(message.len())];
+        let h = PacketHeader {
+            kind: PacketKind::Request,
+            session: 1,
+            request_id: 9,
+            message_bytes: message.len() as u32,
+            packet_index: index,
+            packet_count: count,
+            ack_count: 0,
+            payload_bytes: part.len() as u16,
+        };
+        let mut buf = vec![0xee; 3]; // something before the RPC header, as on a raw port
+        let mut head = [0u8; PACKET_HEADER_BYTES];
+        h.encode(&mut head);
+        buf.extend_from_slice(&head);
+        buf.extend_from_slice(part);
+        (h, buf)
+    }
+
+    #[test]
+    fn out_of_order_duplicate_and_mismatch() {
+        let message = b"0123456789"; // 3 packets of 4, 4, 2
+        let mut r = Reassembly::new();
+        let (h2, b2) = packet(2, message);
+        assert_eq!(r.insert(&h2, b2.clone(), 3, PAYLOAD), Insert::Stored);
+        assert_eq!(r.contiguous(), 0);
+        assert_eq!(r.insert(&h2, b2, 3, PAYLOAD), Insert::Duplicate);
+        let (h0, b0) = packet(0, message);
+        assert_eq!(r.insert(&h0, b0, 3, PAYLOAD), Insert::Stored);
+        assert_eq!(r.contiguous(), 1);
+        let (mut bad, b1) = packet(1, message);
+        bad.message_bytes = 11;
+        assert_eq!(r.insert(&bad, b1.clone(), 3, PAYLOAD), Insert::Mismatch);
+        let (h1, _) = packet(1, message);
+        assert_eq!(r.insert(&h1, b1, 3, PAYLOAD), Insert::Complete);
+        let m = r.message();
+        assert_eq!(m.len(), 10);
+        assert_eq!(m.to_vec(), message);
+        assert!(m.as_single().is_none());
+        r.clear();
+        assert!(!r.is_complete());
+    }
+
+    #[test]
+    fn short_last_packet_and_empty_message() {
+        let mut r = Reassembly::new();
+        let (mut h, b) = packet(0, b"ab");
+        h.payload_bytes = 1; // the only packet must carry the whole message
+        assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::Mismatch);
+        let mut r = Reassembly::new();
+        let (h, b) = packet(0, b"");
+        assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::Complete);
+        assert_eq!(r.message().as_single(), Some(&b""[..]));
+    }
+}

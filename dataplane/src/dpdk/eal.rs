@@ -1,0 +1,76 @@
+//! DPDK's environment abstraction layer: started once per process.
+//!
+//! `rte_eal_init` may be called only once in a process's life (a second call fails with
+//! EALREADY, even after `rte_eal_cleanup`), so [`Eal::init`] hands out one process-wide token and
+//! later calls get an error saying so. Tests that start the EAL therefore run as their own test
+//! binaries (`harness = false`) or subprocesses.
+
+use super::{sys, DpdkError};
+use std::ffi::{c_char, c_int, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by the first `Eal::init`, never cleared: DPDK forbids a second init.
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Proof that the EAL is running. Mempools and ports borrow nothing from it, but their
+/// constructors take `&Eal` so they cannot be called before `rte_eal_init` succeeded.
+#[derive(Debug)]
+pub struct Eal {
+    _private: (),
+}
+
+impl Eal {
+    /// Starts the EAL with `args` (as on a DPDK command line, without the program name;
+    /// e.g. `["--no-huge", "--no-pci", "-m", "256", "--vdev", "net_ring0"]`).
+    /// The calling thread becomes the main lcore.
+    pub fn init<S: AsRef<str>>(args: &[S]) -> Result<Eal, DpdkError> {
+        if STARTED.swap(true, Ordering::AcqRel) {
+            return Err(DpdkError {
+                call: "rte_eal_init (EAL already started in this process)",
+                code: libc::EALREADY,
+            });
+        }
+        let mut owned = Vec::with_capacity(args.len() + 1);
+        owned.push(CString::new("carmine").unwrap());
+        for a in args {
+            let a = a.as_ref();
+            match CString::new(a) {
+                Ok(c) => owned.push(c),
+                Err(_) => {
+                    return Err(DpdkError {
+                        call: "rte_eal_init (argument has a NUL byte)",
+                        code: libc::EINVAL,
+                    })
+                }
+            }
+        }
+        // rte_eal_init may permute argv and keeps pointers into it (e.g. for --file-prefix),
+        // so the strings and the pointer array are leaked: one small allocation per process.
+        let owned: &'static mut [CString] = owned.leak();
+        let argv: &'static mut [*mut c_char] = owned
+            .iter()
+            .map(|c| c.as_ptr() as *mut c_char)
+            .collect::<Vec<_>>()
+            .leak();
+        let argc = argv.len() as c_int;
+        // SAFETY: argv holds argc valid NUL-terminated strings that live for the rest of the
+        // process (leaked above), as rte_eal_init requires; STARTED guarantees one call.
+        let rc = unsafe { sys::rte_eal_init(argc, argv.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(DpdkError::from_errno("rte_eal_init"));
+        }
+        Ok(Eal { _private: () })
+    }
+
+    /// Number of ethernet ports the EAL found (PCI devices and `--vdev`s).
+    pub fn port_count(&self) -> u16 {
+        // SAFETY: the EAL is initialised (self exists); the call only reads the device table.
+        unsafe { sys::rte_eth_dev_count_avail() }
+    }
+
+    /// The NUMA socket of the calling thread (`SOCKET_ID_ANY` maps to 0 with `--no-huge`).
+    pub fn socket_id(&self) -> i32 {
+        // SAFETY: reads the calling lcore's per-thread socket id; no preconditions.
+        unsafe { sys::rte_socket_id() as i32 }
+    }
+}

@@ -1,0 +1,134 @@
+//! An owned packet buffer: returns to its pool on drop.
+
+use super::sys;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+/// One single-segment packet buffer, owned. Dropping it returns it to its pool
+/// (`rte_pktmbuf_free`); handing it to [`TxQueue::tx_burst`](super::TxQueue::tx_burst) passes
+/// ownership to the driver, which frees it once sent. The data area is a byte slice.
+#[derive(Debug)]
+#[repr(transparent)]
+pub struct Mbuf<'pool> {
+    raw: NonNull<sys::rte_mbuf>,
+    _pool: PhantomData<&'pool super::Mempool>,
+}
+
+impl<'pool> Mbuf<'pool> {
+    /// # Safety
+    /// `raw` is a valid mbuf that nobody else owns (fresh from its pool or from rx_burst), and
+    /// its pool outlives `'pool`.
+    pub(crate) unsafe fn from_raw(raw: NonNull<sys::rte_mbuf>) -> Mbuf<'pool> {
+        Mbuf {
+            raw,
+            _pool: PhantomData,
+        }
+    }
+
+    fn raw(&self) -> &sys::rte_mbuf {
+        // SAFETY: we own a valid mbuf for our lifetime; shared access through &self.
+        unsafe { self.raw.as_ref() }
+    }
+
+    /// Bytes of data in this (first and only) segment.
+    pub fn len(&self) -> usize {
+        self.raw().data_len as usize
+    }
+
+    /// True when the buffer holds no data.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Segments in the packet. Carmine sends and accepts single-segment packets only.
+    pub fn segment_count(&self) -> u16 {
+        self.raw().nb_segs
+    }
+
+    /// Bytes that can still be appended.
+    pub fn tailroom(&self) -> usize {
+        // SAFETY: valid owned mbuf; the call only reads fields.
+        unsafe { sys::rte_pktmbuf_tailroom(self.raw.as_ptr()) as usize }
+    }
+
+    /// The data area.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: mtod points at data_len initialised bytes of this segment's buffer, which we
+        // own for the borrow's duration.
+        unsafe {
+            std::slice::from_raw_parts(
+                sys::carmine_pktmbuf_mtod(self.raw.as_ptr()) as *const u8,
+                self.len(),
+            )
+        }
+    }
+
+    /// The data area, writable.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `data`, and &mut self makes the access exclusive.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                sys::carmine_pktmbuf_mtod(self.raw.as_ptr()) as *mut u8,
+                self.len(),
+            )
+        }
+    }
+
+    /// Grows the data by `len` bytes at the end and returns them, or `None` if the tailroom is
+    /// too small (the buffer is unchanged then).
+    pub fn append(&mut self, len: usize) -> Option<&mut [u8]> {
+        let len16 = u16::try_from(len).ok()?;
+        // SAFETY: valid owned mbuf; append returns NULL and changes nothing if it does not fit.
+        let p = unsafe { sys::rte_pktmbuf_append(self.raw.as_ptr(), len16) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: append made [p, p+len) part of the data area; the new bytes are uninitialised
+        // in C terms but mbuf memory is plain bytes allocated by DPDK, so reading stale bytes is
+        // defined; we zero them anyway so callers never see another packet's data.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) };
+        bytes.fill(0);
+        Some(bytes)
+    }
+
+    /// Appends a copy of `bytes`; false (unchanged) when they do not fit.
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) -> bool {
+        match self.append(bytes.len()) {
+            Some(target) => {
+                target.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Shortens the data to `len` bytes (no-op when already shorter or equal).
+    pub fn truncate(&mut self, len: usize) {
+        let cur = self.len();
+        if len >= cur {
+            return;
+        }
+        // SAFETY: valid owned single-segment mbuf; trimming at most data_len bytes cannot fail.
+        let rc = unsafe { sys::rte_pktmbuf_trim(self.raw.as_ptr(), (cur - len) as u16) };
+        debug_assert_eq!(rc, 0);
+    }
+}
+
+impl AsRef<[u8]> for Mbuf<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+impl Drop for Mbuf<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the mbuf (never handed out twice: into_raw forgets self) and its pool
+        // is alive ('pool); free returns every segment to its pool.
+        unsafe { sys::rte_pktmbuf_free(self.raw.as_ptr()) }
+    }
+}
+
+// An Mbuf may move to another thread (ring hop to the PG's core); DPDK mbufs carry no
+// thread affinity, and freeing from another lcore goes through the pool's shared ring.
+// SAFETY: exclusive ownership of the buffer, no shared interior state touched without &mut.
+unsafe impl Send for Mbuf<'_> {}

@@ -1,0 +1,36 @@
+//! Datagram RPC packets as Ethernet frames in mbufs: the glue between `dgram` (frames in,
+//! frames out) and a DPDK port.
+
+use super::{Mbuf, Mempool};
+use crate::dgram::ipv4::{self, Endpoint, UDP_FRAME_HEADER_BYTES};
+
+/// Builds one frame: Ethernet/IPv4/UDP headers, then the RPC header, then `payload` (copied:
+/// the one copy on the send side, into the NIC's buffer). None when the pool is empty or the
+/// frame does not fit the buffer.
+pub fn udp_frame<'p>(
+    pool: &'p Mempool,
+    source: &Endpoint,
+    target: &Endpoint,
+    rpc_header: &[u8],
+    payload: &[u8],
+) -> Option<Mbuf<'p>> {
+    let mut m = pool.alloc()?;
+    let udp_payload = rpc_header.len() + payload.len();
+    let frame = m.append(UDP_FRAME_HEADER_BYTES + udp_payload)?;
+    let (head, rest) = frame.split_at_mut(UDP_FRAME_HEADER_BYTES);
+    ipv4::build_udp_header(head.try_into().unwrap(), source, target, udp_payload);
+    rest[..rpc_header.len()].copy_from_slice(rpc_header);
+    rest[rpc_header.len()..].copy_from_slice(payload);
+    Some(m)
+}
+
+/// Builds one ARP frame (`ipv4::ARP_FRAME_BYTES`) with `fill`.
+pub fn arp_frame<'p>(
+    pool: &'p Mempool,
+    fill: impl FnOnce(&mut [u8; ipv4::ARP_FRAME_BYTES]),
+) -> Option<Mbuf<'p>> {
+    let mut m = pool.alloc()?;
+    let frame = m.append(ipv4::ARP_FRAME_BYTES)?;
+    fill(frame.try_into().unwrap());
+    Some(m)
+}

@@ -1,0 +1,66 @@
+//! Shared by the DPDK test binaries (each its own process: the EAL starts once per process).
+#![allow(dead_code)]
+
+/// EAL arguments for a test: no hugepages, no PCI scan, 256 MiB, one lcore, and a file prefix of
+/// its own (a root EAL keeps its runtime files under /var/run/dpdk/<prefix>; two tests sharing
+/// one would clash). `--in-memory` would avoid the files but cannot be combined with `--no-huge`.
+pub fn eal_args(prefix: &str, vdev: &str) -> Vec<String> {
+    eal_args_floating(prefix, vdev)
+}
+
+/// As [`eal_args`], for one of two polling processes: the main lcore may run on any CPU
+/// (`--lcores 0@(0-N)`). Pinning each process to one CPU starves it on a shared machine where
+/// other pinned pollers run (seen here: a process held off its CPU for seconds).
+pub fn eal_args_floating(prefix: &str, vdev: &str) -> Vec<String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let lcores = format!("0@(0-{})", cpus - 1);
+    let args = [
+        "--no-huge",
+        "--no-pci",
+        "-m",
+        "256",
+        "--lcores",
+        &lcores,
+        "--file-prefix",
+        prefix,
+        "--vdev",
+        vdev,
+        "--log-level",
+        "lib.eal:error",
+    ];
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// A file prefix unique to this process.
+pub fn file_prefix(test: &str) -> String {
+    format!("carmine-test-{test}-{}", std::process::id())
+}
+
+/// Removes the EAL's runtime directory for `prefix` (best effort: the test outcome is decided).
+pub fn remove_runtime_dir(prefix: &str) {
+    let base = if is_root() {
+        std::path::PathBuf::from("/var/run/dpdk")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| std::path::PathBuf::from(d).join("dpdk"))
+            .unwrap_or_else(|| std::path::PathBuf::from("/tmp/dpdk"))
+    };
+    let _ = std::fs::remove_dir_all(base.join(prefix));
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Starts this test binary again as the other end of a pair (`role_env` set, the socket path
+/// passed in `socket_env`).
+pub fn spawn_self(role_env: &str, socket_env: &str, socket: &str) -> std::process::Child {
+    let exe = std::env::current_exe().expect("own path");
+    std::process::Command::new(exe)
+        .env(role_env, "client")
+        .env(socket_env, socket)
+        .spawn()
+        .expect("start the client process")
+}
