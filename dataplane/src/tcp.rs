@@ -128,8 +128,6 @@ pub struct TcpTransport {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
-    /// The descriptor added with `watch_fd` became readable since `take_watched_ready`.
-    watched_ready: bool,
     conns: Vec<Option<Connection>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -186,7 +184,6 @@ impl TcpTransport {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
-            watched_ready: false,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -214,10 +211,10 @@ impl TcpTransport {
     }
 
     /// Adds one more descriptor (another frontend's epoll set) to the ones this epoll set
-    /// watches, so a parked core wakes for it too, and its owner polls it only when
-    /// `take_watched_ready` says it became readable (one system call less per pass).
+    /// watches, so that a parked core wakes for it too. Its readiness is a wakeup, not work:
+    /// its owner polls it every pass. (Polling it only when this set reported it readable
+    /// lost events under load: reads stalled for seconds. Kept simple until understood.)
     pub fn watch_fd(&mut self, fd: RawFd) -> io::Result<()> {
-        self.watched_ready = true;
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -225,12 +222,6 @@ impl TcpTransport {
             (libc::EPOLLIN | libc::EPOLLET) as u32,
             TOKEN_WATCHED,
         )
-    }
-
-    /// Whether the watched descriptor became readable since the last call (edge-triggered:
-    /// its owner must then drain it, or call again only after new readiness).
-    pub fn take_watched_ready(&mut self) -> bool {
-        std::mem::take(&mut self.watched_ready)
     }
 
     pub fn connection_count(&self) -> usize {
@@ -330,7 +321,7 @@ impl TcpTransport {
             }
             match token {
                 TOKEN_WAKER => {}
-                TOKEN_WATCHED => self.watched_ready = true,
+                TOKEN_WATCHED => {}
                 TOKEN_LISTENER => self.accept_ready = true,
                 _ => self.on_conn_event(token, events),
             }

@@ -214,8 +214,6 @@ pub struct NbdFrontend {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
-    /// The last `epoll_wait` filled its event array: more may be queued.
-    events_pending: bool,
     conns: Vec<Option<Conn>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -265,7 +263,6 @@ impl NbdFrontend {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
-            events_pending: false,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -391,13 +388,8 @@ impl NbdFrontend {
         self.work.stats.accepted += 1;
     }
 
-    /// Collects readiness; never blocks. `ready`: the core's epoll set saw this one's become
-    /// readable (it is nested there); otherwise there is nothing new unless the last call
-    /// left events queued.
-    pub fn poll_events(&mut self, ready: bool) -> usize {
-        if !ready && !self.events_pending {
-            return 0;
-        }
+    /// Collects readiness; never blocks.
+    pub fn poll_events(&mut self) -> usize {
         // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
         let count = unsafe {
             libc::epoll_wait(
@@ -407,7 +399,6 @@ impl NbdFrontend {
                 0,
             )
         };
-        self.events_pending = count == EPOLL_EVENTS_MAX as i32;
         if count <= 0 {
             return 0;
         }

@@ -342,8 +342,7 @@ impl OsdCore {
         let Some(nbd) = self.nbd.as_mut() else {
             return 0;
         };
-        let watched_ready = self.transport.take_watched_ready();
-        let mut work = nbd.poll_events(watched_ready);
+        let mut work = nbd.poll_events();
         // Stopping: accept and read nothing more, but finish what was issued.
         let reading = !self.stopping();
         while let Some((stream, peer)) = self
