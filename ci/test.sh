@@ -55,6 +55,17 @@ else
   echo "SKIP: DPDK tests need ${dpdk_pkgs[*]} (run ci/test.sh as root to install them)"
 fi
 
+# 3c. The NVMe driver on an emulated controller: a QEMU TCG guest (ci/vm/) binds it to vfio-pci
+#     and runs storage/tests/nvme.rs and ci/vm/e2e.sh (mkfs, serve, load --verify, restart) on
+#     it. First run as root installs qemu-system-x86 and busybox-static and downloads a Debian
+#     kernel package (cached in ci/vm/cache/). About 1 minute; the guest is killed after 10.
+if [ "$(id -u)" = 0 ] || { command -v qemu-system-x86_64 && dpkg -s busybox-static; } >/dev/null 2>&1; then
+  log "NVMe driver tests in a QEMU guest (ci/vm/test.sh)"
+  CARMINE_VM_TIMEOUT=600 ci/vm/test.sh
+else
+  echo "SKIP: NVMe guest tests need root (to install qemu-system-x86, busybox-static) or both installed"
+fi
+
 # 4. Benchmarks compile and run briefly (numbers are not asserted: speed is measured, not tested).
 if [ -z "${CARMINE_QUICK:-}" ]; then
   log "criterion micro-benchmarks (quick)"

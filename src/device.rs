@@ -1,10 +1,18 @@
 //! Segment-store devices: creating a device file, formatting it (`carmine mkfs`), and the
 //! checks `carmine serve --store segment` makes before mounting.
+//!
+//! A device is a file or block device path, or `nvme:PCI_ADDRESS` (e.g.
+//! `nvme:0000:00:04.0`): namespace 1 of that NVMe controller through Carmine's own driver
+//! (VFIO; bind the device with `scripts/setup.sh bind`). Such a device always exists (it is
+//! never created) and the VFIO group, which one process at a time may open, keeps a second
+//! server off it.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
+use carmine_storage::queue_pair::{NvmeController, NvmeQueuePair};
 use carmine_storage::segment::format::{Superblock, SEGMENTS_START_BYTES};
 use carmine_storage::segment::mkfs;
 use carmine_storage::UringQueuePair;
@@ -20,7 +28,7 @@ partition into one shard per core. Anything written before on the device becomes
 A missing PATH is created as a sparse file of --size."
 )]
 pub struct MkfsArgs {
-    /// File or block device to format.
+    /// File or block device to format, or nvme:PCI_ADDRESS (Carmine's NVMe driver, via VFIO).
     #[arg(long)]
     device: PathBuf,
     /// Size of the file to create when PATH does not exist (e.g. 4GiB); ignored for existing
@@ -35,8 +43,43 @@ pub struct MkfsArgs {
     segment_size: u64,
 }
 
-/// Bytes a file or block device holds.
+/// The PCI address of a device named `nvme:PCI_ADDRESS`, or None for a file or block device.
+pub fn nvme_address(path: &Path) -> Option<&str> {
+    path.to_str()?.strip_prefix("nvme:")
+}
+
+/// The controller at `address`, opened once per process and shared by every core's queue pair
+/// (each core gets its own I/O queue on it). Closed when the last queue pair drops.
+pub fn nvme_controller(address: &str) -> Result<Arc<NvmeController>, String> {
+    static OPEN: Mutex<Vec<(String, Weak<NvmeController>)>> = Mutex::new(Vec::new());
+    let mut open = OPEN.lock().expect("nvme controller table lock");
+    open.retain(|(_, weak)| weak.strong_count() > 0);
+    if let Some(controller) = open
+        .iter()
+        .find(|(known, _)| known == address)
+        .and_then(|(_, weak)| weak.upgrade())
+    {
+        return Ok(controller);
+    }
+    let controller = NvmeController::open(address).map_err(|e| format!("nvme:{address}: {e}"))?;
+    open.push((address.to_string(), Arc::downgrade(&controller)));
+    Ok(controller)
+}
+
+/// A queue pair of `depth` over the whole of namespace 1 (rounded down to 4 KiB) of the
+/// controller at `address`.
+pub fn nvme_queue_pair(address: &str, depth: u32) -> Result<NvmeQueuePair, String> {
+    let controller = nvme_controller(address)?;
+    let size = controller.identity().capacity_bytes() / 4096 * 4096;
+    NvmeQueuePair::new(&controller, 0, size, depth).map_err(|e| format!("nvme:{address}: {e}"))
+}
+
+/// Bytes a file or block device (or NVMe namespace) holds.
 pub fn device_size(path: &Path) -> Result<u64, String> {
+    if let Some(address) = nvme_address(path) {
+        let controller = nvme_controller(address)?;
+        return Ok(controller.identity().capacity_bytes() / 4096 * 4096);
+    }
     let mut file = OpenOptions::new()
         .read(true)
         .open(path)
@@ -56,7 +99,7 @@ fn random_uuid() -> Result<[u8; 16], String> {
 /// Creates `path` as a sparse file of `size` bytes (rounded down to 4 KiB) if it is missing.
 /// Returns whether it was created.
 fn create_if_missing(path: &Path, size: u64) -> Result<bool, String> {
-    if path.exists() {
+    if path.exists() || nvme_address(path).is_some() {
         return Ok(false);
     }
     let file = OpenOptions::new()
@@ -70,13 +113,19 @@ fn create_if_missing(path: &Path, size: u64) -> Result<bool, String> {
 }
 
 fn format(path: &Path, cores: u32, segment_size: u64) -> Result<(), String> {
-    let size = device_size(path)?;
-    let mut qp = UringQueuePair::open(path, 0, size / 4096 * 4096, 64)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    qp.lock(0, size, true)
-        .map_err(|e| format!("refusing to format it: {e}"))?;
-    let sb = mkfs(&mut qp, segment_size, cores, random_uuid()?)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let uuid = random_uuid()?;
+    let sb = if let Some(address) = nvme_address(path) {
+        let mut qp = nvme_queue_pair(address, 64)?;
+        mkfs(&mut qp, segment_size, cores, uuid)
+    } else {
+        let size = device_size(path)?;
+        let mut qp = UringQueuePair::open(path, 0, size / 4096 * 4096, 64)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        qp.lock(0, size, true)
+            .map_err(|e| format!("refusing to format it: {e}"))?;
+        mkfs(&mut qp, segment_size, cores, uuid)
+    }
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     log::info!(
         "formatted {}: {} bytes, {} segments of {} MiB, {} shard(s)",
         path.display(),

@@ -2,11 +2,13 @@
 //! report for an operator or one JSON object for a script. Exit status: 0 clean, 1 problems
 //! found, 2 the device cannot be checked (unreadable, or not a Carmine device).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use carmine_storage::segment::fsck::{fsck, FsckError, FsckReport, ShardReport};
+use carmine_storage::queue_pair::QueuePair;
+use carmine_storage::segment::fsck::{fsck, fsck_reader, FsckError, FsckReport, ShardReport};
+use carmine_storage::segment::mount::SyncIo;
 use serde_json::json;
 
 /// Problems printed per shard in the human report (all of them are counted, and all are in
@@ -30,7 +32,7 @@ Run it on a device no server has mounted. Exit status: 0 clean, 1 problems found
 object, block, device offset, segment), 2 the device cannot be read or is not a Carmine device."
 )]
 pub struct FsckArgs {
-    /// File or block device to check.
+    /// File or block device to check, or nvme:PCI_ADDRESS (read through Carmine's NVMe driver).
     #[arg(long)]
     device: PathBuf,
     /// Print one JSON object (device, clean, problems, shards with their counts, log end and
@@ -41,7 +43,7 @@ pub struct FsckArgs {
 
 pub fn run(args: &FsckArgs) -> ExitCode {
     let started = Instant::now();
-    let report = match fsck(&args.device) {
+    let report = match check(&args.device) {
         Ok(report) => report,
         Err(error) => {
             let message = format!("{}: {error}", args.device.display());
@@ -75,6 +77,17 @@ pub fn run(args: &FsckArgs) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// fsck on a file or block device, or on an NVMe namespace through a queue pair.
+fn check(device: &Path) -> Result<FsckReport, FsckError> {
+    let Some(address) = crate::device::nvme_address(device) else {
+        return fsck(device);
+    };
+    let mut qp = crate::device::nvme_queue_pair(address, 64)
+        .map_err(|e| FsckError::Io(std::io::Error::other(e)))?;
+    let device_bytes = qp.capacity_bytes();
+    fsck_reader(&mut SyncIo::new(&mut qp), device_bytes, device)
 }
 
 fn shard_json(shard: &ShardReport) -> serde_json::Value {

@@ -10,6 +10,7 @@ use carmine_dataplane::buffers::{CorePools, PoolSizes};
 use carmine_dataplane::reactor::{self, Waker};
 use carmine_dataplane::ring::{self, CoreLinks};
 use carmine_dataplane::tcp::{TcpTransport, TransportConfig};
+use carmine_storage::queue_pair::QueuePair;
 use carmine_storage::segment::SegmentStore;
 use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
 use serde_json::json;
@@ -157,6 +158,16 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         let cores = config.cores as u64;
         return Ok(Box::new(MemoryStore::new(config.memory_capacity / cores)));
     }
+    let path = &config.device;
+    if let Some(address) = crate::device::nvme_address(path) {
+        // Carmine's NVMe driver: one I/O queue pair per core on a controller shared by all.
+        let qp = crate::device::nvme_queue_pair(address, config.queue_depth)
+            .map_err(|e| format!("core {index}: {e}"))?;
+        let store = SegmentStore::mount(qp, index as u32)
+            .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
+        check_mounted_shard(&store, config, index, config.cores)?;
+        return Ok(Box::new(store));
+    }
     Ok(Box::new(open_segment_shard(config, index, config.cores)?))
 }
 
@@ -169,6 +180,13 @@ pub(crate) fn open_segment_shard(
     shards: u32,
 ) -> Result<SegmentStore<UringQueuePair>, String> {
     let path = &config.device;
+    if crate::device::nvme_address(path).is_some() {
+        return Err(format!(
+            "{}: classic mode drives files and block devices only (its store threads sleep on \
+             an io_uring eventfd; the NVMe queue pair is polled): use --mode rtc",
+            path.display()
+        ));
+    }
     let size = crate::device::device_size(path)?;
     let qp = UringQueuePair::open(path, 0, size, config.queue_depth)
         .map_err(|e| format!("core {index}: {}: {e}", path.display()))?;
@@ -176,6 +194,19 @@ pub(crate) fn open_segment_shard(
         .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
     let sb = *store.superblock();
     crate::device::lock_shard(store.queue_pair(), &sb, index as u32)?;
+    check_mounted_shard(&store, config, index, shards)?;
+    Ok(store)
+}
+
+/// Checks a mounted shard against the server's shard count and logs it.
+fn check_mounted_shard<Q: QueuePair>(
+    store: &SegmentStore<Q>,
+    config: &ServeConfig,
+    index: usize,
+    shards: u32,
+) -> Result<(), String> {
+    let path = &config.device;
+    let sb = *store.superblock();
     if sb.shard_count != shards {
         return Err(format!(
             "{} was formatted for {} core(s), this server runs {}: use --cores {} (or mkfs it again, losing its data)",
@@ -193,7 +224,7 @@ pub(crate) fn open_segment_shard(
         stats.free_segments,
         sb.segment_size >> 20
     );
-    Ok(store)
+    Ok(())
 }
 
 /// Raises the open-file soft limit to the hard limit: each connection is a descriptor, and the

@@ -1,8 +1,12 @@
 //! Raw bindings to C libraries. Only this crate calls C (besides `libc` system calls).
 //!
+//! `vfio`: the VFIO ioctls and structs the native NVMe driver (`carmine-storage`) uses,
+//! hand-written with layout asserts (no clang needed, always built).
 //! Feature `dpdk`: bindings over DPDK 22.11 in [`dpdk`] (bindgen at build time). Feature `spdk`:
 //! only the build-time probe so far. Without DPDK installed, `--features dpdk` fails early with a
 //! message that says what to install, instead of half-way through a link.
+
+pub mod vfio;
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;

@@ -171,7 +171,7 @@ fn segment_store_reads_do_not_allocate_in_steady_state() {
     let data = vec![5u8; 16 * 4096];
     let oids: Vec<Vec<u8>> = (0..4).map(|n| format!("obj{n}").into_bytes()).collect();
     let mut results = [SubOpResult::default(); 8];
-    let mut wait = |store: &mut SegmentStore<MemQueuePair>, mut pending: usize| {
+    let wait = |store: &mut SegmentStore<MemQueuePair>, mut pending: usize| {
         while pending > 0 {
             store.poll(64, &mut |_, result| {
                 assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));

@@ -1,7 +1,8 @@
 //! Block queue pairs: behaviour every backend shares (round trips with scatter-gather, input
 //! rejection, back-pressure), the mem backend's fault model (latency, reordering, flush
 //! coverage, power cut with torn writes, remount) against a model, and the io_uring backend on
-//! a real file under /var/tmp.
+//! a real file under /var/tmp, and the NVMe backend on a real controller when CARMINE_NVME_PCI
+//! names one (ci/vm/test.sh runs the `nvme_` tests in a QEMU guest).
 //!
 //! The io_uring tests print why they are skipped when the environment cannot run them (no
 //! io_uring, or a filesystem refusing O_DIRECT); they never skip silently.
@@ -20,8 +21,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use carmine_storage::queue_pair::{
-    AlignedBuf, IoError, IoVec, MemFaults, MemQueuePair, QueuePair, SubmitError, Tear,
-    TearGranularity, UringQueuePair, BLOCK_SIZE_BYTES, IOVECS_PER_REQUEST_MAX,
+    AlignedBuf, IoError, IoVec, MemFaults, MemQueuePair, NvmeQueuePair, QueuePair, SubmitError,
+    Tear, TearGranularity, UringQueuePair, BLOCK_SIZE_BYTES, IOVECS_PER_REQUEST_MAX,
 };
 use proptest::prelude::*;
 
@@ -1047,4 +1048,49 @@ fn uring_refuses_a_range_another_queue_pair_holds() {
     third
         .lock(0, 64 * BLOCK, true)
         .expect("free once the holders are dropped");
+}
+
+// ---- nvme backend ---------------------------------------------------------------------------
+
+/// The NVMe controller CARMINE_NVME_PCI names (bound to vfio-pci), or why the test is skipped.
+fn nvme_or_skip(test: &str, depth: u32) -> Option<NvmeQueuePair> {
+    match std::env::var("CARMINE_NVME_PCI") {
+        Ok(address) if !address.is_empty() => {
+            Some(NvmeQueuePair::open(&address, depth).expect("open the NVMe controller"))
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: CARMINE_NVME_PCI is not set (ci/vm/test.sh runs it in a QEMU guest)"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn nvme_scatter_gather_round_trip_and_flush() {
+    if let Some(mut qp) = nvme_or_skip("nvme_scatter_gather_round_trip_and_flush", 8) {
+        check_scatter_gather_round_trip(&mut qp);
+    }
+}
+
+#[test]
+fn nvme_rejects_misaligned_out_of_range_and_too_many_buffers() {
+    if let Some(mut qp) = nvme_or_skip("nvme_rejects", 8) {
+        check_rejections(&mut qp);
+    }
+}
+
+#[test]
+fn nvme_queue_full_at_depth_and_recovery_after_poll() {
+    if let Some(mut qp) = nvme_or_skip("nvme_queue_full", 4) {
+        check_queue_full(&mut qp);
+    }
+}
+
+#[test]
+fn nvme_steady_state_io_does_not_allocate() {
+    if let Some(mut qp) = nvme_or_skip("nvme_steady_state_io_does_not_allocate", 16) {
+        assert_eq!(allocations_in_steady_state(&mut qp), 0, "nvme backend");
+    }
 }

@@ -22,7 +22,8 @@
 //!   a write in flight at a power cut may be torn (any subset of its sectors may reach media).
 //!
 //! Backends: `mem` (RAM, deterministic fault injection: latency, reordering, power cut with
-//! torn writes) and `uring` (io_uring on a file or block device with O_DIRECT).
+//! torn writes), `uring` (io_uring on a file or block device with O_DIRECT) and `nvme` (an
+//! NVMe controller driven from user space through VFIO).
 
 // The workspace's rust-version (1.80) predates `is_multiple_of` (1.87).
 #![allow(clippy::manual_is_multiple_of)]
@@ -32,9 +33,11 @@ use core::ptr::NonNull;
 use std::alloc::{self, Layout};
 
 pub mod mem;
+pub mod nvme;
 pub mod uring;
 
 pub use mem::{MemFaults, MemQueuePair, Tear, TearGranularity};
+pub use nvme::{NvmeController, NvmeQueuePair};
 pub use uring::UringQueuePair;
 
 /// Unit of addresses, lengths and buffer alignment, in bytes.
@@ -94,6 +97,10 @@ pub enum IoError {
     Io(i32),
     /// The device lost power (`mem` backend's power cut): nothing about the request is known.
     PowerLoss,
+    /// The NVMe controller failed a command of the request with this status.
+    Nvme(nvme::NvmeStatus),
+    /// A command of the request got no completion within `nvme::COMMAND_TIMEOUT`.
+    TimedOut,
 }
 
 impl fmt::Display for IoError {
@@ -104,6 +111,8 @@ impl fmt::Display for IoError {
                 write!(f, "I/O error (errno {errno}): {os}")
             }
             IoError::PowerLoss => f.write_str("device lost power; request outcome unknown"),
+            IoError::Nvme(status) => write!(f, "I/O error: {status}"),
+            IoError::TimedOut => f.write_str("device did not complete the request in time"),
         }
     }
 }
@@ -213,6 +222,10 @@ pub trait QueuePair {
 
     /// Requests in flight now.
     fn in_flight(&self) -> u32;
+
+    /// Hands requests queued since the last `poll` to the device now (backends that batch
+    /// submissions into `poll` would otherwise keep them until the next one).
+    fn submit_queued(&mut self) {}
 
     /// Asks the backend to signal eventfd `fd` whenever a completion is ready, so that a
     /// poller may sleep in the kernel while requests are in flight. Returns false when the

@@ -517,6 +517,10 @@ impl QueuePair for UringQueuePair {
         self.depth - self.free.len() as u32
     }
 
+    fn submit_queued(&mut self) {
+        self.enter();
+    }
+
     /// The kernel signals `fd` for every completion it posts (IORING_REGISTER_EVENTFD).
     fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> io::Result<bool> {
         self.ring.submitter().register_eventfd(fd)?;

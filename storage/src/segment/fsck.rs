@@ -381,16 +381,26 @@ impl FsckReport {
 pub fn fsck(path: &Path) -> Result<FsckReport, FsckError> {
     let mut reader = FileReader::open(path)?;
     let device_bytes = reader.len();
+    fsck_reader(&mut reader, device_bytes, path)
+}
+
+/// Checks the `device_bytes` bytes `reader` reads (read-only), reporting them as `path`: for
+/// devices that are not files (an NVMe namespace through a queue pair).
+pub fn fsck_reader(
+    reader: &mut dyn BlockReader,
+    device_bytes: u64,
+    path: &Path,
+) -> Result<FsckReport, FsckError> {
     if device_bytes < SUPERBLOCK_OFFSETS[1] + BLOCK_SIZE_BYTES {
         return Err(FsckError::NotFormatted(format!(
             "{device_bytes} bytes is too small to hold a superblock"
         )));
     }
-    let (superblock, problems) = check_superblocks(&mut reader, device_bytes)?;
+    let (superblock, problems) = check_superblocks(reader, device_bytes)?;
     let mut shards = Vec::with_capacity(superblock.shard_count as usize);
     let mut buf = Vec::new();
     for shard in 0..superblock.shard_count {
-        shards.push(check_shard(&mut reader, &superblock, shard, &mut buf));
+        shards.push(check_shard(reader, &superblock, shard, &mut buf));
     }
     Ok(FsckReport {
         device: path.to_path_buf(),
@@ -402,7 +412,7 @@ pub fn fsck(path: &Path) -> Result<FsckReport, FsckError> {
 }
 
 fn check_superblocks(
-    reader: &mut FileReader,
+    reader: &mut dyn BlockReader,
     device_bytes: u64,
 ) -> Result<(Superblock, Vec<Problem>), FsckError> {
     let mut copies = Vec::with_capacity(2);
@@ -451,7 +461,7 @@ struct Live {
 }
 
 fn check_shard(
-    reader: &mut FileReader,
+    reader: &mut dyn BlockReader,
     sb: &Superblock,
     shard: u32,
     buf: &mut Vec<u8>,
@@ -606,7 +616,7 @@ fn check_locations(
 /// block) and checks it against its crc. A failed read falls back to block-by-block reads, so
 /// that an unreadable block is named.
 fn check_crcs(
-    reader: &mut FileReader,
+    reader: &mut dyn BlockReader,
     sb: &Superblock,
     oids: &[&[u8]],
     blocks: &[Live],
@@ -654,7 +664,7 @@ fn check_crcs(
 /// data blocks fail the crcs its own deltas give them. Information: a torn write of the last
 /// record looks the same as damage to it.
 fn describe_end_record(
-    reader: &mut FileReader,
+    reader: &mut dyn BlockReader,
     sb: &Superblock,
     log: &ShardLog,
     metadata: &Metadata,
@@ -778,7 +788,7 @@ fn describe_end_record(
 /// Valid records after the log's end (`tail::records_after_end` says why they mean damage):
 /// client records are problems, checkpoint records notes.
 fn check_after_end(
-    reader: &mut FileReader,
+    reader: &mut dyn BlockReader,
     sb: &Superblock,
     shard: u32,
     log: &ShardLog,

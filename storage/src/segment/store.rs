@@ -1069,6 +1069,9 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.pump_journal();
         }
         self.maintain();
+        // What this pass queued goes to the device now, not at the next pass: a core that
+        // parks after this pass must have its I/O out, or nothing would wake it.
+        self.qp.submit_queued();
         // 3. Report.
         let mut reported = 0;
         while reported < max {

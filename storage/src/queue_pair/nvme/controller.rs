@@ -1,0 +1,377 @@
+//! `NvmeController`: one NVMe controller through VFIO. Resets and enables it, owns the admin
+//! queue (start-up and queue creation only, behind a mutex: never on the I/O path), and creates
+//! the I/O queue pairs (`NvmeQueuePair`), one per reactor.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::queue::Queue;
+use super::spec::*;
+use super::vfio::{Bar, DmaMemory, Vfio};
+
+/// Admin queue entries. Admin commands run one at a time, so a few suffice.
+const ADMIN_QUEUE_ENTRIES: u16 = 32;
+
+/// How long an admin command may take. Generous: the emulated controller runs under TCG.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most I/O queue pairs asked for at start-up (one per reactor; this caps what Set Features
+/// requests, not what the controller grants).
+pub const IO_QUEUES_MAX: u16 = 64;
+
+fn error(message: String) -> io::Error {
+    io::Error::other(message)
+}
+
+/// What Identify Controller and Identify Namespace said.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    /// Largest transfer per command, in bytes (`u64::MAX`: no limit).
+    pub transfer_max_bytes: u64,
+    /// Namespaces the controller supports.
+    pub namespace_count: u32,
+    /// A volatile write cache is present (Flush matters).
+    pub volatile_write_cache: bool,
+    /// The namespace the driver uses (1).
+    pub nsid: u32,
+    pub lba_size_bytes: u32,
+    pub lba_count: u64,
+}
+
+impl Identity {
+    pub fn capacity_bytes(&self) -> u64 {
+        self.lba_count * u64::from(self.lba_size_bytes)
+    }
+}
+
+struct Admin {
+    queue: Queue,
+    /// Admin SQ, admin CQ, then one page for identify data.
+    memory: DmaMemory,
+    next_command_id: u16,
+    /// I/O queue identifiers in use (index = qid - 1).
+    io_queues_used: Vec<bool>,
+}
+
+// SAFETY: `Admin`'s raw pointers (queue memory, doorbells) point into memory it owns
+// (`memory`) or that its controller keeps mapped (the BAR); it is used under a mutex only.
+unsafe impl Send for Admin {}
+
+/// One controller; see the module docs. Shared (`Arc`) by its queue pairs.
+pub struct NvmeController {
+    // Field order is drop order: the admin queue memory is unmapped before the BAR and VFIO.
+    admin: Mutex<Admin>,
+    bar: Bar,
+    vfio: Arc<Vfio>,
+    doorbell_stride_bytes: usize,
+    /// Entries per queue the controller allows (CAP.MQES + 1).
+    queue_entries_max: u32,
+    /// I/O queues granted by Set Features.
+    io_queues_granted: u16,
+    identity: Identity,
+}
+
+impl NvmeController {
+    /// Opens the controller at `pci_address` (bound to vfio-pci), resets and enables it,
+    /// identifies it and namespace 1, and asks for I/O queues.
+    pub fn open(pci_address: &str) -> io::Result<Arc<NvmeController>> {
+        let vfio = Arc::new(Vfio::open(pci_address)?);
+        let bar = vfio.map_bar0()?;
+        let cap = bar.read64(REG_CAP);
+        let queue_entries_max = (cap & 0xFFFF) as u32 + 1;
+        let ready_timeout = Duration::from_millis(500 * ((cap >> 24) & 0xFF).max(1));
+        let doorbell_stride_bytes = 4usize << ((cap >> 32) & 0xF);
+        let page_size_min = 4096u64 << ((cap >> 48) & 0xF);
+        if page_size_min != PAGE_SIZE_BYTES as u64 {
+            return Err(error(format!(
+                "{pci_address}: minimum page size {page_size_min} is not 4096"
+            )));
+        }
+        if cap & (1 << 37) == 0 {
+            return Err(error(format!(
+                "{pci_address}: controller lacks the NVM command set"
+            )));
+        }
+        // Disable, and wait for the controller to say so, before touching the admin queue.
+        bar.write32(REG_CC, bar.read32(REG_CC) & !CC_ENABLE);
+        wait_ready(&bar, false, ready_timeout, pci_address)?;
+
+        // Admin SQ (64-byte entries) and CQ (16-byte entries), one page each, then a data page.
+        let memory = DmaMemory::new(&vfio, 3 * PAGE_SIZE_BYTES)?;
+        let entries = ADMIN_QUEUE_ENTRIES;
+        let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
+        bar.write32(REG_AQA, aqa);
+        bar.write64(REG_ASQ, memory.iova());
+        bar.write64(REG_ACQ, memory.iova() + PAGE_SIZE_BYTES as u64);
+        bar.write32(REG_CC, CC_ENABLE | CC_IOSQES | CC_IOCQES);
+        wait_ready(&bar, true, ready_timeout, pci_address)?;
+        // SAFETY: both queues lie in `memory` (zeroed, DMA mapped, owned by `Admin` with the
+        // queue); the doorbells are queue 0's, in the BAR the controller keeps mapped.
+        let queue = unsafe {
+            Queue::new(
+                memory.ptr().cast(),
+                memory.ptr().add(PAGE_SIZE_BYTES).cast(),
+                entries,
+                bar.register_ptr(DOORBELL_BASE),
+                bar.register_ptr(DOORBELL_BASE + doorbell_stride_bytes),
+            )
+        };
+        let mut admin = Admin {
+            queue,
+            memory,
+            next_command_id: 0,
+            io_queues_used: Vec::new(),
+        };
+        let identity = identify(&mut admin, cap, pci_address)?;
+        // Set Features, Number of Queues: zero-based counts of SQs (15:0) and CQs (31:16).
+        let wanted = u32::from(IO_QUEUES_MAX - 1);
+        let mut set = SubmissionEntry::new(ADMIN_SET_FEATURES, 0);
+        set.cdw10 = FEATURE_NUMBER_OF_QUEUES;
+        set.cdw11 = (wanted << 16) | wanted;
+        let done = admin.run(set, "set features (number of queues)")?;
+        let granted = ((done.dw0 & 0xFFFF).min(done.dw0 >> 16) + 1).min(u32::from(IO_QUEUES_MAX));
+        admin.io_queues_used = vec![false; granted as usize];
+        log::info!(
+            "nvme {pci_address}: {} fw {} sn {}, {} LBAs of {} bytes, {} I/O queues, max transfer {} bytes, write cache {}",
+            identity.model,
+            identity.firmware,
+            identity.serial,
+            identity.lba_count,
+            identity.lba_size_bytes,
+            granted,
+            identity.transfer_max_bytes,
+            identity.volatile_write_cache
+        );
+        Ok(Arc::new(NvmeController {
+            admin: Mutex::new(admin),
+            bar,
+            vfio,
+            doorbell_stride_bytes,
+            queue_entries_max,
+            io_queues_granted: granted as u16,
+            identity,
+        }))
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn pci_address(&self) -> &str {
+        self.vfio.pci_address()
+    }
+
+    pub fn queue_entries_max(&self) -> u32 {
+        self.queue_entries_max
+    }
+
+    pub fn io_queues_granted(&self) -> u16 {
+        self.io_queues_granted
+    }
+
+    pub(super) fn vfio(&self) -> &Arc<Vfio> {
+        &self.vfio
+    }
+
+    /// Controller Status: whether the controller reports a fatal error (CSTS.CFS).
+    pub fn fatal(&self) -> bool {
+        self.bar.read32(REG_CSTS) & CSTS_FATAL != 0
+    }
+
+    /// Creates I/O completion queue then submission queue `qid` (a free identifier is picked)
+    /// of `entries` entries over `submissions` / `completions` (IOVAs). Returns the qid and
+    /// the queue's doorbells.
+    pub(super) fn create_io_queue(
+        &self,
+        entries: u16,
+        submissions_iova: u64,
+        completions_iova: u64,
+    ) -> io::Result<(u16, *mut u32, *mut u32)> {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        let index = admin
+            .io_queues_used
+            .iter()
+            .position(|used| !used)
+            .ok_or_else(|| {
+                error(format!(
+                    "{}: all {} I/O queues the controller granted are in use",
+                    self.pci_address(),
+                    self.io_queues_granted
+                ))
+            })?;
+        let qid = index as u16 + 1;
+        let size_and_id = (u32::from(entries - 1) << 16) | u32::from(qid);
+        let mut cq = SubmissionEntry::new(ADMIN_CREATE_CQ, 0);
+        cq.prp1 = completions_iova;
+        cq.cdw10 = size_and_id;
+        cq.cdw11 = 1; // Physically contiguous, interrupts off: we poll.
+        admin.run(cq, "create I/O completion queue")?;
+        let mut sq = SubmissionEntry::new(ADMIN_CREATE_SQ, 0);
+        sq.prp1 = submissions_iova;
+        sq.cdw10 = size_and_id;
+        sq.cdw11 = (u32::from(qid) << 16) | 1; // Its CQ, physically contiguous.
+        if let Err(e) = admin.run(sq, "create I/O submission queue") {
+            let mut delete = SubmissionEntry::new(ADMIN_DELETE_CQ, 0);
+            delete.cdw10 = u32::from(qid);
+            let _ = admin.run(delete, "delete I/O completion queue");
+            return Err(e);
+        }
+        admin.io_queues_used[index] = true;
+        let stride = self.doorbell_stride_bytes;
+        let sq_doorbell = self
+            .bar
+            .register_ptr(DOORBELL_BASE + 2 * usize::from(qid) * stride);
+        let cq_doorbell = self
+            .bar
+            .register_ptr(DOORBELL_BASE + (2 * usize::from(qid) + 1) * stride);
+        Ok((qid, sq_doorbell, cq_doorbell))
+    }
+
+    /// Deletes I/O queue `qid` (submission, then completion). The controller aborts what is
+    /// still queued on it; afterwards it no longer touches the queue's memory.
+    pub(super) fn delete_io_queue(&self, qid: u16) -> io::Result<()> {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        let mut sq = SubmissionEntry::new(ADMIN_DELETE_SQ, 0);
+        sq.cdw10 = u32::from(qid);
+        admin.run(sq, "delete I/O submission queue")?;
+        let mut cq = SubmissionEntry::new(ADMIN_DELETE_CQ, 0);
+        cq.cdw10 = u32::from(qid);
+        admin.run(cq, "delete I/O completion queue")?;
+        admin.io_queues_used[usize::from(qid) - 1] = false;
+        Ok(())
+    }
+}
+
+impl Drop for NvmeController {
+    fn drop(&mut self) {
+        // Stop the controller before its queue memory is unmapped and freed.
+        self.bar
+            .write32(REG_CC, self.bar.read32(REG_CC) & !CC_ENABLE);
+        let _ = wait_ready(
+            &self.bar,
+            false,
+            Duration::from_secs(5),
+            self.vfio.pci_address(),
+        );
+    }
+}
+
+fn wait_ready(bar: &Bar, ready: bool, timeout: Duration, pci_address: &str) -> io::Result<()> {
+    let start = Instant::now();
+    loop {
+        let csts = bar.read32(REG_CSTS);
+        if ready && csts & CSTS_FATAL != 0 {
+            return Err(error(format!(
+                "{pci_address}: controller fatal status while enabling"
+            )));
+        }
+        if (csts & CSTS_READY != 0) == ready {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            let state = if ready { "ready" } else { "disabled" };
+            return Err(error(format!(
+                "{pci_address}: controller not {state} after {timeout:?} (CSTS {csts:#x})"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Admin {
+    /// Runs one admin command to completion (start-up only: this waits).
+    fn run(&mut self, mut entry: SubmissionEntry, what: &str) -> io::Result<CompletionEntry> {
+        let command_id = self.next_command_id;
+        self.next_command_id = self.next_command_id.wrapping_add(1);
+        entry.set_command_id(command_id);
+        self.queue.push(&entry);
+        self.queue.ring_submissions();
+        let start = Instant::now();
+        loop {
+            if let Some(done) = self.queue.next_completion() {
+                self.queue.ring_completions();
+                assert_eq!(
+                    done.command_id, command_id,
+                    "admin completion for another command"
+                );
+                let status = done.nvme_status();
+                if !status.is_success() {
+                    return Err(error(format!("NVMe {what}: {status}")));
+                }
+                return Ok(done);
+            }
+            if start.elapsed() > ADMIN_TIMEOUT {
+                return Err(error(format!(
+                    "NVMe {what}: no completion after {ADMIN_TIMEOUT:?}"
+                )));
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Runs an Identify with the given CNS and nsid into the data page; returns a copy of it.
+    fn identify(&mut self, cns: u32, nsid: u32, what: &str) -> io::Result<Vec<u8>> {
+        let data_iova = self.memory.iova() + 2 * PAGE_SIZE_BYTES as u64;
+        let mut entry = SubmissionEntry::new(ADMIN_IDENTIFY, nsid);
+        entry.prp1 = data_iova;
+        entry.cdw10 = cns;
+        self.run(entry, what)?;
+        // SAFETY: the data page is the third page of `memory`, which the controller finished
+        // writing (its completion was seen).
+        let page = unsafe {
+            core::slice::from_raw_parts(self.memory.ptr().add(2 * PAGE_SIZE_BYTES), PAGE_SIZE_BYTES)
+        };
+        Ok(page.to_vec())
+    }
+}
+
+fn identify(admin: &mut Admin, cap: u64, pci_address: &str) -> io::Result<Identity> {
+    let controller = admin.identify(IDENTIFY_CONTROLLER, 0, "identify controller")?;
+    let mdts = controller[ID_CTRL_MDTS];
+    let page_size_min = 4096u64 << ((cap >> 48) & 0xF);
+    let transfer_max_bytes = if mdts == 0 {
+        u64::MAX
+    } else {
+        page_size_min << mdts
+    };
+    let namespace_count = le_u32(&controller, ID_CTRL_NN);
+    if namespace_count == 0 {
+        return Err(error(format!(
+            "{pci_address}: the controller has no namespaces"
+        )));
+    }
+    let nsid = 1;
+    let namespace = admin.identify(IDENTIFY_NAMESPACE, nsid, "identify namespace 1")?;
+    let lba_count = le_u64(&namespace, ID_NS_NSZE);
+    let format = usize::from(namespace[ID_NS_FLBAS] & 0xF);
+    let lbaf = le_u32(&namespace, ID_NS_LBAF + 4 * format);
+    let metadata_bytes = lbaf & 0xFFFF;
+    let lba_shift = (lbaf >> 16) & 0xFF;
+    if lba_count == 0 {
+        return Err(error(format!(
+            "{pci_address}: namespace 1 is inactive (size 0)"
+        )));
+    }
+    if !(9..=12).contains(&lba_shift) || metadata_bytes != 0 {
+        return Err(error(format!(
+            "{pci_address}: namespace 1 uses {}-byte blocks with {metadata_bytes} metadata bytes; \
+             the driver needs 512..4096-byte blocks without metadata",
+            1u64 << lba_shift
+        )));
+    }
+    Ok(Identity {
+        serial: identify_text(&controller, ID_CTRL_SERIAL),
+        model: identify_text(&controller, ID_CTRL_MODEL),
+        firmware: identify_text(&controller, ID_CTRL_FIRMWARE),
+        transfer_max_bytes,
+        namespace_count,
+        volatile_write_cache: controller[ID_CTRL_VWC] & 1 != 0,
+        nsid,
+        lba_size_bytes: 1 << lba_shift,
+        lba_count,
+    })
+}

@@ -1,0 +1,364 @@
+//! The NVMe queue pair against a real controller: in CI the emulated one in the QEMU guest
+//! (ci/vm/run.sh sets CARMINE_NVME_PCI to its address and binds it to vfio-pci). Without
+//! CARMINE_NVME_PCI each device test prints why it is skipped; the error-path tests that need
+//! no device always run. With a device, run them with `--test-threads=1`: each test opens the
+//! controller, and a VFIO group is open in one place at a time.
+
+use std::time::{Duration, Instant};
+
+use carmine_storage::queue_pair::{
+    AlignedBuf, IoError, IoVec, NvmeController, NvmeQueuePair, QueuePair, SubmitError,
+    BLOCK_SIZE_BYTES,
+};
+
+const BLOCK: usize = BLOCK_SIZE_BYTES;
+
+/// How long a test waits for completions (the emulated controller under TCG is slow).
+const WAIT_MAX: Duration = Duration::from_secs(120);
+
+fn device() -> Option<String> {
+    match std::env::var("CARMINE_NVME_PCI") {
+        Ok(address) if !address.is_empty() => Some(address),
+        _ => {
+            eprintln!(
+                "SKIP: CARMINE_NVME_PCI is not set (the NVMe tests run in the ci/vm guest: \
+                 ci/vm/run.sh; on bare metal bind a scratch NVMe device with scripts/setup.sh)"
+            );
+            None
+        }
+    }
+}
+
+/// Polls until `count` completions arrived; returns them as (tag, result).
+fn drain(qp: &mut NvmeQueuePair, count: usize) -> Vec<(u64, Result<(), IoError>)> {
+    let mut done = Vec::new();
+    let start = Instant::now();
+    while done.len() < count {
+        qp.poll(64, &mut |tag, result| done.push((tag, result)));
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "only {} of {count} completions after {WAIT_MAX:?}",
+            done.len()
+        );
+    }
+    assert_eq!(qp.in_flight(), 0);
+    done
+}
+
+fn pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+fn io_vec(buf: &mut AlignedBuf) -> IoVec {
+    // SAFETY: every test keeps the buffer alive and untouched until `drain` has reported the
+    // request's completion.
+    unsafe { buf.as_io_vec() }
+}
+
+#[test]
+fn identify_reports_the_emulated_controller() {
+    let Some(address) = device() else { return };
+    let controller = NvmeController::open(&address).expect("open controller");
+    let identity = controller.identity();
+    eprintln!(
+        "{identity:?}, {} I/O queues",
+        controller.io_queues_granted()
+    );
+    assert!(matches!(identity.lba_size_bytes, 512 | 4096));
+    assert!(identity.capacity_bytes() >= 16 << 20);
+    assert!(controller.io_queues_granted() >= 2);
+    assert!(identity.transfer_max_bytes >= 4096);
+    // run.sh passes what it gave QEMU on the kernel command line.
+    if let Ok(serial) = std::env::var("CARMINE_NVME_EXPECT_SERIAL") {
+        assert_eq!(identity.serial, serial);
+    }
+    if let Ok(bytes) = std::env::var("CARMINE_NVME_EXPECT_BYTES") {
+        assert_eq!(identity.capacity_bytes(), bytes.parse::<u64>().unwrap());
+    }
+}
+
+#[test]
+fn write_then_read_back_matches_across_commands_and_buffers() {
+    let Some(address) = device() else { return };
+    // Depth 4: a 1 MiB request is 8 commands of 128 KiB, so commands wait for slots.
+    let mut qp = NvmeQueuePair::open(&address, 4).expect("open");
+    let capacity = qp.capacity_bytes();
+    // Three buffers of uneven sizes make one 1 MiB write.
+    let sizes = [12 * BLOCK, 100 * BLOCK, 144 * BLOCK];
+    let mut sources: Vec<AlignedBuf> = sizes.iter().map(|&s| AlignedBuf::new(s)).collect();
+    for (seed, buf) in sources.iter_mut().enumerate() {
+        pattern(buf, seed as u64 + 1);
+    }
+    let want: Vec<u32> = sources.iter().map(|b| crc32c::crc32c(b)).collect();
+    for offset in [0, 7 * BLOCK as u64, capacity - (1 << 20)] {
+        let vecs: Vec<IoVec> = sources.iter_mut().map(io_vec).collect();
+        qp.submit_write(offset, &vecs, 1).unwrap();
+        assert_eq!(drain(&mut qp, 1), vec![(1, Ok(()))]);
+        // Read it back split differently: one buffer.
+        let mut whole = AlignedBuf::new(1 << 20);
+        qp.submit_read(offset, &[io_vec(&mut whole)], 2).unwrap();
+        assert_eq!(drain(&mut qp, 1), vec![(2, Ok(()))]);
+        let mut start = 0;
+        for (size, crc) in sizes.iter().zip(&want) {
+            assert_eq!(
+                crc32c::crc32c(&whole[start..start + size]),
+                *crc,
+                "at {offset}+{start}"
+            );
+            start += size;
+        }
+    }
+    assert!(
+        qp.bounced_commands() >= 3 * 16,
+        "unregistered buffers are bounced"
+    );
+}
+
+#[test]
+fn flush_completes_after_writes() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, 8).expect("open");
+    let mut buf = AlignedBuf::new(4 * BLOCK);
+    pattern(&mut buf, 42);
+    qp.submit_write(64 * BLOCK as u64, &[io_vec(&mut buf)], 10)
+        .unwrap();
+    assert_eq!(drain(&mut qp, 1), vec![(10, Ok(()))]);
+    qp.submit_flush(11).unwrap();
+    qp.submit_flush(12).unwrap();
+    let mut done = drain(&mut qp, 2);
+    done.sort_by_key(|&(tag, _)| tag);
+    assert_eq!(done, vec![(11, Ok(())), (12, Ok(()))]);
+}
+
+#[test]
+fn many_in_flight_each_lands_where_it_was_sent() {
+    let Some(address) = device() else { return };
+    let depth = 64u32;
+    let mut qp = NvmeQueuePair::open(&address, depth).expect("open");
+    let mut buffers: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(BLOCK)).collect();
+    for (index, buf) in buffers.iter_mut().enumerate() {
+        pattern(buf, 1000 + index as u64);
+    }
+    let crcs: Vec<u32> = buffers.iter().map(|b| crc32c::crc32c(b)).collect();
+    // Every other block, so no two writes touch one range.
+    for (index, buf) in buffers.iter_mut().enumerate() {
+        let offset = (2 * index * BLOCK) as u64;
+        qp.submit_write(offset, &[io_vec(buf)], index as u64)
+            .unwrap();
+    }
+    assert_eq!(qp.in_flight(), depth);
+    let mut extra = AlignedBuf::new(BLOCK);
+    assert_eq!(
+        qp.submit_write(0, &[io_vec(&mut extra)], 99),
+        Err(SubmitError::QueueFull)
+    );
+    let mut done = drain(&mut qp, depth as usize);
+    done.sort_by_key(|&(tag, _)| tag);
+    assert_eq!(
+        done,
+        (0..u64::from(depth))
+            .map(|t| (t, Ok(())))
+            .collect::<Vec<_>>()
+    );
+    let mut reads: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(BLOCK)).collect();
+    for (index, buf) in reads.iter_mut().enumerate() {
+        let offset = (2 * index * BLOCK) as u64;
+        qp.submit_read(offset, &[io_vec(buf)], index as u64)
+            .unwrap();
+    }
+    let done = drain(&mut qp, depth as usize);
+    assert!(done.iter().all(|(_, result)| result.is_ok()), "{done:?}");
+    for (index, buf) in reads.iter().enumerate() {
+        assert_eq!(crc32c::crc32c(buf), crcs[index], "block {}", 2 * index);
+    }
+}
+
+#[test]
+fn out_of_range_is_refused_at_submit_and_by_the_device() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, 4).expect("open");
+    let capacity = qp.capacity_bytes();
+    let mut buf = AlignedBuf::new(2 * BLOCK);
+    assert_eq!(
+        qp.submit_read(capacity - BLOCK as u64, &[io_vec(&mut buf)], 1),
+        Err(SubmitError::OutOfRange)
+    );
+    assert_eq!(qp.in_flight(), 0);
+    // Past the namespace's end the controller itself refuses: its status comes back.
+    qp.widen_capacity_for_tests(capacity + (1 << 20));
+    qp.submit_read(capacity, &[io_vec(&mut buf)], 2).unwrap();
+    let done = drain(&mut qp, 1);
+    let (tag, result) = done[0];
+    assert_eq!(tag, 2);
+    let Err(IoError::Nvme(status)) = result else {
+        panic!("expected an NVMe status, got {result:?}");
+    };
+    assert_eq!((status.code_type(), status.code()), (0, 0x80), "{status}");
+    assert!(IoError::Nvme(status)
+        .to_string()
+        .contains("LBA out of range"));
+    // The queue pair is still usable.
+    qp.submit_read(0, &[io_vec(&mut buf)], 3).unwrap();
+    assert_eq!(drain(&mut qp, 1), vec![(3, Ok(()))]);
+}
+
+#[test]
+fn registered_buffers_are_used_in_place() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, 8).expect("open");
+    let mut region = AlignedBuf::new(64 * BLOCK);
+    // SAFETY: `region` outlives `qp` (declared before it is dropped at the end of the test,
+    // and `qp` is dropped explicitly first).
+    unsafe {
+        qp.register_buffers(&[(region.as_mut_ptr(), region.len())])
+            .unwrap()
+    };
+    pattern(&mut region[..32 * BLOCK], 7);
+    let want = crc32c::crc32c(&region[..32 * BLOCK]);
+    // SAFETY: the halves are untouched until their requests complete.
+    let (source, target) = unsafe {
+        (
+            region.io_vec_at(0, 32 * BLOCK),
+            region.io_vec_at(32 * BLOCK, 32 * BLOCK),
+        )
+    };
+    qp.submit_write(1 << 20, &[source], 1).unwrap();
+    assert_eq!(drain(&mut qp, 1), vec![(1, Ok(()))]);
+    qp.submit_read(1 << 20, &[target], 2).unwrap();
+    assert_eq!(drain(&mut qp, 1), vec![(2, Ok(()))]);
+    assert_eq!(qp.bounced_commands(), 0);
+    assert_eq!(qp.zero_copy_commands(), 2);
+    drop(qp);
+    assert_eq!(crc32c::crc32c(&region[32 * BLOCK..]), want);
+}
+
+#[test]
+fn two_queue_pairs_share_one_controller() {
+    let Some(address) = device() else { return };
+    let controller = NvmeController::open(&address).expect("open controller");
+    let half = controller.identity().capacity_bytes() / 2 / BLOCK as u64 * BLOCK as u64;
+    let mut first = NvmeQueuePair::new(&controller, 0, half, 8).unwrap();
+    let mut second = NvmeQueuePair::new(&controller, half, half, 8).unwrap();
+    let mut buf = AlignedBuf::new(BLOCK);
+    pattern(&mut buf, 5);
+    // The second pair's offset 0 is the first pair's `half`.
+    second.submit_write(0, &[io_vec(&mut buf)], 1).unwrap();
+    assert_eq!(drain(&mut second, 1), vec![(1, Ok(()))]);
+    let mut back = AlignedBuf::new(BLOCK);
+    first.widen_capacity_for_tests(2 * half);
+    first.submit_read(half, &[io_vec(&mut back)], 2).unwrap();
+    assert_eq!(drain(&mut first, 1), vec![(2, Ok(()))]);
+    assert_eq!(&back[..], &buf[..]);
+    // The range is checked against the namespace.
+    assert!(NvmeQueuePair::new(&controller, half, 2 * half, 8).is_err());
+}
+
+#[test]
+fn a_missing_or_unbound_device_is_a_clear_error() {
+    let error = NvmeController::open("0000:ff:1f.7")
+        .err()
+        .expect("no such device");
+    let text = error.to_string();
+    assert!(text.contains("no PCI device 0000:ff:1f.7"), "{text}");
+}
+
+/// Reads per batch in the cost rounds (a reactor's typical queue depth).
+const COST_BATCH: usize = 32;
+/// Batches per cost run: `ci/vm/cost.sh` divides the instructions it counts by 50 x 32.
+const COST_ROUNDS: usize = 50;
+
+/// The submit+poll path, for `ci/vm/cost.sh` to count instructions in under callgrind (here it
+/// only checks every read completes). Each round submits `COST_BATCH` 4 KiB reads, polls once
+/// (the doorbell), sleeps so the device is done, then reaps: few empty polls get counted.
+/// Calls go through `dyn QueuePair` so that `submit_read` and `poll` stay whole functions.
+fn cost_rounds(qp: &mut dyn QueuePair, buffers: &[IoVec]) {
+    assert_eq!(buffers.len(), COST_BATCH);
+    for _ in 0..COST_ROUNDS {
+        for (index, buffer) in buffers.iter().enumerate() {
+            qp.submit_read((index * BLOCK) as u64, &[*buffer], index as u64)
+                .unwrap();
+        }
+        let mut done = 0;
+        let mut failed = 0;
+        let start = Instant::now();
+        while done < COST_BATCH {
+            done += qp.poll(COST_BATCH, &mut |_, result| {
+                failed += result.is_err() as usize
+            });
+            if done < COST_BATCH {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                start.elapsed() < WAIT_MAX,
+                "{done} of {COST_BATCH} reads done"
+            );
+        }
+        assert_eq!(failed, 0);
+    }
+}
+
+#[test]
+fn cost_rounds_zero_copy() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, COST_BATCH as u32).expect("open");
+    let mut region = AlignedBuf::new(COST_BATCH * BLOCK);
+    // SAFETY: `region` outlives `qp`, which is dropped explicitly below.
+    unsafe {
+        qp.register_buffers(&[(region.as_mut_ptr(), region.len())])
+            .unwrap()
+    };
+    let buffers: Vec<IoVec> = (0..COST_BATCH)
+        // SAFETY: each block is only touched by the device, one read at a time.
+        .map(|index| unsafe { region.io_vec_at(index * BLOCK, BLOCK) })
+        .collect();
+    cost_rounds(&mut qp, &buffers);
+    assert_eq!(qp.bounced_commands(), 0);
+    drop(qp);
+}
+
+#[test]
+fn cost_rounds_bounced() {
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, COST_BATCH as u32).expect("open");
+    let mut blocks: Vec<AlignedBuf> = (0..COST_BATCH).map(|_| AlignedBuf::new(BLOCK)).collect();
+    let buffers: Vec<IoVec> = blocks.iter_mut().map(io_vec).collect();
+    cost_rounds(&mut qp, &buffers);
+    assert_eq!(qp.bounced_commands(), (COST_ROUNDS * COST_BATCH) as u64);
+}
+
+#[test]
+fn a_medium_error_comes_back_as_its_nvme_status() {
+    // ci/vm/run.sh gives this controller a backing file whose reads of byte 1 MiB fail (EIO).
+    let Ok(address) = std::env::var("CARMINE_NVME_FAULTY_PCI") else {
+        eprintln!("SKIP: CARMINE_NVME_FAULTY_PCI is not set (ci/vm/run.sh sets it in the guest)");
+        return;
+    };
+    let mut qp = NvmeQueuePair::open(&address, 4).expect("open");
+    let mut buf = AlignedBuf::new(2 * BLOCK);
+    qp.submit_read(1 << 20, &[io_vec(&mut buf)], 1).unwrap();
+    let done = drain(&mut qp, 1);
+    let (tag, result) = done[0];
+    assert_eq!(tag, 1);
+    let Err(IoError::Nvme(status)) = result else {
+        panic!("expected an NVMe status, got {result:?}");
+    };
+    // Media and data integrity errors, unrecovered read error.
+    assert_eq!((status.code_type(), status.code()), (2, 0x81), "{status}");
+    assert!(
+        status.to_string().contains("unrecovered read error"),
+        "{status}"
+    );
+    // The rest of the namespace reads, and so does a write to the bad range.
+    qp.submit_read(0, &[io_vec(&mut buf)], 2).unwrap();
+    qp.submit_write(1 << 20, &[io_vec(&mut buf)], 3).unwrap();
+    let mut done = drain(&mut qp, 2);
+    done.sort_by_key(|&(tag, _)| tag);
+    assert_eq!(done, vec![(2, Ok(())), (3, Ok(()))]);
+}
