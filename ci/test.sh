@@ -7,11 +7,15 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# 1. System packages. Today: a C toolchain and pkg-config (cc for crates that build C, pkg-config
-#    for the optional DPDK/SPDK probes). Installed only when missing, so developer machines are untouched.
+# 1. System packages: a C toolchain and pkg-config (cc for crates that build C, pkg-config
+#    for the optional DPDK/SPDK probes), and the NBD tools tests/nbd.rs runs. Installed only when missing, so developer machines are untouched.
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# The NBD frontend's tests (tests/nbd.rs) drive the standard tools: nbdinfo/nbdcopy, qemu-img, fio.
+{ command -v nbdinfo && command -v nbdcopy; } >/dev/null || need+=(libnbd-bin)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v fio >/dev/null || need+=(fio)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"

@@ -36,6 +36,12 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
         .parse()
         .map_err(|_| format!("expected IP:PORT (e.g. 127.0.0.1:6800), got {text:?}"))
 }
+fn parse_optional_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    parse_addr(text).map(Some)
+}
 fn parse_cpus(text: &str) -> Result<Option<Vec<usize>>, String> {
     if text.trim() == "auto" {
         return Ok(None);
@@ -104,6 +110,8 @@ serve_options! {
     mode: String = "rtc", parse_choice(&["rtc", "classic"]);
     /// Address to accept clients on (loopback by default: expose deliberately).
     listen: SocketAddr = "127.0.0.1:6800", parse_addr;
+    /// Serve block images over NBD on this address as well ("off": not at all).
+    nbd: Option<SocketAddr> = "off", parse_optional_addr;
     /// Reactors (one pinned thread per core).
     cores: u32 = "1", parse_u32;
     /// CPUs to pin reactors to, e.g. "2,3" or "2-3"; "auto" takes the highest-numbered CPUs, leaving CPU 0 to the OS and load generators.
@@ -232,6 +240,9 @@ impl ServeConfig {
         }
         if self.inflight_per_connection == 0 || self.max_connections == 0 {
             return Err("inflight_per_connection and max_connections must be positive".into());
+        }
+        if self.nbd.is_some() && self.mode == "classic" {
+            return Err("nbd: the NBD frontend runs on the reactors (mode rtc) only".into());
         }
         self.validate_classic()
     }

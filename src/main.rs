@@ -9,6 +9,7 @@ mod config;
 mod device;
 mod fsck;
 mod load;
+mod nbd;
 mod osd;
 mod server;
 mod status;
@@ -95,6 +96,9 @@ enum Command {
     Mkfs(device::MkfsArgs),
     Fsck(fsck::FsckArgs),
     StoreBench(store_bench::StoreBenchArgs),
+    /// Block images for the NBD frontend: create, list, rm.
+    #[command(subcommand)]
+    Image(nbd::cli::ImageCommand),
 }
 
 #[derive(clap::Args)]
@@ -173,6 +177,12 @@ fn serve(args: &config::ServeArgs) -> Result<(), String> {
     install_signal_handlers();
     let server = Running::start(&config)?;
     let (addr, cpus, _) = server.addr_cpus_board();
+    if let Running::Rtc(rtc) = &server {
+        if let Some(nbd) = rtc.nbd_addr {
+            // Printed before the banner below, which tests wait for.
+            log::info!("NBD frontend listening on {nbd} (exports: the images)");
+        }
+    }
     log::info!(
         "carmine {} serving on {} with {} core(s) on CPU(s) {:?}, mode {}, store {}, placement {}, idle {}",
         env!("CARGO_PKG_VERSION"),
@@ -278,6 +288,7 @@ fn main() -> ExitCode {
         // Its own exit statuses: 0 clean, 1 problems found, 2 cannot check.
         Command::Fsck(args) => return fsck::run(args),
         Command::StoreBench(args) => store_bench::run(args),
+        Command::Image(command) => nbd::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
 use serde_json::json;
 
 use crate::config::ServeConfig;
+use crate::nbd::frontend::NbdFrontend;
 use crate::osd::core::{CoreSetup, Hooks, OsdCore, Shutdown};
 use crate::osd::message::Message;
 use crate::osd::placement::Placement;
@@ -26,6 +27,8 @@ const RING_CAPACITY: usize = 1024;
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where the NBD frontend listens, when enabled.
+    pub nbd_addr: Option<SocketAddr>,
     pub cpus: Vec<usize>,
     pub board: Arc<StatusBoard>,
     shutdown: Arc<Shutdown>,
@@ -60,6 +63,7 @@ pub(crate) fn describe(
         "chunk_count": config.chunk_count,
         "large_buffer_count": config.large_buffer_count,
         "transport": "tcp-epoll",
+        "nbd": config.nbd.map(|a| a.to_string()),
     })
 }
 
@@ -67,6 +71,7 @@ struct CoreParts {
     index: usize,
     links: CoreLinks<Message>,
     listener: Option<TcpListener>,
+    nbd_listener: Option<TcpListener>,
 }
 
 fn build_core(
@@ -103,6 +108,19 @@ fn build_core(
         log::warn!("core {index}: hugepages requested but not reserved; buffers use normal pages");
     }
     let store = open_store(config, index)?;
+    let nbd = match config.nbd {
+        None => None,
+        Some(_) => {
+            let mut nbd =
+                NbdFrontend::new(index, cores, config.chunk_size as usize, config.chunk_count)
+                    .map_err(|e| format!("core {index}: NBD frontend: {e}"))?;
+            if let Some(listener) = parts.nbd_listener {
+                nbd.listen(listener)
+                    .map_err(|e| format!("core {index}: NBD listener: {e}"))?;
+            }
+            Some(nbd)
+        }
+    };
     let setup = CoreSetup {
         index,
         cores,
@@ -116,7 +134,7 @@ fn build_core(
         },
         alloc_counter,
     };
-    Ok(OsdCore::new(
+    let core = OsdCore::new(
         setup,
         transport,
         pools,
@@ -125,7 +143,13 @@ fn build_core(
         wakers,
         board,
         shutdown,
-    ))
+    );
+    match nbd {
+        None => Ok(core),
+        Some(nbd) => core
+            .with_nbd(nbd)
+            .map_err(|e| format!("core {index}: NBD frontend: {e}")),
+    }
 }
 
 /// Core `index`'s store: its share of the memory store, or its shard of the segment store.
@@ -238,6 +262,18 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let nbd_listener = match config.nbd {
+            None => None,
+            Some(nbd) => Some(
+                TcpListener::bind(nbd)
+                    .map_err(|e| format!("cannot listen for NBD on {nbd}: {e}"))?,
+            ),
+        };
+        let nbd_addr = match nbd_listener.as_ref() {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        };
+        let mut nbd_listener = nbd_listener;
         let cores = config.cores as usize;
         let cpus = config.reactor_cpus();
         let wakers: Vec<Waker> = (0..cores)
@@ -258,6 +294,11 @@ impl Server {
                 index,
                 links,
                 listener: if index == 0 { listener.take() } else { None },
+                nbd_listener: if index == 0 {
+                    nbd_listener.take()
+                } else {
+                    None
+                },
             };
             let (config, wakers, board, shutdown, ready_sender) = (
                 config.clone(),
@@ -294,6 +335,7 @@ impl Server {
         drop(ready_sender);
         let server = Server {
             addr,
+            nbd_addr,
             cpus,
             board,
             shutdown,

@@ -37,6 +37,7 @@ const RX_SPARE_MIN_BYTES: usize = 16 << 10;
 
 const TOKEN_WAKER: u64 = u64::MAX;
 const TOKEN_LISTENER: u64 = u64::MAX - 1;
+const TOKEN_WATCHED: u64 = u64::MAX - 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransportConfig {
@@ -209,6 +210,20 @@ impl TcpTransport {
         Ok(())
     }
 
+    /// Adds one more descriptor (another frontend's epoll set) to the ones this epoll set
+    /// watches, so that a parked core wakes for it too. Its readiness is a wakeup, not work:
+    /// its owner polls it every pass. (Polling it only when this set reported it readable
+    /// lost events under load: reads stalled for seconds. Kept simple until understood.)
+    pub fn watch_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            TOKEN_WATCHED,
+        )
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len() - self.free.len()
     }
@@ -301,11 +316,12 @@ impl TcpTransport {
         let mut work = 0;
         for event_index in 0..count as usize {
             let libc::epoll_event { events, u64: token } = self.events[event_index];
-            if token != TOKEN_WAKER {
+            if token != TOKEN_WAKER && token != TOKEN_WATCHED {
                 work += 1; // A wakeup is not work: the inbox it announces is polled anyway.
             }
             match token {
                 TOKEN_WAKER => {}
+                TOKEN_WATCHED => {}
                 TOKEN_LISTENER => self.accept_ready = true,
                 _ => self.on_conn_event(token, events),
             }

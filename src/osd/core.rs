@@ -24,6 +24,7 @@ use carmine_dataplane::wire::{
 };
 use carmine_storage::{ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit};
 
+use crate::nbd::frontend::NbdFrontend;
 use crate::osd::message::{Message, Results};
 use crate::osd::op_table::{OpRef, OpTable, SLOT_NONE};
 use crate::osd::pg::Pg;
@@ -60,6 +61,8 @@ enum Origin {
     Local(ConnId),
     /// A client op slot on another core.
     Remote { core: usize, op: OpRef },
+    /// A part of an NBD request of this core's frontend.
+    Nbd { request: OpRef, part: u8 },
 }
 
 #[derive(Default)]
@@ -82,6 +85,8 @@ struct ExecOp {
 struct ClientOp {
     conn: Option<ConnId>,
     header: Header,
+    /// Set instead of `conn` for a part of an NBD request.
+    nbd: Option<(OpRef, u8)>,
 }
 
 /// Shared between the cores for shutdown: bit n set while core n has nothing in flight.
@@ -126,6 +131,9 @@ pub struct CoreSetup {
 pub struct OsdCore {
     index: usize,
     transport: TcpTransport,
+    /// The NBD frontend, when `--nbd` is set.
+    nbd: Option<NbdFrontend>,
+    nbd_accept_next: usize,
     pools: CorePools,
     store: Box<dyn ObjectStore>,
     /// The store signals this core's waker on device completions: an adaptive core may park
@@ -245,6 +253,8 @@ impl OsdCore {
         OsdCore {
             index: setup.index,
             transport,
+            nbd: None,
+            nbd_accept_next: 0,
             pools,
             store,
             store_wakes,
@@ -275,6 +285,14 @@ impl OsdCore {
         }
     }
 
+    /// Serves NBD on this core too. The frontend's epoll set joins the transport's, so a
+    /// parked core wakes for NBD traffic.
+    pub fn with_nbd(mut self, nbd: NbdFrontend) -> std::io::Result<OsdCore> {
+        self.transport.watch_fd(nbd.epoll_fd())?;
+        self.nbd = Some(nbd);
+        Ok(self)
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
@@ -288,7 +306,7 @@ impl OsdCore {
     fn poll_network(&mut self) -> usize {
         let mut work = self.transport.poll_events(Duration::ZERO);
         if self.stopping() {
-            return work;
+            return work + self.poll_nbd();
         }
         while let Some((stream, peer)) = self.transport.poll_accept() {
             let target = self.accept_next % self.placement.cores;
@@ -317,7 +335,98 @@ impl OsdCore {
             self.handle_frame(frame);
         }
         self.rx_batch = batch;
-        work + delivered
+        work + delivered + self.poll_nbd()
+    }
+
+    fn poll_nbd(&mut self) -> usize {
+        let Some(nbd) = self.nbd.as_mut() else {
+            return 0;
+        };
+        let mut work = nbd.poll_events();
+        // Stopping: accept and read nothing more, but finish what was issued.
+        let reading = !self.stopping();
+        while let Some((stream, peer)) = self
+            .nbd
+            .as_mut()
+            .filter(|_| reading)
+            .and_then(|nbd| nbd.poll_accept())
+        {
+            let target = self.nbd_accept_next % self.placement.cores;
+            self.nbd_accept_next += 1;
+            log::debug!(
+                "core {}: NBD client {peer}, owned by core {target}",
+                self.index
+            );
+            if target == self.index {
+                self.nbd.as_mut().expect("present").adopt(stream);
+            } else {
+                self.send(target, Message::AdoptNbd(stream));
+            }
+            work += 1;
+        }
+        let nbd = self.nbd.as_mut().expect("checked above");
+        work += nbd.poll_rx(&mut self.pools, reading);
+        work + self.dispatch_nbd_parts()
+    }
+
+    /// Sends the NBD frontend's parts down the same path as frames from the wire: placement,
+    /// then this core's PG or one hop to the owner's. Only while op slots are free; the rest
+    /// wait in the frontend's bounded queue.
+    fn dispatch_nbd_parts(&mut self) -> usize {
+        let mut work = 0;
+        while self.exec.free_count() > 0 && self.client.free_count() > 0 {
+            let Some(part) = self.nbd.as_mut().and_then(|nbd| nbd.next_part()) else {
+                break;
+            };
+            work += 1;
+            let view = Frame::view(part.header, part.frame.as_slice());
+            let target = self.placement.locate(view.oid);
+            if target.core == self.index {
+                let origin = Origin::Nbd {
+                    request: part.request,
+                    part: part.part,
+                };
+                self.exec_start(
+                    origin,
+                    part.header,
+                    part.frame,
+                    target.local_pg,
+                    target.hash,
+                );
+                continue;
+            }
+            let op = self.client.alloc().expect("free client slot checked");
+            *self.client.get(op) = ClientOp {
+                conn: None,
+                header: part.header,
+                nbd: Some((part.request, part.part)),
+            };
+            self.counters.add(Counter::ops_remote_out, 1);
+            let message = Message::Execute {
+                origin: op,
+                header: part.header,
+                frame: part.frame,
+                local_pg: target.local_pg,
+                object_hash: target.hash,
+            };
+            self.send(target.core, message);
+        }
+        work
+    }
+
+    /// An NBD part finished: its frame goes back to the pool, its outcome to the frontend.
+    fn nbd_part_done(
+        &mut self,
+        (request, part): (OpRef, u8),
+        frame: Lease,
+        status: Status,
+        results: Results,
+        output: Option<Buf>,
+    ) {
+        self.pools.release_lease(frame);
+        let sub_status = results.as_slice().first().map(|(status, _)| *status);
+        let nbd = self.nbd.as_mut().expect("NBD parts come from the frontend");
+        nbd.complete(&mut self.pools, request, part, status, sub_status, output);
     }
 
     fn handle_frame(&mut self, rx: RxFrame) {
@@ -365,6 +474,7 @@ impl OsdCore {
         *self.client.get(op) = ClientOp {
             conn: Some(conn),
             header,
+            nbd: None,
         };
         self.counters.add(Counter::ops_remote_out, 1);
         let message = Message::Execute {
@@ -712,6 +822,9 @@ impl OsdCore {
                     },
                 );
             }
+            Origin::Nbd { request, part } => {
+                self.nbd_part_done((request, part), frame, status, results, output);
+            }
             Origin::None => unreachable!("exec ops always have an origin"),
         }
     }
@@ -860,6 +973,10 @@ impl OsdCore {
             Message::Adopt(stream) => {
                 self.transport.adopt(stream);
             }
+            Message::AdoptNbd(stream) => match self.nbd.as_mut() {
+                Some(nbd) => nbd.adopt(stream),
+                None => log::warn!("core {}: NBD connection without a frontend", self.index),
+            },
             Message::Execute {
                 origin,
                 header,
@@ -887,6 +1004,10 @@ impl OsdCore {
                 frame,
             } => {
                 let client = self.client.free(origin);
+                if let Some(part) = client.nbd {
+                    self.nbd_part_done(part, frame, status, results, output);
+                    return;
+                }
                 self.pools.release_lease(frame);
                 let body = output.map_or(Body::None, Body::Buf);
                 let conn = client.conn.expect("client ops record their connection");
@@ -905,6 +1026,11 @@ impl OsdCore {
     fn route_foreign_bodies(&mut self) -> usize {
         let mut work = 0;
         while let Some(body) = self.transport.take_foreign() {
+            let home = body.home_core().expect("foreign bodies have a home");
+            self.send(home, Message::Release(body));
+            work += 1;
+        }
+        while let Some(body) = self.nbd.as_mut().and_then(|nbd| nbd.take_foreign()) {
             let home = body.home_core().expect("foreign bodies have a home");
             self.send(home, Message::Release(body));
             work += 1;
@@ -967,6 +1093,13 @@ impl OsdCore {
         c.set(Counter::allocations, allocations);
         c.set(Counter::stream_malformed, transport.malformed);
         c.set(Counter::stream_over_limit, transport.over_limit);
+        if let Some(nbd) = self.nbd.as_ref() {
+            let stats = nbd.stats();
+            c.set(Counter::nbd_requests, stats.requests);
+            c.set(Counter::nbd_errors, stats.errors);
+            c.set(Counter::nbd_protocol_errors, stats.protocol_errors);
+            c.set(Counter::nbd_connections, nbd.connection_count() as u64);
+        }
         self.shared.publish(&self.counters);
         for (target, producer) in self.outbox.iter().enumerate() {
             if let Some(producer) = producer {
@@ -981,12 +1114,16 @@ impl OsdCore {
             && self.client.in_flight() == 0
             && self.outbound.iter().all(|q| q.is_empty())
             && !self.transport.has_pending_tx()
+            && self.nbd.as_ref().is_none_or(|nbd| nbd.is_quiet())
             && self.inbox.iter().flatten().all(|c| c.is_empty())
     }
 
     /// Closes connections and hands back the pools; called on the core's thread after the loop.
     pub fn into_pools(mut self) -> CorePools {
         self.transport.close_all(&mut self.pools);
+        if let Some(nbd) = self.nbd.as_mut() {
+            nbd.close_all(&mut self.pools);
+        }
         self.pools
     }
 }
@@ -1021,6 +1158,9 @@ impl Core for OsdCore {
         work += self.poll_timers();
         work += self.drain_ready_pgs();
         work += self.transport.flush_tx(&mut self.pools);
+        if let Some(nbd) = self.nbd.as_mut() {
+            work += nbd.flush_tx(&mut self.pools);
+        }
         work += self.route_foreign_bodies();
         work += self.flush_outbound();
         work

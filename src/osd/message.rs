@@ -34,6 +34,8 @@ impl Results {
 pub enum Message {
     /// A new client connection for the receiving core to own.
     Adopt(TcpStream),
+    /// A new NBD client connection for the receiving core's NBD frontend.
+    AdoptNbd(TcpStream),
     /// Run an op on one of the receiving core's PGs. `frame` is a read-only lease on the
     /// sender's receive buffer; it comes back with `Done` (only the home core releases it).
     Execute {

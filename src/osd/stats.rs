@@ -73,6 +73,10 @@ counters!(
     store_capacity_bytes,
     store_device_bytes_written,
     store_client_bytes_written,
+    nbd_requests,
+    nbd_errors,
+    nbd_protocol_errors,
+    nbd_connections,
 );
 
 pub const COUNTER_COUNT: usize = COUNTER_NAMES.len();

@@ -51,6 +51,8 @@ impl Drop for TestDir {
 pub struct ServerProcess {
     child: Option<Child>,
     pub addr: String,
+    /// Log lines up to and including the "serving on" banner.
+    pub startup_log: Vec<String>,
     log: std::sync::mpsc::Receiver<String>,
 }
 
@@ -89,10 +91,12 @@ impl ServerProcess {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut startup_log = Vec::new();
         loop {
             let line = log
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("server announces its address");
+            startup_log.push(line.clone());
             if let Some(rest) = line.split(" serving on ").nth(1) {
                 let addr = rest
                     .split_whitespace()
@@ -102,6 +106,7 @@ impl ServerProcess {
                 return ServerProcess {
                     child: Some(child),
                     addr,
+                    startup_log,
                     log,
                 };
             }

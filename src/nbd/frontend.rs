@@ -1,0 +1,1636 @@
+//! The NBD frontend of one core: its NBD connections (negotiation and transmission), and the
+//! table of block requests in flight.
+//!
+//! A block request becomes object ops: the range is split (`image::split`) at object
+//! boundaries and at `part_bytes`, and each part is encoded as an ordinary OSD_OP frame (one
+//! sub-op on `NAME.<index>`) in this core's frame arena, a receive chunk from the small pool.
+//! The core dispatches those frames exactly like frames from the wire (`OsdCore::
+//! dispatch_nbd_parts`): placement, the cross-core hop, PG ordering, the store. Each part's
+//! completion comes back here (`complete`); the reply is queued when every part has finished.
+//!
+//! Negotiation needs the store too (`NBD_OPT_LIST` reads the image directory, `NBD_OPT_GO`
+//! an image's header): those reads travel the same way, as one-part requests.
+//!
+//! Bounded: connections, requests, parts waiting for op slots and per-connection replies are
+//! tables sized at start-up (or at accept, for a connection's buffers); a full table stops the
+//! reading of requests, never drops one. Write data is copied once, from the connection's
+//! receive buffer into the part's frame (the frame must be contiguous behind its header).
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use carmine_dataplane::buffers::{Body, CorePools};
+use carmine_dataplane::pool::{Buf, Lease};
+use carmine_dataplane::wire::{Header, Opcode, Status, SubOpCode, HEADER_SIZE, SUB_OP_DESC_SIZE};
+
+use crate::nbd::image::{self, ImageHeader, Oid};
+use crate::nbd::protocol::{self as nbd, Request as NbdRequest};
+use crate::osd::op_table::{OpRef, OpTable};
+
+/// NBD connections one core serves at once.
+pub const CONNECTIONS_PER_CORE_MAX: u32 = 256;
+/// Requests of one connection past parsing and not yet answered; beyond, it is not read.
+pub const INFLIGHT_PER_CONNECTION_MAX: u32 = 128;
+/// Block requests in flight on one core (all its connections).
+pub const REQUESTS_PER_CORE_MAX: u32 = 1024;
+/// Largest part of a request, in bytes: a part's frame (data plus header, object id and sub-op
+/// descriptor) must fit one receive chunk, and its read output one chunk too.
+pub const PART_BYTES_MAX: usize = 64 << 10;
+/// Parts of one read or write: so the largest request is 32 parts (2 MiB with 64 KiB parts),
+/// plus one for a start that is not part-aligned.
+pub const REQUEST_PARTS_MAX: usize = 33;
+/// Parts built and waiting for op slots on this core.
+const PARTS_QUEUED_MAX: usize = 4096;
+/// Zero/trim parts of one request in flight at once (a trim of a whole image has thousands).
+const ZERO_PARTS_IN_FLIGHT_MAX: u32 = 8;
+/// Largest option a client may send during negotiation, in bytes.
+const OPTION_BYTES_MAX: usize = 4096;
+/// A write larger than the limit but at most this is read and dropped (reply EINVAL); larger
+/// ones close the connection (reading them would only feed a broken client).
+const DISCARD_BYTES_MAX: u64 = 32 << 20;
+/// Small buffers kept free for the store's outputs: the frontend takes a new arena chunk only
+/// above this, so frames waiting for outputs can never hold every buffer.
+const POOL_RESERVE_COUNT: u32 = 4;
+/// Events taken from epoll per call.
+const EPOLL_EVENTS_MAX: usize = 64;
+/// iovecs per writev (a read reply of 33 parts needs up to 67).
+const TX_IOVECS_MAX: usize = 256;
+
+const TOKEN_LISTENER: u64 = u64::MAX;
+
+/// Zero bytes for the parts of a read that the store did not have (never written, or short).
+static ZEROES: [u8; PART_BYTES_MAX] = [0; PART_BYTES_MAX];
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Read,
+    Write,
+    /// TRIM or WRITE_ZEROES: zero (or remove) each object range.
+    Zero,
+    /// A negotiation read: the directory (LIST) or an image header (GO, INFO, EXPORT_NAME).
+    Option(u32),
+}
+
+/// A built part, waiting for the core to dispatch it.
+pub struct PartOp {
+    pub request: OpRef,
+    pub part: u8,
+    pub header: Header,
+    pub frame: Lease,
+}
+
+struct Request {
+    conn: u32,
+    conn_generation: u32,
+    cookie: u64,
+    kind: Kind,
+    parts_issued: u32,
+    parts_done: u32,
+    /// The part of the range not yet issued (image offset and length).
+    next_offset: u64,
+    remaining: u64,
+    /// NBD error of the first failing part (0: none).
+    error: u32,
+    /// Listed in `Work::pump` (a zero request with ranges left to issue).
+    in_pump: bool,
+    /// WRITE_ZEROES with NO_HOLE: zero whole objects too, never remove them.
+    no_hole: bool,
+    /// Reads: each part's length and output (short or missing outputs read as zeroes).
+    lengths: [u32; REQUEST_PARTS_MAX],
+    outputs: [Option<Buf>; REQUEST_PARTS_MAX],
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Request {
+            conn: 0,
+            conn_generation: 0,
+            cookie: 0,
+            kind: Kind::Read,
+            parts_issued: 0,
+            parts_done: 0,
+            next_offset: 0,
+            remaining: 0,
+            error: 0,
+            in_pump: false,
+            no_hole: false,
+            lengths: [0; REQUEST_PARTS_MAX],
+            outputs: std::array::from_fn(|_| None),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the client's 4 flag bytes.
+    ClientFlags,
+    Options,
+    Transmission,
+}
+
+struct TxReply {
+    head: [u8; nbd::SIMPLE_REPLY_BYTES],
+    /// A successful read: its request's outputs are the payload; freed once sent.
+    read: Option<OpRef>,
+    sent: usize,
+}
+
+/// The export a connection chose.
+#[derive(Clone, Copy)]
+struct Export {
+    name: [u8; image::NAME_BYTES_MAX],
+    name_len: usize,
+    header: ImageHeader,
+}
+
+struct Conn {
+    stream: TcpStream,
+    generation: u32,
+    phase: Phase,
+    no_zeroes: bool,
+    /// Received bytes `[in_start, in_end)` not yet consumed.
+    inbuf: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    /// Bytes still to drop (an oversized option or write).
+    discard: u64,
+    /// A write whose data is still arriving.
+    write: Option<OpRef>,
+    /// A negotiation read in flight: no more options are read until it answers.
+    option_pending: bool,
+    /// The name of the option being answered (GO/INFO/EXPORT_NAME).
+    pending: Option<Export>,
+    export: Option<Export>,
+    /// Negotiation output, sent before any transmission reply.
+    ctl: Vec<u8>,
+    ctl_sent: usize,
+    tx: VecDeque<TxReply>,
+    inflight: u32,
+    in_rx_list: bool,
+    in_tx_list: bool,
+    peer_closed: bool,
+    /// Read nothing more; close once every request is answered and sent.
+    closing: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NbdStats {
+    pub accepted: u64,
+    pub closed: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub protocol_errors: u64,
+}
+
+/// Everything but the connections, so that a connection and the rest borrow separately.
+struct Work {
+    core: usize,
+    part_bytes: usize,
+    /// Parts a read may have (and so the largest request: one less, times `part_bytes`).
+    request_parts_max: usize,
+    /// Read outputs this core's requests may hold at once, and how many they hold. A read
+    /// keeps every part's output until its reply is sent, so reads that each hold some and
+    /// wait for more could otherwise take every buffer of a pool and wait forever. All cores'
+    /// budgets together are half of one core's small pool (outputs come from the pool of the
+    /// core that runs the part, which may be any core).
+    read_parts_budget: usize,
+    read_parts_held: usize,
+    /// Parts built and not yet completed (queued, or in the op path).
+    parts_outstanding: usize,
+    requests: OpTable<Request>,
+    parts: VecDeque<PartOp>,
+    /// Zero/trim requests with parts left to issue.
+    pump: VecDeque<OpRef>,
+    arena: Option<Buf>,
+    foreign: Vec<Body>,
+    stats: NbdStats,
+}
+
+pub struct NbdFrontend {
+    epoll: OwnedFd,
+    events: Vec<libc::epoll_event>,
+    listener: Option<TcpListener>,
+    accept_ready: bool,
+    conns: Vec<Option<Conn>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    rx_list: VecDeque<u32>,
+    tx_list: Vec<u32>,
+    tx_list_spare: Vec<u32>,
+    work: Work,
+}
+
+fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: `event` is a valid epoll_event for the duration of the call; fds are checked by the kernel.
+    let rc = unsafe { libc::epoll_ctl(epoll, op, fd, &mut event) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The part size for receive chunks of `chunk_bytes`: the largest power of two that leaves
+/// room for a frame's header, object id and descriptor, at most `PART_BYTES_MAX`.
+pub fn part_bytes_for(chunk_bytes: usize) -> usize {
+    let room = chunk_bytes - 4096;
+    let power = 1usize << (usize::BITS - 1 - room.leading_zeros());
+    power.min(PART_BYTES_MAX)
+}
+
+impl NbdFrontend {
+    /// `chunk_bytes` and `chunk_count`: each core's small pool; `cores`: how many cores.
+    pub fn new(
+        core: usize,
+        cores: usize,
+        chunk_bytes: usize,
+        chunk_count: u32,
+    ) -> io::Result<NbdFrontend> {
+        let read_parts_budget = (chunk_count as usize / 2 / cores).max(2);
+        // SAFETY: no preconditions; result checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let count = CONNECTIONS_PER_CORE_MAX as usize;
+        Ok(NbdFrontend {
+            epoll,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
+            listener: None,
+            accept_ready: false,
+            conns: (0..count).map(|_| None).collect(),
+            generations: vec![0; count],
+            free: (0..count as u32).rev().collect(),
+            rx_list: VecDeque::with_capacity(count),
+            tx_list: Vec::with_capacity(count),
+            tx_list_spare: Vec::with_capacity(count),
+            work: Work {
+                core,
+                part_bytes: part_bytes_for(chunk_bytes),
+                request_parts_max: read_parts_budget.min(REQUEST_PARTS_MAX),
+                read_parts_budget,
+                read_parts_held: 0,
+                parts_outstanding: 0,
+                requests: OpTable::new(REQUESTS_PER_CORE_MAX),
+                parts: VecDeque::with_capacity(PARTS_QUEUED_MAX),
+                pump: VecDeque::with_capacity(REQUESTS_PER_CORE_MAX as usize),
+                arena: None,
+                foreign: Vec::with_capacity(1024),
+                stats: NbdStats::default(),
+            },
+        })
+    }
+
+    /// The epoll descriptor, for the core to sleep on with its own (nested epoll).
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    pub fn stats(&self) -> NbdStats {
+        self.work.stats
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
+    pub fn listen(&mut self, listener: TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            TOKEN_LISTENER,
+        )?;
+        self.listener = Some(listener);
+        self.accept_ready = true;
+        Ok(())
+    }
+
+    pub fn poll_accept(&mut self) -> Option<(TcpStream, SocketAddr)> {
+        if !self.accept_ready {
+            return None;
+        }
+        match self.listener.as_ref()?.accept() {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    log::warn!("core {}: NBD accept failed: {e}", self.work.core);
+                }
+                self.accept_ready = false;
+                None
+            }
+        }
+    }
+
+    /// Makes `stream` one of this core's NBD connections and greets the client.
+    pub fn adopt(&mut self, stream: TcpStream) {
+        let Some(index) = self.free.pop() else {
+            log::warn!(
+                "core {}: NBD connection refused: {CONNECTIONS_PER_CORE_MAX} is the limit",
+                self.work.core
+            );
+            return;
+        };
+        let generation = self.generations[index as usize].wrapping_add(1);
+        self.generations[index as usize] = generation;
+        let setup = stream
+            .set_nonblocking(true)
+            .and_then(|_| stream.set_nodelay(true))
+            .and_then(|_| {
+                let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+                epoll_ctl(
+                    self.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    stream.as_raw_fd(),
+                    events as u32,
+                    u64::from(generation) << 32 | u64::from(index),
+                )
+            });
+        if let Err(e) = setup {
+            log::warn!("core {}: cannot set up NBD connection: {e}", self.work.core);
+            self.free.push(index);
+            return;
+        }
+        // Per-connection buffers are allocated here, at accept, never per request.
+        let mut ctl = Vec::with_capacity(1024);
+        ctl.extend_from_slice(&nbd::greeting());
+        self.conns[index as usize] = Some(Conn {
+            stream,
+            generation,
+            phase: Phase::ClientFlags,
+            no_zeroes: false,
+            inbuf: vec![0u8; 2 * self.work.part_bytes + 4096].into_boxed_slice(),
+            in_start: 0,
+            in_end: 0,
+            discard: 0,
+            write: None,
+            option_pending: false,
+            pending: None,
+            export: None,
+            ctl,
+            ctl_sent: 0,
+            tx: VecDeque::with_capacity(INFLIGHT_PER_CONNECTION_MAX as usize + 1),
+            inflight: 0,
+            in_rx_list: true,
+            in_tx_list: true,
+            peer_closed: false,
+            closing: false,
+        });
+        self.rx_list.push_back(index);
+        self.tx_list.push(index);
+        self.work.stats.accepted += 1;
+    }
+
+    /// Collects readiness; never blocks.
+    pub fn poll_events(&mut self) -> usize {
+        // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
+        let count = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                EPOLL_EVENTS_MAX as i32,
+                0,
+            )
+        };
+        if count <= 0 {
+            return 0;
+        }
+        for event_index in 0..count as usize {
+            let libc::epoll_event { events, u64: token } = self.events[event_index];
+            if token == TOKEN_LISTENER {
+                self.accept_ready = true;
+                continue;
+            }
+            let index = token as u32;
+            let Some(conn) = self.conns.get_mut(index as usize).and_then(|c| c.as_mut()) else {
+                continue;
+            };
+            if conn.generation != (token >> 32) as u32 {
+                continue;
+            }
+            let hangup = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+            if events & hangup != 0 {
+                conn.peer_closed = true;
+            }
+            if events & (libc::EPOLLIN as u32 | hangup) != 0 && !conn.in_rx_list {
+                conn.in_rx_list = true;
+                self.rx_list.push_back(index);
+            }
+            if events & libc::EPOLLOUT as u32 != 0 && !conn.in_tx_list {
+                conn.in_tx_list = true;
+                self.tx_list.push(index);
+            }
+        }
+        count as usize
+    }
+
+    /// Reads every connection with pending bytes, turning requests into parts (only issues
+    /// the rest of zero requests when `reading` is false: the server is stopping). Returns
+    /// work done.
+    pub fn poll_rx(&mut self, pools: &mut CorePools, reading: bool) -> usize {
+        let mut work = self.pump_zero_requests(pools);
+        if !reading {
+            return work;
+        }
+        let mut visits = self.rx_list.len();
+        while visits > 0 {
+            visits -= 1;
+            let index = self.rx_list.pop_front().expect("visits <= list length");
+            let outcome = self.read_connection(index, pools);
+            work += outcome.0;
+            match outcome.1 {
+                Rx::Paused => self.rx_list.push_back(index),
+                Rx::Drained => {
+                    if let Some(conn) = self.conns[index as usize].as_mut() {
+                        conn.in_rx_list = false;
+                    }
+                }
+                Rx::Close => self.close(index, pools),
+            }
+        }
+        work
+    }
+
+    /// The next part for the core to dispatch (it calls this only with op slots free).
+    pub fn next_part(&mut self) -> Option<PartOp> {
+        self.work.parts.pop_front()
+    }
+
+    /// Bodies of other cores' pools this core finished with: they must travel home.
+    pub fn take_foreign(&mut self) -> Option<Body> {
+        self.work.foreign.pop()
+    }
+
+    /// Nothing issued is unfinished and nothing answered is unsent. (A write whose client
+    /// stopped sending its data midway issues nothing more and does not hold up shutdown.)
+    pub fn is_quiet(&self) -> bool {
+        self.work.parts_outstanding == 0 && self.work.pump.is_empty() && self.tx_list.is_empty()
+    }
+
+    fn read_connection(&mut self, index: u32, pools: &mut CorePools) -> (usize, Rx) {
+        let mut work = 0;
+        let mut socket_drained = false;
+        loop {
+            let conn = self.conns[index as usize]
+                .as_mut()
+                .expect("listed connections are open");
+            if conn.closing {
+                return (work, Rx::Drained);
+            }
+            match consume(&mut self.work, conn, index, pools) {
+                Consume::Progress => {
+                    work += 1;
+                    self.want_tx(index);
+                    continue;
+                }
+                Consume::Paused => return (work, Rx::Paused),
+                Consume::Wait => return (work, Rx::Drained),
+                Consume::Close => return (work, Rx::Close),
+                Consume::CloseAfterReplies => {
+                    conn.closing = true;
+                    self.want_tx(index);
+                    return (work, Rx::Drained);
+                }
+                Consume::NeedBytes => {}
+            }
+            if socket_drained && !conn.peer_closed {
+                // The last recv returned less than it could take: the socket is empty, and
+                // edge-triggered epoll reports the next arrival. Saves one recv per pass.
+                return (work, Rx::Drained);
+            }
+            // Make room at the end of the buffer for the rest of what is pending.
+            if conn.in_start == conn.in_end {
+                conn.in_start = 0;
+                conn.in_end = 0;
+            } else if conn.in_start > 0 && conn.inbuf.len() - conn.in_end < self.work.part_bytes {
+                conn.inbuf.copy_within(conn.in_start..conn.in_end, 0);
+                conn.in_end -= conn.in_start;
+                conn.in_start = 0;
+            }
+            let target = &mut conn.inbuf[conn.in_end..];
+            // SAFETY: `target` is a live, exclusively borrowed byte slice; recv writes at most its length.
+            let received = unsafe {
+                libc::recv(
+                    conn.stream.as_raw_fd(),
+                    target.as_mut_ptr().cast(),
+                    target.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if received > 0 {
+                socket_drained = (received as usize) < target.len();
+                conn.in_end += received as usize;
+                continue;
+            }
+            let error = io::Error::last_os_error();
+            if received < 0 && error.kind() == io::ErrorKind::WouldBlock {
+                return (work, Rx::Drained);
+            }
+            if received < 0 && error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if conn.in_end > conn.in_start || conn.write.is_some() {
+                log::info!("core {}: NBD client went away mid-request", self.work.core);
+            }
+            return (work, Rx::Close);
+        }
+    }
+
+    fn want_tx(&mut self, index: u32) {
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        if !conn.in_tx_list {
+            conn.in_tx_list = true;
+            self.tx_list.push(index);
+        }
+    }
+
+    /// Issues more parts of zero/trim requests, as earlier ones finish.
+    fn pump_zero_requests(&mut self, pools: &mut CorePools) -> usize {
+        let mut work = 0;
+        for _ in 0..self.work.pump.len() {
+            let request_ref = self.work.pump.pop_front().expect("counted");
+            let request = self.work.requests.get(request_ref);
+            request.in_pump = false;
+            let (conn_index, generation) = (request.conn, request.conn_generation);
+            let export = match self.conns[conn_index as usize].as_ref() {
+                Some(conn) if conn.generation == generation => conn.export,
+                _ => None,
+            };
+            let Some(export) = export else {
+                // The client went away: issue nothing more.
+                let request = self.work.requests.get(request_ref);
+                request.remaining = 0;
+                if request.parts_done == request.parts_issued {
+                    free_request(&mut self.work, pools, request_ref);
+                }
+                continue;
+            };
+            work += issue_zero_parts(&mut self.work, request_ref, &export, pools);
+            schedule_zero(&mut self.work, request_ref);
+        }
+        work
+    }
+
+    /// One part finished (on this core or another). `sub_status` is its sub-op's status,
+    /// `output` its read output.
+    pub fn complete(
+        &mut self,
+        pools: &mut CorePools,
+        request_ref: OpRef,
+        part: u8,
+        status: Status,
+        sub_status: Option<u32>,
+        output: Option<Buf>,
+    ) {
+        let missing = sub_status == Some(Status::NotFound as u32) || status == Status::NotFound;
+        let failed = status != Status::Ok || sub_status.is_some_and(|s| s != 0);
+        let no_space = status == Status::NoSpace || sub_status == Some(Status::NoSpace as u32);
+        let mut spare = None;
+        self.work.parts_outstanding -= 1;
+        let request = self.work.requests.get(request_ref);
+        request.parts_done += 1;
+        match request.kind {
+            Kind::Read | Kind::Option(_) => {
+                // A missing object reads as zeroes: it was never written (or was trimmed).
+                if failed && !missing {
+                    request.error = nbd::EIO;
+                }
+                let slot = &mut request.outputs[usize::from(part)];
+                match output {
+                    Some(buf) if slot.is_none() => *slot = Some(buf),
+                    other => spare = other,
+                }
+            }
+            Kind::Write | Kind::Zero => {
+                spare = output;
+                // Zeroing or removing an object that was never written is already done.
+                let harmless = missing && request.kind == Kind::Zero;
+                if failed && !harmless && request.error == 0 {
+                    request.error = if no_space { nbd::ENOSPC } else { nbd::EIO };
+                }
+            }
+        }
+        if let Some(buf) = spare {
+            release(&mut self.work, pools, buf);
+        }
+        let request = self.work.requests.get(request_ref);
+        if request.remaining > 0 {
+            // A write still receiving data, or a zero with object ranges left to issue.
+            if request.kind == Kind::Zero && !request.in_pump {
+                request.in_pump = true;
+                self.work.pump.push_back(request_ref);
+            }
+            return;
+        }
+        if request.parts_done == request.parts_issued {
+            self.request_done(pools, request_ref);
+        }
+    }
+
+    /// Every part of the request has finished: answer it (or drop it, if its client is gone).
+    fn request_done(&mut self, pools: &mut CorePools, request_ref: OpRef) {
+        let request = self.work.requests.get(request_ref);
+        let (index, generation, kind, cookie, error) = (
+            request.conn,
+            request.conn_generation,
+            request.kind,
+            request.cookie,
+            request.error,
+        );
+        let alive = self.conns[index as usize]
+            .as_ref()
+            .is_some_and(|c| c.generation == generation);
+        if !alive {
+            free_request(&mut self.work, pools, request_ref);
+            return;
+        }
+        if let Kind::Option(option) = kind {
+            self.option_done(pools, index, request_ref, option);
+            return;
+        }
+        if error != 0 {
+            self.work.stats.errors += 1;
+        }
+        let read = (kind == Kind::Read && error == 0).then_some(request_ref);
+        if read.is_none() {
+            free_request(&mut self.work, pools, request_ref);
+        }
+        let conn = self.conns[index as usize].as_mut().expect("alive");
+        queue_reply(conn, error, cookie, read);
+        self.want_tx(index);
+    }
+
+    /// A negotiation read finished: answer the option it serves.
+    fn option_done(&mut self, pools: &mut CorePools, index: u32, request_ref: OpRef, option: u32) {
+        let request = self.work.requests.get(request_ref);
+        let bytes: &[u8] = request.outputs[0].as_ref().map_or(&[], |b| b.sealed());
+        let failed = request.error != 0;
+        let conn = self.conns[index as usize].as_mut().expect("alive");
+        conn.option_pending = false;
+        let mut close = false;
+        if option == nbd::OPT_LIST {
+            if failed {
+                nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"");
+            } else {
+                for name in image::directory_names(bytes) {
+                    let mut entry = [0u8; 4 + image::NAME_BYTES_MAX];
+                    entry[..4].copy_from_slice(&(name.len() as u32).to_be_bytes());
+                    entry[4..4 + name.len()].copy_from_slice(name);
+                    nbd::option_reply(
+                        &mut conn.ctl,
+                        option,
+                        nbd::REP_SERVER,
+                        &entry[..4 + name.len()],
+                    );
+                }
+                nbd::option_reply(&mut conn.ctl, option, nbd::REP_ACK, b"");
+            }
+        } else {
+            let mut export = conn.pending.take().expect("an export was asked for");
+            match ImageHeader::parse(bytes) {
+                Ok(header) if !failed => {
+                    export.header = header;
+                    if option == nbd::OPT_EXPORT_NAME {
+                        conn.ctl.extend_from_slice(&header.size.to_be_bytes());
+                        conn.ctl
+                            .extend_from_slice(&nbd::TRANSMISSION_FLAGS.to_be_bytes());
+                        if !conn.no_zeroes {
+                            conn.ctl.extend_from_slice(&[0u8; 124]);
+                        }
+                        conn.phase = Phase::Transmission;
+                        conn.export = Some(export);
+                    } else {
+                        let maximum = self.work.request_bytes_max() as u32;
+                        let info = nbd::info_export(header.size);
+                        nbd::option_reply(&mut conn.ctl, option, nbd::REP_INFO, &info);
+                        let block = nbd::info_block_size(1, 4096, maximum);
+                        nbd::option_reply(&mut conn.ctl, option, nbd::REP_INFO, &block);
+                        nbd::option_reply(&mut conn.ctl, option, nbd::REP_ACK, b"");
+                        if option == nbd::OPT_GO {
+                            conn.phase = Phase::Transmission;
+                            conn.export = Some(export);
+                        }
+                    }
+                }
+                _ if option == nbd::OPT_EXPORT_NAME => close = true,
+                _ => nbd::option_reply(
+                    &mut conn.ctl,
+                    option,
+                    nbd::REP_ERR_UNKNOWN,
+                    b"no such image",
+                ),
+            }
+        }
+        if close {
+            conn.closing = true;
+        }
+        free_request(&mut self.work, pools, request_ref);
+        // Bytes of the next option may already be buffered: look again.
+        let conn = self.conns[index as usize].as_mut().expect("alive");
+        if !conn.in_rx_list {
+            conn.in_rx_list = true;
+            self.rx_list.push_back(index);
+        }
+        self.want_tx(index);
+    }
+
+    /// Writes queued output, one writev per connection. Returns replies completed.
+    pub fn flush_tx(&mut self, pools: &mut CorePools) -> usize {
+        let mut pending = std::mem::take(&mut self.tx_list_spare);
+        std::mem::swap(&mut pending, &mut self.tx_list);
+        let mut completed = 0;
+        for &index in &pending {
+            let (done, keep) = self.write_connection(index, pools);
+            completed += done;
+            if keep {
+                self.tx_list.push(index);
+            }
+        }
+        pending.clear();
+        self.tx_list_spare = pending;
+        completed
+    }
+
+    /// Returns (replies completed, stay on the tx list).
+    fn write_connection(&mut self, index: u32, pools: &mut CorePools) -> (usize, bool) {
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            return (0, false);
+        };
+        if conn.ctl_sent < conn.ctl.len() {
+            let piece = &conn.ctl[conn.ctl_sent..];
+            // SAFETY: `piece` is a live slice for the duration of the call; send only reads it.
+            let written = unsafe {
+                libc::send(
+                    conn.stream.as_raw_fd(),
+                    piece.as_ptr().cast(),
+                    piece.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if written < 0 {
+                return self.write_failed(index, pools);
+            }
+            conn.ctl_sent += written as usize;
+            if conn.ctl_sent < conn.ctl.len() {
+                return (0, true);
+            }
+            conn.ctl.clear();
+            conn.ctl_sent = 0;
+        }
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; TX_IOVECS_MAX];
+        let mut count = 0;
+        for reply in conn.tx.iter() {
+            let parts = reply
+                .read
+                .map_or(0, |r| self.work.requests.get(r).parts_issued as usize);
+            if count + 1 + 2 * parts > TX_IOVECS_MAX {
+                break;
+            }
+            let mut skip = reply.sent;
+            let mut push = |piece: &[u8]| {
+                if skip >= piece.len() {
+                    skip -= piece.len();
+                    return;
+                }
+                iovecs[count] = libc::iovec {
+                    iov_base: piece[skip..].as_ptr() as *mut _,
+                    iov_len: piece.len() - skip,
+                };
+                count += 1;
+                skip = 0;
+            };
+            push(&reply.head);
+            if let Some(read) = reply.read {
+                let request = self.work.requests.get(read);
+                for part in 0..parts {
+                    let length = request.lengths[part] as usize;
+                    let data = request.outputs[part]
+                        .as_ref()
+                        .map_or(&[][..], |b| b.sealed());
+                    let data = &data[..data.len().min(length)];
+                    push(data);
+                    push(&ZEROES[..length - data.len()]);
+                }
+            }
+        }
+        if count == 0 {
+            conn.in_tx_list = false;
+            if conn.closing && conn.inflight == 0 {
+                self.close(index, pools);
+            }
+            return (0, false);
+        }
+        // SAFETY: every iovec points into a reply head, a request's output buffer or ZEROES,
+        // none of which is touched until writev returns; writev only reads them.
+        let written =
+            unsafe { libc::writev(conn.stream.as_raw_fd(), iovecs.as_ptr(), count as i32) };
+        if written < 0 {
+            return self.write_failed(index, pools);
+        }
+        let mut remaining = written as usize;
+        let mut completed = 0;
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        while let Some(front) = conn.tx.front_mut() {
+            let length = nbd::SIMPLE_REPLY_BYTES
+                + front.read.map_or(0, |r| {
+                    let request = self.work.requests.get(r);
+                    request.lengths[..request.parts_issued as usize]
+                        .iter()
+                        .map(|l| *l as usize)
+                        .sum()
+                });
+            let left = length - front.sent;
+            if remaining < left {
+                front.sent += remaining;
+                break;
+            }
+            remaining -= left;
+            let reply = conn.tx.pop_front().expect("front exists");
+            conn.inflight -= 1;
+            completed += 1;
+            if let Some(read) = reply.read {
+                free_request(&mut self.work, pools, read);
+            }
+        }
+        if conn.inflight < INFLIGHT_PER_CONNECTION_MAX && !conn.in_rx_list && !conn.closing {
+            conn.in_rx_list = true; // It may have stopped reading at the in-flight limit.
+            self.rx_list.push_back(index);
+        }
+        if conn.tx.is_empty() {
+            conn.in_tx_list = false;
+            if conn.closing && conn.inflight == 0 {
+                self.close(index, pools);
+            }
+            return (completed, false);
+        }
+        (completed, true)
+    }
+
+    fn write_failed(&mut self, index: u32, pools: &mut CorePools) -> (usize, bool) {
+        let error = io::Error::last_os_error();
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        match error.kind() {
+            io::ErrorKind::WouldBlock => {
+                conn.in_tx_list = false; // EPOLLOUT puts it back.
+                (0, false)
+            }
+            io::ErrorKind::Interrupted => (0, true),
+            _ => {
+                log::info!(
+                    "core {}: NBD write failed, closing: {error}",
+                    self.work.core
+                );
+                self.close(index, pools);
+                (0, false)
+            }
+        }
+    }
+
+    fn close(&mut self, index: u32, pools: &mut CorePools) {
+        let conn = self.conns[index as usize]
+            .take()
+            .expect("closing an open connection");
+        // A write still receiving its data will issue nothing more.
+        if let Some(request_ref) = conn.write {
+            let request = self.work.requests.get(request_ref);
+            request.remaining = 0;
+            if request.parts_done == request.parts_issued {
+                free_request(&mut self.work, pools, request_ref);
+            }
+        }
+        for reply in conn.tx {
+            if let Some(read) = reply.read {
+                free_request(&mut self.work, pools, read);
+            }
+        }
+        // Other requests of this connection finish in the store and are dropped then.
+        self.rx_list.retain(|&i| i != index);
+        self.tx_list.retain(|&i| i != index);
+        self.free.push(index);
+        self.work.stats.closed += 1;
+    }
+
+    /// Closes every connection (shutdown), releasing what they hold.
+    pub fn close_all(&mut self, pools: &mut CorePools) {
+        for index in 0..self.conns.len() as u32 {
+            if self.conns[index as usize].is_some() {
+                self.close(index, pools);
+            }
+        }
+        if let Some(arena) = self.work.arena.take() {
+            pools.release(arena);
+        }
+    }
+}
+
+enum Rx {
+    Drained,
+    Paused,
+    Close,
+}
+
+enum Consume {
+    /// Something was consumed; try again.
+    Progress,
+    /// More bytes are needed.
+    NeedBytes,
+    /// Out of resources (slots, buffers, in-flight limit): try again next pass.
+    Paused,
+    /// Waiting for a negotiation read: the completion puts the connection back on the list.
+    Wait,
+    Close,
+    CloseAfterReplies,
+}
+
+fn release(work: &mut Work, pools: &mut CorePools, buf: Buf) {
+    if let Some(foreign) = pools.release_body(Body::Buf(buf)) {
+        work.foreign.push(foreign);
+    }
+}
+
+fn free_request(work: &mut Work, pools: &mut CorePools, request_ref: OpRef) {
+    let mut request = work.requests.free(request_ref);
+    if matches!(request.kind, Kind::Read | Kind::Option(_)) {
+        work.read_parts_held -= request.parts_issued as usize;
+    }
+    for output in request.outputs.iter_mut() {
+        if let Some(buf) = output.take() {
+            release(work, pools, buf);
+        }
+    }
+}
+
+fn queue_reply(conn: &mut Conn, error: u32, cookie: u64, read: Option<OpRef>) {
+    // The in-flight limit bounds the queue: it never grows past its capacity from accept.
+    assert!(conn.tx.len() < conn.tx.capacity(), "NBD tx queue overflow");
+    conn.tx.push_back(TxReply {
+        head: nbd::simple_reply(error, cookie),
+        read,
+        sent: 0,
+    });
+}
+
+/// Answers a request at once (errors, FLUSH): counts in flight until sent, like any other.
+fn answer_now(work: &mut Work, conn: &mut Conn, error: u32, cookie: u64) {
+    if error != 0 {
+        work.stats.errors += 1;
+    }
+    conn.inflight += 1;
+    queue_reply(conn, error, cookie, None);
+}
+
+/// Consumes what the connection has buffered: one step.
+fn consume(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut CorePools) -> Consume {
+    let available = conn.in_end - conn.in_start;
+    if conn.discard > 0 {
+        if available == 0 {
+            return Consume::NeedBytes;
+        }
+        let dropped = (available as u64).min(conn.discard);
+        conn.in_start += dropped as usize;
+        conn.discard -= dropped;
+        return Consume::Progress;
+    }
+    match conn.phase {
+        Phase::ClientFlags => {
+            if available < 4 {
+                return Consume::NeedBytes;
+            }
+            let flags = nbd::be_u32(&conn.inbuf[conn.in_start..]);
+            conn.in_start += 4;
+            let known = nbd::FLAG_C_FIXED_NEWSTYLE | nbd::FLAG_C_NO_ZEROES;
+            if flags & nbd::FLAG_C_FIXED_NEWSTYLE == 0 || flags & !known != 0 {
+                log::info!("NBD client flags {flags:#x} not supported: closing");
+                work.stats.protocol_errors += 1;
+                return Consume::Close;
+            }
+            conn.no_zeroes = flags & nbd::FLAG_C_NO_ZEROES != 0;
+            conn.phase = Phase::Options;
+            Consume::Progress
+        }
+        Phase::Options => consume_option(work, conn, index, pools),
+        Phase::Transmission => consume_request(work, conn, index, pools),
+    }
+}
+
+fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut CorePools) -> Consume {
+    if conn.option_pending {
+        return Consume::Wait;
+    }
+    let available = conn.in_end - conn.in_start;
+    if available < nbd::OPTION_HEADER_BYTES {
+        return Consume::NeedBytes;
+    }
+    let head = &conn.inbuf[conn.in_start..conn.in_start + nbd::OPTION_HEADER_BYTES];
+    if nbd::be_u64(head) != nbd::OPTION_MAGIC {
+        work.stats.protocol_errors += 1;
+        log::info!("NBD option with a bad magic: closing");
+        return Consume::Close;
+    }
+    let option = nbd::be_u32(&head[8..]);
+    let length = nbd::be_u32(&head[12..]) as usize;
+    if length > OPTION_BYTES_MAX {
+        work.stats.protocol_errors += 1;
+        if option == nbd::OPT_EXPORT_NAME {
+            return Consume::Close; // It has no error reply.
+        }
+        conn.in_start += nbd::OPTION_HEADER_BYTES;
+        conn.discard = length as u64;
+        nbd::option_reply(
+            &mut conn.ctl,
+            option,
+            nbd::REP_ERR_TOO_BIG,
+            b"option too large",
+        );
+        return Consume::Progress;
+    }
+    if available < nbd::OPTION_HEADER_BYTES + length {
+        return Consume::NeedBytes;
+    }
+    let start = conn.in_start + nbd::OPTION_HEADER_BYTES;
+    conn.in_start = start + length;
+    let mut data = [0u8; OPTION_BYTES_MAX];
+    data[..length].copy_from_slice(&conn.inbuf[start..start + length]);
+    let data = &data[..length];
+    match option {
+        nbd::OPT_ABORT => {
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ACK, b"");
+            Consume::CloseAfterReplies
+        }
+        nbd::OPT_LIST if !data.is_empty() => {
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"");
+            Consume::Progress
+        }
+        nbd::OPT_LIST => start_option_read(
+            work,
+            conn,
+            index,
+            pools,
+            option,
+            image::DIRECTORY_OID,
+            image::DIRECTORY_BYTES_MAX,
+        ),
+        nbd::OPT_EXPORT_NAME => {
+            if image::check_name(data).is_err() {
+                return Consume::Close;
+            }
+            ask_export(work, conn, index, pools, option, data)
+        }
+        nbd::OPT_GO | nbd::OPT_INFO => {
+            // name length u32, name, info request count u16, requests u16 each.
+            let name_len = if data.len() >= 4 {
+                nbd::be_u32(data) as usize
+            } else {
+                usize::MAX
+            };
+            let well_formed = name_len <= data.len().saturating_sub(6) && {
+                let count =
+                    usize::from(u16::from_be_bytes([data[4 + name_len], data[5 + name_len]]));
+                data.len() == 6 + name_len + 2 * count
+            };
+            if !well_formed {
+                nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"malformed");
+                return Consume::Progress;
+            }
+            let name = &data[4..4 + name_len];
+            if image::check_name(name).is_err() {
+                nbd::option_reply(
+                    &mut conn.ctl,
+                    option,
+                    nbd::REP_ERR_UNKNOWN,
+                    b"no such image",
+                );
+                return Consume::Progress;
+            }
+            ask_export(work, conn, index, pools, option, name)
+        }
+        _ => {
+            // STARTTLS, structured replies, meta contexts, extended headers: not offered.
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"");
+            Consume::Progress
+        }
+    }
+}
+
+fn ask_export(
+    work: &mut Work,
+    conn: &mut Conn,
+    index: u32,
+    pools: &mut CorePools,
+    option: u32,
+    name: &[u8],
+) -> Consume {
+    let mut export = Export {
+        name: [0; image::NAME_BYTES_MAX],
+        name_len: name.len(),
+        header: ImageHeader {
+            size: 0,
+            object_size: 0,
+        },
+    };
+    export.name[..name.len()].copy_from_slice(name);
+    let oid = Oid::header(name);
+    match start_option_read(
+        work,
+        conn,
+        index,
+        pools,
+        option,
+        oid.as_bytes(),
+        image::HEADER_BYTES,
+    ) {
+        Consume::Wait => {
+            conn.pending = Some(export);
+            Consume::Wait
+        }
+        other => other,
+    }
+}
+
+/// Starts a one-part read for a negotiation option. The option's bytes are already consumed,
+/// so running out of resources here is answered as "try again" with the option un-consumed.
+fn start_option_read(
+    work: &mut Work,
+    conn: &mut Conn,
+    index: u32,
+    pools: &mut CorePools,
+    option: u32,
+    oid: &[u8],
+    length: usize,
+) -> Consume {
+    if work.read_parts_held + 1 > work.read_parts_budget {
+        nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
+        return Consume::Progress;
+    }
+    let Some(request_ref) = work.requests.alloc() else {
+        nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
+        return Consume::Progress;
+    };
+    *work.requests.get(request_ref) = Request {
+        conn: index,
+        conn_generation: conn.generation,
+        kind: Kind::Option(option),
+        ..Request::default()
+    };
+    if !build_part(
+        work,
+        pools,
+        request_ref,
+        0,
+        oid,
+        SubOpCode::Read,
+        0,
+        length as u64,
+        &[],
+    ) {
+        work.requests.free(request_ref);
+        nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
+        return Consume::Progress;
+    }
+    let request = work.requests.get(request_ref);
+    request.parts_issued = 1;
+    request.lengths[0] = length as u32;
+    work.read_parts_held += 1;
+    conn.option_pending = true;
+    Consume::Wait
+}
+
+/// Room for `length` more bytes of frames in the arena (a new chunk if needed).
+fn arena_room(work: &mut Work, pools: &mut CorePools, length: usize) -> bool {
+    if let Some(arena) = work.arena.as_ref() {
+        if arena.capacity() - arena.sealed_len() >= length {
+            return true;
+        }
+    }
+    if pools.small.free_count() <= POOL_RESERVE_COUNT {
+        return false;
+    }
+    let fresh = pools.small.acquire().expect("free count checked");
+    assert!(fresh.capacity() >= length, "a part's frame fits one chunk");
+    if let Some(old) = work.arena.replace(fresh) {
+        pools.release(old); // Its leases keep it alive until their ops finish.
+    }
+    true
+}
+
+fn frame_bytes(oid: &[u8], data: &[u8]) -> usize {
+    HEADER_SIZE + oid.len() + SUB_OP_DESC_SIZE + data.len()
+}
+
+/// Encodes one part as an OSD_OP frame in the arena and queues it for dispatch. False when
+/// the arena has no room (no buffer above the reserve).
+#[allow(clippy::too_many_arguments)]
+fn build_part(
+    work: &mut Work,
+    pools: &mut CorePools,
+    request_ref: OpRef,
+    part: u8,
+    oid: &[u8],
+    code: SubOpCode,
+    offset: u64,
+    length: u64,
+    data: &[u8],
+) -> bool {
+    let frame_len = frame_bytes(oid, data);
+    if !arena_room(work, pools, frame_len) {
+        return false;
+    }
+    let arena = work.arena.as_mut().expect("arena_room provides one");
+    let start = arena.sealed_len();
+    let header = Header {
+        opcode: Opcode::OsdOp as u8,
+        flags: 0,
+        request_id: request_ref.tag(),
+        oid_len: oid.len() as u16,
+        sub_op_count: 1,
+        payload_len: (SUB_OP_DESC_SIZE + data.len()) as u32,
+        status: 0,
+        // The crc protects frames on the network; this one is built in-process and never
+        // checked (the core dispatches it past `handle_frame`).
+        crc: 0,
+    };
+    let out = &mut arena.spare_mut()[..frame_len];
+    let mut raw = [0u8; HEADER_SIZE];
+    header.encode(&mut raw);
+    out[..HEADER_SIZE].copy_from_slice(&raw);
+    let mut at = HEADER_SIZE;
+    out[at..at + oid.len()].copy_from_slice(oid);
+    at += oid.len();
+    let desc = &mut out[at..at + SUB_OP_DESC_SIZE];
+    desc[0] = code as u8;
+    desc[1] = 0;
+    desc[2..4].copy_from_slice(&0u16.to_le_bytes());
+    desc[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    desc[8..16].copy_from_slice(&offset.to_le_bytes());
+    desc[16..24].copy_from_slice(&length.to_le_bytes());
+    at += SUB_OP_DESC_SIZE;
+    out[at..].copy_from_slice(data);
+    arena.seal(frame_len);
+    let frame = pools.lease(work.arena.as_ref().expect("present"), start, frame_len);
+    assert!(
+        work.parts.len() < work.parts.capacity(),
+        "part queue bounded by admission"
+    );
+    work.parts_outstanding += 1;
+    work.parts.push_back(PartOp {
+        request: request_ref,
+        part,
+        header,
+        frame,
+    });
+    true
+}
+
+impl Work {
+    /// The largest request: every part but one full (the one for an unaligned start).
+    fn request_bytes_max(&self) -> usize {
+        self.part_bytes * (self.request_parts_max - 1)
+    }
+}
+
+/// Room to admit a request of `parts` parts (request slot, part queue).
+fn admits(work: &Work, parts: usize) -> bool {
+    work.requests.free_count() > 0 && work.parts.len() + parts <= PARTS_QUEUED_MAX
+}
+
+fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut CorePools) -> Consume {
+    let export = conn.export.expect("transmission has an export");
+    if let Some(request_ref) = conn.write {
+        return continue_write(work, conn, request_ref, &export, pools);
+    }
+    if conn.in_end - conn.in_start < nbd::REQUEST_HEADER_BYTES {
+        return Consume::NeedBytes;
+    }
+    if conn.inflight >= INFLIGHT_PER_CONNECTION_MAX || !admits(work, REQUEST_PARTS_MAX) {
+        return Consume::Paused;
+    }
+    let mut raw = [0u8; nbd::REQUEST_HEADER_BYTES];
+    raw.copy_from_slice(&conn.inbuf[conn.in_start..conn.in_start + nbd::REQUEST_HEADER_BYTES]);
+    let Some(request) = nbd::parse_request(&raw) else {
+        work.stats.protocol_errors += 1;
+        log::info!("NBD request with a bad magic: closing");
+        return Consume::Close;
+    };
+    let size = export.header.size;
+    let length = u64::from(request.length);
+    let in_range = request
+        .offset
+        .checked_add(length)
+        .is_some_and(|end| end <= size);
+    let payload_max = work.request_bytes_max() as u64;
+    let flags_ok = request.flags & !(nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE) == 0;
+    match request.command {
+        nbd::CMD_READ => {
+            if !flags_ok || !in_range || length > payload_max {
+                conn.in_start += nbd::REQUEST_HEADER_BYTES;
+                answer_now(work, conn, nbd::EINVAL, request.cookie);
+                return Consume::Progress;
+            }
+            let parts = image::part_count(work.part_bytes as u64, request.offset, length) as usize;
+            if work.read_parts_held + parts > work.read_parts_budget {
+                return Consume::Paused; // Outputs held by other reads come back as they answer.
+            }
+            let oid_len_max = export.name_len + 21;
+            if !arena_room(
+                work,
+                pools,
+                parts * (HEADER_SIZE + oid_len_max + SUB_OP_DESC_SIZE),
+            ) {
+                return Consume::Paused;
+            }
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            start_read(work, conn, index, pools, &export, request);
+            Consume::Progress
+        }
+        nbd::CMD_WRITE => {
+            if !flags_ok || length > payload_max || !in_range {
+                conn.in_start += nbd::REQUEST_HEADER_BYTES;
+                if length > DISCARD_BYTES_MAX {
+                    work.stats.protocol_errors += 1;
+                    return Consume::Close;
+                }
+                conn.discard = length;
+                let error = if in_range || length > payload_max {
+                    nbd::EINVAL
+                } else {
+                    nbd::ENOSPC
+                };
+                answer_now(work, conn, error, request.cookie);
+                return Consume::Progress;
+            }
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            let request_ref = work.requests.alloc().expect("admits checked");
+            *work.requests.get(request_ref) = Request {
+                conn: index,
+                conn_generation: conn.generation,
+                cookie: request.cookie,
+                kind: Kind::Write,
+                next_offset: request.offset,
+                remaining: length,
+                ..Request::default()
+            };
+            work.stats.requests += 1;
+            conn.inflight += 1;
+            if length == 0 {
+                conn.write = None;
+                queue_reply(conn, 0, request.cookie, None);
+                work.requests.free(request_ref);
+                return Consume::Progress;
+            }
+            conn.write = Some(request_ref);
+            Consume::Progress
+        }
+        nbd::CMD_TRIM | nbd::CMD_WRITE_ZEROES => {
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            if !flags_ok || !in_range {
+                let error = if request.command == nbd::CMD_WRITE_ZEROES && flags_ok {
+                    nbd::ENOSPC
+                } else {
+                    nbd::EINVAL
+                };
+                answer_now(work, conn, error, request.cookie);
+                return Consume::Progress;
+            }
+            work.stats.requests += 1;
+            conn.inflight += 1;
+            if length == 0 {
+                queue_reply(conn, 0, request.cookie, None);
+                return Consume::Progress;
+            }
+            let request_ref = work.requests.alloc().expect("admits checked");
+            *work.requests.get(request_ref) = Request {
+                conn: index,
+                conn_generation: conn.generation,
+                cookie: request.cookie,
+                kind: Kind::Zero,
+                no_hole: request.command == nbd::CMD_WRITE_ZEROES
+                    && request.flags & nbd::CMD_FLAG_NO_HOLE != 0,
+                next_offset: request.offset,
+                remaining: length,
+                ..Request::default()
+            };
+            issue_zero_parts(work, request_ref, &export, pools);
+            schedule_zero(work, request_ref);
+            Consume::Progress
+        }
+        nbd::CMD_FLUSH => {
+            // Every acknowledged write is already durable (the store acknowledges an op only
+            // once it is: `Submit::Done` / its poll completion), so there is nothing to wait for.
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            work.stats.requests += 1;
+            answer_now(work, conn, 0, request.cookie);
+            Consume::Progress
+        }
+        nbd::CMD_DISC => {
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            Consume::CloseAfterReplies
+        }
+        _ => {
+            // Unknown command: its payload length is unknown too, so the stream cannot be
+            // followed further. Answer, then close.
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            work.stats.protocol_errors += 1;
+            answer_now(work, conn, nbd::EINVAL, request.cookie);
+            Consume::CloseAfterReplies
+        }
+    }
+}
+
+fn start_read(
+    work: &mut Work,
+    conn: &mut Conn,
+    index: u32,
+    pools: &mut CorePools,
+    export: &Export,
+    request: NbdRequest,
+) {
+    let request_ref = work.requests.alloc().expect("admits checked");
+    *work.requests.get(request_ref) = Request {
+        conn: index,
+        conn_generation: conn.generation,
+        cookie: request.cookie,
+        kind: Kind::Read,
+        ..Request::default()
+    };
+    work.stats.requests += 1;
+    conn.inflight += 1;
+    let name = &export.name[..export.name_len];
+    let mut count = 0;
+    for part in image::split(
+        export.header.object_size,
+        work.part_bytes as u64,
+        request.offset,
+        u64::from(request.length),
+    ) {
+        let oid = Oid::data(name, part.index);
+        let built = build_part(
+            work,
+            pools,
+            request_ref,
+            count as u8,
+            oid.as_bytes(),
+            SubOpCode::Read,
+            part.offset,
+            part.length,
+            &[],
+        );
+        assert!(built, "arena room was reserved for the whole read");
+        work.requests.get(request_ref).lengths[count] = part.length as u32;
+        count += 1;
+    }
+    work.requests.get(request_ref).parts_issued = count as u32;
+    work.read_parts_held += count;
+    if count == 0 {
+        // A zero-length read: nothing to fetch.
+        work.requests.free(request_ref);
+        queue_reply(conn, 0, request.cookie, None);
+    }
+}
+
+/// Builds the next parts of a write from the data buffered so far.
+fn continue_write(
+    work: &mut Work,
+    conn: &mut Conn,
+    request_ref: OpRef,
+    export: &Export,
+    pools: &mut CorePools,
+) -> Consume {
+    let request = work.requests.get(request_ref);
+    let (offset, remaining, part_index) =
+        (request.next_offset, request.remaining, request.parts_issued);
+    let part = image::split(
+        export.header.object_size,
+        work.part_bytes as u64,
+        offset,
+        remaining,
+    )
+    .next()
+    .expect("a write in progress has bytes left");
+    let length = part.length as usize;
+    if conn.in_end - conn.in_start < length {
+        return Consume::NeedBytes;
+    }
+    let name = &export.name[..export.name_len];
+    let oid = Oid::data(name, part.index);
+    let data_start = conn.in_start;
+    let data = &conn.inbuf[data_start..data_start + length];
+    if !build_part(
+        work,
+        pools,
+        request_ref,
+        part_index as u8,
+        oid.as_bytes(),
+        SubOpCode::Write,
+        part.offset,
+        0,
+        data,
+    ) {
+        return Consume::Paused;
+    }
+    conn.in_start += length;
+    let request = work.requests.get(request_ref);
+    request.parts_issued += 1;
+    request.next_offset += part.length;
+    request.remaining -= part.length;
+    if request.remaining == 0 {
+        conn.write = None;
+    }
+    Consume::Progress
+}
+
+/// A zero request that could issue more but did not (no arena room, queue full) goes back on
+/// the pump list; one at its in-flight bound is put back by its next completion.
+fn schedule_zero(work: &mut Work, request_ref: OpRef) {
+    let request = work.requests.get(request_ref);
+    let in_flight = request.parts_issued - request.parts_done;
+    if request.remaining > 0 && in_flight < ZERO_PARTS_IN_FLIGHT_MAX && !request.in_pump {
+        request.in_pump = true;
+        work.pump.push_back(request_ref);
+    }
+}
+
+/// Issues zero/trim parts (one per object range) up to the per-request in-flight bound.
+/// Returns parts issued.
+fn issue_zero_parts(
+    work: &mut Work,
+    request_ref: OpRef,
+    export: &Export,
+    pools: &mut CorePools,
+) -> usize {
+    let name = &export.name[..export.name_len];
+    let object_size = export.header.object_size;
+    let mut issued = 0;
+    loop {
+        let request = work.requests.get(request_ref);
+        if request.remaining == 0
+            || request.parts_issued - request.parts_done >= ZERO_PARTS_IN_FLIGHT_MAX
+            || work.parts.len() >= PARTS_QUEUED_MAX
+        {
+            return issued;
+        }
+        let (offset, remaining, part_index, no_hole) = (
+            request.next_offset,
+            request.remaining,
+            request.parts_issued,
+            request.no_hole,
+        );
+        // Object ranges, not part_bytes ranges: a zero carries no data.
+        let part = image::split(object_size, object_size, offset, remaining)
+            .next()
+            .expect("bytes left");
+        let oid = Oid::data(name, part.index);
+        let (code, length) = if part.offset == 0 && part.length == object_size && !no_hole {
+            (SubOpCode::Remove, 0) // A whole object: drop it; missing objects read as zeroes.
+        } else {
+            (SubOpCode::Zero, part.length)
+        };
+        let index_byte = (part_index % 256) as u8; // Zero parts carry no output: the index is informational.
+        if !build_part(
+            work,
+            pools,
+            request_ref,
+            index_byte,
+            oid.as_bytes(),
+            code,
+            part.offset,
+            length,
+            &[],
+        ) {
+            return issued;
+        }
+        let request = work.requests.get(request_ref);
+        request.parts_issued += 1;
+        request.next_offset += part.length;
+        request.remaining -= part.length;
+        issued += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_fits_a_chunk() {
+        assert_eq!(part_bytes_for(128 << 10), 64 << 10);
+        assert_eq!(part_bytes_for(64 << 10), 32 << 10);
+        assert_eq!(part_bytes_for(1 << 20), PART_BYTES_MAX);
+        for chunk in [64 << 10, 68 << 10, 128 << 10, 192 << 10] {
+            let part = part_bytes_for(chunk);
+            let oid = [b'x'; image::OID_BYTES_MAX];
+            assert!(frame_bytes(&oid, &ZEROES[..part]) <= chunk);
+            assert!(part.is_power_of_two());
+            assert_eq!(image::OBJECT_SIZE_MIN_BYTES % part as u64, 0);
+        }
+    }
+}
