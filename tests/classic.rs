@@ -109,13 +109,6 @@ fn classic_segment_store_verify_restart_and_kill() {
     let mut args = vec!["--mode", "classic"];
     args.extend_from_slice(&store);
     let shape = ["--objects", "16", "--object-size", "256KiB", "--qd", "8"];
-    let read_back = |addr: &str| {
-        let mut read = vec!["--op", "randread", "--verify", "--duration", "1s"];
-        read.extend_from_slice(&shape);
-        let report = load(addr, &read);
-        assert_clean(&report, "read back");
-        assert_eq!(report["unwritten_reads"], 0, "{report}");
-    };
     let mut server = ServerProcess::start(&args);
     let status_doc = status(&server.addr);
     assert_eq!(status_doc["config"]["store"], "segment");
@@ -124,14 +117,14 @@ fn classic_segment_store_verify_restart_and_kill() {
         16,
         "restarted: {status_doc}"
     );
-    read_back(&server.addr);
+    read_back_everything(&server.addr, &shape);
 
     let mut write = vec!["--json", "--duration", "3s"];
     write.extend_from_slice(&shape);
     server.kill_under_load(&write, std::time::Duration::from_millis(800));
     let mut server = ServerProcess::start(&args);
     assert_eq!(total(&status(&server.addr), "store_objects"), 16);
-    read_back(&server.addr);
+    read_back_everything(&server.addr, &shape);
     assert!(server.stop().success());
 }
 

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{segment_args, ServerProcess, TestDir, CARMINE};
+use common::{check_ack_log, segment_args, ServerProcess, TestDir};
 
 const CYCLES_DEFAULT: u64 = 6;
 
@@ -28,28 +27,6 @@ fn next(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-fn check(addr: &str, log: &str, cycle: u64) -> serde_json::Value {
-    let output = Command::new(CARMINE)
-        .args(["load", "--target", addr, "--check", log, "--json"])
-        .output()
-        .expect("run carmine load --check");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
-        panic!(
-            "cycle {cycle}: no report: {stdout} {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    assert!(
-        output.status.success(),
-        "cycle {cycle}: acknowledged writes lost or corrupt: {report:#}"
-    );
-    for key in ["lost", "corrupt", "read_errors"] {
-        assert_eq!(report[key], 0, "cycle {cycle}: {key}: {report:#}");
-    }
-    report
 }
 
 #[test]
@@ -73,7 +50,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
     for cycle in 0..cycles {
         let mut server = ServerProcess::start(&args);
         if cycle > 0 {
-            let report = check(&server.addr, log, cycle);
+            let report = check_ack_log(&server.addr, log, &format!("cycle {cycle}"));
             acked_total = report["acked_blocks"].as_u64().unwrap();
         }
         let workload = ["randwrite", "mixed", "seqwrite"][(cycle % 3) as usize];
@@ -101,7 +78,7 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
         server.kill_under_load(&load_args, kill_after);
     }
     let mut server = ServerProcess::start(&args);
-    let report = check(&server.addr, log, cycles);
+    let report = check_ack_log(&server.addr, log, "after the last kill");
     let acked = report["acked_blocks"].as_u64().unwrap();
     assert!(
         acked > 0 && acked >= acked_total,

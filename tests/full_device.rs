@@ -11,19 +11,6 @@ use common::*;
 const OP_OSD: u8 = 1;
 const REMOVE: u8 = 6;
 
-fn check_log(addr: &str, log: &str, what: &str) {
-    let output = Command::new(CARMINE)
-        .args(["load", "--target", addr, "--check", log, "--json"])
-        .output()
-        .expect("run carmine load --check");
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{what}: acknowledged writes lost: {report} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn fill(addr: &str, prefix: &str, log: Option<&str>) -> serde_json::Value {
     let mut args = vec![
         "--prefix",
@@ -79,7 +66,7 @@ fn a_full_device_says_no_space_keeps_acked_data_and_recovers_after_removes() {
     );
     let status_doc = status(&server.addr);
     assert!(total(&status_doc, "err_no_space") >= errors);
-    check_log(&server.addr, log, "full");
+    check_ack_log(&server.addr, log, "full");
 
     // Remove the filler: its space comes back once the cleaner has run.
     let mut stream = connect(&server.addr);
@@ -102,11 +89,11 @@ fn a_full_device_says_no_space_keeps_acked_data_and_recovers_after_removes() {
         report["errors"], 0,
         "after the removes every data block fits: {report}"
     );
-    check_log(&server.addr, log, "after removes");
+    check_ack_log(&server.addr, log, "after removes");
     assert!(server.stop().success());
 
     let mut server = ServerProcess::start(&args);
-    check_log(&server.addr, log, "after a restart");
+    check_ack_log(&server.addr, log, "after a restart");
     assert!(server.stop().success());
     let fsck = Command::new(CARMINE)
         .args(["fsck", "--device", device])

@@ -6,7 +6,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{load, segment_args, status, total, ServerProcess, TestDir, CARMINE};
+use common::{
+    load, read_back_everything, segment_args, status, total, ServerProcess, TestDir, CARMINE,
+};
 
 const LOAD_SHAPE: [&str; 8] = [
     "--objects",
@@ -18,19 +20,6 @@ const LOAD_SHAPE: [&str; 8] = [
     "--cpus",
     "0",
 ];
-
-fn read_back_everything(addr: &str) {
-    let mut args = vec!["--op", "randread", "--verify", "--duration", "1s"];
-    args.extend_from_slice(&LOAD_SHAPE);
-    let report = load(addr, &args);
-    assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
-    assert_eq!(report["errors"], 0, "{report}");
-    assert_eq!(report["verify_failures"], 0, "{report}");
-    assert_eq!(
-        report["unwritten_reads"], 0,
-        "every prefilled block is still there: {report}"
-    );
-}
 
 #[test]
 fn data_survives_a_clean_restart_and_a_kill() {
@@ -58,7 +47,7 @@ fn data_survives_a_clean_restart_and_a_kill() {
     // Clean restart: the log replays, every block reads back intact.
     let mut server = ServerProcess::start(&args);
     assert_eq!(total(&status(&server.addr), "store_objects"), 32);
-    read_back_everything(&server.addr);
+    read_back_everything(&server.addr, &LOAD_SHAPE);
 
     // Killed in the middle of writing: the torn tail is dropped, nothing else.
     let mut write = vec!["--json", "--duration", "3s"];
@@ -66,7 +55,7 @@ fn data_survives_a_clean_restart_and_a_kill() {
     server.kill_under_load(&write, Duration::from_millis(800));
     let mut server = ServerProcess::start(&args);
     assert_eq!(total(&status(&server.addr), "store_objects"), 32);
-    read_back_everything(&server.addr);
+    read_back_everything(&server.addr, &LOAD_SHAPE);
     assert!(server.stop().success());
 }
 

@@ -99,12 +99,17 @@ impl Waker {
     pub fn wake_if_sleeping(&self) {
         fence(Ordering::SeqCst);
         if self.sleeping.load(Ordering::Relaxed) {
-            self.wakeups.fetch_add(1, Ordering::Relaxed);
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A full counter
-            // (EAGAIN) still leaves the fd readable, which is all a wakeup needs.
-            unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+            self.wake();
         }
+    }
+
+    /// Makes the eventfd readable whether or not its owner sleeps (a stop request, say).
+    pub fn wake(&self) {
+        self.wakeups.fetch_add(1, Ordering::Relaxed);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A full counter
+        // (EAGAIN) still leaves the fd readable, which is all a wakeup needs.
+        unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
     }
 
     /// Called by the owning core before its last inbox check ahead of parking.

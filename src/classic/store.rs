@@ -175,9 +175,7 @@ impl ShardStore {
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         if let Some(waker) = &self.waker {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to the waker's eventfd, which it owns.
-            unsafe { libc::write(waker.fd(), (&one as *const u64).cast(), 8) };
+            waker.wake();
         }
     }
 }

@@ -311,3 +311,42 @@ pub fn connect(addr: &str) -> TcpStream {
 pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
     stream.write_all(bytes).expect("send");
 }
+
+/// Reads every block of the objects `shape` names back with `--verify`: no errors, no
+/// mismatches, and no block missing (every one was written before).
+pub fn read_back_everything(addr: &str, shape: &[&str]) {
+    let mut args = vec!["--op", "randread", "--verify", "--duration", "1s"];
+    args.extend_from_slice(shape);
+    let report = load(addr, &args);
+    assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["verify_failures"], 0, "{report}");
+    assert_eq!(
+        report["unwritten_reads"], 0,
+        "every prefilled block is still there: {report}"
+    );
+}
+
+/// `carmine load --check LOG` against `addr`: it must exit 0 with no lost, corrupt or unread
+/// block. `what` names the moment in failure messages. Returns the report.
+pub fn check_ack_log(addr: &str, log: &str, what: &str) -> serde_json::Value {
+    let output = Command::new(CARMINE)
+        .args(["load", "--target", addr, "--check", log, "--json"])
+        .output()
+        .expect("run carmine load --check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "{what}: no report: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert!(
+        output.status.success(),
+        "{what}: acknowledged writes lost or corrupt: {report:#}"
+    );
+    for key in ["lost", "corrupt", "read_errors"] {
+        assert_eq!(report[key], 0, "{what}: {key}: {report:#}");
+    }
+    report
+}
