@@ -384,7 +384,12 @@ impl Metadata {
             }
             current.extend_from_slice(&delta_bytes);
         };
-        for (oid, onode) in &self.objects {
+        // In object id order, not the hash map's (which differs per process): the same
+        // metadata then always encodes to the same records, so a seeded simulation replays
+        // exactly. One pointer pair per object, next to chunks that hold the whole metadata.
+        let mut objects: Vec<(&Box<[u8]>, &Onode)> = self.objects.iter().collect();
+        objects.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (oid, onode) in objects {
             push(
                 &Delta::ObjectState {
                     oid,
