@@ -281,6 +281,8 @@ pub struct MemQueuePair {
     /// Blocks whose reads fail with EIO until a write to them completes.
     bad_blocks: Vec<u64>,
     tear: Option<Tear>,
+    /// A broken device: flushes complete without making anything durable (`set_lying_flush`).
+    lying_flush: bool,
 }
 
 // SAFETY: the only raw pointers a `MemQueuePair` holds are the submitted `IoVec`s, which by
@@ -340,6 +342,7 @@ impl MemQueuePair {
             powered_off: false,
             bad_blocks: Vec::new(),
             tear: None,
+            lying_flush: false,
         }
     }
 
@@ -356,6 +359,13 @@ impl MemQueuePair {
     /// The write the last power cut tore, if there was a candidate.
     pub fn last_tear(&self) -> Option<&Tear> {
         self.tear.as_ref()
+    }
+
+    /// Turns this into a broken device whose flushes report success and persist nothing
+    /// (writes still reach the durable image when the cache destages them). Only for tests
+    /// that prove a crash checker notices acknowledged writes going missing.
+    pub fn set_lying_flush(&mut self, lying: bool) {
+        self.lying_flush = lying;
     }
 
     /// Makes reads of the block holding `offset` fail with `IoError::Io(EIO)` until a write to
@@ -524,6 +534,7 @@ impl MemQueuePair {
                 let end = first + (length / BLOCK_SIZE_BYTES) as u64;
                 self.bad_blocks.retain(|b| !(first..end).contains(b));
             }
+            Kind::Flush if self.lying_flush => {}
             Kind::Flush => {
                 let cut = slot.flush_cut;
                 while self.cache.entries.front().is_some_and(|e| e.seq <= cut) {
