@@ -26,6 +26,7 @@ use carmine_storage::{ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult,
 
 use crate::nbd::frontend::NbdFrontend;
 use crate::osd::message::{Message, Results};
+use crate::osd::network::{Clock, Network};
 use crate::osd::op_table::{OpRef, OpTable, SLOT_NONE};
 use crate::osd::pg::Pg;
 use crate::osd::placement::Placement;
@@ -128,9 +129,10 @@ pub struct CoreSetup {
     pub alloc_counter: fn() -> u64,
 }
 
-pub struct OsdCore {
+/// `N`: the network side (`TcpTransport` in the daemon; see `network.rs`).
+pub struct OsdCore<N: Network = TcpTransport> {
     index: usize,
-    transport: TcpTransport,
+    transport: N,
     /// The NBD frontend, when `--nbd` is set.
     nbd: Option<NbdFrontend>,
     nbd_accept_next: usize,
@@ -157,7 +159,7 @@ pub struct OsdCore {
     board: Arc<StatusBoard>,
     shutdown: Arc<Shutdown>,
     rx_batch: Vec<RxFrame>,
-    epoch: Instant,
+    clock: Clock,
     accept_next: usize,
     alloc_counter: fn() -> u64,
     alloc_base: u64,
@@ -220,18 +222,18 @@ pub(crate) fn to_store_op<'a>(view: &SubOpView<'a>) -> SubOp<'a> {
     }
 }
 
-impl OsdCore {
+impl<N: Network> OsdCore<N> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         setup: CoreSetup,
-        transport: TcpTransport,
+        transport: N,
         pools: CorePools,
         mut store: Box<dyn ObjectStore>,
         links: CoreLinks<Message>,
         wakers: Arc<[Waker]>,
         board: Arc<StatusBoard>,
         shutdown: Arc<Shutdown>,
-    ) -> OsdCore {
+    ) -> OsdCore<N> {
         let store_wakes = store
             .wake_on_completion(wakers[setup.index].fd())
             .unwrap_or_else(|e| {
@@ -277,7 +279,7 @@ impl OsdCore {
             board,
             shutdown,
             rx_batch: Vec::with_capacity(RX_FRAMES_PER_PASS_MAX),
-            epoch: Instant::now(),
+            clock: Clock::Monotonic(Instant::now()),
             accept_next: 0,
             alloc_counter: setup.alloc_counter,
             alloc_base: (setup.alloc_counter)(),
@@ -287,14 +289,25 @@ impl OsdCore {
 
     /// Serves NBD on this core too. The frontend's epoll set joins the transport's, so a
     /// parked core wakes for NBD traffic.
-    pub fn with_nbd(mut self, nbd: NbdFrontend) -> std::io::Result<OsdCore> {
+    pub fn with_nbd(mut self, nbd: NbdFrontend) -> std::io::Result<OsdCore<N>> {
         self.transport.watch_fd(nbd.epoll_fd())?;
         self.nbd = Some(nbd);
         Ok(self)
     }
 
+    /// Time from `clock` instead of the monotonic clock (the simulation's).
+    pub fn with_clock(mut self, clock: Clock) -> OsdCore<N> {
+        self.clock = clock;
+        self
+    }
+
+    /// The network side, for a simulation to feed frames in and take replies out.
+    pub fn network_mut(&mut self) -> &mut N {
+        &mut self.transport
+    }
+
     fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.clock.now_ns()
     }
 
     fn stopping(&self) -> bool {
@@ -1041,7 +1054,7 @@ impl OsdCore {
     // ---- counters -----------------------------------------------------------------------
 
     fn publish_now(&mut self) {
-        let transport = self.transport.stats;
+        let transport = self.transport.stats();
         let store = self.store.stats();
         let c = &mut self.counters;
         c.set(Counter::conn_accepted, transport.accepted);
@@ -1145,7 +1158,7 @@ pub(crate) fn spin_for(duration: Duration) {
     }
 }
 
-impl Core for OsdCore {
+impl<N: Network> Core for OsdCore<N> {
     fn poll_once(&mut self) -> usize {
         // The order matters: (1) the inbox first, because completions from other cores free the
         // op slots that (2) the network poller needs for new frames; (3) store completions and

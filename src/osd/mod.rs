@@ -2,6 +2,7 @@
 
 pub mod core;
 pub mod message;
+pub mod network;
 pub mod op_table;
 pub mod pg;
 pub mod placement;
