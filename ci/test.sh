@@ -37,6 +37,13 @@ cargo build --workspace --all-targets --locked
 log "cargo test"
 cargo test --workspace --locked -- --test-threads=2
 
+# 3a. Deterministic whole-server simulation (issue 9): OSD cores, rings and segment-store
+#     shards on faulty RAM devices in one thread, one seeded scheduler, >= 1,000 power cuts,
+#     each followed by fsck, a remount and a check of every object against the oracle. Release
+#     build (the debug test runs a few cuts). A failure prints seed=N and how to replay it.
+log "deterministic simulation: carmine sim --cuts 1000 (release)"
+cargo run --release --locked --quiet -- sim --cuts 1000
+
 # 3b. DPDK (issue 5): bindings (bindgen + clang), safe wrappers, and vdev tests that need no NIC
 #     and no hugepages (net_ring0 in-process; net_memif pairs between two processes: frame echo
 #     and the datagram RPC with ARP). Root installs DPDK 22.11 from Debian; elsewhere the block

@@ -12,6 +12,7 @@ mod load;
 mod nbd;
 mod osd;
 mod server;
+mod sim;
 mod status;
 mod store_bench;
 mod units;
@@ -99,6 +100,8 @@ enum Command {
     /// Block images for the NBD frontend: create, list, rm.
     #[command(subcommand)]
     Image(nbd::cli::ImageCommand),
+    /// Deterministic whole-server simulation: seeded workloads, power cuts, remounts, checks.
+    Sim(sim::SimArgs),
 }
 
 #[derive(clap::Args)]
@@ -289,6 +292,7 @@ fn main() -> ExitCode {
         Command::Fsck(args) => return fsck::run(args),
         Command::StoreBench(args) => store_bench::run(args),
         Command::Image(command) => nbd::cli::run(command),
+        Command::Sim(args) => sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
