@@ -6,5 +6,6 @@ pub mod network;
 pub mod op_table;
 pub mod pg;
 pub mod placement;
+pub mod stall;
 pub mod stats;
 pub mod timer;
