@@ -14,7 +14,8 @@
 //! remounts each shard, and a read of every object through the remounted server must show a
 //! state the oracle (`model.rs`) allows: every acknowledged op applied, every refused one
 //! absent, every unanswered one wholly applied or wholly absent. Reads during the run are
-//! checked the same way. The run then continues on the remounted server.
+//! checked the same way (answers given after the cut, during the drain, constrain nothing but
+//! acknowledgements: see `run.rs`). The run then continues on the remounted server.
 //!
 //! Everything random comes from the seed, so a failure names its seed and `carmine sim
 //! --seed N` replays it exactly; `trace_digest` folds every event (each reply's bytes, the

@@ -239,7 +239,7 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
         },
     };
     let mut pools = (0..cores)
-        .map(|index| CorePools::new(index, pool_sizes(config.tight_pools), false))
+        .map(|index| take_pools(index, config.tight_pools))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("buffer pools: {e}"))?;
     let mut windows: Vec<Vec<u8>> = (0..cores as u32)
@@ -258,8 +258,42 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
     // The last cut's survivors too.
     let mut server = sim.boot(windows, pools)?;
     sim.verify_all(&mut server)?;
+    // Buffers sent to another core go home over the rings: a few rounds bring them back.
+    for _ in 0..4 {
+        for core in 0..sim.cores {
+            sim.poll_core(&mut server, core)?;
+        }
+    }
+    for pools in sim.give_back_pools(server)? {
+        return_pools(pools, config.tight_pools);
+    }
     sim.report.trace_digest = sim.digest;
     Ok(sim.report)
+}
+
+thread_local! {
+    /// Pools of finished seeds, by core index and sizing: mapping and populating them again
+    /// for every seed cost more system time than the rest of a seed.
+    static SPARE_POOLS: RefCell<Vec<(usize, bool, CorePools)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_pools(index: usize, tight: bool) -> std::io::Result<CorePools> {
+    let spare = SPARE_POOLS.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        let at = spare
+            .iter()
+            .position(|(i, t, _)| *i == index && *t == tight)?;
+        Some(spare.swap_remove(at).2)
+    });
+    match spare {
+        Some(pools) => Ok(pools),
+        None => CorePools::new(index, pool_sizes(tight), false),
+    }
+}
+
+fn return_pools(pools: CorePools, tight: bool) {
+    assert_eq!(pools.in_use(), 0, "only empty pools are kept");
+    SPARE_POOLS.with(|spare| spare.borrow_mut().push((pools.core, tight, pools)));
 }
 
 impl Sim {
@@ -617,6 +651,12 @@ impl Sim {
             model.power_cut();
         }
         self.powered_off = false;
+        let pools = self.give_back_pools(server)?;
+        Ok((images, pools))
+    }
+
+    /// Stops the cores and takes their pools back: no buffer may still be in use.
+    fn give_back_pools(&mut self, server: Server) -> Result<Vec<CorePools>, String> {
         let mut pools = Vec::with_capacity(self.cores);
         for (index, core) in server.cores.into_iter().enumerate() {
             let returned = core.into_pools();
@@ -629,7 +669,7 @@ impl Sim {
             pools.push(returned);
         }
         drop(server.stores);
-        Ok((images, pools))
+        Ok(pools)
     }
 
     /// The composed device must pass the real fsck.
