@@ -580,6 +580,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let mut all = [SubOp::Stat; SUB_OPS_MAX];
         Slot::sub_ops(&slot.ops, &slot.args, &mut all);
         let ops = &all[..slot.ops.len()];
+        if ops.iter().any(SubOp::is_mutation) && self.journal.has_failed() {
+            return self.finish(slot_index, Err(StoreError::Io)); // As in `submit`.
+        }
         // SAFETY: the pointer and capacity come from the caller's `OutputBuffer`, checked to
         // be a `from_raw` buffer in `submit`; its contract keeps the region valid and ours
         // until we report this op complete, which has not happened yet.
@@ -975,6 +978,13 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             return Err(error);
         }
         let read_only = !ops.iter().any(SubOp::is_mutation);
+        if !read_only && self.journal.has_failed() {
+            // The device may hold a record whose op was failed: memory no longer says what
+            // is durable, so no mutation may be answered from it (even one that needs no
+            // record would be acknowledged against a state the device may not hold).
+            self.stats.errors += 1;
+            return Err(StoreError::Io);
+        }
         let (idle, joins) = match self.lanes.get(oid) {
             None => (true, false),
             Some(lane) => (false, read_only && lane.reading && lane.waiting.is_empty()),
