@@ -165,6 +165,8 @@ struct Sim {
     /// The power is off: answers still come (the drain), and count differently.
     powered_off: bool,
     stalled: Vec<u64>,
+    /// CARMINE_SIM_VERBOSE: print every op, reply and cut (to debug a failing seed).
+    verbose: bool,
     digest: u64,
     report: SeedReport,
 }
@@ -232,6 +234,7 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
         next_request: 1,
         powered_off: false,
         stalled: vec![0; cores],
+        verbose: std::env::var_os("CARMINE_SIM_VERBOSE").is_some(),
         digest: 0xcbf2_9ce4_8422_2325,
         report: SeedReport {
             cores,
@@ -444,6 +447,9 @@ impl Sim {
         self.in_flight.insert(request_id, Sent { object, kind });
         self.report.ops += 1;
         let core = self.home[object];
+        if self.verbose {
+            eprintln!("sim: send {request_id} (object {object}, {kind:?}) on core {core}");
+        }
         server.cores[core].network_mut().deliver(frame);
     }
 
@@ -527,6 +533,18 @@ impl Sim {
             .ok_or_else(|| format!("a reply to request {id}, which is not in flight"))?;
         let status = Status::from_u32(header.status)
             .ok_or_else(|| format!("reply {id}: unknown status {}", header.status))?;
+        if self.verbose {
+            eprintln!(
+                "sim: reply {id} (object {}, {:?}): {status}{}",
+                sent.object,
+                sent.kind,
+                if self.powered_off {
+                    ", after the cut"
+                } else {
+                    ""
+                }
+            );
+        }
         let results: Vec<(u32, &[u8])> = frame
             .reply_results()
             .map_err(|s| format!("reply {id}: result table {s:?}"))?
@@ -616,6 +634,9 @@ impl Sim {
             self.report.checkpoints = self.report.checkpoints.max(stats.checkpoints);
         }
         self.powered_off = true;
+        if self.verbose {
+            eprintln!("sim: power cut {} ({granularity:?})", self.report.cuts + 1);
+        }
         let mut quiet_rounds = 0;
         for round in 0.. {
             if round == DRAIN_ROUNDS_MAX {
