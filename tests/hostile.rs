@@ -222,3 +222,260 @@ fn a_thousand_connections_are_all_served_with_bounded_buffers() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The arguments of the well-behaved client run beside hostile ones.
+const GOOD_CLIENT: [&str; 14] = [
+    "--op",
+    "mixed",
+    "--duration",
+    "2s",
+    "--objects",
+    "8",
+    "--object-size",
+    "16KiB",
+    "--clients",
+    "2",
+    "--qd",
+    "4",
+    "--verify",
+    "--prefill",
+];
+
+fn p99_us(report: &serde_json::Value) -> f64 {
+    report["latency_us"]["p99"]
+        .as_f64()
+        .expect("p99 in the report")
+}
+
+fn assert_clean(report: &serde_json::Value) {
+    assert_eq!(
+        report["errors"], 0,
+        "the good client saw no errors: {report}"
+    );
+    assert_eq!(report["verify_failures"], 0, "{report}");
+    assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
+}
+
+/// Waits until the server is back to its idle baseline: only the status request's connection,
+/// no op in flight, at most `buffers` buffers in use (a snapshot; cores may lag a pass).
+fn wait_for_baseline(server: &ServerProcess, buffers: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshot = status(&server.addr);
+        let idle = total(&snapshot, "connections") == 1
+            && total(&snapshot, "ops_in_flight") == 0
+            && total(&snapshot, "buffers_in_use") <= buffers;
+        if idle {
+            return snapshot;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not return to its baseline: {}",
+            snapshot["totals"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Slow-loris clients: many connections each dribbling frames one byte at a time with pauses.
+/// Each holds a partial frame (and the receive buffer under it) most of the time. A normal
+/// client running beside them completes every op, and its p99 latency stays within a generous
+/// bound of its own p99 measured alone just before: isolation, not speed, is checked.
+#[test]
+fn slow_loris_clients_do_not_starve_a_normal_client() {
+    // 48 per core: most of a test server's 64 receive chunks per core held by partial frames.
+    const LORIS: usize = 96;
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let baseline = load(&server.addr, &GOOD_CLIENT);
+    assert_clean(&baseline);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = server.addr.clone();
+    let stop_loris = stop.clone();
+    let loris = std::thread::spawn(move || {
+        let mut streams: Vec<_> = (0..LORIS).map(|_| connect(&addr)).collect();
+        // A write frame of about 100 bytes: a whole round of one byte per connection each 5 ms.
+        let frames: Vec<Vec<u8>> = (0..LORIS)
+            .map(|i| {
+                let oid = format!("loris-{i}");
+                raw_frame(
+                    OP_OSD,
+                    i as u64,
+                    oid.as_bytes(),
+                    &[(WRITE, b"", &[i as u8; 40], 0, 0)],
+                )
+            })
+            .collect();
+        let mut sent = vec![0usize; LORIS];
+        let mut frames_done = 0u64;
+        while !stop_loris.load(std::sync::atomic::Ordering::Relaxed) {
+            for (i, stream) in streams.iter_mut().enumerate() {
+                stream.write_all(&frames[i][sent[i]..sent[i] + 1]).unwrap();
+                sent[i] += 1;
+                if sent[i] == frames[i].len() {
+                    sent[i] = 0;
+                    let reply = read_reply(stream).expect("a slow frame is answered");
+                    assert_eq!((reply.request_id, reply.status), (i as u64, 0));
+                    frames_done += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Leave every connection mid-frame.
+        for (i, stream) in streams.iter_mut().enumerate() {
+            if sent[i] == 0 {
+                stream.write_all(&frames[i][..1]).unwrap();
+            }
+        }
+        (streams, frames_done)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let beside = load(&server.addr, &GOOD_CLIENT);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (streams, frames_done) = loris.join().unwrap();
+    assert_clean(&beside);
+    let bound = (10.0 * p99_us(&baseline)).max(50_000.0);
+    assert!(
+        p99_us(&beside) < bound,
+        "p99 beside slow-loris clients {} us, alone {} us (bound {bound} us)",
+        p99_us(&beside),
+        p99_us(&baseline)
+    );
+    assert!(
+        frames_done >= LORIS as u64,
+        "the slow clients were served too"
+    );
+    eprintln!(
+        "slow-loris: {LORIS} connections, {frames_done} byte-at-a-time frames; good client p99 \
+         {} us alone, {} us beside them",
+        p99_us(&baseline),
+        p99_us(&beside)
+    );
+    drop(streams); // Mid-frame: counted as truncated, their buffers come back.
+    let snapshot = wait_for_baseline(&server, 4);
+    assert!(total(&snapshot, "conn_truncated") >= LORIS as u64);
+}
+
+/// Floods of oversized frames: headers that claim a payload over the limit (answered
+/// OVER_LIMIT and closed, before any byte of the body is buffered), and frames at exactly the
+/// limit (served through the large buffers). The server keeps serving a normal client, its
+/// memory stays bounded (no growth from a second, longer flood after a first one warmed the
+/// pools) and every buffer comes back.
+#[test]
+fn oversized_frame_floods_are_refused_and_memory_stays_bounded() {
+    const PAYLOAD_MAX: usize = 256 << 10;
+    let server =
+        ServerProcess::start(&["--cores", "2", "--cpus", "0,1", "--max-payload", "256KiB"]);
+    let flood = |connections: usize, frames_at_limit: usize| {
+        let addr = server.addr.clone();
+        let handles: Vec<_> = (0..4)
+            .map(|worker| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    // Over the limit: one header each, the connection is closed after the reply.
+                    for i in 0..connections / 4 {
+                        let mut stream = connect(&addr);
+                        let mut header = raw_frame(OP_OSD, i as u64, b"big", &[]);
+                        let claim = PAYLOAD_MAX as u32 + 1 + (i as u32 % 3) * (1 << 30);
+                        header[20..24].copy_from_slice(&claim.to_le_bytes());
+                        send(&mut stream, &header[..32]);
+                        // The body the header promised starts to arrive: the server must not
+                        // buffer it (it may reset the connection while this is written).
+                        let _ = stream.write_all(&[0u8; 4096]);
+                        let reply = read_reply(&mut stream).expect("refused with a reply");
+                        assert_eq!(reply.status, STATUS_OVER_LIMIT);
+                        expect_closed(&mut stream);
+                    }
+                    // At the limit: a write whose payload is exactly the maximum, pipelined.
+                    let mut stream = connect(&addr);
+                    let data = vec![worker as u8; PAYLOAD_MAX - 24];
+                    let oid = format!("limit-{worker}");
+                    let frame = raw_frame(OP_OSD, 0, oid.as_bytes(), &[(WRITE, b"", &data, 0, 0)]);
+                    assert_eq!(frame.len(), 32 + oid.len() + PAYLOAD_MAX);
+                    for _ in 0..frames_at_limit {
+                        send(&mut stream, &frame);
+                        let reply = read_reply(&mut stream).expect("answered");
+                        assert_eq!(reply.status, 0, "a frame at the limit is served");
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+    };
+    flood(200, 20); // Warm-up: touches the pools' pages and the objects' memory.
+    let rss_warm = server.rss_kib();
+    let addr = server.addr.clone();
+    let good = std::thread::spawn(move || load(&addr, &GOOD_CLIENT));
+    flood(1000, 100);
+    let report = good.join().unwrap();
+    assert_clean(&report);
+    let rss_after = server.rss_kib();
+    eprintln!(
+        "oversized floods: VmRSS {rss_warm} KiB after the warm-up, {rss_after} KiB after 5x more"
+    );
+    assert!(
+        rss_after < rss_warm + 16 * 1024,
+        "memory grew with the flood: {rss_warm} KiB -> {rss_after} KiB"
+    );
+    let snapshot = wait_for_baseline(&server, 4);
+    assert!(total(&snapshot, "stream_over_limit") >= 1200);
+}
+
+/// Clients that vanish mid-frame, over and over, at every kind of cut (in the header, in the
+/// object id, in a small body, in a body bigger than a receive chunk): each is counted, and
+/// nothing they started stays held: op slots, receive chunks and large buffers all return.
+#[test]
+fn clients_vanishing_mid_frame_leak_nothing() {
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let before = wait_for_baseline(&server, 4);
+    let small = raw_frame(OP_OSD, 1, b"vanish", &[(WRITE, b"", &[3u8; 300], 0, 0)]);
+    let large = raw_frame(
+        OP_OSD,
+        2,
+        b"vanish-large",
+        &[(WRITE, b"", &vec![4u8; 1 << 20], 0, 0)],
+    );
+    let mut vanished = 0u64;
+    for round in 0..25 {
+        // Several at once, so that some cuts land while others hold buffers.
+        let mut streams = Vec::new();
+        for cut in [1usize, 20, 33, 40, 200, small.len() - 1] {
+            let mut stream = connect(&server.addr);
+            send(&mut stream, &small[..cut]);
+            streams.push(stream);
+        }
+        for cut in [200 << 10, large.len() - 1 - round] {
+            let mut stream = connect(&server.addr);
+            send(&mut stream, &large[..cut]);
+            streams.push(stream);
+        }
+        // And one that completes a frame first, then vanishes with the reply unread.
+        let mut stream = connect(&server.addr);
+        send(&mut stream, &small);
+        send(&mut stream, &large[..100]);
+        streams.push(stream);
+        vanished += streams.len() as u64;
+        std::thread::sleep(Duration::from_millis(20));
+        drop(streams);
+    }
+    let after = wait_for_baseline(&server, total(&before, "buffers_in_use").max(4));
+    let truncated = total(&after, "conn_truncated") - total(&before, "conn_truncated");
+    assert!(
+        truncated + 25 >= vanished,
+        "vanishing clients are counted: {truncated} of {vanished}"
+    );
+    // Still serving, and the one complete write happened.
+    let mut stream = connect(&server.addr);
+    send(
+        &mut stream,
+        &raw_frame(OP_OSD, 9, b"vanish", &[(READ, b"", b"", 0, 300)]),
+    );
+    let reply = read_reply(&mut stream).expect("answered");
+    assert_eq!(reply.status, 0);
+    assert!(
+        reply.payload.ends_with(&[3u8; 300]),
+        "the completed write is there"
+    );
+}
