@@ -693,6 +693,10 @@ impl OsdCore {
                 Some(buf) => output = Some(buf),
                 None => {
                     self.counters.add(Counter::buffer_waits, 1);
+                    // A slow-loris client may be sitting on the buffer this op needs.
+                    let want_large = output_len > self.pools.small.buffer_size() as u64;
+                    self.transport
+                        .evict_stalled_for(&mut self.pools, want_large);
                     return false;
                 }
             }
@@ -1049,6 +1053,7 @@ impl OsdCore {
         c.set(Counter::conn_refused, transport.refused);
         c.set(Counter::connections, transport.connections);
         c.set(Counter::conn_truncated, transport.truncated);
+        c.set(Counter::conn_evicted, transport.evicted);
         c.set(Counter::rx_bytes, transport.rx_bytes);
         c.set(Counter::tx_bytes, transport.tx_bytes);
         c.set(Counter::rx_copied_bytes, transport.rx_copied_bytes);

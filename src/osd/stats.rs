@@ -55,6 +55,7 @@ counters!(
     conn_refused,
     connections,
     conn_truncated,
+    conn_evicted,
     rx_bytes,
     tx_bytes,
     rx_copied_bytes,
