@@ -705,3 +705,78 @@ fn slow_and_oversized_nbd_clients_leave_others_alone() {
     }
     assert!(server.stop().success());
 }
+
+/// (flags, type, cookie, payload) of one structured reply chunk.
+fn structured_chunk(stream: &mut TcpStream) -> (u16, u16, u64, Vec<u8>) {
+    let mut head = [0u8; 20];
+    stream.read_exact(&mut head).expect("a structured chunk");
+    assert_eq!(
+        u32::from_be_bytes(head[..4].try_into().unwrap()),
+        0x668e_33ef,
+        "structured reply magic"
+    );
+    let mut payload = vec![0u8; u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize];
+    stream.read_exact(&mut payload).unwrap();
+    (
+        u16::from_be_bytes(head[4..6].try_into().unwrap()),
+        u16::from_be_bytes(head[6..8].try_into().unwrap()),
+        u64::from_be_bytes(head[8..16].try_into().unwrap()),
+        payload,
+    )
+}
+
+/// With NBD_OPT_STRUCTURED_REPLY negotiated, every reply is one final chunk: OFFSET_DATA for a
+/// read (offset, then the data), NONE for other successes, ERROR with the errno for failures.
+#[test]
+fn structured_replies_carry_offsets_data_and_errors() {
+    let (mut server, nbd) = start(&[]);
+    image(&["create", "disk", "--size", "8MiB", "--target", &server.addr]);
+    let mut stream = handshake(&nbd);
+    send_option(&mut stream, 8, b"x");
+    assert_eq!(
+        option_reply(&mut stream, 8).0,
+        (1 << 31) | 3,
+        "takes no data"
+    );
+    send_option(&mut stream, 8, b"");
+    assert_eq!(
+        option_reply(&mut stream, 8).0,
+        1,
+        "structured replies acknowledged"
+    );
+    assert_eq!(go(&mut stream, "disk"), 1);
+    const DONE: u16 = 1;
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+    let offset = (4 << 20) - 5000; // Across two objects and several parts.
+    request(&mut stream, 1, 0, 1, offset, data.len() as u32);
+    send(&mut stream, &data);
+    assert_eq!(
+        structured_chunk(&mut stream),
+        (DONE, 0, 1, vec![]),
+        "write: NONE"
+    );
+    request(&mut stream, 0, 0, 2, offset, data.len() as u32);
+    let (flags, kind, cookie, payload) = structured_chunk(&mut stream);
+    assert_eq!((flags, kind, cookie), (DONE, 1, 2), "read: OFFSET_DATA");
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
+    assert!(payload[8..] == data[..], "the data follows the offset");
+    request(&mut stream, 0, 0, 3, 8 << 20, 4096);
+    let (flags, kind, cookie, payload) = structured_chunk(&mut stream);
+    assert_eq!(
+        (flags, kind, cookie),
+        (DONE, (1 << 15) | 1, 3),
+        "error chunk"
+    );
+    assert_eq!(payload, [0, 0, 0, 22, 0, 0], "EINVAL, no message");
+    request(&mut stream, 0, 0, 4, 0, 0);
+    assert_eq!(
+        structured_chunk(&mut stream),
+        (DONE, 0, 4, vec![]),
+        "empty read: NONE"
+    );
+    request(&mut stream, 3, 0, 5, 0, 0);
+    assert_eq!(structured_chunk(&mut stream), (DONE, 0, 5, vec![]), "flush");
+    request(&mut stream, 2, 0, 6, 0, 0);
+    assert!(closed(&mut stream));
+    assert!(server.stop().success());
+}

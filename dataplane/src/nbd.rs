@@ -17,6 +17,8 @@ pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
@@ -31,6 +33,7 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -75,6 +78,12 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
 
+/// Structured reply chunks: the flag on the last chunk of a reply, and chunk types.
+pub const REPLY_FLAG_DONE: u16 = 1;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
 /// Error numbers of replies (Linux errno values, as the protocol fixes them).
 pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
@@ -84,6 +93,11 @@ pub const ENOSPC: u32 = 28;
 pub const REQUEST_HEADER_BYTES: usize = 28;
 /// Bytes of a simple reply header.
 pub const SIMPLE_REPLY_BYTES: usize = 16;
+/// Bytes of a structured reply chunk's header.
+pub const STRUCTURED_HEADER_BYTES: usize = 20;
+/// Largest reply head: a structured OFFSET_DATA chunk's header and offset (28 bytes), an
+/// ERROR chunk's header, error and empty message (26), or a simple reply (16).
+pub const REPLY_HEAD_MAX_BYTES: usize = 28;
 /// Bytes of an option header from the client (magic, option, length).
 pub const OPTION_HEADER_BYTES: usize = 16;
 /// Bytes of the server's greeting.
@@ -267,6 +281,46 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_BYTES] {
     out
 }
 
+/// The head of the reply to one request, and its length: a simple reply, or with structured
+/// replies negotiated one final chunk: ERROR for a failure, OFFSET_DATA (offset, then the
+/// `data_bytes` that follow the head) for a read that returns data, NONE otherwise.
+pub fn reply_head(
+    structured: bool,
+    error: u32,
+    cookie: u64,
+    read: Option<(u64, u32)>,
+) -> ([u8; REPLY_HEAD_MAX_BYTES], usize) {
+    let mut out = [0u8; REPLY_HEAD_MAX_BYTES];
+    if !structured {
+        out[..SIMPLE_REPLY_BYTES].copy_from_slice(&simple_reply(error, cookie));
+        return (out, SIMPLE_REPLY_BYTES);
+    }
+    let (kind, length) = match read {
+        _ if error != 0 => (REPLY_TYPE_ERROR, 6),
+        Some((_, data_bytes)) if data_bytes > 0 => (REPLY_TYPE_OFFSET_DATA, 8 + data_bytes),
+        _ => (REPLY_TYPE_NONE, 0),
+    };
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&length.to_be_bytes());
+    let at = STRUCTURED_HEADER_BYTES;
+    match kind {
+        REPLY_TYPE_ERROR => {
+            // The error, then a message length of 0 (no message).
+            out[at..at + 4].copy_from_slice(&error.to_be_bytes());
+            (out, at + 6)
+        }
+        REPLY_TYPE_OFFSET_DATA => {
+            let offset = read.expect("a read").0;
+            out[at..at + 8].copy_from_slice(&offset.to_be_bytes());
+            (out, at + 8)
+        }
+        _ => (out, at),
+    }
+}
+
 /// Appends an option reply (header and data) to `out` (negotiation only: not the data path).
 pub fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
     out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
@@ -436,6 +490,34 @@ mod tests {
             b"",
             "an empty name is well formed (the default export)"
         );
+    }
+
+    #[test]
+    fn structured_reply_heads() {
+        let (head, len) = reply_head(false, EIO, 9, Some((4096, 512)));
+        assert_eq!(&head[..len], &simple_reply(EIO, 9));
+        let (head, len) = reply_head(true, 0, 9, Some((4096, 512)));
+        assert_eq!(len, 28);
+        assert_eq!(be_u32(&head), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(be_u16(&head[4..]), REPLY_FLAG_DONE);
+        assert_eq!(be_u16(&head[6..]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(be_u64(&head[8..]), 9);
+        assert_eq!(
+            be_u32(&head[16..]),
+            8 + 512,
+            "offset and data follow the header"
+        );
+        assert_eq!(be_u64(&head[20..]), 4096);
+        let (head, len) = reply_head(true, EINVAL, 9, Some((4096, 512)));
+        assert_eq!((len, be_u16(&head[6..])), (26, REPLY_TYPE_ERROR));
+        assert_eq!(be_u32(&head[16..]), 6);
+        assert_eq!(be_u32(&head[20..]), EINVAL);
+        assert_eq!(be_u16(&head[24..]), 0, "no message");
+        for read in [None, Some((0, 0))] {
+            let (head, len) = reply_head(true, 0, 9, read);
+            assert_eq!((len, be_u16(&head[6..])), (20, REPLY_TYPE_NONE));
+            assert_eq!(be_u32(&head[16..]), 0);
+        }
     }
 
     #[test]

@@ -127,7 +127,8 @@ enum Phase {
 }
 
 struct TxReply {
-    head: [u8; nbd::SIMPLE_REPLY_BYTES],
+    head: [u8; nbd::REPLY_HEAD_MAX_BYTES],
+    head_len: u8,
     /// A successful read: its request's outputs are the payload; freed once sent.
     read: Option<OpRef>,
     sent: usize,
@@ -146,6 +147,8 @@ struct Conn {
     generation: u32,
     phase: Phase,
     no_zeroes: bool,
+    /// The client asked for structured replies (NBD_OPT_STRUCTURED_REPLY).
+    structured: bool,
     /// Received bytes `[in_start, in_end)` not yet consumed.
     inbuf: Box<[u8]>,
     in_start: usize,
@@ -361,6 +364,7 @@ impl NbdFrontend {
             generation,
             phase: Phase::ClientFlags,
             no_zeroes: false,
+            structured: false,
             inbuf: vec![0u8; 2 * self.work.part_bytes + 4096].into_boxed_slice(),
             in_start: 0,
             in_end: 0,
@@ -653,7 +657,12 @@ impl NbdFrontend {
         if error != 0 {
             self.work.stats.errors += 1;
         }
-        let read = (kind == Kind::Read && error == 0).then_some(request_ref);
+        let read = (kind == Kind::Read && error == 0).then(|| {
+            let length: u32 = request.lengths[..request.parts_issued as usize]
+                .iter()
+                .sum();
+            (request_ref, request.next_offset, length)
+        });
         if read.is_none() {
             free_request(&mut self.work, pools, request_ref);
         }
@@ -804,7 +813,7 @@ impl NbdFrontend {
                 count += 1;
                 skip = 0;
             };
-            push(&reply.head);
+            push(&reply.head[..usize::from(reply.head_len)]);
             if let Some(read) = reply.read {
                 let request = self.work.requests.get(read);
                 for part in 0..parts {
@@ -836,7 +845,7 @@ impl NbdFrontend {
         let mut completed = 0;
         let conn = self.conns[index as usize].as_mut().expect("open");
         while let Some(front) = conn.tx.front_mut() {
-            let length = nbd::SIMPLE_REPLY_BYTES
+            let length = usize::from(front.head_len)
                 + front.read.map_or(0, |r| {
                     let request = self.work.requests.get(r);
                     request.lengths[..request.parts_issued as usize]
@@ -965,11 +974,21 @@ fn free_request(work: &mut Work, pools: &mut CorePools, request_ref: OpRef) {
     }
 }
 
-fn queue_reply(conn: &mut Conn, error: u32, cookie: u64, read: Option<OpRef>) {
+/// Queues a reply; `read` is a successful read: its request (whose outputs follow the head),
+/// offset and length.
+fn queue_reply(conn: &mut Conn, error: u32, cookie: u64, read: Option<(OpRef, u64, u32)>) {
     // The in-flight limit bounds the queue: it never grows past its capacity from accept.
     assert!(conn.tx.len() < conn.tx.capacity(), "NBD tx queue overflow");
+    let (head, head_len) = nbd::reply_head(
+        conn.structured,
+        error,
+        cookie,
+        read.map(|(_, offset, length)| (offset, length)),
+    );
+    let read = read.map(|(request, _, _)| request);
     conn.tx.push_back(TxReply {
-        head: nbd::simple_reply(error, cookie),
+        head,
+        head_len: head_len as u8,
         read,
         sent: 0,
     });
@@ -1083,6 +1102,15 @@ fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Core
             }
             ask_export(work, conn, index, pools, option, data)
         }
+        nbd::OPT_STRUCTURED_REPLY if !data.is_empty() => {
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"");
+            Consume::Progress
+        }
+        nbd::OPT_STRUCTURED_REPLY => {
+            conn.structured = true;
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ACK, b"");
+            Consume::Progress
+        }
         nbd::OPT_GO | nbd::OPT_INFO => {
             let Some(info) = nbd::parse_info_request(data) else {
                 nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"malformed");
@@ -1101,7 +1129,7 @@ fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Core
             ask_export(work, conn, index, pools, option, name)
         }
         _ => {
-            // STARTTLS, structured replies, meta contexts, extended headers: not offered.
+            // STARTTLS, meta contexts (BLOCK_STATUS), extended headers: not offered.
             nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"");
             Consume::Progress
         }
@@ -1421,6 +1449,8 @@ fn start_read(
         conn_generation: conn.generation,
         cookie: request.cookie,
         kind: Kind::Read,
+        // Reads keep their start here for the reply (structured replies carry it).
+        next_offset: request.offset,
         ..Request::default()
     };
     work.stats.requests += 1;
