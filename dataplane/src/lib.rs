@@ -10,4 +10,5 @@ pub mod pool;
 pub mod reactor;
 pub mod ring;
 pub mod tcp;
+pub mod udp;
 pub mod wire;
