@@ -66,6 +66,12 @@ impl UdpSocketPort {
         self.socket.local_addr()
     }
 
+    /// The socket's descriptor, to wait for it with epoll.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.socket.as_raw_fd()
+    }
+
     /// Receive buffers not held by the RPC.
     pub fn free_buffer_count(&self) -> usize {
         self.free.borrow().len()
