@@ -191,3 +191,38 @@ fn dpdk_transport_without_the_feature_says_how_to_build_it() {
         assert!(stderr.contains("--features dpdk"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn steady_state_udp_data_path_does_not_allocate() {
+    let (server, udp) = udp_server(&["--cores", "1"]);
+    let shape = [
+        "--duration",
+        "1s",
+        "--objects",
+        "8",
+        "--object-size",
+        "256KiB",
+        "--clients",
+        "2",
+        "--qd",
+        "16",
+    ];
+    let mut prefill = vec!["--op", "randwrite", "--prefill"];
+    prefill.extend_from_slice(&shape);
+    assert_clean(&udp_load(&udp, &prefill), "prefill");
+    let before = status(&server.addr);
+    let mut mixed = vec!["--op", "mixed"];
+    mixed.extend_from_slice(&shape);
+    assert_clean(&udp_load(&udp, &mixed), "mixed");
+    let after = status(&server.addr);
+    let ops = total(&after, "ops") - total(&before, "ops");
+    let allocations = total(&after, "allocations") - total(&before, "allocations");
+    // What may allocate is session set-up (2 clients x 2 sessions, one for the status fetch:
+    // each session's slots and reassembly tables), never an op.
+    let session_setup_budget = 5 * 16;
+    assert!(ops > 500, "enough ops to see a per-op allocation: {ops}");
+    assert!(
+        allocations <= session_setup_budget,
+        "{allocations} allocations over {ops} ops: the UDP data path allocates"
+    );
+}

@@ -38,7 +38,7 @@ pub const SESSIONS_MAX: u32 = 256;
 /// kept for resends). Beyond it nothing more is received until some are let go.
 pub const HELD_MAX: usize = 8192;
 /// How long a session may stay idle before the server forgets it. Far longer than a client
-/// keeps resending (`rpc_config`: 50 ms x 100 = 5 s).
+/// keeps resending (`rpc_config`: 50 ms x 600 = 30 s).
 pub const SESSION_IDLE_NS: u64 = 60_000_000_000;
 /// How often idle sessions are looked for (the walk visits every session).
 const EXPIRE_INTERVAL_NS: u64 = 1_000_000_000;
@@ -50,7 +50,8 @@ pub fn rpc_config() -> RpcConfig {
         // Loopback loses little; most resends are of requests queued behind others at a busy
         // server, so the timeout is generous (eRPC's datacenter figure is a few ms).
         retransmit_timeout_ns: 50_000_000,
-        retries_max: 100,
+        // 30 s without progress before a request fails: as long as a TCP client waits.
+        retries_max: 600,
         ..RpcConfig::for_mtu(RPC_MTU)
     }
 }
