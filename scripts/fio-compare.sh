@@ -64,7 +64,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A fresh log: the segment store has no cleaner yet, so an old device would be fuller.
+# A fresh log each time; like fio's file, it is written whole before the first run
+# (store-bench --preallocate), so both measure overwrites, not block allocation.
 rm -f "$DEVICE"
 
 # fio lays the file out (writes it whole) before its first run, so randread reads real data.
@@ -89,7 +90,7 @@ EOF
 carmine_run() { # op -> IOPS
   local op=$1 out="$DIR/carmine-$1.json"
   log "carmine store-bench $op: bs=$BS qd=$QD ${DURATION}s on $DEVICE ($CARMINE_SIZE)"
-  ${pin[@]+"${pin[@]}"} "$CARMINE" store-bench --device "$DEVICE" --device-size "$CARMINE_SIZE" --op "$op" \
+  ${pin[@]+"${pin[@]}"} "$CARMINE" store-bench --device "$DEVICE" --device-size "$CARMINE_SIZE" --preallocate --op "$op" \
     --bs "$BS" --qd "$QD" --duration "${DURATION}s" --json >"$out" 2>"$DIR/carmine-$op.log" \
     || die "carmine store-bench $op failed: $(tail -3 "$DIR/carmine-$op.log")"
   python3 - "$out" <<'EOF'

@@ -28,6 +28,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A side whose CPU use over the run is at least this fraction of what it has is saturated.
 const SATURATED_FRACTION: f64 = 0.9;
 /// Prefill runs before the timed phases; its own timed part is kept short.
+/// The segment store's device file per server: room for the objects and the runs' journal
+/// without cleaning in the default durations, and quick to preallocate.
+const COMPARE_DEVICE_BYTES: u64 = 2 << 30;
+const COMPARE_SEGMENT_BYTES: u64 = 16 << 20;
 const PREFILL_TIMED: Duration = Duration::from_millis(100);
 
 #[derive(clap::Args, Debug, Clone)]
@@ -349,6 +353,21 @@ fn run_server(
     let device = args.out.join(format!("compare-{store}-{mode}-{cores}.img"));
     if store == "segment" {
         let _ = std::fs::remove_file(&device);
+        // Written whole first (as fio lays out its file): a sparse file's first writes make
+        // the kernel allocate blocks, in io_uring worker threads on the server's CPUs, and the
+        // table would measure that rather than the two designs.
+        // Both modes run one store shard per core (classic: one per op-queue shard, auto).
+        let shards = cores;
+        if let Err(error) = crate::device::create_and_format(
+            &device,
+            COMPARE_DEVICE_BYTES,
+            shards,
+            COMPARE_SEGMENT_BYTES,
+            true,
+        ) {
+            let _ = std::fs::remove_file(&device);
+            return Err(error);
+        }
         serve_args.extend(["--device".into(), device.display().to_string()]);
     }
     let server = ChildServer::start(&serve_args);

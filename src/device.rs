@@ -12,6 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
+use carmine_storage::queue_pair::AlignedBuf;
 use carmine_storage::queue_pair::{NvmeController, NvmeQueuePair};
 use carmine_storage::segment::format::{Superblock, SEGMENTS_START_BYTES};
 use carmine_storage::segment::mkfs;
@@ -41,6 +42,13 @@ pub struct MkfsArgs {
     /// Segment size: the unit of log writing and cleaning.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     segment_size: u64,
+    /// Write zeros over the whole file before formatting (regular files only). A sparse
+    /// file's first write to each block allocates it, and the kernel runs such writes (in
+    /// io_uring's worker threads, on the writing core's CPU) several times slower than
+    /// overwrites, until the log has wrapped once. Use it for benchmarks; it takes as long as
+    /// writing the file.
+    #[arg(long)]
+    preallocate: bool,
 }
 
 /// The PCI address of a device named `nvme:PCI_ADDRESS`, or None for a file or block device.
@@ -137,9 +145,52 @@ fn format(path: &Path, cores: u32, segment_size: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Bytes `preallocate` writes per request.
+const PREALLOCATE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Writes zeros over the whole of the regular file `path` (O_DIRECT, so the page cache is
+/// left alone) and syncs it: every block is then allocated and written, and later O_DIRECT
+/// writes are overwrites the kernel completes without allocating.
+pub fn preallocate(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let name = path.display();
+    let metadata = std::fs::metadata(path).map_err(|e| format!("{name}: {e}"))?;
+    if !metadata.is_file() {
+        return Err(format!(
+            "{name}: --preallocate is for regular files (a block device has no sparse blocks)"
+        ));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let size = metadata.len() / 4096 * 4096;
+    let zeros = AlignedBuf::new(PREALLOCATE_CHUNK_BYTES);
+    let started = std::time::Instant::now();
+    let mut offset = 0;
+    while offset < size {
+        let length = (size - offset).min(PREALLOCATE_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros[..length], offset)
+            .map_err(|e| format!("{name}: preallocating at byte {offset}: {e}"))?;
+        offset += length as u64;
+    }
+    file.sync_all()
+        .map_err(|e| format!("{name}: preallocating: {e}"))?;
+    log::info!(
+        "preallocated {name}: {size} bytes of zeros in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn run_mkfs(args: &MkfsArgs) -> Result<(), String> {
     let created = create_if_missing(&args.device, args.size)?;
-    let result = format(&args.device, args.cores, args.segment_size);
+    let mut result = Ok(());
+    if args.preallocate {
+        result = preallocate(&args.device);
+    }
+    let result = result.and_then(|()| format(&args.device, args.cores, args.segment_size));
     if result.is_err() && created {
         let _ = std::fs::remove_file(&args.device);
     }
@@ -154,27 +205,35 @@ pub fn prepare(config: &ServeConfig) -> Result<(), String> {
         config.device_size,
         config.store_shard_count(),
         config.segment_size,
+        false,
     )
     .map(|_| ())
 }
 
-/// Creates a missing device file (sparse, `size` bytes) and formats it with `shards` shards;
-/// an existing one is left as it is. A file created here is removed again if formatting
-/// fails. Returns whether it was created.
+/// Creates a missing device file (sparse, `size` bytes; written with zeros first when
+/// `preallocated`) and formats it with `shards` shards; an existing one is left as it is. A
+/// file created here is removed again if formatting fails. Returns whether it was created.
 pub fn create_and_format(
     path: &Path,
     size: u64,
     shards: u32,
     segment_size: u64,
+    preallocated: bool,
 ) -> Result<bool, String> {
     if !create_if_missing(path, size)? {
         return Ok(false);
     }
     log::info!(
-        "{} does not exist: creating a {size}-byte sparse file and formatting it ({shards} shard(s), {segment_size}-byte segments)",
-        path.display()
+        "{} does not exist: creating a {size}-byte {} file and formatting it ({shards} shard(s), {segment_size}-byte segments)",
+        path.display(),
+        if preallocated { "preallocated" } else { "sparse" }
     );
-    if let Err(error) = format(path, shards, segment_size) {
+    let made = if preallocated {
+        preallocate(path)
+    } else {
+        Ok(())
+    };
+    if let Err(error) = made.and_then(|()| format(path, shards, segment_size)) {
         let _ = std::fs::remove_file(path);
         return Err(error);
     }

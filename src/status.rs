@@ -112,6 +112,16 @@ pub fn render(board: &StatusBoard) -> String {
             Value::Null
         },
     );
+    // Client ops per journal record: how well group commit batches (null without a journal).
+    let records = totals[Counter::store_records_written as usize];
+    total.insert(
+        "ops_per_record".into(),
+        if records > 0 {
+            json!(ops as f64 / records as f64)
+        } else {
+            Value::Null
+        },
+    );
     total.insert(
         "allocations_per_op".into(),
         per_op(totals[Counter::allocations as usize], ops)

@@ -130,6 +130,11 @@ pub struct StoreBenchArgs {
     /// keeps its own): the unit of log writing.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub segment_size: u64,
+    /// When creating the device file, write zeros over it first (as fio lays out its file),
+    /// so the run measures overwrites rather than the file system allocating blocks on first
+    /// write (see `carmine mkfs --preallocate`).
+    #[arg(long)]
+    pub preallocate: bool,
     /// io_uring queue depth of the shard's queue pair (device requests in flight at most).
     #[arg(long, default_value_t = 256)]
     pub queue_depth: u32,
@@ -288,8 +293,14 @@ fn parse_hot(text: &str) -> Result<(f64, f64), String> {
 
 /// Creates and formats (one shard) the device file if it is missing.
 fn prepare_device(args: &StoreBenchArgs) -> Result<(), String> {
-    crate::device::create_and_format(&args.device, args.device_size, 1, args.segment_size)
-        .map(|_| ())
+    crate::device::create_and_format(
+        &args.device,
+        args.device_size,
+        1,
+        args.segment_size,
+        args.preallocate,
+    )
+    .map(|_| ())
 }
 
 fn mount(path: &Path, queue_depth: u32) -> Result<Store, String> {

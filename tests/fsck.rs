@@ -179,3 +179,52 @@ fn a_file_it_cannot_check_is_exit_status_2() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot read the device"), "{stderr}");
 }
+
+/// `mkfs --preallocate` writes the whole file (every block allocated, nothing sparse) and the
+/// result is a clean device; on a block device or a missing size it says what it needs.
+#[test]
+fn mkfs_preallocate_allocates_every_block_and_is_clean() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TestDir::new("fsck-prealloc");
+    let sparse = dir.0.join("sparse.img");
+    let full = dir.0.join("full.img");
+    for (path, preallocate) in [(&sparse, false), (&full, true)] {
+        let mut command = Command::new(CARMINE);
+        command.args([
+            "mkfs",
+            "--device",
+            path.to_str().unwrap(),
+            "--size",
+            "32MiB",
+        ]);
+        command.args(["--segment-size", "1MiB"]);
+        if preallocate {
+            command.arg("--preallocate");
+        }
+        let output = command.output().expect("run carmine mkfs");
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let allocated = |path: &std::path::Path| std::fs::metadata(path).unwrap().blocks() * 512;
+    assert_eq!(
+        allocated(&full),
+        32 << 20,
+        "every block of the file is allocated"
+    );
+    assert!(
+        allocated(&sparse) < 32 << 20,
+        "without the flag the file stays sparse"
+    );
+    let output = fsck(full.to_str().unwrap(), false);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stdout));
+
+    let output = Command::new(CARMINE)
+        .args(["mkfs", "--device", "/dev/null", "--preallocate"])
+        .output()
+        .expect("run carmine mkfs");
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("regular files"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -415,6 +415,7 @@ pub fn render_status(shared: &Shared) -> String {
             Counter::store_client_bytes_written,
             stats.client_bytes_written,
         );
+        c.add(Counter::store_records_written, stats.records_written);
     }
     shared.board.core(shared.layout.gauges()).publish(&c);
     debug_assert_eq!(shared.layout.entries(), thread_labels(shared.layout).len());

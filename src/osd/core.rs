@@ -31,6 +31,7 @@ use crate::osd::message::{Message, Results};
 use crate::osd::op_table::{OpRef, OpTable, SLOT_NONE};
 use crate::osd::pg::Pg;
 use crate::osd::placement::Placement;
+use crate::osd::stall::{StallWatch, STALL_REPORT_AFTER};
 use crate::osd::stats::{Counter, Counters, SharedCounters};
 use crate::osd::timer::TimerQueue;
 use crate::status::StatusBoard;
@@ -174,6 +175,7 @@ pub struct OsdCore {
     alloc_counter: fn() -> u64,
     alloc_base: u64,
     alloc_excluded: u64,
+    stall: StallWatch,
 }
 
 pub(crate) fn status_of(error: StoreError) -> Status {
@@ -296,6 +298,7 @@ impl OsdCore {
             alloc_counter: setup.alloc_counter,
             alloc_base: (setup.alloc_counter)(),
             alloc_excluded: 0,
+            stall: StallWatch::new(Instant::now()),
         }
     }
 
@@ -1144,6 +1147,7 @@ impl OsdCore {
             Counter::store_client_bytes_written,
             store.client_bytes_written,
         );
+        c.set(Counter::store_records_written, store.records_written);
         let allocations = (self.alloc_counter)() - self.alloc_base - self.alloc_excluded;
         c.set(Counter::allocations, allocations);
         c.set(Counter::stream_malformed, transport.malformed);
@@ -1165,6 +1169,42 @@ impl OsdCore {
                     .publish_ring(target, producer.len() + self.outbound[target].len());
             }
         }
+    }
+
+    /// Logs what the core waits on when ops in flight made no progress for a while.
+    fn watch_for_stall(&mut self) {
+        let progress = self.counters.get(Counter::ops) + self.transport.stats.tx_bytes;
+        let in_flight = self.exec.in_flight() + self.client.in_flight();
+        if !self.stall.check(Instant::now(), progress, in_flight) {
+            return;
+        }
+        let pgs = self
+            .pgs
+            .iter()
+            .filter(|pg| pg.queued > 0 || pg.unacked_writes > 0);
+        let pg_text: Vec<String> = pgs
+            .take(8)
+            .map(|pg| {
+                format!(
+                    "pg {} queued {} unacked {}",
+                    pg.id, pg.queued, pg.unacked_writes
+                )
+            })
+            .collect();
+        log::warn!(
+            "core {}: no op finished for {} s with {} exec and {} client ops in flight; ready pgs {}, timers {}, outbound {:?}, pending tx {}; {}; store: busy {}, {}",
+            self.index,
+            STALL_REPORT_AFTER.as_secs(),
+            self.exec.in_flight(),
+            self.client.in_flight(),
+            self.ready_pgs.len(),
+            self.timers.len(),
+            self.outbound.iter().map(|q| q.len()).collect::<Vec<_>>(),
+            self.transport.has_pending_tx(),
+            pg_text.join(", "),
+            self.store.busy(),
+            self.store.debug_state()
+        );
     }
 
     fn locally_quiet(&self) -> bool {
@@ -1289,6 +1329,7 @@ impl Core for OsdCore {
     }
 
     fn publish(&mut self, loop_counters: &LoopCounters) {
+        self.watch_for_stall();
         self.counters.set(Counter::busy_ns, loop_counters.busy_ns);
         self.counters.set(Counter::idle_ns, loop_counters.idle_ns);
         self.counters.set(Counter::passes, loop_counters.passes);

@@ -5,5 +5,6 @@ pub mod message;
 pub mod op_table;
 pub mod pg;
 pub mod placement;
+pub mod stall;
 pub mod stats;
 pub mod timer;

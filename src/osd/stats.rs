@@ -73,6 +73,7 @@ counters!(
     store_capacity_bytes,
     store_device_bytes_written,
     store_client_bytes_written,
+    store_records_written,
     nbd_requests,
     nbd_errors,
     nbd_protocol_errors,

@@ -389,6 +389,9 @@ pub struct StoreStats {
     /// Payload bytes of acknowledged client writes: with `device_bytes_written`, the write
     /// amplification.
     pub client_bytes_written: u64,
+    /// Journal records written (each a device write and, for client records, a flush): with
+    /// `transactions`, how many ops group commit puts in one record. 0 without a journal.
+    pub records_written: u64,
 }
 
 /// An object store. One instance per core; callers never share one between threads.
@@ -435,6 +438,11 @@ pub trait ObjectStore {
     /// must not sleep in the kernel then, since device completions do not wake it.
     fn busy(&self) -> bool {
         false
+    }
+
+    /// What the store is doing, in one line, for a log message about a stall.
+    fn debug_state(&self) -> String {
+        String::new()
     }
 
     /// Asks the store to signal eventfd `fd` when device completions arrive, so its owner may

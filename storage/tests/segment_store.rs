@@ -939,3 +939,60 @@ fn mount_makes_a_replayed_unflushed_record_durable() {
         "what a client read after the restart is durable"
     );
 }
+
+/// Group commit and object lanes: when a record becomes durable, the next write to one of its
+/// objects (waiting in the object's lane) joins the very next record, beside the ops that
+/// arrived meanwhile, instead of the record after it. Otherwise a run of writes to one object
+/// goes into every other record, and under a random load about half the ops per record.
+#[test]
+fn the_next_write_to_an_object_joins_the_next_record() {
+    let mut store = mount(device(8, MemFaults::default()));
+    let data = pattern(4096, 3);
+    let write = |object: u8| {
+        (
+            oid(object),
+            vec![SubOp::Write {
+                offset: 0,
+                data: &data,
+            }],
+        )
+    };
+    let records_before = store.segment_stats().records_written;
+    let mut outs = vec![vec![0u8; 4096]; 3];
+    let mut done = [false; 3];
+    let mut submit =
+        |store: &mut SegmentStore<MemQueuePair>, tag: usize, op: &(Vec<u8>, Vec<SubOp<'_>>)| {
+            let mut results = [SubOpResult::default(); 4];
+            // SAFETY: `outs[tag]` is not moved or touched until the op completes below.
+            let mut out = unsafe { OutputBuffer::from_raw(outs[tag].as_mut_ptr(), 4096) };
+            let submitted = store.submit(tag as u64, &op.0, &op.1, &mut out, &mut results[..1]);
+            assert!(
+                matches!(submitted, Ok(Submit::Pending)),
+                "op {tag}: {submitted:?}"
+            );
+        };
+    // Record 1 holds the first write to object 1 and is in flight when two more ops come:
+    // a write to object 2 (joins the open batch) and a second write to object 1 (waits in
+    // the object's lane until record 1 is durable).
+    submit(&mut store, 0, &write(1));
+    store.poll(16, &mut |tag, result| {
+        panic!("op {tag} done too soon: {result:?}")
+    });
+    submit(&mut store, 1, &write(2));
+    submit(&mut store, 2, &write(1));
+    for _ in 0..1000 {
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        store.poll(16, &mut |tag, result| {
+            assert!(result.is_ok(), "op {tag}: {result:?}");
+            done[tag as usize] = true;
+        });
+    }
+    assert!(done.iter().all(|&d| d), "every op completes");
+    assert_eq!(
+        store.segment_stats().records_written - records_before,
+        2,
+        "the second write to object 1 shares record 2 with the write to object 2"
+    );
+}

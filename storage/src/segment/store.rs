@@ -939,6 +939,11 @@ fn append_plan(
 unsafe impl<Q: QueuePair + Send> Send for SegmentStore<Q> {}
 
 impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
+    fn debug_state(&self) -> String {
+        // The inherent method: what the shard's ops, journal and cleaner are doing.
+        SegmentStore::debug_state(self)
+    }
+
     fn submit(
         &mut self,
         tag: u64,
@@ -1104,6 +1109,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         let segment = self.segment_stats();
         stats.device_bytes_written = segment.journal_bytes;
         stats.client_bytes_written = segment.client_bytes_written;
+        stats.records_written = self.journal.records_written;
         stats
     }
 }
@@ -1114,8 +1120,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let mut durable = std::mem::take(&mut self.durable_scratch);
         let mut done = std::mem::take(&mut self.done_scratch);
         let mut any_durable = false;
-        self.journal.pump(
-            &mut self.qp,
+        self.journal.retire(
             &mut |deltas| {
                 any_durable = true;
                 durable.extend_from_slice(deltas);
@@ -1129,6 +1134,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.apply_record(&durable);
             durable.clear();
         }
+        // Finishing an op starts the next one on its object (lanes), which joins the open
+        // batch now, before it is sealed: a run of writes to one object goes into consecutive
+        // records, not every other one.
+        self.finish_journaled(&mut done);
         if self.journal.wants_snapshot() {
             // Nothing in flight: the metadata is the state after every record written.
             let mut chunks = Vec::new();
@@ -1141,13 +1150,17 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 chunks.len()
             );
             self.journal.begin_checkpoint(chunks);
-            self.journal.pump(
-                &mut self.qp,
-                &mut |_| unreachable!("nothing was in flight"),
-                &mut |_, _| unreachable!("nothing was in flight"),
-            );
         }
-        for &(tag, result) in &done {
+        self.journal
+            .advance(&mut self.qp, &mut |tag, result| done.push((tag, result)));
+        self.finish_journaled(&mut done);
+        self.durable_scratch = durable;
+        self.done_scratch = done;
+    }
+
+    /// Finishes the ops (and cleaner moves) the journal reported, and empties `done`.
+    fn finish_journaled(&mut self, done: &mut Vec<(u64, Result<(), JournalError>)>) {
+        for &(tag, result) in done.iter() {
             if tag & CLEANER_TAG_BIT != 0 {
                 self.move_done((tag & !CLEANER_TAG_BIT) as usize, result.is_ok());
                 continue;
@@ -1162,7 +1175,5 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.finish(tag as u32, result);
         }
         done.clear();
-        self.durable_scratch = durable;
-        self.done_scratch = done;
     }
 }
