@@ -637,26 +637,8 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     // SAFETY: `fd` is a new descriptor nothing else owns; the socket closes it on drop, also
     // on the error paths below.
     let socket = unsafe { UdpSocket::from_raw_fd(fd) };
-    let set = |option: libc::c_int, value: libc::c_int| -> io::Result<()> {
-        // SAFETY: `value` is a live c_int and the length passed is its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                option,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    set(libc::SO_REUSEPORT, 1)?;
-    // Best effort: a smaller buffer only means more drops, which the RPC's resends cover.
-    let _ = set(libc::SO_RCVBUF, SOCKET_RCVBUF_BYTES);
-    let _ = set(libc::SO_SNDBUF, SOCKET_RCVBUF_BYTES);
+    set_socket_option(fd, libc::SO_REUSEPORT, 1)?;
+    set_socket_buffers(fd);
     let (storage, len) = sockaddr_of(addr);
     // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the address family.
     let rc = unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
@@ -664,6 +646,33 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
         return Err(io::Error::last_os_error());
     }
     Ok(socket)
+}
+
+fn set_socket_option(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and the length passed is its size; a bad descriptor is
+    // an error return, not undefined behaviour.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks for `SOCKET_RCVBUF_BYTES` of receive and send buffer on a UDP socket. Best effort: a
+/// smaller buffer (capped by `net.core.rmem_max`) only means more drops, which the RPC's resends
+/// cover. The default (~208 KiB) holds about 30 replies of 4 KiB: a client with 32 requests in
+/// flight would lose replies to every burst.
+pub fn set_socket_buffers(fd: RawFd) {
+    let _ = set_socket_option(fd, libc::SO_RCVBUF, SOCKET_RCVBUF_BYTES);
+    let _ = set_socket_option(fd, libc::SO_SNDBUF, SOCKET_RCVBUF_BYTES);
 }
 
 fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
