@@ -12,4 +12,5 @@ pub mod pool;
 pub mod reactor;
 pub mod ring;
 pub mod tcp;
+pub mod udp;
 pub mod wire;

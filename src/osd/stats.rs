@@ -80,6 +80,21 @@ counters!(
     nbd_errors,
     nbd_protocol_errors,
     nbd_connections,
+    udp_datagrams_rx,
+    udp_datagrams_tx,
+    udp_rx_bytes,
+    udp_tx_bytes,
+    udp_sessions,
+    udp_frames_in_place,
+    udp_payload_copies,
+    udp_rx_copied_bytes,
+    udp_tx_copied_bytes,
+    udp_malformed,
+    udp_duplicates,
+    udp_retransmits,
+    udp_pool_waits,
+    udp_dropped_injected,
+    udp_sessions_refused,
 );
 
 pub const COUNTER_COUNT: usize = COUNTER_NAMES.len();
