@@ -128,6 +128,7 @@ fn fio_verify(nbd: &str, name: &str, offset: &str, size: &str) {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
