@@ -49,6 +49,9 @@ pub trait Network {
     /// Also wake a parked core when `fd` becomes readable.
     fn watch_fd(&mut self, fd: RawFd) -> io::Result<()>;
     fn stats(&self) -> TransportStats;
+    /// The pool an op's output needs is empty: free a buffer a stalled connection holds, if
+    /// one does (`want_large`: from the large pool). True when one was freed.
+    fn evict_stalled_for(&mut self, pools: &mut CorePools, want_large: bool) -> bool;
 }
 
 impl Network for TcpTransport {
@@ -96,6 +99,9 @@ impl Network for TcpTransport {
     }
     fn stats(&self) -> TransportStats {
         self.stats
+    }
+    fn evict_stalled_for(&mut self, pools: &mut CorePools, want_large: bool) -> bool {
+        TcpTransport::evict_stalled_for(self, pools, want_large)
     }
 }
 

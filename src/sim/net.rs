@@ -166,4 +166,8 @@ impl Network for SimNet {
     fn stats(&self) -> TransportStats {
         self.stats
     }
+
+    fn evict_stalled_for(&mut self, _pools: &mut CorePools, _want_large: bool) -> bool {
+        false // Simulated connections never stall mid-frame: frames arrive whole.
+    }
 }
