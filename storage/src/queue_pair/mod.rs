@@ -71,6 +71,9 @@ pub enum SubmitError {
     TooManyBuffers,
     /// More than `REQUEST_SIZE_MAX_BYTES` in one request.
     TooLarge,
+    /// The backend or its device does not support this kind of request (write zeroes or
+    /// deallocate).
+    Unsupported,
 }
 
 impl fmt::Display for SubmitError {
@@ -83,6 +86,7 @@ impl fmt::Display for SubmitError {
             SubmitError::OutOfRange => "range ends past the queue pair's capacity",
             SubmitError::TooManyBuffers => "more buffers than IOVECS_PER_REQUEST_MAX (64)",
             SubmitError::TooLarge => "request larger than REQUEST_SIZE_MAX_BYTES (16 MiB)",
+            SubmitError::Unsupported => "the device does not support this kind of request",
         };
         f.write_str(text)
     }
@@ -99,8 +103,15 @@ pub enum IoError {
     PowerLoss,
     /// The NVMe controller failed a command of the request with this status.
     Nvme(nvme::NvmeStatus),
-    /// A command of the request got no completion within `nvme::COMMAND_TIMEOUT`.
+    /// A command of the request got no completion within `nvme::COMMAND_TIMEOUT`, nor within
+    /// as long again after an Abort; the controller was reset to get it back.
     TimedOut,
+    /// The controller was reset while the request was out (after a fatal status, a timeout, or
+    /// on request): a write may or may not have reached the media, a read's buffer holds
+    /// undefined bytes. The queue pair works again afterwards.
+    ControllerReset,
+    /// The controller failed and could not be reset: nothing more can be done on it.
+    DeviceFailed,
 }
 
 impl fmt::Display for IoError {
@@ -112,7 +123,16 @@ impl fmt::Display for IoError {
             }
             IoError::PowerLoss => f.write_str("device lost power; request outcome unknown"),
             IoError::Nvme(status) => write!(f, "I/O error: {status}"),
-            IoError::TimedOut => f.write_str("device did not complete the request in time"),
+            IoError::TimedOut => f.write_str(
+                "device did not complete the request in time, nor after an abort; \
+                 the controller was reset",
+            ),
+            IoError::ControllerReset => f.write_str(
+                "the controller was reset while the request was in flight; its outcome is unknown",
+            ),
+            IoError::DeviceFailed => {
+                f.write_str("the controller failed and could not be reset; request not done")
+            }
         }
     }
 }
@@ -192,6 +212,19 @@ pub fn check_request(
     }
 }
 
+/// Checks a write-zeroes or deallocate range: offset and length multiples of
+/// `BLOCK_SIZE_BYTES`, length positive, end within `capacity_bytes`.
+pub fn check_range(offset: u64, length: u64, capacity_bytes: u64) -> Result<(), SubmitError> {
+    let block = BLOCK_SIZE_BYTES as u64;
+    if length == 0 || offset % block != 0 || length % block != 0 {
+        return Err(SubmitError::Misaligned);
+    }
+    match offset.checked_add(length) {
+        Some(end) if end <= capacity_bytes => Ok(()),
+        _ => Err(SubmitError::OutOfRange),
+    }
+}
+
 /// A block queue pair. One per reactor; never shared between threads, never blocking.
 pub trait QueuePair {
     /// Queues a read of `offset..offset + total length` into `buffers`, in order. Completion is
@@ -205,6 +238,27 @@ pub trait QueuePair {
 
     /// Queues a flush: it completes once every write that completed before this call is durable.
     fn submit_flush(&mut self, tag: u64) -> Result<(), SubmitError>;
+
+    /// Queues a write of zeroes to `offset..offset + length` (no buffer: the device does it).
+    /// Not limited by `REQUEST_SIZE_MAX_BYTES`. `Unsupported` where the backend or device
+    /// cannot; checked like `check_range` otherwise.
+    fn submit_write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        let _ = (offset, length, tag);
+        Err(SubmitError::Unsupported)
+    }
+
+    /// Queues a deallocate (trim) of `offset..offset + length`: the device may forget the
+    /// data; reading the range afterwards returns undefined bytes unless the device says
+    /// deallocated blocks read as zeroes. `Unsupported` where the backend or device cannot.
+    fn submit_deallocate(&mut self, offset: u64, length: u64, tag: u64) -> Result<(), SubmitError> {
+        let _ = (offset, length, tag);
+        Err(SubmitError::Unsupported)
+    }
 
     /// Reports at most `completions_max` completions by calling `complete(tag, result)`, without
     /// waiting. Returns how many were reported.
