@@ -614,3 +614,72 @@ fn write_zeroes_and_deallocate_where_the_controller_has_them() {
     // The queue pair still reads and writes.
     round_trip(&mut qp, start, 80);
 }
+
+#[test]
+fn segment_store_4k_writes_and_reads_make_no_bounce_copies() {
+    use carmine_storage::segment::{mkfs, SegmentStore};
+    use carmine_storage::{ObjectStore, OutputBuffer, SubOp, SubOpResult, Submit};
+
+    let Some(address) = device() else { return };
+    let mut qp = NvmeQueuePair::open(&address, 64).expect("open");
+    mkfs(&mut qp, 1 << 20, 1, *b"nvme-zero-copy-1").unwrap();
+    let mut store = SegmentStore::mount(qp, 0).unwrap();
+    // mkfs and mount read and write through their own (unregistered) buffer: count from here.
+    let bounced_at_mount = store.queue_pair().bounced_commands();
+    let zero_copy_at_mount = store.queue_pair().zero_copy_commands();
+    let mut results = [SubOpResult::default(); 1];
+    let wait = |store: &mut SegmentStore<NvmeQueuePair>, mut pending: usize| {
+        let start = Instant::now();
+        while pending > 0 {
+            store.poll(64, &mut |_, result| {
+                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
+                pending -= 1;
+            });
+            assert!(start.elapsed() < WAIT_MAX, "store ops never completed");
+        }
+    };
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    for n in 0..16u64 {
+        let mut data = vec![0u8; BLOCK];
+        pattern(&mut data, 300 + n);
+        let oid = format!("zc{}", n % 4).into_bytes();
+        let write = [SubOp::Write {
+            offset: (n / 4) * BLOCK as u64,
+            data: &data,
+        }];
+        let mut out = OutputBuffer::from_slice(&mut []);
+        match store.submit(n, &oid, &write, &mut out, &mut results) {
+            Ok(Submit::Pending) => wait(&mut store, 1),
+            other => panic!("a write is pending until durable: {other:?}"),
+        }
+        blocks.push(data);
+    }
+    for (n, data) in blocks.iter().enumerate() {
+        let n = n as u64;
+        let oid = format!("zc{}", n % 4).into_bytes();
+        let read = [SubOp::Read {
+            offset: (n / 4) * BLOCK as u64,
+            length: BLOCK as u64,
+        }];
+        let mut back = vec![0u8; BLOCK];
+        // SAFETY: `back` is not touched until `wait` has seen this op complete.
+        let mut out = unsafe { OutputBuffer::from_raw(back.as_mut_ptr(), back.len()) };
+        match store.submit(100 + n, &oid, &read, &mut out, &mut results) {
+            Ok(Submit::Pending) => wait(&mut store, 1),
+            other => panic!("a block read is pending: {other:?}"),
+        }
+        assert_eq!(&back, data, "block {n}");
+    }
+    let qp = store.queue_pair();
+    let (bounced, zero_copy) = (
+        qp.bounced_commands() - bounced_at_mount,
+        qp.zero_copy_commands() - zero_copy_at_mount,
+    );
+    eprintln!("after mount: {zero_copy} zero-copy commands, {bounced} bounced");
+    assert_eq!(
+        bounced, 0,
+        "the store's 4 KiB writes and reads are not copied"
+    );
+    // 16 records (one per write) and 16 block reads at least.
+    assert!(zero_copy >= 32, "{zero_copy} zero-copy commands");
+}

@@ -18,9 +18,10 @@
 //!
 //! **Payload and DMA.** A buffer inside a region given to `register_buffers` (mapped once with
 //! `VFIO_IOMMU_MAP_DMA`) is used in place: its PRPs are its IOVAs, no copy. Any other buffer
-//! goes through the command's bounce buffer (one copy: before a write, after a read); the
-//! segment store does not register its block pool yet, so today its payload is copied once
-//! here (`bounced_commands` counts it).
+//! goes through the command's bounce buffer (one copy: before a write, after a read), counted
+//! by `bounced_commands`. The segment store registers its block pool's arena (every 4 KiB
+//! block buffer) and its journal's record buffers at mount, so 4 KiB writes and reads move
+//! without a copy; its multi-block buffers are still allocated per use and bounced.
 //!
 //! **Errors.** A failed command's NVMe status becomes `IoError::Nvme(status)` for its request
 //! (the first failure wins; the request completes when all its commands have). Every
@@ -44,6 +45,7 @@
 
 mod controller;
 mod queue;
+mod recovery;
 pub mod spec;
 mod vfio;
 
@@ -57,6 +59,7 @@ pub use spec::NvmeStatus;
 
 use self::controller::IoQueueCreated;
 use self::queue::Queue;
+use self::recovery::queue_over;
 use self::spec::{
     CompletionEntry, SubmissionEntry, DSM_ATTRIBUTE_DEALLOCATE, NVM_DATASET_MANAGEMENT, NVM_FLUSH,
     NVM_READ, NVM_WRITE, NVM_WRITE_ZEROES, PAGE_SIZE_BYTES, WRITE_ZEROES_BLOCKS_MAX,
@@ -749,201 +752,6 @@ impl NvmeQueuePair {
         self.in_flight -= 1;
         (tag, result)
     }
-
-    /// Aborts commands out past `command_timeout`; resets the controller for one still out
-    /// `command_timeout` after its abort, or on fatal status. Reports nothing itself: a reset
-    /// settles requests into `ready`.
-    fn scan_timeouts(&mut self) {
-        if self.controller.fatal() {
-            log::error!(
-                "nvme {}: controller fatal status (CSTS.CFS)",
-                self.controller.pci_address()
-            );
-            self.reset_controller();
-            return;
-        }
-        let now = Instant::now();
-        let mut reset = false;
-        for command_id in 0..self.commands.len() {
-            let command = self.commands[command_id];
-            if !command.busy {
-                continue;
-            }
-            let Some(deadline) = command.deadline else {
-                self.commands[command_id].deadline = Some(now + self.command_timeout);
-                continue;
-            };
-            if now < deadline {
-                continue;
-            }
-            if command.abort_sent {
-                log::error!(
-                    "nvme {} queue {}: command {command_id} still out {:?} after its abort",
-                    self.controller.pci_address(),
-                    self.qid,
-                    self.command_timeout
-                );
-                let request = &mut self.requests[command.request as usize];
-                request.error.get_or_insert(IoError::TimedOut);
-                reset = true;
-                continue;
-            }
-            self.aborts_sent += 1;
-            let slot = &mut self.commands[command_id];
-            slot.abort_sent = true;
-            slot.deadline = Some(now + self.command_timeout);
-            let outcome = self.controller.abort(self.qid, command_id as u16);
-            log::error!(
-                "nvme {} queue {}: command {command_id} out for over {:?}: abort {}",
-                self.controller.pci_address(),
-                self.qid,
-                self.command_timeout,
-                match outcome {
-                    Ok(true) => "accepted".to_string(),
-                    Ok(false) => "declined (the command may still complete)".to_string(),
-                    Err(e) => format!("failed: {e}"),
-                }
-            );
-        }
-        if reset {
-            self.reset_controller();
-        }
-    }
-
-    /// Resets the controller (unless another queue pair just did) and recovers from it.
-    fn reset_controller(&mut self) {
-        // An error is logged and marks the controller failed; `recover` acts on that.
-        let _ = self.controller.reset_from(self.generation);
-        self.recover();
-    }
-
-    /// The controller was reset (its generation moved): takes the completions it posted
-    /// before, settles every other request as failed into `ready` (each exactly once), and
-    /// re-creates our I/O queue. Nothing of ours is in the controller's hands afterwards.
-    fn recover(&mut self) {
-        debug_assert_ne!(self.controller.generation(), self.generation);
-        // Completions posted before the controller was disabled are real: report them as such.
-        // (No doorbell: the queue no longer exists on the controller.)
-        while let Some(done) = self.queue.next_completion() {
-            if let Some(index) = self.complete_command(&done) {
-                self.requests[index as usize].settled = true;
-                self.ready.push_back(index);
-            }
-        }
-        let failure = if self.controller.failed() {
-            IoError::DeviceFailed
-        } else {
-            IoError::ControllerReset
-        };
-        for command_id in 0..self.commands.len() {
-            let command = self.commands[command_id];
-            if !command.busy {
-                continue;
-            }
-            self.commands[command_id] = COMMAND_IDLE;
-            self.free_commands.push(command_id as u16);
-            let request = &mut self.requests[command.request as usize];
-            request.error.get_or_insert(failure);
-            request.outstanding -= 1;
-        }
-        self.waiting.clear();
-        for index in 0..self.requests.len() {
-            let request = &mut self.requests[index];
-            if !request.busy || request.settled {
-                continue;
-            }
-            debug_assert_eq!(request.outstanding, 0);
-            request.error.get_or_insert(failure);
-            request.issued = request.length;
-            request.settled = true;
-            self.ready.push_back(index as u32);
-        }
-        debug_assert_eq!(self.ready.len(), self.in_flight as usize);
-        debug_assert_eq!(self.free_commands.len(), self.commands.len());
-        self.resets_recovered += 1;
-        self.generation = self.controller.generation();
-        if self.controller.failed() {
-            self.failed = true;
-            return;
-        }
-        // SAFETY: the SQ and CQ are the first `sq_bytes` + CQ bytes of our DMA memory; the
-        // controller was disabled (reset) and our queue is not re-created yet: nobody reads
-        // or writes them.
-        unsafe { core::ptr::write_bytes(self.memory.ptr(), 0, self.prp_lists_offset) };
-        let created = self.controller.recreate_io_queue(
-            self.qid,
-            self.entries,
-            self.memory.iova(),
-            self.memory.iova() + self.sq_bytes as u64,
-        );
-        match created {
-            Ok(created) => {
-                // SAFETY: as in `new`: the queue memory is ours, zeroed, sized for `entries`.
-                self.queue =
-                    unsafe { queue_over(&self.memory, self.sq_bytes, self.entries, &created) };
-                self.generation = created.generation;
-                log::warn!(
-                    "nvme {} queue {}: re-created after a controller reset; {} requests failed",
-                    self.controller.pci_address(),
-                    self.qid,
-                    self.ready.len()
-                );
-            }
-            Err(e) => {
-                log::error!(
-                    "nvme {} queue {}: cannot re-create the queue after a reset: {e}",
-                    self.controller.pci_address(),
-                    self.qid
-                );
-                for &index in &self.ready {
-                    self.requests[index as usize].error = Some(IoError::DeviceFailed);
-                }
-                self.failed = true;
-            }
-        }
-    }
-
-    /// Reports up to `completions_max` settled requests from `ready`.
-    fn report_ready(
-        &mut self,
-        completions_max: usize,
-        complete: &mut dyn FnMut(u64, Result<(), IoError>),
-    ) -> usize {
-        let mut reported = 0;
-        while reported < completions_max {
-            let Some(index) = self.ready.pop_front() else {
-                break;
-            };
-            debug_assert!(self.requests[index as usize].settled);
-            let (tag, result) = self.finish_request(index);
-            complete(tag, result);
-            reported += 1;
-        }
-        reported
-    }
-}
-
-/// The `Queue` over our DMA memory's SQ (first `sq_bytes`) and CQ (after it).
-///
-/// # Safety
-/// `memory` holds a zeroed SQ and CQ of `entries` entries there, mapped for the controller's
-/// DMA, and outlives the returned queue; the doorbells are in a BAR that outlives it too.
-unsafe fn queue_over(
-    memory: &DmaMemory,
-    sq_bytes: usize,
-    entries: u16,
-    created: &IoQueueCreated,
-) -> Queue {
-    // SAFETY: our caller's contract.
-    unsafe {
-        Queue::new(
-            memory.ptr().cast(),
-            memory.ptr().add(sq_bytes).cast(),
-            entries,
-            created.sq_doorbell,
-            created.cq_doorbell,
-        )
-    }
 }
 
 impl QueuePair for NvmeQueuePair {
@@ -975,6 +783,11 @@ impl QueuePair for NvmeQueuePair {
 
     fn submit_deallocate(&mut self, offset: u64, length: u64, tag: u64) -> Result<(), SubmitError> {
         self.submit_range(Kind::Deallocate, offset, length, tag)
+    }
+
+    unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> io::Result<bool> {
+        // SAFETY: the trait's contract is the inherent method's.
+        unsafe { NvmeQueuePair::register_buffers(self, regions) }.map(|()| true)
     }
 
     fn submit_queued(&mut self) {
