@@ -14,10 +14,9 @@
 //! Old block contents come from the store (`OldBlocks`): before running an op, the store reads
 //! every block that `blocks_to_read` lists, and only those.
 
-use std::collections::BTreeMap;
-
 use crate::object_store::{ObjectStat, OutputBuffer, SubOp, SubOpResult, STATUS_OK};
 use crate::queue_pair::AlignedBuf;
+use crate::segment::dirty::DirtyBlocks;
 use crate::segment::metadata::Onode;
 use crate::StoreError;
 
@@ -57,7 +56,7 @@ pub struct Plan {
     pub dropped: bool,
     pub mutated: bool,
     pub size: u64,
-    pub dirty: BTreeMap<u64, Dirty>,
+    pub dirty: DirtyBlocks,
     pub bufs: Vec<AlignedBuf>,
     pub meta: Vec<MetaChange>,
     /// The generation Stat reports after the op.
@@ -67,6 +66,40 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// An empty plan, to be recycled through `execute`.
+    pub fn new() -> Plan {
+        Plan {
+            existed: false,
+            exists: false,
+            dropped: false,
+            mutated: false,
+            size: 0,
+            dirty: DirtyBlocks::new(),
+            bufs: Vec::new(),
+            meta: Vec::new(),
+            generation: 0,
+            old_blocks_dropped: false,
+        }
+    }
+
+    /// Makes this (recycled) plan the starting point of an op on `old`, keeping the vectors'
+    /// capacity. Its buffers must have gone back to the pool.
+    fn reset(&mut self, old: Option<&Onode>) {
+        assert!(
+            self.bufs.is_empty(),
+            "a recycled plan's buffers go back to the pool first"
+        );
+        self.existed = old.is_some();
+        self.exists = old.is_some();
+        self.dropped = false;
+        self.mutated = false;
+        self.size = old.map_or(0, |o| o.size);
+        self.dirty.clear();
+        self.meta.clear();
+        self.generation = old.map_or(0, |o| o.changes);
+        self.old_blocks_dropped = false;
+    }
+
     /// Whether the op changes anything durable (else it completes without a record).
     pub fn needs_record(&self) -> bool {
         self.mutated && (self.existed || self.exists)
@@ -203,9 +236,10 @@ fn edges(offset: u64, length: u64, push: &mut dyn FnMut(u64, u64)) {
     }
 }
 
-/// Runs `ops` on the object `old` (None if missing). Read-like sub-ops put their output in
-/// `out` and their status in `results`. Returns the plan, or the first failing mutation's error
-/// (then nothing is planned and `results`/`out` mean nothing).
+/// Runs `ops` on the object `old` (None if missing) in `plan` (a recycled one: its vectors
+/// keep their capacity). Read-like sub-ops put their output in `out` and their status in
+/// `results`. Returns the plan, or the first failing mutation's error with the plan back
+/// (its buffers returned to the pool; nothing planned, `results`/`out` mean nothing).
 pub fn execute(
     old: Option<&Onode>,
     ops: &[SubOp<'_>],
@@ -213,22 +247,13 @@ pub fn execute(
     out: &mut OutputBuffer<'_>,
     results: &mut [SubOpResult],
     pool: &mut BlockPool,
-) -> Result<Plan, StoreError> {
+    mut plan: Plan,
+) -> Result<Plan, (StoreError, Plan)> {
+    plan.reset(old);
     let mut work = Working {
         old,
         blocks,
-        plan: Plan {
-            existed: old.is_some(),
-            exists: old.is_some(),
-            dropped: false,
-            mutated: false,
-            size: old.map_or(0, |o| o.size),
-            dirty: BTreeMap::new(),
-            bufs: Vec::new(),
-            meta: Vec::new(),
-            generation: old.map_or(0, |o| o.changes),
-            old_blocks_dropped: false,
-        },
+        plan,
         bumped: false,
         out_pos: 0,
     };
@@ -236,7 +261,7 @@ pub fn execute(
         if op.is_mutation() {
             if let Err(error) = work.mutate(op, pool) {
                 pool.give_all(&mut work.plan.bufs);
-                return Err(error);
+                return Err((error, work.plan));
             }
             *result = SubOpResult {
                 status: STATUS_OK,
@@ -270,7 +295,7 @@ impl Working<'_> {
 
     /// Current content of logical block `index`; `None` means zeros.
     fn content(&self, index: u64) -> Result<Option<&[u8]>, StoreError> {
-        match self.plan.dirty.get(&index) {
+        match self.plan.dirty.get(index) {
             Some(Dirty::Data { buf, at }) => {
                 let start = *at as usize * BLOCK_USIZE;
                 Ok(Some(
@@ -299,16 +324,17 @@ impl Working<'_> {
         let mut indexes: Vec<u64> = self
             .plan
             .dirty
-            .range(first..=last)
+            .range(first, last)
+            .iter()
             .filter(|(_, d)| matches!(d, Dirty::Data { .. }))
-            .map(|(&i, _)| i)
+            .map(|&(i, _)| i)
             .collect();
         if let Some(old) = self.old_live() {
             indexes.extend(
                 old.blocks
                     .range(first..=last)
                     .map(|(&i, _)| i)
-                    .filter(|i| !self.plan.dirty.contains_key(i)),
+                    .filter(|&i| !self.plan.dirty.contains_key(i)),
             );
         }
         indexes.sort_unstable();
@@ -524,7 +550,7 @@ impl Working<'_> {
             // executor keeps), and `blocks_to_read` does not list a block for them: a write
             // earlier in this op may have grown the object past the old size.
             let old_size = self.old_live().map_or(0, |old| old.size);
-            let untouched = !self.plan.dirty.contains_key(&index);
+            let untouched = !self.plan.dirty.contains_key(index);
             let bytes = match self.content_if(untouched && at >= old_size, index)? {
                 Some(block) => &block[within..within + take],
                 None => &ZERO_BLOCK[..take],

@@ -895,22 +895,26 @@ impl Journal {
         header.encode_head(&self.batch.metadata, &mut self.head[..head_len]);
         // SAFETY: `head` is owned by the journal and is not touched until the record completes.
         let head_iovec = unsafe { self.head.io_vec_at(0, head_len) };
+        // Head and data are contiguous on the device: one request covers both (and as much
+        // data as a request's buffer list holds), so a small record costs one device write.
+        debug_assert_eq!(record_offset + head_len as u64, data_start);
+        // (A segment header written first, when the record opens a segment, is already there.)
+        let mut first = self.write_iovecs.len();
         self.write_iovecs.push(head_iovec);
-        self.pending.push(PendingWrite {
-            offset: record_offset,
-            first: self.write_iovecs.len() - 1,
-            count: 1,
-        });
-        let mut offset = data_start;
-        for chunk in self.batch.data.chunks(IOVECS_PER_REQUEST_MAX) {
-            let first = self.write_iovecs.len();
-            self.write_iovecs.extend_from_slice(chunk);
+        self.write_iovecs.extend_from_slice(&self.batch.data);
+        let mut offset = record_offset;
+        while first < self.write_iovecs.len() {
+            let count = (self.write_iovecs.len() - first).min(IOVECS_PER_REQUEST_MAX);
             self.pending.push(PendingWrite {
                 offset,
                 first,
-                count: chunk.len(),
+                count,
             });
-            offset += chunk.iter().map(|v| v.len() as u64).sum::<u64>();
+            offset += self.write_iovecs[first..first + count]
+                .iter()
+                .map(|v| v.len() as u64)
+                .sum::<u64>();
+            first += count;
         }
         debug_assert_eq!(offset, record_offset + record_bytes);
         open.next_offset += record_bytes;
@@ -1080,14 +1084,28 @@ mod tests {
         );
         let mut buffers: Vec<AlignedBuf> = (0..40).map(block).collect();
         let mut acked = Vec::new();
+        let mut writes_per_record = Vec::new();
         for (n, buf) in buffers.iter_mut().enumerate() {
             append_op(&mut journal, n as u64, buf).unwrap();
             step(&mut journal, &mut qp, &mut acked);
+            if let Some(record) = journal.in_flight.as_ref() {
+                // First sight of each record (a record spans several steps).
+                if writes_per_record
+                    .last()
+                    .is_none_or(|&(seq, _)| seq != record.record_seq)
+                {
+                    writes_per_record.push((record.record_seq, record.writes_outstanding));
+                }
+            }
         }
         for _ in 0..100 {
             step(&mut journal, &mut qp, &mut acked);
         }
         assert_eq!(acked.len(), 40, "every op acknowledged");
+        assert!(
+            writes_per_record.iter().filter(|&&(_, w)| w > 1).count() <= 1,
+            "a small record is one device write (two when it opens a segment): {writes_per_record:?}"
+        );
         assert!(
             journal.records_written < 40,
             "ops arriving during a record share the next one"

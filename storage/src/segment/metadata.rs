@@ -66,6 +66,9 @@ pub struct Metadata {
     /// Live 4 KiB blocks per segment, indexed by segment number.
     live_blocks: Vec<u32>,
     sb: Superblock,
+    /// Physical blocks an extent delta replaced, gathered then released: kept between deltas
+    /// so that applying an overwrite allocates nothing.
+    released_scratch: Vec<u64>,
 }
 
 impl Metadata {
@@ -74,6 +77,7 @@ impl Metadata {
             objects: HashMap::new(),
             live_blocks: vec![0; sb.segment_count as usize],
             sb,
+            released_scratch: Vec::new(),
         }
     }
 
@@ -257,7 +261,8 @@ impl Metadata {
             return Err(ApplyError::OutsideDevice { physical: last });
         }
         self.onode(oid, "extent map")?;
-        let mut released = Vec::new();
+        let mut released = std::mem::take(&mut self.released_scratch);
+        released.clear();
         let onode = self.objects.get_mut(oid).expect("checked above");
         for index in 0..u64::from(blocks) {
             let crc =
@@ -274,9 +279,10 @@ impl Metadata {
             }
         }
         self.live_blocks[first_segment] += blocks;
-        for physical in released {
+        for &physical in &released {
             self.release(physical);
         }
+        self.released_scratch = released;
         Ok(())
     }
 

@@ -29,6 +29,7 @@
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
 pub mod cleaner;
+pub mod dirty;
 pub mod exec;
 pub mod format;
 pub mod fsck;

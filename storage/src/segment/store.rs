@@ -383,6 +383,8 @@ pub struct SegmentStore<Q: QueuePair> {
     crcs: Vec<u32>,
     durable_scratch: Vec<u8>,
     done_scratch: Vec<(u64, Result<(), JournalError>)>,
+    /// Plans of finished ops, kept with their vectors' capacity for the next ops.
+    spare_plans: Vec<Plan>,
     stats: StoreStats,
     extra: SegmentStats,
     cleaner: Cleaner,
@@ -435,6 +437,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             crcs: Vec::new(),
             durable_scratch: Vec::new(),
             done_scratch: Vec::new(),
+            spare_plans: Vec::with_capacity(OPS_IN_FLIGHT_MAX),
             stats: StoreStats::default(),
             extra: SegmentStats::default(),
             cleaner: Cleaner::new(),
@@ -606,6 +609,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let mut out = unsafe { OutputBuffer::from_raw(slot.out_ptr, slot.out_capacity) };
         let old = self.metadata.object(&slot.oid);
         let blocks = ReadBlocks { runs: &slot.runs };
+        let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
         let executed = exec::execute(
             old,
             &ops,
@@ -613,15 +617,20 @@ impl<Q: QueuePair> SegmentStore<Q> {
             &mut out,
             &mut slot.results[..ops.len()],
             &mut self.pool,
+            plan,
         );
         for run in slot.runs.drain(..) {
             self.pool.give(run.buf);
         }
         count_reads(&mut self.stats, &ops);
         match executed {
-            Err(error) => self.finish(slot_index, Err(error)),
+            Err((error, plan)) => {
+                self.recycle_plan(plan);
+                self.finish(slot_index, Err(error))
+            }
             Ok(plan) if !plan.needs_record() => {
                 self.stats.transactions += u64::from(plan.mutated);
+                self.recycle_plan(plan);
                 self.finish(slot_index, Ok(()))
             }
             Ok(plan) => {
@@ -668,12 +677,20 @@ impl<Q: QueuePair> SegmentStore<Q> {
         }
     }
 
+    /// Gives a plan's buffers back to the pool and keeps the plan for a later op.
+    fn recycle_plan(&mut self, mut plan: Plan) {
+        self.pool.give_all(&mut plan.bufs);
+        if self.spare_plans.len() < OPS_IN_FLIGHT_MAX {
+            self.spare_plans.push(plan);
+        }
+    }
+
     /// The op is over (with `result`): report it and let its object's next op start.
     fn finish(&mut self, slot_index: u32, result: Result<(), StoreError>) {
-        let slot = &mut self.slots[slot_index as usize];
-        if let Some(mut plan) = slot.plan.take() {
-            self.pool.give_all(&mut plan.bufs);
+        if let Some(plan) = self.slots[slot_index as usize].plan.take() {
+            self.recycle_plan(plan);
         }
+        let slot = &mut self.slots[slot_index as usize];
         if result.is_err() {
             self.stats.errors += 1;
         }
@@ -870,7 +887,7 @@ fn append_plan(
         if !plan.existed || plan.dropped {
             op.delta(&Delta::ObjectCreate { oid })?;
         }
-        let entries: Vec<(u64, Dirty)> = plan.dirty.iter().map(|(&i, &d)| (i, d)).collect();
+        let entries = plan.dirty.entries();
         let mut i = 0;
         while i < entries.len() {
             let (index, dirty) = entries[i];
@@ -991,22 +1008,25 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             let old = self.metadata.object(oid);
             exec::blocks_to_read(old, ops, out.capacity(), &mut self.needed);
             if self.needed.is_empty() {
-                let executed = exec::execute(old, ops, &NoBlocks, out, results, &mut self.pool);
+                let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
+                let executed =
+                    exec::execute(old, ops, &NoBlocks, out, results, &mut self.pool, plan);
                 count_reads(&mut self.stats, ops);
                 let plan = match executed {
-                    Err(error) => {
+                    Err((error, plan)) => {
+                        self.recycle_plan(plan);
                         self.stats.errors += 1;
                         return Err(error);
                     }
                     Ok(plan) if !plan.needs_record() => {
                         self.stats.transactions += u64::from(plan.mutated);
+                        self.recycle_plan(plan);
                         return Ok(Submit::Done);
                     }
                     Ok(plan) => plan,
                 };
                 let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
-                    let mut plan = plan;
-                    self.pool.give_all(&mut plan.bufs);
+                    self.recycle_plan(plan);
                     self.stats.errors += 1;
                     return Err(StoreError::NoSpace);
                 };
