@@ -145,7 +145,7 @@ impl NvmeQueuePair {
                     unsafe { queue_over(&self.memory, self.sq_bytes, self.entries, &created) };
                 self.generation = created.generation;
                 log::warn!(
-                    "nvme {} queue {}: re-created after a controller reset; {} requests failed",
+                    "nvme {} queue {}: re-created after a controller reset; {} requests settled",
                     self.controller.pci_address(),
                     self.qid,
                     self.ready.len()
@@ -157,9 +157,8 @@ impl NvmeQueuePair {
                     self.controller.pci_address(),
                     self.qid
                 );
-                for &index in &self.ready {
-                    self.requests[index as usize].error = Some(IoError::DeviceFailed);
-                }
+                // What is settled keeps its outcome (completions taken above are real); what
+                // is submitted from now on fails with DeviceFailed.
                 self.failed = true;
             }
         }
