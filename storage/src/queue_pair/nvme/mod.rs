@@ -3,8 +3,10 @@
 //!
 //! - `vfio.rs`: container/group/device, BAR0 mapped for MMIO, memory mapped for DMA.
 //! - `controller.rs`: `NvmeController`: reset, admin queue, Identify, Set Features (number of
-//!   queues), creating and deleting I/O queues. Start-up only; behind a mutex.
+//!   queues), creating, re-creating and deleting I/O queues, Abort. Start-up and error paths
+//!   only; behind a mutex.
 //! - `queue.rs`: one SQ/CQ ring pair with its doorbells; completions found by phase tag.
+//! - `recovery.rs`: the timeout scan (Abort, then reset) and recovery after a reset.
 //! - `spec.rs`: register offsets, entry layouts, opcodes, status codes.
 //!
 //! A request (`submit_read` / `submit_write` / `submit_flush`) takes one request slot; it is
