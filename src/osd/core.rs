@@ -1063,6 +1063,7 @@ impl OsdCore {
             (self.exec.in_flight() + self.client.in_flight()) as u64,
         );
         c.set(Counter::buffers_in_use, u64::from(self.pools.in_use()));
+        c.set(Counter::stalls, self.stall.stalls);
         c.set(Counter::timers_armed, self.timers.len() as u64);
         c.set(Counter::pgs, self.pgs.len() as u64);
         c.set(

@@ -62,6 +62,7 @@ counters!(
     tx_syscalls,
     rx_pool_waits,
     ops_in_flight,
+    stalls,
     buffers_in_use,
     timers_armed,
     pgs,

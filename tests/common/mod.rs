@@ -90,12 +90,19 @@ impl ServerProcess {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: a debug build replaying a log after a kill, on a machine busy with other
+        // tests, takes a while; a server that fails says so in its log, shown below.
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut startup_log = Vec::new();
         loop {
             let line = log
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("server announces its address");
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "server did not announce its address ({e}); its log so far:\n{}",
+                        startup_log.join("\n")
+                    )
+                });
             startup_log.push(line.clone());
             if let Some(rest) = line.split(" serving on ").nth(1) {
                 let addr = rest
