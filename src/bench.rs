@@ -169,6 +169,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     };
     let base = LoadArgs {
         target: target.clone(),
+        transport: crate::load::Transport::Tcp,
         op: Workload::Randwrite,
         bs: args.bs,
         qd: args.qd,

@@ -149,7 +149,11 @@ fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), St
     })
 }
 
-fn reply_from_frame(bytes: &[u8], opcode: Opcode, request_id: u64) -> Result<OwnedReply, String> {
+pub(crate) fn reply_from_frame(
+    bytes: &[u8],
+    opcode: Opcode,
+    request_id: u64,
+) -> Result<OwnedReply, String> {
     let header = wire::parse_header(bytes, &Limits::CEILING)
         .map_err(|e| format!("malformed reply: {e}"))?
         .ok_or("malformed reply: short header")?;

@@ -311,6 +311,7 @@ fn parse_cores_list(text: &str, online: usize) -> Result<Vec<u32>, String> {
 fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
     LoadArgs {
         target: target.to_string(),
+        transport: crate::load::Transport::Tcp,
         op: Workload::Randwrite,
         bs: args.bs,
         qd: args.qd,

@@ -110,6 +110,12 @@ serve_options! {
     mode: String = "rtc", parse_choice(&["rtc", "classic"]);
     /// Address to accept clients on (loopback by default: expose deliberately).
     listen: SocketAddr = "127.0.0.1:6800", parse_addr;
+    /// Client transport besides TCP (which always serves --listen): tcp (only that), udp (the datagram RPC on kernel UDP sockets at --udp, one SO_REUSEPORT socket per core), or dpdk (needs a build with --features dpdk).
+    transport: String = "tcp", parse_choice(&["tcp", "udp", "dpdk"]);
+    /// Address of the datagram RPC with --transport udp (port 0: any free port, logged at start).
+    udp: SocketAddr = "127.0.0.1:6800", parse_addr;
+    /// Test knob for --transport udp: drop every Nth datagram received (0: none), so that loss and resends run end to end.
+    udp_drop_every: u32 = "0", parse_u32;
     /// Serve block images over NBD on this address as well ("off": not at all).
     nbd: Option<SocketAddr> = "off", parse_optional_addr;
     /// Reactors (one pinned thread per core).
@@ -240,6 +246,16 @@ impl ServeConfig {
         }
         if self.inflight_per_connection == 0 || self.max_connections == 0 {
             return Err("inflight_per_connection and max_connections must be positive".into());
+        }
+        if self.transport != "tcp" && self.mode == "classic" {
+            return Err("transport: udp and dpdk run on the reactors (mode rtc) only".into());
+        }
+        if self.transport == "dpdk" {
+            return Err(if cfg!(feature = "dpdk") {
+                "transport dpdk: the DPDK port is not wired into serve yet (issue 5); use --transport udp".into()
+            } else {
+                "transport dpdk: this carmine was built without DPDK; install libdpdk-dev and clang and build with `cargo build --release --features dpdk`".into()
+            });
         }
         if self.nbd.is_some() && self.mode == "classic" {
             return Err("nbd: the NBD frontend runs on the reactors (mode rtc) only".into());

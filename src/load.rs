@@ -32,6 +32,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::ack_log::{AckLog, ThreadLog};
 use crate::client;
 
+mod udp;
+
 /// Every block starts with magic, name hash, offset and counter (u64 each).
 pub const BLOCK_HEADER_BYTES: usize = 32;
 /// "CRMNBLK1": marks a block written by this generator.
@@ -96,11 +98,25 @@ impl Workload {
     }
 }
 
+/// How requests reach the server.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP connections (the wire frames as a stream).
+    Tcp,
+    /// The datagram RPC over kernel UDP sockets (`serve --transport udp`).
+    Udp,
+    /// The datagram RPC over a DPDK port (needs a build with --features dpdk).
+    Dpdk,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Server address.
+    /// Server address (with --transport udp: the server's --udp address).
     #[arg(long, default_value = "127.0.0.1:6800")]
     pub target: String,
+    /// tcp (default), udp (one UDP socket per client, the datagram RPC), or dpdk.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
     /// Workload: random or sequential writes or reads, or a random read/write mix.
     #[arg(long, value_enum, default_value = "randwrite")]
     pub op: Workload,
@@ -245,6 +261,7 @@ pub fn print_human(report: &LoadReport) {
 #[derive(Clone, Debug)]
 struct Config {
     target: String,
+    transport: Transport,
     workload: Workload,
     bs: u64,
     qd: u32,
@@ -324,8 +341,20 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
         Some(text) => Some(checked_cpus(text)?),
         None => None,
     };
+    match args.transport {
+        Transport::Tcp => {}
+        Transport::Udp => udp::validate(args)?,
+        Transport::Dpdk => {
+            return Err(if cfg!(feature = "dpdk") {
+                "--transport dpdk: the DPDK client is not wired into load yet (issue 5); use --transport udp".to_string()
+            } else {
+                "--transport dpdk: this carmine was built without DPDK; install libdpdk-dev and clang and build with `cargo build --release --features dpdk`".to_string()
+            })
+        }
+    }
     let config = Config {
         target: args.target.clone(),
+        transport: args.transport,
         workload: args.op,
         bs: args.bs,
         qd: args.qd,
@@ -462,7 +491,11 @@ pub fn run(args: &LoadArgs) -> Result<LoadReport, String> {
     }
     let outcomes = join_all(handles)?;
     let mut report = merge(args, outcomes);
-    report.server = match client::fetch_status(&args.target) {
+    let status = match args.transport {
+        Transport::Udp => udp::fetch_status(&args.target),
+        _ => client::fetch_status(&args.target),
+    };
+    report.server = match status {
         Ok(status) => Some(status),
         Err(e) => {
             log::warn!("could not fetch the server's status after the run: {e}");
@@ -1596,7 +1629,10 @@ fn thread_main(
         .map(|index| object_name(prefix, *index))
         .collect();
     let work = Work::new(config.clone(), plan.index, names);
-    let mut generator = Generator::connect(config, shared, &plan, work)?;
+    let mut generator: Box<dyn RunPhase + '_> = match config.transport {
+        Transport::Udp => Box::new(udp::UdpGenerator::connect(config, shared, &plan, work)?),
+        _ => Box::new(Generator::connect(config, shared, &plan, work)?),
+    };
     shared.rendezvous.wait(shared)?; // everyone connected: a refused connection fails the run early
     if config.prefill {
         if plan.index == 0 {
@@ -1611,12 +1647,29 @@ fn thread_main(
     }
     let elapsed = generator.run_phase(Phase::Timed)?;
     guard.armed = false;
-    let Work { timed, prefill, .. } = generator.work;
+    let Work { timed, prefill, .. } = generator.into_work();
     Ok(ThreadOutcome {
         timed,
         prefill,
         elapsed,
     })
+}
+
+/// What a generator thread drives, whatever the transport.
+trait RunPhase {
+    /// Runs one phase to completion (see `Generator::run_phase`); returns its length.
+    fn run_phase(&mut self, phase: Phase) -> Result<Duration, String>;
+    fn into_work(self: Box<Self>) -> Work;
+}
+
+impl RunPhase for Generator<'_> {
+    fn run_phase(&mut self, phase: Phase) -> Result<Duration, String> {
+        Generator::run_phase(self, phase)
+    }
+
+    fn into_work(self: Box<Self>) -> Work {
+        self.work
+    }
 }
 
 struct Generator<'a> {

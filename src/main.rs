@@ -182,6 +182,11 @@ fn serve(args: &config::ServeArgs) -> Result<(), String> {
             // Printed before the banner below, which tests wait for.
             log::info!("NBD frontend listening on {nbd} (exports: the images)");
         }
+        if let Some(udp) = rtc.udp_addr {
+            log::info!(
+                "datagram RPC listening on udp {udp} (carmine load --transport udp --target {udp})"
+            );
+        }
     }
     log::info!(
         "carmine {} serving on {} with {} core(s) on CPU(s) {:?}, mode {}, store {}, placement {}, idle {}",

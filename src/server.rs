@@ -10,6 +10,7 @@ use carmine_dataplane::buffers::{CorePools, PoolSizes};
 use carmine_dataplane::reactor::{self, Waker};
 use carmine_dataplane::ring::{self, CoreLinks};
 use carmine_dataplane::tcp::{TcpTransport, TransportConfig};
+use carmine_dataplane::udp::{self as udp_transport, UdpRpcTransport};
 use carmine_storage::queue_pair::QueuePair;
 use carmine_storage::segment::SegmentStore;
 use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
@@ -27,6 +28,8 @@ const RING_CAPACITY: usize = 1024;
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where the datagram RPC listens (`--transport udp`).
+    pub udp_addr: Option<SocketAddr>,
     /// Where the NBD frontend listens, when enabled.
     pub nbd_addr: Option<SocketAddr>,
     pub cpus: Vec<usize>,
@@ -62,7 +65,7 @@ pub(crate) fn describe(
         "chunk_size": config.chunk_size,
         "chunk_count": config.chunk_count,
         "large_buffer_count": config.large_buffer_count,
-        "transport": "tcp-epoll",
+        "transport": if config.transport == "udp" { "tcp-epoll+udp-rpc" } else { "tcp-epoll" },
         "nbd": config.nbd.map(|a| a.to_string()),
     })
 }
@@ -72,6 +75,7 @@ struct CoreParts {
     links: CoreLinks<Message>,
     listener: Option<TcpListener>,
     nbd_listener: Option<TcpListener>,
+    udp_socket: Option<std::net::UdpSocket>,
 }
 
 fn build_core(
@@ -144,6 +148,15 @@ fn build_core(
         board,
         shutdown,
     );
+    let core = match parts.udp_socket {
+        None => core,
+        Some(socket) => {
+            let udp = UdpRpcTransport::new(index, socket, config.limits(), config.udp_drop_every)
+                .map_err(|e| format!("core {index}: UDP transport: {e}"))?;
+            core.with_udp(udp)
+                .map_err(|e| format!("core {index}: UDP transport: {e}"))?
+        }
+    };
     match nbd {
         None => Ok(core),
         Some(nbd) => core
@@ -275,6 +288,18 @@ impl Server {
         };
         let mut nbd_listener = nbd_listener;
         let cores = config.cores as usize;
+        // One socket per core on the same port (SO_REUSEPORT): the kernel keeps each client
+        // on one core; ops for other cores' PGs take the one-hop ring, as TCP ones do.
+        let mut udp_sockets = match config.transport.as_str() {
+            "udp" => udp_transport::bind_reuseport(config.udp, cores)
+                .map_err(|e| format!("cannot bind UDP {}: {e}", config.udp))?,
+            _ => Vec::new(),
+        };
+        let udp_addr = match udp_sockets.first() {
+            None => None,
+            Some(s) => Some(s.local_addr().map_err(|e| e.to_string())?),
+        };
+        udp_sockets.reverse(); // popped in core order below
         let cpus = config.reactor_cpus();
         let wakers: Vec<Waker> = (0..cores)
             .map(|_| Waker::new())
@@ -299,6 +324,7 @@ impl Server {
                 } else {
                     None
                 },
+                udp_socket: udp_sockets.pop(),
             };
             let (config, wakers, board, shutdown, ready_sender) = (
                 config.clone(),
@@ -335,6 +361,7 @@ impl Server {
         drop(ready_sender);
         let server = Server {
             addr,
+            udp_addr,
             nbd_addr,
             cpus,
             board,

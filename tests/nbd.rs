@@ -128,6 +128,7 @@ fn fio_verify(nbd: &str, name: &str, offset: &str, size: &str) {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
@@ -553,5 +554,230 @@ fn image_tool_checks_its_input() {
     let listed: serde_json::Value =
         serde_json::from_str(&image(&["list", "--json", "--target", &target])).unwrap();
     assert_eq!(listed["images"], serde_json::json!([]));
+    assert!(server.stop().success());
+}
+
+/// One write then a read of it back through `stream` (4 KiB at `offset`); the round trip's time.
+fn write_read(stream: &mut TcpStream, cookie: u64, offset: u64) -> Duration {
+    let started = std::time::Instant::now();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i as u64 ^ cookie) as u8).collect();
+    request(stream, 1, 0, cookie, offset, 4096);
+    send(stream, &data);
+    assert_eq!(reply(stream), Some((0, cookie)));
+    request(stream, 0, 0, cookie + 1, offset, 4096);
+    assert_eq!(reply(stream), Some((0, cookie + 1)));
+    let mut back = vec![0u8; 4096];
+    stream.read_exact(&mut back).unwrap();
+    assert!(back == data, "read back what was written");
+    started.elapsed()
+}
+
+/// The 99th percentile of `rounds` write-read round trips.
+fn round_trip_p99(stream: &mut TcpStream, rounds: u64) -> Duration {
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|i| write_read(stream, 1000 + 2 * i, (i % 64) * 4096))
+        .collect();
+    times.sort();
+    times[(times.len() * 99 / 100).min(times.len() - 1)]
+}
+
+/// Slow-loris NBD clients (negotiating and sending requests one byte at a time with pauses,
+/// never finishing) and floods of oversized requests, beside a normal client: its round trips
+/// stay within a generous bound of its own baseline, the server's memory stays bounded, and
+/// once the hostile clients are gone every connection and op is gone too.
+#[test]
+fn slow_and_oversized_nbd_clients_leave_others_alone() {
+    let (mut server, nbd) = start(&[]);
+    image(&["create", "disk", "--size", "8MiB", "--target", &server.addr]);
+    let mut good = handshake(&nbd);
+    assert_eq!(go(&mut good, "disk"), 1);
+    let baseline = round_trip_p99(&mut good, 200);
+
+    // 96 slow clients: a third dribble the negotiation, a third a GO option, a third a write
+    // request and its payload; none finishes.
+    let mut go_option = OPT_MAGIC.to_be_bytes().to_vec();
+    go_option.extend_from_slice(&7u32.to_be_bytes());
+    go_option.extend_from_slice(&10u32.to_be_bytes());
+    go_option.extend_from_slice(&[0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 0]);
+    let mut write = 0x2560_9513u32.to_be_bytes().to_vec();
+    write.extend_from_slice(&[0, 0, 0, 1]);
+    write.extend_from_slice(&[0; 8]);
+    write.extend_from_slice(&0u64.to_be_bytes());
+    write.extend_from_slice(&65536u32.to_be_bytes());
+    write.resize(28 + 65536, 0xab);
+    let mut slow: Vec<(TcpStream, Vec<u8>, usize)> = Vec::new();
+    for i in 0..96 {
+        let (stream, dribble) = match i % 3 {
+            0 => {
+                let mut stream = connect(&nbd);
+                let mut greeting = [0u8; 18];
+                stream.read_exact(&mut greeting).unwrap();
+                let mut bytes = 3u32.to_be_bytes().to_vec();
+                bytes.extend_from_slice(&go_option);
+                (stream, bytes)
+            }
+            1 => (handshake(&nbd), go_option.clone()),
+            _ => {
+                let mut stream = handshake(&nbd);
+                assert_eq!(go(&mut stream, "disk"), 1);
+                (stream, write.clone())
+            }
+        };
+        // All but the last byte, one at a time, happen during the measured run below.
+        let keep = dribble.len() - 1;
+        slow.push((stream, dribble[..keep].to_vec(), 0));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_slow = stop.clone();
+    let dribbler = std::thread::spawn(move || {
+        while !stop_slow.load(std::sync::atomic::Ordering::Relaxed) {
+            for (stream, bytes, sent) in slow.iter_mut() {
+                if *sent < bytes.len() {
+                    send(stream, &bytes[*sent..*sent + 1]);
+                    *sent += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        slow
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let beside = round_trip_p99(&mut good, 200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let slow = dribbler.join().unwrap();
+    let bound = (baseline * 10).max(Duration::from_millis(50));
+    eprintln!("NBD slow clients: good p99 round trip {baseline:?} alone, {beside:?} beside 96 slow clients");
+    assert!(
+        beside < bound,
+        "p99 {beside:?} beside slow clients, {baseline:?} alone"
+    );
+
+    // Oversized requests, many times over: writes over the limit are answered EINVAL and their
+    // payload dropped (the connection stays usable), writes over 32 MiB close the connection,
+    // reads over the limit are answered EINVAL; the good client keeps working throughout.
+    let rss_before = server.rss_kib();
+    let mut flood = handshake(&nbd);
+    assert_eq!(go(&mut flood, "disk"), 1);
+    let payload = vec![0x5au8; 3 << 20];
+    for cookie in 0..20 {
+        request(&mut flood, 1, 0, cookie, 0, 3 << 20);
+        send(&mut flood, &payload);
+        assert_eq!(
+            reply(&mut flood),
+            Some((22, cookie)),
+            "oversized write: EINVAL"
+        );
+        request(&mut flood, 0, 0, cookie, 0, u32::MAX);
+        assert_eq!(
+            reply(&mut flood),
+            Some((22, cookie)),
+            "oversized read: EINVAL"
+        );
+    }
+    for cookie in 0..50 {
+        let mut stream = handshake(&nbd);
+        assert_eq!(go(&mut stream, "disk"), 1);
+        request(&mut stream, 1, 0, cookie, 0, u32::MAX);
+        assert!(
+            closed(&mut stream),
+            "a write too large to drop closes the connection"
+        );
+        write_read(&mut good, 5000 + 2 * cookie, 0);
+    }
+    let rss_after = server.rss_kib();
+    eprintln!("NBD oversized floods: VmRSS {rss_before} KiB before, {rss_after} KiB after");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "memory grew with the flood: {rss_before} KiB -> {rss_after} KiB"
+    );
+    drop((slow, flood, good));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = status(&server.addr);
+        if total(&status, "nbd_connections") == 0 && total(&status, "ops_in_flight") == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NBD connections or ops left behind: {}",
+            status["totals"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.stop().success());
+}
+
+/// (flags, type, cookie, payload) of one structured reply chunk.
+fn structured_chunk(stream: &mut TcpStream) -> (u16, u16, u64, Vec<u8>) {
+    let mut head = [0u8; 20];
+    stream.read_exact(&mut head).expect("a structured chunk");
+    assert_eq!(
+        u32::from_be_bytes(head[..4].try_into().unwrap()),
+        0x668e_33ef,
+        "structured reply magic"
+    );
+    let mut payload = vec![0u8; u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize];
+    stream.read_exact(&mut payload).unwrap();
+    (
+        u16::from_be_bytes(head[4..6].try_into().unwrap()),
+        u16::from_be_bytes(head[6..8].try_into().unwrap()),
+        u64::from_be_bytes(head[8..16].try_into().unwrap()),
+        payload,
+    )
+}
+
+/// With NBD_OPT_STRUCTURED_REPLY negotiated, every reply is one final chunk: OFFSET_DATA for a
+/// read (offset, then the data), NONE for other successes, ERROR with the errno for failures.
+#[test]
+fn structured_replies_carry_offsets_data_and_errors() {
+    let (mut server, nbd) = start(&[]);
+    image(&["create", "disk", "--size", "8MiB", "--target", &server.addr]);
+    let mut stream = handshake(&nbd);
+    send_option(&mut stream, 8, b"x");
+    assert_eq!(
+        option_reply(&mut stream, 8).0,
+        (1 << 31) | 3,
+        "takes no data"
+    );
+    send_option(&mut stream, 8, b"");
+    assert_eq!(
+        option_reply(&mut stream, 8).0,
+        1,
+        "structured replies acknowledged"
+    );
+    assert_eq!(go(&mut stream, "disk"), 1);
+    const DONE: u16 = 1;
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+    let offset = (4 << 20) - 5000; // Across two objects and several parts.
+    request(&mut stream, 1, 0, 1, offset, data.len() as u32);
+    send(&mut stream, &data);
+    assert_eq!(
+        structured_chunk(&mut stream),
+        (DONE, 0, 1, vec![]),
+        "write: NONE"
+    );
+    request(&mut stream, 0, 0, 2, offset, data.len() as u32);
+    let (flags, kind, cookie, payload) = structured_chunk(&mut stream);
+    assert_eq!((flags, kind, cookie), (DONE, 1, 2), "read: OFFSET_DATA");
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
+    assert!(payload[8..] == data[..], "the data follows the offset");
+    request(&mut stream, 0, 0, 3, 8 << 20, 4096);
+    let (flags, kind, cookie, payload) = structured_chunk(&mut stream);
+    assert_eq!(
+        (flags, kind, cookie),
+        (DONE, (1 << 15) | 1, 3),
+        "error chunk"
+    );
+    assert_eq!(payload, [0, 0, 0, 22, 0, 0], "EINVAL, no message");
+    request(&mut stream, 0, 0, 4, 0, 0);
+    assert_eq!(
+        structured_chunk(&mut stream),
+        (DONE, 0, 4, vec![]),
+        "empty read: NONE"
+    );
+    request(&mut stream, 3, 0, 5, 0, 0);
+    assert_eq!(structured_chunk(&mut stream), (DONE, 0, 5, vec![]), "flush");
+    request(&mut stream, 2, 0, 6, 0, 0);
+    assert!(closed(&mut stream));
     assert!(server.stop().success());
 }

@@ -117,6 +117,11 @@ impl CorePools {
         self.pool_of(buf.pool()).lease(buf, offset, len)
     }
 
+    /// A second lease over part of `lease` (see `BufferPool::lease_within`).
+    pub fn lease_within(&mut self, lease: &Lease, offset: usize, len: usize) -> Lease {
+        self.pool_of(lease.pool()).lease_within(lease, offset, len)
+    }
+
     /// Releases a body that lives here; returns it when it must go back to its home core.
     pub fn release_body(&mut self, body: Body) -> Option<Body> {
         match body.home_core() {

@@ -461,6 +461,32 @@ impl BufferPool {
         }
     }
 
+    /// A lease over bytes `[offset, offset + len)` of an existing lease (a frame inside a
+    /// received datagram, say); adds one reference to the same buffer. The two are released
+    /// independently.
+    #[inline]
+    pub fn lease_within(&mut self, lease: &Lease, offset: usize, len: usize) -> Lease {
+        self.assert_owns(lease.pool, lease.index);
+        let end = offset.checked_add(len);
+        assert!(
+            end.is_some_and(|end| end <= lease.len()),
+            "lease [{offset}, +{len}) beyond the {}-byte lease it is taken from",
+            lease.len
+        );
+        let refcount = &mut self.refcounts[lease.index as usize];
+        assert!(*refcount > 0, "lease of free buffer {}", lease.index);
+        *refcount = refcount.checked_add(1).expect("refcount overflow");
+        Lease {
+            // SAFETY: offset + len <= lease.len, and the lease lies within sealed bytes of its
+            // live buffer, so the result does too (or is one past its end when empty).
+            ptr: unsafe { lease.ptr.add(offset) },
+            // Cannot truncate: len <= lease.len, a u32.
+            len: len as u32,
+            pool: self.id,
+            index: lease.index,
+        }
+    }
+
     /// Drops one lease's reference; frees the buffer at 0.
     #[inline]
     pub fn release_lease(&mut self, lease: Lease) {
@@ -581,6 +607,31 @@ mod tests {
                 "size {size} count {count}"
             );
         }
+    }
+
+    #[test]
+    fn lease_within_shares_the_buffer_and_is_released_independently() {
+        let mut pool = pool(1, PAGE, 1);
+        let buf = filled(&mut pool, b"headerFRAME");
+        let datagram = pool.lease(&buf, 0, 11);
+        pool.release(buf);
+        let frame = pool.lease_within(&datagram, 6, 5);
+        assert_eq!(frame.as_slice(), b"FRAME");
+        assert_eq!(frame.index(), datagram.index());
+        pool.release_lease(datagram);
+        assert_eq!(pool.in_use(), 1, "the inner lease keeps the buffer");
+        assert_eq!(frame.as_slice(), b"FRAME");
+        pool.release_lease(frame);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond the")]
+    fn lease_within_refuses_a_range_outside_the_lease() {
+        let mut pool = pool(1, PAGE, 1);
+        let buf = filled(&mut pool, b"0123456789");
+        let lease = pool.lease(&buf, 2, 4);
+        let _ = pool.lease_within(&lease, 2, 3);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::buffers::{Body, CorePools};
 use crate::pool::{Buf, Lease};
@@ -34,6 +34,14 @@ const TX_IOVECS_MAX: usize = 64;
 /// A chunk with less free space than this is retired before the next receive, so that one
 /// recv call can still bring in many small frames.
 const RX_SPARE_MIN_BYTES: usize = 16 << 10;
+/// A connection that has held a partial frame (and the buffer under it) this long, counted
+/// from when its socket first ran dry mid-frame whatever trickled in since, may be closed
+/// when the pool it holds from is empty. Slow-loris clients,
+/// each dribbling one frame, would otherwise keep every buffer of a core and stall everyone
+/// else (seen: 200 such clients stopped a normal client for 30 s on a test server). Legitimate
+/// clients send a frame's bytes back to back; half a second of silence mid-frame while
+/// others wait for buffers is not worth keeping a buffer for.
+const STALL_EVICT_AFTER: Duration = Duration::from_millis(500);
 
 const TOKEN_WAKER: u64 = u64::MAX;
 const TOKEN_LISTENER: u64 = u64::MAX - 1;
@@ -76,6 +84,9 @@ pub struct TransportStats {
     pub malformed: u64,
     pub over_limit: u64,
     pub truncated: u64,
+    /// Connections closed because they held a partial frame for `STALL_EVICT_AFTER` while
+    /// others waited for the buffer under it (also counted in `truncated`).
+    pub evicted: u64,
 }
 
 struct TxReply {
@@ -111,6 +122,9 @@ struct Connection {
     /// The peer hung up (EPOLLRDHUP/HUP/ERR): read until recv says EOF, since no further edge
     /// will come to announce it.
     peer_closed: bool,
+    /// Since when the socket has been drained with a partial frame buffered (None while
+    /// frames complete): how long this connection has held a buffer without using it.
+    stalled_since: Option<Instant>,
 }
 
 enum RxOutcome {
@@ -136,6 +150,8 @@ pub struct TcpTransport {
     tx_list_spare: Vec<u32>,
     /// Bodies of replies that were written or dropped and belong to another core.
     foreign: Vec<Body>,
+    /// Connections with `stalled_since` set: `evict_stalled` walks the table only when some are.
+    stalled_count: u32,
     pub stats: TransportStats,
 }
 
@@ -191,6 +207,7 @@ impl TcpTransport {
             tx_list: Vec::with_capacity(count),
             tx_list_spare: Vec::with_capacity(count),
             foreign: Vec::with_capacity(1024),
+            stalled_count: 0,
             stats: TransportStats::default(),
         })
     }
@@ -290,6 +307,7 @@ impl TcpTransport {
             in_tx_list: false,
             closing: false,
             peer_closed: false,
+            stalled_since: None,
         });
         // Bytes may have arrived before registration; look once without waiting for an edge.
         self.rx_list.push_back(index);
@@ -364,7 +382,10 @@ impl TcpTransport {
         let mut visits = self.rx_list.len();
         while visits > 0 && delivered < budget {
             visits -= 1;
-            let index = self.rx_list.pop_front().expect("visits <= list length");
+            // An eviction (`evict_stalled`) may take a listed connection out of the list.
+            let Some(index) = self.rx_list.pop_front() else {
+                break;
+            };
             let outcome =
                 self.read_connection(index, pools, budget - delivered, &mut delivered, on_frame);
             match outcome {
@@ -407,6 +428,9 @@ impl TcpTransport {
                 }
                 match next_frame(conn, pools, &limits) {
                     Ok(FrameStep::Frame(header, frame)) => {
+                        if conn.stalled_since.take().is_some() {
+                            self.stalled_count -= 1;
+                        }
                         conn.inflight += 1;
                         local_delivered += 1;
                         self.stats.frames_rx += 1;
@@ -435,13 +459,28 @@ impl TcpTransport {
                 // connection per pass.
                 *delivered += local_delivered;
                 retire_idle_chunk(conn, pools);
+                self.stalled_count = note_stall(conn, self.stalled_count);
                 return RxOutcome::Drained;
             }
             if !make_room(conn, pools, pending_len, &mut self.stats) {
-                self.stats.rx_pool_waits += 1;
-                *delivered += local_delivered;
-                return RxOutcome::Paused;
+                let want_large = pending_len > pools.small.buffer_size();
+                let conn = if self.evict_stalled(index, pools, want_large) {
+                    self.conns[index as usize]
+                        .as_mut()
+                        .expect("not the evicted one")
+                } else {
+                    self.stats.rx_pool_waits += 1;
+                    *delivered += local_delivered;
+                    return RxOutcome::Paused;
+                };
+                if !make_room(conn, pools, pending_len, &mut self.stats) {
+                    // The evicted connection's buffer is still leased by ops in flight.
+                    self.stats.rx_pool_waits += 1;
+                    *delivered += local_delivered;
+                    return RxOutcome::Paused;
+                }
             }
+            let conn = self.conns[index as usize].as_mut().expect("still open");
             let (target, is_large) = match conn.large.as_mut() {
                 Some((buf, frame_len)) => {
                     let want = *frame_len - buf.sealed_len();
@@ -480,6 +519,7 @@ impl TcpTransport {
             let error = io::Error::last_os_error();
             if received < 0 && error.kind() == io::ErrorKind::WouldBlock {
                 retire_idle_chunk(conn, pools);
+                self.stalled_count = note_stall(conn, self.stalled_count);
                 return RxOutcome::Drained;
             }
             if received < 0 && error.kind() == io::ErrorKind::Interrupted {
@@ -497,6 +537,52 @@ impl TcpTransport {
             self.close(index, pools);
             return RxOutcome::Closed;
         }
+    }
+
+    /// The pool `want_large` names is empty: closes the connection (not `except`) that has
+    /// held a partial frame in a buffer of that pool the longest, if for `STALL_EVICT_AFTER`
+    /// or more. Walks the connection table, but only when a pool is empty.
+    fn evict_stalled(&mut self, except: u32, pools: &mut CorePools, want_large: bool) -> bool {
+        if self.stalled_count == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let mut oldest: Option<(Instant, u32)> = None;
+        for (index, slot) in self.conns.iter().enumerate() {
+            let Some(conn) = slot.as_ref() else { continue };
+            let Some(since) = conn.stalled_since else {
+                continue;
+            };
+            let holds = if want_large {
+                conn.large.is_some()
+            } else {
+                conn.rx.is_some()
+            };
+            if index as u32 == except || !holds || now.duration_since(since) < STALL_EVICT_AFTER {
+                continue;
+            }
+            if oldest.map_or(true, |(first, _)| since < first) {
+                oldest = Some((since, index as u32));
+            }
+        }
+        let Some((since, victim)) = oldest else {
+            return false;
+        };
+        self.stats.evicted += 1;
+        self.stats.truncated += 1;
+        log::info!(
+            "core {}: closing a connection stalled mid-frame for {:?}: its buffer is needed",
+            self.core,
+            now.duration_since(since)
+        );
+        self.close(victim, pools);
+        true
+    }
+
+    /// The core found the pool it needs (`want_large`: the large one) empty, for an op's
+    /// output: frees a buffer held by a connection stalled mid-frame, if there is one.
+    pub fn evict_stalled_for(&mut self, pools: &mut CorePools, want_large: bool) -> bool {
+        self.evict_stalled(u32::MAX, pools, want_large)
     }
 
     /// The byte stream can no longer be trusted: answer once, then close after the answer is sent.
@@ -694,6 +780,9 @@ impl TcpTransport {
         let conn = self.conns[index as usize]
             .take()
             .expect("closing an open connection");
+        if conn.stalled_since.is_some() {
+            self.stalled_count -= 1;
+        }
         if let Some(buf) = conn.rx {
             pools.release(buf);
         }
@@ -844,6 +933,27 @@ fn copy_partial(
     stats.rx_copied_bytes += len as u64;
 }
 
+/// The socket is drained: if a partial frame is left in a buffer, the connection starts (or
+/// keeps) counting as stalled. Returns the transport's new count of stalled connections.
+fn note_stall(conn: &mut Connection, stalled_count: u32) -> u32 {
+    let partial = conn.large.is_some()
+        || conn
+            .rx
+            .as_ref()
+            .is_some_and(|chunk| chunk.sealed_len() > conn.consumed);
+    match (partial, conn.stalled_since.is_some()) {
+        (true, false) => {
+            conn.stalled_since = Some(Instant::now());
+            stalled_count + 1
+        }
+        (false, true) => {
+            conn.stalled_since = None;
+            stalled_count - 1
+        }
+        _ => stalled_count,
+    }
+}
+
 /// An idle connection gives its chunk back so that thousands of idle clients hold no buffers.
 fn retire_idle_chunk(conn: &mut Connection, pools: &mut CorePools) {
     let fully_parsed = conn
@@ -887,6 +997,98 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         (client, server)
+    }
+
+    #[test]
+    fn connections_stalled_mid_frame_give_up_their_chunks_when_the_pool_is_empty() {
+        let waker = Waker::new().unwrap();
+        let config = TransportConfig {
+            limits: Limits::DEFAULT,
+            inflight_per_connection_max: 4,
+            connections_max: 16,
+        };
+        let mut transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+        let (_, mut pools, _) = setup();
+        let chunks = pools.small.free_count();
+        let mut frame = Vec::new();
+        wire::encode_request(
+            &mut frame,
+            Opcode::OsdOp,
+            7,
+            b"obj",
+            &[SubOpSpec::write(0, &[1; 100])],
+            b"",
+        );
+        // Slow-loris clients: one partial frame each, one per chunk of the pool.
+        let mut stallers = Vec::new();
+        for _ in 0..chunks {
+            let (mut client, server) = pair();
+            transport.adopt(server).unwrap();
+            client.write_all(&frame[..10]).unwrap();
+            stallers.push(client);
+        }
+        for _ in 0..100 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |_| panic!("no frame is complete"));
+            if pools.small.free_count() == 0 && transport.rx_list.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(
+            pools.small.free_count(),
+            0,
+            "every chunk holds a partial frame"
+        );
+        assert_eq!(transport.stalled_count, chunks);
+        // A client with a whole frame, before the eviction age: it waits.
+        let (mut good, server) = pair();
+        let good_conn = transport.adopt(server).unwrap();
+        good.write_all(&frame).unwrap();
+        let mut frames = Vec::new();
+        transport.poll_events(Duration::from_millis(10));
+        transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+        assert!(frames.is_empty() && transport.stats.evicted == 0);
+        assert!(transport.stats.rx_pool_waits > 0);
+        // Past it: the oldest staller is closed, and the frame comes in on its chunk.
+        std::thread::sleep(STALL_EVICT_AFTER);
+        for _ in 0..100 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+            if !frames.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].conn, good_conn);
+        assert_eq!(
+            transport.stats.evicted, 1,
+            "one chunk was needed, one staller closed"
+        );
+        assert_eq!(transport.stalled_count, chunks - 1);
+        let mut byte = [0u8; 1];
+        let closed = stallers
+            .iter_mut()
+            .filter(|staller| {
+                let mut staller: &TcpStream = staller;
+                staller
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                match staller.read(&mut byte) {
+                    Ok(n) => n == 0,
+                    Err(e) => !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ),
+                }
+            })
+            .count();
+        assert_eq!(
+            closed, 1,
+            "only the evicted staller sees its connection closed"
+        );
+        for frame in frames {
+            pools.release_lease(frame.frame);
+        }
     }
 
     #[test]

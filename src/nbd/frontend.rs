@@ -26,7 +26,7 @@ use carmine_dataplane::pool::{Buf, Lease};
 use carmine_dataplane::wire::{Header, Opcode, Status, SubOpCode, HEADER_SIZE, SUB_OP_DESC_SIZE};
 
 use crate::nbd::image::{self, ImageHeader, Oid};
-use crate::nbd::protocol::{self as nbd, Request as NbdRequest};
+use crate::nbd::protocol::{self as nbd, Request as NbdRequest, Verdict, OPTION_BYTES_MAX};
 use crate::osd::op_table::{OpRef, OpTable};
 
 /// NBD connections one core serves at once.
@@ -45,11 +45,6 @@ pub const REQUEST_PARTS_MAX: usize = 33;
 const PARTS_QUEUED_MAX: usize = 4096;
 /// Zero/trim parts of one request in flight at once (a trim of a whole image has thousands).
 const ZERO_PARTS_IN_FLIGHT_MAX: u32 = 8;
-/// Largest option a client may send during negotiation, in bytes.
-const OPTION_BYTES_MAX: usize = 4096;
-/// A write larger than the limit but at most this is read and dropped (reply EINVAL); larger
-/// ones close the connection (reading them would only feed a broken client).
-const DISCARD_BYTES_MAX: u64 = 32 << 20;
 /// Small buffers kept free for the store's outputs: the frontend takes a new arena chunk only
 /// above this, so frames waiting for outputs can never hold every buffer.
 const POOL_RESERVE_COUNT: u32 = 4;
@@ -132,7 +127,8 @@ enum Phase {
 }
 
 struct TxReply {
-    head: [u8; nbd::SIMPLE_REPLY_BYTES],
+    head: [u8; nbd::REPLY_HEAD_MAX_BYTES],
+    head_len: u8,
     /// A successful read: its request's outputs are the payload; freed once sent.
     read: Option<OpRef>,
     sent: usize,
@@ -151,6 +147,8 @@ struct Conn {
     generation: u32,
     phase: Phase,
     no_zeroes: bool,
+    /// The client asked for structured replies (NBD_OPT_STRUCTURED_REPLY).
+    structured: bool,
     /// Received bytes `[in_start, in_end)` not yet consumed.
     inbuf: Box<[u8]>,
     in_start: usize,
@@ -366,6 +364,7 @@ impl NbdFrontend {
             generation,
             phase: Phase::ClientFlags,
             no_zeroes: false,
+            structured: false,
             inbuf: vec![0u8; 2 * self.work.part_bytes + 4096].into_boxed_slice(),
             in_start: 0,
             in_end: 0,
@@ -658,7 +657,12 @@ impl NbdFrontend {
         if error != 0 {
             self.work.stats.errors += 1;
         }
-        let read = (kind == Kind::Read && error == 0).then_some(request_ref);
+        let read = (kind == Kind::Read && error == 0).then(|| {
+            let length: u32 = request.lengths[..request.parts_issued as usize]
+                .iter()
+                .sum();
+            (request_ref, request.next_offset, length)
+        });
         if read.is_none() {
             free_request(&mut self.work, pools, request_ref);
         }
@@ -809,7 +813,7 @@ impl NbdFrontend {
                 count += 1;
                 skip = 0;
             };
-            push(&reply.head);
+            push(&reply.head[..usize::from(reply.head_len)]);
             if let Some(read) = reply.read {
                 let request = self.work.requests.get(read);
                 for part in 0..parts {
@@ -841,7 +845,7 @@ impl NbdFrontend {
         let mut completed = 0;
         let conn = self.conns[index as usize].as_mut().expect("open");
         while let Some(front) = conn.tx.front_mut() {
-            let length = nbd::SIMPLE_REPLY_BYTES
+            let length = usize::from(front.head_len)
                 + front.read.map_or(0, |r| {
                     let request = self.work.requests.get(r);
                     request.lengths[..request.parts_issued as usize]
@@ -970,11 +974,21 @@ fn free_request(work: &mut Work, pools: &mut CorePools, request_ref: OpRef) {
     }
 }
 
-fn queue_reply(conn: &mut Conn, error: u32, cookie: u64, read: Option<OpRef>) {
+/// Queues a reply; `read` is a successful read: its request (whose outputs follow the head),
+/// offset and length.
+fn queue_reply(conn: &mut Conn, error: u32, cookie: u64, read: Option<(OpRef, u64, u32)>) {
     // The in-flight limit bounds the queue: it never grows past its capacity from accept.
     assert!(conn.tx.len() < conn.tx.capacity(), "NBD tx queue overflow");
+    let (head, head_len) = nbd::reply_head(
+        conn.structured,
+        error,
+        cookie,
+        read.map(|(_, offset, length)| (offset, length)),
+    );
+    let read = read.map(|(request, _, _)| request);
     conn.tx.push_back(TxReply {
-        head: nbd::simple_reply(error, cookie),
+        head,
+        head_len: head_len as u8,
         read,
         sent: 0,
     });
@@ -1006,15 +1020,17 @@ fn consume(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut CorePools) 
             if available < 4 {
                 return Consume::NeedBytes;
             }
-            let flags = nbd::be_u32(&conn.inbuf[conn.in_start..]);
+            let mut raw = [0u8; 4];
+            raw.copy_from_slice(&conn.inbuf[conn.in_start..conn.in_start + 4]);
             conn.in_start += 4;
-            let known = nbd::FLAG_C_FIXED_NEWSTYLE | nbd::FLAG_C_NO_ZEROES;
-            if flags & nbd::FLAG_C_FIXED_NEWSTYLE == 0 || flags & !known != 0 {
-                log::info!("NBD client flags {flags:#x} not supported: closing");
-                work.stats.protocol_errors += 1;
-                return Consume::Close;
+            match nbd::parse_client_flags(&raw) {
+                Ok(no_zeroes) => conn.no_zeroes = no_zeroes,
+                Err(flags) => {
+                    log::info!("NBD client flags {flags:#x} not supported: closing");
+                    work.stats.protocol_errors += 1;
+                    return Consume::Close;
+                }
             }
-            conn.no_zeroes = flags & nbd::FLAG_C_NO_ZEROES != 0;
             conn.phase = Phase::Options;
             Consume::Progress
         }
@@ -1031,14 +1047,14 @@ fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Core
     if available < nbd::OPTION_HEADER_BYTES {
         return Consume::NeedBytes;
     }
-    let head = &conn.inbuf[conn.in_start..conn.in_start + nbd::OPTION_HEADER_BYTES];
-    if nbd::be_u64(head) != nbd::OPTION_MAGIC {
+    let mut head = [0u8; nbd::OPTION_HEADER_BYTES];
+    head.copy_from_slice(&conn.inbuf[conn.in_start..conn.in_start + nbd::OPTION_HEADER_BYTES]);
+    let Some(nbd::OptionHeader { option, length }) = nbd::parse_option_header(&head) else {
         work.stats.protocol_errors += 1;
         log::info!("NBD option with a bad magic: closing");
         return Consume::Close;
-    }
-    let option = nbd::be_u32(&head[8..]);
-    let length = nbd::be_u32(&head[12..]) as usize;
+    };
+    let length = length as usize;
     if length > OPTION_BYTES_MAX {
         work.stats.protocol_errors += 1;
         if option == nbd::OPT_EXPORT_NAME {
@@ -1086,23 +1102,21 @@ fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Core
             }
             ask_export(work, conn, index, pools, option, data)
         }
+        nbd::OPT_STRUCTURED_REPLY if !data.is_empty() => {
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"");
+            Consume::Progress
+        }
+        nbd::OPT_STRUCTURED_REPLY => {
+            conn.structured = true;
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ACK, b"");
+            Consume::Progress
+        }
         nbd::OPT_GO | nbd::OPT_INFO => {
-            // name length u32, name, info request count u16, requests u16 each.
-            let name_len = if data.len() >= 4 {
-                nbd::be_u32(data) as usize
-            } else {
-                usize::MAX
-            };
-            let well_formed = name_len <= data.len().saturating_sub(6) && {
-                let count =
-                    usize::from(u16::from_be_bytes([data[4 + name_len], data[5 + name_len]]));
-                data.len() == 6 + name_len + 2 * count
-            };
-            if !well_formed {
+            let Some(info) = nbd::parse_info_request(data) else {
                 nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"malformed");
                 return Consume::Progress;
-            }
-            let name = &data[4..4 + name_len];
+            };
+            let name = info.name;
             if image::check_name(name).is_err() {
                 nbd::option_reply(
                     &mut conn.ctl,
@@ -1115,7 +1129,7 @@ fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Core
             ask_export(work, conn, index, pools, option, name)
         }
         _ => {
-            // STARTTLS, structured replies, meta contexts, extended headers: not offered.
+            // STARTTLS, meta contexts (BLOCK_STATUS), extended headers: not offered.
             nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"");
             Consume::Progress
         }
@@ -1321,21 +1335,10 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
         log::info!("NBD request with a bad magic: closing");
         return Consume::Close;
     };
-    let size = export.header.size;
     let length = u64::from(request.length);
-    let in_range = request
-        .offset
-        .checked_add(length)
-        .is_some_and(|end| end <= size);
     let payload_max = work.request_bytes_max() as u64;
-    let flags_ok = request.flags & !(nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE) == 0;
-    match request.command {
-        nbd::CMD_READ => {
-            if !flags_ok || !in_range || length > payload_max {
-                conn.in_start += nbd::REQUEST_HEADER_BYTES;
-                answer_now(work, conn, nbd::EINVAL, request.cookie);
-                return Consume::Progress;
-            }
+    match nbd::check_request(&request, export.header.size, payload_max) {
+        Verdict::Read => {
             let parts = image::part_count(work.part_bytes as u64, request.offset, length) as usize;
             if work.read_parts_held + parts > work.read_parts_budget {
                 return Consume::Paused; // Outputs held by other reads come back as they answer.
@@ -1352,22 +1355,7 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
             start_read(work, conn, index, pools, &export, request);
             Consume::Progress
         }
-        nbd::CMD_WRITE => {
-            if !flags_ok || length > payload_max || !in_range {
-                conn.in_start += nbd::REQUEST_HEADER_BYTES;
-                if length > DISCARD_BYTES_MAX {
-                    work.stats.protocol_errors += 1;
-                    return Consume::Close;
-                }
-                conn.discard = length;
-                let error = if in_range || length > payload_max {
-                    nbd::EINVAL
-                } else {
-                    nbd::ENOSPC
-                };
-                answer_now(work, conn, error, request.cookie);
-                return Consume::Progress;
-            }
+        Verdict::Write => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
             let request_ref = work.requests.alloc().expect("admits checked");
             *work.requests.get(request_ref) = Request {
@@ -1390,17 +1378,8 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
             conn.write = Some(request_ref);
             Consume::Progress
         }
-        nbd::CMD_TRIM | nbd::CMD_WRITE_ZEROES => {
+        Verdict::Zero { no_hole } => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
-            if !flags_ok || !in_range {
-                let error = if request.command == nbd::CMD_WRITE_ZEROES && flags_ok {
-                    nbd::ENOSPC
-                } else {
-                    nbd::EINVAL
-                };
-                answer_now(work, conn, error, request.cookie);
-                return Consume::Progress;
-            }
             work.stats.requests += 1;
             conn.inflight += 1;
             if length == 0 {
@@ -1413,8 +1392,7 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 conn_generation: conn.generation,
                 cookie: request.cookie,
                 kind: Kind::Zero,
-                no_hole: request.command == nbd::CMD_WRITE_ZEROES
-                    && request.flags & nbd::CMD_FLAG_NO_HOLE != 0,
+                no_hole,
                 next_offset: request.offset,
                 remaining: length,
                 ..Request::default()
@@ -1423,7 +1401,7 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
             schedule_zero(work, request_ref);
             Consume::Progress
         }
-        nbd::CMD_FLUSH => {
+        Verdict::Flush => {
             // Every acknowledged write is already durable (the store acknowledges an op only
             // once it is: `Submit::Done` / its poll completion), so there is nothing to wait for.
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
@@ -1431,17 +1409,28 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
             answer_now(work, conn, 0, request.cookie);
             Consume::Progress
         }
-        nbd::CMD_DISC => {
+        Verdict::Disconnect => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
             Consume::CloseAfterReplies
         }
-        _ => {
+        Verdict::Reject { error, discard } => {
+            // A refused write's payload is read and dropped, so the stream stays in step.
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            conn.discard = discard;
+            answer_now(work, conn, error, request.cookie);
+            Consume::Progress
+        }
+        Verdict::RejectAndClose { error } => {
             // Unknown command: its payload length is unknown too, so the stream cannot be
             // followed further. Answer, then close.
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
             work.stats.protocol_errors += 1;
-            answer_now(work, conn, nbd::EINVAL, request.cookie);
+            answer_now(work, conn, error, request.cookie);
             Consume::CloseAfterReplies
+        }
+        Verdict::Close => {
+            work.stats.protocol_errors += 1;
+            Consume::Close
         }
     }
 }
@@ -1460,6 +1449,8 @@ fn start_read(
         conn_generation: conn.generation,
         cookie: request.cookie,
         kind: Kind::Read,
+        // Reads keep their start here for the reply (structured replies carry it).
+        next_offset: request.offset,
         ..Request::default()
     };
     work.stats.requests += 1;

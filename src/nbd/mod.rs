@@ -4,4 +4,7 @@
 pub mod cli;
 pub mod frontend;
 pub mod image;
-pub mod protocol;
+
+/// The NBD protocol's numbers, layouts and byte-level checks live in the data plane (the fuzz
+/// targets use them without a server).
+pub use carmine_dataplane::nbd as protocol;

@@ -15,10 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use carmine_dataplane::buffers::{Body, CorePools};
+use carmine_dataplane::dgram::RequestHandle;
 use carmine_dataplane::pool::{Buf, Lease};
 use carmine_dataplane::reactor::{Core, LoopCounters, Waker, PARK_TIMEOUT_MAX};
 use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
+use carmine_dataplane::udp::{UdpRequest, UdpRpcTransport};
 use carmine_dataplane::wire::{
     Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
 };
@@ -54,12 +56,19 @@ pub struct Hooks {
     pub snapshot_cost: Duration,
 }
 
+/// Where a client's reply goes: a TCP connection or a datagram RPC request of this core.
+#[derive(Clone, Copy, Debug)]
+enum ReplyTo {
+    Tcp(ConnId),
+    Udp(RequestHandle),
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 enum Origin {
     #[default]
     None,
-    /// A connection on this core.
-    Local(ConnId),
+    /// A client of this core (TCP connection or UDP request).
+    Local(ReplyTo),
     /// A client op slot on another core.
     Remote { core: usize, op: OpRef },
     /// A part of an NBD request of this core's frontend.
@@ -84,7 +93,7 @@ struct ExecOp {
 
 #[derive(Default)]
 struct ClientOp {
-    conn: Option<ConnId>,
+    conn: Option<ReplyTo>,
     header: Header,
     /// Set instead of `conn` for a part of an NBD request.
     nbd: Option<(OpRef, u8)>,
@@ -132,6 +141,9 @@ pub struct CoreSetup {
 pub struct OsdCore {
     index: usize,
     transport: TcpTransport,
+    /// The datagram RPC on UDP, when `--transport udp`.
+    udp: Option<UdpRpcTransport>,
+    udp_batch: Vec<UdpRequest>,
     /// The NBD frontend, when `--nbd` is set.
     nbd: Option<NbdFrontend>,
     nbd_accept_next: usize,
@@ -255,6 +267,8 @@ impl OsdCore {
         OsdCore {
             index: setup.index,
             transport,
+            udp: None,
+            udp_batch: Vec::with_capacity(RX_FRAMES_PER_PASS_MAX),
             nbd: None,
             nbd_accept_next: 0,
             pools,
@@ -296,6 +310,14 @@ impl OsdCore {
         Ok(self)
     }
 
+    /// Serves the datagram RPC on this core too; its socket joins the transport's epoll set,
+    /// so a parked core wakes for datagrams.
+    pub fn with_udp(mut self, udp: UdpRpcTransport) -> std::io::Result<OsdCore> {
+        self.transport.watch_fd(udp.fd())?;
+        self.udp = Some(udp);
+        Ok(self)
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
@@ -334,11 +356,33 @@ impl OsdCore {
         let delivered = self
             .transport
             .poll_rx(&mut self.pools, budget, &mut |frame| batch.push(frame));
-        for frame in batch.drain(..) {
-            self.handle_frame(frame);
+        for RxFrame {
+            conn,
+            header,
+            frame,
+        } in batch.drain(..)
+        {
+            self.handle_frame(ReplyTo::Tcp(conn), header, frame);
         }
         self.rx_batch = batch;
-        work + delivered + self.poll_nbd()
+        work + delivered + self.poll_udp(budget - delivered) + self.poll_nbd()
+    }
+
+    /// Datagram RPC requests, down the same path as TCP frames.
+    fn poll_udp(&mut self, budget: usize) -> usize {
+        let now_ns = self.now_ns();
+        let Some(udp) = self.udp.as_mut() else {
+            return 0;
+        };
+        let mut batch = std::mem::take(&mut self.udp_batch);
+        let delivered = udp.poll_rx(&mut self.pools, budget, now_ns, &mut |request| {
+            batch.push(request)
+        });
+        for request in batch.drain(..) {
+            self.handle_frame(ReplyTo::Udp(request.handle), request.header, request.frame);
+        }
+        self.udp_batch = batch;
+        delivered
     }
 
     fn poll_nbd(&mut self) -> usize {
@@ -432,12 +476,7 @@ impl OsdCore {
         nbd.complete(&mut self.pools, request, part, status, sub_status, output);
     }
 
-    fn handle_frame(&mut self, rx: RxFrame) {
-        let RxFrame {
-            conn,
-            header,
-            frame,
-        } = rx;
+    fn handle_frame(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
         let view = Frame::view(header, frame.as_slice());
         if !view.crc_ok(frame.as_slice()) {
             log::info!(
@@ -490,13 +529,13 @@ impl OsdCore {
         self.send(target.core, message);
     }
 
-    fn answer_error(&mut self, conn: ConnId, header: Header, frame: Lease, status: Status) {
+    fn answer_error(&mut self, conn: ReplyTo, header: Header, frame: Lease, status: Status) {
         self.counters.add(error_counter(status), 1);
         self.pools.release_lease(frame);
         self.reply(conn, &header, status, &[], Body::None);
     }
 
-    fn answer_ping(&mut self, conn: ConnId, header: Header, frame: Lease) {
+    fn answer_ping(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
         self.counters.add(Counter::pings, 1);
         let payload = Frame::view(header, frame.as_slice()).payload;
         let body = match self.pools.acquire_for(payload.len()) {
@@ -515,7 +554,7 @@ impl OsdCore {
         self.reply(conn, &header, Status::Ok, &[], body);
     }
 
-    fn answer_status(&mut self, conn: ConnId, header: Header, frame: Lease) {
+    fn answer_status(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
         // The status document is built with ordinary allocations; they are kept out of the
         // `allocations` counter, which tracks the data path.
         let before = (self.alloc_counter)();
@@ -543,14 +582,25 @@ impl OsdCore {
 
     fn reply(
         &mut self,
-        conn: ConnId,
+        to: ReplyTo,
         header: &Header,
         status: Status,
         results: &[(u32, u32)],
         body: Body,
     ) {
-        if let Err(body) = self.transport.reply(conn, header, status, results, body) {
-            self.release_body(body); // The client went away; nothing to answer.
+        match to {
+            ReplyTo::Tcp(conn) => {
+                if let Err(body) = self.transport.reply(conn, header, status, results, body) {
+                    self.release_body(body); // The client went away; nothing to answer.
+                }
+            }
+            ReplyTo::Udp(handle) => {
+                let udp = self
+                    .udp
+                    .as_mut()
+                    .expect("UDP requests come from the UDP transport");
+                udp.reply(&mut self.pools, handle, header, status, results, body);
+            }
         }
     }
 
@@ -696,6 +746,10 @@ impl OsdCore {
                 Some(buf) => output = Some(buf),
                 None => {
                     self.counters.add(Counter::buffer_waits, 1);
+                    // A slow-loris client may be sitting on the buffer this op needs.
+                    let want_large = output_len > self.pools.small.buffer_size() as u64;
+                    self.transport
+                        .evict_stalled_for(&mut self.pools, want_large);
                     return false;
                 }
             }
@@ -1033,6 +1087,11 @@ impl OsdCore {
             self.send(home, Message::Release(body));
             work += 1;
         }
+        while let Some(body) = self.udp.as_mut().and_then(|udp| udp.take_foreign()) {
+            let home = body.home_core().expect("foreign bodies have a home");
+            self.send(home, Message::Release(body));
+            work += 1;
+        }
         while let Some(body) = self.nbd.as_mut().and_then(|nbd| nbd.take_foreign()) {
             let home = body.home_core().expect("foreign bodies have a home");
             self.send(home, Message::Release(body));
@@ -1052,6 +1111,7 @@ impl OsdCore {
         c.set(Counter::conn_refused, transport.refused);
         c.set(Counter::connections, transport.connections);
         c.set(Counter::conn_truncated, transport.truncated);
+        c.set(Counter::conn_evicted, transport.evicted);
         c.set(Counter::rx_bytes, transport.rx_bytes);
         c.set(Counter::tx_bytes, transport.tx_bytes);
         c.set(Counter::rx_copied_bytes, transport.rx_copied_bytes);
@@ -1098,6 +1158,9 @@ impl OsdCore {
         c.set(Counter::allocations, allocations);
         c.set(Counter::stream_malformed, transport.malformed);
         c.set(Counter::stream_over_limit, transport.over_limit);
+        if let Some(udp) = self.udp.as_ref() {
+            publish_udp(c, &udp.stats());
+        }
         if let Some(nbd) = self.nbd.as_ref() {
             let stats = nbd.stats();
             c.set(Counter::nbd_requests, stats.requests);
@@ -1155,6 +1218,7 @@ impl OsdCore {
             && self.client.in_flight() == 0
             && self.outbound.iter().all(|q| q.is_empty())
             && !self.transport.has_pending_tx()
+            && self.udp.as_ref().is_none_or(|udp| !udp.has_pending_tx())
             && self.nbd.as_ref().is_none_or(|nbd| nbd.is_quiet())
             && self.inbox.iter().flatten().all(|c| c.is_empty())
     }
@@ -1162,11 +1226,41 @@ impl OsdCore {
     /// Closes connections and hands back the pools; called on the core's thread after the loop.
     pub fn into_pools(mut self) -> CorePools {
         self.transport.close_all(&mut self.pools);
+        if let Some(udp) = self.udp.as_mut() {
+            udp.close_all(&mut self.pools);
+        }
         if let Some(nbd) = self.nbd.as_mut() {
             nbd.close_all(&mut self.pools);
         }
         self.pools
     }
+}
+
+/// The UDP transport's counters. `udp_payload_copies` counts copies of request bytes between
+/// the socket and the store: one per multi-packet request (reassembly), none for a request in
+/// one datagram.
+fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
+    c.set(Counter::udp_datagrams_rx, udp.datagrams_rx);
+    c.set(Counter::udp_datagrams_tx, udp.datagrams_tx);
+    c.set(Counter::udp_rx_bytes, udp.rx_bytes);
+    c.set(Counter::udp_tx_bytes, udp.tx_bytes);
+    c.set(Counter::udp_sessions, udp.sessions);
+    c.set(Counter::udp_frames_in_place, udp.frames_in_place);
+    c.set(Counter::udp_payload_copies, udp.frames_copied);
+    c.set(Counter::udp_rx_copied_bytes, udp.rx_copied_bytes);
+    c.set(Counter::udp_tx_copied_bytes, udp.tx_copied_bytes);
+    c.set(
+        Counter::udp_malformed,
+        udp.malformed_frames + udp.rpc.malformed,
+    );
+    c.set(Counter::udp_duplicates, udp.rpc.duplicates);
+    c.set(Counter::udp_retransmits, udp.rpc.retransmits);
+    c.set(
+        Counter::udp_pool_waits,
+        udp.rx_pool_waits + udp.tx_pool_waits,
+    );
+    c.set(Counter::udp_dropped_injected, udp.dropped_injected);
+    c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
 }
 
 pub(crate) fn first_failure(results: &Results) -> Status {
@@ -1199,6 +1293,9 @@ impl Core for OsdCore {
         work += self.poll_timers();
         work += self.drain_ready_pgs();
         work += self.transport.flush_tx(&mut self.pools);
+        if let Some(udp) = self.udp.as_mut() {
+            work += udp.flush_tx(&mut self.pools);
+        }
         if let Some(nbd) = self.nbd.as_mut() {
             work += nbd.flush_tx(&mut self.pools);
         }

@@ -125,6 +125,18 @@ impl ServerProcess {
         self.log.try_iter().collect()
     }
 
+    /// The server's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

@@ -145,6 +145,16 @@ impl<'a, B: AsRef<[u8]>> Message<'a, B> {
         })
     }
 
+    /// Each packet's received buffer and the range of its payload in it, in order: for a
+    /// caller that keeps its own handle on the bytes (a second pool lease) instead of copying.
+    pub fn buffers(&self) -> impl Iterator<Item = (&'a B, std::ops::Range<usize>)> + 'a {
+        self.packets.iter().map(|p| {
+            let held = p.as_ref().expect("complete message has every packet");
+            let start = held.payload_start as usize;
+            (&held.buf, start..start + held.payload_bytes as usize)
+        })
+    }
+
     /// The whole message when it came in one packet (the common case for small ops): no copy.
     pub fn as_single(&self) -> Option<&'a [u8]> {
         if self.packets.len() == 1 {

@@ -52,6 +52,10 @@ impl UdpSocketPort {
         assert!(buffer_count > 0 && buffer_bytes <= DATAGRAM_BYTES_MAX);
         let socket = UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
+        {
+            use std::os::fd::AsRawFd;
+            crate::udp::set_socket_buffers(socket.as_raw_fd());
+        }
         let free = (0..buffer_count)
             .map(|_| vec![0u8; buffer_bytes].into_boxed_slice())
             .collect();
@@ -64,6 +68,12 @@ impl UdpSocketPort {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The socket's descriptor, to wait for it with epoll.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.socket.as_raw_fd()
     }
 
     /// Receive buffers not held by the RPC.

@@ -1,0 +1,800 @@
+//! The datagram RPC (`dgram`) on a kernel UDP socket, as a reactor transport: the same shape as
+//! `tcp.rs` (`poll_rx` hands up wire frames as `Lease`s, `reply`, `flush_tx`), so the OSD core
+//! runs UDP requests down the same frame check -> placement -> PG -> store path.
+//!
+//! Buffers: datagrams are received into the core's small-pool chunks, several per chunk (like
+//! the TCP receive chunks); each is a `Lease`, held by the RPC until the request is answered.
+//! A request that came in one packet is handed up as a second lease over the frame inside its
+//! datagram: **no copy between the socket and the store**. A request of several packets is
+//! copied once into one contiguous buffer (the frame parser and the store need contiguous
+//! bytes); `stats.frames_copied` / `rx_copied_bytes` count exactly that. Responses are copied
+//! once into a pool chunk (reply head and output back to back, several per chunk), because the
+//! RPC slices a response into packets and keeps it for resends until the client moves on.
+//!
+//! The RPC drops the buffers it holds (`B` and `R` are `PoolBytes`) wherever it likes; a pool
+//! handle may only go back through the pool's `&mut` methods, so a dropped `PoolBytes` parks its
+//! lease in a `graveyard` this transport empties into the pools every pass. The graveyard is
+//! sized for every lease the transport may have out (`held_max`), so it never grows.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+use crate::buffers::{Body, CorePools};
+use crate::dgram::socket::DATAGRAM_BYTES_MAX;
+use crate::dgram::{RequestHandle, RpcConfig, RpcServer, RpcStats, SLOTS_PER_SESSION};
+use crate::pool::{Buf, Lease};
+use crate::tcp::REPLY_HEAD_MAX_BYTES;
+use crate::wire::{self, Header, Limits, Status};
+
+/// Largest Ethernet MTU the RPC's packets are sized for (jumbo frames; loopback takes them).
+pub const RPC_MTU: u16 = 9000;
+/// Sessions a core keeps (each up to `SLOTS_PER_SESSION` requests in flight).
+pub const SESSIONS_MAX: u32 = 256;
+/// Leases the transport may have out at once (received datagrams held by the RPC, responses
+/// kept for resends). Beyond it nothing more is received until some are let go.
+pub const HELD_MAX: usize = 8192;
+/// How long a session may stay idle before the server forgets it. Far longer than a client
+/// keeps resending (`rpc_config`: 50 ms x 600 = 30 s).
+pub const SESSION_IDLE_NS: u64 = 60_000_000_000;
+/// How often idle sessions are looked for (the walk visits every session).
+const EXPIRE_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// The RPC settings both ends use over kernel UDP (the client's must agree on the packet size).
+pub fn rpc_config() -> RpcConfig {
+    RpcConfig {
+        sessions_max: SESSIONS_MAX,
+        // Loopback loses little; most resends are of requests queued behind others at a busy
+        // server, so the timeout is generous (eRPC's datacenter figure is a few ms).
+        retransmit_timeout_ns: 50_000_000,
+        // 30 s without progress before a request fails: as long as a TCP client waits.
+        retries_max: 600,
+        ..RpcConfig::for_mtu(RPC_MTU)
+    }
+}
+
+type Graveyard = Rc<RefCell<Vec<Lease>>>;
+
+/// Bytes in a pool buffer, held by the RPC: a received datagram or a response. Dropping it
+/// parks the lease for the transport to release (see the module comment).
+pub struct PoolBytes {
+    lease: Option<Lease>,
+    graveyard: Graveyard,
+}
+
+impl PoolBytes {
+    fn lease(&self) -> &Lease {
+        self.lease.as_ref().expect("present until drop")
+    }
+}
+
+impl AsRef<[u8]> for PoolBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.lease.as_ref().map_or(&[], Lease::as_slice)
+    }
+}
+
+impl Drop for PoolBytes {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let mut graveyard = self.graveyard.borrow_mut();
+            // Capacity is `HELD_MAX` and `held` never passes it: pushing never reallocates.
+            debug_assert!(graveyard.len() < graveyard.capacity());
+            graveyard.push(lease);
+        }
+    }
+}
+
+/// A complete request: its wire header, the frame (header included) as a lease, and the RPC
+/// handle to answer it with.
+pub struct UdpRequest {
+    pub handle: RequestHandle,
+    pub header: Header,
+    pub frame: Lease,
+}
+
+/// Counters of one core's UDP transport.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdpStats {
+    pub datagrams_rx: u64,
+    pub datagrams_tx: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Requests handed up as a lease inside their datagram (no copy).
+    pub frames_in_place: u64,
+    /// Requests of several packets, copied once into a contiguous buffer.
+    pub frames_copied: u64,
+    /// Bytes of those copies.
+    pub rx_copied_bytes: u64,
+    /// Bytes copied into response buffers (reply heads and outputs).
+    pub tx_copied_bytes: u64,
+    /// Complete messages that were not a valid wire frame.
+    pub malformed_frames: u64,
+    /// Receives skipped (no chunk, or `HELD_MAX` leases out) and replies that waited for one.
+    pub rx_pool_waits: u64,
+    pub tx_pool_waits: u64,
+    /// Datagrams thrown away by the loss-injection knob (`drop_every`).
+    pub dropped_injected: u64,
+    /// Replies over the RPC's message limit, answered `over_limit` instead.
+    pub replies_too_large: u64,
+    pub sessions: u64,
+    pub rpc: RpcStats,
+}
+
+struct PendingReply {
+    handle: RequestHandle,
+    head: [u8; REPLY_HEAD_MAX_BYTES],
+    head_len: usize,
+    body: Body,
+}
+
+/// One core's datagram RPC server on its own UDP socket (`SO_REUSEPORT`: one per core).
+pub struct UdpRpcTransport {
+    core: usize,
+    socket: UdpSocket,
+    rpc: RpcServer<SocketAddr, PoolBytes, PoolBytes>,
+    limits: Limits,
+    message_bytes_max: usize,
+    /// Chunks datagrams are received into, and responses written into.
+    rx_chunk: Option<Buf>,
+    tx_chunk: Option<Buf>,
+    graveyard: Graveyard,
+    /// Leases out in `PoolBytes` (not yet back from the graveyard).
+    held: usize,
+    /// Complete requests not handed up yet (no buffer for a copy, or budget).
+    ready: VecDeque<RequestHandle>,
+    /// Replies that found no buffer; retried by `flush_tx`.
+    pending: VecDeque<PendingReply>,
+    /// Bodies of other cores' pools, to be sent home by the core.
+    foreign: VecDeque<Body>,
+    /// Test knob: drop every Nth received datagram (0: never).
+    drop_every: u32,
+    last_expire_ns: u64,
+    stats: UdpStats,
+}
+
+impl UdpRpcTransport {
+    /// Takes a bound socket (made non-blocking here). `drop_every` > 0 throws away every Nth
+    /// datagram received, to exercise retransmission end to end.
+    pub fn new(
+        core: usize,
+        socket: UdpSocket,
+        limits: Limits,
+        drop_every: u32,
+    ) -> io::Result<UdpRpcTransport> {
+        socket.set_nonblocking(true)?;
+        let config = rpc_config();
+        let requests_max = (SESSIONS_MAX as usize) * SLOTS_PER_SESSION;
+        Ok(UdpRpcTransport {
+            core,
+            socket,
+            rpc: RpcServer::new(config),
+            limits,
+            message_bytes_max: config.message_bytes_max(),
+            rx_chunk: None,
+            tx_chunk: None,
+            graveyard: Rc::new(RefCell::new(Vec::with_capacity(HELD_MAX))),
+            held: 0,
+            ready: VecDeque::with_capacity(requests_max),
+            pending: VecDeque::with_capacity(requests_max),
+            foreign: VecDeque::with_capacity(requests_max),
+            drop_every,
+            last_expire_ns: 0,
+            stats: UdpStats::default(),
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub fn stats(&self) -> UdpStats {
+        let mut stats = self.stats;
+        stats.rpc = self.rpc.stats();
+        stats.sessions = self.rpc.session_count() as u64;
+        stats
+    }
+
+    /// Replies waiting for a buffer or packets waiting for the socket.
+    pub fn has_pending_tx(&self) -> bool {
+        !self.pending.is_empty() || self.rpc.has_pending_tx()
+    }
+
+    /// A body of another core's pool, for the core to send home.
+    pub fn take_foreign(&mut self) -> Option<Body> {
+        self.foreign.pop_front()
+    }
+
+    /// Returns the leases the RPC let go to their pools.
+    fn reap(&mut self, pools: &mut CorePools) {
+        let mut graveyard = self.graveyard.borrow_mut();
+        self.held -= graveyard.len();
+        for lease in graveyard.drain(..) {
+            pools.release_lease(lease);
+        }
+    }
+
+    fn hold(&mut self, lease: Lease) -> PoolBytes {
+        assert!(self.held < HELD_MAX, "held leases over their bound");
+        self.held += 1;
+        PoolBytes {
+            lease: Some(lease),
+            graveyard: self.graveyard.clone(),
+        }
+    }
+
+    fn release_body(&mut self, pools: &mut CorePools, body: Body) {
+        if let Some(foreign) = pools.release_body(body) {
+            assert!(self.foreign.len() < self.foreign.capacity());
+            self.foreign.push_back(foreign);
+        }
+    }
+
+    /// Receives datagrams and hands up to `budget` complete requests to `deliver`. Returns how
+    /// many were handed up.
+    pub fn poll_rx(
+        &mut self,
+        pools: &mut CorePools,
+        budget: usize,
+        now_ns: u64,
+        deliver: &mut dyn FnMut(UdpRequest),
+    ) -> usize {
+        self.reap(pools);
+        if now_ns >= self.last_expire_ns + EXPIRE_INTERVAL_NS {
+            self.last_expire_ns = now_ns;
+            let expired = self.rpc.expire_idle(now_ns, SESSION_IDLE_NS);
+            if expired > 0 {
+                log::debug!("core {}: {expired} idle UDP sessions forgotten", self.core);
+                self.reap(pools);
+            }
+        }
+        let mut delivered = self.deliver_ready(pools, budget, deliver);
+        // Requests that could not be handed up wait in `ready`: receive no more until they go.
+        while delivered < budget && self.ready.is_empty() {
+            if self.held + 1 >= HELD_MAX {
+                self.stats.rx_pool_waits += 1;
+                break;
+            }
+            let Some(spare) = rx_spare(&mut self.rx_chunk, pools) else {
+                self.stats.rx_pool_waits += 1;
+                break;
+            };
+            let (len, peer) = match self.socket.recv_from(&mut spare[..DATAGRAM_BYTES_MAX]) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("core {}: UDP receive: {e}", self.core);
+                    break;
+                }
+            };
+            self.stats.datagrams_rx += 1;
+            self.stats.rx_bytes += len as u64;
+            let chunk = self.rx_chunk.as_mut().expect("rx_spare leaves a chunk");
+            let offset = chunk.sealed_len();
+            chunk.seal(len);
+            let lease = pools.lease(chunk, offset, len);
+            if self.drop_every > 0 && self.stats.datagrams_rx % u64::from(self.drop_every) == 0 {
+                self.stats.dropped_injected += 1;
+                pools.release_lease(lease);
+                continue;
+            }
+            let bytes = self.hold(lease);
+            let ready = &mut self.ready;
+            self.rpc
+                .receive(peer, bytes, 0, now_ns, &mut |handle, _message| {
+                    // Each handle is a distinct slot in Executing: bounded by the capacity.
+                    debug_assert!(ready.len() < ready.capacity());
+                    ready.push_back(handle)
+                });
+            self.reap(pools); // packets the RPC dropped (duplicates, stale, malformed)
+            delivered += self.deliver_ready(pools, budget - delivered, deliver);
+        }
+        delivered
+    }
+
+    /// Hands up complete requests in arrival order while the budget and buffers allow.
+    fn deliver_ready(
+        &mut self,
+        pools: &mut CorePools,
+        budget: usize,
+        deliver: &mut dyn FnMut(UdpRequest),
+    ) -> usize {
+        let mut delivered = 0;
+        while delivered < budget {
+            let Some(&handle) = self.ready.front() else {
+                break;
+            };
+            let Some(message) = self.rpc.request(handle) else {
+                self.ready.pop_front(); // superseded or expired: nobody waits for it
+                continue;
+            };
+            let len = message.len();
+            let mut buffers = message.buffers();
+            let frame = match (buffers.next(), buffers.next()) {
+                (Some((datagram, range)), None) => {
+                    self.stats.frames_in_place += 1;
+                    pools.lease_within(datagram.lease(), range.start, range.len())
+                }
+                _ => {
+                    let Some(mut buf) = pools.acquire_for(len) else {
+                        self.stats.rx_pool_waits += 1;
+                        break; // retried next pass, in order
+                    };
+                    message.copy_to(&mut buf.spare_mut()[..len]);
+                    buf.seal(len);
+                    let lease = pools.lease(&buf, 0, len);
+                    pools.release(buf);
+                    self.stats.frames_copied += 1;
+                    self.stats.rx_copied_bytes += len as u64;
+                    lease
+                }
+            };
+            drop(buffers); // ends the borrow of the RPC
+            self.ready.pop_front();
+            match wire::parse_header(frame.as_slice(), &self.limits) {
+                Ok(Some(header)) if header.frame_len() == len => {
+                    delivered += 1;
+                    deliver(UdpRequest {
+                        handle,
+                        header,
+                        frame,
+                    });
+                }
+                parsed => {
+                    self.stats.malformed_frames += 1;
+                    pools.release_lease(frame);
+                    match parsed {
+                        // A frame whose length disagrees with its header: answered with the
+                        // status a stream would get, so the client learns why.
+                        Ok(Some(header)) => {
+                            self.reply(pools, handle, &header, Status::Malformed, &[], Body::None)
+                        }
+                        Err(wire::HeaderError::OidTooLong { .. })
+                        | Err(wire::HeaderError::PayloadTooLong { .. })
+                        | Err(wire::HeaderError::TooManySubOps { .. }) => {
+                            let header = raw_header(message_head(&self.rpc, handle));
+                            self.reply(pools, handle, &header, Status::OverLimit, &[], Body::None)
+                        }
+                        // Not a frame at all: an empty response ends the request.
+                        _ => {
+                            let empty = PoolBytes {
+                                lease: None,
+                                graveyard: self.graveyard.clone(),
+                            };
+                            let _ = self.rpc.reply(handle, empty);
+                        }
+                    }
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Queues the reply to a request handed up by `poll_rx`. The body is copied into the
+    /// response and released here (or queued for its home core); a reply that finds no buffer
+    /// waits, in order, for `flush_tx`.
+    pub fn reply(
+        &mut self,
+        pools: &mut CorePools,
+        handle: RequestHandle,
+        request: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+    ) {
+        let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
+        let body_len = body.as_slice().len();
+        let mut head_len =
+            wire::encode_reply(&mut head, request, status, results, &[body.as_slice()]);
+        let body = if head_len + body_len > self.message_bytes_max {
+            // The client cannot take it in one RPC message: say so instead.
+            self.stats.replies_too_large += 1;
+            self.release_body(pools, body);
+            head_len = wire::encode_reply(&mut head, request, Status::OverLimit, &[], &[]);
+            Body::None
+        } else {
+            body
+        };
+        self.reap(pools);
+        if !self.pending.is_empty() {
+            // Order is kept: a later reply does not take a buffer an earlier one waits for.
+            assert!(self.pending.len() < self.pending.capacity());
+            self.pending.push_back(PendingReply {
+                handle,
+                head,
+                head_len,
+                body,
+            });
+            return;
+        }
+        if let Err(body) = self.try_reply(pools, handle, &head[..head_len], body) {
+            self.stats.tx_pool_waits += 1;
+            assert!(self.pending.len() < self.pending.capacity());
+            self.pending.push_back(PendingReply {
+                handle,
+                head,
+                head_len,
+                body,
+            });
+        }
+    }
+
+    fn try_reply(
+        &mut self,
+        pools: &mut CorePools,
+        handle: RequestHandle,
+        head: &[u8],
+        body: Body,
+    ) -> Result<(), Body> {
+        let len = head.len() + body.as_slice().len();
+        if self.held + 1 >= HELD_MAX {
+            return Err(body);
+        }
+        let Some(lease) = self.write_response(pools, len, |out| {
+            out[..head.len()].copy_from_slice(head);
+            out[head.len()..len].copy_from_slice(body.as_slice());
+        }) else {
+            return Err(body);
+        };
+        self.stats.tx_copied_bytes += len as u64;
+        self.release_body(pools, body);
+        let response = self.hold(lease);
+        // Err: the client gave up on the request and moved on; the response is dropped.
+        let _ = self.rpc.reply(handle, response);
+        Ok(())
+    }
+
+    /// Writes `len` bytes with `fill` into the tx chunk (a large buffer when they do not fit a
+    /// chunk) and leases them.
+    fn write_response(
+        &mut self,
+        pools: &mut CorePools,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Option<Lease> {
+        if len > pools.small.buffer_size() {
+            let mut buf = pools.acquire_for(len)?;
+            fill(&mut buf.spare_mut()[..len]);
+            buf.seal(len);
+            let lease = pools.lease(&buf, 0, len);
+            pools.release(buf);
+            return Some(lease);
+        }
+        let full = self
+            .tx_chunk
+            .as_mut()
+            .is_some_and(|c| c.spare_mut().len() < len);
+        if full {
+            pools.release(self.tx_chunk.take().expect("checked"));
+        }
+        if self.tx_chunk.is_none() {
+            self.tx_chunk = Some(pools.small.acquire()?);
+        }
+        let chunk = self.tx_chunk.as_mut().expect("set above");
+        let offset = chunk.sealed_len();
+        fill(&mut chunk.spare_mut()[..len]);
+        chunk.seal(len);
+        Some(pools.lease(chunk, offset, len))
+    }
+
+    /// Retries replies that waited for a buffer, then sends what the RPC has queued (acks and
+    /// response packets). Returns the packets sent.
+    pub fn flush_tx(&mut self, pools: &mut CorePools) -> usize {
+        self.reap(pools);
+        while let Some(pending) = self.pending.pop_front() {
+            let PendingReply {
+                handle,
+                head,
+                head_len,
+                body,
+            } = pending;
+            if let Err(body) = self.try_reply(pools, handle, &head[..head_len], body) {
+                self.pending.push_front(PendingReply {
+                    handle,
+                    head,
+                    head_len,
+                    body,
+                });
+                break;
+            }
+        }
+        let (socket, stats, core) = (&self.socket, &mut self.stats, self.core);
+        let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
+            let mut datagram = [0u8; DATAGRAM_BYTES_MAX];
+            let len = header.len() + payload.len();
+            datagram[..header.len()].copy_from_slice(header);
+            datagram[header.len()..len].copy_from_slice(payload);
+            match socket.send_to(&datagram[..len], peer) {
+                Ok(_) => {
+                    stats.datagrams_tx += 1;
+                    stats.tx_bytes += len as u64;
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(e) => {
+                    // Lost like a dropped datagram: the client's timer resends.
+                    log::debug!("core {core}: UDP send to {peer}: {e}");
+                    true
+                }
+            }
+        });
+        self.reap(pools);
+        sent
+    }
+
+    /// Drops every session and returns every buffer (after the reactor stopped).
+    pub fn close_all(&mut self, pools: &mut CorePools) {
+        drop(std::mem::replace(
+            &mut self.rpc,
+            RpcServer::new(rpc_config()),
+        ));
+        while let Some(pending) = self.pending.pop_front() {
+            self.release_body(pools, pending.body);
+        }
+        self.ready.clear();
+        for chunk in [self.rx_chunk.take(), self.tx_chunk.take()]
+            .into_iter()
+            .flatten()
+        {
+            pools.release(chunk);
+        }
+        self.reap(pools);
+        debug_assert_eq!(self.held, 0);
+    }
+}
+
+/// Room for one more datagram in the receive chunk (a fresh chunk when the current one is too
+/// full; the old one stays alive through its leases).
+fn rx_spare<'a>(rx_chunk: &'a mut Option<Buf>, pools: &mut CorePools) -> Option<&'a mut [u8]> {
+    let full = rx_chunk
+        .as_mut()
+        .is_some_and(|c| c.spare_mut().len() < DATAGRAM_BYTES_MAX);
+    if full {
+        pools.release(rx_chunk.take().expect("checked"));
+    }
+    if rx_chunk.is_none() {
+        let chunk = pools.small.acquire()?;
+        assert!(
+            chunk.capacity() >= DATAGRAM_BYTES_MAX,
+            "chunks hold a datagram"
+        );
+        *rx_chunk = Some(chunk);
+    }
+    Some(rx_chunk.as_mut().expect("set above").spare_mut())
+}
+
+/// The first bytes of a request still held by the RPC (for error replies).
+fn message_head(
+    rpc: &RpcServer<SocketAddr, PoolBytes, PoolBytes>,
+    handle: RequestHandle,
+) -> [u8; wire::HEADER_SIZE] {
+    let mut head = [0u8; wire::HEADER_SIZE];
+    if let Some(message) = rpc.request(handle) {
+        let mut at = 0;
+        for part in message.parts() {
+            let n = part.len().min(head.len() - at);
+            head[at..at + n].copy_from_slice(&part[..n]);
+            at += n;
+            if at == head.len() {
+                break;
+            }
+        }
+    }
+    head
+}
+
+/// A header with the request id and opcode of raw header bytes that failed the limits, enough
+/// to address an error reply.
+fn raw_header(raw: [u8; wire::HEADER_SIZE]) -> Header {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&raw[8..16]);
+    Header {
+        opcode: raw[5],
+        request_id: u64::from_le_bytes(id),
+        ..Header::default()
+    }
+}
+
+/// Receive buffer asked of the kernel per socket: bursts of a few clients' credit windows
+/// (32 packets of up to 9 KB per session) fit without drops. Capped by `net.core.rmem_max`.
+const SOCKET_RCVBUF_BYTES: libc::c_int = 4 << 20;
+
+/// `count` UDP sockets bound to the same address with `SO_REUSEPORT`, one per core: the kernel
+/// spreads clients over them by a hash of the source address, so a client's session always
+/// reaches the same core. Port 0 takes a free port for the first and the same for the rest.
+pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    assert!(count > 0);
+    let mut sockets = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = bind_one(addr)?;
+        addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns; the socket closes it on drop, also
+    // on the error paths below.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    set_socket_option(fd, libc::SO_REUSEPORT, 1)?;
+    set_socket_buffers(fd);
+    let (storage, len) = sockaddr_of(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the address family.
+    let rc = unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+fn set_socket_option(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and the length passed is its size; a bad descriptor is
+    // an error return, not undefined behaviour.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks for `SOCKET_RCVBUF_BYTES` of receive and send buffer on a UDP socket. Best effort: a
+/// smaller buffer (capped by `net.core.rmem_max`) only means more drops, which the RPC's resends
+/// cover. The default (~208 KiB) holds about 30 replies of 4 KiB: a client with 32 requests in
+/// flight would lose replies to every burst.
+pub fn set_socket_buffers(fd: RawFd) {
+    let _ = set_socket_option(fd, libc::SO_RCVBUF, SOCKET_RCVBUF_BYTES);
+    let _ = set_socket_option(fd, libc::SO_SNDBUF, SOCKET_RCVBUF_BYTES);
+}
+
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffers::PoolSizes;
+    use crate::dgram::RpcClient;
+    use crate::wire::{Opcode, SubOpSpec};
+
+    fn pools() -> CorePools {
+        let sizes = PoolSizes {
+            small_size_bytes: 128 << 10,
+            small_count: 16,
+            large_size_bytes: 1 << 20,
+            large_count: 2,
+        };
+        CorePools::new(0, sizes, false).unwrap()
+    }
+
+    /// Sends `frame` from a kernel-UDP RPC client and polls the transport until it hands the
+    /// request up; returns it with the client pieces.
+    fn exchange(
+        server: &mut UdpRpcTransport,
+        pools: &mut CorePools,
+        frame: Vec<u8>,
+    ) -> (UdpRequest, crate::dgram::socket::UdpSocketPort) {
+        use crate::dgram::socket::UdpSocketPort;
+        let to = server.local_addr().unwrap();
+        let client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
+        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
+            RpcClient::new(rpc_config(), 7);
+        let session = client.open_session(to).unwrap();
+        client.request(session, frame, 0).unwrap();
+        client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+        for _ in 0..100_000 {
+            let mut got = None;
+            server.poll_rx(pools, 16, 1, &mut |r| got = Some(r));
+            if let Some(request) = got {
+                return (request, client_port);
+            }
+            std::thread::yield_now();
+        }
+        panic!("request never arrived");
+    }
+
+    fn write_frame(data_len: usize) -> Vec<u8> {
+        let data = vec![0x5a; data_len];
+        let mut frame = Vec::new();
+        let ops = [SubOpSpec::write(0, &data)];
+        wire::encode_request(&mut frame, Opcode::OsdOp, 42, b"obj.1", &ops, b"");
+        frame
+    }
+
+    #[test]
+    fn one_packet_request_is_leased_in_place_and_several_are_copied_once() {
+        let mut pools = pools();
+        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let mut server =
+            UdpRpcTransport::new(0, socket.into_iter().next().unwrap(), Limits::DEFAULT, 0)
+                .unwrap();
+        let frame = write_frame(4096);
+        let (request, _client) = exchange(&mut server, &mut pools, frame.clone());
+        assert_eq!(request.frame.as_slice(), &frame[..]);
+        assert_eq!(request.header.request_id, 42);
+        let stats = server.stats();
+        assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 0));
+        assert_eq!(stats.rx_copied_bytes, 0, "a one-packet write is not copied");
+        pools.release_lease(request.frame);
+
+        let big = write_frame(20_000); // three packets of 8940 bytes
+        let (request, _client) = exchange(&mut server, &mut pools, big.clone());
+        assert_eq!(request.frame.as_slice(), &big[..]);
+        let stats = server.stats();
+        assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 1));
+        assert_eq!(stats.rx_copied_bytes, big.len() as u64);
+        pools.release_lease(request.frame);
+        server.close_all(&mut pools);
+        assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    #[test]
+    fn reuseport_sockets_share_one_port() {
+        let sockets = bind_reuseport("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = sockets[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(sockets
+            .iter()
+            .all(|s| s.local_addr().unwrap().port() == port));
+    }
+}
