@@ -2,8 +2,8 @@
 # Runs in the ci/vm guest (busybox sh), after the driver tests: the whole server on the emulated
 # NVMe controller, the way tests/segment.rs runs it on a file, with 2 cores (two I/O queue pairs
 # on one controller, one per reactor).
-#  1. carmine mkfs --device nvme:ADDRESS; serve; load --prefill --verify (every block written,
-#     every read checked); stop.
+#  1. carmine mkfs --device nvme:ADDRESS; serve (both shards register their buffers for DMA);
+#     load --prefill --verify (every block written, every read checked); stop.
 #  2. serve again (mount replays the log from the device): every object is there, and a
 #     randread --verify finds every block (no unwritten reads, no verify failures).
 #  3. kill -9 the server in the middle of a write load; serve again: the same, nothing lost.
@@ -61,6 +61,10 @@ read_back() {
 echo "e2e: carmine mkfs --device $device"
 carmine mkfs --device "$device" --cores 2 --segment-size 4MiB
 serve first
+# Each shard's store maps its block pool and journal buffers for DMA (4 KiB blocks move
+# without a bounce copy).
+[ "$(grep -c "registered for DMA" /tmp/serve-first.log)" = 2 ] ||
+  { echo "e2e: the shards did not register their buffers for DMA"; cat /tmp/serve-first.log; exit 1; }
 # shellcheck disable=SC2086
 carmine load --prefill --verify --duration 2s $shape --json > /tmp/load-write.json
 check write errors=0 verify_failures=0 store_objects=8

@@ -39,7 +39,7 @@ fail=0
 while read -r test filter; do
   echo "CARMINE-VM: running $test $filter"
   # shellcheck disable=SC2086
-  if "/tests/$test" --test-threads=1 $filter < /dev/null; then
+  if "/tests/$test" --test-threads=1 --nocapture $filter < /dev/null; then
     pass=$((pass + 1))
   else
     echo "CARMINE-VM: $test FAILED (exit $?)"

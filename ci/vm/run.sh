@@ -44,7 +44,7 @@ boot() {
     -device intel-iommu,intremap=on,caching-mode=on \
     -kernel "$work/kernel" -initrd "$work/initrd.gz" \
     -append "console=ttyS0 intel_iommu=on panic=-1 quiet no_timer_check CARMINE_NVME_PCI=0000:00:04.0 CARMINE_NVME_EXPECT_SERIAL=$serial CARMINE_NVME_EXPECT_BYTES=$disk_bytes CARMINE_NVME_FAULTY_PCI=0000:00:05.0" \
-    -drive file="$work/disk.img",if=none,id=d0,format=raw \
+    -drive file="$work/disk.img",if=none,id=d0,format=raw,discard=unmap \
     -device nvme,serial=$serial,drive=d0,addr=4 \
     -drive file="blkdebug:$work/blkdebug.conf:$work/faulty.img",if=none,id=d1,format=raw \
     -device nvme,serial=faulty,drive=d1,addr=5 \

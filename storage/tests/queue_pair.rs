@@ -281,6 +281,22 @@ fn mem_rejects_misaligned_out_of_range_and_too_many_buffers() {
 }
 
 #[test]
+fn mem_refuses_write_zeroes_and_deallocate_as_unsupported() {
+    // The trait's default: only backends whose device has them (NVMe ONCS) accept them.
+    let mut mem = MemQueuePair::new(MEM_CAPACITY, 8, MemFaults::default());
+    assert_eq!(
+        mem.submit_write_zeroes(0, BLOCK, 1),
+        Err(SubmitError::Unsupported)
+    );
+    assert_eq!(
+        mem.submit_deallocate(0, BLOCK, 2),
+        Err(SubmitError::Unsupported)
+    );
+    assert_eq!(mem.in_flight(), 0);
+    assert!(SubmitError::Unsupported.to_string().contains("not support"));
+}
+
+#[test]
 fn mem_queue_full_at_depth_and_recovery_after_poll() {
     let faults = MemFaults {
         latency_polls: (0, 3),

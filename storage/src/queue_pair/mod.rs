@@ -71,6 +71,9 @@ pub enum SubmitError {
     TooManyBuffers,
     /// More than `REQUEST_SIZE_MAX_BYTES` in one request.
     TooLarge,
+    /// The backend or its device does not support this kind of request (write zeroes or
+    /// deallocate).
+    Unsupported,
 }
 
 impl fmt::Display for SubmitError {
@@ -83,6 +86,7 @@ impl fmt::Display for SubmitError {
             SubmitError::OutOfRange => "range ends past the queue pair's capacity",
             SubmitError::TooManyBuffers => "more buffers than IOVECS_PER_REQUEST_MAX (64)",
             SubmitError::TooLarge => "request larger than REQUEST_SIZE_MAX_BYTES (16 MiB)",
+            SubmitError::Unsupported => "the device does not support this kind of request",
         };
         f.write_str(text)
     }
@@ -99,8 +103,15 @@ pub enum IoError {
     PowerLoss,
     /// The NVMe controller failed a command of the request with this status.
     Nvme(nvme::NvmeStatus),
-    /// A command of the request got no completion within `nvme::COMMAND_TIMEOUT`.
+    /// A command of the request got no completion within `nvme::COMMAND_TIMEOUT`, nor within
+    /// as long again after an Abort; the controller was reset to get it back.
     TimedOut,
+    /// The controller was reset while the request was out (after a fatal status, a timeout, or
+    /// on request): a write may or may not have reached the media, a read's buffer holds
+    /// undefined bytes. The queue pair works again afterwards.
+    ControllerReset,
+    /// The controller failed and could not be reset: nothing more can be done on it.
+    DeviceFailed,
 }
 
 impl fmt::Display for IoError {
@@ -112,7 +123,16 @@ impl fmt::Display for IoError {
             }
             IoError::PowerLoss => f.write_str("device lost power; request outcome unknown"),
             IoError::Nvme(status) => write!(f, "I/O error: {status}"),
-            IoError::TimedOut => f.write_str("device did not complete the request in time"),
+            IoError::TimedOut => f.write_str(
+                "device did not complete the request in time, nor after an abort; \
+                 the controller was reset",
+            ),
+            IoError::ControllerReset => f.write_str(
+                "the controller was reset while the request was in flight; its outcome is unknown",
+            ),
+            IoError::DeviceFailed => {
+                f.write_str("the controller failed and could not be reset; request not done")
+            }
         }
     }
 }
@@ -192,6 +212,19 @@ pub fn check_request(
     }
 }
 
+/// Checks a write-zeroes or deallocate range: offset and length multiples of
+/// `BLOCK_SIZE_BYTES`, length positive, end within `capacity_bytes`.
+pub fn check_range(offset: u64, length: u64, capacity_bytes: u64) -> Result<(), SubmitError> {
+    let block = BLOCK_SIZE_BYTES as u64;
+    if length == 0 || offset % block != 0 || length % block != 0 {
+        return Err(SubmitError::Misaligned);
+    }
+    match offset.checked_add(length) {
+        Some(end) if end <= capacity_bytes => Ok(()),
+        _ => Err(SubmitError::OutOfRange),
+    }
+}
+
 /// A block queue pair. One per reactor; never shared between threads, never blocking.
 pub trait QueuePair {
     /// Queues a read of `offset..offset + total length` into `buffers`, in order. Completion is
@@ -205,6 +238,27 @@ pub trait QueuePair {
 
     /// Queues a flush: it completes once every write that completed before this call is durable.
     fn submit_flush(&mut self, tag: u64) -> Result<(), SubmitError>;
+
+    /// Queues a write of zeroes to `offset..offset + length` (no buffer: the device does it).
+    /// Not limited by `REQUEST_SIZE_MAX_BYTES`. `Unsupported` where the backend or device
+    /// cannot; checked like `check_range` otherwise.
+    fn submit_write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        let _ = (offset, length, tag);
+        Err(SubmitError::Unsupported)
+    }
+
+    /// Queues a deallocate (trim) of `offset..offset + length`: the device may forget the
+    /// data; reading the range afterwards returns undefined bytes unless the device says
+    /// deallocated blocks read as zeroes. `Unsupported` where the backend or device cannot.
+    fn submit_deallocate(&mut self, offset: u64, length: u64, tag: u64) -> Result<(), SubmitError> {
+        let _ = (offset, length, tag);
+        Err(SubmitError::Unsupported)
+    }
 
     /// Reports at most `completions_max` completions by calling `complete(tag, result)`, without
     /// waiting. Returns how many were reported.
@@ -227,6 +281,19 @@ pub trait QueuePair {
     /// submissions into `poll` would otherwise keep them until the next one).
     fn submit_queued(&mut self) {}
 
+    /// Maps `regions` for the device once (start-up, nothing in flight), so that requests whose
+    /// buffers lie inside them need no copy. Returns whether the backend registered them (the
+    /// default does nothing: those requests just take the ordinary path); errors leave nothing
+    /// registered.
+    ///
+    /// # Safety
+    /// Every region stays allocated at the same address until the queue pair is dropped or
+    /// this is called again.
+    unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> std::io::Result<bool> {
+        let _ = regions;
+        Ok(false)
+    }
+
     /// Asks the backend to signal eventfd `fd` whenever a completion is ready, so that a
     /// poller may sleep in the kernel while requests are in flight. Returns false when the
     /// backend cannot (it must then be polled); the eventfd must outlive the queue pair.
@@ -237,10 +304,13 @@ pub trait QueuePair {
 }
 
 /// An owned heap buffer aligned to `BLOCK_SIZE_BYTES`, zero-filled, for callers and tests that
-/// do not bring their own memory. Dereferences to `[u8]`.
+/// do not bring their own memory. Dereferences to `[u8]`. A buffer carved out of a larger one
+/// (`carve`, for memory registered with the device once) frees nothing when dropped.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Freed at drop; false for a piece of an arena, which its arena frees.
+    owned: bool,
 }
 
 impl AlignedBuf {
@@ -260,7 +330,44 @@ impl AlignedBuf {
         let Some(ptr) = NonNull::new(ptr) else {
             alloc::handle_alloc_error(layout);
         };
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            owned: true,
+        }
+    }
+
+    /// `len` bytes at `offset` of this buffer as a buffer of their own that frees nothing: a
+    /// piece of an arena.
+    ///
+    /// # Safety
+    /// The piece is used only while this buffer lives (it is dropped, or never touched again,
+    /// before this one is dropped), and pieces in use never overlap each other, nor are
+    /// their bytes accessed through this buffer meanwhile.
+    ///
+    /// # Panics
+    /// If the range is not block aligned, empty, or not inside the buffer.
+    pub unsafe fn carve(&mut self, offset: usize, len: usize) -> AlignedBuf {
+        let end = offset.checked_add(len).expect("carve range overflow");
+        assert!(
+            end <= self.len
+                && len > 0
+                && offset % BLOCK_SIZE_BYTES == 0
+                && len % BLOCK_SIZE_BYTES == 0,
+            "carve {offset}+{len} of a {}-byte buffer",
+            self.len
+        );
+        AlignedBuf {
+            // SAFETY: `offset < len`: inside the allocation, hence not null.
+            ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) },
+            len,
+            owned: false,
+        }
+    }
+
+    /// Whether this buffer frees its memory (false for a piece `carve`d from an arena).
+    pub fn is_owned(&self) -> bool {
+        self.owned
     }
 
     fn layout(len: usize) -> Layout {
@@ -278,6 +385,11 @@ impl AlignedBuf {
             ptr: self.ptr.as_ptr(),
             len: self.len,
         }
+    }
+
+    /// The whole buffer as a region for `QueuePair::register_buffers`.
+    pub fn region(&mut self) -> (*mut u8, usize) {
+        (self.ptr.as_ptr(), self.len)
     }
 
     /// `len` bytes starting at `offset` as one `IoVec`, for scatter-gather out of one buffer.
@@ -317,6 +429,9 @@ impl core::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // SAFETY: allocated in `new` with this same layout, and freed only here.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) };
     }
@@ -408,6 +523,38 @@ mod tests {
         assert_eq!(whole.len(), 3 * 4096);
         assert_eq!(part.ptr() as usize - whole.ptr() as usize, 4096);
         assert_eq!(check_request(0, &[whole, part], 1 << 20), Ok(5 * 4096));
+    }
+
+    #[test]
+    fn carved_pieces_are_views_of_their_arena_and_free_nothing() {
+        let mut arena = AlignedBuf::new(4 * BLOCK_SIZE_BYTES);
+        let base = arena.region().0 as usize;
+        // SAFETY: disjoint pieces, dropped before the arena.
+        let (mut first, mut last) = unsafe {
+            (
+                arena.carve(0, BLOCK_SIZE_BYTES),
+                arena.carve(3 * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES),
+            )
+        };
+        assert!(arena.is_owned() && !first.is_owned() && !last.is_owned());
+        assert_eq!(
+            last.region(),
+            ((base + 3 * BLOCK_SIZE_BYTES) as *mut u8, 4096)
+        );
+        first[0] = 1;
+        last[4095] = 2;
+        drop(first);
+        drop(last);
+        // Dropping the pieces freed nothing: the arena still holds what they wrote.
+        assert_eq!((arena[0], arena[4 * BLOCK_SIZE_BYTES - 1]), (1, 2));
+    }
+
+    #[test]
+    #[should_panic(expected = "carve")]
+    fn carve_refuses_a_range_outside_the_buffer() {
+        let mut arena = AlignedBuf::new(BLOCK_SIZE_BYTES);
+        // SAFETY: refused before any piece exists.
+        let _ = unsafe { arena.carve(BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES) };
     }
 
     #[test]

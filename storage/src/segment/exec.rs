@@ -114,20 +114,41 @@ impl Plan {
     }
 }
 
-/// Reusable 4 KiB block buffers, so that steady 4 KiB writes allocate nothing.
+/// Reusable 4 KiB block buffers, so that steady 4 KiB writes allocate nothing. The single
+/// blocks are pieces of one arena allocated at start-up, which the store registers with its
+/// queue pair (`QueuePair::register_buffers`): the NVMe driver then writes and reads them in
+/// place, no bounce copy. Larger buffers (multi-block writes and read runs) are allocated
+/// per use and take the device's ordinary path.
 pub struct BlockPool {
+    // Field order is drop order: the pieces (which free nothing) before their arena.
     singles: Vec<AlignedBuf>,
     retain_max: usize,
     pub allocations: u64,
+    /// `retain_max` blocks; every single block handed out at start is a piece of it.
+    arena: AlignedBuf,
 }
 
 impl BlockPool {
     pub fn new(retain_max: usize) -> BlockPool {
+        assert!(retain_max > 0);
+        let mut arena = AlignedBuf::new(retain_max * BLOCK_USIZE);
+        let singles = (0..retain_max)
+            // SAFETY: the pieces are disjoint blocks of `arena`, which the pool keeps (and
+            // drops after them); a piece handed out is used only by the store that owns this
+            // pool, which drops the pool only when done with every piece.
+            .map(|index| unsafe { arena.carve(index * BLOCK_USIZE, BLOCK_USIZE) })
+            .collect();
         BlockPool {
-            singles: Vec::with_capacity(retain_max),
+            singles,
             retain_max,
             allocations: 0,
+            arena,
         }
+    }
+
+    /// The arena behind the single-block buffers, to register for DMA.
+    pub fn region(&mut self) -> (*mut u8, usize) {
+        self.arena.region()
     }
 
     /// A buffer of `blocks` blocks. Its contents are arbitrary: callers write every byte.
@@ -142,8 +163,17 @@ impl BlockPool {
     }
 
     pub fn give(&mut self, buf: AlignedBuf) {
-        if buf.len() == BLOCK_USIZE && self.singles.len() < self.retain_max {
+        if buf.len() != BLOCK_USIZE {
+            return;
+        }
+        if self.singles.len() < self.retain_max {
             self.singles.push(buf);
+        } else if !buf.is_owned() {
+            // Full of heap blocks taken while the arena ran dry: an arena piece (registered
+            // for DMA) is worth more than a heap block, which is freed instead. Rare: a scan.
+            if let Some(heap) = self.singles.iter().position(AlignedBuf::is_owned) {
+                self.singles[heap] = buf;
+            }
         }
     }
 
@@ -584,4 +614,41 @@ fn fill(dst: &mut [u8], src: Option<&[u8]>) {
 /// that were never mapped (or whose object was dropped) do not.
 pub fn hole_needs_unmap(plan: &Plan, old: Option<&Onode>, index: u64) -> bool {
     !plan.old_blocks_dropped && old.is_some_and(|o| o.blocks.contains_key(&index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inside(region: (*mut u8, usize), buf: &AlignedBuf) -> bool {
+        let (start, len) = (region.0 as usize, region.1);
+        let at = buf.as_ptr() as usize;
+        at >= start && at + buf.len() <= start + len
+    }
+
+    #[test]
+    fn block_pool_hands_out_arena_blocks_first_and_keeps_them() {
+        let mut pool = BlockPool::new(4);
+        let region = pool.region();
+        let mut taken: Vec<AlignedBuf> = (0..4).map(|_| pool.take(1)).collect();
+        assert!(taken
+            .iter()
+            .all(|buf| inside(region, buf) && !buf.is_owned()));
+        assert_eq!(pool.allocations, 0);
+        // The arena ran dry: a heap block, counted.
+        let heap = pool.take(1);
+        assert!(heap.is_owned() && !inside(region, &heap));
+        assert_eq!(pool.allocations, 1);
+        // Multi-block buffers are never arena pieces.
+        assert!(pool.take(2).is_owned());
+        // The heap block comes back first and takes a place; the last arena block, finding the
+        // pool full, takes the heap block's place back.
+        pool.give(heap);
+        pool.give_all(&mut taken);
+        let again: Vec<AlignedBuf> = (0..4).map(|_| pool.take(1)).collect();
+        assert!(
+            again.iter().all(|buf| inside(region, buf)),
+            "all four arena blocks kept"
+        );
+    }
 }

@@ -382,6 +382,12 @@ impl Drop for OpAppender<'_> {
 }
 
 impl Journal {
+    /// The buffers every record write uses (head: header and deltas; segment header), to
+    /// register for DMA once.
+    pub fn dma_regions(&mut self) -> [(*mut u8, usize); 2] {
+        [self.head.region(), self.segment_header.region()]
+    }
+
     /// A writer continuing `log` (from `scan_shard`). It always opens a fresh segment: nothing is
     /// ever appended after a possibly torn tail. `live_blocks` (per segment, from the replayed
     /// metadata) tells which segments before the replay start still hold data.

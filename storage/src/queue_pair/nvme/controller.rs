@@ -1,8 +1,16 @@
 //! `NvmeController`: one NVMe controller through VFIO. Resets and enables it, owns the admin
-//! queue (start-up and queue creation only, behind a mutex: never on the I/O path), and creates
-//! the I/O queue pairs (`NvmeQueuePair`), one per reactor.
+//! queue (start-up, queue creation and error recovery only, behind a mutex: never on the
+//! normal I/O path), and creates the I/O queue pairs (`NvmeQueuePair`), one per reactor.
+//!
+//! **Reset and recovery.** `reset` disables the controller (CC.EN = 0, wait for CSTS.RDY = 0:
+//! from then on it touches no host memory and every I/O queue is gone), re-creates the admin
+//! queue, enables it again and bumps `generation`. Each queue pair compares the generation on
+//! every poll; on a change it fails what it had in flight and re-creates its own I/O queue
+//! (same qid) under the new generation. A reset that fails leaves the controller `failed`:
+//! every queue pair then fails its requests with `IoError::DeviceFailed`.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +48,12 @@ pub struct Identity {
     pub nsid: u32,
     pub lba_size_bytes: u32,
     pub lba_count: u64,
+    /// The controller supports Write Zeroes (ONCS bit 3).
+    pub write_zeroes: bool,
+    /// The controller supports Dataset Management, i.e. deallocate (ONCS bit 2).
+    pub deallocate: bool,
+    /// Deallocated blocks of the namespace read as zeroes (DLFEAT bits 2:0 = 001b).
+    pub deallocated_reads_zeroes: bool,
 }
 
 impl Identity {
@@ -73,6 +87,12 @@ pub struct NvmeController {
     /// I/O queues granted by Set Features.
     io_queues_granted: u16,
     identity: Identity,
+    /// How long CSTS.RDY may take to follow CC.EN (CAP.TO).
+    ready_timeout: Duration,
+    /// Bumped by every reset; queue pairs compare it on each poll (written under `admin`).
+    generation: AtomicU64,
+    /// A reset failed: the controller is unusable until the process reopens it.
+    failed: AtomicBool,
 }
 
 impl NvmeController {
@@ -96,30 +116,9 @@ impl NvmeController {
                 "{pci_address}: controller lacks the NVM command set"
             )));
         }
-        // Disable, and wait for the controller to say so, before touching the admin queue.
-        bar.write32(REG_CC, bar.read32(REG_CC) & !CC_ENABLE);
-        wait_ready(&bar, false, ready_timeout, pci_address)?;
-
         // Admin SQ (64-byte entries) and CQ (16-byte entries), one page each, then a data page.
         let memory = DmaMemory::new(&vfio, 3 * PAGE_SIZE_BYTES)?;
-        let entries = ADMIN_QUEUE_ENTRIES;
-        let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
-        bar.write32(REG_AQA, aqa);
-        bar.write64(REG_ASQ, memory.iova());
-        bar.write64(REG_ACQ, memory.iova() + PAGE_SIZE_BYTES as u64);
-        bar.write32(REG_CC, CC_ENABLE | CC_IOSQES | CC_IOCQES);
-        wait_ready(&bar, true, ready_timeout, pci_address)?;
-        // SAFETY: both queues lie in `memory` (zeroed, DMA mapped, owned by `Admin` with the
-        // queue); the doorbells are queue 0's, in the BAR the controller keeps mapped.
-        let queue = unsafe {
-            Queue::new(
-                memory.ptr().cast(),
-                memory.ptr().add(PAGE_SIZE_BYTES).cast(),
-                entries,
-                bar.register_ptr(DOORBELL_BASE),
-                bar.register_ptr(DOORBELL_BASE + doorbell_stride_bytes),
-            )
-        };
+        let queue = enable_with_admin_queue(&bar, &memory, ready_timeout, pci_address)?;
         let mut admin = Admin {
             queue,
             memory,
@@ -127,14 +126,8 @@ impl NvmeController {
             io_queues_used: Vec::new(),
         };
         let identity = identify(&mut admin, cap, pci_address)?;
-        // Set Features, Number of Queues: zero-based counts of SQs (15:0) and CQs (31:16).
-        let wanted = u32::from(IO_QUEUES_MAX - 1);
-        let mut set = SubmissionEntry::new(ADMIN_SET_FEATURES, 0);
-        set.cdw10 = FEATURE_NUMBER_OF_QUEUES;
-        set.cdw11 = (wanted << 16) | wanted;
-        let done = admin.run(set, "set features (number of queues)")?;
-        let granted = ((done.dw0 & 0xFFFF).min(done.dw0 >> 16) + 1).min(u32::from(IO_QUEUES_MAX));
-        admin.io_queues_used = vec![false; granted as usize];
+        let granted = admin.set_number_of_queues()?;
+        admin.io_queues_used = vec![false; usize::from(granted)];
         log::info!(
             "nvme {pci_address}: {} fw {} sn {}, {} LBAs of {} bytes, {} I/O queues, max transfer {} bytes, write cache {}",
             identity.model,
@@ -152,9 +145,80 @@ impl NvmeController {
             vfio,
             doorbell_stride_bytes,
             queue_entries_max,
-            io_queues_granted: granted as u16,
+            io_queues_granted: granted,
             identity,
+            ready_timeout,
+            generation: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
         }))
+    }
+
+    /// Resets the controller now; see the module docs. Every queue pair on it fails what it
+    /// has in flight (`IoError::ControllerReset`) and re-creates its queue at its next poll.
+    pub fn reset(&self) -> io::Result<()> {
+        self.reset_from(self.generation())
+    }
+
+    /// Resets the controller unless it was reset since `seen_generation` (another queue pair
+    /// got there first). On error the controller is marked failed.
+    pub(super) fn reset_from(&self, seen_generation: u64) -> io::Result<()> {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        if self.generation() != seen_generation {
+            return Ok(());
+        }
+        let address = self.pci_address();
+        log::warn!("nvme {address}: resetting the controller");
+        let result = self.reset_locked(&mut admin);
+        if let Err(e) = &result {
+            log::error!("nvme {address}: reset failed, the controller is unusable: {e}");
+            self.failed.store(true, Ordering::Release);
+        }
+        // Bumped even on failure, so that every queue pair notices and fails its requests.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        result
+    }
+
+    fn reset_locked(&self, admin: &mut Admin) -> io::Result<()> {
+        let address = self.pci_address();
+        self.bar
+            .write32(REG_CC, self.bar.read32(REG_CC) & !CC_ENABLE);
+        wait_ready(&self.bar, false, self.ready_timeout, address)?;
+        // Disabled: the controller no longer reads or writes any queue. Start the admin queue
+        // over from zeroed memory.
+        // SAFETY: the first two pages of `admin.memory` are the admin SQ and CQ, which nobody
+        // else accesses now (we hold the lock; the controller is disabled).
+        unsafe { core::ptr::write_bytes(admin.memory.ptr(), 0, 2 * PAGE_SIZE_BYTES) };
+        admin.queue =
+            enable_with_admin_queue(&self.bar, &admin.memory, self.ready_timeout, address)?;
+        admin.next_command_id = 0;
+        let granted = admin.set_number_of_queues()?;
+        if granted < self.io_queues_granted {
+            return Err(error(format!(
+                "{address}: after the reset the controller grants {granted} I/O queues, not {}",
+                self.io_queues_granted
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bumped by every reset (see the module docs).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A reset failed: nothing more can be done with this controller.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Asks the controller to abort command `command_id` of submission queue `qid`. Returns
+    /// whether it says it aborted it. Waits for the admin command (error path only).
+    pub(super) fn abort(&self, qid: u16, command_id: u16) -> io::Result<bool> {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        let mut abort = SubmissionEntry::new(ADMIN_ABORT, 0);
+        abort.cdw10 = (u32::from(command_id) << 16) | u32::from(qid);
+        let done = admin.run(abort, "abort")?;
+        Ok(done.dw0 & 1 == 0)
     }
 
     pub fn identity(&self) -> &Identity {
@@ -183,15 +247,21 @@ impl NvmeController {
     }
 
     /// Creates I/O completion queue then submission queue `qid` (a free identifier is picked)
-    /// of `entries` entries over `submissions` / `completions` (IOVAs). Returns the qid and
-    /// the queue's doorbells.
+    /// of `entries` entries over `submissions` / `completions` (IOVAs). Returns the qid, the
+    /// queue's doorbells and the generation it was created in.
     pub(super) fn create_io_queue(
         &self,
         entries: u16,
         submissions_iova: u64,
         completions_iova: u64,
-    ) -> io::Result<(u16, *mut u32, *mut u32)> {
+    ) -> io::Result<IoQueueCreated> {
         let mut admin = self.admin.lock().expect("admin queue lock");
+        if self.failed() {
+            return Err(error(format!(
+                "{}: the controller failed to reset earlier",
+                self.pci_address()
+            )));
+        }
         let index = admin
             .io_queues_used
             .iter()
@@ -204,6 +274,40 @@ impl NvmeController {
                 ))
             })?;
         let qid = index as u16 + 1;
+        let created =
+            self.create_locked(&mut admin, qid, entries, submissions_iova, completions_iova)?;
+        admin.io_queues_used[index] = true;
+        Ok(created)
+    }
+
+    /// Creates I/O queue `qid` again after a reset (the reset deleted it; the qid stayed
+    /// reserved for its queue pair). Errors if the controller failed.
+    pub(super) fn recreate_io_queue(
+        &self,
+        qid: u16,
+        entries: u16,
+        submissions_iova: u64,
+        completions_iova: u64,
+    ) -> io::Result<IoQueueCreated> {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        debug_assert!(admin.io_queues_used[usize::from(qid) - 1]);
+        if self.failed() {
+            return Err(error(format!(
+                "{}: the controller failed to reset",
+                self.pci_address()
+            )));
+        }
+        self.create_locked(&mut admin, qid, entries, submissions_iova, completions_iova)
+    }
+
+    fn create_locked(
+        &self,
+        admin: &mut Admin,
+        qid: u16,
+        entries: u16,
+        submissions_iova: u64,
+        completions_iova: u64,
+    ) -> io::Result<IoQueueCreated> {
         let size_and_id = (u32::from(entries - 1) << 16) | u32::from(qid);
         let mut cq = SubmissionEntry::new(ADMIN_CREATE_CQ, 0);
         cq.prp1 = completions_iova;
@@ -220,7 +324,6 @@ impl NvmeController {
             let _ = admin.run(delete, "delete I/O completion queue");
             return Err(e);
         }
-        admin.io_queues_used[index] = true;
         let stride = self.doorbell_stride_bytes;
         let sq_doorbell = self
             .bar
@@ -228,22 +331,71 @@ impl NvmeController {
         let cq_doorbell = self
             .bar
             .register_ptr(DOORBELL_BASE + (2 * usize::from(qid) + 1) * stride);
-        Ok((qid, sq_doorbell, cq_doorbell))
+        Ok(IoQueueCreated {
+            qid,
+            sq_doorbell,
+            cq_doorbell,
+            generation: self.generation(),
+        })
     }
 
-    /// Deletes I/O queue `qid` (submission, then completion). The controller aborts what is
-    /// still queued on it; afterwards it no longer touches the queue's memory.
-    pub(super) fn delete_io_queue(&self, qid: u16) -> io::Result<()> {
+    /// Deletes I/O queue `qid` (submission, then completion) if it exists in `generation`
+    /// (after a reset it is already gone). The controller aborts what is still queued on it;
+    /// afterwards it no longer touches the queue's memory. The qid is free again either way.
+    pub(super) fn delete_io_queue(&self, qid: u16, generation: u64) -> io::Result<()> {
         let mut admin = self.admin.lock().expect("admin queue lock");
+        admin.io_queues_used[usize::from(qid) - 1] = false;
+        if self.generation() != generation || self.failed() {
+            return Ok(());
+        }
         let mut sq = SubmissionEntry::new(ADMIN_DELETE_SQ, 0);
         sq.cdw10 = u32::from(qid);
         admin.run(sq, "delete I/O submission queue")?;
         let mut cq = SubmissionEntry::new(ADMIN_DELETE_CQ, 0);
         cq.cdw10 = u32::from(qid);
         admin.run(cq, "delete I/O completion queue")?;
-        admin.io_queues_used[usize::from(qid) - 1] = false;
         Ok(())
     }
+}
+
+/// An I/O queue the controller created: its id, doorbells, and the controller generation.
+pub(super) struct IoQueueCreated {
+    pub qid: u16,
+    pub sq_doorbell: *mut u32,
+    pub cq_doorbell: *mut u32,
+    pub generation: u64,
+}
+
+/// Points the controller (disabled) at an admin queue in the first two pages of `memory`
+/// (zeroed), enables it and waits until it is ready.
+fn enable_with_admin_queue(
+    bar: &Bar,
+    memory: &DmaMemory,
+    ready_timeout: Duration,
+    pci_address: &str,
+) -> io::Result<Queue> {
+    // Disable, and wait for the controller to say so, before touching the admin queue.
+    bar.write32(REG_CC, bar.read32(REG_CC) & !CC_ENABLE);
+    wait_ready(bar, false, ready_timeout, pci_address)?;
+    let entries = ADMIN_QUEUE_ENTRIES;
+    let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
+    bar.write32(REG_AQA, aqa);
+    bar.write64(REG_ASQ, memory.iova());
+    bar.write64(REG_ACQ, memory.iova() + PAGE_SIZE_BYTES as u64);
+    bar.write32(REG_CC, CC_ENABLE | CC_IOSQES | CC_IOCQES);
+    wait_ready(bar, true, ready_timeout, pci_address)?;
+    let stride = 4usize << ((bar.read64(REG_CAP) >> 32) & 0xF);
+    // SAFETY: both queues lie in `memory` (zeroed, DMA mapped, owned by `Admin` with the
+    // queue); the doorbells are queue 0's, in the BAR the controller keeps mapped.
+    Ok(unsafe {
+        Queue::new(
+            memory.ptr().cast(),
+            memory.ptr().add(PAGE_SIZE_BYTES).cast(),
+            entries,
+            bar.register_ptr(DOORBELL_BASE),
+            bar.register_ptr(DOORBELL_BASE + stride),
+        )
+    })
 }
 
 impl Drop for NvmeController {
@@ -283,6 +435,18 @@ fn wait_ready(bar: &Bar, ready: bool, timeout: Duration, pci_address: &str) -> i
 }
 
 impl Admin {
+    /// Set Features, Number of Queues: asks for `IO_QUEUES_MAX` (zero-based counts of SQs
+    /// 15:0 and CQs 31:16); returns how many queue pairs the controller granted.
+    fn set_number_of_queues(&mut self) -> io::Result<u16> {
+        let wanted = u32::from(IO_QUEUES_MAX - 1);
+        let mut set = SubmissionEntry::new(ADMIN_SET_FEATURES, 0);
+        set.cdw10 = FEATURE_NUMBER_OF_QUEUES;
+        set.cdw11 = (wanted << 16) | wanted;
+        let done = self.run(set, "set features (number of queues)")?;
+        let granted = ((done.dw0 & 0xFFFF).min(done.dw0 >> 16) + 1).min(u32::from(IO_QUEUES_MAX));
+        Ok(granted as u16)
+    }
+
     /// Runs one admin command to completion (start-up only: this waits).
     fn run(&mut self, mut entry: SubmissionEntry, what: &str) -> io::Result<CompletionEntry> {
         let command_id = self.next_command_id;
@@ -363,7 +527,11 @@ fn identify(admin: &mut Admin, cap: u64, pci_address: &str) -> io::Result<Identi
             1u64 << lba_shift
         )));
     }
+    let oncs = u16::from_le_bytes([controller[ID_CTRL_ONCS], controller[ID_CTRL_ONCS + 1]]);
     Ok(Identity {
+        write_zeroes: oncs & ONCS_WRITE_ZEROES != 0,
+        deallocate: oncs & ONCS_DATASET_MANAGEMENT != 0,
+        deallocated_reads_zeroes: namespace[ID_NS_DLFEAT] & 0x7 == 1,
         serial: identify_text(&controller, ID_CTRL_SERIAL),
         model: identify_text(&controller, ID_CTRL_MODEL),
         firmware: identify_text(&controller, ID_CTRL_FIRMWARE),

@@ -3,8 +3,10 @@
 //!
 //! - `vfio.rs`: container/group/device, BAR0 mapped for MMIO, memory mapped for DMA.
 //! - `controller.rs`: `NvmeController`: reset, admin queue, Identify, Set Features (number of
-//!   queues), creating and deleting I/O queues. Start-up only; behind a mutex.
+//!   queues), creating, re-creating and deleting I/O queues, Abort. Start-up and error paths
+//!   only; behind a mutex.
 //! - `queue.rs`: one SQ/CQ ring pair with its doorbells; completions found by phase tag.
+//! - `recovery.rs`: the timeout scan (Abort, then reset) and recovery after a reset.
 //! - `spec.rs`: register offsets, entry layouts, opcodes, status codes.
 //!
 //! A request (`submit_read` / `submit_write` / `submit_flush`) takes one request slot; it is
@@ -18,21 +20,34 @@
 //!
 //! **Payload and DMA.** A buffer inside a region given to `register_buffers` (mapped once with
 //! `VFIO_IOMMU_MAP_DMA`) is used in place: its PRPs are its IOVAs, no copy. Any other buffer
-//! goes through the command's bounce buffer (one copy: before a write, after a read); the
-//! segment store does not register its block pool yet, so today its payload is copied once
-//! here (`bounced_commands` counts it).
+//! goes through the command's bounce buffer (one copy: before a write, after a read), counted
+//! by `bounced_commands`. The segment store registers its block pool's arena (every 4 KiB
+//! block buffer) and its journal's record buffers at mount, so 4 KiB writes and reads move
+//! without a copy; its multi-block buffers are still allocated per use and bounced.
 //!
 //! **Errors.** A failed command's NVMe status becomes `IoError::Nvme(status)` for its request
-//! (the first failure wins; the request completes when all its commands have). A command
-//! still out `COMMAND_TIMEOUT` after it was first seen by the timeout scan fails its request
-//! with `IoError::TimedOut` if the device holds none of the caller's memory (bounced or a
-//! flush); its command slot stays reserved until the late completion arrives. A timed-out
-//! zero-copy command is reported only when it completes (the device could still write the
-//! caller's buffer), with an error log. Not built yet: Abort, controller reset on fatal
-//! status (CSTS.CFS is logged by the scan), write-zeroes and dataset management.
+//! (the first failure wins; the request completes when all its commands have). Every
+//! `TIMEOUT_SCAN_POLLS` polls with I/O out, a scan looks at each command: one out longer than
+//! `COMMAND_TIMEOUT` gets an Abort (admin queue; the controller may still complete it
+//! normally, or complete it as "command abort requested": either way it is reported once,
+//! through its completion). One still out `COMMAND_TIMEOUT` after its Abort, or a controller
+//! reporting fatal status (CSTS.CFS), resets the controller (`NvmeController::reset`): once
+//! it is disabled it touches no host memory, so every request in flight is failed
+//! (`IoError::ControllerReset`, or `TimedOut` for the one that timed out) after the
+//! completions already posted are taken, each reported exactly once, and the queue pair
+//! re-creates its I/O queue and carries on. Other queue pairs on the controller see its
+//! generation change at their next poll and do the same. If the reset fails, every request
+//! fails with `IoError::DeviceFailed`. The Abort and the reset wait for the admin queue (and
+//! the reset for the controller): they stall the polling reactor, on error paths only.
+//!
+//! **Write Zeroes and deallocate** (`submit_write_zeroes`, `submit_deallocate`) are issued when
+//! Identify says the controller supports them (ONCS), else refused with
+//! `SubmitError::Unsupported`; a deallocate is one Dataset Management range per command, the
+//! range in the command's PRP list page.
 
 mod controller;
 mod queue;
+mod recovery;
 pub mod spec;
 mod vfio;
 
@@ -44,14 +59,17 @@ use std::time::{Duration, Instant};
 pub use controller::{Identity, NvmeController, IO_QUEUES_MAX};
 pub use spec::NvmeStatus;
 
+use self::controller::IoQueueCreated;
 use self::queue::Queue;
+use self::recovery::queue_over;
 use self::spec::{
-    CompletionEntry, SubmissionEntry, NVM_FLUSH, NVM_READ, NVM_WRITE, PAGE_SIZE_BYTES,
+    CompletionEntry, SubmissionEntry, DSM_ATTRIBUTE_DEALLOCATE, NVM_DATASET_MANAGEMENT, NVM_FLUSH,
+    NVM_READ, NVM_WRITE, NVM_WRITE_ZEROES, PAGE_SIZE_BYTES, WRITE_ZEROES_BLOCKS_MAX,
 };
 use self::vfio::{DmaMapping, DmaMemory};
 use super::{
-    check_request, IoError, IoVec, QueuePair, SubmitError, BLOCK_SIZE_BYTES, DEPTH_MAX,
-    IOVECS_PER_REQUEST_MAX,
+    check_range, check_request, IoError, IoVec, QueuePair, SubmitError, BLOCK_SIZE_BYTES,
+    DEPTH_MAX, IOVECS_PER_REQUEST_MAX,
 };
 
 /// Largest transfer per command, in bytes. Sizes each command's bounce buffer (depth x 128 KiB
@@ -74,11 +92,16 @@ const TIMEOUT_SCAN_POLLS: u32 = 4096;
 /// Most regions `register_buffers` takes, a count: the lookup per command scans them.
 pub const REGISTERED_REGIONS_MAX: usize = 64;
 
+/// Most bytes one deallocate command covers: keeps a command's length in a `u32`.
+const DEALLOCATE_COMMAND_MAX_BYTES: u64 = 1 << 30;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Read,
     Write,
     Flush,
+    WriteZeroes,
+    Deallocate,
 }
 
 const IOVEC_NONE: IoVec = IoVec {
@@ -98,6 +121,8 @@ struct Request {
     issued: u64,
     /// Commands issued and not completed.
     outstanding: u32,
+    /// Its outcome is settled and it waits in `ready` to be reported.
+    settled: bool,
     error: Option<IoError>,
     iovecs: [IoVec; IOVECS_PER_REQUEST_MAX],
     iovec_count: usize,
@@ -115,8 +140,8 @@ struct Command {
     bounced: bool,
     /// Set by the first timeout scan that sees the command.
     deadline: Option<Instant>,
-    /// Failed by timeout and detached from its request; the slot waits for the completion.
-    abandoned: bool,
+    /// An Abort was sent for it; past the new deadline the controller is reset.
+    abort_sent: bool,
 }
 
 const COMMAND_IDLE: Command = Command {
@@ -126,7 +151,7 @@ const COMMAND_IDLE: Command = Command {
     length: 0,
     bounced: false,
     deadline: None,
-    abandoned: false,
+    abort_sent: false,
 };
 
 /// One I/O queue pair on an NVMe namespace; see the module docs.
@@ -140,7 +165,14 @@ pub struct NvmeQueuePair {
     free_commands: Vec<u16>,
     /// Requests with commands still to issue, in submission order; capacity `depth`.
     waiting: VecDeque<u32>,
+    /// Requests whose outcome is settled outside a completion (reset, failed controller),
+    /// to be reported by `poll`; capacity `depth`.
+    ready: VecDeque<u32>,
     in_flight: u32,
+    /// The controller generation our I/O queue exists in (see `NvmeController::reset`).
+    generation: u64,
+    /// The controller failed: every request fails with `DeviceFailed`.
+    failed: bool,
     /// Registered caller regions (zero copy).
     registered: Vec<DmaMapping>,
     lba_shift: u32,
@@ -150,13 +182,20 @@ pub struct NvmeQueuePair {
     length: u64,
     depth: u32,
     polls_since_scan: u32,
+    command_timeout: Duration,
+    scan_interval_polls: u32,
     bounced_commands: u64,
     zero_copy_commands: u64,
+    aborts_sent: u64,
+    resets_recovered: u64,
     // Cold: set up once.
     /// SQ, CQ, then one PRP list page per command, then one bounce buffer per command.
     memory: DmaMemory,
     prp_lists_offset: usize,
     bounces_offset: usize,
+    /// Bytes of the submission queue (the completion queue follows it).
+    sq_bytes: usize,
+    entries: u16,
     qid: u16,
     controller: Arc<NvmeController>,
 }
@@ -232,23 +271,18 @@ impl NvmeQueuePair {
             total = total.div_ceil(vfio::HUGE_PAGE_SIZE_BYTES) * vfio::HUGE_PAGE_SIZE_BYTES;
         }
         let memory = DmaMemory::new(controller.vfio(), total)?;
-        let (qid, sq_doorbell, cq_doorbell) = controller.create_io_queue(
+        let created = controller.create_io_queue(
             entries as u16,
             memory.iova(),
             memory.iova() + sq_bytes as u64,
         )?;
         // SAFETY: SQ and CQ lie in `memory` (zeroed, DMA mapped, owned by the queue pair and
-        // dropped after the queue is deleted); the doorbells are in the BAR `controller` keeps
-        // mapped while we hold it.
-        let queue = unsafe {
-            Queue::new(
-                memory.ptr().cast(),
-                memory.ptr().add(sq_bytes).cast(),
-                entries as u16,
-                sq_doorbell,
-                cq_doorbell,
-            )
-        };
+        // dropped after the queue is deleted), sized for `entries`; the doorbells are in the
+        // BAR `controller` keeps mapped while we hold it.
+        let queue = unsafe { queue_over(&memory, sq_bytes, entries as u16, &created) };
+        let IoQueueCreated {
+            qid, generation, ..
+        } = created;
         let requests = (0..depth)
             .map(|_| Request {
                 busy: false,
@@ -258,6 +292,7 @@ impl NvmeQueuePair {
                 length: 0,
                 issued: 0,
                 outstanding: 0,
+                settled: false,
                 error: None,
                 iovecs: [IOVEC_NONE; IOVECS_PER_REQUEST_MAX],
                 iovec_count: 0,
@@ -277,7 +312,10 @@ impl NvmeQueuePair {
             free_requests: (0..depth).rev().collect(),
             free_commands: (0..depth as u16).rev().collect(),
             waiting: VecDeque::with_capacity(depth as usize),
+            ready: VecDeque::with_capacity(depth as usize),
             in_flight: 0,
+            generation,
+            failed: false,
             registered: Vec::with_capacity(REGISTERED_REGIONS_MAX),
             lba_shift: identity.lba_size_bytes.trailing_zeros(),
             nsid: identity.nsid,
@@ -286,11 +324,17 @@ impl NvmeQueuePair {
             length,
             depth,
             polls_since_scan: 0,
+            command_timeout: COMMAND_TIMEOUT,
+            scan_interval_polls: TIMEOUT_SCAN_POLLS,
             bounced_commands: 0,
             zero_copy_commands: 0,
+            aborts_sent: 0,
+            resets_recovered: 0,
             memory,
             prp_lists_offset,
             bounces_offset,
+            sq_bytes,
+            entries: entries as u16,
             qid,
             controller: Arc::clone(controller),
         })
@@ -308,6 +352,29 @@ impl NvmeQueuePair {
     /// Commands whose data the device accessed in place (registered regions).
     pub fn zero_copy_commands(&self) -> u64 {
         self.zero_copy_commands
+    }
+
+    /// Abort commands sent for commands past their timeout.
+    pub fn aborts_sent(&self) -> u64 {
+        self.aborts_sent
+    }
+
+    /// Controller resets this queue pair failed its requests for and re-created its queue.
+    pub fn resets_recovered(&self) -> u64 {
+        self.resets_recovered
+    }
+
+    /// Sets how long a command may be out before it is aborted (and as long again before the
+    /// controller is reset); below one second the timeout scan runs on every poll. For tests
+    /// that drive the abort and reset paths on a controller that does not hang on its own.
+    #[doc(hidden)]
+    pub fn set_command_timeout_for_tests(&mut self, timeout: Duration) {
+        self.command_timeout = timeout;
+        self.scan_interval_polls = if timeout < Duration::from_secs(1) {
+            1
+        } else {
+            TIMEOUT_SCAN_POLLS
+        };
     }
 
     /// Maps caller memory for the device once, replacing earlier registrations, so that
@@ -366,7 +433,40 @@ impl NvmeQueuePair {
         let length = match kind {
             Kind::Flush => 0,
             Kind::Read | Kind::Write => check_request(offset, buffers, self.length)?,
+            Kind::WriteZeroes | Kind::Deallocate => unreachable!("submit_range"),
         };
+        self.queue_request(kind, offset, length, buffers, tag)
+    }
+
+    /// Write Zeroes or deallocate of `offset..offset + length`, if the controller has it.
+    fn submit_range(
+        &mut self,
+        kind: Kind,
+        offset: u64,
+        length: u64,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        let identity = self.controller.identity();
+        let supported = match kind {
+            Kind::WriteZeroes => identity.write_zeroes,
+            Kind::Deallocate => identity.deallocate,
+            _ => unreachable!("submit"),
+        };
+        if !supported {
+            return Err(SubmitError::Unsupported);
+        }
+        check_range(offset, length, self.length)?;
+        self.queue_request(kind, offset, length, &[], tag)
+    }
+
+    fn queue_request(
+        &mut self,
+        kind: Kind,
+        offset: u64,
+        length: u64,
+        buffers: &[IoVec],
+        tag: u64,
+    ) -> Result<(), SubmitError> {
         let index = self.free_requests.pop().ok_or(SubmitError::QueueFull)?;
         let request = &mut self.requests[index as usize];
         debug_assert!(!request.busy);
@@ -377,10 +477,19 @@ impl NvmeQueuePair {
         request.length = length;
         request.issued = 0;
         request.outstanding = 0;
+        request.settled = false;
         request.error = None;
         request.iovecs[..buffers.len()].copy_from_slice(buffers);
         request.iovec_count = buffers.len();
         self.in_flight += 1;
+        if self.failed {
+            // Accepted, and failed at the next poll: the caller hears of it like any I/O error.
+            request.error = Some(IoError::DeviceFailed);
+            request.issued = length;
+            request.settled = true;
+            self.ready.push_back(index);
+            return Ok(());
+        }
         // Capacity `depth` and at most `depth` requests busy: never grows.
         debug_assert!(self.waiting.len() < self.depth as usize);
         self.waiting.push_back(index);
@@ -408,6 +517,8 @@ impl NvmeQueuePair {
             Kind::Flush => (NVM_FLUSH, 0),
             Kind::Read => (NVM_READ, self.transfer_max_bytes as u64),
             Kind::Write => (NVM_WRITE, self.transfer_max_bytes as u64),
+            Kind::WriteZeroes => (NVM_WRITE_ZEROES, WRITE_ZEROES_BLOCKS_MAX << self.lba_shift),
+            Kind::Deallocate => (NVM_DATASET_MANAGEMENT, DEALLOCATE_COMMAND_MAX_BYTES),
         };
         let chunk = chunk.min(request.length - request.issued);
         let request_offset = request.issued;
@@ -419,13 +530,34 @@ impl NvmeQueuePair {
         let mut entry = SubmissionEntry::new(opcode, self.nsid);
         entry.set_command_id(command);
         let mut bounced = false;
-        if chunk > 0 {
+        let lba = device_offset >> self.lba_shift;
+        let blocks = chunk >> self.lba_shift;
+        if kind == Kind::WriteZeroes {
+            entry.cdw10 = lba as u32;
+            entry.cdw11 = (lba >> 32) as u32;
+            // Zero-based block count; at most WRITE_ZEROES_BLOCKS_MAX blocks (chunk above).
+            entry.cdw12 = (blocks - 1) as u32;
+        } else if kind == Kind::Deallocate {
+            let list_offset = self.prp_lists_offset + usize::from(command) * PAGE_SIZE_BYTES;
+            let range: [u32; 4] = [0, blocks as u32, lba as u32, (lba >> 32) as u32];
+            // SAFETY: the command's PRP list page lies in our DMA memory; the device reads it
+            // only for this command, which is not yet submitted. 16 bytes of a 4 KiB page.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    range.as_ptr(),
+                    self.memory.ptr().add(list_offset).cast::<u32>(),
+                    range.len(),
+                )
+            };
+            entry.prp1 = self.memory.iova() + list_offset as u64;
+            entry.cdw10 = 0; // One range (zero-based count).
+            entry.cdw11 = DSM_ATTRIBUTE_DEALLOCATE;
+        } else if chunk > 0 {
             bounced = self.set_prps(index, command, request_offset, chunk as usize, &mut entry);
-            let lba = device_offset >> self.lba_shift;
             entry.cdw10 = lba as u32;
             entry.cdw11 = (lba >> 32) as u32;
             // Zero-based block count; at most 128 KiB / 512 B = 256 blocks.
-            entry.cdw12 = ((chunk >> self.lba_shift) - 1) as u32;
+            entry.cdw12 = (blocks - 1) as u32;
             if bounced && kind == Kind::Write {
                 self.copy_bounce(index, command, request_offset, chunk as usize, true);
             }
@@ -444,7 +576,7 @@ impl NvmeQueuePair {
             length: chunk as u32,
             bounced,
             deadline: None,
-            abandoned: false,
+            abort_sent: false,
         };
         self.queue.push(&entry);
         last
@@ -557,8 +689,8 @@ impl NvmeQueuePair {
         });
     }
 
-    /// Accounts a completed command. Returns the request's completion if this was its last.
-    fn complete_command(&mut self, done: &CompletionEntry) -> Option<(u64, Result<(), IoError>)> {
+    /// Accounts a completed command. Returns its request if this was the request's last.
+    fn complete_command(&mut self, done: &CompletionEntry) -> Option<u32> {
         let command_id = done.command_id;
         // A completion for an idle slot would finish someone else's request: keep in release.
         assert!(
@@ -570,14 +702,13 @@ impl NvmeQueuePair {
         let command = self.commands[usize::from(command_id)];
         self.commands[usize::from(command_id)].busy = false;
         self.free_commands.push(command_id);
-        if command.abandoned {
+        if command.abort_sent {
             log::warn!(
-                "nvme {} queue {}: command {command_id} completed after its timeout ({})",
+                "nvme {} queue {}: command {command_id} completed after an abort was sent ({})",
                 self.controller.pci_address(),
                 self.qid,
                 done.nvme_status()
             );
-            return None;
         }
         let status = done.nvme_status();
         let index = command.request;
@@ -600,77 +731,28 @@ impl NvmeQueuePair {
         self.command_done(index)
     }
 
-    /// One of request `index`'s commands is done: completes the request if it was the last.
-    fn command_done(&mut self, index: u32) -> Option<(u64, Result<(), IoError>)> {
+    /// One of request `index`'s commands is done: returns the request if it was the last.
+    fn command_done(&mut self, index: u32) -> Option<u32> {
         let request = &mut self.requests[index as usize];
         debug_assert!(request.busy && request.outstanding > 0);
         request.outstanding -= 1;
         if request.outstanding > 0 || request.issued < request.length {
             return None;
         }
+        Some(index)
+    }
+
+    /// Frees request `index` (all its commands done) and returns its tag and outcome.
+    fn finish_request(&mut self, index: u32) -> (u64, Result<(), IoError>) {
+        let request = &mut self.requests[index as usize];
+        debug_assert!(request.busy && request.outstanding == 0 && request.issued == request.length);
         request.busy = false;
+        request.settled = false;
         let result = request.error.map_or(Ok(()), Err);
         let tag = request.tag;
         self.free_requests.push(index);
         self.in_flight -= 1;
-        Some((tag, result))
-    }
-
-    /// Fails commands out past `COMMAND_TIMEOUT` whose request can be completed safely;
-    /// reports at most `completions_max`.
-    fn scan_timeouts(
-        &mut self,
-        completions_max: usize,
-        complete: &mut dyn FnMut(u64, Result<(), IoError>),
-    ) -> usize {
-        if self.controller.fatal() {
-            log::error!(
-                "nvme {}: controller fatal status (CSTS.CFS): reset is not implemented yet",
-                self.controller.pci_address()
-            );
-        }
-        let now = Instant::now();
-        let mut reported = 0;
-        for command_id in 0..self.commands.len() {
-            let command = self.commands[command_id];
-            if !command.busy || command.abandoned {
-                continue;
-            }
-            let Some(deadline) = command.deadline else {
-                self.commands[command_id].deadline = Some(now + COMMAND_TIMEOUT);
-                continue;
-            };
-            if now < deadline || reported == completions_max {
-                continue;
-            }
-            // The device may still write a zero-copy read's buffer: only a command that holds
-            // none of the caller's memory may be failed before it completes.
-            let holds_caller_memory = command.length > 0 && !command.bounced;
-            log::error!(
-                "nvme {} queue {}: command {command_id} out for over {COMMAND_TIMEOUT:?}{}",
-                self.controller.pci_address(),
-                self.qid,
-                if holds_caller_memory {
-                    "; it uses the caller's memory, so it waits for the device"
-                } else {
-                    "; failing its request"
-                }
-            );
-            if holds_caller_memory {
-                self.commands[command_id].deadline = Some(now + COMMAND_TIMEOUT);
-                continue;
-            }
-            self.commands[command_id].abandoned = true;
-            let index = command.request;
-            self.requests[index as usize]
-                .error
-                .get_or_insert(IoError::TimedOut);
-            if let Some((tag, result)) = self.command_done(index) {
-                complete(tag, result);
-                reported += 1;
-            }
-        }
-        reported
+        (tag, result)
     }
 }
 
@@ -692,8 +774,29 @@ impl QueuePair for NvmeQueuePair {
         self.submit(Kind::Flush, 0, &[], tag)
     }
 
+    fn submit_write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        self.submit_range(Kind::WriteZeroes, offset, length, tag)
+    }
+
+    fn submit_deallocate(&mut self, offset: u64, length: u64, tag: u64) -> Result<(), SubmitError> {
+        self.submit_range(Kind::Deallocate, offset, length, tag)
+    }
+
+    unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> io::Result<bool> {
+        // SAFETY: the trait's contract is the inherent method's.
+        unsafe { NvmeQueuePair::register_buffers(self, regions) }.map(|()| true)
+    }
+
     fn submit_queued(&mut self) {
-        self.queue.ring_submissions();
+        // After a reset elsewhere our queue is gone until `poll` re-creates it: no doorbell.
+        if self.controller.generation() == self.generation {
+            self.queue.ring_submissions();
+        }
     }
 
     fn poll(
@@ -701,14 +804,26 @@ impl QueuePair for NvmeQueuePair {
         completions_max: usize,
         complete: &mut dyn FnMut(u64, Result<(), IoError>),
     ) -> usize {
+        // One shared, rarely written cache line: the controller was reset (by another queue
+        // pair, or by an operator) since our queue was created.
+        if self.controller.generation() != self.generation && !self.failed {
+            self.recover();
+        }
+        let mut reported = 0;
+        if !self.ready.is_empty() {
+            reported += self.report_ready(completions_max, complete);
+        }
+        if self.failed {
+            return reported;
+        }
         // Everything submitted since the last poll goes to the device with one doorbell write.
         self.queue.ring_submissions();
-        let mut reported = 0;
         while reported < completions_max {
             let Some(done) = self.queue.next_completion() else {
                 break;
             };
-            if let Some((tag, result)) = self.complete_command(&done) {
+            if let Some(index) = self.complete_command(&done) {
+                let (tag, result) = self.finish_request(index);
                 complete(tag, result);
                 reported += 1;
             }
@@ -720,9 +835,10 @@ impl QueuePair for NvmeQueuePair {
         }
         if self.in_flight > 0 {
             self.polls_since_scan += 1;
-            if self.polls_since_scan >= TIMEOUT_SCAN_POLLS {
+            if self.polls_since_scan >= self.scan_interval_polls {
                 self.polls_since_scan = 0;
-                reported += self.scan_timeouts(completions_max - reported, complete);
+                self.scan_timeouts();
+                reported += self.report_ready(completions_max - reported, complete);
             }
         }
         reported
@@ -745,7 +861,7 @@ impl Drop for NvmeQueuePair {
     fn drop(&mut self) {
         // Delete the queue first: the controller then no longer touches its memory (or the
         // caller's), which the fields' drop unmaps and frees afterwards.
-        if let Err(e) = self.controller.delete_io_queue(self.qid) {
+        if let Err(e) = self.controller.delete_io_queue(self.qid, self.generation) {
             log::error!(
                 "nvme {}: deleting I/O queue {}: {e}",
                 self.controller.pci_address(),

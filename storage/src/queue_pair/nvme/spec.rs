@@ -38,11 +38,24 @@ pub const ADMIN_CREATE_SQ: u8 = 0x01;
 pub const ADMIN_DELETE_CQ: u8 = 0x04;
 pub const ADMIN_CREATE_CQ: u8 = 0x05;
 pub const ADMIN_IDENTIFY: u8 = 0x06;
+/// Abort: CDW10 holds the submission queue id (15:0) and the command id (31:16); completion
+/// DW0 bit 0 is 0 when the command was aborted (it then completes with "command abort
+/// requested"), 1 when it was not (it completes on its own).
+pub const ADMIN_ABORT: u8 = 0x08;
 pub const ADMIN_SET_FEATURES: u8 = 0x09;
 /// NVM command set opcodes.
 pub const NVM_FLUSH: u8 = 0x00;
 pub const NVM_WRITE: u8 = 0x01;
 pub const NVM_READ: u8 = 0x02;
+/// Write Zeroes: SLBA in CDW10-11, zero-based block count in CDW12 15:0; no data pointer.
+pub const NVM_WRITE_ZEROES: u8 = 0x08;
+/// Dataset Management: CDW10 7:0 zero-based range count, CDW11 attributes; PRP1 points at
+/// the ranges (16 bytes each: context attributes u32, block count u32, starting LBA u64).
+pub const NVM_DATASET_MANAGEMENT: u8 = 0x09;
+/// Dataset Management CDW11: Attribute Deallocate.
+pub const DSM_ATTRIBUTE_DEALLOCATE: u32 = 1 << 2;
+/// Most blocks one Write Zeroes command covers (its 16-bit zero-based count).
+pub const WRITE_ZEROES_BLOCKS_MAX: u64 = 1 << 16;
 
 /// Identify CNS values.
 pub const IDENTIFY_NAMESPACE: u32 = 0x00;
@@ -56,10 +69,16 @@ pub const ID_CTRL_MODEL: core::ops::Range<usize> = 24..64;
 pub const ID_CTRL_FIRMWARE: core::ops::Range<usize> = 64..72;
 pub const ID_CTRL_MDTS: usize = 77;
 pub const ID_CTRL_NN: usize = 516;
+/// Optional NVM Command Support (u16): bit 2 Dataset Management, bit 3 Write Zeroes.
+pub const ID_CTRL_ONCS: usize = 520;
+pub const ONCS_DATASET_MANAGEMENT: u16 = 1 << 2;
+pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 pub const ID_CTRL_VWC: usize = 525;
 /// Identify Namespace byte offsets.
 pub const ID_NS_NSZE: usize = 0;
 pub const ID_NS_FLBAS: usize = 26;
+/// Deallocate Logical Block Features: bits 2:0 = 001b means deallocated blocks read as zeroes.
+pub const ID_NS_DLFEAT: usize = 33;
 pub const ID_NS_LBAF: usize = 128;
 
 /// A submission queue entry.

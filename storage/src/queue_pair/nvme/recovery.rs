@@ -1,0 +1,208 @@
+//! Error recovery for `NvmeQueuePair`: the timeout scan (Abort, then controller reset), and
+//! what a queue pair does after a reset (its own or another's): take the completions posted
+//! before it, settle every other request as failed exactly once, re-create its I/O queue.
+//! See the module docs of `nvme` for the policy.
+
+use std::time::Instant;
+
+use super::controller::IoQueueCreated;
+use super::queue::Queue;
+use super::vfio::DmaMemory;
+use super::{NvmeQueuePair, COMMAND_IDLE};
+use crate::queue_pair::IoError;
+
+impl NvmeQueuePair {
+    /// Aborts commands out past `command_timeout`; resets the controller for one still out
+    /// `command_timeout` after its abort, or on fatal status. Reports nothing itself: a reset
+    /// settles requests into `ready`.
+    pub(super) fn scan_timeouts(&mut self) {
+        if self.controller.fatal() {
+            log::error!(
+                "nvme {}: controller fatal status (CSTS.CFS)",
+                self.controller.pci_address()
+            );
+            self.reset_controller();
+            return;
+        }
+        let now = Instant::now();
+        let mut reset = false;
+        for command_id in 0..self.commands.len() {
+            let command = self.commands[command_id];
+            if !command.busy {
+                continue;
+            }
+            let Some(deadline) = command.deadline else {
+                self.commands[command_id].deadline = Some(now + self.command_timeout);
+                continue;
+            };
+            if now < deadline {
+                continue;
+            }
+            if command.abort_sent {
+                log::error!(
+                    "nvme {} queue {}: command {command_id} still out {:?} after its abort",
+                    self.controller.pci_address(),
+                    self.qid,
+                    self.command_timeout
+                );
+                let request = &mut self.requests[command.request as usize];
+                request.error.get_or_insert(IoError::TimedOut);
+                reset = true;
+                continue;
+            }
+            self.aborts_sent += 1;
+            let slot = &mut self.commands[command_id];
+            slot.abort_sent = true;
+            slot.deadline = Some(now + self.command_timeout);
+            let outcome = self.controller.abort(self.qid, command_id as u16);
+            log::error!(
+                "nvme {} queue {}: command {command_id} out for over {:?}: abort {}",
+                self.controller.pci_address(),
+                self.qid,
+                self.command_timeout,
+                match outcome {
+                    Ok(true) => "accepted".to_string(),
+                    Ok(false) => "declined (the command may still complete)".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            );
+        }
+        if reset {
+            self.reset_controller();
+        }
+    }
+
+    /// Resets the controller (unless another queue pair just did) and recovers from it.
+    fn reset_controller(&mut self) {
+        // An error is logged and marks the controller failed; `recover` acts on that.
+        let _ = self.controller.reset_from(self.generation);
+        self.recover();
+    }
+
+    /// The controller was reset (its generation moved): takes the completions it posted
+    /// before, settles every other request as failed into `ready` (each exactly once), and
+    /// re-creates our I/O queue. Nothing of ours is in the controller's hands afterwards.
+    pub(super) fn recover(&mut self) {
+        debug_assert_ne!(self.controller.generation(), self.generation);
+        // Completions posted before the controller was disabled are real: report them as such.
+        // (No doorbell: the queue no longer exists on the controller.)
+        while let Some(done) = self.queue.next_completion() {
+            if let Some(index) = self.complete_command(&done) {
+                self.requests[index as usize].settled = true;
+                self.ready.push_back(index);
+            }
+        }
+        let failure = if self.controller.failed() {
+            IoError::DeviceFailed
+        } else {
+            IoError::ControllerReset
+        };
+        for command_id in 0..self.commands.len() {
+            let command = self.commands[command_id];
+            if !command.busy {
+                continue;
+            }
+            self.commands[command_id] = COMMAND_IDLE;
+            self.free_commands.push(command_id as u16);
+            let request = &mut self.requests[command.request as usize];
+            request.error.get_or_insert(failure);
+            request.outstanding -= 1;
+        }
+        self.waiting.clear();
+        for index in 0..self.requests.len() {
+            let request = &mut self.requests[index];
+            if !request.busy || request.settled {
+                continue;
+            }
+            debug_assert_eq!(request.outstanding, 0);
+            request.error.get_or_insert(failure);
+            request.issued = request.length;
+            request.settled = true;
+            self.ready.push_back(index as u32);
+        }
+        debug_assert_eq!(self.ready.len(), self.in_flight as usize);
+        debug_assert_eq!(self.free_commands.len(), self.commands.len());
+        self.resets_recovered += 1;
+        self.generation = self.controller.generation();
+        if self.controller.failed() {
+            self.failed = true;
+            return;
+        }
+        // SAFETY: the SQ and CQ are the first `sq_bytes` + CQ bytes of our DMA memory; the
+        // controller was disabled (reset) and our queue is not re-created yet: nobody reads
+        // or writes them.
+        unsafe { core::ptr::write_bytes(self.memory.ptr(), 0, self.prp_lists_offset) };
+        let created = self.controller.recreate_io_queue(
+            self.qid,
+            self.entries,
+            self.memory.iova(),
+            self.memory.iova() + self.sq_bytes as u64,
+        );
+        match created {
+            Ok(created) => {
+                // SAFETY: as in `new`: the queue memory is ours, zeroed, sized for `entries`.
+                self.queue =
+                    unsafe { queue_over(&self.memory, self.sq_bytes, self.entries, &created) };
+                self.generation = created.generation;
+                log::warn!(
+                    "nvme {} queue {}: re-created after a controller reset; {} requests settled",
+                    self.controller.pci_address(),
+                    self.qid,
+                    self.ready.len()
+                );
+            }
+            Err(e) => {
+                log::error!(
+                    "nvme {} queue {}: cannot re-create the queue after a reset: {e}",
+                    self.controller.pci_address(),
+                    self.qid
+                );
+                // What is settled keeps its outcome (completions taken above are real); what
+                // is submitted from now on fails with DeviceFailed.
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Reports up to `completions_max` settled requests from `ready`.
+    pub(super) fn report_ready(
+        &mut self,
+        completions_max: usize,
+        complete: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        let mut reported = 0;
+        while reported < completions_max {
+            let Some(index) = self.ready.pop_front() else {
+                break;
+            };
+            debug_assert!(self.requests[index as usize].settled);
+            let (tag, result) = self.finish_request(index);
+            complete(tag, result);
+            reported += 1;
+        }
+        reported
+    }
+}
+
+/// The `Queue` over our DMA memory's SQ (first `sq_bytes`) and CQ (after it).
+///
+/// # Safety
+/// `memory` holds a zeroed SQ and CQ of `entries` entries there, mapped for the controller's
+/// DMA, and outlives the returned queue; the doorbells are in a BAR that outlives it too.
+pub(super) unsafe fn queue_over(
+    memory: &DmaMemory,
+    sq_bytes: usize,
+    entries: u16,
+    created: &IoQueueCreated,
+) -> Queue {
+    // SAFETY: our caller's contract.
+    unsafe {
+        Queue::new(
+            memory.ptr().cast(),
+            memory.ptr().add(sq_bytes).cast(),
+            entries,
+            created.sq_doorbell,
+            created.cq_doorbell,
+        )
+    }
+}
