@@ -89,10 +89,13 @@ fn a_device_that_lies_about_flushes_is_caught() {
 /// and client ops waited in the journal's batch; the store panicked ("nothing was in
 /// flight") instead of failing them. Seed 520: after the journal failed, a mutation needing
 /// no record (write + remove of a missing object) was acknowledged from memory, and the
-/// remount showed the failed op's object, which the acknowledged op had removed.
+/// remount showed the failed op's object, which the acknowledged op had removed. Seed 425:
+/// a record written before a cut into a segment whose header was lost survived; after the
+/// remount the new writer reopened that segment with the same sequence numbers, a cut tore
+/// its first record, and the stale one (an unacknowledged remove) replayed as its own.
 #[test]
 fn found_seeds_pass() {
-    for seed in [0, 2, 7, 520] {
+    for seed in [0, 2, 7, 425, 520] {
         let config = SeedConfig {
             seed,
             cuts: 4,

@@ -430,7 +430,7 @@ impl Journal {
             checkpoint_bytes: 0,
             open: None,
             next_record_seq: log.next_record_seq,
-            next_segment_seq: log.next_segment_seq,
+            next_segment_seq: log.next_segment_seq + mount_segment_seq_gap(&sb, shard),
             batch: Batch::new(),
             in_flight: None,
             head: AlignedBuf::new(HEAD_BUFFER_BYTES),
@@ -983,6 +983,24 @@ impl Journal {
         });
         Ok(())
     }
+}
+
+/// How far a writer starting after a mount skips the segment sequence numbers past the last
+/// header the scan saw.
+///
+/// The previous writer may have opened segments whose headers never became durable, and
+/// written records into them that did (a power cut keeps any subset of unflushed writes). The
+/// scan cannot see such a record (no valid header names its segment), and the new writer,
+/// opening the same free segment at the same position with the same sequence numbers, would
+/// make it look like its own: a torn new record then leaves the stale one readable as part of
+/// the log (found by `carmine sim --seed 425`: an unacknowledged remove from before the cut
+/// came back). Records carry their segment's `segment_seq`, so a number the previous writer
+/// cannot have used makes every such record stale. It opened at most one segment per
+/// segment of its shard since its last durable header (a segment is reused only after a
+/// durable header frees it), so skipping the shard's segment count suffices.
+fn mount_segment_seq_gap(sb: &Superblock, shard: u32) -> u64 {
+    let segments = sb.shard_segments(shard);
+    u64::from(segments.end - segments.start) + 1
 }
 
 impl Drop for Journal {
