@@ -986,18 +986,23 @@ impl Journal {
 }
 
 /// How far a writer starting after a mount skips the segment sequence numbers past the last
-/// header the scan saw.
+/// header the scan saw. A partial mitigation, not the fix: read on.
 ///
 /// The previous writer may have opened segments whose headers never became durable, and
 /// written records into them that did (a power cut keeps any subset of unflushed writes). The
-/// scan cannot see such a record (no valid header names its segment), and the new writer,
+/// scan cannot see such a record (no valid header names its segment), and a new writer,
 /// opening the same free segment at the same position with the same sequence numbers, would
 /// make it look like its own: a torn new record then leaves the stale one readable as part of
-/// the log (found by `carmine sim --seed 425`: an unacknowledged remove from before the cut
-/// came back). Records carry their segment's `segment_seq`, so a number the previous writer
-/// cannot have used makes every such record stale. It opened at most one segment per
-/// segment of its shard since its last durable header (a segment is reused only after a
-/// durable header frees it), so skipping the shard's segment count suffices.
+/// the log (`carmine sim --seed 425`: an unacknowledged remove from before the cut came back).
+/// Records carry their segment's `segment_seq`; when the previous writer made a header durable
+/// after the scan before it, the numbers it used past that header are below this gap, so
+/// their records are stale to the scan.
+///
+/// It does not cover a writer that made no header durable: the next mount sees the same last
+/// header and hands out the same numbers again (`carmine sim --seed 1250`, still open). The
+/// fix is an invariant: no record is written under a `segment_seq` whose header is not
+/// durable (write and flush a new segment's header before its first record); then every
+/// number with records on the device is at most the last durable header, and `+ 1` is safe.
 fn mount_segment_seq_gap(sb: &Superblock, shard: u32) -> u64 {
     let segments = sb.shard_segments(shard);
     u64::from(segments.end - segments.start) + 1
