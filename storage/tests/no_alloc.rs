@@ -9,8 +9,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use carmine_storage::segment::SegmentStore;
 use carmine_storage::{
-    MemoryStore, ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit,
+    MemQueuePair, MemoryStore, ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit,
 };
 
 thread_local! {
@@ -158,34 +159,44 @@ fn steady_state_ops_do_not_allocate() {
     assert!(allocations() > before);
 }
 
-/// The segment store's read path (lanes shared by reads, block reads, crc checks, output)
-/// allocates nothing once warm: eight reads in flight over four objects, round after round.
-#[test]
-fn segment_store_reads_do_not_allocate_in_steady_state() {
-    use carmine_storage::segment::{mkfs, SegmentStore};
-    use carmine_storage::{MemFaults, MemQueuePair};
+/// A segment store on a `mem` device of `bytes`, holding four objects of 16 blocks of 5s.
+fn segment_store_with_four_objects(bytes: u64) -> (SegmentStore<MemQueuePair>, Vec<Vec<u8>>) {
+    use carmine_storage::segment::mkfs;
+    use carmine_storage::MemFaults;
 
-    let mut qp = MemQueuePair::new(16 << 20, 64, MemFaults::default());
+    let mut qp = MemQueuePair::new(bytes, 64, MemFaults::default());
     mkfs(&mut qp, 1 << 20, 1, *b"no-alloc-segment").unwrap();
     let mut store = SegmentStore::mount(qp, 0).unwrap();
     let data = vec![5u8; 16 * 4096];
     let oids: Vec<Vec<u8>> = (0..4).map(|n| format!("obj{n}").into_bytes()).collect();
-    let mut results = [SubOpResult::default(); 8];
-    let wait = |store: &mut SegmentStore<MemQueuePair>, mut pending: usize| {
-        while pending > 0 {
-            store.poll(64, &mut |_, result| {
-                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
-                pending -= 1;
-            });
-        }
-    };
+    let mut results = [SubOpResult::default(); 1];
     for oid in &oids {
         let write = [SubOp::WriteFull { data: &data }];
         let mut out = OutputBuffer::from_slice(&mut []);
-        let submitted = store.submit(0, oid, &write, &mut out, &mut results[..1]);
+        let submitted = store.submit(0, oid, &write, &mut out, &mut results);
         assert_eq!(submitted, Ok(Submit::Pending));
-        wait(&mut store, 1);
+        wait_for(&mut store, 1);
     }
+    (store, oids)
+}
+
+/// Polls until `pending` ops completed, each with every sub-op successful.
+fn wait_for(store: &mut SegmentStore<MemQueuePair>, mut pending: usize) {
+    while pending > 0 {
+        store.poll(64, &mut |_, result| {
+            assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
+            pending -= 1;
+        });
+    }
+}
+
+/// The segment store's read path (lanes shared by reads, block reads, crc checks, output)
+/// allocates nothing once warm: eight reads in flight over four objects, round after round.
+#[test]
+fn segment_store_reads_do_not_allocate_in_steady_state() {
+    let (mut store, oids) = segment_store_with_four_objects(16 << 20);
+    let wait = wait_for;
+    let mut results = [SubOpResult::default(); 8];
     let mut outs = vec![vec![0u8; 4096]; 8];
     let mut round = |store: &mut SegmentStore<MemQueuePair>| {
         let mut pending = 0;
@@ -223,30 +234,9 @@ fn segment_store_reads_do_not_allocate_in_steady_state() {
 /// object, creating one, or the cleaner's first victim may allocate: that is store capacity.)
 #[test]
 fn segment_store_overwrites_do_not_allocate_in_steady_state() {
-    use carmine_storage::segment::{mkfs, SegmentStore};
-    use carmine_storage::{MemFaults, MemQueuePair};
-
-    let mut qp = MemQueuePair::new(64 << 20, 64, MemFaults::default());
-    mkfs(&mut qp, 1 << 20, 1, *b"no-alloc-segment").unwrap();
-    let mut store = SegmentStore::mount(qp, 0).unwrap();
-    let data = vec![5u8; 16 * 4096];
-    let oids: Vec<Vec<u8>> = (0..4).map(|n| format!("obj{n}").into_bytes()).collect();
+    let (mut store, oids) = segment_store_with_four_objects(64 << 20);
+    let wait = wait_for;
     let mut results = [SubOpResult::default(); 8];
-    let wait = |store: &mut SegmentStore<MemQueuePair>, mut pending: usize| {
-        while pending > 0 {
-            store.poll(64, &mut |_, result| {
-                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
-                pending -= 1;
-            });
-        }
-    };
-    for oid in &oids {
-        let write = [SubOp::WriteFull { data: &data }];
-        let mut out = OutputBuffer::from_slice(&mut []);
-        let submitted = store.submit(0, oid, &write, &mut out, &mut results[..1]);
-        assert_eq!(submitted, Ok(Submit::Pending));
-        wait(&mut store, 1);
-    }
     let block = vec![7u8; 4096];
     let mut round = |store: &mut SegmentStore<MemQueuePair>, round: u64| {
         let mut pending = 0;
