@@ -20,7 +20,7 @@ use carmine_dataplane::pool::{Buf, Lease};
 use carmine_dataplane::reactor::{Core, LoopCounters, Waker, PARK_TIMEOUT_MAX};
 use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
-use carmine_dataplane::udp::{UdpRequest, UdpRpcTransport};
+use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
     Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
 };
@@ -143,8 +143,8 @@ pub struct CoreSetup {
 pub struct OsdCore<N: Network = TcpTransport> {
     index: usize,
     transport: N,
-    /// The datagram RPC on UDP, when `--transport udp`.
-    udp: Option<UdpRpcTransport>,
+    /// The datagram RPC, when `--transport udp` (kernel socket) or `dpdk` (NIC queue pair).
+    udp: Option<Box<dyn RpcNet>>,
     udp_batch: Vec<UdpRequest>,
     /// The NBD frontend, when `--nbd` is set.
     nbd: Option<NbdFrontend>,
@@ -312,10 +312,13 @@ impl<N: Network> OsdCore<N> {
         Ok(self)
     }
 
-    /// Serves the datagram RPC on this core too; its socket joins the transport's epoll set,
-    /// so a parked core wakes for datagrams.
-    pub fn with_udp(mut self, udp: UdpRpcTransport) -> std::io::Result<OsdCore<N>> {
-        self.transport.watch_fd(udp.fd())?;
+    /// Serves the datagram RPC on this core too; a socket joins the transport's epoll set, so
+    /// a parked core wakes for datagrams. A port without a descriptor (a DPDK queue) cannot
+    /// wake the core: it then never parks (`park_timeout`).
+    pub fn with_udp(mut self, udp: Box<dyn RpcNet>) -> std::io::Result<OsdCore<N>> {
+        if let Some(fd) = udp.fd() {
+            self.transport.watch_fd(fd)?;
+        }
         self.udp = Some(udp);
         Ok(self)
     }
@@ -1274,6 +1277,13 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     );
     c.set(Counter::udp_dropped_injected, udp.dropped_injected);
     c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
+    // The port's own counters (zero on a kernel socket): over DPDK every received datagram
+    // is copied once from its mbuf into a pool chunk (`dpdk_rx_copies`).
+    c.set(Counter::dpdk_rx_copies, udp.port.rx_copies);
+    c.set(Counter::dpdk_rx_copied_bytes, udp.port.rx_copied_bytes);
+    c.set(Counter::dpdk_arp_replies, udp.port.arp_replies);
+    c.set(Counter::dpdk_ignored, udp.port.ignored);
+    c.set(Counter::dpdk_tx_full, udp.port.tx_full);
 }
 
 pub(crate) fn first_failure(results: &Results) -> Status {
@@ -1330,6 +1340,10 @@ impl<N: Network> Core for OsdCore<N> {
 
     fn park_timeout(&self) -> Duration {
         let mut longest = PARK_TIMEOUT_MAX;
+        if self.udp.as_ref().is_some_and(|udp| udp.fd().is_none()) {
+            // A polled NIC queue signals nothing: sleeping would leave its packets waiting.
+            return Duration::ZERO;
+        }
         if self.store.busy() {
             if !self.store_wakes {
                 // Device completions would not wake a parked core: keep polling.

@@ -8,6 +8,7 @@
 mod eal;
 mod mbuf;
 mod mempool;
+pub mod net;
 mod port;
 pub mod udp;
 
