@@ -110,6 +110,18 @@ impl DpdkDatagramPort {
         self.local
     }
 
+    /// The pool and the raw queues, for a client that keeps received mbufs (the load
+    /// generator reads responses in place).
+    pub fn into_parts(
+        self,
+    ) -> (
+        &'static Mempool,
+        RxQueue<'static, 'static>,
+        TxQueue<'static, 'static>,
+    ) {
+        (self.pool, self.rx, self.tx)
+    }
+
     /// Mbufs of this queue's pool not in the pool (held by the driver, in hand, queued).
     pub fn mbufs_in_use(&self) -> u32 {
         self.pool.in_use_count()
