@@ -41,6 +41,14 @@ use crate::status::StatusBoard;
 const RX_FRAMES_PER_PASS_MAX: usize = 256;
 /// Store completions taken per pass (bounds the stack array they are gathered in).
 const STORE_COMPLETIONS_PER_PASS: usize = 64;
+
+/// One store completion gathered by `poll_store`: tag, outcome, per-sub-op results, their count.
+type StoreCompletion = (
+    u64,
+    Result<(), StoreError>,
+    [SubOpResult; SUB_OPS_CEILING as usize],
+    usize,
+);
 /// Messages taken from each inbox ring per pass.
 const INBOX_BATCH_MAX: usize = 256;
 /// Longest park while the store is busy (its completions wake the core sooner).
@@ -146,6 +154,9 @@ pub struct OsdCore<N: Network = TcpTransport> {
     /// The datagram RPC, when `--transport udp` (kernel socket) or `dpdk` (NIC queue pair).
     udp: Option<Box<dyn RpcNet>>,
     udp_batch: Vec<UdpRequest>,
+    /// `poll_store`'s gathering array, made once: a fresh one per pass cost a 14 KiB memset
+    /// on every poll pass (perf: the hottest instructions of an idle or DPDK-loaded reactor).
+    store_completed: Vec<StoreCompletion>,
     /// The NBD frontend, when `--nbd` is set.
     nbd: Option<NbdFrontend>,
     nbd_accept_next: usize,
@@ -271,6 +282,15 @@ impl<N: Network> OsdCore<N> {
             transport,
             udp: None,
             udp_batch: Vec::with_capacity(RX_FRAMES_PER_PASS_MAX),
+            store_completed: vec![
+                (
+                    0,
+                    Ok(()),
+                    [SubOpResult::default(); SUB_OPS_CEILING as usize],
+                    0
+                );
+                STORE_COMPLETIONS_PER_PASS
+            ],
             nbd: None,
             nbd_accept_next: 0,
             pools,
@@ -927,12 +947,7 @@ impl<N: Network> OsdCore<N> {
 
     fn poll_store(&mut self) -> usize {
         // Gathered first, handled after: handling needs `&mut self`, which `store.poll` holds.
-        let mut completed = [(
-            0u64,
-            Ok(()),
-            [SubOpResult::default(); SUB_OPS_CEILING as usize],
-            0,
-        ); STORE_COMPLETIONS_PER_PASS];
+        let mut completed = std::mem::take(&mut self.store_completed);
         let mut count = 0;
         self.store.poll(completed.len(), &mut |tag, result| {
             let (slot_tag, slot_result, slot_results, slot_count) = &mut completed[count];
@@ -960,6 +975,7 @@ impl<N: Network> OsdCore<N> {
                 }
             }
         }
+        self.store_completed = completed;
         count
     }
 
