@@ -311,7 +311,7 @@ impl<'a> DpdkGenerator<'a> {
         let mut pass = 0u64;
         loop {
             pass += 1;
-            if pass % 1024 == 0 {
+            if pass & 1023 == 0 {
                 self.shared.check_abort()?;
             }
             let now = Instant::now();
@@ -346,7 +346,7 @@ impl<'a> DpdkGenerator<'a> {
                 self.flush(token);
             }
             self.link.tx.tx_burst(&mut self.out);
-            if pass % 64 == 0 {
+            if pass & 63 == 0 {
                 self.publish();
             }
         }
