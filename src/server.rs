@@ -166,12 +166,18 @@ fn build_core(
     #[cfg(feature = "dpdk")]
     let rpc: Option<Box<dyn RpcNet>> = match parts.dpdk_queue {
         None => rpc,
-        Some(queue) => Some(Box::new(carmine_dataplane::udp::RpcTransport::with_port(
-            index,
-            queue,
-            config.limits(),
-            config.udp_drop_every,
-        ))),
+        Some(queue) => {
+            match carmine_dataplane::dpdk::register_current_thread() {
+                Ok(lcore) => log::debug!("core {index}: DPDK lcore {lcore}"),
+                Err(e) => log::warn!("core {index}: {e}; its mbuf pool runs without a cache"),
+            }
+            Some(Box::new(carmine_dataplane::udp::RpcTransport::with_port(
+                index,
+                queue,
+                config.limits(),
+                config.udp_drop_every,
+            )))
+        }
     };
     let core = match rpc {
         None => core,

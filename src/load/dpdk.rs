@@ -145,6 +145,9 @@ impl<'a> DpdkGenerator<'a> {
             .unwrap()
             .take()
             .ok_or("the DPDK port was not opened (one generator thread only)")?;
+        if let Err(e) = dpdk::register_current_thread() {
+            log::warn!("{e}: the generator's mbuf pool runs without a cache");
+        }
         let (server_ip, server_port) = server_endpoint(&config.target)?;
         let server_mac = resolve_mac(&mut link, server_ip, shared)?;
         let server = Endpoint {
