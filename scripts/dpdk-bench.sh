@@ -25,7 +25,7 @@ SERVER_IP=10.77.0.1:6800
 OUT=${OUT:-target/dpdk-bench}
 mkdir -p "$OUT"
 cpus=$(nproc)
-eal() { echo "--no-huge --no-pci -m 256 --lcores 0@(0-$((cpus - 1))) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK"; }
+eal() { echo "--no-huge --no-pci -m 256 --lcores 0@(0-$((cpus - 1))) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK,bsize=9216"; }
 
 cleanup() {
   [ -n "${server:-}" ] && kill -INT "$server" 2>/dev/null && wait "$server" 2>/dev/null || true

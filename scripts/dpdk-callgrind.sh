@@ -19,7 +19,7 @@ SOCK=/run/carmine-dpdk-cg-$$.sock
 OUT=${OUT:-target/dpdk-callgrind}
 DURATION=${DURATION:-10s}
 rm -rf "$OUT" && mkdir -p "$OUT"
-eal() { echo "--no-huge --no-pci -m 256 --lcores 0@(0-1) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK"; }
+eal() { echo "--no-huge --no-pci -m 256 --lcores 0@(0-1) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK,bsize=9216"; }
 cleanup() {
   [ -n "${server:-}" ] && kill -INT "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
   rm -f "$SOCK"; rm -rf /var/run/dpdk/carmine-cg-*-$$

@@ -159,6 +159,8 @@ pub struct PortStats {
     pub ignored: u64,
     /// Sends refused for want of a buffer or ring room (the RPC retries them).
     pub tx_full: u64,
+    /// Frames dropped after the driver took nothing for a while (a peer gone).
+    pub tx_dropped: u64,
 }
 
 impl DatagramPort for UdpSocket {

@@ -1300,6 +1300,7 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     c.set(Counter::dpdk_arp_replies, udp.port.arp_replies);
     c.set(Counter::dpdk_ignored, udp.port.ignored);
     c.set(Counter::dpdk_tx_full, udp.port.tx_full);
+    c.set(Counter::dpdk_tx_dropped, udp.port.tx_dropped);
 }
 
 pub(crate) fn first_failure(results: &Results) -> Status {

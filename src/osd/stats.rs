@@ -100,6 +100,7 @@ counters!(
     dpdk_arp_replies,
     dpdk_ignored,
     dpdk_tx_full,
+    dpdk_tx_dropped,
 );
 
 pub const COUNTER_COUNT: usize = COUNTER_NAMES.len();

@@ -17,6 +17,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use super::BURST_MAX;
 use super::{udp, DpdkError, Eal, MacAddr, Mbuf, Mempool, Port, PortConfig, RxQueue, TxQueue};
@@ -32,6 +33,11 @@ pub const MBUF_DATA_ROOM: u16 = 128 + 9216;
 /// what the driver holds until sent.
 pub const MBUFS_PER_QUEUE: u32 = 4095;
 
+/// How long the driver may refuse every frame before the queued ones are dropped: a peer that
+/// went away (memif link down) must not keep the RPC's packets, and so a stopping server,
+/// waiting forever; the RPC's resends cover a live peer's loss.
+const TX_STUCK_DROP_AFTER: Duration = Duration::from_millis(100);
+
 const _: () = assert!(DATAGRAM_BYTES_MAX + ipv4::UDP_FRAME_HEADER_BYTES <= 9216);
 
 /// One reactor's queue pair of a started port, with the address it answers for.
@@ -45,6 +51,8 @@ pub struct DpdkDatagramPort {
     rx_next: usize,
     /// Frames built and not yet taken by the driver.
     tx_out: Vec<Mbuf<'static>>,
+    /// Since when the driver has taken nothing while frames wait (see `TX_STUCK_DROP_AFTER`).
+    tx_stuck_since: Option<Instant>,
     stats: PortStats,
 }
 
@@ -94,6 +102,7 @@ pub fn open(
             rx_batch: Vec::with_capacity(BURST_MAX),
             rx_next: 0,
             tx_out: Vec::with_capacity(BURST_MAX),
+            tx_stuck_since: None,
             stats: PortStats::default(),
         })
         .collect();
@@ -130,10 +139,16 @@ impl DpdkDatagramPort {
     /// Queues a frame; false when neither the queue nor the driver has room.
     fn push_tx(&mut self, frame: Option<Mbuf<'static>>) -> bool {
         if self.tx_out.len() == self.tx_out.capacity() {
-            self.tx.tx_burst(&mut self.tx_out);
+            self.burst();
             if self.tx_out.len() == self.tx_out.capacity() {
-                self.stats.tx_full += 1;
-                return false;
+                let stuck_since = *self.tx_stuck_since.get_or_insert_with(Instant::now);
+                if stuck_since.elapsed() < TX_STUCK_DROP_AFTER {
+                    self.stats.tx_full += 1;
+                    return false;
+                }
+                // Nobody takes frames: lost, as on a wire without a receiver.
+                self.stats.tx_dropped += self.tx_out.len() as u64;
+                self.tx_out.clear();
             }
         }
         match frame {
@@ -146,6 +161,17 @@ impl DpdkDatagramPort {
                 false
             }
         }
+    }
+}
+
+impl DpdkDatagramPort {
+    /// One `tx_burst`; progress ends a stuck spell.
+    fn burst(&mut self) -> usize {
+        let sent = self.tx.tx_burst(&mut self.tx_out);
+        if sent > 0 {
+            self.tx_stuck_since = None;
+        }
+        sent
     }
 }
 
@@ -202,7 +228,7 @@ impl DatagramPort for DpdkDatagramPort {
 
     fn flush(&mut self) {
         while !self.tx_out.is_empty() {
-            if self.tx.tx_burst(&mut self.tx_out) == 0 {
+            if self.burst() == 0 {
                 break; // the driver's ring is full: the rest go next pass
             }
         }
