@@ -95,7 +95,7 @@ fn a_device_that_lies_about_flushes_is_caught() {
 /// its first record, and the stale one (an unacknowledged remove) replayed as its own.
 #[test]
 fn found_seeds_pass() {
-    for seed in [0, 2, 7, 425, 520] {
+    for seed in [0, 2, 7, 425, 520, 1250] {
         let config = SeedConfig {
             seed,
             cuts: 4,
