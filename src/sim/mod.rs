@@ -53,9 +53,9 @@ pub struct SimArgs {
     /// Test the checker: a device whose flushes persist nothing (the run must fail).
     #[arg(long, hide = true)]
     pub lying_flush: bool,
-    /// With --seed: the buffer pools of the first version, small enough that frames can hold
-    /// every buffer an op at a PG's head needs for its output (a known OSD deadlock; seed 93).
-    #[arg(long, hide = true)]
+    /// Small buffer pools (the first sizing): frames may hold most buffers and ops wait for
+    /// outputs, which once hung the OSD (seed 93; fixed, CI runs a few hundred cuts so).
+    #[arg(long)]
     pub tight_pools: bool,
 }
 
@@ -120,6 +120,7 @@ pub fn run_batch(
     first_seed: u64,
     cuts_per_seed: u32,
     lying_flush: bool,
+    tight_pools: bool,
     mut stop: impl FnMut(&BatchReport) -> bool,
 ) -> Result<BatchReport, (u64, String)> {
     let mut batch = BatchReport::default();
@@ -129,7 +130,7 @@ pub fn run_batch(
             seed,
             cuts: cuts_per_seed,
             lying_flush,
-            tight_pools: false,
+            tight_pools,
         };
         let report = run_seed_reported(&config).map_err(|message| (seed, message))?;
         batch.add(&report);
@@ -153,7 +154,8 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
             lying_flush: args.lying_flush,
             tight_pools: args.tight_pools,
         };
-        let report = run_seed_reported(&config).map_err(|message| failure_text(seed, &message))?;
+        let report = run_seed_reported(&config)
+            .map_err(|message| failure_text(seed, args.tight_pools, &message))?;
         println!("sim: seed={seed} passed: {report:?}");
         return Ok(());
     }
@@ -165,6 +167,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
         args.first_seed,
         args.cuts_per_seed,
         args.lying_flush,
+        args.tight_pools,
         |batch| {
             if last_progress.elapsed() >= Duration::from_secs(60) {
                 last_progress = Instant::now();
@@ -200,13 +203,14 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
             );
             Ok(())
         }
-        Err((seed, message)) => Err(failure_text(seed, &message)),
+        Err((seed, message)) => Err(failure_text(seed, args.tight_pools, &message)),
     }
 }
 
-pub fn failure_text(seed: u64, message: &str) -> String {
+pub fn failure_text(seed: u64, tight_pools: bool, message: &str) -> String {
+    let tight = if tight_pools { " --tight-pools" } else { "" };
     format!(
-        "sim: FAILED seed={seed}: {message}\nreplay: carmine sim --seed {seed}   (or CARMINE_SIM_SEED={seed} cargo test --bin carmine sim::)"
+        "sim: FAILED seed={seed}: {message}\nreplay: carmine sim --seed {seed}{tight}   (or CARMINE_SIM_SEED={seed} cargo test --bin carmine sim::)"
     )
 }
 

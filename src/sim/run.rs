@@ -175,13 +175,11 @@ fn no_allocation_counter() -> u64 {
     0
 }
 
-/// Known OSD bug, not fixed yet: a PG's head op waits for an output buffer (`exec_run`) while
-/// the ops queued behind it hold every buffer of that class as their received frames, and
-/// nothing frees one: the PG stops for good. The TCP transport receives the same way, so
-/// the daemon can hit it too (large frames and large outputs share the 8 large buffers). The
-/// default sizing here makes it impossible (each op holds at most a frame and an output, and
-/// at most `IN_FLIGHT_MAX` ops exist), so the runs test everything else; `tight_pools` (the
-/// first sizing, `carmine sim --seed 93 --tight-pools`) shows the hang.
+/// The default sizing gives every op a frame and an output (at most `IN_FLIGHT_MAX` ops
+/// exist). `tight` (the first sizing, `carmine sim --tight-pools`) lets frames hold most
+/// buffers, so ops wait for outputs: it hung once (seed 93, a core's ring blocked behind an
+/// `Execute` while the `Release`s after it held the buffers; see `OsdCore::deferred_remote`),
+/// and receive leaves `RX_LEAVES_FREE` of each class for outputs.
 fn pool_sizes(tight: bool) -> PoolSizes {
     if tight {
         return PoolSizes {
