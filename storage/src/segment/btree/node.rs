@@ -33,6 +33,8 @@ pub const INTERNAL_ENTRY_BYTES: usize = KEY_BYTES + 8;
 pub const LEAF_CAPACITY: usize = (NODE_BYTES - HEADER_BYTES) / LEAF_ENTRY_BYTES;
 /// Children an internal node holds: 169.
 pub const INTERNAL_CAPACITY: usize = (NODE_BYTES - HEADER_BYTES) / INTERNAL_ENTRY_BYTES;
+const _: () = assert!(HEADER_BYTES + LEAF_CAPACITY * LEAF_ENTRY_BYTES <= NODE_BYTES);
+const _: () = assert!(HEADER_BYTES + INTERNAL_CAPACITY * INTERNAL_ENTRY_BYTES <= NODE_BYTES);
 /// Levels above the leaves a tree may have: 169^7 leaves is far more than any device maps.
 pub const LEVEL_MAX: u8 = 8;
 
@@ -319,8 +321,6 @@ mod tests {
     fn capacities_fill_the_block() {
         assert_eq!(LEAF_CAPACITY, 144);
         assert_eq!(INTERNAL_CAPACITY, 169);
-        assert!(HEADER_BYTES + LEAF_CAPACITY * LEAF_ENTRY_BYTES <= NODE_BYTES);
-        assert!(HEADER_BYTES + INTERNAL_CAPACITY * INTERNAL_ENTRY_BYTES <= NODE_BYTES);
     }
 
     #[test]
