@@ -1213,6 +1213,60 @@ mod tests {
         }
     }
 
+    /// The state the header-first rule adds: a segment whose header is durable and which holds
+    /// no record yet. A cut there must mount as an empty tail, and the next writer (in a fresh
+    /// segment, with fresh sequence numbers) must continue the log.
+    #[test]
+    fn a_cut_between_a_segment_header_and_its_first_record_mounts_clean() {
+        let (sb, mut qp) = device(MemFaults::default());
+        let log = scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap();
+        let mut journal = Journal::new(sb, 0, &log, &vec![0; sb.segment_count as usize]);
+        let mut data = block(1);
+        append_op(&mut journal, 1, &mut data).unwrap();
+        let mut acked = Vec::new();
+        // Until the header is durable and retired, but before the record is sealed.
+        for _ in 0..100 {
+            journal.retire(&mut |_| {}, &mut |tag, _| acked.push(tag));
+            if journal.durable_segment_seq > 0 {
+                break;
+            }
+            journal.advance(&mut qp, &mut |_, result| result.unwrap());
+            qp.poll(64, &mut |tag, result| journal.complete_io(tag, result));
+        }
+        assert!(journal.durable_segment_seq > 0, "the header became durable");
+        assert!(
+            journal.in_flight.is_none() && acked.is_empty(),
+            "no record yet"
+        );
+        let image = qp.power_cut(TearGranularity::Block4K);
+
+        let log = scan_shard(&sb, 0, &mut &image[..], &mut |_, _| {}).unwrap();
+        assert_eq!(log.segments.len(), 1, "the header's segment is in the log");
+        assert!(log.records.is_empty(), "and holds no record");
+        let (metadata, records) = replay(&sb, &image);
+        assert_eq!((metadata.object_count(), records), (0, 0));
+
+        let mut qp = MemQueuePair::from_image(image, 256, MemFaults::default());
+        let mut journal = Journal::new(sb, 0, &log, &vec![0; sb.segment_count as usize]);
+        assert!(
+            journal.next_segment_seq() > log.next_segment_seq,
+            "numbers move on"
+        );
+        let mut data = block(2);
+        append_op(&mut journal, 2, &mut data).unwrap();
+        for _ in 0..100 {
+            step(&mut journal, &mut qp, &mut acked);
+        }
+        assert_eq!(acked, vec![2]);
+        let (metadata, records) = replay(&sb, qp.durable());
+        assert_eq!(records, 1);
+        assert!(metadata.object(b"o2").is_some());
+        assert!(
+            metadata.object(b"o1").is_none(),
+            "the unacknowledged op never was"
+        );
+    }
+
     #[test]
     fn power_cuts_never_lose_acknowledged_ops_or_show_half_records() {
         for seed in 0..200u64 {
