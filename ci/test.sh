@@ -43,6 +43,12 @@ cargo test --workspace --locked -- --test-threads=2
 #     build (the debug test runs a few cuts). A failure prints seed=N and how to replay it.
 log "deterministic simulation: carmine sim --cuts 1000 (release)"
 cargo run --release --locked --quiet -- sim --cuts 1000
+# Small buffer pools: ops wait for output buffers that frames hold (a deadlock was found so).
+log "deterministic simulation, tight buffer pools: carmine sim --cuts 400 --tight-pools"
+cargo run --release --locked --quiet -- sim --cuts 400 --first-seed 1000 --tight-pools
+# Medium errors injected at random blocks: failed ops change nothing, reads never lie.
+log "deterministic simulation, read errors: carmine sim --cuts 400 --read-errors"
+cargo run --release --locked --quiet -- sim --cuts 400 --first-seed 2000 --read-errors
 
 # 3b. DPDK (issue 5): bindings (bindgen + clang), safe wrappers, and vdev tests that need no NIC
 #     and no hugepages (net_ring0 in-process; net_memif pairs between two processes: frame echo

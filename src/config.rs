@@ -252,9 +252,10 @@ impl ServeConfig {
         if self.chunk_size % 4096 != 0 || self.chunk_size < 64 << 10 {
             return Err("chunk_size must be a multiple of 4KiB and at least 64KiB".into());
         }
-        if self.op_slots == 0 || self.chunk_count < 4 || self.large_buffer_count == 0 {
+        if self.op_slots == 0 || self.chunk_count < 4 || self.large_buffer_count < 2 {
+            // Receive leaves one buffer of each class for op outputs (`RX_LEAVES_FREE`).
             return Err(
-                "op_slots, chunk_count (>= 4) and large_buffer_count must be positive".into(),
+                "op_slots must be positive, chunk_count >= 4 and large_buffer_count >= 2".into(),
             );
         }
         if self.inflight_per_connection == 0 || self.max_connections == 0 {

@@ -474,7 +474,7 @@ impl<P: DatagramPort> RpcTransport<P> {
                     pools.lease_within(datagram.lease(), range.start, range.len())
                 }
                 _ => {
-                    let Some(mut buf) = pools.acquire_for(len) else {
+                    let Some(mut buf) = pools.acquire_rx_for(len) else {
                         self.stats.rx_pool_waits += 1;
                         break; // retried next pass, in order
                     };
@@ -709,7 +709,7 @@ fn rx_spare<'a>(rx_chunk: &'a mut Option<Buf>, pools: &mut CorePools) -> Option<
         pools.release(rx_chunk.take().expect("checked"));
     }
     if rx_chunk.is_none() {
-        let chunk = pools.small.acquire()?;
+        let chunk = pools.acquire_rx_small()?;
         assert!(
             chunk.capacity() >= DATAGRAM_BYTES_MAX,
             "chunks hold a datagram"

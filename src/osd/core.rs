@@ -148,6 +148,16 @@ pub struct CoreSetup {
 }
 
 /// `N`: the network side (`TcpTransport` in the daemon; see `network.rs`).
+/// An `Execute` message waiting for an exec slot (see `OsdCore::deferred_remote`).
+struct DeferredExecute {
+    source: usize,
+    origin: OpRef,
+    header: Header,
+    frame: Lease,
+    local_pg: u32,
+    object_hash: u32,
+}
+
 pub struct OsdCore<N: Network = TcpTransport> {
     index: usize,
     transport: N,
@@ -174,6 +184,15 @@ pub struct OsdCore<N: Network = TcpTransport> {
     inbox: Vec<Option<Consumer<Message>>>,
     /// Messages whose ring was full, in order, per target core. Bounded by the op tables.
     outbound: Vec<VecDeque<Message>>,
+    /// Ops other cores sent while every exec slot here was taken, in arrival order; they start
+    /// before new network frames as slots free. Bounded: each holds a client slot on its
+    /// sender (capacity `client_slots * (cores - 1)`).
+    ///
+    /// Why not leave them in the ring: the ring also carries `Done` and `Release`, which free
+    /// this core's slots and buffers. Stopping at an `Execute` blocked those behind it while
+    /// the ops here waited for the buffers they would free (`carmine sim --seed 93
+    /// --tight-pools` hung this way).
+    deferred_remote: VecDeque<DeferredExecute>,
     wake_pending: Vec<bool>,
     wakers: Arc<[Waker]>,
     placement: Placement,
@@ -307,6 +326,9 @@ impl<N: Network> OsdCore<N> {
                 .map(|_| VecDeque::with_capacity(queue_capacity))
                 .collect(),
             wake_pending: vec![false; setup.cores],
+            deferred_remote: VecDeque::with_capacity(
+                setup.client_slots as usize * (setup.cores - 1),
+            ),
             wakers,
             placement: setup.placement,
             hooks: setup.hooks,
@@ -1038,14 +1060,32 @@ impl<N: Network> OsdCore<N> {
         work
     }
 
+    /// Starts deferred remote ops while exec slots are free, oldest first.
+    fn start_deferred_remote(&mut self) -> usize {
+        let mut work = 0;
+        while self.exec.free_count() > 0 {
+            let Some(op) = self.deferred_remote.pop_front() else {
+                break;
+            };
+            self.exec_start(
+                Origin::Remote {
+                    core: op.source,
+                    op: op.origin,
+                },
+                op.header,
+                op.frame,
+                op.local_pg,
+                op.object_hash,
+            );
+            work += 1;
+        }
+        work
+    }
+
     fn poll_inbox(&mut self) -> usize {
         let mut work = 0;
         for source in 0..self.inbox.len() {
             for _ in 0..INBOX_BATCH_MAX {
-                // An Execute needs an exec slot: leave messages in the ring until one is free.
-                if self.exec.free_count() == 0 {
-                    return work;
-                }
                 let Some(consumer) = self.inbox[source].as_mut() else {
                     break;
                 };
@@ -1074,6 +1114,21 @@ impl<N: Network> OsdCore<N> {
                 object_hash,
             } => {
                 self.counters.add(Counter::ops_remote_in, 1);
+                if self.exec.free_count() == 0 || !self.deferred_remote.is_empty() {
+                    assert!(
+                        self.deferred_remote.len() < self.deferred_remote.capacity(),
+                        "more remote ops than the senders' client slots"
+                    );
+                    self.deferred_remote.push_back(DeferredExecute {
+                        source,
+                        origin,
+                        header,
+                        frame,
+                        local_pg,
+                        object_hash,
+                    });
+                    return;
+                }
                 self.exec_start(
                     Origin::Remote {
                         core: source,
@@ -1248,6 +1303,7 @@ impl<N: Network> OsdCore<N> {
     fn locally_quiet(&self) -> bool {
         self.exec.in_flight() == 0
             && self.client.in_flight() == 0
+            && self.deferred_remote.is_empty()
             && self.outbound.iter().all(|q| q.is_empty())
             && !self.transport.has_pending_tx()
             && self.udp.as_ref().is_none_or(|udp| !udp.has_pending_tx())
@@ -1323,11 +1379,13 @@ pub(crate) fn spin_for(duration: Duration) {
 impl<N: Network> Core for OsdCore<N> {
     fn poll_once(&mut self) -> usize {
         // The order matters: (1) the inbox first, because completions from other cores free the
-        // op slots that (2) the network poller needs for new frames; (3) store completions and
+        // op slots that (2) the network poller needs for new frames (remote ops that waited for
+        // an exec slot go before those); (3) store completions and
         // (4) timers finish ops, which (5) may unblock PG queues; (6) replies go out in one
         // writev per connection, and (7) messages, including buffers going home, go last so
         // that every message produced by this pass leaves in it.
         let mut work = self.poll_inbox();
+        work += self.start_deferred_remote();
         work += self.poll_network();
         work += self.poll_store();
         work += self.poll_timers();
