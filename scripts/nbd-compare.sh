@@ -19,18 +19,27 @@
 # Environment:
 #   DURATION     seconds per phase (default 10)
 #   SIZE         image size, also the region fio touches (default 1G, fio syntax)
-#   SERVERS      what to run, in order (default "carmine-memory nbdkit-memory carmine-segment")
+#   SERVERS      what to run, in order (default "carmine-memory:0us carmine-memory:20us
+#                nbdkit-memory carmine-segment:20us"); carmine-STORE:PAUSE runs carmine with
+#                `--coalesce PAUSE` (pass coalescing; 0us is off, the server's default)
 #   IDLE         carmine's idle policy (default adaptive)
 #   DIR          scratch directory for the segment store's device (default target/nbd-bench)
 #   CARMINE      carmine binary (default target/release/carmine, built if missing)
 #   OBJECT_SIZE  image object size (default 4MiB)
 #   JSON         also write the table as JSON lines to this file
+#   NICE         nice level of fio and of each server (default 0; e.g. -10 as root). Each runs
+#                in its own session, so in its own autogroup (kernel.sched_autogroup_enabled),
+#                and the level is also set as that autogroup's nice: with autogroups, CPU time
+#                is shared between sessions first, and a session's share on one CPU follows
+#                its load there, so a one-thread server in the same session as fio (four busy
+#                threads on the other CPU) got a third of its CPU where nbdkit's many threads
+#                got most of it. The same treatment for every server keeps it fair.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 SIZE=${SIZE:-1G}
-SERVERS=${SERVERS:-carmine-memory nbdkit-memory carmine-segment}
+SERVERS=${SERVERS:-carmine-memory:0us carmine-memory:20us nbdkit-memory carmine-segment:20us}
 IDLE=${IDLE:-adaptive}
 DIR=${DIR:-target/nbd-bench}
 CARMINE=${CARMINE:-target/release/carmine}
@@ -39,6 +48,12 @@ NBD_PORT=${NBD_PORT:-10899}
 OSD_PORT=${OSD_PORT:-6899}
 NBDKIT_PORT=${NBDKIT_PORT:-10898}
 JSON=${JSON:-}
+NICE=${NICE:-0}
+
+# Runs a command in its own session (autogroup) at nice $NICE, exec'ing all the way down, so
+# that `(exec boosted ...) &` leaves the command's pid in $!.
+BOOST='echo "$0" >/proc/self/autogroup 2>/dev/null; exec nice -n "$0" "$@"'
+boosted() { setsid bash -c "$BOOST" "$NICE" "$@"; }
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'nbd-compare: %s\n' "$*" >&2; exit 1; }
@@ -64,7 +79,7 @@ wait_port() {
 
 # fio phase: prints "iops ops p99_us".
 fio_phase() { # uri rw side
-  taskset -c 0 fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --iodepth=32 \
+  boosted taskset -c 0 fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --iodepth=32 \
     --numjobs=4 --group_reporting --time_based --runtime="$DURATION" --size="$SIZE" \
     --output-format=json 2>/dev/null \
     | sed -n '/^{/,$p' \
@@ -72,7 +87,7 @@ fio_phase() { # uri rw side
 }
 
 prefill() { # uri
-  taskset -c 0 fio --name=prefill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=8 \
+  boosted taskset -c 0 fio --name=prefill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=8 \
     --size="$SIZE" --output-format=json >/dev/null 2>&1 || die "prefill of $1 failed"
 }
 
@@ -86,7 +101,7 @@ proc_cpu_ns() { # pid -> utime+stime of the whole process (all threads), in ns
 
 results=()
 row() { # server phase iops p99 proc_ns busy_ns
-  results+=("$(printf '%-16s %-10s %10s %8s %12s %12s' "$@")")
+  results+=("$(printf '%-22s %-10s %10s %8s %12s %12s' "$@")")
   if [ -n "$JSON" ]; then
     printf '{"server":"%s","phase":"%s","iops":%s,"p99_us":%s,"proc_ns_per_op":%s,"busy_ns_per_op":%s}\n' \
       "$1" "$2" "$3" "$4" "$5" "${6/-/null}" >>"$JSON"
@@ -110,25 +125,27 @@ run_phases() { # name uri carmine(0/1)
   done
 }
 
-run_carmine() { # store
-  local store=$1
-  log "carmine --cores 1 --store $store --idle $IDLE on CPU 1"
-  args=(serve --cores 1 --cpus 1 --idle "$IDLE" --store "$store" --listen "127.0.0.1:$OSD_PORT"
-    --nbd "127.0.0.1:$NBD_PORT")
+run_carmine() { # store coalesce
+  local store=$1 coalesce=$2
+  log "carmine --cores 1 --store $store --idle $IDLE --coalesce $coalesce on CPU 1"
+  args=(serve --cores 1 --cpus 1 --idle "$IDLE" --coalesce "$coalesce" --store "$store"
+    --listen "127.0.0.1:$OSD_PORT" --nbd "127.0.0.1:$NBD_PORT")
   if [ "$store" = segment ]; then
     rm -f "$DIR/carmine.img"
     "$CARMINE" mkfs --device "$DIR/carmine.img" --size "$((size_bytes * 3 / 1024 / 1024))MiB" \
       --cores 1 --preallocate >/dev/null
     args+=(--device "$DIR/carmine.img")
   fi
-  RUST_LOG=warn taskset -c 1 "$CARMINE" "${args[@]}" &
+  (RUST_LOG=warn exec setsid bash -c "$BOOST" "$NICE" taskset -c 1 "$CARMINE" "${args[@]}") &
   server_pid=$!
+  sleep 0.2
+  [ "$(cat /proc/$server_pid/comm)" = carmine ] || die "server pid $server_pid is not carmine"
   wait_port "$OSD_PORT"; wait_port "$NBD_PORT"
   "$CARMINE" image create bench --size "$SIZE" --object-size "$OBJECT_SIZE" \
     --target "127.0.0.1:$OSD_PORT" >/dev/null
   local uri="nbd://127.0.0.1:$NBD_PORT/bench"
   prefill "$uri"
-  run_phases "carmine-$store" "$uri" 1
+  run_phases "carmine-$store:$coalesce" "$uri" 1
   kill -INT "$server_pid"; wait "$server_pid" || true; server_pid=
   [ "$store" = segment ] && rm -f "$DIR/carmine.img"
   true
@@ -136,7 +153,7 @@ run_carmine() { # store
 
 run_nbdkit() {
   log "nbdkit memory plugin on CPU 1"
-  taskset -c 1 nbdkit -f -p "$NBDKIT_PORT" -i 127.0.0.1 memory "$SIZE" &
+  (exec setsid bash -c "$BOOST" "$NICE" taskset -c 1 nbdkit -f -p "$NBDKIT_PORT" -i 127.0.0.1 memory "$SIZE") &
   server_pid=$!
   wait_port "$NBDKIT_PORT"
   local uri="nbd://127.0.0.1:$NBDKIT_PORT/"
@@ -148,8 +165,10 @@ run_nbdkit() {
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for server in $SERVERS; do
   case $server in
-    carmine-memory) run_carmine memory ;;
-    carmine-segment) run_carmine segment ;;
+    carmine-memory|carmine-segment) run_carmine "${server#carmine-}" 0us ;;
+    carmine-memory:*|carmine-segment:*)
+      store=${server#carmine-}
+      run_carmine "${store%%:*}" "${server#*:}" ;;
     nbdkit-memory) run_nbdkit ;;
     *) die "unknown server $server" ;;
   esac
@@ -158,7 +177,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 printf '\n%s, nbdkit %s; 4 KiB, iodepth 32, numjobs 4, %s s per phase; fio on CPU 0, server on CPU 1\n' \
   "$(fio --version)" "$(nbdkit --version | awk '{print $2}')" "$DURATION"
-printf 'load average before: %s, after: %s\n' "$load_before" "$load_after"
-printf '%-16s %-10s %10s %8s %12s %12s\n' server phase IOPS p99_us proc_ns/op busy_ns/op
+printf 'load average before: %s, after: %s; nice %s\n' "$load_before" "$load_after" "$NICE"
+printf '%-22s %-10s %10s %8s %12s %12s\n' server phase IOPS p99_us proc_ns/op busy_ns/op
 printf '%s\n' "${results[@]}"
 echo "proc_ns/op: server process CPU time / ops; busy_ns/op: carmine reactor busy time / NBD requests"

@@ -995,3 +995,51 @@ fn block_status_reports_unwritten_objects_as_holes() {
     assert_eq!(total(&status(&server.addr), "nbd_protocol_errors"), 0);
     assert!(server.stop().success());
 }
+
+/// Pass coalescing (`--coalesce`) changes when the reactor polls, not what it answers: fio
+/// verifies what it wrote, the allocation map is right, and requests still allocate nothing.
+#[test]
+fn coalescing_server_serves_the_same_bytes() {
+    if !tools(
+        "coalescing_server_serves_the_same_bytes",
+        &["fio", "nbdinfo"],
+    ) {
+        return;
+    }
+    let (mut server, nbd) = start(&["--coalesce", "20us"]);
+    image(&[
+        "create",
+        "disk",
+        "--size",
+        "32MiB",
+        "--target",
+        &server.addr,
+    ]);
+    fio_verify(&nbd, "disk", "0", "4M");
+    let before = status(&server.addr);
+    fio_verify(&nbd, "disk", "8M", "4M");
+    let after = status(&server.addr);
+    let requests = total(&after, "nbd_requests") - total(&before, "nbd_requests");
+    let allocations = total(&after, "allocations") - total(&before, "allocations");
+    assert!(requests >= 2048, "{requests} requests");
+    assert!(
+        allocations < 200,
+        "{allocations} allocations for {requests} NBD requests"
+    );
+    let map = run("nbdinfo", &["--map", "--json", &uri(&nbd, "disk")]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let types: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect();
+    // Objects 0 and 2 written (4 MiB objects), 1 and 3..7 never.
+    assert_eq!(
+        types,
+        [(4 << 20, 0), (4 << 20, 3), (4 << 20, 0), (20 << 20, 3)],
+        "{map}"
+    );
+    assert_eq!(total(&after, "nbd_errors"), 0);
+    assert!(server.stop().success());
+}

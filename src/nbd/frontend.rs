@@ -139,6 +139,43 @@ impl Default for Request {
     }
 }
 
+/// What a new request starts with. A request slot is reset field by field
+/// (`Request::start`), never rebuilt whole: `Request` is over a kilobyte (its arrays), and
+/// moving it in and out of the table per request cost more than copying the data it carries.
+#[derive(Clone, Copy, Default)]
+struct Start {
+    conn: u32,
+    conn_generation: u32,
+    cookie: u64,
+    kind: Kind,
+    next_offset: u64,
+    remaining: u64,
+    no_hole: bool,
+    req_one: bool,
+}
+
+impl Request {
+    /// Resets a freed slot for a new request. The arrays need no reset: `lengths` and
+    /// `object_sizes` are written per part before they are read, `extents` when the reply is
+    /// built, and `outputs` are all `None` once a request is freed (`free_request`).
+    fn start(&mut self, start: Start) {
+        debug_assert!(self.outputs.iter().all(|o| o.is_none()));
+        self.conn = start.conn;
+        self.conn_generation = start.conn_generation;
+        self.cookie = start.cookie;
+        self.kind = start.kind;
+        self.parts_issued = 0;
+        self.parts_done = 0;
+        self.next_offset = start.next_offset;
+        self.remaining = start.remaining;
+        self.error = 0;
+        self.in_pump = false;
+        self.no_hole = start.no_hole;
+        self.req_one = start.req_one;
+        self.extent_count = 0;
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Waiting for the client's 4 flag bytes.
@@ -239,6 +276,9 @@ pub struct NbdFrontend {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    /// The last `epoll_wait` stopped at its event limit: more may be ready, and the nested
+    /// set's readiness (which the transport reports) will not fire again for them.
+    events_full: bool,
     conns: Vec<Option<Conn>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -288,6 +328,7 @@ impl NbdFrontend {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            events_full: true,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -417,6 +458,11 @@ impl NbdFrontend {
         self.work.stats.accepted += 1;
     }
 
+    /// Whether `poll_events` must run even though the transport did not see the set ready.
+    pub fn events_may_be_pending(&self) -> bool {
+        self.events_full
+    }
+
     /// Collects readiness; never blocks.
     pub fn poll_events(&mut self) -> usize {
         // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
@@ -428,6 +474,7 @@ impl NbdFrontend {
                 0,
             )
         };
+        self.events_full = count == EPOLL_EVENTS_MAX as i32;
         if count <= 0 {
             return 0;
         }
@@ -1034,18 +1081,19 @@ fn release(work: &mut Work, pools: &mut CorePools, buf: Buf) {
 }
 
 fn free_request(work: &mut Work, pools: &mut CorePools, request_ref: OpRef) {
-    let mut request = work.requests.free(request_ref);
+    let request = work.requests.get(request_ref);
     if matches!(
         request.kind,
         Kind::Read | Kind::Option(_) | Kind::BlockStatus
     ) {
         work.read_parts_held -= request.parts_issued as usize;
     }
-    for output in request.outputs.iter_mut() {
-        if let Some(buf) = output.take() {
+    for part in 0..REQUEST_PARTS_MAX {
+        if let Some(buf) = work.requests.get(request_ref).outputs[part].take() {
             release(work, pools, buf);
         }
     }
+    work.requests.release(request_ref);
 }
 
 /// Queues a reply; `read` is a successful read: its request (whose outputs follow the head),
@@ -1385,12 +1433,12 @@ fn start_option_read(
         nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
         return Consume::Progress;
     };
-    *work.requests.get(request_ref) = Request {
+    work.requests.get(request_ref).start(Start {
         conn: index,
         conn_generation: conn.generation,
         kind: Kind::Option(option),
-        ..Request::default()
-    };
+        ..Start::default()
+    });
     if !build_part(
         work,
         pools,
@@ -1402,7 +1450,7 @@ fn start_option_read(
         length as u64,
         &[],
     ) {
-        work.requests.free(request_ref);
+        work.requests.release(request_ref);
         nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
         return Consume::Progress;
     }
@@ -1553,21 +1601,21 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
         Verdict::Write => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
             let request_ref = work.requests.alloc().expect("admits checked");
-            *work.requests.get(request_ref) = Request {
+            work.requests.get(request_ref).start(Start {
                 conn: index,
                 conn_generation: conn.generation,
                 cookie: request.cookie,
                 kind: Kind::Write,
                 next_offset: request.offset,
                 remaining: length,
-                ..Request::default()
-            };
+                ..Start::default()
+            });
             work.stats.requests += 1;
             conn.inflight += 1;
             if length == 0 {
                 conn.write = None;
                 queue_reply(conn, 0, request.cookie, None);
-                work.requests.free(request_ref);
+                work.requests.release(request_ref);
                 return Consume::Progress;
             }
             conn.write = Some(request_ref);
@@ -1582,7 +1630,7 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 return Consume::Progress;
             }
             let request_ref = work.requests.alloc().expect("admits checked");
-            *work.requests.get(request_ref) = Request {
+            work.requests.get(request_ref).start(Start {
                 conn: index,
                 conn_generation: conn.generation,
                 cookie: request.cookie,
@@ -1590,8 +1638,8 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 no_hole,
                 next_offset: request.offset,
                 remaining: length,
-                ..Request::default()
-            };
+                ..Start::default()
+            });
             issue_zero_parts(work, request_ref, &export, pools);
             schedule_zero(work, request_ref);
             Consume::Progress
@@ -1665,15 +1713,15 @@ fn start_read(
     request: NbdRequest,
 ) {
     let request_ref = work.requests.alloc().expect("admits checked");
-    *work.requests.get(request_ref) = Request {
+    work.requests.get(request_ref).start(Start {
         conn: index,
         conn_generation: conn.generation,
         cookie: request.cookie,
         kind: Kind::Read,
         // Reads keep their start here for the reply (structured replies carry it).
         next_offset: request.offset,
-        ..Request::default()
-    };
+        ..Start::default()
+    });
     work.stats.requests += 1;
     conn.inflight += 1;
     let name = &export.name[..export.name_len];
@@ -1704,7 +1752,7 @@ fn start_read(
     work.read_parts_held += count;
     if count == 0 {
         // A zero-length read: nothing to fetch.
-        work.requests.free(request_ref);
+        work.requests.release(request_ref);
         queue_reply(conn, 0, request.cookie, None);
     }
 }
@@ -1720,15 +1768,15 @@ fn start_block_status(
     req_one: bool,
 ) {
     let request_ref = work.requests.alloc().expect("admits checked");
-    *work.requests.get(request_ref) = Request {
+    work.requests.get(request_ref).start(Start {
         conn: index,
         conn_generation: conn.generation,
         cookie: request.cookie,
         kind: Kind::BlockStatus,
         next_offset: request.offset,
         req_one,
-        ..Request::default()
-    };
+        ..Start::default()
+    });
     work.stats.requests += 1;
     conn.inflight += 1;
     let name = &export.name[..export.name_len];
