@@ -20,8 +20,9 @@
 #   DURATION     seconds per phase (default 10)
 #   SIZE         image size, also the region fio touches (default 1G, fio syntax)
 #   SERVERS      what to run, in order (default "carmine-memory:0us carmine-memory:20us
-#                nbdkit-memory carmine-segment:20us"); carmine-STORE:PAUSE runs carmine with
-#                `--coalesce PAUSE` (pass coalescing; 0us is off, the server's default)
+#                nbdkit-memory carmine-segment:0us carmine-segment:20us");
+#                carmine-STORE:PAUSE runs carmine with `--coalesce PAUSE` (pass coalescing;
+#                0us is off, the server's default)
 #   IDLE         carmine's idle policy (default adaptive)
 #   DIR          scratch directory for the segment store's device (default target/nbd-bench)
 #   CARMINE      carmine binary (default target/release/carmine, built if missing)
@@ -39,7 +40,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 SIZE=${SIZE:-1G}
-SERVERS=${SERVERS:-carmine-memory:0us carmine-memory:20us nbdkit-memory carmine-segment:20us}
+SERVERS=${SERVERS:-carmine-memory:0us carmine-memory:20us nbdkit-memory carmine-segment:0us carmine-segment:20us}
 IDLE=${IDLE:-adaptive}
 DIR=${DIR:-target/nbd-bench}
 CARMINE=${CARMINE:-target/release/carmine}
