@@ -1364,6 +1364,10 @@ impl<N: Network> Core for OsdCore<N> {
         self.publish_now();
     }
 
+    fn may_coalesce(&self) -> bool {
+        !self.store.busy()
+    }
+
     fn drained(&self) -> bool {
         let bit = 1u64 << self.index;
         if self.locally_quiet() {
