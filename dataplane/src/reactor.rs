@@ -145,7 +145,7 @@ pub fn pin_current_thread(cpu: usize) -> bool {
 /// but less than `below` units, sleep `pause` before the next one, so that requests and
 /// replies accumulate and each system call (epoll_wait, recv, writev) serves several ops. When
 /// clients keep many requests in flight this cuts CPU per op by half (NBD, 4 KiB, 128 in flight:
-/// from about 3.4 to 0.5 system calls per request), for up to `pause` (plus the kernel's
+/// from 3.3-3.75 to 0.34-0.40 system calls per request), for up to `pause` (plus the kernel's
 /// timer slack) of added latency per pass. A loaded core (`below` or more units per pass)
 /// never sleeps, nor one waiting on device I/O (`Core::may_coalesce`: measured with the
 /// segment store, pausing then cost a fifth of the IOPS). Off (`pause` zero) by default.
