@@ -446,7 +446,12 @@ impl Server {
                         };
                     let _ = ready_sender.send(Ok(index));
                     drop(ready_sender);
-                    reactor::run(&mut core, config.idle_policy(), &stop.stop);
+                    reactor::run_coalesced(
+                        &mut core,
+                        config.idle_policy(),
+                        config.coalesce(),
+                        &stop.stop,
+                    );
                     Ok(core.into_pools())
                 })
                 .map_err(|e| format!("cannot start core {index}: {e}"))?;

@@ -781,3 +781,265 @@ fn structured_replies_carry_offsets_data_and_errors() {
     assert!(closed(&mut stream));
     assert!(server.stop().success());
 }
+
+/// The option replies to a meta context option, up to its ACK (or first error): (type, data).
+fn meta_replies(
+    stream: &mut TcpStream,
+    option: u32,
+    name: &str,
+    queries: &[&str],
+) -> Vec<(u32, Vec<u8>)> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for query in queries {
+        data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        data.extend_from_slice(query.as_bytes());
+    }
+    send_option(stream, option, &data);
+    let mut replies = Vec::new();
+    loop {
+        let (kind, data) = option_reply(stream, option);
+        replies.push((kind, data));
+        if kind != 4 {
+            return replies; // ACK (1) or an error end the list; META_CONTEXT (4) replies come first.
+        }
+    }
+}
+
+/// (length, flags) descriptors of a BLOCK_STATUS reply for `base:allocation` (context id 1).
+fn block_status(
+    stream: &mut TcpStream,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+) -> Vec<(u32, u32)> {
+    request(stream, 7, flags, cookie, offset, length);
+    let (chunk_flags, kind, got_cookie, payload) = structured_chunk(stream);
+    assert_eq!(
+        (chunk_flags, kind, got_cookie),
+        (1, 5, cookie),
+        "one final BLOCK_STATUS chunk"
+    );
+    assert_eq!(
+        &payload[..4],
+        &[0, 0, 0, 1],
+        "the base:allocation context id"
+    );
+    payload[4..]
+        .chunks(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Meta context negotiation and NBD_CMD_BLOCK_STATUS: objects never written (or trimmed
+/// whole) are holes that read as zeroes, written objects are data up to their size.
+#[test]
+fn block_status_reports_unwritten_objects_as_holes() {
+    let (mut server, nbd) = start(&[]);
+    image(&[
+        "create",
+        "disk",
+        "--size",
+        "24MiB",
+        "--target",
+        &server.addr,
+    ]);
+    const HOLE: u32 = 3; // NBD_STATE_HOLE | NBD_STATE_ZERO
+    let context = {
+        let mut c = 1u32.to_be_bytes().to_vec();
+        c.extend_from_slice(b"base:allocation");
+        c
+    };
+
+    // Without structured replies: LIST works, SET is refused, BLOCK_STATUS is EINVAL.
+    let mut plain = handshake(&nbd);
+    assert_eq!(
+        meta_replies(&mut plain, 9, "disk", &[]),
+        [(4, context.clone()), (1, vec![])],
+        "LIST with no query lists every context"
+    );
+    assert_eq!(
+        meta_replies(&mut plain, 10, "disk", &["base:allocation"])[0].0,
+        (1 << 31) | 3
+    );
+    assert_eq!(go(&mut plain, "disk"), 1);
+    request(&mut plain, 7, 0, 1, 0, 4096);
+    assert_eq!(
+        reply(&mut plain),
+        Some((22, 1)),
+        "no context negotiated: EINVAL"
+    );
+
+    let mut stream = handshake(&nbd);
+    send_option(&mut stream, 8, b"");
+    assert_eq!(option_reply(&mut stream, 8).0, 1);
+    send_option(&mut stream, 10, &[0, 0, 0, 9]);
+    assert_eq!(option_reply(&mut stream, 10).0, (1 << 31) | 3, "malformed");
+    assert_eq!(
+        meta_replies(&mut stream, 9, "disk", &["base:", "qemu:dirty-bitmap:a"]),
+        [(4, context.clone()), (1, vec![])],
+        "LIST of the base: namespace"
+    );
+    assert_eq!(
+        meta_replies(&mut stream, 10, "disk", &["qemu:allocation-depth"]),
+        [(1, vec![])],
+        "an unknown context is not selected"
+    );
+    assert_eq!(
+        meta_replies(&mut stream, 10, "disk", &["nope", "base:allocation"]),
+        [(4, context.clone()), (1, vec![])]
+    );
+    assert_eq!(go(&mut stream, "disk"), 1);
+
+    // Nothing written: one hole over all six objects.
+    assert_eq!(
+        block_status(&mut stream, 0, 2, 0, 24 << 20),
+        [(24 << 20, HOLE)]
+    );
+    // Write 4 KiB at 4 MiB + 8 KiB: object 1 exists, 12 KiB long.
+    request(&mut stream, 1, 0, 3, (4 << 20) + 8192, 4096);
+    send(&mut stream, &[7u8; 4096]);
+    assert_eq!(structured_chunk(&mut stream), (1, 0, 3, vec![]));
+    assert_eq!(
+        block_status(&mut stream, 0, 4, 0, 24 << 20),
+        [(4 << 20, HOLE), (12288, 0), ((20 << 20) - 12288, HOLE)]
+    );
+    // A range starting inside object 1, ending inside object 2.
+    assert_eq!(
+        block_status(&mut stream, 0, 5, (4 << 20) + 4096, 5 << 20),
+        [(8192, 0), ((5 << 20) - 8192, HOLE)]
+    );
+    // REQ_ONE: only the first extent.
+    assert_eq!(
+        block_status(&mut stream, 8, 6, 0, 24 << 20),
+        [(4 << 20, HOLE)]
+    );
+    assert_eq!(block_status(&mut stream, 8, 7, 4 << 20, 1), [(1, 0)]);
+    // Bad requests: past the end, empty.
+    request(&mut stream, 7, 0, 8, 24 << 20, 1);
+    assert_eq!(
+        structured_chunk(&mut stream).1,
+        (1 << 15) | 1,
+        "past the end: error"
+    );
+    request(&mut stream, 7, 0, 9, 0, 0);
+    assert_eq!(
+        structured_chunk(&mut stream).1,
+        (1 << 15) | 1,
+        "empty: error"
+    );
+    // Trimming the whole object makes it a hole again.
+    request(&mut stream, 4, 0, 10, 4 << 20, 4 << 20);
+    assert_eq!(structured_chunk(&mut stream), (1, 0, 10, vec![]));
+    assert_eq!(
+        block_status(&mut stream, 0, 11, 0, 24 << 20),
+        [(24 << 20, HOLE)]
+    );
+
+    // A context selected for another export does not carry over to this one.
+    image(&[
+        "create",
+        "other",
+        "--size",
+        "4MiB",
+        "--target",
+        &server.addr,
+    ]);
+    let mut switched = handshake(&nbd);
+    send_option(&mut switched, 8, b"");
+    assert_eq!(option_reply(&mut switched, 8).0, 1);
+    assert_eq!(
+        meta_replies(&mut switched, 10, "disk", &["base:allocation"]).len(),
+        2
+    );
+    assert_eq!(go(&mut switched, "other"), 1);
+    request(&mut switched, 7, 0, 1, 0, 4096);
+    assert_eq!(structured_chunk(&mut switched).1, (1 << 15) | 1, "EINVAL");
+
+    // nbdinfo --map agrees (when installed).
+    if tools("block_status nbdinfo --map", &["nbdinfo"]) {
+        request(&mut stream, 1, 0, 12, 9 << 20, 4096);
+        send(&mut stream, &[7u8; 4096]);
+        assert_eq!(structured_chunk(&mut stream), (1, 0, 12, vec![]));
+        let map = run("nbdinfo", &["--map", "--json", &uri(&nbd, "disk")]);
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let extents: Vec<(u64, u64, u64)> = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["offset"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["type"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            extents,
+            [
+                (0, 8 << 20, 3),
+                (8 << 20, (1 << 20) + 4096, 0),
+                ((9 << 20) + 4096, (15 << 20) - 4096, 3)
+            ],
+            "{map}"
+        );
+    }
+    assert_eq!(total(&status(&server.addr), "nbd_protocol_errors"), 0);
+    assert!(server.stop().success());
+}
+
+/// Pass coalescing (`--coalesce`) changes when the reactor polls, not what it answers: fio
+/// verifies what it wrote, the allocation map is right, and requests still allocate nothing.
+#[test]
+fn coalescing_server_serves_the_same_bytes() {
+    if !tools(
+        "coalescing_server_serves_the_same_bytes",
+        &["fio", "nbdinfo"],
+    ) {
+        return;
+    }
+    let (mut server, nbd) = start(&["--coalesce", "20us"]);
+    image(&[
+        "create",
+        "disk",
+        "--size",
+        "32MiB",
+        "--target",
+        &server.addr,
+    ]);
+    fio_verify(&nbd, "disk", "0", "4M");
+    let before = status(&server.addr);
+    fio_verify(&nbd, "disk", "8M", "4M");
+    let after = status(&server.addr);
+    let requests = total(&after, "nbd_requests") - total(&before, "nbd_requests");
+    let allocations = total(&after, "allocations") - total(&before, "allocations");
+    assert!(requests >= 2048, "{requests} requests");
+    assert!(
+        allocations < 200,
+        "{allocations} allocations for {requests} NBD requests"
+    );
+    let map = run("nbdinfo", &["--map", "--json", &uri(&nbd, "disk")]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let types: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect();
+    // Objects 0 and 2 written (4 MiB objects), 1 and 3..7 never.
+    assert_eq!(
+        types,
+        [(4 << 20, 0), (4 << 20, 3), (4 << 20, 0), (20 << 20, 3)],
+        "{map}"
+    );
+    assert_eq!(total(&after, "nbd_errors"), 0);
+    assert!(server.stop().success());
+}

@@ -34,11 +34,14 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 pub const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
@@ -74,14 +77,26 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
-/// Command flags we accept (FUA, NO_HOLE); others are EINVAL.
+pub const CMD_BLOCK_STATUS: u16 = 7;
+/// Command flags we accept (FUA, NO_HOLE; REQ_ONE on BLOCK_STATUS); others are EINVAL.
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// The one meta context Carmine serves, and the id it gives it.
+pub const META_BASE_ALLOCATION: &[u8] = b"base:allocation";
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` status bits: not allocated, reads as zeroes.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
+/// Bytes of one block status descriptor (length u32, status flags u32).
+pub const BLOCK_DESCRIPTOR_BYTES: usize = 8;
 
 /// Structured reply chunks: the flag on the last chunk of a reply, and chunk types.
 pub const REPLY_FLAG_DONE: u16 = 1;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 
 /// Error numbers of replies (Linux errno values, as the protocol fixes them).
@@ -192,6 +207,63 @@ pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
     (info_types.len() == 2 * count).then_some(InfoRequest { name, info_types })
 }
 
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: name length u32,
+/// name, a u32 count of queries, then that many queries (length u32, then the query's bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetaContextRequest<'a> {
+    pub name: &'a [u8],
+    pub query_count: u32,
+    /// The queries, still encoded (each a length and its bytes); [`parse_meta_context_request`]
+    /// checked that they fill this exactly.
+    queries: &'a [u8],
+}
+
+impl<'a> MetaContextRequest<'a> {
+    pub fn queries(&self) -> impl Iterator<Item = &'a [u8]> {
+        let mut rest = self.queries;
+        std::iter::from_fn(move || {
+            let length = be_u32(rest.get(0..4)?) as usize;
+            let query = rest.get(4..4 + length)?;
+            rest = &rest[4 + length..];
+            Some(query)
+        })
+    }
+}
+
+/// Decodes a meta context option's payload; `None` when the lengths inside disagree with its
+/// size (the count of queries included).
+pub fn parse_meta_context_request(data: &[u8]) -> Option<MetaContextRequest<'_>> {
+    let name_len = usize::try_from(be_u32(data.get(0..4)?)).ok()?;
+    let name_end = 4usize.checked_add(name_len)?;
+    let name = data.get(4..name_end)?;
+    let query_count = be_u32(data.get(name_end..name_end.checked_add(4)?)?);
+    let queries = &data[name_end + 4..];
+    let mut rest = queries;
+    for _ in 0..query_count {
+        let length = usize::try_from(be_u32(rest.get(0..4)?)).ok()?;
+        rest = rest.get(4usize.checked_add(length)?..)?;
+    }
+    rest.is_empty().then_some(MetaContextRequest {
+        name,
+        query_count,
+        queries,
+    })
+}
+
+/// Whether `query` names `base:allocation`: exactly, or (when listing) as the `base:`
+/// namespace, whose every context a LIST query of just the namespace asks for.
+pub fn query_selects_base_allocation(query: &[u8], listing: bool) -> bool {
+    query == META_BASE_ALLOCATION || (listing && query == b"base:")
+}
+
+/// The payload of an `NBD_REP_META_CONTEXT` reply for `base:allocation`: its id, then its name.
+pub fn meta_context_reply() -> [u8; 4 + META_BASE_ALLOCATION.len()] {
+    let mut out = [0u8; 4 + META_BASE_ALLOCATION.len()];
+    out[..4].copy_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+    out[4..].copy_from_slice(META_BASE_ALLOCATION);
+    out
+}
+
 /// What the server does with a transmission request, decided from its header alone (the
 /// export's size and the largest request it accepts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,6 +278,12 @@ pub enum Verdict {
         no_hole: bool,
     },
     Flush,
+    /// NBD_CMD_BLOCK_STATUS over `[offset, offset + length)` (in the export, length not 0);
+    /// `req_one`: the reply must have exactly one descriptor. Whether a meta context was
+    /// negotiated is the server's to check (EINVAL if not).
+    BlockStatus {
+        req_one: bool,
+    },
     /// NBD_CMD_DISC: answer what is in flight, then close.
     Disconnect,
     /// Answer `error`, then skip `discard` payload bytes (a refused write's data) and go on.
@@ -257,6 +335,15 @@ pub fn check_request(request: &Request, export_size: u64, payload_max: u64) -> V
             } else {
                 EINVAL
             },
+            discard: 0,
+        },
+        CMD_BLOCK_STATUS if request.flags & !CMD_FLAG_REQ_ONE == 0 && in_range && length > 0 => {
+            Verdict::BlockStatus {
+                req_one: request.flags & CMD_FLAG_REQ_ONE != 0,
+            }
+        }
+        CMD_BLOCK_STATUS => Verdict::Reject {
+            error: EINVAL,
             discard: 0,
         },
         CMD_FLUSH => Verdict::Flush,
@@ -319,6 +406,30 @@ pub fn reply_head(
         }
         _ => (out, at),
     }
+}
+
+/// The head of a block status reply (structured replies only): one final BLOCK_STATUS chunk
+/// whose `descriptor_bytes` of descriptors follow the head, and its length.
+pub fn block_status_head(
+    cookie: u64,
+    descriptor_bytes: usize,
+) -> ([u8; REPLY_HEAD_MAX_BYTES], usize) {
+    let mut out = [0u8; REPLY_HEAD_MAX_BYTES];
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    out[6..8].copy_from_slice(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&(4 + descriptor_bytes as u32).to_be_bytes());
+    out[20..24].copy_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+    (out, STRUCTURED_HEADER_BYTES + 4)
+}
+
+/// One block status descriptor: `length` bytes with status `flags`.
+pub fn block_descriptor(length: u32, flags: u32) -> [u8; BLOCK_DESCRIPTOR_BYTES] {
+    let mut out = [0u8; BLOCK_DESCRIPTOR_BYTES];
+    out[..4].copy_from_slice(&length.to_be_bytes());
+    out[4..].copy_from_slice(&flags.to_be_bytes());
+    out
 }
 
 /// Appends an option reply (header and data) to `out` (negotiation only: not the data path).
@@ -518,6 +629,87 @@ mod tests {
             assert_eq!((len, be_u16(&head[6..])), (20, REPLY_TYPE_NONE));
             assert_eq!(be_u32(&head[16..]), 0);
         }
+    }
+
+    fn meta_payload(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
+        let mut out = (name.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for query in queries {
+            out.extend_from_slice(&(query.len() as u32).to_be_bytes());
+            out.extend_from_slice(query);
+        }
+        out
+    }
+
+    #[test]
+    fn meta_context_requests_and_block_status() {
+        let good = meta_payload(b"vm", &[b"base:allocation", b"qemu:dirty-bitmap:x"]);
+        let parsed = parse_meta_context_request(&good).unwrap();
+        assert_eq!((parsed.name, parsed.query_count), (&b"vm"[..], 2));
+        let queries: Vec<&[u8]> = parsed.queries().collect();
+        assert_eq!(queries, [&b"base:allocation"[..], b"qemu:dirty-bitmap:x"]);
+        assert!(query_selects_base_allocation(queries[0], false));
+        assert!(!query_selects_base_allocation(queries[1], true));
+        assert!(query_selects_base_allocation(b"base:", true));
+        assert!(!query_selects_base_allocation(b"base:", false));
+        let none = meta_payload(b"", &[]);
+        assert_eq!(parse_meta_context_request(&none).unwrap().query_count, 0);
+        for cut in 0..good.len() {
+            assert_eq!(
+                parse_meta_context_request(&good[..cut]),
+                None,
+                "cut at {cut}"
+            );
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(parse_meta_context_request(&long), None, "trailing byte");
+        let mut lying = meta_payload(b"vm", &[b"base:allocation"]);
+        lying[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_context_request(&lying), None, "count too large");
+        assert_eq!(&meta_context_reply()[..4], &[0, 0, 0, 1]);
+        assert_eq!(&meta_context_reply()[4..], b"base:allocation");
+
+        let size = 1 << 20;
+        let check = |flags, offset, length| {
+            check_request(
+                &request(CMD_BLOCK_STATUS, flags, offset, length),
+                size,
+                4096,
+            )
+        };
+        assert_eq!(
+            check(0, 0, 1 << 20),
+            Verdict::BlockStatus { req_one: false }
+        );
+        assert_eq!(
+            check(CMD_FLAG_REQ_ONE, 4096, 1),
+            Verdict::BlockStatus { req_one: true }
+        );
+        let einval = Verdict::Reject {
+            error: EINVAL,
+            discard: 0,
+        };
+        assert_eq!(check(0, 0, 0), einval, "empty");
+        assert_eq!(check(0, size, 1), einval, "past the end");
+        assert_eq!(check(CMD_FLAG_FUA, 0, 1), einval, "FUA means nothing here");
+
+        let (head, len) = block_status_head(7, 16);
+        assert_eq!(len, 24);
+        assert_eq!(be_u16(&head[6..]), REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(be_u16(&head[4..]), REPLY_FLAG_DONE);
+        assert_eq!(be_u64(&head[8..]), 7);
+        assert_eq!(
+            be_u32(&head[16..]),
+            4 + 16,
+            "context id and two descriptors"
+        );
+        assert_eq!(be_u32(&head[20..]), META_BASE_ALLOCATION_ID);
+        assert_eq!(
+            block_descriptor(4096, STATE_HOLE | STATE_ZERO),
+            [0, 0, 16, 0, 0, 0, 0, 3]
+        );
     }
 
     #[test]

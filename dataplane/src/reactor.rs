@@ -54,6 +54,11 @@ pub trait Core {
     fn publish(&mut self, loop_stats: &LoopCounters);
     /// True when the core has drained everything it must finish before the thread exits.
     fn drained(&self) -> bool;
+    /// Whether a coalescing pause may start now: false while the core waits on something
+    /// that finishes by itself (device I/O), whose completions a pause would only delay.
+    fn may_coalesce(&self) -> bool {
+        true
+    }
 }
 
 /// Loop-level counters, kept by the reactor and published by the core.
@@ -136,8 +141,49 @@ pub fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
 }
 
+/// Pass coalescing (interrupt moderation for a polling loop): after a pass that did some work
+/// but less than `below` units, sleep `pause` before the next one, so that requests and
+/// replies accumulate and each system call (epoll_wait, recv, writev) serves several ops. When
+/// clients keep many requests in flight this cuts CPU per op by half (NBD, 4 KiB, 128 in flight:
+/// from 3.3-3.75 to 0.34-0.40 system calls per request), for up to `pause` (plus the kernel's
+/// timer slack) of added latency per pass. A loaded core (`below` or more units per pass)
+/// never sleeps, nor one waiting on device I/O (`Core::may_coalesce`: measured with the
+/// segment store, pausing then cost a fifth of the IOPS). Off (`pause` zero) by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coalesce {
+    pub pause: Duration,
+    pub below: usize,
+}
+
+impl Coalesce {
+    pub const OFF: Coalesce = Coalesce {
+        pause: Duration::ZERO,
+        below: 0,
+    };
+    /// Passes with fewer units of work than this sleep (a 4 KiB NBD request is about four:
+    /// its read, dispatch, execution and reply).
+    pub const BELOW_DEFAULT: usize = 64;
+
+    pub fn new(pause: Duration) -> Coalesce {
+        Coalesce {
+            pause,
+            below: Coalesce::BELOW_DEFAULT,
+        }
+    }
+}
+
 /// Runs `core` until `stop` is set and the core has drained.
 pub fn run<C: Core>(core: &mut C, policy: IdlePolicy, stop: &AtomicBool) -> LoopCounters {
+    run_coalesced(core, policy, Coalesce::OFF, stop)
+}
+
+/// `run`, with pass coalescing.
+pub fn run_coalesced<C: Core>(
+    core: &mut C,
+    policy: IdlePolicy,
+    coalesce: Coalesce,
+    stop: &AtomicBool,
+) -> LoopCounters {
     let mut counters = LoopCounters::default();
     let mut last = Instant::now();
     let mut last_publish = last;
@@ -172,6 +218,13 @@ pub fn run<C: Core>(core: &mut C, policy: IdlePolicy, stop: &AtomicBool) -> Loop
                     last = woke;
                 }
             }
+        }
+        if work > 0 && work < coalesce.below && !coalesce.pause.is_zero() && core.may_coalesce() {
+            // Asleep is idle: the next pass's time starts when it wakes.
+            std::thread::sleep(coalesce.pause);
+            let woke = Instant::now();
+            counters.idle_ns += woke.duration_since(last).as_nanos() as u64;
+            last = woke;
         }
         if last.duration_since(last_publish) >= PUBLISH_INTERVAL {
             core.publish(&counters);
@@ -245,6 +298,40 @@ mod tests {
         assert!(counters.busy_ns > 0);
         assert!(core.published >= 1);
         assert_eq!(core.parks, 0, "spin never parks");
+    }
+
+    #[test]
+    fn coalescing_sleeps_after_light_passes_and_counts_it_idle() {
+        let stop = AtomicBool::new(true);
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut core = CountingCore {
+            work_left: 5,
+            parks: 0,
+            published: 0,
+            waker,
+        };
+        let pause = Duration::from_millis(2);
+        let counters = run_coalesced(&mut core, IdlePolicy::Spin, Coalesce::new(pause), &stop);
+        assert_eq!((core.work_left, counters.passes), (0, 6));
+        // A sleep lasts at least what it asks for: five light passes, five pauses, all idle.
+        assert!(
+            counters.idle_ns >= 5 * pause.as_nanos() as u64,
+            "{counters:?}"
+        );
+        assert!(counters.busy_ns < counters.idle_ns, "{counters:?}");
+        // A pass with `below` units or more never sleeps.
+        let mut heavy = CountingCore {
+            work_left: 5,
+            parks: 0,
+            published: 0,
+            waker: core.waker.clone(),
+        };
+        let never = Coalesce {
+            pause: Duration::from_secs(3600),
+            below: 1,
+        };
+        let counters = run_coalesced(&mut heavy, IdlePolicy::Spin, never, &stop);
+        assert_eq!(counters.passes, 6, "no hour-long sleep happened");
     }
 
     #[test]

@@ -142,6 +142,8 @@ pub struct TcpTransport {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    /// A watched descriptor (`watch_fd`) reported readiness since `take_watched_ready`.
+    watched_ready: bool,
     conns: Vec<Option<Connection>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -200,6 +202,7 @@ impl TcpTransport {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            watched_ready: true,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -239,6 +242,14 @@ impl TcpTransport {
             (libc::EPOLLIN | libc::EPOLLET) as u32,
             TOKEN_WATCHED,
         )
+    }
+
+    /// Whether a watched descriptor became readable since the last call. A watched epoll
+    /// descriptor (edge-triggered here) is reported whenever one of its own descriptors gets
+    /// an event, so its owner may skip its own `epoll_wait` on passes where this is false,
+    /// as long as its last wait did not stop at its event limit.
+    pub fn take_watched_ready(&mut self) -> bool {
+        std::mem::replace(&mut self.watched_ready, false)
     }
 
     pub fn connection_count(&self) -> usize {
@@ -339,7 +350,7 @@ impl TcpTransport {
             }
             match token {
                 TOKEN_WAKER => {}
-                TOKEN_WATCHED => {}
+                TOKEN_WATCHED => self.watched_ready = true,
                 TOKEN_LISTENER => self.accept_ready = true,
                 _ => self.on_conn_event(token, events),
             }

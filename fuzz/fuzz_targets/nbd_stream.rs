@@ -68,6 +68,13 @@ fuzz_target!(|bytes: &[u8]| {
                     break;
                 }
             }
+            nbd::OPT_LIST_META_CONTEXT | nbd::OPT_SET_META_CONTEXT => {
+                let Some(meta) = nbd::parse_meta_context_request(data) else { continue };
+                assert_eq!(&data[4..4 + meta.name.len()], meta.name);
+                let bytes: usize = meta.queries().map(|q| 4 + q.len()).sum();
+                assert_eq!(meta.queries().count(), meta.query_count as usize);
+                assert_eq!(4 + meta.name.len() + 4 + bytes, data.len());
+            }
             _ => {}
         }
     }
@@ -92,6 +99,11 @@ fuzz_target!(|bytes: &[u8]| {
                 assert!(!no_hole || request.command == nbd::CMD_WRITE_ZEROES);
             }
             Verdict::Flush => assert_eq!(request.command, nbd::CMD_FLUSH),
+            Verdict::BlockStatus { req_one } => {
+                assert_eq!(request.command, nbd::CMD_BLOCK_STATUS);
+                assert!(end.is_some_and(|end| end <= export_size) && length > 0);
+                assert_eq!(req_one, request.flags & nbd::CMD_FLAG_REQ_ONE != 0);
+            }
             Verdict::Disconnect => return,
             Verdict::Reject { error, discard } => {
                 assert!(matches!(error, nbd::EINVAL | nbd::ENOSPC));

@@ -55,6 +55,14 @@ const TX_IOVECS_MAX: usize = 256;
 
 const TOKEN_LISTENER: u64 = u64::MAX;
 
+/// Objects one BLOCK_STATUS request asks about (one Stat part each); the reply covers those
+/// objects' part of the range (a client asks again for the rest).
+pub const BLOCK_STATUS_OBJECTS_MAX: usize = 16;
+/// Descriptors of one BLOCK_STATUS reply: at most a data and a hole extent per object.
+const BLOCK_EXTENTS_MAX: usize = 2 * BLOCK_STATUS_OBJECTS_MAX;
+/// `Request::object_sizes` of an object the store does not have.
+const OBJECT_MISSING: u32 = u32::MAX;
+
 /// Zero bytes for the parts of a read that the store did not have (never written, or short).
 static ZEROES: [u8; PART_BYTES_MAX] = [0; PART_BYTES_MAX];
 
@@ -67,6 +75,8 @@ enum Kind {
     Zero,
     /// A negotiation read: the directory (LIST) or an image header (GO, INFO, EXPORT_NAME).
     Option(u32),
+    /// BLOCK_STATUS (`base:allocation`): a Stat of each object in the range.
+    BlockStatus,
 }
 
 /// A built part, waiting for the core to dispatch it.
@@ -94,8 +104,15 @@ struct Request {
     /// WRITE_ZEROES with NO_HOLE: zero whole objects too, never remove them.
     no_hole: bool,
     /// Reads: each part's length and output (short or missing outputs read as zeroes).
+    /// Block status: each object's part of the range.
     lengths: [u32; REQUEST_PARTS_MAX],
     outputs: [Option<Buf>; REQUEST_PARTS_MAX],
+    /// Block status: REQ_ONE (one descriptor); each object's size (`OBJECT_MISSING`); the
+    /// reply's descriptors, built when every Stat has answered.
+    req_one: bool,
+    object_sizes: [u32; BLOCK_STATUS_OBJECTS_MAX],
+    extents: [u8; BLOCK_EXTENTS_MAX * nbd::BLOCK_DESCRIPTOR_BYTES],
+    extent_count: u8,
 }
 
 impl Default for Request {
@@ -114,7 +131,49 @@ impl Default for Request {
             no_hole: false,
             lengths: [0; REQUEST_PARTS_MAX],
             outputs: std::array::from_fn(|_| None),
+            req_one: false,
+            object_sizes: [0; BLOCK_STATUS_OBJECTS_MAX],
+            extents: [0; BLOCK_EXTENTS_MAX * nbd::BLOCK_DESCRIPTOR_BYTES],
+            extent_count: 0,
         }
+    }
+}
+
+/// What a new request starts with. A request slot is reset field by field
+/// (`Request::start`), never rebuilt whole: `Request` is over a kilobyte (its arrays), and
+/// building one, moving it in, and moving it out with a default left behind were three such
+/// copies per request.
+#[derive(Clone, Copy, Default)]
+struct Start {
+    conn: u32,
+    conn_generation: u32,
+    cookie: u64,
+    kind: Kind,
+    next_offset: u64,
+    remaining: u64,
+    no_hole: bool,
+    req_one: bool,
+}
+
+impl Request {
+    /// Resets a freed slot for a new request. The arrays need no reset: `lengths` and
+    /// `object_sizes` are written per part before they are read, `extents` when the reply is
+    /// built, and `outputs` are all `None` once a request is freed (`free_request`).
+    fn start(&mut self, start: Start) {
+        debug_assert!(self.outputs.iter().all(|o| o.is_none()));
+        self.conn = start.conn;
+        self.conn_generation = start.conn_generation;
+        self.cookie = start.cookie;
+        self.kind = start.kind;
+        self.parts_issued = 0;
+        self.parts_done = 0;
+        self.next_offset = start.next_offset;
+        self.remaining = start.remaining;
+        self.error = 0;
+        self.in_pump = false;
+        self.no_hole = start.no_hole;
+        self.req_one = start.req_one;
+        self.extent_count = 0;
     }
 }
 
@@ -129,8 +188,9 @@ enum Phase {
 struct TxReply {
     head: [u8; nbd::REPLY_HEAD_MAX_BYTES],
     head_len: u8,
-    /// A successful read: its request's outputs are the payload; freed once sent.
-    read: Option<OpRef>,
+    /// A successful read or block status: its request holds the payload (outputs or
+    /// descriptors, `payload`); freed once sent.
+    body: Option<OpRef>,
     sent: usize,
 }
 
@@ -149,6 +209,11 @@ struct Conn {
     no_zeroes: bool,
     /// The client asked for structured replies (NBD_OPT_STRUCTURED_REPLY).
     structured: bool,
+    /// `base:allocation` was selected (NBD_OPT_SET_META_CONTEXT) for the export named
+    /// `meta_export`; a GO for another export drops it.
+    meta_allocation: bool,
+    meta_export: [u8; image::NAME_BYTES_MAX],
+    meta_export_len: usize,
     /// Received bytes `[in_start, in_end)` not yet consumed.
     inbuf: Box<[u8]>,
     in_start: usize,
@@ -212,6 +277,9 @@ pub struct NbdFrontend {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    /// The last `epoll_wait` stopped at its event limit: more may be ready, and the nested
+    /// set's readiness (which the transport reports) will not fire again for them.
+    events_full: bool,
     conns: Vec<Option<Conn>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -261,6 +329,7 @@ impl NbdFrontend {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            events_full: true,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
             free: (0..count as u32).rev().collect(),
@@ -365,6 +434,9 @@ impl NbdFrontend {
             phase: Phase::ClientFlags,
             no_zeroes: false,
             structured: false,
+            meta_allocation: false,
+            meta_export: [0; image::NAME_BYTES_MAX],
+            meta_export_len: 0,
             inbuf: vec![0u8; 2 * self.work.part_bytes + 4096].into_boxed_slice(),
             in_start: 0,
             in_end: 0,
@@ -387,6 +459,11 @@ impl NbdFrontend {
         self.work.stats.accepted += 1;
     }
 
+    /// Whether `poll_events` must run even though the transport did not see the set ready.
+    pub fn events_may_be_pending(&self) -> bool {
+        self.events_full
+    }
+
     /// Collects readiness; never blocks.
     pub fn poll_events(&mut self) -> usize {
         // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
@@ -398,6 +475,7 @@ impl NbdFrontend {
                 0,
             )
         };
+        self.events_full = count == EPOLL_EVENTS_MAX as i32;
         if count <= 0 {
             return 0;
         }
@@ -607,6 +685,24 @@ impl NbdFrontend {
                     other => spare = other,
                 }
             }
+            Kind::BlockStatus => {
+                let slot = &mut request.object_sizes[usize::from(part)];
+                if missing {
+                    *slot = OBJECT_MISSING;
+                } else if failed {
+                    request.error = nbd::EIO;
+                } else {
+                    let stat = output.as_ref().and_then(|b| {
+                        carmine_storage::object_store::ObjectStat::from_bytes(b.sealed())
+                    });
+                    match stat {
+                        // Object sizes are at most 1 GiB: a larger size means past the part.
+                        Some(stat) => *slot = stat.size.min(u64::from(u32::MAX - 1)) as u32,
+                        None => request.error = nbd::EIO,
+                    }
+                }
+                spare = output;
+            }
             Kind::Write | Kind::Zero => {
                 spare = output;
                 // Zeroing or removing an object that was never written is already done.
@@ -657,6 +753,21 @@ impl NbdFrontend {
         if error != 0 {
             self.work.stats.errors += 1;
         }
+        if kind == Kind::BlockStatus && error == 0 {
+            let request = self.work.requests.get(request_ref);
+            let export = self.conns[index as usize].as_ref().and_then(|c| c.export);
+            let object_size = export.map_or(1, |e| e.header.object_size);
+            build_extents(request, object_size);
+            let conn = self.conns[index as usize].as_mut().expect("alive");
+            queue_block_status(
+                conn,
+                cookie,
+                request_ref,
+                self.work.requests.get(request_ref),
+            );
+            self.want_tx(index);
+            return;
+        }
         let read = (kind == Kind::Read && error == 0).then(|| {
             let length: u32 = request.lengths[..request.parts_issued as usize]
                 .iter()
@@ -701,6 +812,10 @@ impl NbdFrontend {
             match ImageHeader::parse(bytes) {
                 Ok(header) if !failed => {
                     export.header = header;
+                    // Contexts selected for another export do not apply to this one.
+                    if conn.meta_export[..conn.meta_export_len] != export.name[..export.name_len] {
+                        conn.meta_allocation = false;
+                    }
                     if option == nbd::OPT_EXPORT_NAME {
                         conn.ctl.extend_from_slice(&header.size.to_be_bytes());
                         conn.ctl
@@ -794,9 +909,13 @@ impl NbdFrontend {
         }; TX_IOVECS_MAX];
         let mut count = 0;
         for reply in conn.tx.iter() {
-            let parts = reply
-                .read
-                .map_or(0, |r| self.work.requests.get(r).parts_issued as usize);
+            let parts = reply.body.map_or(0, |r| {
+                let request = self.work.requests.get(r);
+                match request.kind {
+                    Kind::BlockStatus => 1,
+                    _ => request.parts_issued as usize,
+                }
+            });
             if count + 1 + 2 * parts > TX_IOVECS_MAX {
                 break;
             }
@@ -814,8 +933,12 @@ impl NbdFrontend {
                 skip = 0;
             };
             push(&reply.head[..usize::from(reply.head_len)]);
-            if let Some(read) = reply.read {
-                let request = self.work.requests.get(read);
+            if let Some(body) = reply.body {
+                let request = self.work.requests.get(body);
+                if request.kind == Kind::BlockStatus {
+                    push(&request.extents[..body_len(request)]);
+                    continue;
+                }
                 for part in 0..parts {
                     let length = request.lengths[part] as usize;
                     let data = request.outputs[part]
@@ -846,13 +969,9 @@ impl NbdFrontend {
         let conn = self.conns[index as usize].as_mut().expect("open");
         while let Some(front) = conn.tx.front_mut() {
             let length = usize::from(front.head_len)
-                + front.read.map_or(0, |r| {
-                    let request = self.work.requests.get(r);
-                    request.lengths[..request.parts_issued as usize]
-                        .iter()
-                        .map(|l| *l as usize)
-                        .sum()
-                });
+                + front
+                    .body
+                    .map_or(0, |r| body_len(self.work.requests.get(r)));
             let left = length - front.sent;
             if remaining < left {
                 front.sent += remaining;
@@ -862,8 +981,8 @@ impl NbdFrontend {
             let reply = conn.tx.pop_front().expect("front exists");
             conn.inflight -= 1;
             completed += 1;
-            if let Some(read) = reply.read {
-                free_request(&mut self.work, pools, read);
+            if let Some(body) = reply.body {
+                free_request(&mut self.work, pools, body);
             }
         }
         if conn.inflight < INFLIGHT_PER_CONNECTION_MAX && !conn.in_rx_list && !conn.closing {
@@ -913,8 +1032,8 @@ impl NbdFrontend {
             }
         }
         for reply in conn.tx {
-            if let Some(read) = reply.read {
-                free_request(&mut self.work, pools, read);
+            if let Some(body) = reply.body {
+                free_request(&mut self.work, pools, body);
             }
         }
         // Other requests of this connection finish in the store and are dropped then.
@@ -963,15 +1082,19 @@ fn release(work: &mut Work, pools: &mut CorePools, buf: Buf) {
 }
 
 fn free_request(work: &mut Work, pools: &mut CorePools, request_ref: OpRef) {
-    let mut request = work.requests.free(request_ref);
-    if matches!(request.kind, Kind::Read | Kind::Option(_)) {
+    let request = work.requests.get(request_ref);
+    if matches!(
+        request.kind,
+        Kind::Read | Kind::Option(_) | Kind::BlockStatus
+    ) {
         work.read_parts_held -= request.parts_issued as usize;
     }
-    for output in request.outputs.iter_mut() {
-        if let Some(buf) = output.take() {
+    for part in 0..REQUEST_PARTS_MAX {
+        if let Some(buf) = work.requests.get(request_ref).outputs[part].take() {
             release(work, pools, buf);
         }
     }
+    work.requests.release(request_ref);
 }
 
 /// Queues a reply; `read` is a successful read: its request (whose outputs follow the head),
@@ -985,13 +1108,86 @@ fn queue_reply(conn: &mut Conn, error: u32, cookie: u64, read: Option<(OpRef, u6
         cookie,
         read.map(|(_, offset, length)| (offset, length)),
     );
-    let read = read.map(|(request, _, _)| request);
+    let body = read.map(|(request, _, _)| request);
     conn.tx.push_back(TxReply {
         head,
         head_len: head_len as u8,
-        read,
+        body,
         sent: 0,
     });
+}
+
+/// Bytes of a reply's payload held by its request: a read's data, or block status descriptors.
+fn body_len(request: &Request) -> usize {
+    match request.kind {
+        Kind::BlockStatus => usize::from(request.extent_count) * nbd::BLOCK_DESCRIPTOR_BYTES,
+        _ => request.lengths[..request.parts_issued as usize]
+            .iter()
+            .map(|l| *l as usize)
+            .sum(),
+    }
+}
+
+/// Queues the reply to a block status request whose descriptors are built.
+fn queue_block_status(conn: &mut Conn, cookie: u64, request_ref: OpRef, request: &Request) {
+    assert!(conn.tx.len() < conn.tx.capacity(), "NBD tx queue overflow");
+    let (head, head_len) = nbd::block_status_head(cookie, body_len(request));
+    conn.tx.push_back(TxReply {
+        head,
+        head_len: head_len as u8,
+        body: Some(request_ref),
+        sent: 0,
+    });
+}
+
+/// Turns the Stat results of a block status request into `base:allocation` descriptors: an
+/// object the store does not have is a hole (reads as zeroes); one it has is data up to its
+/// size and a hole after. Neighbours with the same status merge; REQ_ONE keeps the first.
+fn build_extents(request: &mut Request, object_size: u64) {
+    let mut extents: [(u32, u32); BLOCK_EXTENTS_MAX] = [(0, 0); BLOCK_EXTENTS_MAX];
+    let mut count = 0;
+    let mut add = |length: u64, flags: u32| {
+        if length == 0 {
+            return;
+        }
+        let length = length as u32; // A part is within one object: at most 1 GiB.
+        let merged = (count > 0 && extents[count - 1].1 == flags)
+            .then(|| extents[count - 1].0.checked_add(length))
+            .flatten();
+        if let Some(merged) = merged {
+            extents[count - 1].0 = merged;
+        } else {
+            extents[count] = (length, flags);
+            count += 1;
+        }
+    };
+    let hole = nbd::STATE_HOLE | nbd::STATE_ZERO;
+    for part in 0..request.parts_issued as usize {
+        let length = u64::from(request.lengths[part]);
+        // The first part may start inside its object; the others start at its beginning.
+        let start = if part == 0 {
+            request.next_offset % object_size
+        } else {
+            0
+        };
+        let size = request.object_sizes[part];
+        let data = if size == OBJECT_MISSING {
+            0
+        } else {
+            u64::from(size).saturating_sub(start).min(length)
+        };
+        add(data, 0);
+        add(length - data, hole);
+    }
+    if request.req_one {
+        count = count.min(1);
+    }
+    for (index, (length, flags)) in extents[..count].iter().enumerate() {
+        let at = index * nbd::BLOCK_DESCRIPTOR_BYTES;
+        request.extents[at..at + nbd::BLOCK_DESCRIPTOR_BYTES]
+            .copy_from_slice(&nbd::block_descriptor(*length, *flags));
+    }
+    request.extent_count = count as u8;
 }
 
 /// Answers a request at once (errors, FLUSH): counts in flight until sent, like any other.
@@ -1128,8 +1324,56 @@ fn consume_option(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Core
             }
             ask_export(work, conn, index, pools, option, name)
         }
+        nbd::OPT_LIST_META_CONTEXT | nbd::OPT_SET_META_CONTEXT => {
+            let listing = option == nbd::OPT_LIST_META_CONTEXT;
+            let Some(meta) = nbd::parse_meta_context_request(data) else {
+                nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_INVALID, b"malformed");
+                return Consume::Progress;
+            };
+            if !listing && !conn.structured {
+                // Block status replies are structured: SET needs them negotiated first.
+                nbd::option_reply(
+                    &mut conn.ctl,
+                    option,
+                    nbd::REP_ERR_INVALID,
+                    b"structured replies first",
+                );
+                return Consume::Progress;
+            }
+            if meta.name.len() > image::NAME_BYTES_MAX {
+                nbd::option_reply(
+                    &mut conn.ctl,
+                    option,
+                    nbd::REP_ERR_UNKNOWN,
+                    b"no such image",
+                );
+                return Consume::Progress;
+            }
+            // LIST with no query lists every context; SET with none selects none.
+            let selected = if meta.query_count == 0 {
+                listing
+            } else {
+                meta.queries()
+                    .any(|q| nbd::query_selects_base_allocation(q, listing))
+            };
+            if !listing {
+                conn.meta_allocation = selected;
+                conn.meta_export[..meta.name.len()].copy_from_slice(meta.name);
+                conn.meta_export_len = meta.name.len();
+            }
+            if selected {
+                nbd::option_reply(
+                    &mut conn.ctl,
+                    option,
+                    nbd::REP_META_CONTEXT,
+                    &nbd::meta_context_reply(),
+                );
+            }
+            nbd::option_reply(&mut conn.ctl, option, nbd::REP_ACK, b"");
+            Consume::Progress
+        }
         _ => {
-            // STARTTLS, meta contexts (BLOCK_STATUS), extended headers: not offered.
+            // STARTTLS, extended headers: not offered.
             nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"");
             Consume::Progress
         }
@@ -1190,12 +1434,12 @@ fn start_option_read(
         nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
         return Consume::Progress;
     };
-    *work.requests.get(request_ref) = Request {
+    work.requests.get(request_ref).start(Start {
         conn: index,
         conn_generation: conn.generation,
         kind: Kind::Option(option),
-        ..Request::default()
-    };
+        ..Start::default()
+    });
     if !build_part(
         work,
         pools,
@@ -1207,7 +1451,7 @@ fn start_option_read(
         length as u64,
         &[],
     ) {
-        work.requests.free(request_ref);
+        work.requests.release(request_ref);
         nbd::option_reply(&mut conn.ctl, option, nbd::REP_ERR_UNSUP, b"server busy");
         return Consume::Progress;
     }
@@ -1358,21 +1602,21 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
         Verdict::Write => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
             let request_ref = work.requests.alloc().expect("admits checked");
-            *work.requests.get(request_ref) = Request {
+            work.requests.get(request_ref).start(Start {
                 conn: index,
                 conn_generation: conn.generation,
                 cookie: request.cookie,
                 kind: Kind::Write,
                 next_offset: request.offset,
                 remaining: length,
-                ..Request::default()
-            };
+                ..Start::default()
+            });
             work.stats.requests += 1;
             conn.inflight += 1;
             if length == 0 {
                 conn.write = None;
                 queue_reply(conn, 0, request.cookie, None);
-                work.requests.free(request_ref);
+                work.requests.release(request_ref);
                 return Consume::Progress;
             }
             conn.write = Some(request_ref);
@@ -1387,7 +1631,7 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 return Consume::Progress;
             }
             let request_ref = work.requests.alloc().expect("admits checked");
-            *work.requests.get(request_ref) = Request {
+            work.requests.get(request_ref).start(Start {
                 conn: index,
                 conn_generation: conn.generation,
                 cookie: request.cookie,
@@ -1395,10 +1639,36 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
                 no_hole,
                 next_offset: request.offset,
                 remaining: length,
-                ..Request::default()
-            };
+                ..Start::default()
+            });
             issue_zero_parts(work, request_ref, &export, pools);
             schedule_zero(work, request_ref);
+            Consume::Progress
+        }
+        Verdict::BlockStatus { req_one } => {
+            if !conn.meta_allocation {
+                conn.in_start += nbd::REQUEST_HEADER_BYTES;
+                work.stats.requests += 1;
+                answer_now(work, conn, nbd::EINVAL, request.cookie);
+                return Consume::Progress;
+            }
+            let object_size = export.header.object_size;
+            let parts = image::split(object_size, object_size, request.offset, length)
+                .take(BLOCK_STATUS_OBJECTS_MAX)
+                .count();
+            if work.read_parts_held + parts > work.read_parts_budget {
+                return Consume::Paused;
+            }
+            let oid_len_max = export.name_len + 21;
+            if !arena_room(
+                work,
+                pools,
+                parts * (HEADER_SIZE + oid_len_max + SUB_OP_DESC_SIZE),
+            ) {
+                return Consume::Paused;
+            }
+            conn.in_start += nbd::REQUEST_HEADER_BYTES;
+            start_block_status(work, conn, index, pools, &export, request, req_one);
             Consume::Progress
         }
         Verdict::Flush => {
@@ -1444,15 +1714,15 @@ fn start_read(
     request: NbdRequest,
 ) {
     let request_ref = work.requests.alloc().expect("admits checked");
-    *work.requests.get(request_ref) = Request {
+    work.requests.get(request_ref).start(Start {
         conn: index,
         conn_generation: conn.generation,
         cookie: request.cookie,
         kind: Kind::Read,
         // Reads keep their start here for the reply (structured replies carry it).
         next_offset: request.offset,
-        ..Request::default()
-    };
+        ..Start::default()
+    });
     work.stats.requests += 1;
     conn.inflight += 1;
     let name = &export.name[..export.name_len];
@@ -1483,9 +1753,62 @@ fn start_read(
     work.read_parts_held += count;
     if count == 0 {
         // A zero-length read: nothing to fetch.
-        work.requests.free(request_ref);
+        work.requests.release(request_ref);
         queue_reply(conn, 0, request.cookie, None);
     }
+}
+
+/// Issues a Stat of each object in the range (at most `BLOCK_STATUS_OBJECTS_MAX`).
+fn start_block_status(
+    work: &mut Work,
+    conn: &mut Conn,
+    index: u32,
+    pools: &mut CorePools,
+    export: &Export,
+    request: NbdRequest,
+    req_one: bool,
+) {
+    let request_ref = work.requests.alloc().expect("admits checked");
+    work.requests.get(request_ref).start(Start {
+        conn: index,
+        conn_generation: conn.generation,
+        cookie: request.cookie,
+        kind: Kind::BlockStatus,
+        next_offset: request.offset,
+        req_one,
+        ..Start::default()
+    });
+    work.stats.requests += 1;
+    conn.inflight += 1;
+    let name = &export.name[..export.name_len];
+    let object_size = export.header.object_size;
+    let mut count = 0;
+    for part in image::split(
+        object_size,
+        object_size,
+        request.offset,
+        u64::from(request.length),
+    )
+    .take(BLOCK_STATUS_OBJECTS_MAX)
+    {
+        let oid = Oid::data(name, part.index);
+        let built = build_part(
+            work,
+            pools,
+            request_ref,
+            count as u8,
+            oid.as_bytes(),
+            SubOpCode::Stat,
+            0,
+            0,
+            &[],
+        );
+        assert!(built, "arena room was reserved for every part");
+        work.requests.get(request_ref).lengths[count] = part.length as u32;
+        count += 1;
+    }
+    work.requests.get(request_ref).parts_issued = count as u32;
+    work.read_parts_held += count;
 }
 
 /// Builds the next parts of a write from the data buffered so far.

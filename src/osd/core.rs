@@ -444,10 +444,18 @@ impl<N: Network> OsdCore<N> {
     }
 
     fn poll_nbd(&mut self) -> usize {
-        let Some(nbd) = self.nbd.as_mut() else {
+        if self.nbd.is_none() {
             return 0;
+        }
+        // The frontend's epoll set is watched by the transport's: skip its epoll_wait (one
+        // system call per pass) unless the transport saw it become ready.
+        let watched = self.transport.take_watched_ready();
+        let nbd = self.nbd.as_mut().expect("checked above");
+        let mut work = if watched || nbd.events_may_be_pending() {
+            nbd.poll_events()
+        } else {
+            0
         };
-        let mut work = nbd.poll_events();
         // Stopping: accept and read nothing more, but finish what was issued.
         let reading = !self.stopping();
         while let Some((stream, peer)) = self
@@ -1443,6 +1451,10 @@ impl<N: Network> Core for OsdCore<N> {
         self.counters.set(Counter::passes, loop_counters.passes);
         self.counters.set(Counter::parks, loop_counters.parks);
         self.publish_now();
+    }
+
+    fn may_coalesce(&self) -> bool {
+        !self.store.busy()
     }
 
     fn drained(&self) -> bool {

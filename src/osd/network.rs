@@ -48,6 +48,9 @@ pub trait Network {
     fn close_all(&mut self, pools: &mut CorePools);
     /// Also wake a parked core when `fd` becomes readable.
     fn watch_fd(&mut self, fd: RawFd) -> io::Result<()>;
+    /// Whether a watched descriptor reported readiness since the last call (true when the
+    /// transport cannot tell).
+    fn take_watched_ready(&mut self) -> bool;
     fn stats(&self) -> TransportStats;
     /// The pool an op's output needs is empty: free a buffer a stalled connection holds, if
     /// one does (`want_large`: from the large pool). True when one was freed.
@@ -96,6 +99,9 @@ impl Network for TcpTransport {
     }
     fn watch_fd(&mut self, fd: RawFd) -> io::Result<()> {
         TcpTransport::watch_fd(self, fd)
+    }
+    fn take_watched_ready(&mut self) -> bool {
+        TcpTransport::take_watched_ready(self)
     }
     fn stats(&self) -> TransportStats {
         self.stats

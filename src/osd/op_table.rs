@@ -62,6 +62,14 @@ impl<T: Default> OpTable<T> {
         std::mem::take(&mut self.slots[op.slot as usize])
     }
 
+    /// Frees a slot and leaves its contents where they are, for tables of large entries that
+    /// their owner resets field by field (moving them out and a default in costs a copy each).
+    pub fn release(&mut self, op: OpRef) {
+        self.check(op);
+        self.live[op.slot as usize] = false;
+        self.free.push(op.slot);
+    }
+
     pub fn get(&mut self, op: OpRef) -> &mut T {
         self.check(op);
         &mut self.slots[op.slot as usize]

@@ -159,6 +159,9 @@ impl Network for SimNet {
         }
     }
 
+    fn take_watched_ready(&mut self) -> bool {
+        true
+    }
     fn watch_fd(&mut self, _fd: RawFd) -> io::Result<()> {
         Ok(())
     }
