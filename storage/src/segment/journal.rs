@@ -1058,7 +1058,7 @@ mod tests {
     /// Appends op `n`: create object `o<n>`, write one block, set its size.
     fn append_op(journal: &mut Journal, n: u64, data: &mut AlignedBuf) -> Result<(), JournalError> {
         let oid = format!("o{n}");
-        let crc = crc32c::crc32c(data);
+        let crc = carmine_crc::crc32c(data);
         let mut op = journal.append()?;
         op.delta(&Delta::ObjectCreate {
             oid: oid.as_bytes(),
@@ -1142,7 +1142,7 @@ mod tests {
             let block = onode.blocks[&0];
             let on_disk = &qp.durable()[block.physical as usize..][..4096];
             assert_eq!(on_disk, &buf[..], "data at the patched address");
-            assert_eq!(crc32c::crc32c(on_disk), block.crc);
+            assert_eq!(carmine_crc::crc32c(on_disk), block.crc);
         }
     }
 
@@ -1186,7 +1186,7 @@ mod tests {
                     onode.unwrap_or_else(|| panic!("seed {seed}: acknowledged op {n} lost"));
                 let block = onode.blocks[&0];
                 assert_eq!(
-                    crc32c::crc32c(&image[block.physical as usize..][..4096]),
+                    carmine_crc::crc32c(&image[block.physical as usize..][..4096]),
                     block.crc,
                     "seed {seed}: op {n} data"
                 );

@@ -792,7 +792,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
                     let expected = onode.blocks[&(run.first_index + at)].crc;
                     let bytes =
                         &run.buf[(at * BLOCK_SIZE_BYTES) as usize..][..BLOCK_SIZE_BYTES as usize];
-                    if crc32c::crc32c(bytes) == expected {
+                    if carmine_crc::crc32c(bytes) == expected {
                         run.valid |= 1 << at;
                     } else {
                         self.extra.checksum_errors += 1;
@@ -908,7 +908,7 @@ fn append_plan(
                     crcs.clear();
                     for block in 0..count {
                         let start = (at as usize + block) * 4096;
-                        crcs.push(crc32c::crc32c(&buffer[start..start + 4096]));
+                        crcs.push(carmine_crc::crc32c(&buffer[start..start + 4096]));
                     }
                     // SAFETY: the buffer belongs to the plan, which the slot keeps unchanged
                     // until the journal reports this op's record durable (or failed).
