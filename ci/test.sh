@@ -43,10 +43,16 @@ cargo test --workspace --locked -- --test-threads=2
 #     build (the debug test runs a few cuts). A failure prints seed=N and how to replay it.
 log "deterministic simulation: carmine sim --cuts 1000 (release)"
 cargo run --release --locked --quiet -- sim --cuts 1000
+# Small buffer pools: ops wait for output buffers that frames hold (a deadlock was found so).
+log "deterministic simulation, tight buffer pools: carmine sim --cuts 400 --tight-pools"
+cargo run --release --locked --quiet -- sim --cuts 400 --first-seed 1000 --tight-pools
+# Medium errors injected at random blocks: failed ops change nothing, reads never lie.
+log "deterministic simulation, read errors: carmine sim --cuts 400 --read-errors"
+cargo run --release --locked --quiet -- sim --cuts 400 --first-seed 2000 --read-errors
 
 # 3b. DPDK (issue 5): bindings (bindgen + clang), safe wrappers, and vdev tests that need no NIC
 #     and no hugepages (net_ring0 in-process; net_memif pairs between two processes: frame echo
-#     and the datagram RPC with ARP). Root installs DPDK 22.11 from Debian; elsewhere the block
+#     and the datagram RPC with ARP; `carmine serve/load --transport dpdk` over memif). Root installs DPDK 22.11 from Debian; elsewhere the block
 #     says why it is skipped. About 2-3 minutes (mostly compiling with the feature).
 log "DPDK: --features dpdk build and vdev tests"
 dpdk_pkgs=(libdpdk-dev dpdk pkg-config clang libclang-dev)
@@ -58,6 +64,9 @@ if pkg-config --exists libdpdk && command -v clang >/dev/null; then
   timeout 600 cargo test --locked -p carmine-ffi -p carmine-dataplane --features dpdk --lib
   timeout 300 cargo test --locked -p carmine-dataplane --features dpdk --doc
   timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc
+  # serve/load --transport dpdk end to end over a net_memif pair: verify on 1 and 2 cores, and
+  # every op exactly once under injected loss (three cases, ~15 s once built).
+  timeout 600 cargo test --locked --features dpdk --test dpdk_serve
 else
   echo "SKIP: DPDK tests need ${dpdk_pkgs[*]} (run ci/test.sh as root to install them)"
 fi

@@ -42,6 +42,7 @@ mod dpdk {
         "rte_strerror",
         "rte_socket_id",
         "rte_lcore_id",
+        "rte_thread_register",
         "rte_pktmbuf_pool_create",
         "rte_mempool_free",
         "rte_mempool_avail_count",

@@ -187,6 +187,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         cpus: client_cpus,
         ack_log: None,
         check: None,
+        dpdk: Default::default(),
     };
     let result = (|| {
         let write = run_phase("randwrite", &target, &base)?;

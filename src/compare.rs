@@ -338,6 +338,7 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         cpus: Some(cpu_list(&plan.load)),
         ack_log: None,
         check: None,
+        dpdk: Default::default(),
     }
 }
 

@@ -26,6 +26,15 @@ fn parse_path(text: &str) -> Result<PathBuf, String> {
         path => Ok(PathBuf::from(path)),
     }
 }
+fn parse_text(text: &str) -> Result<String, String> {
+    Ok(text.to_string())
+}
+
+fn parse_u16(text: &str) -> Result<u16, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not a number from 0 to 65535"))
+}
+
 fn parse_bool(text: &str) -> Result<bool, String> {
     text.trim()
         .parse()
@@ -110,12 +119,16 @@ serve_options! {
     mode: String = "rtc", parse_choice(&["rtc", "classic"]);
     /// Address to accept clients on (loopback by default: expose deliberately).
     listen: SocketAddr = "127.0.0.1:6800", parse_addr;
-    /// Client transport besides TCP (which always serves --listen): tcp (only that), udp (the datagram RPC on kernel UDP sockets at --udp, one SO_REUSEPORT socket per core), or dpdk (needs a build with --features dpdk).
+    /// Client transport besides TCP (which always serves --listen): tcp (only that), udp (the datagram RPC on kernel UDP sockets at --udp, one SO_REUSEPORT socket per core), or dpdk (the datagram RPC on a DPDK port, answering for --udp's IPv4 address and port; needs a build with --features dpdk).
     transport: String = "tcp", parse_choice(&["tcp", "udp", "dpdk"]);
-    /// Address of the datagram RPC with --transport udp (port 0: any free port, logged at start).
+    /// Address of the datagram RPC with --transport udp (port 0: any free port, logged at start), or the IPv4 address and UDP port the DPDK port answers for (ARP included) with --transport dpdk.
     udp: SocketAddr = "127.0.0.1:6800", parse_addr;
-    /// Test knob for --transport udp: drop every Nth datagram received (0: none), so that loss and resends run end to end.
+    /// Test knob for --transport udp and dpdk: drop every Nth datagram received (0: none), so that loss and resends run end to end.
     udp_drop_every: u32 = "0", parse_u32;
+    /// EAL arguments for --transport dpdk, split at spaces, e.g. "--no-huge --no-pci -m 256 --file-prefix srv --vdev net_memif0,role=server,socket=/run/m.sock".
+    dpdk_args: String = "", parse_text;
+    /// The DPDK port (ethdev id) --transport dpdk serves on.
+    dpdk_port: u16 = "0", parse_u16;
     /// Serve block images over NBD on this address as well ("off": not at all).
     nbd: Option<SocketAddr> = "off", parse_optional_addr;
     /// Reactors (one pinned thread per core).
@@ -239,9 +252,10 @@ impl ServeConfig {
         if self.chunk_size % 4096 != 0 || self.chunk_size < 64 << 10 {
             return Err("chunk_size must be a multiple of 4KiB and at least 64KiB".into());
         }
-        if self.op_slots == 0 || self.chunk_count < 4 || self.large_buffer_count == 0 {
+        if self.op_slots == 0 || self.chunk_count < 4 || self.large_buffer_count < 2 {
+            // Receive leaves one buffer of each class for op outputs (`RX_LEAVES_FREE`).
             return Err(
-                "op_slots, chunk_count (>= 4) and large_buffer_count must be positive".into(),
+                "op_slots must be positive, chunk_count >= 4 and large_buffer_count >= 2".into(),
             );
         }
         if self.inflight_per_connection == 0 || self.max_connections == 0 {
@@ -251,11 +265,15 @@ impl ServeConfig {
             return Err("transport: udp and dpdk run on the reactors (mode rtc) only".into());
         }
         if self.transport == "dpdk" {
-            return Err(if cfg!(feature = "dpdk") {
-                "transport dpdk: the DPDK port is not wired into serve yet (issue 5); use --transport udp".into()
-            } else {
-                "transport dpdk: this carmine was built without DPDK; install libdpdk-dev and clang and build with `cargo build --release --features dpdk`".into()
-            });
+            if !cfg!(feature = "dpdk") {
+                return Err("transport dpdk: this carmine was built without DPDK; install libdpdk-dev and clang and build with `cargo build --release --features dpdk`".into());
+            }
+            if !self.udp.is_ipv4() || self.udp.port() == 0 {
+                return Err(format!(
+                    "transport dpdk: --udp {} must be an IPv4 address with a port (the DPDK port answers for it)",
+                    self.udp
+                ));
+            }
         }
         if self.nbd.is_some() && self.mode == "classic" {
             return Err("nbd: the NBD frontend runs on the reactors (mode rtc) only".into());

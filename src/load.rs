@@ -32,6 +32,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::ack_log::{AckLog, ThreadLog};
 use crate::client;
 
+#[cfg(feature = "dpdk")]
+mod dpdk;
 mod udp;
 
 /// Every block starts with magic, name hash, offset and counter (u64 each).
@@ -170,6 +172,36 @@ pub struct LoadArgs {
     /// holds its last acknowledged write (or one sent after it). Exit status 1 on any loss.
     #[arg(long, value_name = "FILE", conflicts_with = "ack_log")]
     pub check: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub dpdk: DpdkArgs,
+}
+
+/// `--transport dpdk` settings (the target is the server's --udp address on the DPDK link).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DpdkArgs {
+    /// EAL arguments with --transport dpdk, split at spaces, e.g. --dpdk-args="--no-huge --no-pci -m 256 --file-prefix load --vdev net_memif0,role=client,socket=/run/m.sock".
+    #[arg(long = "dpdk-args", default_value = "", allow_hyphen_values = true)]
+    pub dpdk_args: String,
+    /// The DPDK port (ethdev id) to send from.
+    #[arg(long = "dpdk-port", default_value = "0")]
+    pub dpdk_port: u16,
+    /// This generator's IPv4 address on the DPDK link (the server learns the MAC from frames).
+    #[arg(long = "dpdk-ip", default_value = "10.77.0.2")]
+    pub dpdk_ip: std::net::Ipv4Addr,
+    /// With --transport dpdk: the server's TCP address (--listen) to fetch its STATUS from after the run (without it the report has no server section).
+    #[arg(long = "status-target")]
+    pub status_target: Option<String>,
+}
+
+impl Default for DpdkArgs {
+    fn default() -> Self {
+        DpdkArgs {
+            dpdk_args: String::new(),
+            dpdk_port: 0,
+            dpdk_ip: std::net::Ipv4Addr::new(10, 77, 0, 2),
+            status_target: None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,6 +376,9 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
     match args.transport {
         Transport::Tcp => {}
         Transport::Udp => udp::validate(args)?,
+        #[cfg(feature = "dpdk")]
+        Transport::Dpdk => dpdk::validate(args)?,
+        #[cfg(not(feature = "dpdk"))]
         Transport::Dpdk => {
             return Err(if cfg!(feature = "dpdk") {
                 "--transport dpdk: the DPDK client is not wired into load yet (issue 5); use --transport udp".to_string()
@@ -471,6 +506,10 @@ pub fn run(args: &LoadArgs) -> Result<LoadReport, String> {
         progress: (0..plans.len()).map(|_| Progress::default()).collect(),
     });
     let total_blocks = config.blocks_per_object * u64::from(args.objects);
+    #[cfg(feature = "dpdk")]
+    if args.transport == Transport::Dpdk {
+        dpdk::open(args)?;
+    }
     let mut handles = Vec::new();
     for plan in plans {
         let (thread_config, thread_shared, prefix) =
@@ -493,7 +532,11 @@ pub fn run(args: &LoadArgs) -> Result<LoadReport, String> {
     let mut report = merge(args, outcomes);
     let status = match args.transport {
         Transport::Udp => udp::fetch_status(&args.target),
-        _ => client::fetch_status(&args.target),
+        Transport::Dpdk => match &args.dpdk.status_target {
+            Some(target) => client::fetch_status(target),
+            None => Err("--transport dpdk: no --status-target given".to_string()),
+        },
+        Transport::Tcp => client::fetch_status(&args.target),
     };
     report.server = match status {
         Ok(status) => Some(status),
@@ -1631,6 +1674,8 @@ fn thread_main(
     let work = Work::new(config.clone(), plan.index, names);
     let mut generator: Box<dyn RunPhase + '_> = match config.transport {
         Transport::Udp => Box::new(udp::UdpGenerator::connect(config, shared, &plan, work)?),
+        #[cfg(feature = "dpdk")]
+        Transport::Dpdk => Box::new(dpdk::DpdkGenerator::connect(config, shared, &plan, work)?),
         _ => Box::new(Generator::connect(config, shared, &plan, work)?),
     };
     shared.rendezvous.wait(shared)?; // everyone connected: a refused connection fails the run early

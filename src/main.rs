@@ -185,6 +185,14 @@ fn serve(args: &config::ServeArgs) -> Result<(), String> {
             // Printed before the banner below, which tests wait for.
             log::info!("NBD frontend listening on {nbd} (exports: the images)");
         }
+        if config.transport == "dpdk" {
+            log::info!(
+                "datagram RPC on DPDK port {} for {} (carmine load --transport dpdk --target {})",
+                config.dpdk_port,
+                config.udp,
+                config.udp
+            );
+        }
         if let Some(udp) = rtc.udp_addr {
             log::info!(
                 "datagram RPC listening on udp {udp} (carmine load --transport udp --target {udp})"

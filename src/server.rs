@@ -10,7 +10,7 @@ use carmine_dataplane::buffers::{CorePools, PoolSizes};
 use carmine_dataplane::reactor::{self, Waker};
 use carmine_dataplane::ring::{self, CoreLinks};
 use carmine_dataplane::tcp::{TcpTransport, TransportConfig};
-use carmine_dataplane::udp::{self as udp_transport, UdpRpcTransport};
+use carmine_dataplane::udp::{self as udp_transport, RpcNet, UdpRpcTransport};
 use carmine_storage::queue_pair::QueuePair;
 use carmine_storage::segment::SegmentStore;
 use carmine_storage::{MemoryStore, ObjectStore, UringQueuePair};
@@ -65,7 +65,11 @@ pub(crate) fn describe(
         "chunk_size": config.chunk_size,
         "chunk_count": config.chunk_count,
         "large_buffer_count": config.large_buffer_count,
-        "transport": if config.transport == "udp" { "tcp-epoll+udp-rpc" } else { "tcp-epoll" },
+        "transport": match config.transport.as_str() {
+            "udp" => "tcp-epoll+udp-rpc",
+            "dpdk" => "tcp-epoll+dpdk-rpc",
+            _ => "tcp-epoll",
+        },
         "nbd": config.nbd.map(|a| a.to_string()),
     })
 }
@@ -76,6 +80,10 @@ struct CoreParts {
     listener: Option<TcpListener>,
     nbd_listener: Option<TcpListener>,
     udp_socket: Option<std::net::UdpSocket>,
+    /// This core's queue pair of the DPDK port (`--transport dpdk`; core 0 only when the port
+    /// has one queue).
+    #[cfg(feature = "dpdk")]
+    dpdk_queue: Option<carmine_dataplane::dpdk::net::DpdkDatagramPort>,
 }
 
 fn build_core(
@@ -148,14 +156,34 @@ fn build_core(
         board,
         shutdown,
     );
-    let core = match parts.udp_socket {
-        None => core,
-        Some(socket) => {
-            let udp = UdpRpcTransport::new(index, socket, config.limits(), config.udp_drop_every)
-                .map_err(|e| format!("core {index}: UDP transport: {e}"))?;
-            core.with_udp(udp)
-                .map_err(|e| format!("core {index}: UDP transport: {e}"))?
+    let rpc: Option<Box<dyn RpcNet>> = match parts.udp_socket {
+        None => None,
+        Some(socket) => Some(Box::new(
+            UdpRpcTransport::new(index, socket, config.limits(), config.udp_drop_every)
+                .map_err(|e| format!("core {index}: UDP transport: {e}"))?,
+        )),
+    };
+    #[cfg(feature = "dpdk")]
+    let rpc: Option<Box<dyn RpcNet>> = match parts.dpdk_queue {
+        None => rpc,
+        Some(queue) => {
+            match carmine_dataplane::dpdk::register_current_thread() {
+                Ok(lcore) => log::debug!("core {index}: DPDK lcore {lcore}"),
+                Err(e) => log::warn!("core {index}: {e}; its mbuf pool runs without a cache"),
+            }
+            Some(Box::new(carmine_dataplane::udp::RpcTransport::with_port(
+                index,
+                queue,
+                config.limits(),
+                config.udp_drop_every,
+            )))
         }
+    };
+    let core = match rpc {
+        None => core,
+        Some(rpc) => core
+            .with_udp(rpc)
+            .map_err(|e| format!("core {index}: datagram transport: {e}"))?,
     };
     match nbd {
         None => Ok(core),
@@ -163,6 +191,63 @@ fn build_core(
             .with_nbd(nbd)
             .map_err(|e| format!("core {index}: NBD frontend: {e}")),
     }
+}
+
+/// Starts the EAL (once per process) and the DPDK port of `--transport dpdk`: one rx/tx queue
+/// pair per core when the port spreads IPv4/UDP flows by RSS and has the queues, else one queue
+/// (core 0's; the other cores get another core's PGs' ops over the one-hop ring).
+#[cfg(feature = "dpdk")]
+fn open_dpdk(
+    config: &ServeConfig,
+) -> Result<Vec<carmine_dataplane::dpdk::net::DpdkDatagramPort>, String> {
+    use carmine_dataplane::dpdk::{net, Eal, Port};
+    let args: Vec<&str> = config.dpdk_args.split_whitespace().collect();
+    let eal = Eal::init(&args).map_err(|e| format!("DPDK EAL ({args:?}): {e}"))?;
+    let port = config.dpdk_port;
+    let (queues_max, rss) = Port::queue_capabilities(&eal, port).map_err(|e| {
+        format!(
+            "DPDK port {port} ({} ports found; pass one with --dpdk-args \"--vdev ...\" or a \
+             bound NIC): {e}",
+            eal.port_count()
+        )
+    })?;
+    let cores = config.cores as u16;
+    let queue_count = if cores > 1 && rss && queues_max >= cores {
+        cores
+    } else {
+        1
+    };
+    if queue_count < cores {
+        log::info!(
+            "DPDK port {port}: one queue (RSS for IPv4/UDP: {rss}, queues: {queues_max}); core 0 \
+             receives every request, other cores' PGs are reached over the rings"
+        );
+    }
+    let std::net::SocketAddr::V4(addr) = config.udp else {
+        return Err("--udp must be IPv4 for --transport dpdk".into());
+    };
+    let opened = net::open(
+        &eal,
+        port,
+        queue_count,
+        *addr.ip(),
+        addr.port(),
+        "carmine-rx",
+    )
+    .map_err(|e| format!("DPDK port {port}: {e}"))?;
+    let mac = opened.mac.0;
+    log::info!(
+        "DPDK port {port}: {queue_count} queue(s), MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, \
+         MTU {}, answering for {addr}",
+        mac[0],
+        mac[1],
+        mac[2],
+        mac[3],
+        mac[4],
+        mac[5],
+        opened.mtu
+    );
+    Ok(opened.queues)
 }
 
 /// Core `index`'s store: its share of the memory store, or its shard of the segment store.
@@ -300,6 +385,13 @@ impl Server {
             Some(s) => Some(s.local_addr().map_err(|e| e.to_string())?),
         };
         udp_sockets.reverse(); // popped in core order below
+        #[cfg(feature = "dpdk")]
+        let mut dpdk_queues = match config.transport.as_str() {
+            "dpdk" => open_dpdk(config)?,
+            _ => Vec::new(),
+        };
+        #[cfg(feature = "dpdk")]
+        dpdk_queues.reverse(); // popped in core order below
         let cpus = config.reactor_cpus();
         let wakers: Vec<Waker> = (0..cores)
             .map(|_| Waker::new())
@@ -325,6 +417,8 @@ impl Server {
                     None
                 },
                 udp_socket: udp_sockets.pop(),
+                #[cfg(feature = "dpdk")]
+                dpdk_queue: dpdk_queues.pop(),
             };
             let (config, wakers, board, shutdown, ready_sender) = (
                 config.clone(),

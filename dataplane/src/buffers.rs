@@ -55,6 +55,16 @@ impl Body {
     }
 }
 
+/// Buffers of each class that receive paths leave free for op outputs.
+///
+/// Why: a received frame holds its buffer until its op finishes, and an op at a PG's head
+/// may need an output buffer of the same class before it can run. Were receive allowed the
+/// last buffer, the frames queued behind such an op could hold every one, and nothing would
+/// ever free one (`carmine sim --seed 93 --tight-pools` hung this way). With one left over,
+/// some op can always take an output buffer; ops holding outputs are in the store or
+/// replying, and finish without needing another buffer, so the reserve comes back.
+pub const RX_LEAVES_FREE: u32 = 1;
+
 pub struct CorePools {
     pub core: usize,
     pub small: BufferPool,
@@ -64,6 +74,10 @@ pub struct CorePools {
 impl CorePools {
     pub fn new(core: usize, sizes: PoolSizes, hugepages: bool) -> std::io::Result<CorePools> {
         assert!(sizes.small_size_bytes <= sizes.large_size_bytes);
+        assert!(
+            sizes.small_count > RX_LEAVES_FREE && sizes.large_count > RX_LEAVES_FREE,
+            "receive needs a buffer of each class beyond the output reserve: {sizes:?}"
+        );
         Ok(CorePools {
             core,
             small: BufferPool::new(
@@ -87,6 +101,27 @@ impl CorePools {
             self.small.acquire()
         } else if len <= self.large.buffer_size() {
             self.large.acquire()
+        } else {
+            None
+        }
+    }
+
+    /// A chunk for received bytes, unless only `RX_LEAVES_FREE` chunks are left.
+    pub fn acquire_rx_small(&mut self) -> Option<Buf> {
+        self.small.acquire_leaving(RX_LEAVES_FREE)
+    }
+
+    /// A large buffer for a received frame, unless only `RX_LEAVES_FREE` are left.
+    pub fn acquire_rx_large(&mut self) -> Option<Buf> {
+        self.large.acquire_leaving(RX_LEAVES_FREE)
+    }
+
+    /// `acquire_for` for received bytes: leaves `RX_LEAVES_FREE` of the class for outputs.
+    pub fn acquire_rx_for(&mut self, len: usize) -> Option<Buf> {
+        if len <= self.small.buffer_size() {
+            self.acquire_rx_small()
+        } else if len <= self.large.buffer_size() {
+            self.acquire_rx_large()
         } else {
             None
         }

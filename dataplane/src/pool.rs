@@ -413,6 +413,15 @@ impl BufferPool {
         })
     }
 
+    /// `acquire`, unless no more than `keep` buffers are free (they stay for other uses).
+    #[inline]
+    pub fn acquire_leaving(&mut self, keep: u32) -> Option<Buf> {
+        if self.free_count() <= keep {
+            return None;
+        }
+        self.acquire()
+    }
+
     /// Drops the owner's reference; the buffer returns to the free list when no lease remains.
     #[inline]
     pub fn release(&mut self, buf: Buf) {

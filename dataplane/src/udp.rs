@@ -18,6 +18,8 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::hash::Hash;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -122,6 +124,142 @@ pub struct UdpStats {
     pub replies_too_large: u64,
     pub sessions: u64,
     pub rpc: RpcStats,
+    pub port: PortStats,
+}
+
+/// Where the transport's datagrams come from and go to: a kernel UDP socket, or a DPDK queue
+/// pair (`crate::dpdk::net`). Receiving writes one datagram's UDP payload into the caller's
+/// buffer (a pool chunk), so the RPC above holds pool leases whatever the port.
+pub trait DatagramPort {
+    /// A peer's address (the RPC's session key together with the client's session id).
+    type Addr: Copy + Eq + Hash + Debug;
+    /// Receives one datagram into `buf` (which holds a maximal one): `Ok(None)` when nothing
+    /// is waiting.
+    fn recv_into(&mut self, buf: &mut [u8]) -> io::Result<Option<(usize, Self::Addr)>>;
+    /// Sends `header` then `payload` as one datagram. `Ok(false)`: no room now (try later).
+    fn send(&mut self, peer: &Self::Addr, header: &[u8], payload: &[u8]) -> io::Result<bool>;
+    /// Pushes out what `send` queued (a port that batches).
+    fn flush(&mut self) {}
+    /// A descriptor that becomes readable when datagrams wait (for a parked core), if any.
+    fn fd(&self) -> Option<RawFd>;
+    fn stats(&self) -> PortStats {
+        PortStats::default()
+    }
+}
+
+/// Counters a port keeps beyond the transport's own (zero for a kernel socket).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortStats {
+    /// Datagrams copied from a NIC buffer (mbuf) into a pool chunk, and their bytes.
+    pub rx_copies: u64,
+    pub rx_copied_bytes: u64,
+    /// ARP requests answered.
+    pub arp_replies: u64,
+    /// Frames that were neither ARP for us nor UDP to our port (dropped).
+    pub ignored: u64,
+    /// Sends refused for want of a buffer or ring room (the RPC retries them).
+    pub tx_full: u64,
+    /// Frames dropped after the driver took nothing for a while (a peer gone).
+    pub tx_dropped: u64,
+}
+
+impl DatagramPort for UdpSocket {
+    type Addr = SocketAddr;
+
+    fn recv_into(&mut self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+        loop {
+            return match self.recv_from(buf) {
+                Ok(got) => Ok(Some(got)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    fn send(&mut self, peer: &SocketAddr, header: &[u8], payload: &[u8]) -> io::Result<bool> {
+        let mut datagram = [0u8; DATAGRAM_BYTES_MAX];
+        let len = header.len() + payload.len();
+        datagram[..header.len()].copy_from_slice(header);
+        datagram[header.len()..len].copy_from_slice(payload);
+        match self.send_to(&datagram[..len], peer) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+/// The transport as `OsdCore` drives it, whatever its port (one trait object per core).
+pub trait RpcNet {
+    fn poll_rx(
+        &mut self,
+        pools: &mut CorePools,
+        budget: usize,
+        now_ns: u64,
+        deliver: &mut dyn FnMut(UdpRequest),
+    ) -> usize;
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
+        &mut self,
+        pools: &mut CorePools,
+        handle: RequestHandle,
+        request: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+    );
+    fn flush_tx(&mut self, pools: &mut CorePools) -> usize;
+    fn take_foreign(&mut self) -> Option<Body>;
+    fn has_pending_tx(&self) -> bool;
+    fn close_all(&mut self, pools: &mut CorePools);
+    fn stats(&self) -> UdpStats;
+    fn fd(&self) -> Option<RawFd>;
+}
+
+impl<P: DatagramPort> RpcNet for RpcTransport<P> {
+    fn poll_rx(
+        &mut self,
+        pools: &mut CorePools,
+        budget: usize,
+        now_ns: u64,
+        deliver: &mut dyn FnMut(UdpRequest),
+    ) -> usize {
+        RpcTransport::poll_rx(self, pools, budget, now_ns, deliver)
+    }
+    fn reply(
+        &mut self,
+        pools: &mut CorePools,
+        handle: RequestHandle,
+        request: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+    ) {
+        RpcTransport::reply(self, pools, handle, request, status, results, body)
+    }
+    fn flush_tx(&mut self, pools: &mut CorePools) -> usize {
+        RpcTransport::flush_tx(self, pools)
+    }
+    fn take_foreign(&mut self) -> Option<Body> {
+        RpcTransport::take_foreign(self)
+    }
+    fn has_pending_tx(&self) -> bool {
+        RpcTransport::has_pending_tx(self)
+    }
+    fn close_all(&mut self, pools: &mut CorePools) {
+        RpcTransport::close_all(self, pools)
+    }
+    fn stats(&self) -> UdpStats {
+        RpcTransport::stats(self)
+    }
+    fn fd(&self) -> Option<RawFd> {
+        self.port.fd()
+    }
 }
 
 struct PendingReply {
@@ -131,11 +269,12 @@ struct PendingReply {
     body: Body,
 }
 
-/// One core's datagram RPC server on its own UDP socket (`SO_REUSEPORT`: one per core).
-pub struct UdpRpcTransport {
+/// One core's datagram RPC server on its own port: a UDP socket (`SO_REUSEPORT`: one per
+/// core), or a DPDK rx/tx queue pair.
+pub struct RpcTransport<P: DatagramPort> {
     core: usize,
-    socket: UdpSocket,
-    rpc: RpcServer<SocketAddr, PoolBytes, PoolBytes>,
+    port: P,
+    rpc: RpcServer<P::Addr, PoolBytes, PoolBytes>,
     limits: Limits,
     message_bytes_max: usize,
     /// Chunks datagrams are received into, and responses written into.
@@ -156,7 +295,10 @@ pub struct UdpRpcTransport {
     stats: UdpStats,
 }
 
-impl UdpRpcTransport {
+/// The transport on a kernel UDP socket (`serve --transport udp`).
+pub type UdpRpcTransport = RpcTransport<UdpSocket>;
+
+impl RpcTransport<UdpSocket> {
     /// Takes a bound socket (made non-blocking here). `drop_every` > 0 throws away every Nth
     /// datagram received, to exercise retransmission end to end.
     pub fn new(
@@ -166,11 +308,23 @@ impl UdpRpcTransport {
         drop_every: u32,
     ) -> io::Result<UdpRpcTransport> {
         socket.set_nonblocking(true)?;
+        Ok(RpcTransport::with_port(core, socket, limits, drop_every))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.port.local_addr()
+    }
+}
+
+impl<P: DatagramPort> RpcTransport<P> {
+    /// A transport on `port` (non-blocking). `drop_every` > 0 throws away every Nth datagram
+    /// received, to exercise retransmission end to end.
+    pub fn with_port(core: usize, port: P, limits: Limits, drop_every: u32) -> RpcTransport<P> {
         let config = rpc_config();
         let requests_max = (SESSIONS_MAX as usize) * SLOTS_PER_SESSION;
-        Ok(UdpRpcTransport {
+        RpcTransport {
             core,
-            socket,
+            port,
             rpc: RpcServer::new(config),
             limits,
             message_bytes_max: config.message_bytes_max(),
@@ -184,20 +338,17 @@ impl UdpRpcTransport {
             drop_every,
             last_expire_ns: 0,
             stats: UdpStats::default(),
-        })
+        }
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+    pub fn fd(&self) -> Option<RawFd> {
+        self.port.fd()
     }
 
     pub fn stats(&self) -> UdpStats {
         let mut stats = self.stats;
         stats.rpc = self.rpc.stats();
+        stats.port = self.port.stats();
         stats.sessions = self.rpc.session_count() as u64;
         stats
     }
@@ -266,12 +417,11 @@ impl UdpRpcTransport {
                 self.stats.rx_pool_waits += 1;
                 break;
             };
-            let (len, peer) = match self.socket.recv_from(&mut spare[..DATAGRAM_BYTES_MAX]) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            let (len, peer) = match self.port.recv_into(&mut spare[..DATAGRAM_BYTES_MAX]) {
+                Ok(Some(got)) => got,
+                Ok(None) => break,
                 Err(e) => {
-                    log::warn!("core {}: UDP receive: {e}", self.core);
+                    log::warn!("core {}: datagram receive: {e}", self.core);
                     break;
                 }
             };
@@ -324,7 +474,7 @@ impl UdpRpcTransport {
                     pools.lease_within(datagram.lease(), range.start, range.len())
                 }
                 _ => {
-                    let Some(mut buf) = pools.acquire_for(len) else {
+                    let Some(mut buf) = pools.acquire_rx_for(len) else {
                         self.stats.rx_pool_waits += 1;
                         break; // retried next pass, in order
                     };
@@ -506,26 +656,24 @@ impl UdpRpcTransport {
                 break;
             }
         }
-        let (socket, stats, core) = (&self.socket, &mut self.stats, self.core);
+        let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
         let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
-            let mut datagram = [0u8; DATAGRAM_BYTES_MAX];
             let len = header.len() + payload.len();
-            datagram[..header.len()].copy_from_slice(header);
-            datagram[header.len()..len].copy_from_slice(payload);
-            match socket.send_to(&datagram[..len], peer) {
-                Ok(_) => {
+            match port.send(peer, header, payload) {
+                Ok(true) => {
                     stats.datagrams_tx += 1;
                     stats.tx_bytes += len as u64;
                     true
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Ok(false) => false,
                 Err(e) => {
                     // Lost like a dropped datagram: the client's timer resends.
-                    log::debug!("core {core}: UDP send to {peer}: {e}");
+                    log::debug!("core {core}: datagram send to {peer:?}: {e}");
                     true
                 }
             }
         });
+        self.port.flush();
         self.reap(pools);
         sent
     }
@@ -561,7 +709,7 @@ fn rx_spare<'a>(rx_chunk: &'a mut Option<Buf>, pools: &mut CorePools) -> Option<
         pools.release(rx_chunk.take().expect("checked"));
     }
     if rx_chunk.is_none() {
-        let chunk = pools.small.acquire()?;
+        let chunk = pools.acquire_rx_small()?;
         assert!(
             chunk.capacity() >= DATAGRAM_BYTES_MAX,
             "chunks hold a datagram"
@@ -572,8 +720,8 @@ fn rx_spare<'a>(rx_chunk: &'a mut Option<Buf>, pools: &mut CorePools) -> Option<
 }
 
 /// The first bytes of a request still held by the RPC (for error replies).
-fn message_head(
-    rpc: &RpcServer<SocketAddr, PoolBytes, PoolBytes>,
+fn message_head<A: Copy + Eq + Hash>(
+    rpc: &RpcServer<A, PoolBytes, PoolBytes>,
     handle: RequestHandle,
 ) -> [u8; wire::HEADER_SIZE] {
     let mut head = [0u8; wire::HEADER_SIZE];

@@ -25,13 +25,13 @@ const TIMER_TICK: Duration = Duration::from_millis(2);
 /// How long `fetch_status` waits for the STATUS reply.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
-type BodyHome = Rc<RefCell<Vec<Vec<u8>>>>;
+pub(super) type BodyHome = Rc<RefCell<Vec<Vec<u8>>>>;
 
 /// A request frame kept by the RPC until its response; its vector goes back to the client's
 /// free list on drop.
-struct RequestBody {
-    bytes: Vec<u8>,
-    home: BodyHome,
+pub(super) struct RequestBody {
+    pub(super) bytes: Vec<u8>,
+    pub(super) home: BodyHome,
 }
 
 impl AsRef<[u8]> for RequestBody {
@@ -82,7 +82,7 @@ fn bind_for(target: SocketAddr, buffers: usize) -> Result<UdpSocketPort, String>
 
 /// A per-client id base that differs between runs and processes, so a server never takes a
 /// new run's requests for an old one's (see `RpcClient::new`).
-fn id_base(thread: usize, client: usize) -> u32 {
+pub(super) fn id_base(thread: usize, client: usize) -> u32 {
     let clock = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -339,12 +339,12 @@ impl RunPhase for UdpGenerator<'_> {
 }
 
 /// Books one RPC outcome: the reply frame inside is checked as a TCP reply is.
-fn book(
+pub(super) fn book<B: AsRef<[u8]>>(
     work: &mut Work,
     slots: &mut Slots,
     scratch: &mut Vec<u8>,
     now_ns: u64,
-    result: Result<&Message<'_, RecvBuf>, RpcError>,
+    result: Result<&Message<'_, B>, RpcError>,
 ) -> Result<(), String> {
     let message = match result {
         Ok(message) => message,

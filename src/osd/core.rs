@@ -20,7 +20,7 @@ use carmine_dataplane::pool::{Buf, Lease};
 use carmine_dataplane::reactor::{Core, LoopCounters, Waker, PARK_TIMEOUT_MAX};
 use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
-use carmine_dataplane::udp::{UdpRequest, UdpRpcTransport};
+use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
     Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
 };
@@ -41,6 +41,14 @@ use crate::status::StatusBoard;
 const RX_FRAMES_PER_PASS_MAX: usize = 256;
 /// Store completions taken per pass (bounds the stack array they are gathered in).
 const STORE_COMPLETIONS_PER_PASS: usize = 64;
+
+/// One store completion gathered by `poll_store`: tag, outcome, per-sub-op results, their count.
+type StoreCompletion = (
+    u64,
+    Result<(), StoreError>,
+    [SubOpResult; SUB_OPS_CEILING as usize],
+    usize,
+);
 /// Messages taken from each inbox ring per pass.
 const INBOX_BATCH_MAX: usize = 256;
 /// Longest park while the store is busy (its completions wake the core sooner).
@@ -140,12 +148,25 @@ pub struct CoreSetup {
 }
 
 /// `N`: the network side (`TcpTransport` in the daemon; see `network.rs`).
+/// An `Execute` message waiting for an exec slot (see `OsdCore::deferred_remote`).
+struct DeferredExecute {
+    source: usize,
+    origin: OpRef,
+    header: Header,
+    frame: Lease,
+    local_pg: u32,
+    object_hash: u32,
+}
+
 pub struct OsdCore<N: Network = TcpTransport> {
     index: usize,
     transport: N,
-    /// The datagram RPC on UDP, when `--transport udp`.
-    udp: Option<UdpRpcTransport>,
+    /// The datagram RPC, when `--transport udp` (kernel socket) or `dpdk` (NIC queue pair).
+    udp: Option<Box<dyn RpcNet>>,
     udp_batch: Vec<UdpRequest>,
+    /// `poll_store`'s gathering array, made once: a fresh one per pass cost a 14 KiB memset
+    /// on every poll pass (perf: the hottest instructions of an idle or DPDK-loaded reactor).
+    store_completed: Vec<StoreCompletion>,
     /// The NBD frontend, when `--nbd` is set.
     nbd: Option<NbdFrontend>,
     nbd_accept_next: usize,
@@ -163,6 +184,15 @@ pub struct OsdCore<N: Network = TcpTransport> {
     inbox: Vec<Option<Consumer<Message>>>,
     /// Messages whose ring was full, in order, per target core. Bounded by the op tables.
     outbound: Vec<VecDeque<Message>>,
+    /// Ops other cores sent while every exec slot here was taken, in arrival order; they start
+    /// before new network frames as slots free. Bounded: each holds a client slot on its
+    /// sender (capacity `client_slots * (cores - 1)`).
+    ///
+    /// Why not leave them in the ring: the ring also carries `Done` and `Release`, which free
+    /// this core's slots and buffers. Stopping at an `Execute` blocked those behind it while
+    /// the ops here waited for the buffers they would free (`carmine sim --seed 93
+    /// --tight-pools` hung this way).
+    deferred_remote: VecDeque<DeferredExecute>,
     wake_pending: Vec<bool>,
     wakers: Arc<[Waker]>,
     placement: Placement,
@@ -271,6 +301,15 @@ impl<N: Network> OsdCore<N> {
             transport,
             udp: None,
             udp_batch: Vec::with_capacity(RX_FRAMES_PER_PASS_MAX),
+            store_completed: vec![
+                (
+                    0,
+                    Ok(()),
+                    [SubOpResult::default(); SUB_OPS_CEILING as usize],
+                    0
+                );
+                STORE_COMPLETIONS_PER_PASS
+            ],
             nbd: None,
             nbd_accept_next: 0,
             pools,
@@ -287,6 +326,9 @@ impl<N: Network> OsdCore<N> {
                 .map(|_| VecDeque::with_capacity(queue_capacity))
                 .collect(),
             wake_pending: vec![false; setup.cores],
+            deferred_remote: VecDeque::with_capacity(
+                setup.client_slots as usize * (setup.cores - 1),
+            ),
             wakers,
             placement: setup.placement,
             hooks: setup.hooks,
@@ -312,10 +354,13 @@ impl<N: Network> OsdCore<N> {
         Ok(self)
     }
 
-    /// Serves the datagram RPC on this core too; its socket joins the transport's epoll set,
-    /// so a parked core wakes for datagrams.
-    pub fn with_udp(mut self, udp: UdpRpcTransport) -> std::io::Result<OsdCore<N>> {
-        self.transport.watch_fd(udp.fd())?;
+    /// Serves the datagram RPC on this core too; a socket joins the transport's epoll set, so
+    /// a parked core wakes for datagrams. A port without a descriptor (a DPDK queue) cannot
+    /// wake the core: it then never parks (`park_timeout`).
+    pub fn with_udp(mut self, udp: Box<dyn RpcNet>) -> std::io::Result<OsdCore<N>> {
+        if let Some(fd) = udp.fd() {
+            self.transport.watch_fd(fd)?;
+        }
         self.udp = Some(udp);
         Ok(self)
     }
@@ -924,12 +969,7 @@ impl<N: Network> OsdCore<N> {
 
     fn poll_store(&mut self) -> usize {
         // Gathered first, handled after: handling needs `&mut self`, which `store.poll` holds.
-        let mut completed = [(
-            0u64,
-            Ok(()),
-            [SubOpResult::default(); SUB_OPS_CEILING as usize],
-            0,
-        ); STORE_COMPLETIONS_PER_PASS];
+        let mut completed = std::mem::take(&mut self.store_completed);
         let mut count = 0;
         self.store.poll(completed.len(), &mut |tag, result| {
             let (slot_tag, slot_result, slot_results, slot_count) = &mut completed[count];
@@ -957,6 +997,7 @@ impl<N: Network> OsdCore<N> {
                 }
             }
         }
+        self.store_completed = completed;
         count
     }
 
@@ -1019,14 +1060,32 @@ impl<N: Network> OsdCore<N> {
         work
     }
 
+    /// Starts deferred remote ops while exec slots are free, oldest first.
+    fn start_deferred_remote(&mut self) -> usize {
+        let mut work = 0;
+        while self.exec.free_count() > 0 {
+            let Some(op) = self.deferred_remote.pop_front() else {
+                break;
+            };
+            self.exec_start(
+                Origin::Remote {
+                    core: op.source,
+                    op: op.origin,
+                },
+                op.header,
+                op.frame,
+                op.local_pg,
+                op.object_hash,
+            );
+            work += 1;
+        }
+        work
+    }
+
     fn poll_inbox(&mut self) -> usize {
         let mut work = 0;
         for source in 0..self.inbox.len() {
             for _ in 0..INBOX_BATCH_MAX {
-                // An Execute needs an exec slot: leave messages in the ring until one is free.
-                if self.exec.free_count() == 0 {
-                    return work;
-                }
                 let Some(consumer) = self.inbox[source].as_mut() else {
                     break;
                 };
@@ -1055,6 +1114,21 @@ impl<N: Network> OsdCore<N> {
                 object_hash,
             } => {
                 self.counters.add(Counter::ops_remote_in, 1);
+                if self.exec.free_count() == 0 || !self.deferred_remote.is_empty() {
+                    assert!(
+                        self.deferred_remote.len() < self.deferred_remote.capacity(),
+                        "more remote ops than the senders' client slots"
+                    );
+                    self.deferred_remote.push_back(DeferredExecute {
+                        source,
+                        origin,
+                        header,
+                        frame,
+                        local_pg,
+                        object_hash,
+                    });
+                    return;
+                }
                 self.exec_start(
                     Origin::Remote {
                         core: source,
@@ -1229,6 +1303,7 @@ impl<N: Network> OsdCore<N> {
     fn locally_quiet(&self) -> bool {
         self.exec.in_flight() == 0
             && self.client.in_flight() == 0
+            && self.deferred_remote.is_empty()
             && self.outbound.iter().all(|q| q.is_empty())
             && !self.transport.has_pending_tx()
             && self.udp.as_ref().is_none_or(|udp| !udp.has_pending_tx())
@@ -1274,6 +1349,14 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     );
     c.set(Counter::udp_dropped_injected, udp.dropped_injected);
     c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
+    // The port's own counters (zero on a kernel socket): over DPDK every received datagram
+    // is copied once from its mbuf into a pool chunk (`dpdk_rx_copies`).
+    c.set(Counter::dpdk_rx_copies, udp.port.rx_copies);
+    c.set(Counter::dpdk_rx_copied_bytes, udp.port.rx_copied_bytes);
+    c.set(Counter::dpdk_arp_replies, udp.port.arp_replies);
+    c.set(Counter::dpdk_ignored, udp.port.ignored);
+    c.set(Counter::dpdk_tx_full, udp.port.tx_full);
+    c.set(Counter::dpdk_tx_dropped, udp.port.tx_dropped);
 }
 
 pub(crate) fn first_failure(results: &Results) -> Status {
@@ -1296,11 +1379,13 @@ pub(crate) fn spin_for(duration: Duration) {
 impl<N: Network> Core for OsdCore<N> {
     fn poll_once(&mut self) -> usize {
         // The order matters: (1) the inbox first, because completions from other cores free the
-        // op slots that (2) the network poller needs for new frames; (3) store completions and
+        // op slots that (2) the network poller needs for new frames (remote ops that waited for
+        // an exec slot go before those); (3) store completions and
         // (4) timers finish ops, which (5) may unblock PG queues; (6) replies go out in one
         // writev per connection, and (7) messages, including buffers going home, go last so
         // that every message produced by this pass leaves in it.
         let mut work = self.poll_inbox();
+        work += self.start_deferred_remote();
         work += self.poll_network();
         work += self.poll_store();
         work += self.poll_timers();
@@ -1330,6 +1415,10 @@ impl<N: Network> Core for OsdCore<N> {
 
     fn park_timeout(&self) -> Duration {
         let mut longest = PARK_TIMEOUT_MAX;
+        if self.udp.as_ref().is_some_and(|udp| udp.fd().is_none()) {
+            // A polled NIC queue signals nothing: sleeping would leave its packets waiting.
+            return Duration::ZERO;
+        }
         if self.store.busy() {
             if !self.store_wakes {
                 // Device completions would not wake a parked core: keep polling.

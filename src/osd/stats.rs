@@ -97,6 +97,12 @@ counters!(
     udp_pool_waits,
     udp_dropped_injected,
     udp_sessions_refused,
+    dpdk_rx_copies,
+    dpdk_rx_copied_bytes,
+    dpdk_arp_replies,
+    dpdk_ignored,
+    dpdk_tx_full,
+    dpdk_tx_dropped,
 );
 
 pub const COUNTER_COUNT: usize = COUNTER_NAMES.len();

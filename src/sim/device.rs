@@ -60,6 +60,17 @@ impl ShardWindow {
         }
     }
 
+    /// A medium error on the block at device offset `offset` (inside this shard's partition):
+    /// its reads fail with EIO until a write to it completes or the power goes.
+    pub fn inject_read_error(&mut self, offset: u64) {
+        assert!(
+            offset >= self.start && offset < self.end,
+            "read error outside the shard"
+        );
+        self.inner
+            .inject_read_error(SEGMENTS_START_BYTES + offset - self.start);
+    }
+
     fn map(&self, offset: u64, buffers: &[IoVec]) -> Result<u64, SubmitError> {
         let length = check_request(offset, buffers, self.device_bytes)?;
         if offset + length <= SEGMENTS_START_BYTES {

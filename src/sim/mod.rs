@@ -53,9 +53,13 @@ pub struct SimArgs {
     /// Test the checker: a device whose flushes persist nothing (the run must fail).
     #[arg(long, hide = true)]
     pub lying_flush: bool,
-    /// With --seed: the buffer pools of the first version, small enough that frames can hold
-    /// every buffer an op at a PG's head needs for its output (a known OSD deadlock; seed 93).
-    #[arg(long, hide = true)]
+    /// Inject medium errors at random blocks (reads fail with EIO until the block is
+    /// rewritten): clients may see Io errors, never wrong bytes; failed ops change nothing.
+    #[arg(long)]
+    pub read_errors: bool,
+    /// Small buffer pools (the first sizing): frames may hold most buffers and ops wait for
+    /// outputs, which once hung the OSD (seed 93; fixed, CI runs a few hundred cuts so).
+    #[arg(long)]
     pub tight_pools: bool,
 }
 
@@ -98,6 +102,8 @@ pub struct BatchReport {
     /// written (coverage: the cuts must also hit those).
     pub seeds_cleaning: u64,
     pub seeds_checkpointing: u64,
+    pub read_errors_injected: u64,
+    pub io_errors_answered: u64,
 }
 
 impl BatchReport {
@@ -111,26 +117,21 @@ impl BatchReport {
         self.unknown_ops += report.unknown_ops;
         self.seeds_cleaning += u64::from(report.segments_cleaned > 0);
         self.seeds_checkpointing += u64::from(report.checkpoints > 0);
+        self.read_errors_injected += report.read_errors_injected;
+        self.io_errors_answered += report.io_errors_answered;
     }
 }
 
 /// Runs seeds from `first_seed` until `stop` says enough; the first failure ends the batch
 /// with `(seed, message)`.
 pub fn run_batch(
-    first_seed: u64,
-    cuts_per_seed: u32,
-    lying_flush: bool,
+    first: SeedConfig,
     mut stop: impl FnMut(&BatchReport) -> bool,
 ) -> Result<BatchReport, (u64, String)> {
     let mut batch = BatchReport::default();
-    let mut seed = first_seed;
+    let mut seed = first.seed;
     while !stop(&batch) {
-        let config = SeedConfig {
-            seed,
-            cuts: cuts_per_seed,
-            lying_flush,
-            tight_pools: false,
-        };
+        let config = SeedConfig { seed, ..first };
         let report = run_seed_reported(&config).map_err(|message| (seed, message))?;
         batch.add(&report);
         seed = seed.wrapping_add(1);
@@ -152,8 +153,10 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
             cuts: args.cuts_per_seed,
             lying_flush: args.lying_flush,
             tight_pools: args.tight_pools,
+            read_errors: args.read_errors,
         };
-        let report = run_seed_reported(&config).map_err(|message| failure_text(seed, &message))?;
+        let report =
+            run_seed_reported(&config).map_err(|message| failure_text(&config, &message))?;
         println!("sim: seed={seed} passed: {report:?}");
         return Ok(());
     }
@@ -161,31 +164,33 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
     let deadline = args.seconds.map(Duration::from_secs);
     let mut last_progress = Instant::now();
     let cuts = args.cuts;
-    let result = run_batch(
-        args.first_seed,
-        args.cuts_per_seed,
-        args.lying_flush,
-        |batch| {
-            if last_progress.elapsed() >= Duration::from_secs(60) {
-                last_progress = Instant::now();
-                eprintln!(
-                    "sim: {} seeds, {} cuts, {} ops so far ({:.0} s)",
-                    batch.seeds,
-                    batch.cuts,
-                    batch.ops,
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            match deadline {
-                Some(deadline) => started.elapsed() >= deadline,
-                None => batch.cuts >= cuts,
-            }
-        },
-    );
+    let first = SeedConfig {
+        seed: args.first_seed,
+        cuts: args.cuts_per_seed,
+        lying_flush: args.lying_flush,
+        tight_pools: args.tight_pools,
+        read_errors: args.read_errors,
+    };
+    let result = run_batch(first, |batch| {
+        if last_progress.elapsed() >= Duration::from_secs(60) {
+            last_progress = Instant::now();
+            eprintln!(
+                "sim: {} seeds, {} cuts, {} ops so far ({:.0} s)",
+                batch.seeds,
+                batch.cuts,
+                batch.ops,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        match deadline {
+            Some(deadline) => started.elapsed() >= deadline,
+            None => batch.cuts >= cuts,
+        }
+    });
     match result {
         Ok(batch) => {
             println!(
-                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}; {:.1} s",
+                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}; {} read errors injected, {} ops answered Io; {:.1} s",
                 args.first_seed,
                 args.first_seed + batch.seeds,
                 batch.cuts,
@@ -196,17 +201,27 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
                 batch.objects_checked,
                 batch.seeds_cleaning,
                 batch.seeds_checkpointing,
+                batch.read_errors_injected,
+                batch.io_errors_answered,
                 started.elapsed().as_secs_f64()
             );
             Ok(())
         }
-        Err((seed, message)) => Err(failure_text(seed, &message)),
+        Err((seed, message)) => Err(failure_text(&SeedConfig { seed, ..first }, &message)),
     }
 }
 
-pub fn failure_text(seed: u64, message: &str) -> String {
+pub fn failure_text(config: &SeedConfig, message: &str) -> String {
+    let seed = config.seed;
+    let mut flags = String::new();
+    if config.tight_pools {
+        flags.push_str(" --tight-pools");
+    }
+    if config.read_errors {
+        flags.push_str(" --read-errors");
+    }
     format!(
-        "sim: FAILED seed={seed}: {message}\nreplay: carmine sim --seed {seed}   (or CARMINE_SIM_SEED={seed} cargo test --bin carmine sim::)"
+        "sim: FAILED seed={seed}: {message}\nreplay: carmine sim --seed {seed}{flags}   (or CARMINE_SIM_SEED={seed} cargo test --bin carmine sim::)"
     )
 }
 

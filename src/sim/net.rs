@@ -89,7 +89,7 @@ impl Network for SimNet {
             };
             assert_eq!(header.frame_len(), bytes.len(), "one frame per delivery");
             // As the TCP transport: the frame lands in a pool buffer; no buffer, no receive.
-            let Some(mut buf) = pools.acquire_for(bytes.len()) else {
+            let Some(mut buf) = pools.acquire_rx_for(bytes.len()) else {
                 self.stats.rx_pool_waits += 1;
                 break;
             };

@@ -12,14 +12,14 @@ use carmine_dataplane::buffers::{CorePools, PoolSizes};
 use carmine_dataplane::reactor::{Core, LoopCounters, Waker};
 use carmine_dataplane::ring;
 use carmine_dataplane::wire::{self, Frame, Limits, Opcode, Status, SubOpCode, SubOpSpec};
-use carmine_storage::segment::format::Superblock;
+use carmine_storage::segment::format::{Superblock, BLOCK_SIZE_BYTES};
 use carmine_storage::segment::{fsck::fsck_reader, mkfs, SegmentStore};
 use carmine_storage::{
     MemFaults, MemQueuePair, ObjectStat, ObjectStore, OutputBuffer, StoreError, StoreStats, SubOp,
     SubOpResult, Submit, TearGranularity,
 };
 
-use super::device::{compose, window_image, ShardWindow};
+use super::device::{compose, partition, window_image, ShardWindow};
 use super::model::{describe, Fate, Mutation, Object, ObjectModel, State, OBJECT_BYTES_MAX};
 use super::model::{OMAP_KEYS, XATTR_NAMES};
 use super::net::SimNet;
@@ -51,6 +51,9 @@ pub struct SeedConfig {
     pub lying_flush: bool,
     /// Pools small enough to hit the OSD's buffer deadlock (see `pool_sizes`).
     pub tight_pools: bool,
+    /// Inject medium errors (reads of a block fail until it is rewritten) at random blocks:
+    /// clients may then see Io errors, never wrong bytes, and a failed op changes nothing.
+    pub read_errors: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,6 +67,9 @@ pub struct SeedReport {
     pub objects_checked: u64,
     pub segments_cleaned: u64,
     pub checkpoints: u64,
+    pub read_errors_injected: u64,
+    /// Ops answered Io before a cut (only with read errors injected).
+    pub io_errors_answered: u64,
     /// Digest of every event: the same seed must give the same digest.
     pub trace_digest: u64,
 }
@@ -153,6 +159,7 @@ struct Sent {
 struct Sim {
     rng: Rng,
     lying_flush: bool,
+    read_errors: bool,
     cores: usize,
     sb: Superblock,
     hooks: Hooks,
@@ -175,13 +182,11 @@ fn no_allocation_counter() -> u64 {
     0
 }
 
-/// Known OSD bug, not fixed yet: a PG's head op waits for an output buffer (`exec_run`) while
-/// the ops queued behind it hold every buffer of that class as their received frames, and
-/// nothing frees one: the PG stops for good. The TCP transport receives the same way, so
-/// the daemon can hit it too (large frames and large outputs share the 8 large buffers). The
-/// default sizing here makes it impossible (each op holds at most a frame and an output, and
-/// at most `IN_FLIGHT_MAX` ops exist), so the runs test everything else; `tight_pools` (the
-/// first sizing, `carmine sim --seed 93 --tight-pools`) shows the hang.
+/// The default sizing gives every op a frame and an output (at most `IN_FLIGHT_MAX` ops
+/// exist). `tight` (the first sizing, `carmine sim --tight-pools`) lets frames hold most
+/// buffers, so ops wait for outputs: it hung once (seed 93, a core's ring blocked behind an
+/// `Execute` while the `Release`s after it held the buffers; see `OsdCore::deferred_remote`),
+/// and receive leaves `RX_LEAVES_FREE` of each class for outputs.
 fn pool_sizes(tight: bool) -> PoolSizes {
     if tight {
         return PoolSizes {
@@ -224,6 +229,7 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
     let mut sim = Sim {
         rng,
         lying_flush: config.lying_flush,
+        read_errors: config.read_errors,
         cores,
         sb,
         hooks,
@@ -401,6 +407,7 @@ impl Sim {
                     let ns = self.rng.below(400_000);
                     self.advance_clock(ns);
                 }
+                _ if self.read_errors && self.rng.chance(50) => self.inject_read_error(server),
                 _ => {
                     // A latency spike: the core does not poll for a while (its device
                     // completions and incoming messages wait).
@@ -410,6 +417,35 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// A medium error on a random shard: at one of its objects' live data blocks half the
+    /// time (what reads and the cleaner then hit), else at any block (a record, a free one).
+    fn inject_read_error(&mut self, server: &mut Server) {
+        let shard = self.rng.below(self.cores as u64) as usize;
+        let (start, end) = partition(&self.sb, shard as u32);
+        let mut live: Vec<u64> = server.stores[shard]
+            .borrow()
+            .metadata()
+            .objects()
+            .flat_map(|(_, onode)| onode.blocks.values().map(|b| b.physical))
+            .collect();
+        // Sorted: the metadata's map iterates in a per-process order, and a seed must replay.
+        live.sort_unstable();
+        let offset = if !live.is_empty() && self.rng.chance(50) {
+            live[self.rng.below(live.len() as u64) as usize]
+        } else {
+            start + self.rng.below((end - start) / BLOCK_SIZE_BYTES) * BLOCK_SIZE_BYTES
+        };
+        self.trace(offset);
+        if self.verbose {
+            eprintln!("sim: read error injected at {offset} (shard {shard})");
+        }
+        self.report.read_errors_injected += 1;
+        server.stores[shard]
+            .borrow_mut()
+            .queue_pair()
+            .inject_read_error(offset);
     }
 
     fn send_op(&mut self, server: &mut Server) {
@@ -561,6 +597,12 @@ impl Sim {
                     Status::NotFound | Status::NoSpace if self.powered_off => Fate::NotApplied,
                     Status::NotFound | Status::NoSpace => Fate::Refused(status),
                     _ if self.powered_off => Fate::Unknown,
+                    // A read the op needed hit an injected medium error: it must have failed
+                    // as a whole.
+                    Status::Io if self.read_errors => {
+                        self.report.io_errors_answered += 1;
+                        Fate::Refused(status)
+                    }
                     other => {
                         return Err(format!(
                             "mutation {id} on object {} failed with {other} before any power cut",
@@ -581,10 +623,12 @@ impl Sim {
             }
             Kind::Read if self.powered_off => {} // Answered from memory, see above.
             Kind::Read => {
-                let Some(observed) = observe(status, &results, self.powered_off)
+                let Some(observed) = observe(status, &results, self.powered_off, self.read_errors)
                     .map_err(|e| format!("read {id} of object {}: {e}", sent.object))?
                 else {
-                    return Ok(()); // Failed after the power cut: nothing to check.
+                    // Failed with an injected read error: nothing to check.
+                    self.report.io_errors_answered += 1;
+                    return Ok(());
                 };
                 let candidates = self.objects[sent.object]
                     .candidates(Some(id))
@@ -752,7 +796,7 @@ impl Sim {
                         .ok_or_else(|| format!("a reply to request {id}, which was not sent"))?;
                     let results: Vec<(u32, &[u8])> =
                         results.iter().map(|(s, o)| (*s, &o[..])).collect();
-                    let state = observe(status, &results, false)
+                    let state = observe(status, &results, false, false)
                         .map_err(|e| format!("reading object {object} after remount: {e}"))?
                         .expect("not powered off");
                     observed.insert(object, state);
@@ -842,6 +886,7 @@ fn observe(
     status: Status,
     results: &[(u32, &[u8])],
     powered_off: bool,
+    read_errors: bool,
 ) -> Result<Option<State>, String> {
     let code = |s: Status| s as u32;
     let failed = results.is_empty()
@@ -850,6 +895,11 @@ fn observe(
             .any(|(s, _)| ![0, code(Status::NotFound), code(Status::NoData)].contains(s));
     if failed {
         if powered_off {
+            return Ok(None);
+        }
+        // An injected medium error fails the read (Io), never returns other bytes.
+        let io = |s: u32| s == code(Status::Io);
+        if read_errors && (status == Status::Io || results.iter().any(|&(s, _)| io(s))) {
             return Ok(None);
         }
         return Err(format!(

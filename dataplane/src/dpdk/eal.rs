@@ -74,3 +74,24 @@ impl Eal {
         unsafe { sys::rte_socket_id() as i32 }
     }
 }
+
+/// Gives the calling thread (not started by the EAL: a reactor, the load generator) an lcore
+/// id, so that its mempool gets and puts use a per-lcore cache instead of the pool's shared
+/// ring every time. Fails when the EAL is not running or every lcore id is taken; the thread
+/// then still works, without a cache.
+pub fn register_current_thread() -> Result<u32, DpdkError> {
+    if !STARTED.load(Ordering::Acquire) {
+        return Err(DpdkError {
+            call: "rte_thread_register (EAL not started)",
+            code: libc::EINVAL,
+        });
+    }
+    // SAFETY: no arguments; DPDK checks that its init completed and records the lcore id in
+    // this thread's own state (the caller's CPU affinity is read, not changed).
+    let rc = unsafe { sys::rte_thread_register() };
+    if rc < 0 {
+        return Err(DpdkError::from_errno("rte_thread_register"));
+    }
+    // SAFETY: reads this thread's lcore id; no preconditions.
+    Ok(unsafe { sys::rte_lcore_id() })
+}

@@ -102,6 +102,31 @@ impl<'pool> Mbuf<'pool> {
         }
     }
 
+    /// Appends `parts` back to back, each copied once, without zeroing the room first (every
+    /// appended byte is written from `parts`); false (unchanged) when they do not fit.
+    pub fn extend_from_slices(&mut self, parts: &[&[u8]]) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let Ok(len16) = u16::try_from(len) else {
+            return false;
+        };
+        // SAFETY: valid owned mbuf; append returns NULL and changes nothing if it does not fit.
+        let p = unsafe { sys::rte_pktmbuf_append(self.raw.as_ptr(), len16) };
+        if p.is_null() {
+            return false;
+        }
+        let mut at = p as *mut u8;
+        for part in parts {
+            // SAFETY: append made [p, p+len) part of this mbuf's data area, which we own
+            // exclusively (&mut self); the parts' lengths sum to len, so each copy stays inside
+            // it, and a caller's slice cannot overlap an mbuf we own mutably.
+            unsafe {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), at, part.len());
+                at = at.add(part.len());
+            }
+        }
+        true
+    }
+
     /// Shortens the data to `len` bytes (no-op when already shorter or equal).
     pub fn truncate(&mut self, len: usize) {
         let cur = self.len();

@@ -8,10 +8,11 @@
 mod eal;
 mod mbuf;
 mod mempool;
+pub mod net;
 mod port;
 pub mod udp;
 
-pub use eal::Eal;
+pub use eal::{register_current_thread, Eal};
 pub use mbuf::Mbuf;
 pub use mempool::Mempool;
 pub use port::{MacAddr, Port, PortConfig, PortStats, RxQueue, TxQueue, BURST_MAX};

@@ -223,6 +223,25 @@ impl<'pool> Port<'pool> {
         Ok(unsafe { info.assume_init() })
     }
 
+    /// How many rx/tx queue pairs port `id` has, and whether it can spread IPv4/UDP flows over
+    /// them by RSS (without it, queues other than 0 would see only what a peer chooses to send
+    /// there: a server then runs one queue).
+    pub fn queue_capabilities(eal: &Eal, id: u16) -> Result<(u16, bool), DpdkError> {
+        if id >= eal.port_count() {
+            return Err(DpdkError {
+                call: "Port::queue_capabilities (no such port)",
+                code: libc::ENODEV,
+            });
+        }
+        let info = Self::info(id)?;
+        // SAFETY: returns a constant (RTE_BIT64 macros spelled out in shim.c).
+        let wanted = unsafe { sys::carmine_rss_ipv4_udp() };
+        Ok((
+            info.max_rx_queues.min(info.max_tx_queues),
+            info.flow_type_rss_offloads & wanted != 0,
+        ))
+    }
+
     /// The port's id.
     pub fn id(&self) -> u16 {
         self.id

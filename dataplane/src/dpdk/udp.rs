@@ -15,13 +15,12 @@ pub fn udp_frame<'p>(
     payload: &[u8],
 ) -> Option<Mbuf<'p>> {
     let mut m = pool.alloc()?;
-    let udp_payload = rpc_header.len() + payload.len();
-    let frame = m.append(UDP_FRAME_HEADER_BYTES + udp_payload)?;
-    let (head, rest) = frame.split_at_mut(UDP_FRAME_HEADER_BYTES);
-    ipv4::build_udp_header(head.try_into().unwrap(), source, target, udp_payload);
-    rest[..rpc_header.len()].copy_from_slice(rpc_header);
-    rest[rpc_header.len()..].copy_from_slice(payload);
-    Some(m)
+    let mut head = [0u8; UDP_FRAME_HEADER_BYTES];
+    ipv4::build_udp_header(&mut head, source, target, rpc_header.len() + payload.len());
+    // Written straight into the mbuf: appending zeroed room first cost a memset per packet
+    // (a fifth of the server's instructions per 4 KiB read under callgrind).
+    m.extend_from_slices(&[&head, rpc_header, payload])
+        .then_some(m)
 }
 
 /// Builds one ARP frame (`ipv4::ARP_FRAME_BYTES`) with `fill`.

@@ -28,6 +28,7 @@
 //! Every data block is covered by a crc32c kept in the metadata (4 KiB granularity, so a 4 KiB
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
+pub mod btree;
 pub mod cleaner;
 pub mod dirty;
 pub mod exec;

@@ -2,8 +2,10 @@
 //! where the log ends.
 //!
 //! Rules, which the journal writer keeps and this scanner relies on:
-//! - A segment joins the log when its header is written; headers carry a per-shard
-//!   `segment_seq`, so the log's segment order is the header order, whatever the segment numbers.
+//! - A segment joins the log when its header is written, and the header is durable before any
+//!   record goes into it (so every record lies under a header the scan sees). Headers carry a
+//!   per-shard `segment_seq`: the log's segment order is the header order, whatever the
+//!   segment numbers.
 //! - Records carry a per-shard `record_seq` that grows by exactly one, across segments.
 //! - A record is acknowledged only after it and every earlier record are durable.
 //! - A segment is freed only once it lies before the replay start that a durable header names

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The DPDK transport against kernel TCP, same server, same run (issue 5's benchmark).
+#
+# One `carmine serve --store memory --cores 1 --cpus 1 --idle spin --transport dpdk` on a
+# net_memif server vdev (it serves TCP on --listen too); `carmine load` pinned to CPU 0, 4 KiB,
+# 4 clients x QD32, alternating TCP and DPDK (memif client vdev) for each of randwrite and
+# randread, ROUNDS times. Server CPU per op = the reactor's busy time / ops between two STATUS
+# reads (the reactor spins, so process CPU is wall time; busy time counts passes that did work,
+# including any time the thread was preempted in them). "server preempted" is the reactor
+# thread's run-queue wait (/proc/.../schedstat) over the run's wall time: on a shared machine a
+# spinning reactor or generator is descheduled for whole time slices. "load cpu/op" is the
+# generator process's user+system time per op (one thread; TCP sleeps in epoll, DPDK spins).
+#
+#   cargo build --release --features dpdk && scripts/dpdk-bench.sh
+#   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
+# Needs root (the EAL's runtime files and the memif socket live under /run), python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=${CARMINE:-target/release/carmine}
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-2}
+LISTEN=127.0.0.1:${PORT:-16900}
+SOCK=/run/carmine-dpdk-bench-$$.sock
+SERVER_IP=10.77.0.1:6800
+OUT=${OUT:-target/dpdk-bench}
+mkdir -p "$OUT"
+cpus=$(nproc)
+eal() { echo "--no-huge --no-pci -m 256 --lcores 0@(0-$((cpus - 1))) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK,bsize=9216"; }
+
+cleanup() {
+  [ -n "${server:-}" ] && kill -INT "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  rm -f "$SOCK"
+  rm -rf /var/run/dpdk/carmine-bench-*-$$
+}
+trap cleanup EXIT
+
+"$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" \
+  --transport dpdk --udp "$SERVER_IP" --dpdk-args="$(eal carmine-bench-serve-$$ server)" \
+  >"$OUT/serve.log" 2>&1 &
+server=$!
+for _ in $(seq 100); do grep -q "serving on" "$OUT/serve.log" && break; sleep 0.1; done
+grep -q "serving on" "$OUT/serve.log" || { cat "$OUT/serve.log"; exit 1; }
+reactor=$(grep -l carmine-core-0 /proc/"$server"/task/*/comm | head -1 | cut -d/ -f5)
+
+shape=(--bs 4096 --objects 64 --object-size 1MiB --clients 4 --qd 32 --cpus 0 --json)
+n=0
+run() { # transport op -> one line of results
+  local transport=$1 op=$2 extra=()
+  n=$((n + 1))
+  if [ "$transport" = dpdk ]; then
+    extra=(--transport dpdk --target "$SERVER_IP" --status-target "$LISTEN" "--dpdk-args=$(eal carmine-bench-load$n-$$ client)")
+  else
+    extra=(--target "$LISTEN")
+  fi
+  "$B" status --target "$LISTEN" --json >"$OUT/before.json"
+  local sched_before; sched_before=$(cat "/proc/$server/task/$reactor/schedstat")
+  /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
+    "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err"
+  local sched_after; sched_after=$(cat "/proc/$server/task/$reactor/schedstat")
+  "$B" status --target "$LISTEN" --json >"$OUT/after.json"
+  python3 - "$transport" "$op" "$OUT/$transport-$op-$n.json" "$OUT/before.json" "$OUT/after.json" \
+    "$OUT/load-$n.time" "$sched_before" "$sched_after" <<'EOF'
+import json, sys
+transport, op, report, before, after, load_time, sched_b, sched_a = sys.argv[1:]
+r = json.load(open(report)); b = json.load(open(before))["totals"]; a = json.load(open(after))["totals"]
+ops = a["ops"] - b["ops"]
+busy = (a["busy_ns"] - b["busy_ns"]) / ops if ops else float("nan")
+wall, user, system = map(float, open(load_time).read().split()[-3:])
+# schedstat: ns on CPU, ns waiting on a run queue (runnable but preempted), time slices.
+run_b, wait_b, _ = map(int, sched_b.split()); run_a, wait_a, _ = map(int, sched_a.split())
+print(f"{transport:5} {op:9} iops {r['iops']:9.0f}  p50 {r['latency_us']['p50']:7.1f} us  p99 {r['latency_us']['p99']:8.1f} us  "
+      f"server busy/op {busy/1000:5.2f} us  server preempted {(wait_a - wait_b) / 1e9 / wall:4.0%}  "
+      f"load cpu/op {(user + system) / r['ops'] * 1e6 if r['ops'] else 0:5.2f} us ({(user + system) / wall:4.0%} of a CPU)  "
+      f"errors {r['errors']} verify_failures {r['verify_failures']}")
+EOF
+}
+
+"$B" load --target "$LISTEN" "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run"
+for round in $(seq "$ROUNDS"); do
+  for op in randwrite randread; do
+    run tcp "$op"
+    run dpdk "$op"
+  done
+done

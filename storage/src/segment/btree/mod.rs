@@ -1,0 +1,629 @@
+//! The extent tree: a B+tree from (object, logical block) to (physical address, crc32c) whose
+//! nodes are 4 KiB blocks (`node.rs`), SeaStore's LBA tree role.
+//!
+//! Step 1 of the plan in ARCHITECTURE.md ("Where the metadata departs from SeaStore"): the tree
+//! and its node format, with dirty tracking and copy-on-write write-out (`write_out`: every
+//! node changed since the last write-out goes to a fresh address, parents after children, and
+//! the old addresses are reported obsolete), and loading from a root address with every node
+//! checked (`load`). The segment store does not use it yet: its metadata is still the
+//! in-memory map in `metadata.rs` (steps 2-4 wire this in).
+//!
+//! Invariants (`check` verifies them all; tests run it after every operation):
+//! - every leaf is at level 0 and every path from the root has the same length;
+//! - keys in a node increase strictly; an internal entry's key is a lower bound of every key in
+//!   its child's subtree, and the next entry's key an upper bound (exclusive);
+//! - every node but the root holds at least a quarter of its capacity; an internal root has
+//!   at least two children.
+
+pub mod node;
+
+pub use node::{Entries, Key, NodeError, Value, INTERNAL_CAPACITY, LEAF_CAPACITY, NODE_BYTES};
+
+/// Index of a node in the tree's arena.
+type NodeId = u32;
+
+#[derive(Clone, Debug)]
+enum Body {
+    Leaf(Vec<(Key, Value)>),
+    Internal(Vec<(Key, NodeId)>),
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    level: u8,
+    body: Body,
+    /// Device address of the node's last write-out; 0 if never written.
+    address: u64,
+    /// Changed since its last write-out (or never written).
+    dirty: bool,
+}
+
+impl Node {
+    fn len(&self) -> usize {
+        match &self.body {
+            Body::Leaf(entries) => entries.len(),
+            Body::Internal(entries) => entries.len(),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        match self.body {
+            Body::Leaf(_) => LEAF_CAPACITY,
+            Body::Internal(_) => INTERNAL_CAPACITY,
+        }
+    }
+
+    fn first_key(&self) -> Key {
+        match &self.body {
+            Body::Leaf(entries) => entries[0].0,
+            Body::Internal(entries) => entries[0].0,
+        }
+    }
+}
+
+/// The child of an internal node whose subtree holds `key`.
+fn child_index(entries: &[(Key, NodeId)], key: Key) -> usize {
+    entries.partition_point(|&(k, _)| k <= key).max(1) - 1
+}
+
+/// Why a tree could not be loaded from the device.
+#[derive(Debug)]
+pub enum LoadError {
+    Read {
+        address: u64,
+        error: std::io::Error,
+    },
+    Node {
+        address: u64,
+        error: NodeError,
+    },
+    /// The node decoded, but does not fit where its parent points it.
+    Shape {
+        address: u64,
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Read { address, error } => {
+                write!(f, "reading tree node at {address}: {error}")
+            }
+            LoadError::Node { address, error } => write!(f, "tree node at {address}: {error}"),
+            LoadError::Shape { address, reason } => write!(f, "tree node at {address}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+pub struct ExtentTree {
+    nodes: Vec<Node>,
+    /// Arena slots of freed nodes.
+    free: Vec<NodeId>,
+    root: NodeId,
+    len: usize,
+    /// Addresses of written nodes that a later write-out replaced or that were freed: space
+    /// that is dead once the write-out that replaced them is durable.
+    obsolete: Vec<u64>,
+}
+
+impl Default for ExtentTree {
+    fn default() -> ExtentTree {
+        ExtentTree::new()
+    }
+}
+
+impl ExtentTree {
+    pub fn new() -> ExtentTree {
+        ExtentTree {
+            nodes: vec![Node {
+                level: 0,
+                body: Body::Leaf(Vec::new()),
+                address: 0,
+                dirty: true,
+            }],
+            free: Vec::new(),
+            root: 0,
+            len: 0,
+            obsolete: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Levels above the leaves (0: the root is a leaf).
+    pub fn height(&self) -> u8 {
+        self.nodes[self.root as usize].level
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len() - self.free.len()
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.live_ids()
+            .filter(|&id| self.nodes[id as usize].dirty)
+            .count()
+    }
+
+    fn live_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let mut stack = vec![self.root];
+        std::iter::from_fn(move || {
+            let id = stack.pop()?;
+            if let Body::Internal(entries) = &self.nodes[id as usize].body {
+                stack.extend(entries.iter().map(|&(_, child)| child));
+            }
+            Some(id)
+        })
+    }
+
+    pub fn get(&self, key: Key) -> Option<Value> {
+        let mut id = self.root;
+        loop {
+            match &self.nodes[id as usize].body {
+                Body::Internal(entries) => id = entries[child_index(entries, key)].1,
+                Body::Leaf(entries) => {
+                    return entries
+                        .binary_search_by_key(&key, |&(k, _)| k)
+                        .ok()
+                        .map(|i| entries[i].1)
+                }
+            }
+        }
+    }
+
+    /// Calls `visit` for every entry with `from <= key < to`, in key order.
+    pub fn for_each_in(&self, from: Key, to: Key, visit: &mut dyn FnMut(Key, Value)) {
+        self.visit_range(self.root, from, to, visit);
+    }
+
+    fn visit_range(&self, id: NodeId, from: Key, to: Key, visit: &mut dyn FnMut(Key, Value)) {
+        match &self.nodes[id as usize].body {
+            Body::Leaf(entries) => {
+                let start = entries.partition_point(|&(k, _)| k < from);
+                for &(key, value) in entries[start..].iter().take_while(|&&(k, _)| k < to) {
+                    visit(key, value);
+                }
+            }
+            Body::Internal(entries) => {
+                let start = child_index(entries, from);
+                for &(key, child) in &entries[start..] {
+                    if key >= to {
+                        break;
+                    }
+                    self.visit_range(child, from, to, visit);
+                }
+            }
+        }
+    }
+
+    fn alloc(&mut self, node: Node) -> NodeId {
+        match self.free.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                id
+            }
+            None => {
+                self.nodes.push(node);
+                NodeId::try_from(self.nodes.len() - 1).expect("node arena fits u32 ids")
+            }
+        }
+    }
+
+    fn release(&mut self, id: NodeId) {
+        let node = &mut self.nodes[id as usize];
+        if node.address != 0 {
+            self.obsolete.push(node.address);
+        }
+        node.body = Body::Leaf(Vec::new());
+        node.address = 0;
+        node.dirty = false;
+        self.free.push(id);
+    }
+
+    /// Maps `key` to `value`; returns the value it replaced.
+    pub fn insert(&mut self, key: Key, value: Value) -> Option<Value> {
+        let (old, split) = self.insert_into(self.root, key, value);
+        if let Some((split_key, right)) = split {
+            let left = self.root;
+            let level = self.nodes[left as usize].level + 1;
+            assert!(level <= node::LEVEL_MAX, "tree height limit");
+            let first = self.nodes[left as usize].first_key().min(key);
+            self.root = self.alloc(Node {
+                level,
+                body: Body::Internal(vec![(first, left), (split_key, right)]),
+                address: 0,
+                dirty: true,
+            });
+        }
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// Returns the replaced value and, when the node split, the new right node and its key.
+    fn insert_into(
+        &mut self,
+        id: NodeId,
+        key: Key,
+        value: Value,
+    ) -> (Option<Value>, Option<(Key, NodeId)>) {
+        let node = &mut self.nodes[id as usize];
+        node.dirty = true;
+        let old = match &mut node.body {
+            Body::Leaf(entries) => match entries.binary_search_by_key(&key, |&(k, _)| k) {
+                Ok(i) => Some(std::mem::replace(&mut entries[i].1, value)),
+                Err(i) => {
+                    entries.insert(i, (key, value));
+                    None
+                }
+            },
+            Body::Internal(entries) => {
+                let i = child_index(entries, key);
+                // Keep the first key a lower bound of its subtree.
+                if key < entries[i].0 {
+                    entries[i].0 = key;
+                }
+                let child = entries[i].1;
+                let (old, split) = self.insert_into(child, key, value);
+                if let Some((split_key, right)) = split {
+                    let Body::Internal(entries) = &mut self.nodes[id as usize].body else {
+                        unreachable!("an internal node stays internal")
+                    };
+                    entries.insert(i + 1, (split_key, right));
+                }
+                old
+            }
+        };
+        let node = &self.nodes[id as usize];
+        if node.len() <= node.capacity() {
+            return (old, None);
+        }
+        (old, Some(self.split(id)))
+    }
+
+    /// Moves the upper half of an overfull node into a new right sibling.
+    fn split(&mut self, id: NodeId) -> (Key, NodeId) {
+        let node = &mut self.nodes[id as usize];
+        let level = node.level;
+        let body = match &mut node.body {
+            Body::Leaf(entries) => Body::Leaf(entries.split_off(entries.len() / 2)),
+            Body::Internal(entries) => Body::Internal(entries.split_off(entries.len() / 2)),
+        };
+        let right = Node {
+            level,
+            body,
+            address: 0,
+            dirty: true,
+        };
+        let key = right.first_key();
+        (key, self.alloc(right))
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: Key) -> Option<Value> {
+        let old = self.remove_from(self.root, key)?;
+        self.len -= 1;
+        // An internal root left with one child hands the root to it.
+        while let Body::Internal(entries) = &self.nodes[self.root as usize].body {
+            if entries.len() > 1 {
+                break;
+            }
+            let child = entries[0].1;
+            self.release(self.root);
+            self.root = child;
+        }
+        Some(old)
+    }
+
+    fn remove_from(&mut self, id: NodeId, key: Key) -> Option<Value> {
+        match &mut self.nodes[id as usize].body {
+            Body::Leaf(entries) => {
+                let i = entries.binary_search_by_key(&key, |&(k, _)| k).ok()?;
+                let (_, old) = entries.remove(i);
+                self.nodes[id as usize].dirty = true;
+                Some(old)
+            }
+            Body::Internal(entries) => {
+                let i = child_index(entries, key);
+                let child = entries[i].1;
+                let old = self.remove_from(child, key)?;
+                self.nodes[id as usize].dirty = true;
+                let child_node = &self.nodes[child as usize];
+                if child_node.len() < child_node.capacity() / 4 {
+                    self.rebalance(id, i);
+                }
+                Some(old)
+            }
+        }
+    }
+
+    /// Child `i` of `parent` is underfull: merges it with a sibling, or evens the two out.
+    fn rebalance(&mut self, parent: NodeId, i: usize) {
+        let Body::Internal(entries) = &self.nodes[parent as usize].body else {
+            unreachable!("rebalance is asked of internal nodes")
+        };
+        if entries.len() < 2 {
+            return; // A root with one child; `remove` collapses it.
+        }
+        let (l, r) = if i + 1 < entries.len() {
+            (i, i + 1)
+        } else {
+            (i - 1, i)
+        };
+        let (left, right) = (entries[l].1, entries[r].1);
+        let mut right_body =
+            std::mem::replace(&mut self.nodes[right as usize].body, Body::Leaf(Vec::new()));
+        let left_node = &mut self.nodes[left as usize];
+        left_node.dirty = true;
+        let capacity = left_node.capacity();
+        let merged = match (&mut left_node.body, &mut right_body) {
+            (Body::Leaf(a), Body::Leaf(b)) => rebalance_pair(a, b, capacity),
+            (Body::Internal(a), Body::Internal(b)) => rebalance_pair(a, b, capacity),
+            _ => unreachable!("siblings are at one level"),
+        };
+        let Body::Internal(entries) = &mut self.nodes[parent as usize].body else {
+            unreachable!()
+        };
+        if merged {
+            entries.remove(r);
+            self.release(right);
+        } else {
+            let right_node = &mut self.nodes[right as usize];
+            right_node.body = right_body;
+            right_node.dirty = true;
+            let first = right_node.first_key();
+            let Body::Internal(entries) = &mut self.nodes[parent as usize].body else {
+                unreachable!()
+            };
+            entries[r].0 = first;
+        }
+    }
+
+    /// Addresses of written nodes no longer part of the tree (since the last call).
+    pub fn take_obsolete(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.obsolete)
+    }
+
+    /// Writes every dirty node to a fresh address (`alloc`), children before parents, through
+    /// `write(address, block)`; returns the root's address (0 for an empty tree, which writes
+    /// nothing). Replaced addresses go to `take_obsolete`.
+    pub fn write_out(
+        &mut self,
+        nonce: u64,
+        generation: u64,
+        alloc: &mut dyn FnMut() -> u64,
+        write: &mut dyn FnMut(u64, &[u8]),
+    ) -> u64 {
+        if self.len == 0 {
+            let root = &mut self.nodes[self.root as usize];
+            if root.address != 0 {
+                self.obsolete.push(root.address);
+                root.address = 0;
+            }
+            root.dirty = false;
+            return 0;
+        }
+        let mut block = vec![0u8; NODE_BYTES];
+        self.write_node(self.root, nonce, generation, alloc, write, &mut block)
+    }
+
+    fn write_node(
+        &mut self,
+        id: NodeId,
+        nonce: u64,
+        generation: u64,
+        alloc: &mut dyn FnMut() -> u64,
+        write: &mut dyn FnMut(u64, &[u8]),
+        block: &mut [u8],
+    ) -> u64 {
+        let node = &self.nodes[id as usize];
+        if !node.dirty {
+            return node.address;
+        }
+        let entries = match &node.body {
+            Body::Leaf(entries) => Entries::Leaf(entries.clone()),
+            Body::Internal(children) => {
+                let children = children.clone();
+                let mut entries = Vec::with_capacity(children.len());
+                for (key, child) in children {
+                    let address = self.write_node(child, nonce, generation, alloc, write, block);
+                    entries.push((key, address));
+                }
+                Entries::Internal(entries)
+            }
+        };
+        let address = alloc();
+        let node = &mut self.nodes[id as usize];
+        node::encode(block, nonce, address, generation, node.level, &entries);
+        write(address, block);
+        if node.address != 0 {
+            self.obsolete.push(node.address);
+        }
+        node.address = address;
+        node.dirty = false;
+        address
+    }
+
+    /// Loads the tree written with root `root` (0: empty), reading nodes through `read` and
+    /// checking each: checksum, nonce, place, level, key bounds. Fill is not required (a
+    /// tree is loaded as it was written).
+    pub fn load(
+        root: u64,
+        nonce: u64,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<ExtentTree, LoadError> {
+        let mut tree = ExtentTree::new();
+        if root == 0 {
+            return Ok(tree);
+        }
+        tree.nodes.clear();
+        let mut block = vec![0u8; NODE_BYTES];
+        let mut len = 0;
+        tree.root = tree.load_node(root, nonce, None, None, None, read, &mut block, &mut len)?;
+        tree.len = len;
+        Ok(tree)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn load_node(
+        &mut self,
+        address: u64,
+        nonce: u64,
+        level: Option<u8>,
+        lower: Option<Key>,
+        upper: Option<Key>,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+        block: &mut [u8],
+        len: &mut usize,
+    ) -> Result<NodeId, LoadError> {
+        read(address, block).map_err(|error| LoadError::Read { address, error })?;
+        let decoded = node::decode(block, nonce, address)
+            .map_err(|error| LoadError::Node { address, error })?;
+        let shape = |reason: String| LoadError::Shape { address, reason };
+        if level.is_some_and(|l| l != decoded.level) {
+            return Err(shape(format!(
+                "level {} where the parent expects {}",
+                decoded.level,
+                level.expect("checked")
+            )));
+        }
+        let keys: Vec<Key> = match &decoded.entries {
+            Entries::Leaf(entries) => entries.iter().map(|&(k, _)| k).collect(),
+            Entries::Internal(entries) => entries.iter().map(|&(k, _)| k).collect(),
+        };
+        if lower.is_some_and(|l| keys[0] < l) || upper.is_some_and(|u| keys[keys.len() - 1] >= u) {
+            return Err(shape(format!(
+                "keys {:?}..={:?} outside the parent's range {lower:?}..{upper:?}",
+                keys[0],
+                keys[keys.len() - 1]
+            )));
+        }
+        let body = match decoded.entries {
+            Entries::Leaf(entries) => {
+                *len += entries.len();
+                Body::Leaf(entries)
+            }
+            Entries::Internal(entries) => {
+                let mut children = Vec::with_capacity(entries.len());
+                for (i, &(key, child)) in entries.iter().enumerate() {
+                    let child_upper = entries.get(i + 1).map(|&(k, _)| k).or(upper);
+                    let id = self.load_node(
+                        child,
+                        nonce,
+                        Some(decoded.level - 1),
+                        Some(key),
+                        child_upper,
+                        read,
+                        block,
+                        len,
+                    )?;
+                    children.push((key, id));
+                }
+                Body::Internal(children)
+            }
+        };
+        Ok(self.alloc(Node {
+            level: decoded.level,
+            body,
+            address,
+            dirty: false,
+        }))
+    }
+
+    /// Verifies every invariant in the module docs; says which one fails where.
+    pub fn check(&self) -> Result<(), String> {
+        let mut count = 0;
+        self.check_node(self.root, None, None, true, &mut count)?;
+        if count != self.len {
+            return Err(format!("{count} entries, but len says {}", self.len));
+        }
+        Ok(())
+    }
+
+    fn check_node(
+        &self,
+        id: NodeId,
+        lower: Option<Key>,
+        upper: Option<Key>,
+        is_root: bool,
+        count: &mut usize,
+    ) -> Result<(), String> {
+        let node = &self.nodes[id as usize];
+        if !is_root && node.len() < node.capacity() / 4 {
+            return Err(format!(
+                "node {id} holds {} of {}",
+                node.len(),
+                node.capacity()
+            ));
+        }
+        if node.len() > node.capacity() {
+            return Err(format!("node {id} over capacity"));
+        }
+        let in_range = |k: Key| lower.is_none_or(|l| k >= l) && upper.is_none_or(|u| k < u);
+        match &node.body {
+            Body::Leaf(entries) => {
+                if node.level != 0 {
+                    return Err(format!("leaf {id} at level {}", node.level));
+                }
+                if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
+                    return Err(format!("leaf {id} keys out of order"));
+                }
+                if !entries.iter().all(|&(k, _)| in_range(k)) {
+                    return Err(format!("leaf {id} has keys outside {lower:?}..{upper:?}"));
+                }
+                *count += entries.len();
+            }
+            Body::Internal(entries) => {
+                if is_root && entries.len() < 2 {
+                    return Err("internal root with one child".into());
+                }
+                if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
+                    return Err(format!("internal node {id} keys out of order"));
+                }
+                if !in_range(entries[0].0) {
+                    return Err(format!("internal node {id} outside its parent's range"));
+                }
+                for (i, &(key, child)) in entries.iter().enumerate() {
+                    if self.nodes[child as usize].level + 1 != node.level {
+                        return Err(format!("child {child} of {id} at the wrong level"));
+                    }
+                    let child_upper = entries.get(i + 1).map(|&(k, _)| k).or(upper);
+                    self.check_node(child, Some(key), child_upper, false, count)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Merges `b` into `a` when both fit one node (returns true), else evens them out (keys keep
+/// their order: `a` stays the left one).
+fn rebalance_pair<T>(a: &mut Vec<T>, b: &mut Vec<T>, capacity: usize) -> bool {
+    if a.len() + b.len() <= capacity {
+        a.append(b);
+        return true;
+    }
+    let total = a.len() + b.len();
+    let left = total / 2;
+    if a.len() > left {
+        let moved = a.split_off(left);
+        b.splice(0..0, moved);
+    } else {
+        let take = left - a.len();
+        a.extend(b.drain(..take));
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests;

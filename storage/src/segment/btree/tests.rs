@@ -1,0 +1,261 @@
+use std::collections::{BTreeMap, HashMap};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn key(object: u64, block: u64) -> Key {
+    Key { object, block }
+}
+
+fn value(n: u64) -> Value {
+    Value {
+        physical: (n % (1 << 40) + 1) * 4096,
+        crc: n as u32 ^ 0x5bd1_e995,
+    }
+}
+
+/// A device of 4 KiB blocks in a map, with a bump allocator: what `write_out` and `load` see.
+#[derive(Default)]
+struct Blocks {
+    blocks: HashMap<u64, Vec<u8>>,
+    next: u64,
+}
+
+impl Blocks {
+    fn write_out(&mut self, tree: &mut ExtentTree, generation: u64) -> u64 {
+        let next = &mut self.next;
+        let blocks = &mut self.blocks;
+        tree.write_out(
+            7,
+            generation,
+            &mut || {
+                *next += 4096;
+                *next
+            },
+            &mut |address, block| {
+                assert!(
+                    blocks.insert(address, block.to_vec()).is_none(),
+                    "copy on write"
+                );
+            },
+        )
+    }
+
+    fn load(&self, root: u64) -> Result<ExtentTree, LoadError> {
+        ExtentTree::load(root, 7, &mut |address, out| {
+            let block = self
+                .blocks
+                .get(&address)
+                .ok_or_else(|| std::io::Error::other(format!("no block at {address}")))?;
+            out.copy_from_slice(block);
+            Ok(())
+        })
+    }
+}
+
+fn contents(tree: &ExtentTree) -> Vec<(Key, Value)> {
+    let mut out = Vec::new();
+    tree.for_each_in(Key::default(), key(u64::MAX, u64::MAX), &mut |k, v| {
+        out.push((k, v))
+    });
+    out
+}
+
+#[test]
+fn grows_to_several_levels_and_shrinks_back() {
+    let mut tree = ExtentTree::new();
+    let n = 60_000u64;
+    for i in 0..n {
+        // Scattered objects, sequential blocks within each: the store's shape.
+        assert_eq!(tree.insert(key(i % 97, i / 97), value(i)), None);
+    }
+    tree.check().unwrap();
+    assert_eq!(tree.len(), n as usize);
+    assert!(tree.height() >= 2, "height {}", tree.height());
+    for i in 0..n {
+        assert_eq!(tree.get(key(i % 97, i / 97)), Some(value(i)));
+    }
+    for i in (0..n).filter(|i| i % 3 != 0) {
+        assert_eq!(tree.remove(key(i % 97, i / 97)), Some(value(i)));
+    }
+    tree.check().unwrap();
+    for i in (0..n).filter(|i| i % 3 == 0) {
+        assert_eq!(tree.remove(key(i % 97, i / 97)), Some(value(i)));
+    }
+    tree.check().unwrap();
+    assert!(tree.is_empty());
+    assert_eq!(tree.height(), 0);
+    assert_eq!(tree.node_count(), 1, "freed nodes go back to the arena");
+}
+
+#[test]
+fn range_visits_one_object_in_block_order() {
+    let mut tree = ExtentTree::new();
+    for object in 0..50 {
+        for block in (0..400).rev() {
+            tree.insert(key(object, block), value(object * 1000 + block));
+        }
+    }
+    let mut seen = Vec::new();
+    tree.for_each_in(key(17, 0), key(18, 0), &mut |k, v| seen.push((k, v)));
+    assert_eq!(seen.len(), 400);
+    for (block, &(k, v)) in seen.iter().enumerate() {
+        assert_eq!(
+            (k, v),
+            (key(17, block as u64), value(17_000 + block as u64))
+        );
+    }
+}
+
+#[test]
+fn write_out_is_copy_on_write_and_load_gives_the_same_tree() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..20_000u64 {
+        tree.insert(key(i % 13, i), value(i));
+    }
+    let root = blocks.write_out(&mut tree, 1);
+    assert_eq!(tree.dirty_count(), 0);
+    assert!(
+        tree.take_obsolete().is_empty(),
+        "a first write-out replaces nothing"
+    );
+    let written = blocks.blocks.len();
+    assert_eq!(written, tree.node_count());
+
+    // One change rewrites the path from its leaf to the root, nothing else.
+    tree.insert(key(5, 5), value(99));
+    let path = usize::from(tree.height()) + 1;
+    assert_eq!(tree.dirty_count(), path);
+    let new_root = blocks.write_out(&mut tree, 2);
+    assert_ne!(new_root, root);
+    assert_eq!(blocks.blocks.len(), written + path);
+    let obsolete = tree.take_obsolete();
+    assert_eq!(obsolete.len(), path);
+    assert!(obsolete.contains(&root));
+
+    // Both versions load: the old root still describes the old tree (until its blocks are
+    // reused), the new one the new tree.
+    let old = blocks.load(root).unwrap();
+    assert_eq!(old.get(key(5, 5)), Some(value(5)));
+    let loaded = blocks.load(new_root).unwrap();
+    loaded.check().unwrap();
+    assert_eq!(contents(&loaded), contents(&tree));
+    assert_eq!(loaded.dirty_count(), 0);
+
+    assert_eq!(blocks.load(0).unwrap().len(), 0, "root 0 is the empty tree");
+}
+
+#[test]
+fn load_refuses_damaged_or_misplaced_nodes() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..5_000u64 {
+        tree.insert(key(i % 3, i), value(i));
+    }
+    let root = blocks.write_out(&mut tree, 1);
+    let addresses: Vec<u64> = blocks.blocks.keys().copied().collect();
+    for &address in &addresses {
+        let saved = blocks.blocks[&address].clone();
+        blocks.blocks.get_mut(&address).unwrap()[100] ^= 0x10;
+        let error = blocks.load(root).err().expect("a flipped bit is found");
+        assert!(
+            matches!(error, LoadError::Node { address: a, .. } if a == address),
+            "{error}"
+        );
+        blocks.blocks.insert(address, saved);
+    }
+    // A node copied to another address (a misdirected write) is refused there.
+    let (&a, &b) = (&addresses[0], &addresses[1]);
+    let copy = blocks.blocks[&a].clone();
+    blocks.blocks.insert(b, copy);
+    assert!(blocks.load(root).is_err());
+}
+
+#[test]
+fn load_refuses_a_child_outside_its_parents_range() {
+    // Two trees written into one device; graft the second's leaf under the first's root.
+    let mut blocks = Blocks::default();
+    let mut tree = ExtentTree::new();
+    for i in 0..1_000u64 {
+        tree.insert(key(1, i), value(i));
+    }
+    let root = blocks.write_out(&mut tree, 1);
+    let mut other = ExtentTree::new();
+    other.insert(key(9, 9), value(9));
+    let stray = blocks.write_out(&mut other, 1);
+    let node::DecodedNode {
+        entries,
+        level,
+        generation,
+    } = node::decode(&blocks.blocks[&root], 7, root).unwrap();
+    let Entries::Internal(mut children) = entries else {
+        panic!("1,000 entries need an internal root")
+    };
+    children[0].1 = stray;
+    let mut block = vec![0u8; NODE_BYTES];
+    node::encode(
+        &mut block,
+        7,
+        root,
+        generation,
+        level,
+        &Entries::Internal(children),
+    );
+    blocks.blocks.insert(root, block);
+    let error = blocks.load(root).err().expect("the graft is found");
+    assert!(matches!(error, LoadError::Shape { .. }), "{error}");
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Insert(u64, u64, u64),
+    Remove(u64, u64),
+    WriteOut,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Few objects and blocks, so that removes hit and nodes split and merge often.
+    prop_oneof![
+        6 => (0..4u64, 0..600u64, any::<u64>()).prop_map(|(o, b, v)| Op::Insert(o, b, v)),
+        5 => (0..4u64, 0..600u64).prop_map(|(o, b)| Op::Remove(o, b)),
+        1 => Just(Op::WriteOut),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The tree is a map: after any sequence of inserts, removes and write-outs it holds what
+    /// a `BTreeMap` holds, keeps every invariant, and loads back from its last write-out.
+    #[test]
+    fn behaves_as_a_map(ops in proptest::collection::vec(op(), 1..3000)) {
+        let mut tree = ExtentTree::new();
+        let mut model = BTreeMap::new();
+        let mut blocks = Blocks::default();
+        let mut last = None;
+        for (generation, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Insert(o, b, v) => {
+                    prop_assert_eq!(tree.insert(key(o, b), value(v)), model.insert(key(o, b), value(v)));
+                }
+                Op::Remove(o, b) => {
+                    prop_assert_eq!(tree.remove(key(o, b)), model.remove(&key(o, b)));
+                }
+                Op::WriteOut => {
+                    let root = blocks.write_out(&mut tree, generation as u64);
+                    last = Some((root, model.clone()));
+                }
+            }
+        }
+        tree.check().map_err(TestCaseError::fail)?;
+        let expected: Vec<(Key, Value)> = model.iter().map(|(&k, &v)| (k, v)).collect();
+        prop_assert_eq!(contents(&tree), expected);
+        if let Some((root, snapshot)) = last {
+            let loaded = blocks.load(root).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let expected: Vec<(Key, Value)> = snapshot.iter().map(|(&k, &v)| (k, v)).collect();
+            prop_assert_eq!(contents(&loaded), expected);
+        }
+    }
+}

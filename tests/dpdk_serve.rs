@@ -1,0 +1,321 @@
+//! End to end over DPDK: `carmine serve --transport dpdk` on a `net_memif` server vdev, driven
+//! by `carmine load --transport dpdk --verify` on the memif client vdev (two processes, each its
+//! own EAL and `--file-prefix`, `--no-huge --no-pci -m 256`: no NIC, no hugepages). Checks that
+//! ops complete and verify, that the server's counters agree with what the client saw (ARP
+//! answered, one datagram per 4 KiB request, each copied exactly once from its mbuf and never
+//! again, writes executed exactly once), on one core and on two cores sharing one queue (the
+//! other core's PGs over the ring), and under injected loss (`--udp-drop-every`).
+//! `harness = false`: a plain main that prints each case, or why the whole test is skipped.
+//! Run: `cargo test --features dpdk --test dpdk_serve` (root: the EAL's runtime files and the
+//! memif socket live under /run).
+
+mod common;
+
+#[cfg(not(feature = "dpdk"))]
+fn main() {
+    eprintln!("SKIP: dpdk_serve needs `--features dpdk` (and libdpdk-dev, clang: see ci/test.sh)");
+}
+
+#[cfg(feature = "dpdk")]
+fn main() {
+    run::main();
+}
+
+#[cfg(feature = "dpdk")]
+mod run {
+    use super::common::*;
+    use serde_json::Value;
+    use std::time::Instant;
+
+    const SERVER: &str = "10.77.0.1:6800";
+    /// memif's buffer size: a whole jumbo frame per descriptor. With the default 2,048 bytes a
+    /// 4 KiB packet spans three chained descriptors, and with such packets in both directions
+    /// (mixed reads and writes) DPDK 22.11's memif was seen losing and corrupting packets (the
+    /// RPC resent; the client's reply crc check caught a corrupted reply). Not Carmine's path:
+    /// with one descriptor per packet the same load runs clean.
+    const MEMIF_BUFFER: u32 = 9216;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    fn eal(prefix: &str, vdev: &str) -> String {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        format!(
+            "--dpdk-args=--no-huge --no-pci -m 256 --lcores 0@(0-{}) --file-prefix {prefix} \
+             --log-level lib.eal:error --vdev {vdev}",
+            cpus - 1
+        )
+    }
+
+    struct Case {
+        name: String,
+        socket: String,
+        prefixes: Vec<String>,
+        loads: u32,
+    }
+
+    impl Case {
+        fn new(name: &str) -> Case {
+            let pid = std::process::id();
+            Case {
+                name: name.to_string(),
+                socket: format!("/run/carmine-e2e-{name}-{pid}.sock"),
+                prefixes: Vec::new(),
+                loads: 0,
+            }
+        }
+
+        fn prefix(&mut self, role: &str) -> String {
+            let prefix = format!("carmine-e2e-{}-{role}-{}", self.name, std::process::id());
+            self.prefixes.push(prefix.clone());
+            prefix
+        }
+
+        fn server(&mut self, extra: &[&str]) -> ServerProcess {
+            let _ = std::fs::remove_file(&self.socket);
+            let vdev = format!(
+                "net_memif0,role=server,socket={},bsize={MEMIF_BUFFER}",
+                self.socket
+            );
+            let eal = eal(&self.prefix("serve"), &vdev);
+            let mut args = vec!["--transport", "dpdk", "--udp", SERVER, &eal];
+            args.extend_from_slice(extra);
+            let server = ServerProcess::start(&args);
+            assert!(
+                server
+                    .startup_log
+                    .iter()
+                    .any(|l| l.contains("DPDK port 0:")
+                        && l.contains("answering for 10.77.0.1:6800")),
+                "the server opened the memif port: {:?}",
+                server.startup_log
+            );
+            server
+        }
+
+        /// One `carmine load --transport dpdk` process (its own EAL); its JSON report.
+        fn load(&mut self, server: &ServerProcess, args: &[&str]) -> Value {
+            self.loads += 1;
+            let vdev = format!(
+                "net_memif0,role=client,socket={},bsize={MEMIF_BUFFER}",
+                self.socket
+            );
+            let eal = eal(&self.prefix(&format!("load{}", self.loads)), &vdev);
+            let mut full = vec![
+                "load",
+                "--transport",
+                "dpdk",
+                "--target",
+                SERVER,
+                "--status-target",
+                &server.addr,
+                "--json",
+                &eal,
+                "--objects",
+                "16",
+                "--object-size",
+                "256KiB",
+                "--clients",
+                "4",
+                "--qd",
+                "16",
+                "--duration",
+                "1s",
+            ];
+            full.extend_from_slice(args);
+            carmine_json(&full)
+        }
+    }
+
+    impl Drop for Case {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.socket);
+            for prefix in &self.prefixes {
+                let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+            }
+        }
+    }
+
+    fn assert_clean(report: &Value, what: &str) {
+        assert!(
+            report["ops"].as_u64().unwrap() > 0,
+            "{what}: no ops: {report}"
+        );
+        assert_eq!(report["errors"], 0, "{what}: errors: {report}");
+        assert_eq!(
+            report["verify_failures"], 0,
+            "{what}: verify failures: {report}"
+        );
+        assert!(
+            report["server"]["totals"].is_object(),
+            "{what}: the server's status came back: {report}"
+        );
+    }
+
+    /// Prefilled verified random writes, then verified random and sequential reads; returns
+    /// the writes and the ops the client saw completed.
+    fn write_then_read(case: &mut Case, server: &ServerProcess) -> (u64, u64) {
+        let report = case.load(server, &["--op", "randwrite", "--prefill", "--verify"]);
+        assert_clean(&report, "randwrite");
+        assert_eq!(
+            report["prefill_ops"],
+            16 * 64,
+            "every block prefilled: {report}"
+        );
+        let writes = report["prefill_ops"].as_u64().unwrap() + report["ops"].as_u64().unwrap();
+        let mut ops = writes;
+        for op in ["randread", "seqread"] {
+            let report = case.load(server, &["--op", op, "--verify"]);
+            assert_clean(&report, op);
+            assert_eq!(report["unwritten_reads"], 0, "{op}: {report}");
+            ops += report["ops"].as_u64().unwrap();
+        }
+        (writes, ops)
+    }
+
+    fn one_core() {
+        let mut case = Case::new("one");
+        let mut server = case.server(&["--cores", "1"]);
+        let (writes, ops) = write_then_read(&mut case, &server);
+        let status = status(&server.addr);
+        assert_eq!(
+            total(&status, "ops_write"),
+            writes,
+            "each write ran once: {status}"
+        );
+        assert_eq!(
+            total(&status, "ops_read") + total(&status, "ops_write"),
+            ops,
+            "the server ran exactly the ops the clients completed: {status}"
+        );
+        assert!(
+            total(&status, "dpdk_arp_replies") >= u64::from(case.loads),
+            "each load process resolved the server by ARP: {status}"
+        );
+        // A 4 KiB write frame fits one jumbo packet: one datagram per request (no resends on
+        // a lossless link beyond start-up), handed up in place, copied once from its mbuf.
+        let datagrams = total(&status, "udp_datagrams_rx");
+        assert!(datagrams >= ops, "{status}");
+        assert_eq!(
+            total(&status, "dpdk_rx_copies"),
+            datagrams,
+            "one copy per datagram: {status}"
+        );
+        assert_eq!(
+            total(&status, "udp_payload_copies"),
+            0,
+            "no second copy: {status}"
+        );
+        assert_eq!(total(&status, "udp_rx_copied_bytes"), 0, "{status}");
+        assert!(total(&status, "udp_frames_in_place") >= ops, "{status}");
+        assert_eq!(total(&status, "udp_malformed"), 0, "{status}");
+        assert_eq!(
+            total(&status, "dpdk_ignored"),
+            0,
+            "nothing unexpected on the link: {status}"
+        );
+        assert_eq!(total(&status, "ops_in_flight"), 0, "{status}");
+        assert!(total(&status, "busy_ns") > 0, "{status}");
+        // The steady state allocates nothing per op: what may allocate is session set-up (4
+        // clients x 2 sessions: slots, reassembly tables) and the STATUS connections.
+        let mixed = case.load(&server, &["--op", "mixed", "--verify"]);
+        assert_clean(&mixed, "mixed");
+        let after = super::common::status(&server.addr);
+        let ops = total(&after, "ops") - total(&status, "ops");
+        let allocations = total(&after, "allocations") - total(&status, "allocations");
+        assert!(ops > 500, "enough ops to see a per-op allocation: {ops}");
+        assert!(
+            allocations <= 10 * 16,
+            "{allocations} allocations over {ops} ops: the DPDK data path allocates"
+        );
+        assert!(server.stop().success(), "clean exit on SIGINT");
+    }
+
+    fn two_cores_one_queue() {
+        let mut case = Case::new("two");
+        let mut server = case.server(&["--cores", "2", "--cpus", "0,1"]);
+        assert!(
+            server
+                .startup_log
+                .iter()
+                .any(|l| l.contains("DPDK port 0: 1 queue(s)")),
+            "memif has no RSS: one queue, core 0's: {:?}",
+            server.startup_log
+        );
+        let (writes, ops) = write_then_read(&mut case, &server);
+        let status = status(&server.addr);
+        assert_eq!(total(&status, "ops_write"), writes, "{status}");
+        assert_eq!(
+            total(&status, "ops_read") + total(&status, "ops_write"),
+            ops,
+            "{status}"
+        );
+        let cores = status["per_core"].as_array().expect("per_core");
+        assert_eq!(cores.len(), 2);
+        assert_eq!(
+            cores[1]["udp_datagrams_rx"], 0,
+            "core 1 owns no queue: {status}"
+        );
+        assert!(
+            cores[1]["ops"].as_u64().unwrap() > 0
+                && cores[0]["ops_remote_out"].as_u64().unwrap() > 0,
+            "core 1's PGs were reached over the ring: {status}"
+        );
+        assert!(server.stop().success(), "clean exit on SIGINT");
+    }
+
+    fn loss() {
+        let mut case = Case::new("loss");
+        let mut server = case.server(&["--cores", "1", "--udp-drop-every", "7"]);
+        let (writes, ops) = write_then_read(&mut case, &server);
+        let status = status(&server.addr);
+        let dropped = total(&status, "udp_dropped_injected");
+        assert!(dropped > 0, "{status}");
+        // Each dropped request packet came again (the client's resend) and then ran.
+        assert!(
+            total(&status, "udp_datagrams_rx") >= ops + dropped,
+            "every dropped packet was resent: {status}"
+        );
+        // Every op completed (the loads above, without errors); a resent write never ran twice.
+        assert_eq!(
+            total(&status, "ops_write"),
+            writes,
+            "exactly once: {status}"
+        );
+        assert_eq!(
+            total(&status, "ops_read") + total(&status, "ops_write"),
+            ops,
+            "{status}"
+        );
+        assert!(server.stop().success(), "clean exit on SIGINT");
+    }
+
+    pub fn main() {
+        if !is_root() {
+            println!("SKIP: dpdk_serve needs root (the EAL's runtime files and the memif socket live under /run)");
+            return;
+        }
+        let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+        let cases: [(&str, fn()); 3] = [
+            ("memif_one_core_verify", one_core),
+            ("memif_two_cores_one_queue", two_cores_one_queue),
+            ("memif_loss_every_op_once", loss),
+        ];
+        let mut ran = 0;
+        for (name, case) in cases {
+            if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+                continue;
+            }
+            let start = Instant::now();
+            case();
+            println!(
+                "test {name} ... ok ({:.1} s)",
+                start.elapsed().as_secs_f64()
+            );
+            ran += 1;
+        }
+        println!("\ndpdk_serve: {ran} passed, 0 failed");
+    }
+}
