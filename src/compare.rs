@@ -79,6 +79,8 @@ struct Measure {
     wall_s: f64,
     server_ops: u64,
     server_busy_ns: u64,
+    /// Reactor threads' CPU time booked to busy passes (rtc; preemption excluded).
+    server_busy_cpu_ns: u64,
     server_cpu_ns: u64,
     client_cpu_ns: u64,
 }
@@ -119,6 +121,7 @@ impl Measure {
             "cpu_ns_per_op": if mode == "rtc" { self.per_op(self.server_busy_ns) } else { self.per_op(self.server_cpu_ns) },
             "process_cpu_ns_per_op": self.per_op(self.server_cpu_ns),
             "busy_ns_per_op": if mode == "rtc" { json!(self.per_op(self.server_busy_ns)) } else { Value::Null },
+            "busy_cpu_ns_per_op": if mode == "rtc" { json!(self.per_op(self.server_busy_cpu_ns)) } else { Value::Null },
             "server_cpu_fraction": (self.server_load(mode, cores) * 1000.0).round() / 1000.0,
             "load_gen_cpu_fraction": (self.client_load() * 1000.0).round() / 1000.0,
             "limit": self.limit(mode, cores),
@@ -263,11 +266,16 @@ impl Drop for ChildServer {
     }
 }
 
-fn server_totals(addr: &str) -> Result<(u64, u64, u64), String> {
+fn server_totals(addr: &str) -> Result<(u64, u64, u64, u64), String> {
     let status = crate::client::fetch_status(addr)?;
     let totals = &status["totals"];
     let get = |name: &str| totals[name].as_u64().unwrap_or(0);
-    Ok((get("ops"), get("busy_ns"), get("process_cpu_ns")))
+    Ok((
+        get("ops"),
+        get("busy_ns"),
+        get("process_cpu_ns"),
+        get("busy_cpu_ns"),
+    ))
 }
 
 fn measure(load_args: &LoadArgs) -> Result<Measure, String> {
@@ -286,6 +294,7 @@ fn measure(load_args: &LoadArgs) -> Result<Measure, String> {
         wall_s,
         server_ops: after.0 - before.0,
         server_busy_ns: after.1 - before.1,
+        server_busy_cpu_ns: after.3 - before.3,
         server_cpu_ns: after.2 - before.2,
         client_cpu_ns,
     })
@@ -499,6 +508,11 @@ fn evaluate_goals(rows: &[Row]) -> Value {
                     two.rtc.per_op(two.rtc.server_busy_ns),
                 ),
                 (
+                    "busy CPU",
+                    one.rtc.per_op(one.rtc.server_busy_cpu_ns),
+                    two.rtc.per_op(two.rtc.server_busy_cpu_ns),
+                ),
+                (
                     "process",
                     one.rtc.per_op(one.rtc.server_cpu_ns),
                     two.rtc.per_op(two.rtc.server_cpu_ns),
@@ -519,13 +533,13 @@ fn evaluate_goals(rows: &[Row]) -> Value {
 
 fn print_table(rows: &[Row], notes: &[String], goals: &Value) {
     println!(
-        "| store  | cores | workload  | classic IOPS | rtc IOPS | ratio | CPU/op classic | rtc busy | rtc process | p99 classic | p99 rtc | limit classic/rtc |"
+        "| store  | cores | workload  | classic IOPS | rtc IOPS | ratio | CPU/op classic | rtc busy | rtc busy CPU | rtc process | p99 classic | p99 rtc | limit classic/rtc |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let (c, r) = (&row.classic, &row.rtc);
         println!(
-            "| {:<6} | {:>5}{} | {:<9} | {:>12.0} | {:>8.0} | {:>4.2}x | {:>11.0} ns | {:>5.0} ns | {:>8.0} ns | {:>8.0} us | {:>4.0} us | {} / {} |",
+            "| {:<6} | {:>5}{} | {:<9} | {:>12.0} | {:>8.0} | {:>4.2}x | {:>11.0} ns | {:>5.0} ns | {:>9.0} ns | {:>8.0} ns | {:>8.0} us | {:>4.0} us | {} / {} |",
             row.store,
             row.cores,
             if row.shared_cpus { "*" } else { " " },
@@ -535,6 +549,7 @@ fn print_table(rows: &[Row], notes: &[String], goals: &Value) {
             row.ratio(),
             c.per_op(c.server_cpu_ns),
             r.per_op(r.server_busy_ns),
+            r.per_op(r.server_busy_cpu_ns),
             r.per_op(r.server_cpu_ns),
             c.p99_us,
             r.p99_us,
@@ -542,7 +557,7 @@ fn print_table(rows: &[Row], notes: &[String], goals: &Value) {
             r.limit("rtc", row.cores),
         );
     }
-    println!("CPU/op classic: server process CPU time / ops. rtc busy: reactor busy time / ops. rtc process: server process CPU time / ops (includes polling).");
+    println!("CPU/op classic: server process CPU time / ops. rtc busy: reactor busy time (wall clock) / ops. rtc busy CPU: the reactor threads' CPU time booked to busy passes / ops (time a reactor was preempted, e.g. by the load generator on a shared CPU, excluded). rtc process: server process CPU time / ops (includes polling).");
     println!("limit: 'server' = the server used >= 90% of its CPUs; 'load-gen' = the generator's thread used >= 90% of its CPU; '*' = the generator shares a CPU with the server.");
     for note in notes {
         println!("note: {note}");

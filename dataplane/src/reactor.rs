@@ -5,6 +5,15 @@
 //! passes that did work counts as busy, the rest as idle, so `busy_ns / ops` is the CPU cost of an
 //! op whatever the idle policy.
 //!
+//! Wall-clock busy time also counts the time the thread was runnable but preempted (another
+//! process on its CPU: the load generator sharing a CPU with a reactor, a parallel build). So
+//! the loop also reads the thread's own CPU clock once per publish interval and books that CPU
+//! time to busy and idle passes in proportion to their wall-clock time in the interval (time
+//! parked is excluded: the thread asked not to run): `busy_cpu_ns` equals `busy_ns` on a CPU
+//! the reactor has alone and drops by the share of time it lost to others. It is an estimate:
+//! preemption that falls mostly in busy passes is spread over idle ones too, so it can only
+//! understate the correction. `cpu_ns` is the thread's CPU time, idle passes included.
+//!
 //! Idle policy: `Spin` never leaves user space (an appliance owns its cores). `Adaptive` spins for
 //! `park_after` and then parks in the kernel (`Core::park`, an `epoll_wait` that also watches the
 //! core's `Waker`), so a laptop or a CI machine is not burned by an idle daemon.
@@ -64,10 +73,67 @@ pub trait Core {
 /// Loop-level counters, kept by the reactor and published by the core.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopCounters {
+    /// Wall-clock time of passes that did work.
     pub busy_ns: u64,
     pub idle_ns: u64,
     pub passes: u64,
     pub parks: u64,
+    /// The thread's CPU time booked to busy passes (see the module comment).
+    pub busy_cpu_ns: u64,
+    /// The thread's CPU time since the loop started.
+    pub cpu_ns: u64,
+}
+
+/// This thread's CPU time (user and system), in nanoseconds. One system call: the loop reads
+/// it once per publish interval, never per pass.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Books the thread's CPU time over one publish interval to busy and idle passes.
+#[derive(Debug)]
+struct CpuBooking {
+    cpu_at_start: u64,
+    last_cpu: u64,
+    /// Wall-clock time of busy passes, and of idle passes outside parks, this interval.
+    busy_wall: u64,
+    idle_wall: u64,
+}
+
+impl CpuBooking {
+    fn new(cpu_now: u64) -> CpuBooking {
+        CpuBooking {
+            cpu_at_start: cpu_now,
+            last_cpu: cpu_now,
+            busy_wall: 0,
+            idle_wall: 0,
+        }
+    }
+
+    /// Closes the interval at `cpu_now` (the thread's CPU clock) into `counters`.
+    fn close(&mut self, cpu_now: u64, counters: &mut LoopCounters) {
+        let cpu = cpu_now.saturating_sub(self.last_cpu);
+        let running = self.busy_wall + self.idle_wall;
+        if running > 0 {
+            // Never more than the wall-clock busy time: CPU time read at the interval's edges
+            // may include a little of the neighbouring passes.
+            let share = (u128::from(cpu) * u128::from(self.busy_wall) / u128::from(running)) as u64;
+            counters.busy_cpu_ns += share.min(self.busy_wall);
+        }
+        counters.cpu_ns = cpu_now.saturating_sub(self.cpu_at_start);
+        self.last_cpu = cpu_now;
+        self.busy_wall = 0;
+        self.idle_wall = 0;
+    }
 }
 
 /// Lets other cores wake a parked core. The core sets `sleeping` before parking and re-checks
@@ -188,6 +254,7 @@ pub fn run_coalesced<C: Core>(
     let mut last = Instant::now();
     let mut last_publish = last;
     let mut idle_since: Option<Instant> = None;
+    let mut booking = CpuBooking::new(thread_cpu_ns());
     loop {
         let work = core.poll_once();
         let now = Instant::now();
@@ -196,9 +263,11 @@ pub fn run_coalesced<C: Core>(
         counters.passes += 1;
         if work > 0 {
             counters.busy_ns += elapsed_ns;
+            booking.busy_wall += elapsed_ns;
             idle_since = None;
         } else {
             counters.idle_ns += elapsed_ns;
+            booking.idle_wall += elapsed_ns;
             if stop.load(Ordering::Relaxed) && core.drained() {
                 break;
             }
@@ -208,6 +277,7 @@ pub fn run_coalesced<C: Core>(
                     // Publish before sleeping: a parked core must not leave a stale picture
                     // of its last busy stretch on the status board for up to a park timeout.
                     if last_publish < since {
+                        booking.close(thread_cpu_ns(), &mut counters);
                         core.publish(&counters);
                         last_publish = now;
                     }
@@ -227,10 +297,12 @@ pub fn run_coalesced<C: Core>(
             last = woke;
         }
         if last.duration_since(last_publish) >= PUBLISH_INTERVAL {
+            booking.close(thread_cpu_ns(), &mut counters);
             core.publish(&counters);
             last_publish = last;
         }
     }
+    booking.close(thread_cpu_ns(), &mut counters);
     core.publish(&counters);
     counters
 }
@@ -296,6 +368,7 @@ mod tests {
             "1000 busy passes and one idle pass that sees stop"
         );
         assert!(counters.busy_ns > 0);
+        assert!(counters.busy_cpu_ns <= counters.busy_ns);
         assert!(core.published >= 1);
         assert_eq!(core.parks, 0, "spin never parks");
     }
@@ -360,6 +433,37 @@ mod tests {
         stopper.join().unwrap();
         assert!(core.parks > 0 && counters.parks as usize == core.parks);
         assert!(counters.idle_ns >= 40_000_000, "parked time counts as idle");
+    }
+
+    #[test]
+    fn cpu_booking_splits_cpu_by_wall_share_and_never_exceeds_busy_wall() {
+        let mut counters = LoopCounters::default();
+        let mut booking = CpuBooking::new(1_000);
+        // 3 ms busy and 1 ms idle on the wall clock, but only 2 ms of CPU: the thread lost
+        // half of its time to others, busy passes are booked 1.5 ms.
+        booking.busy_wall = 3_000_000;
+        booking.idle_wall = 1_000_000;
+        booking.close(1_000 + 2_000_000, &mut counters);
+        assert_eq!(counters.busy_cpu_ns, 1_500_000);
+        assert_eq!(counters.cpu_ns, 2_000_000);
+        // More CPU than wall time (clock edges): capped at the busy wall time.
+        booking.busy_wall = 1_000_000;
+        booking.close(1_000 + 2_000_000 + 1_500_000, &mut counters);
+        assert_eq!(counters.busy_cpu_ns, 2_500_000);
+        // An interval that only parked books nothing.
+        booking.close(1_000 + 3_600_000, &mut counters);
+        assert_eq!(counters.busy_cpu_ns, 2_500_000);
+        assert_eq!(counters.cpu_ns, 3_600_000);
+    }
+
+    #[test]
+    fn thread_cpu_clock_advances_with_work() {
+        let before = thread_cpu_ns();
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        assert!(thread_cpu_ns() > before, "{x}");
     }
 
     #[test]

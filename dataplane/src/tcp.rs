@@ -769,13 +769,14 @@ impl TcpTransport {
         }
         self.stats.replies_tx += completed as u64;
         let conn = self.conns[index as usize].as_mut().expect("open");
-        if conn.inflight < self.config.inflight_per_connection_max
-            && !conn.in_rx_list
-            && !conn.closing
-        {
-            // It may have stopped reading at the in-flight limit: look again.
-            conn.in_rx_list = true;
-            self.rx_list.push_back(index);
+        // A connection that stopped reading at the in-flight limit (or the budget, or an
+        // empty pool) stayed on the rx list (`Paused`); one off the list drained its socket,
+        // and edge-triggered epoll reports its next bytes. So it is not listed again to be
+        // read (that cost a recv per write that found nothing, EAGAIN); only its receive chunk,
+        // kept while the frames it answered were leased, goes back to the pool now if idle
+        // (1,000 idle connections must not hold 1,000 chunks).
+        if !conn.in_rx_list {
+            retire_idle_chunk(conn, pools);
         }
         if conn.tx.is_empty() {
             conn.in_tx_list = false;

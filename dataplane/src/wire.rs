@@ -383,10 +383,10 @@ pub struct FrameCrc(u32);
 
 impl FrameCrc {
     pub fn new(header: &[u8; HEADER_SIZE]) -> FrameCrc {
-        FrameCrc(crc32c::crc32c(&header[..HEADER_CRC_OFFSET]))
+        FrameCrc(carmine_crc::crc32c(&header[..HEADER_CRC_OFFSET]))
     }
     pub fn append(&mut self, piece: &[u8]) {
-        self.0 = crc32c::crc32c_append(self.0, piece);
+        self.0 = carmine_crc::crc32c_append(self.0, piece);
     }
     pub fn finish(self) -> u32 {
         self.0

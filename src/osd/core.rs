@@ -1447,6 +1447,9 @@ impl<N: Network> Core for OsdCore<N> {
     fn publish(&mut self, loop_counters: &LoopCounters) {
         self.watch_for_stall();
         self.counters.set(Counter::busy_ns, loop_counters.busy_ns);
+        self.counters
+            .set(Counter::busy_cpu_ns, loop_counters.busy_cpu_ns);
+        self.counters.set(Counter::cpu_ns, loop_counters.cpu_ns);
         self.counters.set(Counter::idle_ns, loop_counters.idle_ns);
         self.counters.set(Counter::passes, loop_counters.passes);
         self.counters.set(Counter::parks, loop_counters.parks);

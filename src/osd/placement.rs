@@ -30,7 +30,7 @@ pub struct Placement {
 }
 
 pub fn object_hash(oid: &[u8]) -> u32 {
-    crc32c::crc32c(oid)
+    carmine_crc::crc32c(oid)
 }
 
 impl Placement {
@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn hash_is_fixed_forever() {
         // Changing these values moves every stored object: it needs a format migration.
-        assert_eq!(object_hash(b"obj.0"), crc32c::crc32c(b"obj.0"));
+        assert_eq!(object_hash(b"obj.0"), carmine_crc::crc32c(b"obj.0"));
         assert_eq!(object_hash(b""), 0);
         assert_eq!(object_hash(b"123456789"), 0xE306_9283);
     }

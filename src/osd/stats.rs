@@ -25,6 +25,8 @@ counters!(
     bytes_written,
     bytes_read,
     busy_ns,
+    busy_cpu_ns,
+    cpu_ns,
     idle_ns,
     passes,
     parks,

@@ -350,7 +350,7 @@ pub fn describe(state: &State) -> String {
         Some(object) => format!(
             "{{size {}, crc {:08x}, xattrs {:?}, omap {:?}}}",
             object.data.len(),
-            crc32c::crc32c(&object.data),
+            carmine_crc::crc32c(&object.data),
             object
                 .xattrs
                 .iter()

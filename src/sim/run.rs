@@ -479,7 +479,7 @@ impl Sim {
                 self.objects[object].push(request_id, ops);
             }
         }
-        self.trace(request_id ^ crc32c::crc32c(&frame) as u64);
+        self.trace(request_id ^ carmine_crc::crc32c(&frame) as u64);
         self.in_flight.insert(request_id, Sent { object, kind });
         self.report.ops += 1;
         let core = self.home[object];
@@ -547,7 +547,7 @@ impl Sim {
 
     fn take_replies(&mut self, server: &mut Server, core: usize) -> Result<(), String> {
         while let Some(bytes) = server.cores[core].network_mut().take_reply() {
-            self.trace(u64::from(crc32c::crc32c(&bytes)));
+            self.trace(u64::from(carmine_crc::crc32c(&bytes)));
             self.on_reply(&bytes)?;
         }
         Ok(())
@@ -789,7 +789,7 @@ impl Sim {
                 server.cores[core].poll_once();
                 self.advance_clock(10_000);
                 while let Some(bytes) = server.cores[core].network_mut().take_reply() {
-                    self.trace(u64::from(crc32c::crc32c(&bytes)));
+                    self.trace(u64::from(carmine_crc::crc32c(&bytes)));
                     let (id, status, results) = parse_reply(&bytes)?;
                     let object = reads
                         .remove(&id)

@@ -214,7 +214,7 @@ impl Superblock {
         put_u32(&mut block, 56, self.segment_count);
         put_u32(&mut block, 60, self.shard_count);
         put_u64(&mut block, 64, SEGMENTS_START_BYTES);
-        let crc = crc32c::crc32c(&block[..SUPERBLOCK_CRC_OFFSET]);
+        let crc = carmine_crc::crc32c(&block[..SUPERBLOCK_CRC_OFFSET]);
         put_u32(&mut block, SUPERBLOCK_CRC_OFFSET, crc);
         block
     }
@@ -225,7 +225,9 @@ impl Superblock {
         if u64_at(block, 0) != SUPERBLOCK_MAGIC {
             return Err(FormatError::BadMagic { what: WHAT });
         }
-        if crc32c::crc32c(&block[..SUPERBLOCK_CRC_OFFSET]) != u32_at(block, SUPERBLOCK_CRC_OFFSET) {
+        if carmine_crc::crc32c(&block[..SUPERBLOCK_CRC_OFFSET])
+            != u32_at(block, SUPERBLOCK_CRC_OFFSET)
+        {
             return Err(FormatError::BadCrc { what: WHAT });
         }
         check_version(WHAT, u32_at(block, 8))?;
@@ -302,7 +304,7 @@ impl SegmentHeader {
         put_u64(&mut block, 40, self.first_record_seq);
         put_u64(&mut block, 48, self.replay_start_seq);
         put_u64(&mut block, 56, self.replay_start_offset);
-        let crc = crc32c::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET]);
+        let crc = carmine_crc::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET]);
         put_u32(&mut block, SEGMENT_HEADER_CRC_OFFSET, crc);
         block
     }
@@ -314,7 +316,7 @@ impl SegmentHeader {
         if u64_at(block, 0) != SEGMENT_MAGIC {
             return Err(FormatError::BadMagic { what: WHAT });
         }
-        if crc32c::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET])
+        if carmine_crc::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET])
             != u32_at(block, SEGMENT_HEADER_CRC_OFFSET)
         {
             return Err(FormatError::BadCrc { what: WHAT });
@@ -400,8 +402,8 @@ impl RecordHeader {
         put_u32(head, 56, self.flags);
         head[RECORD_HEADER_SIZE_BYTES..RECORD_HEADER_SIZE_BYTES + metadata.len()]
             .copy_from_slice(metadata);
-        let mut crc = crc32c::crc32c(&head[..RECORD_HEADER_CRC_OFFSET]);
-        crc = crc32c::crc32c_append(crc, metadata);
+        let mut crc = carmine_crc::crc32c(&head[..RECORD_HEADER_CRC_OFFSET]);
+        crc = carmine_crc::crc32c_append(crc, metadata);
         put_u32(head, RECORD_HEADER_CRC_OFFSET, crc);
     }
 
@@ -443,8 +445,8 @@ impl RecordHeader {
         const WHAT: &str = "record head";
         let metadata_end = RECORD_HEADER_SIZE_BYTES + self.metadata_len as usize;
         need(WHAT, head, metadata_end)?;
-        let mut crc = crc32c::crc32c(&head[..RECORD_HEADER_CRC_OFFSET]);
-        crc = crc32c::crc32c_append(crc, &head[RECORD_HEADER_SIZE_BYTES..metadata_end]);
+        let mut crc = carmine_crc::crc32c(&head[..RECORD_HEADER_CRC_OFFSET]);
+        crc = carmine_crc::crc32c_append(crc, &head[RECORD_HEADER_SIZE_BYTES..metadata_end]);
         if crc != u32_at(head, RECORD_HEADER_CRC_OFFSET) {
             return Err(FormatError::BadCrc { what: WHAT });
         }
@@ -464,14 +466,14 @@ impl RecordHeader {
 
 /// Adds one data block, by its crc32c, to a record's `data_crc` (start from 0).
 pub fn record_data_crc_append(data_crc: u32, block_crc: u32) -> u32 {
-    crc32c::crc32c_append(data_crc, &block_crc.to_le_bytes())
+    carmine_crc::crc32c_append(data_crc, &block_crc.to_le_bytes())
 }
 
 /// A record's `data_crc` for `data` (whole blocks).
 pub fn record_data_crc(data: &[u8]) -> u32 {
     data.chunks(BLOCK_SIZE_BYTES as usize)
         .fold(0, |acc, block| {
-            record_data_crc_append(acc, crc32c::crc32c(block))
+            record_data_crc_append(acc, carmine_crc::crc32c(block))
         })
 }
 
@@ -951,7 +953,7 @@ mod tests {
             .collect();
         let crcs: Vec<u8> = data
             .chunks(4096)
-            .flat_map(|b| crc32c::crc32c(b).to_le_bytes())
+            .flat_map(|b| carmine_crc::crc32c(b).to_le_bytes())
             .collect();
         let mut metadata = Vec::new();
         let deltas = [
@@ -1013,7 +1015,7 @@ mod tests {
         match deltas[1] {
             Delta::ExtentMap { crcs, blocks, .. } => {
                 assert_eq!(blocks, 2);
-                assert_eq!(u32_at(crcs, 4), crc32c::crc32c(&data[4096..]));
+                assert_eq!(u32_at(crcs, 4), carmine_crc::crc32c(&data[4096..]));
             }
             other => panic!("unexpected {other:?}"),
         }

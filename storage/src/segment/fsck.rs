@@ -644,7 +644,7 @@ fn check_crcs(
                 }
             }
             report.bytes_verified += BLOCK_SIZE_BYTES;
-            let found = crc32c::crc32c(&buf[at..at + block_len]);
+            let found = carmine_crc::crc32c(&buf[at..at + block_len]);
             if found != block.crc {
                 report.problems.push(Problem::Checksum {
                     oid: oids[block.object as usize].to_vec(),
@@ -710,7 +710,9 @@ fn describe_end_record(
             return None;
         }
         let at = (physical - offset) as usize;
-        Some(crc32c::crc32c(&record[at..at + BLOCK_SIZE_BYTES as usize]))
+        Some(carmine_crc::crc32c(
+            &record[at..at + BLOCK_SIZE_BYTES as usize],
+        ))
     };
     let mut bad = Vec::new();
     for delta in DeltaReader::new(deltas) {

@@ -1125,7 +1125,7 @@ mod tests {
     /// Appends op `n`: create object `o<n>`, write one block, set its size.
     fn append_op(journal: &mut Journal, n: u64, data: &mut AlignedBuf) -> Result<(), JournalError> {
         let oid = format!("o{n}");
-        let crc = crc32c::crc32c(data);
+        let crc = carmine_crc::crc32c(data);
         let mut op = journal.append()?;
         op.delta(&Delta::ObjectCreate {
             oid: oid.as_bytes(),
@@ -1209,7 +1209,7 @@ mod tests {
             let block = onode.blocks[&0];
             let on_disk = &qp.durable()[block.physical as usize..][..4096];
             assert_eq!(on_disk, &buf[..], "data at the patched address");
-            assert_eq!(crc32c::crc32c(on_disk), block.crc);
+            assert_eq!(carmine_crc::crc32c(on_disk), block.crc);
         }
     }
 
@@ -1307,7 +1307,7 @@ mod tests {
                     onode.unwrap_or_else(|| panic!("seed {seed}: acknowledged op {n} lost"));
                 let block = onode.blocks[&0];
                 assert_eq!(
-                    crc32c::crc32c(&image[block.physical as usize..][..4096]),
+                    carmine_crc::crc32c(&image[block.physical as usize..][..4096]),
                     block.crc,
                     "seed {seed}: op {n} data"
                 );
@@ -1457,7 +1457,7 @@ mod tests {
                     let mut op = journal.append().unwrap();
                     let oid = format!("o{next}");
                     for (i, buf) in buffers.iter_mut().enumerate() {
-                        let crc = crc32c::crc32c(buf);
+                        let crc = carmine_crc::crc32c(buf);
                         // SAFETY: the buffers outlive the journal and are never changed.
                         unsafe {
                             op.extent(oid.as_bytes(), i as u64 * 4096, buf.as_io_vec(), &[crc])

@@ -138,6 +138,8 @@ struct StoredSubOp {
 struct ReadRun {
     first_index: u64,
     blocks: u32,
+    /// Index of this run's first block crc in the slot's `run_crcs`.
+    crc_first: u32,
     physical: u64,
     buf: AlignedBuf,
     /// Bit per block, set when the block's crc matched.
@@ -174,6 +176,10 @@ struct Slot {
     result_count: usize,
     result: Result<(), StoreError>,
     runs: Vec<ReadRun>,
+    /// The metadata's crc of each block the runs read, in run order (`ReadRun::crc_first`).
+    /// Taken when the runs are built: the object's lane keeps client mutations out until the
+    /// reads are done, and a cleaner move keeps a block's bytes and so its crc.
+    run_crcs: Vec<u32>,
     reads_outstanding: u32,
     plan: Option<Plan>,
     /// Client payload bytes the op writes (write amplification's denominator).
@@ -196,6 +202,7 @@ impl Slot {
             result_count: 0,
             result: Ok(()),
             runs: Vec::new(),
+            run_crcs: Vec::new(),
             reads_outstanding: 0,
             plan: None,
             write_bytes: 0,
@@ -581,8 +588,26 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.run(slot_index);
             return;
         }
-        let old = old.expect("blocks to read belong to an object");
-        build_runs(old, &self.needed, &mut slot.runs, &mut self.pool);
+        self.start_reads(slot_index);
+    }
+
+    /// Starts the reads of the op in `slot`, whose blocks to read are in `self.needed`
+    /// (computed by `start`, or by `submit` for an op that starts at once: same sub-ops,
+    /// same output capacity, and no metadata change since).
+    fn start_reads(&mut self, slot_index: u32) {
+        debug_assert!(!self.needed.is_empty());
+        let slot = &mut self.slots[slot_index as usize];
+        let old = self
+            .metadata
+            .object(&slot.oid)
+            .expect("blocks to read belong to an object");
+        build_runs(
+            old,
+            &self.needed,
+            &mut slot.runs,
+            &mut slot.run_crcs,
+            &mut self.pool,
+        );
         for run in &slot.runs {
             let segment = self
                 .sb
@@ -784,15 +809,12 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.readers[segment as usize] -= 1;
         match result {
             Ok(()) => {
-                let onode = self
-                    .metadata
-                    .object(oid)
-                    .expect("an object being read exists");
+                let crcs = &slot.run_crcs[run.crc_first as usize..][..run.blocks as usize];
                 for at in 0..u64::from(run.blocks) {
-                    let expected = onode.blocks[&(run.first_index + at)].crc;
+                    let expected = crcs[at as usize];
                     let bytes =
                         &run.buf[(at * BLOCK_SIZE_BYTES) as usize..][..BLOCK_SIZE_BYTES as usize];
-                    if crc32c::crc32c(bytes) == expected {
+                    if carmine_crc::crc32c(bytes) == expected {
                         run.valid |= 1 << at;
                     } else {
                         self.extra.checksum_errors += 1;
@@ -839,23 +861,38 @@ impl<Q: QueuePair> SegmentStore<Q> {
 }
 
 /// Groups the blocks to read into runs that are consecutive both logically and on the device.
-fn build_runs(old: &Onode, needed: &[u64], runs: &mut Vec<ReadRun>, pool: &mut BlockPool) {
+fn build_runs(
+    old: &Onode,
+    needed: &[u64],
+    runs: &mut Vec<ReadRun>,
+    crcs: &mut Vec<u32>,
+    pool: &mut BlockPool,
+) {
     runs.clear();
+    crcs.clear();
     let mut i = 0;
     while i < needed.len() {
         let first = needed[i];
-        let physical = old.blocks[&first].physical;
+        let block = old.blocks[&first];
+        let physical = block.physical;
+        let crc_first = crcs.len() as u32;
+        crcs.push(block.crc);
         let mut count = 1;
         while i + count < needed.len()
             && (count as u64) < READ_RUN_BLOCKS_MAX
             && needed[i + count] == first + count as u64
-            && old.blocks[&needed[i + count]].physical == physical + count as u64 * 4096
         {
+            let next = old.blocks[&needed[i + count]];
+            if next.physical != physical + count as u64 * 4096 {
+                break;
+            }
+            crcs.push(next.crc);
             count += 1;
         }
         runs.push(ReadRun {
             first_index: first,
             blocks: count as u32,
+            crc_first,
             physical,
             buf: pool.take(count as u64),
             valid: 0,
@@ -908,7 +945,7 @@ fn append_plan(
                     crcs.clear();
                     for block in 0..count {
                         let start = (at as usize + block) * 4096;
-                        crcs.push(crc32c::crc32c(&buffer[start..start + 4096]));
+                        crcs.push(carmine_crc::crc32c(&buffer[start..start + 4096]));
                     }
                     // SAFETY: the buffer belongs to the plan, which the slot keeps unchanged
                     // until the journal reports this op's record durable (or failed).
@@ -1072,12 +1109,14 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         if ops.iter().any(SubOp::is_mutation) {
             self.stats.transactions += 1;
         }
+        // An op that starts now reached here with its blocks to read in `self.needed` (the
+        // fast path above found some): they are not computed twice.
         if idle {
             self.open_lane(oid, read_only);
-            self.start(slot_index);
+            self.start_reads(slot_index);
         } else if joins {
             self.lanes.get_mut(oid).expect("checked").active += 1;
-            self.start(slot_index);
+            self.start_reads(slot_index);
         } else {
             self.extra.lane_waits += 1;
             self.lanes

@@ -193,7 +193,7 @@ pub fn encode(
         }
     };
     out[34..36].copy_from_slice(&(count as u16).to_le_bytes());
-    let crc = crc32c::crc32c(&out[8..]);
+    let crc = carmine_crc::crc32c(&out[8..]);
     out[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -206,7 +206,7 @@ pub fn decode(bytes: &[u8], nonce: u64, read_at: u64) -> Result<DecodedNode, Nod
         return Err(NodeError::BadMagic);
     }
     let stored = u32_at(bytes, 4);
-    let computed = crc32c::crc32c(&bytes[8..]);
+    let computed = carmine_crc::crc32c(&bytes[8..]);
     if stored != computed {
         return Err(NodeError::BadCrc { stored, computed });
     }
@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn well_checksummed_nonsense_is_refused() {
         let reseal = |block: &mut Vec<u8>| {
-            let crc = crc32c::crc32c(&block[8..]);
+            let crc = carmine_crc::crc32c(&block[8..]);
             block[4..8].copy_from_slice(&crc.to_le_bytes());
         };
         let mut good = vec![0u8; NODE_BYTES];

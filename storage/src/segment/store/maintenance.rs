@@ -266,7 +266,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             .chunks_exact(BLOCK_SIZE_BYTES as usize)
             .enumerate()
         {
-            let crc = crc32c::crc32c(block);
+            let crc = carmine_crc::crc32c(block);
             m.actual.push(crc);
             if crc != m.expected[index] {
                 // Rot: the copy keeps the metadata's crc, so a read of it still fails (never
