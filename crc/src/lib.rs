@@ -343,6 +343,29 @@ mod tests {
         }
     }
 
+    /// Says which folding levels this CPU lets the tests check: a level the CPU lacks is not
+    /// tested here (CI machines differ), and the log must say so rather than pass in silence.
+    #[test]
+    fn levels_checked_on_this_cpu() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let pclmul = is_x86_feature_detected!("sse4.2")
+                && is_x86_feature_detected!("pclmulqdq")
+                && is_x86_feature_detected!("sse4.1");
+            let avx512 = pclmul
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("vpclmulqdq");
+            eprintln!(
+                "carmine-crc: checking the PCLMULQDQ level: {}; the AVX-512 level: {}",
+                if pclmul { "yes" } else { "NO (CPU lacks it)" },
+                if avx512 { "yes" } else { "NO (CPU lacks it)" }
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        eprintln!("carmine-crc: not x86_64: only the crc32c-crate fallback is checked");
+    }
+
     #[test]
     fn known_values() {
         assert_eq!(crc32c(b""), 0);
