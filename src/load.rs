@@ -1121,6 +1121,16 @@ struct Work {
 }
 
 impl Work {
+    /// Shows this thread's op count for the running phase (the progress line reads it).
+    fn publish(&self, progress: &Progress) {
+        match self.phase {
+            Phase::Prefill => progress
+                .prefill_ops
+                .store(self.prefill.ops, Ordering::Relaxed),
+            Phase::Timed => progress.timed_ops.store(self.timed.ops, Ordering::Relaxed),
+        }
+    }
+
     fn new(config: Arc<Config>, thread: usize, names: Vec<String>) -> Work {
         // The ack log's judgement needs each block's writes in order: one in flight per block.
         let exclusive = config.verify || config.ack_log.is_some();
@@ -1847,15 +1857,7 @@ impl<'a> Generator<'a> {
     }
 
     fn publish(&self) {
-        let progress = &self.shared.progress[self.index];
-        match self.work.phase {
-            Phase::Prefill => progress
-                .prefill_ops
-                .store(self.work.prefill.ops, Ordering::Relaxed),
-            Phase::Timed => progress
-                .timed_ops
-                .store(self.work.timed.ops, Ordering::Relaxed),
-        }
+        self.work.publish(&self.shared.progress[self.index]);
     }
 }
 

@@ -97,10 +97,15 @@ impl CorePools {
 
     /// A buffer of at least `len` bytes from the smallest class that fits. None: exhausted or too big.
     pub fn acquire_for(&mut self, len: usize) -> Option<Buf> {
+        self.acquire_leaving(len, 0)
+    }
+
+    /// `acquire_for`, unless no more than `keep` buffers of the class are free.
+    fn acquire_leaving(&mut self, len: usize, keep: u32) -> Option<Buf> {
         if len <= self.small.buffer_size() {
-            self.small.acquire()
+            self.small.acquire_leaving(keep)
         } else if len <= self.large.buffer_size() {
-            self.large.acquire()
+            self.large.acquire_leaving(keep)
         } else {
             None
         }
@@ -118,13 +123,7 @@ impl CorePools {
 
     /// `acquire_for` for received bytes: leaves `RX_LEAVES_FREE` of the class for outputs.
     pub fn acquire_rx_for(&mut self, len: usize) -> Option<Buf> {
-        if len <= self.small.buffer_size() {
-            self.acquire_rx_small()
-        } else if len <= self.large.buffer_size() {
-            self.acquire_rx_large()
-        } else {
-            None
-        }
+        self.acquire_leaving(len, RX_LEAVES_FREE)
     }
 
     fn pool_of(&mut self, id: PoolId) -> &mut BufferPool {

@@ -18,7 +18,7 @@ use carmine_dataplane::dgram::{Message, RpcClient, RpcError, SessionId, SLOTS_PE
 use carmine_dataplane::dpdk::{self, net, Eal, Mbuf, Mempool, RxQueue, TxQueue, BURST_MAX};
 use carmine_dataplane::udp::rpc_config;
 
-use super::udp::{book, id_base, RequestBody};
+use super::udp::{book, id_base, issue_requests, RequestBody};
 use super::*;
 
 /// UDP port of load client 0 (client i uses this + i).
@@ -195,27 +195,14 @@ impl<'a> DpdkGenerator<'a> {
     /// Issues requests until the client's slots are full or the work has none to give.
     fn fill(&mut self, token: usize, now_ns: u64) {
         let client = &mut self.clients[token];
-        while !client.slots.free.is_empty() {
-            let Some(request) = self.work.next_request() else {
-                return;
-            };
-            let (slot, request_id) = client.slots.arm(request);
-            client.slots.entries[slot as usize].sent_ns = now_ns;
-            let mut bytes = client
-                .free_bodies
-                .borrow_mut()
-                .pop()
-                .expect("one body per slot");
-            self.work.encode(&mut bytes, request_id, request);
-            let body = RequestBody {
-                bytes,
-                home: client.free_bodies.clone(),
-            };
-            let session = client.sessions[slot as usize / SLOTS_PER_SESSION];
-            if client.rpc.request(session, body, now_ns).is_err() {
-                unreachable!("load slot {slot} maps to a session with a free slot");
-            }
-        }
+        issue_requests(
+            &mut self.work,
+            &mut client.slots,
+            &client.free_bodies,
+            &client.sessions,
+            &mut client.rpc,
+            now_ns,
+        );
     }
 
     fn flush(&mut self, token: usize) {
@@ -356,15 +343,7 @@ impl<'a> DpdkGenerator<'a> {
     }
 
     fn publish(&self) {
-        let progress = &self.shared.progress[self.index];
-        match self.work.phase {
-            Phase::Prefill => progress
-                .prefill_ops
-                .store(self.work.prefill.ops, Ordering::Relaxed),
-            Phase::Timed => progress
-                .timed_ops
-                .store(self.work.timed.ops, Ordering::Relaxed),
-        }
+        self.work.publish(&self.shared.progress[self.index]);
     }
 }
 

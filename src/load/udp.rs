@@ -172,29 +172,15 @@ impl<'a> UdpGenerator<'a> {
     fn fill(&mut self, token: usize) {
         let now_ns = self.now_ns();
         let client = &mut self.clients[token];
-        client.starved = false;
-        while !client.slots.free.is_empty() {
-            let Some(request) = self.work.next_request() else {
-                client.starved = !self.work.stopping && !self.work.exhausted();
-                return;
-            };
-            let (slot, request_id) = client.slots.arm(request);
-            client.slots.entries[slot as usize].sent_ns = now_ns;
-            let mut bytes = client
-                .free_bodies
-                .borrow_mut()
-                .pop()
-                .expect("one body per slot");
-            self.work.encode(&mut bytes, request_id, request);
-            let body = RequestBody {
-                bytes,
-                home: client.free_bodies.clone(),
-            };
-            let session = client.sessions[slot as usize / SLOTS_PER_SESSION];
-            if client.rpc.request(session, body, now_ns).is_err() {
-                unreachable!("load slot {slot} maps to a session with a free slot");
-            }
-        }
+        let ran_dry = issue_requests(
+            &mut self.work,
+            &mut client.slots,
+            &client.free_bodies,
+            &client.sessions,
+            &mut client.rpc,
+            now_ns,
+        );
+        client.starved = ran_dry && !self.work.stopping && !self.work.exhausted();
     }
 
     fn flush(&mut self, token: usize) -> Result<(), String> {
@@ -316,15 +302,7 @@ impl<'a> UdpGenerator<'a> {
     }
 
     fn publish(&self) {
-        let progress = &self.shared.progress[self.index];
-        match self.work.phase {
-            Phase::Prefill => progress
-                .prefill_ops
-                .store(self.work.prefill.ops, Ordering::Relaxed),
-            Phase::Timed => progress
-                .timed_ops
-                .store(self.work.timed.ops, Ordering::Relaxed),
-        }
+        self.work.publish(&self.shared.progress[self.index]);
     }
 }
 
@@ -339,6 +317,36 @@ impl RunPhase for UdpGenerator<'_> {
 }
 
 /// Books one RPC outcome: the reply frame inside is checked as a TCP reply is.
+/// Issues requests on a datagram client until its slots are full or the work has none to
+/// give (then returns true). The UDP and DPDK generators share it.
+pub(super) fn issue_requests<P: Copy + Eq, B: AsRef<[u8]>>(
+    work: &mut Work,
+    slots: &mut Slots,
+    free_bodies: &BodyHome,
+    sessions: &[SessionId],
+    rpc: &mut RpcClient<P, B, RequestBody>,
+    now_ns: u64,
+) -> bool {
+    while !slots.free.is_empty() {
+        let Some(request) = work.next_request() else {
+            return true;
+        };
+        let (slot, request_id) = slots.arm(request);
+        slots.entries[slot as usize].sent_ns = now_ns;
+        let mut bytes = free_bodies.borrow_mut().pop().expect("one body per slot");
+        work.encode(&mut bytes, request_id, request);
+        let body = RequestBody {
+            bytes,
+            home: free_bodies.clone(),
+        };
+        let session = sessions[slot as usize / SLOTS_PER_SESSION];
+        if rpc.request(session, body, now_ns).is_err() {
+            unreachable!("load slot {slot} maps to a session with a free slot");
+        }
+    }
+    false
+}
+
 pub(super) fn book<B: AsRef<[u8]>>(
     work: &mut Work,
     slots: &mut Slots,
