@@ -67,6 +67,11 @@ pub struct CompareArgs {
     /// generator) or spin.
     #[arg(long, default_value = "adaptive")]
     pub rtc_idle: String,
+    /// Drive the servers with `carmine load --route` (a shard-aware client: each op on a
+    /// connection owned by its object's core, so no op crosses the rtc server's rings). Classic
+    /// mode has no owning cores and is driven unrouted either way.
+    #[arg(long)]
+    pub route: bool,
 }
 
 /// One workload run against one server.
@@ -331,6 +336,7 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         object_size: args.object_size,
         prefill: false,
         verify: false,
+        route: args.route,
         read_pct: 70,
         seed: 1,
         prefix: "compare".into(),
