@@ -233,6 +233,10 @@ fn compare_writes_json_and_svg() {
             row["classic"]["cpu_ns_per_op"].as_f64().unwrap() > 0.0,
             "{row}"
         );
+        // The generator is shard-aware against rtc (4 connections routed); classic has no
+        // owning cores.
+        assert_eq!(row["rtc"]["routed_connections"], 4, "{row}");
+        assert_eq!(row["classic"]["routed_connections"], 0, "{row}");
     }
     assert!(
         rows.iter().any(|row| row["store"] == "segment"),
