@@ -145,21 +145,15 @@ fn routed_load_sends_every_op_to_its_core() {
     }
     // The same load unrouted does cross: the assertion above can fail.
     let before = total(&status(&server.addr), "ops_remote_out");
-    let report = load(
-        &server.addr,
-        &[
-            "--op",
-            "randwrite",
-            "--duration",
-            "500ms",
-            "--objects",
-            "32",
-            "--object-size",
-            "64KiB",
-            "--clients",
-            "4",
-        ],
-    );
+    let unrouted: Vec<&str> = ["--op", "randwrite"]
+        .into_iter()
+        .chain(
+            args.iter()
+                .copied()
+                .filter(|a| !matches!(*a, "--route" | "--verify")),
+        )
+        .collect();
+    let report = load(&server.addr, &unrouted);
     assert_eq!(report["routed_connections"], 0);
     assert!(total(&status(&server.addr), "ops_remote_out") > before);
 }
