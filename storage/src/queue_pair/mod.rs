@@ -22,8 +22,9 @@
 //!   a write in flight at a power cut may be torn (any subset of its sectors may reach media).
 //!
 //! Backends: `mem` (RAM, deterministic fault injection: latency, reordering, power cut with
-//! torn writes), `uring` (io_uring on a file or block device with O_DIRECT) and `nvme` (an
-//! NVMe controller driven from user space through VFIO).
+//! torn writes), `uring` (io_uring on a file or block device with O_DIRECT), `nvme` (an
+//! NVMe controller driven from user space through VFIO) and, with feature `spdk`, `spdk` (an
+//! NVMe controller through SPDK's driver).
 
 // The workspace's rust-version (1.80) predates `is_multiple_of` (1.87).
 #![allow(clippy::manual_is_multiple_of)]
@@ -34,10 +35,14 @@ use std::alloc::{self, Layout};
 
 pub mod mem;
 pub mod nvme;
+#[cfg(feature = "spdk")]
+pub mod spdk;
 pub mod uring;
 
 pub use mem::{MemFaults, MemQueuePair, Tear, TearGranularity};
 pub use nvme::{NvmeController, NvmeQueuePair};
+#[cfg(feature = "spdk")]
+pub use spdk::{SpdkController, SpdkQueuePair};
 pub use uring::UringQueuePair;
 
 /// Unit of addresses, lengths and buffer alignment, in bytes.

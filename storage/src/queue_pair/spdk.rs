@@ -1,0 +1,962 @@
+//! `SpdkQueuePair` (feature `spdk`): one SPDK NVMe I/O queue pair per reactor, on a controller
+//! attached once per process (`SpdkController`, shared through an `Arc` like
+//! `NvmeController`). The C side is `carmine_ffi::spdk` (bindgen over `spdk/nvme.h` and
+//! `spdk/env.h`); in CI it is linked against the stand-in in `ci/spdk-stub/`, not SPDK.
+//!
+//! **Requests and commands.** A request takes one of `depth` preallocated slots and has at
+//! most one SPDK command out at a time. Its buffers are used in place (zero copy) when every
+//! one lies inside a region given to `register_buffers`: one command, `spdk_nvme_ns_cmd_read`
+//! or `_write` for one buffer, `_readv` / `_writev` with scatter-gather callbacks that walk the
+//! slot's `IoVec`s for several (SPDK splits it at the device's transfer limit itself). Any other
+//! request goes through the slot's bounce buffer (`spdk_dma_zmalloc`'d at construction), in
+//! chunks of at most `BOUNCE_BYTES` issued one after the other: copy in before a write chunk,
+//! copy out after a read chunk. `bounced_requests` and `zero_copy_requests` count each kind.
+//!
+//! **Registration.** SPDK translates payload addresses through its own maps, which hold
+//! `spdk_dma_zmalloc` memory and ranges given to `spdk_mem_register`, and the latter must be
+//! 2 MiB aligned in address and length. `register_buffers` registers the regions that are and
+//! leaves the others to the bounce path (logged): the segment store's arenas are only 4 KiB
+//! aligned today, so against real SPDK they are bounced until they are allocated 2 MiB aligned.
+//!
+//! **Completions.** `poll` calls `spdk_nvme_qpair_process_completions`; SPDK calls
+//! `on_complete` for each finished command, which records the slot's NVMe status and pushes
+//! the slot onto a ring bounded by `depth` (a slot has at most one command out, so it cannot
+//! overflow). `poll` then takes slots off the ring: a bounced request with chunks left issues
+//! its next chunk; others are reported, an NVMe error status as `IoError::Nvme`, a submission
+//! SPDK refused after the request was accepted as `IoError::Io(errno)`.
+//!
+//! Not handled (real SPDK only): controller reset and hot removal (a failed queue pair is
+//! logged; SPDK completes its commands with an abort status, which is reported), command
+//! timeouts (SPDK's own timeout callback is not registered).
+
+use std::ffi::{c_int, c_void, CString};
+use std::io;
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
+
+use carmine_ffi::spdk as ffi;
+
+use super::nvme::NvmeStatus;
+use super::{
+    check_request, IoError, IoVec, QueuePair, SubmitError, BLOCK_SIZE_BYTES, DEPTH_MAX,
+    IOVECS_PER_REQUEST_MAX, REQUEST_SIZE_MAX_BYTES,
+};
+
+/// Largest bounced chunk, in bytes: each slot's bounce buffer (depth x 128 KiB of DMA memory).
+pub const BOUNCE_BYTES: usize = 128 * 1024;
+
+/// Most regions `register_buffers` keeps registered, a count: the zero-copy check scans them.
+pub const REGISTERED_REGIONS_MAX: usize = 64;
+
+/// What SPDK's `spdk_mem_register` needs of a region's address and length.
+pub const REGISTRATION_ALIGN_BYTES: usize = 2 * 1024 * 1024;
+
+/// Most request objects asked of SPDK per queue pair: bounds its preallocation.
+const IO_QUEUE_REQUESTS_MAX: u32 = 65536;
+
+fn io_error(message: String) -> io::Error {
+    io::Error::other(message)
+}
+
+/// Initializes SPDK's environment once per process (SPDK allows no second call). Every
+/// controller attach goes through it; the outcome is kept, so a failure is reported each time.
+fn init_environment() -> io::Result<()> {
+    static INIT: OnceLock<Result<(), i32>> = OnceLock::new();
+    let outcome = INIT.get_or_init(|| {
+        // SAFETY: zeroed options are a valid `spdk_env_opts` (pointers null, integers 0);
+        // `spdk_env_opts_init` then fills in the defaults.
+        let mut opts: ffi::spdk_env_opts = unsafe { std::mem::zeroed() };
+        // Since SPDK v24.09 the caller says how big its options are, before and after init.
+        opts.opts_size = std::mem::size_of::<ffi::spdk_env_opts>();
+        // SAFETY: `opts` is a live, writable `spdk_env_opts`.
+        unsafe { ffi::spdk_env_opts_init(&mut opts) };
+        opts.opts_size = std::mem::size_of::<ffi::spdk_env_opts>();
+        opts.name = c"carmine".as_ptr();
+        // SAFETY: `opts` is initialized and its strings are 'static.
+        let rc = unsafe { ffi::spdk_env_init(&opts) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(-rc)
+        }
+    });
+    outcome.map_err(|errno| {
+        io_error(format!(
+            "spdk_env_init failed: {} (hugepages reserved? run scripts/setup.sh, or SPDK's \
+             scripts/setup.sh, as root)",
+            io::Error::from_raw_os_error(errno)
+        ))
+    })
+}
+
+/// An NVMe controller attached through SPDK, and its namespace 1. Shared by every reactor's
+/// queue pair (each allocates its own I/O queue pair on it); detached when the last drops.
+pub struct SpdkController {
+    ctrlr: NonNull<ffi::spdk_nvme_ctrlr>,
+    ns: NonNull<ffi::spdk_nvme_ns>,
+    sector_size: u32,
+    sectors: u64,
+    transfer_max_bytes: u32,
+    transport_id: String,
+}
+
+// SAFETY: the controller-level calls Carmine makes after attaching (allocating and freeing I/O
+// queue pairs, reading namespace geometry) take SPDK's controller lock or read fields fixed at
+// attach; each queue pair is then used by one thread at a time (`SpdkQueuePair` is not Sync).
+unsafe impl Send for SpdkController {}
+// SAFETY: as for Send: shared access only makes the thread-safe calls above.
+unsafe impl Sync for SpdkController {}
+
+impl SpdkController {
+    /// Initializes SPDK's environment (once per process) and attaches the controller at
+    /// `transport_id`, SPDK's syntax: `trtype=PCIe traddr=0000:00:04.0` (`:` works for `=`).
+    ///
+    /// Errors: InvalidInput for a string SPDK cannot parse; the attach failure otherwise, or
+    /// Unsupported for a namespace whose sector size does not divide 4096.
+    pub fn connect(transport_id: &str) -> io::Result<Arc<SpdkController>> {
+        let text = CString::new(transport_id).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "transport ID contains a NUL byte",
+            )
+        })?;
+        init_environment()?;
+        let mut trid = ffi::spdk_nvme_transport_id::default();
+        // SAFETY: `trid` is a live transport ID and `text` a NUL-terminated string.
+        let rc = unsafe { ffi::spdk_nvme_transport_id_parse(&mut trid, text.as_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "'{transport_id}' is not an SPDK transport ID (e.g. 'trtype=PCIe \
+                     traddr=0000:00:04.0'): {}",
+                    io::Error::from_raw_os_error(-rc)
+                ),
+            ));
+        }
+        // SAFETY: `trid` was filled in by SPDK; null options ask for the defaults.
+        let ctrlr = unsafe { ffi::spdk_nvme_connect(&trid, std::ptr::null(), 0) };
+        let Some(ctrlr) = NonNull::new(ctrlr) else {
+            return Err(io_error(format!(
+                "cannot attach NVMe controller '{transport_id}' through SPDK (bound to \
+                 vfio-pci or uio? already attached by another process?)"
+            )));
+        };
+        // From here on `detach` runs on every exit path, through the controller's Drop.
+        let mut controller = SpdkController {
+            ctrlr,
+            ns: NonNull::dangling(),
+            sector_size: 0,
+            sectors: 0,
+            transfer_max_bytes: 0,
+            transport_id: transport_id.to_string(),
+        };
+        // SAFETY: `ctrlr` is attached; namespace ids start at 1.
+        let ns = unsafe { ffi::spdk_nvme_ctrlr_get_ns(ctrlr.as_ptr(), 1) };
+        // SAFETY: `ns` is checked non-null before it is asked anything.
+        let Some(ns) =
+            NonNull::new(ns).filter(|ns| unsafe { ffi::spdk_nvme_ns_is_active(ns.as_ptr()) })
+        else {
+            return Err(io_error(format!(
+                "{transport_id}: namespace 1 is not active"
+            )));
+        };
+        controller.ns = ns;
+        // SAFETY: `ns` is an active namespace of the attached controller.
+        unsafe {
+            controller.sector_size = ffi::spdk_nvme_ns_get_sector_size(ns.as_ptr());
+            controller.sectors = ffi::spdk_nvme_ns_get_num_sectors(ns.as_ptr());
+            controller.transfer_max_bytes = ffi::spdk_nvme_ns_get_max_io_xfer_size(ns.as_ptr());
+        }
+        let sector = controller.sector_size as usize;
+        if sector == 0 || !sector.is_power_of_two() || BLOCK_SIZE_BYTES % sector != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{transport_id}: namespace 1 has {sector}-byte sectors; Carmine needs a \
+                     sector size dividing {BLOCK_SIZE_BYTES}"
+                ),
+            ));
+        }
+        if (controller.transfer_max_bytes as usize) < BLOCK_SIZE_BYTES {
+            return Err(io_error(format!(
+                "{transport_id}: maximum transfer of {} bytes is below one block",
+                controller.transfer_max_bytes
+            )));
+        }
+        log::info!(
+            "spdk {transport_id}: namespace 1, {} sectors of {sector} bytes, transfers up to {} KiB",
+            controller.sectors,
+            controller.transfer_max_bytes >> 10
+        );
+        Ok(Arc::new(controller))
+    }
+
+    /// Bytes namespace 1 holds.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.sectors * u64::from(self.sector_size)
+    }
+
+    /// The namespace's sector (LBA) size in bytes.
+    pub fn sector_size_bytes(&self) -> u32 {
+        self.sector_size
+    }
+
+    /// The transport ID the controller was attached with.
+    pub fn transport_id(&self) -> &str {
+        &self.transport_id
+    }
+}
+
+impl Drop for SpdkController {
+    fn drop(&mut self) {
+        // SAFETY: attached in `connect`, detached only here; every queue pair holds an `Arc`
+        // to us and frees its SPDK queue pair first, so none is left.
+        let rc = unsafe { ffi::spdk_nvme_detach(self.ctrlr.as_ptr()) };
+        if rc != 0 {
+            log::warn!("spdk {}: detach failed ({rc})", self.transport_id);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+}
+
+const IOVEC_NONE: IoVec = IoVec {
+    ptr: core::ptr::null_mut(),
+    len: 0,
+};
+
+/// A request slot. SPDK's callbacks get a pointer to it (`cb_arg`), so slots never move: they
+/// live in `Shared`, allocated once.
+struct Slot {
+    busy: bool,
+    kind: Kind,
+    tag: u64,
+    /// First sector of the request on the namespace.
+    lba: u64,
+    length: u64,
+    /// Bytes of a bounced request done (completed chunks).
+    done_bytes: u64,
+    /// Bytes of the chunk out now (bounced requests).
+    chunk: u64,
+    bounced: bool,
+    /// Set by `on_complete`: the command's NVMe status when it failed.
+    failed: Option<NvmeStatus>,
+    /// Set when SPDK refused a command of an accepted request: its negative return.
+    refused: i32,
+    iovecs: [IoVec; IOVECS_PER_REQUEST_MAX],
+    iovec_count: usize,
+    /// Scatter-gather cursor for `next_sge`: buffer index and byte offset in it.
+    sge_index: usize,
+    sge_offset: usize,
+    /// This slot's index, pushed onto `done` at completion.
+    index: u32,
+    /// This slot's bounce buffer (`BOUNCE_BYTES` of SPDK DMA memory).
+    bounce: *mut u8,
+    done: *mut Ring,
+}
+
+/// A FIFO of slot indices, bounded by the slots there are.
+struct Ring {
+    entries: Box<[u32]>,
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn push(&mut self, index: u32) {
+        // A slot is pushed at most once per command, and has at most one command out.
+        assert!(self.len < self.entries.len(), "completion ring overflow");
+        let at = (self.head + self.len) % self.entries.len();
+        self.entries[at] = index;
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<u32> {
+        if self.len == 0 {
+            return None;
+        }
+        let index = self.entries[self.head];
+        self.head = (self.head + 1) % self.entries.len();
+        self.len -= 1;
+        Some(index)
+    }
+}
+
+/// What SPDK's callbacks reach through raw pointers: allocated once, freed in `Drop`.
+struct Shared {
+    slots: Box<[Slot]>,
+    done: Ring,
+}
+
+/// One SPDK I/O queue pair on a namespace range; see the module docs.
+pub struct SpdkQueuePair {
+    qpair: NonNull<ffi::spdk_nvme_qpair>,
+    /// Owned: `Box::into_raw` at construction, `Box::from_raw` in `Drop`. Reached through raw
+    /// pointers only, because SPDK's callbacks write into it while `poll` runs.
+    shared: NonNull<Shared>,
+    /// `shared`'s slots, `depth` of them (their address is fixed once they are in `shared`).
+    slots: NonNull<Slot>,
+    /// Idle slots (a stack), capacity `depth`.
+    free: Vec<u32>,
+    in_flight: u32,
+    depth: u32,
+    /// One allocation holding every slot's bounce buffer.
+    bounce_memory: NonNull<u8>,
+    /// Regions registered with `spdk_mem_register` (address, length).
+    registered: Vec<(usize, usize)>,
+    offset_base: u64,
+    length: u64,
+    sector_shift: u32,
+    /// Largest bounced chunk: `BOUNCE_BYTES`, or less if the device transfers less.
+    chunk_max: u64,
+    bounced_requests: u64,
+    zero_copy_requests: u64,
+    failed_logged: bool,
+    controller: Arc<SpdkController>,
+}
+
+// SAFETY: the SPDK queue pair is used by whichever single thread owns this value (SPDK allows
+// a queue pair to move between threads when not in use); the raw pointers are into memory this
+// value owns, or into the caller's submitted buffers, which `IoVec::new`'s contract makes valid
+// from the polling thread.
+unsafe impl Send for SpdkQueuePair {}
+
+/// SPDK's completion callback: records the outcome and queues the slot for `poll`.
+///
+/// # Safety
+/// `arg` is the `Slot` the command was submitted with, alive (its queue pair is polling), and
+/// no Rust reference into the slots or the ring is live during `process_completions`.
+unsafe extern "C" fn on_complete(arg: *mut c_void, cpl: *const ffi::spdk_nvme_cpl) {
+    let slot = arg.cast::<Slot>();
+    // SAFETY: `cpl` is SPDK's completion entry for this command, valid during the call.
+    let failed = unsafe { ffi::carmine_spdk_cpl_is_error(cpl) };
+    // SAFETY: as above.
+    let status = unsafe { ffi::carmine_spdk_cpl_status(cpl) };
+    // SAFETY: the function's contract: `slot` is live and nothing else references it now.
+    unsafe {
+        (*slot).failed = failed.then_some(NvmeStatus(status));
+        (*(*slot).done).push((*slot).index);
+    }
+}
+
+/// SPDK's scatter-gather rewind: position the slot's cursor at byte `offset` of its buffers.
+///
+/// # Safety
+/// As `on_complete`: `arg` is a live slot no Rust reference points into.
+unsafe extern "C" fn reset_sgl(arg: *mut c_void, offset: u32) {
+    // SAFETY: the function's contract.
+    let slot = unsafe { &mut *arg.cast::<Slot>() };
+    let mut left = offset as usize;
+    slot.sge_index = 0;
+    while slot.sge_index < slot.iovec_count && left >= slot.iovecs[slot.sge_index].len {
+        left -= slot.iovecs[slot.sge_index].len;
+        slot.sge_index += 1;
+    }
+    slot.sge_offset = left;
+}
+
+/// SPDK's scatter-gather step: the rest of the buffer under the cursor, then the next one.
+///
+/// # Safety
+/// As `reset_sgl`; `address` and `length` are SPDK's out-parameters.
+unsafe extern "C" fn next_sge(
+    arg: *mut c_void,
+    address: *mut *mut c_void,
+    length: *mut u32,
+) -> c_int {
+    // SAFETY: the function's contract.
+    let slot = unsafe { &mut *arg.cast::<Slot>() };
+    if slot.sge_index >= slot.iovec_count {
+        return -1;
+    }
+    let iovec = slot.iovecs[slot.sge_index];
+    // SAFETY: `sge_offset < iovec.len`, so the result stays inside the caller's buffer; the
+    // out-parameters are SPDK's, valid for writes.
+    unsafe {
+        *address = iovec.ptr.add(slot.sge_offset).cast();
+        *length = (iovec.len - slot.sge_offset) as u32;
+    }
+    slot.sge_index += 1;
+    slot.sge_offset = 0;
+    0
+}
+
+/// Copies `len` bytes between the request's buffers, from byte `offset` of the request on,
+/// and `bounce`: into `bounce` when `to_bounce`, else out of it.
+///
+/// # Safety
+/// The buffers are the request's (valid per `IoVec::new`), `bounce` holds `len` bytes, and
+/// `offset + len` is within the request.
+unsafe fn copy_bounce(iovecs: &[IoVec], offset: u64, bounce: *mut u8, len: usize, to_bounce: bool) {
+    let mut skip = offset as usize;
+    let mut copied = 0;
+    for iovec in iovecs {
+        if copied == len {
+            break;
+        }
+        if skip >= iovec.len {
+            skip -= iovec.len;
+            continue;
+        }
+        let n = (iovec.len - skip).min(len - copied);
+        // SAFETY: both ranges are inside their buffers (the function's contract) and do not
+        // overlap (the bounce buffer is SPDK memory, not the caller's).
+        unsafe {
+            let user = iovec.ptr.add(skip);
+            let staged = bounce.add(copied);
+            if to_bounce {
+                core::ptr::copy_nonoverlapping(user, staged, n);
+            } else {
+                core::ptr::copy_nonoverlapping(staged, user, n);
+            }
+        }
+        copied += n;
+        skip = 0;
+    }
+    debug_assert_eq!(copied, len);
+}
+
+impl SpdkQueuePair {
+    /// Allocates an I/O queue pair of `depth` requests on `controller` for the namespace bytes
+    /// `offset_base..offset_base + length`.
+    ///
+    /// Errors: InvalidInput for a misaligned, empty or too-long range or a depth outside
+    /// `1..=DEPTH_MAX`; SPDK's refusal to allocate the queue pair or its DMA memory otherwise.
+    pub fn new(
+        controller: &Arc<SpdkController>,
+        offset_base: u64,
+        length: u64,
+        depth: u32,
+    ) -> io::Result<SpdkQueuePair> {
+        let block = BLOCK_SIZE_BYTES as u64;
+        let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
+        if offset_base % block != 0 || length % block != 0 || length == 0 {
+            return Err(invalid(format!(
+                "range {offset_base}+{length} is not a nonempty range of 4096-byte blocks"
+            )));
+        }
+        if !matches!(offset_base.checked_add(length), Some(end) if end <= controller.capacity_bytes())
+        {
+            return Err(invalid(format!(
+                "range {offset_base}+{length} ends past the namespace's {} bytes",
+                controller.capacity_bytes()
+            )));
+        }
+        if !(1..=DEPTH_MAX).contains(&depth) {
+            return Err(invalid(format!("depth {depth} not in 1..={DEPTH_MAX}")));
+        }
+        let chunk_max = (BOUNCE_BYTES.min(controller.transfer_max_bytes as usize)
+            / BLOCK_SIZE_BYTES
+            * BLOCK_SIZE_BYTES) as u64;
+
+        let mut opts = ffi::spdk_nvme_io_qpair_opts::default();
+        // SAFETY: the controller is attached and `opts` is a live options struct of this size.
+        unsafe {
+            ffi::spdk_nvme_ctrlr_get_default_io_qpair_opts(
+                controller.ctrlr.as_ptr(),
+                &mut opts,
+                std::mem::size_of::<ffi::spdk_nvme_io_qpair_opts>(),
+            )
+        };
+        // Enough request objects that a full queue of the largest zero-copy requests (split
+        // by SPDK into pieces of the transfer limit, plus a parent each) never runs out;
+        // beyond the cap, SPDK's -ENOMEM is back-pressure (QueueFull).
+        let pieces = (REQUEST_SIZE_MAX_BYTES as u32).div_ceil(controller.transfer_max_bytes) + 1;
+        let wanted = depth.saturating_mul(pieces).min(IO_QUEUE_REQUESTS_MAX);
+        opts.io_queue_size = opts.io_queue_size.max(depth + 1);
+        opts.io_queue_requests = opts.io_queue_requests.max(wanted).max(opts.io_queue_size);
+        // SAFETY: as above; SPDK copies the options.
+        let qpair = unsafe {
+            ffi::spdk_nvme_ctrlr_alloc_io_qpair(
+                controller.ctrlr.as_ptr(),
+                &opts,
+                std::mem::size_of::<ffi::spdk_nvme_io_qpair_opts>(),
+            )
+        };
+        let qpair = NonNull::new(qpair).ok_or_else(|| {
+            io_error(format!(
+                "spdk {}: cannot allocate an I/O queue pair of {} entries",
+                controller.transport_id, opts.io_queue_size
+            ))
+        })?;
+        let bounce_bytes = depth as usize * BOUNCE_BYTES;
+        // SAFETY: plain allocation; null is checked below.
+        let bounce =
+            unsafe { ffi::spdk_dma_zmalloc(bounce_bytes, BLOCK_SIZE_BYTES, std::ptr::null_mut()) };
+        let Some(bounce_memory) = NonNull::new(bounce.cast::<u8>()) else {
+            // SAFETY: allocated above, no command submitted on it.
+            unsafe { ffi::spdk_nvme_ctrlr_free_io_qpair(qpair.as_ptr()) };
+            return Err(io_error(format!(
+                "spdk {}: cannot allocate {} KiB of DMA memory for bounce buffers",
+                controller.transport_id,
+                bounce_bytes >> 10
+            )));
+        };
+        let shared = Box::new(Shared {
+            slots: Vec::with_capacity(depth as usize).into_boxed_slice(),
+            done: Ring {
+                entries: vec![0; depth as usize].into_boxed_slice(),
+                head: 0,
+                len: 0,
+            },
+        });
+        let shared = NonNull::from(Box::leak(shared));
+        // SAFETY: just leaked, not yet shared with SPDK; the ring's address is now fixed.
+        let done = unsafe { std::ptr::addr_of_mut!((*shared.as_ptr()).done) };
+        let mut slots: Box<[Slot]> = (0..depth)
+            .map(|index| Slot {
+                busy: false,
+                kind: Kind::Flush,
+                tag: 0,
+                lba: 0,
+                length: 0,
+                done_bytes: 0,
+                chunk: 0,
+                bounced: false,
+                failed: None,
+                refused: 0,
+                iovecs: [IOVEC_NONE; IOVECS_PER_REQUEST_MAX],
+                iovec_count: 0,
+                sge_index: 0,
+                sge_offset: 0,
+                index,
+                // SAFETY: `index < depth`: inside the allocation.
+                bounce: unsafe { bounce_memory.as_ptr().add(index as usize * BOUNCE_BYTES) },
+                done,
+            })
+            .collect();
+        // Moving the Box moves no slot: their heap address stays.
+        let slots_base = NonNull::new(slots.as_mut_ptr()).expect("a Box's pointer is not null");
+        // SAFETY: as above; nothing else references `shared` yet.
+        unsafe { (*shared.as_ptr()).slots = slots };
+        log::info!(
+            "spdk {}: I/O queue pair, depth {depth}, {length} bytes at {offset_base}, {} request objects, {} KiB bounce memory",
+            controller.transport_id,
+            opts.io_queue_requests,
+            bounce_bytes >> 10
+        );
+        Ok(SpdkQueuePair {
+            qpair,
+            shared,
+            slots: slots_base,
+            free: (0..depth).rev().collect(),
+            in_flight: 0,
+            depth,
+            bounce_memory,
+            registered: Vec::with_capacity(REGISTERED_REGIONS_MAX),
+            offset_base,
+            length,
+            sector_shift: controller.sector_size.trailing_zeros(),
+            chunk_max,
+            bounced_requests: 0,
+            zero_copy_requests: 0,
+            failed_logged: false,
+            controller: Arc::clone(controller),
+        })
+    }
+
+    pub fn controller(&self) -> &Arc<SpdkController> {
+        &self.controller
+    }
+
+    /// Requests whose data went through a bounce buffer (one copy per chunk).
+    pub fn bounced_requests(&self) -> u64 {
+        self.bounced_requests
+    }
+
+    /// Requests whose data the device accessed in place (registered regions).
+    pub fn zero_copy_requests(&self) -> u64 {
+        self.zero_copy_requests
+    }
+
+    /// Regions `register_buffers` registered with SPDK (the 2 MiB-aligned ones).
+    pub fn registered_regions(&self) -> usize {
+        self.registered.len()
+    }
+
+    fn slot_ptr(&self, index: u32) -> *mut Slot {
+        assert!(index < self.depth);
+        // SAFETY: `slots` points at `depth` slots that live as long as we do.
+        unsafe { self.slots.as_ptr().add(index as usize) }
+    }
+
+    fn in_registered(&self, iovec: &IoVec) -> bool {
+        let start = iovec.ptr as usize;
+        self.registered
+            .iter()
+            .any(|&(base, len)| start >= base && start + iovec.len <= base + len)
+    }
+
+    fn unregister_all(&mut self) {
+        for (base, len) in self.registered.drain(..) {
+            // SAFETY: registered by us with exactly this range; nothing is in flight.
+            let rc = unsafe { ffi::spdk_mem_unregister(base as *mut c_void, len) };
+            if rc != 0 {
+                log::warn!("spdk: unregistering {len} bytes at {base:#x} failed ({rc})");
+            }
+        }
+    }
+
+    /// Maps caller memory for SPDK once (nothing in flight), replacing earlier registrations.
+    /// Regions that are not 2 MiB aligned in address and length, which SPDK refuses, are left
+    /// to the bounce path. Returns whether any region was registered.
+    ///
+    /// Errors: InvalidInput with requests in flight or more than `REGISTERED_REGIONS_MAX`
+    /// regions; SPDK's refusal otherwise. On error nothing is registered.
+    ///
+    /// # Safety
+    /// Every region stays allocated at the same address until the queue pair is dropped or
+    /// this is called again.
+    pub unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> io::Result<bool> {
+        if self.in_flight > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "register_buffers with I/O in flight",
+            ));
+        }
+        if regions.len() > REGISTERED_REGIONS_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {REGISTERED_REGIONS_MAX} regions"),
+            ));
+        }
+        self.unregister_all();
+        let mut skipped = 0;
+        for &(ptr, len) in regions {
+            let aligned = len > 0
+                && len % REGISTRATION_ALIGN_BYTES == 0
+                && ptr as usize % REGISTRATION_ALIGN_BYTES == 0;
+            if !aligned {
+                skipped += 1;
+                continue;
+            }
+            // SAFETY: the region stays valid while registered (our caller's contract).
+            let rc = unsafe { ffi::spdk_mem_register(ptr.cast(), len) };
+            if rc != 0 {
+                self.unregister_all();
+                return Err(io_error(format!(
+                    "spdk_mem_register of {len} bytes at {ptr:p}: {}",
+                    io::Error::from_raw_os_error(-rc)
+                )));
+            }
+            self.registered.push((ptr as usize, len));
+        }
+        if skipped > 0 {
+            log::info!(
+                "spdk {}: {skipped} of {} regions not 2 MiB aligned: their requests are bounced",
+                self.controller.transport_id,
+                regions.len()
+            );
+        }
+        Ok(!self.registered.is_empty())
+    }
+
+    fn submit(
+        &mut self,
+        kind: Kind,
+        offset: u64,
+        buffers: &[IoVec],
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        let length = match kind {
+            Kind::Flush => 0,
+            Kind::Read | Kind::Write => check_request(offset, buffers, self.length)?,
+        };
+        let index = self.free.pop().ok_or(SubmitError::QueueFull)?;
+        let bounced = kind != Kind::Flush && !buffers.iter().all(|b| self.in_registered(b));
+        let lba = (self.offset_base + offset) >> self.sector_shift;
+        {
+            // SAFETY: the slot is idle (it was on the free stack): SPDK holds no pointer use
+            // of it, and this reference ends before any SPDK call.
+            let slot = unsafe { &mut *self.slot_ptr(index) };
+            debug_assert!(!slot.busy);
+            slot.busy = true;
+            slot.kind = kind;
+            slot.tag = tag;
+            slot.lba = lba;
+            slot.length = length;
+            slot.done_bytes = 0;
+            slot.chunk = 0;
+            slot.bounced = bounced;
+            slot.failed = None;
+            slot.refused = 0;
+            slot.iovecs[..buffers.len()].copy_from_slice(buffers);
+            slot.iovec_count = buffers.len();
+        }
+        let rc = self.issue(index);
+        if rc == -libc::ENOMEM {
+            // SPDK is out of request objects: back-pressure, nothing queued.
+            // SAFETY: as above; the command was not queued, so SPDK holds no pointer to it.
+            unsafe { (*self.slot_ptr(index)).busy = false };
+            self.free.push(index);
+            return Err(SubmitError::QueueFull);
+        }
+        self.in_flight += 1;
+        if bounced {
+            self.bounced_requests += 1;
+        } else if kind != Kind::Flush {
+            self.zero_copy_requests += 1;
+        }
+        if rc != 0 {
+            // Accepted, and failed at the next poll like any I/O error.
+            self.refuse(index, rc);
+        }
+        Ok(())
+    }
+
+    /// Records that SPDK refused slot `index`'s command and queues it to be reported.
+    fn refuse(&mut self, index: u32, rc: i32) {
+        // SAFETY: SPDK refused the command, so it holds no pointer to the slot; the ring has
+        // room (this slot has no command out).
+        unsafe {
+            let slot = self.slot_ptr(index);
+            (*slot).refused = rc;
+            (*(*slot).done).push(index);
+        }
+    }
+
+    /// Issues slot `index`'s next command: its bounced chunk, or the whole request in place.
+    /// Returns SPDK's return code (0, or a negative errno: nothing was queued).
+    fn issue(&mut self, index: u32) -> i32 {
+        let ns = self.controller.ns.as_ptr();
+        let qpair = self.qpair.as_ptr();
+        let slot_ptr = self.slot_ptr(index);
+        let arg = slot_ptr.cast::<c_void>();
+        let callback: ffi::spdk_nvme_cmd_cb = Some(on_complete);
+        // SAFETY: the slot is busy and has no command out; the reference ends before SPDK is
+        // called (SPDK's callbacks take the slot through `arg`).
+        let (kind, lba, bounced, chunk_at, chunk, single) = unsafe {
+            let slot = &mut *slot_ptr;
+            if slot.bounced {
+                slot.chunk = (slot.length - slot.done_bytes).min(self.chunk_max);
+                if slot.kind == Kind::Write {
+                    copy_bounce(
+                        &slot.iovecs[..slot.iovec_count],
+                        slot.done_bytes,
+                        slot.bounce,
+                        slot.chunk as usize,
+                        true,
+                    );
+                }
+            }
+            let single = (slot.iovec_count == 1).then(|| slot.iovecs[0].ptr);
+            (
+                slot.kind,
+                slot.lba,
+                slot.bounced,
+                slot.done_bytes,
+                slot.chunk,
+                single,
+            )
+        };
+        let shift = self.sector_shift;
+        // SAFETY (all calls below): `ns` and `qpair` are live; payloads are the slot's bounce
+        // buffer (SPDK DMA memory) or the caller's registered buffers, valid until the
+        // completion (`IoVec::new`); `arg` is the slot, which outlives its command.
+        unsafe {
+            match kind {
+                Kind::Flush => ffi::spdk_nvme_ns_cmd_flush(ns, qpair, callback, arg),
+                _ if bounced => {
+                    let lba = lba + (chunk_at >> shift);
+                    let count = (chunk >> shift) as u32;
+                    let buf = (*slot_ptr).bounce.cast::<c_void>();
+                    if kind == Kind::Read {
+                        ffi::spdk_nvme_ns_cmd_read(ns, qpair, buf, lba, count, callback, arg, 0)
+                    } else {
+                        ffi::spdk_nvme_ns_cmd_write(ns, qpair, buf, lba, count, callback, arg, 0)
+                    }
+                }
+                _ => {
+                    let count = ((*slot_ptr).length >> shift) as u32;
+                    match (kind, single) {
+                        (Kind::Read, Some(buf)) => ffi::spdk_nvme_ns_cmd_read(
+                            ns,
+                            qpair,
+                            buf.cast(),
+                            lba,
+                            count,
+                            callback,
+                            arg,
+                            0,
+                        ),
+                        (_, Some(buf)) => ffi::spdk_nvme_ns_cmd_write(
+                            ns,
+                            qpair,
+                            buf.cast(),
+                            lba,
+                            count,
+                            callback,
+                            arg,
+                            0,
+                        ),
+                        (Kind::Read, None) => ffi::spdk_nvme_ns_cmd_readv(
+                            ns,
+                            qpair,
+                            lba,
+                            count,
+                            callback,
+                            arg,
+                            0,
+                            Some(reset_sgl),
+                            Some(next_sge),
+                        ),
+                        (_, None) => ffi::spdk_nvme_ns_cmd_writev(
+                            ns,
+                            qpair,
+                            lba,
+                            count,
+                            callback,
+                            arg,
+                            0,
+                            Some(reset_sgl),
+                            Some(next_sge),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one finished command's slot off the ring: returns the request's outcome when it
+    /// is complete, or None when a bounced request issued its next chunk.
+    fn finish(&mut self, index: u32) -> Option<(u64, Result<(), IoError>)> {
+        // SAFETY: the slot's command completed (or was refused): SPDK holds no pointer to it
+        // until `issue` below, and the reference ends before that.
+        let (tag, outcome, more) = unsafe {
+            let slot = &mut *self.slot_ptr(index);
+            debug_assert!(slot.busy);
+            let outcome = if slot.refused != 0 {
+                Err(IoError::Io(-slot.refused))
+            } else if let Some(status) = slot.failed {
+                Err(IoError::Nvme(status))
+            } else {
+                Ok(())
+            };
+            let mut more = false;
+            if outcome.is_ok() && slot.bounced {
+                if slot.kind == Kind::Read {
+                    copy_bounce(
+                        &slot.iovecs[..slot.iovec_count],
+                        slot.done_bytes,
+                        slot.bounce,
+                        slot.chunk as usize,
+                        false,
+                    );
+                }
+                slot.done_bytes += slot.chunk;
+                more = slot.done_bytes < slot.length;
+            }
+            (slot.tag, outcome, more)
+        };
+        if more {
+            let rc = self.issue(index);
+            if rc == 0 {
+                return None;
+            }
+            // The slot's previous command freed its request object, so this is not
+            // back-pressure: report it.
+            self.refuse(index, rc);
+            return None;
+        }
+        // SAFETY: as above.
+        unsafe { (*self.slot_ptr(index)).busy = false };
+        self.free.push(index);
+        self.in_flight -= 1;
+        Some((tag, outcome))
+    }
+}
+
+impl QueuePair for SpdkQueuePair {
+    fn submit_read(&mut self, offset: u64, buffers: &[IoVec], tag: u64) -> Result<(), SubmitError> {
+        self.submit(Kind::Read, offset, buffers, tag)
+    }
+
+    fn submit_write(
+        &mut self,
+        offset: u64,
+        buffers: &[IoVec],
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        self.submit(Kind::Write, offset, buffers, tag)
+    }
+
+    fn submit_flush(&mut self, tag: u64) -> Result<(), SubmitError> {
+        self.submit(Kind::Flush, 0, &[], tag)
+    }
+
+    fn poll(
+        &mut self,
+        completions_max: usize,
+        complete: &mut dyn FnMut(u64, Result<(), IoError>),
+    ) -> usize {
+        // SAFETY: reading the ring's length through the raw pointer; no reference is held.
+        let queued = unsafe { (*self.shared.as_ptr()).done.len };
+        if self.in_flight > 0 && queued < completions_max {
+            // SAFETY: `qpair` is live and polled by this thread only; the callbacks reach the
+            // slots and the ring through raw pointers while no Rust reference to them exists.
+            let rc = unsafe { ffi::spdk_nvme_qpair_process_completions(self.qpair.as_ptr(), 0) };
+            if rc < 0 && !self.failed_logged {
+                self.failed_logged = true;
+                log::error!(
+                    "spdk {}: queue pair failed ({}); its commands complete as aborted",
+                    self.controller.transport_id,
+                    io::Error::from_raw_os_error(-rc)
+                );
+            }
+        }
+        let mut reported = 0;
+        while reported < completions_max {
+            // SAFETY: as above: a short-lived access through the raw pointer.
+            let Some(index) = (unsafe { (*self.shared.as_ptr()).done.pop() }) else {
+                break;
+            };
+            if let Some((tag, outcome)) = self.finish(index) {
+                complete(tag, outcome);
+                reported += 1;
+            }
+        }
+        reported
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.length
+    }
+
+    fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> io::Result<bool> {
+        // SAFETY: the caller's contract is the inherent method's.
+        unsafe { SpdkQueuePair::register_buffers(self, regions) }
+    }
+}
+
+impl Drop for SpdkQueuePair {
+    fn drop(&mut self) {
+        // SAFETY: the queue pair is ours; freeing it drops any command still out without a
+        // callback, so after this SPDK holds no pointer into `shared` or the bounce memory.
+        let rc = unsafe { ffi::spdk_nvme_ctrlr_free_io_qpair(self.qpair.as_ptr()) };
+        if rc != 0 {
+            log::warn!(
+                "spdk {}: freeing the I/O queue pair failed ({rc})",
+                self.controller.transport_id
+            );
+        }
+        self.unregister_all();
+        // SAFETY: allocated with spdk_dma_zmalloc in `new`, freed only here, unused by SPDK now.
+        unsafe { ffi::spdk_dma_free(self.bounce_memory.as_ptr().cast()) };
+        // SAFETY: leaked from a Box in `new`, freed only here; no pointer into it is used again.
+        drop(unsafe { Box::from_raw(self.shared.as_ptr()) });
+    }
+}
