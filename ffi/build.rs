@@ -164,9 +164,18 @@ mod spdk {
         // Real SPDK is linked as shared libraries (`./configure --with-shared`): its
         // transports register themselves from constructors that a static link without
         // --whole-archive would drop.
-        for word in pkg_config(&["--libs"]) {
+        let libs = pkg_config(&["--libs"]);
+        let dirs: Vec<&str> = libs.iter().filter_map(|w| w.strip_prefix("-L")).collect();
+        for word in &libs {
             if let Some(lib) = word.strip_prefix("-l") {
                 println!("cargo:rustc-link-lib={lib}");
+                // A rebuilt static archive (the stand-in's) must relink what uses it.
+                for dir in &dirs {
+                    let archive = PathBuf::from(dir).join(format!("lib{lib}.a"));
+                    if archive.exists() {
+                        println!("cargo:rerun-if-changed={}", archive.display());
+                    }
+                }
             } else if let Some(path) = word.strip_prefix("-L") {
                 println!("cargo:rustc-link-search=native={path}");
             }
