@@ -227,8 +227,9 @@ fn registered_memory_moves_in_place_with_scatter_gather() {
     let mut got = region.bytes(16 * BLOCK, 2 * BLOCK).to_vec();
     got.extend_from_slice(region.bytes(40 * BLOCK, BLOCK));
     assert_eq!(got, written);
-    // One buffer inside and one outside the registered region: the whole request bounces
-    // (the stand-in would fail a payload SPDK cannot translate, so this also checks that).
+    // One buffer inside and one outside the registered region: only the outside one is
+    // staged in the bounce buffer (the stand-in would fail a payload SPDK cannot translate, so
+    // this also checks that the staged piece really went through DMA memory).
     let mut outside = AlignedBuf::new(BLOCK);
     pattern(&mut outside, 8);
     // SAFETY: outlives the request.
@@ -243,6 +244,30 @@ fn registered_memory_moves_in_place_with_scatter_gather() {
     .expect("read");
     assert_eq!(region.bytes(65 * BLOCK, BLOCK), &outside[..]);
     assert_eq!((qp.zero_copy_requests(), qp.bounced_requests()), (3, 1));
+    assert_eq!(
+        qp.bounced_bytes(),
+        BLOCK as u64,
+        "only the unregistered block was copied"
+    );
+    // The same, read: an unregistered buffer between two registered ones is filled too.
+    let mut middle = AlignedBuf::new(BLOCK);
+    // SAFETY: outlives the request.
+    let scatter = [
+        region.io_vec(128 * BLOCK, BLOCK),
+        unsafe { middle.as_io_vec() },
+        region.io_vec(129 * BLOCK, BLOCK),
+    ];
+    read(&mut qp, 99 * BLOCK as u64, &scatter, 5).expect("mixed read");
+    // Blocks 99 (never written), 100 (the registered piece above), 101 (the staged one).
+    assert!(region.bytes(128 * BLOCK, BLOCK).iter().all(|&b| b == 0));
+    let first = region.bytes(0, BLOCK).to_vec();
+    assert_eq!(
+        &middle[..],
+        &first[..],
+        "the staged buffer was filled from the bounce buffer"
+    );
+    assert_eq!(region.bytes(129 * BLOCK, BLOCK), &outside[..]);
+    assert_eq!(qp.bounced_bytes(), 2 * BLOCK as u64);
     drop(qp);
 }
 
@@ -449,4 +474,99 @@ fn bad_input_is_refused_with_a_reason() {
     // SAFETY: refused before anything is registered.
     assert!(unsafe { qp.register_buffers(&[]) }.is_err());
     wait_all(&mut qp, &[4]);
+}
+
+/// The segment store on the SPDK queue pair: it registers its 2 MiB-aligned block arena at
+/// mount, so 4 KiB overwrites copy only their journal record's head (not registrable: not a
+/// 2 MiB multiple) and 4 KiB reads copy nothing.
+#[test]
+fn segment_store_moves_its_block_buffers_in_place() {
+    use carmine_storage::segment::{mkfs, SegmentStore};
+    use carmine_storage::{ObjectStore, OutputBuffer, SubOp, SubOpResult, Submit};
+
+    if !stand_in() {
+        return;
+    }
+    fn wait(store: &mut SegmentStore<SpdkQueuePair>) {
+        let mut done = false;
+        while !done {
+            store.poll(8, &mut |_, result| {
+                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
+                done = true;
+            });
+        }
+    }
+    fn run(store: &mut SegmentStore<SpdkQueuePair>, ops: &[SubOp<'_>], out: &mut [u8]) {
+        let mut results = [SubOpResult::default(); 1];
+        // SAFETY: `out` is not touched until `wait` has seen the op complete.
+        let mut output = unsafe { OutputBuffer::from_raw(out.as_mut_ptr(), out.len()) };
+        match store.submit(1, b"obj", ops, &mut output, &mut results) {
+            Ok(Submit::Pending) => wait(store),
+            Ok(Submit::Done) => assert!(results[0].result().is_ok()),
+            other => panic!("{other:?}"),
+        }
+    }
+    let controller = controller(0x17);
+    let mut qp = queue_pair(&controller, 32);
+    mkfs(&mut qp, 1 << 20, 1, *b"spdk-zero-copy!!").expect("mkfs");
+    let mut store = SegmentStore::mount(qp, 0).expect("mount");
+    assert_eq!(
+        store.queue_pair().registered_regions(),
+        1,
+        "the block arena"
+    );
+    let mut block = vec![0u8; BLOCK];
+    pattern(&mut block, 500);
+    run(
+        &mut store,
+        &[SubOp::WriteFull {
+            data: &vec![3u8; 16 * BLOCK],
+        }],
+        &mut [],
+    );
+    let before = (
+        store.queue_pair().zero_copy_requests(),
+        store.queue_pair().bounced_requests(),
+        store.queue_pair().bounced_bytes(),
+    );
+    for n in 0..16u64 {
+        run(
+            &mut store,
+            &[SubOp::Write {
+                offset: n * BLOCK as u64,
+                data: &block,
+            }],
+            &mut [],
+        );
+    }
+    let qp = store.queue_pair();
+    let (zero_copy, bounced, bytes) = (
+        qp.zero_copy_requests() - before.0,
+        qp.bounced_requests() - before.1,
+        qp.bounced_bytes() - before.2,
+    );
+    // Each overwrite is one record (head staged, data block in place) and its flush.
+    assert_eq!(
+        bounced, 16,
+        "one record per overwrite, zero copy {zero_copy}"
+    );
+    assert!(
+        bytes <= 16 * 2 * BLOCK as u64,
+        "only record heads were copied: {bytes} bytes"
+    );
+    let (bytes_before, in_place_before) = (qp.bounced_bytes(), qp.zero_copy_requests());
+    let mut out = vec![0u8; BLOCK];
+    let read = [SubOp::Read {
+        offset: 5 * BLOCK as u64,
+        length: BLOCK as u64,
+    }];
+    run(&mut store, &read, &mut out);
+    assert_eq!(out, block);
+    let qp = store.queue_pair();
+    assert_eq!(
+        qp.bounced_bytes(),
+        bytes_before,
+        "a 4 KiB read copies nothing"
+    );
+    assert_eq!(qp.zero_copy_requests(), in_place_before + 1);
 }

@@ -314,6 +314,8 @@ pub trait QueuePair {
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Alignment of the allocation, in bytes (part of its layout, needed to free it).
+    align: usize,
     /// Freed at drop; false for a piece of an arena, which its arena frees.
     owned: bool,
 }
@@ -325,11 +327,24 @@ impl AlignedBuf {
     /// If `len` is not a positive multiple of `BLOCK_SIZE_BYTES` (a caller bug: the size is
     /// never client input), or if the allocation fails.
     pub fn new(len: usize) -> AlignedBuf {
+        AlignedBuf::with_alignment(len, BLOCK_SIZE_BYTES)
+    }
+
+    /// Allocates `len` zeroed bytes aligned to `align`, a power of two of at least
+    /// `BLOCK_SIZE_BYTES` (2 MiB for an arena SPDK must be able to register).
+    ///
+    /// # Panics
+    /// As `new`, or if `align` is not such a power of two.
+    pub fn with_alignment(len: usize, align: usize) -> AlignedBuf {
         assert!(
             len > 0 && len % BLOCK_SIZE_BYTES == 0,
             "AlignedBuf length {len} is not a positive multiple of {BLOCK_SIZE_BYTES}"
         );
-        let layout = AlignedBuf::layout(len);
+        assert!(
+            align.is_power_of_two() && align >= BLOCK_SIZE_BYTES,
+            "AlignedBuf alignment {align} is not a power of two >= {BLOCK_SIZE_BYTES}"
+        );
+        let layout = AlignedBuf::layout(len, align);
         // SAFETY: `layout` has a nonzero size (asserted above).
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(ptr) else {
@@ -338,6 +353,7 @@ impl AlignedBuf {
         AlignedBuf {
             ptr,
             len,
+            align,
             owned: true,
         }
     }
@@ -366,6 +382,7 @@ impl AlignedBuf {
             // SAFETY: `offset < len`: inside the allocation, hence not null.
             ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) },
             len,
+            align: BLOCK_SIZE_BYTES,
             owned: false,
         }
     }
@@ -375,8 +392,8 @@ impl AlignedBuf {
         self.owned
     }
 
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, BLOCK_SIZE_BYTES).expect("AlignedBuf layout")
+    fn layout(len: usize, align: usize) -> Layout {
+        Layout::from_size_align(len, align).expect("AlignedBuf layout")
     }
 
     /// The whole buffer as one `IoVec`.
@@ -438,7 +455,7 @@ impl Drop for AlignedBuf {
             return;
         }
         // SAFETY: allocated in `new` with this same layout, and freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) };
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len, self.align)) };
     }
 }
 
@@ -560,6 +577,14 @@ mod tests {
         let mut arena = AlignedBuf::new(BLOCK_SIZE_BYTES);
         // SAFETY: refused before any piece exists.
         let _ = unsafe { arena.carve(BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES) };
+    }
+
+    #[test]
+    fn aligned_buf_takes_a_larger_alignment() {
+        let two_mib = 2 << 20;
+        let mut buf = AlignedBuf::with_alignment(two_mib, two_mib);
+        assert_eq!(buf.region().0 as usize % two_mib, 0);
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -4,19 +4,23 @@
 //! `spdk/env.h`); in CI it is linked against the stand-in in `ci/spdk-stub/`, not SPDK.
 //!
 //! **Requests and commands.** A request takes one of `depth` preallocated slots and has at
-//! most one SPDK command out at a time. Its buffers are used in place (zero copy) when every
-//! one lies inside a region given to `register_buffers`: one command, `spdk_nvme_ns_cmd_read`
-//! or `_write` for one buffer, `_readv` / `_writev` with scatter-gather callbacks that walk the
-//! slot's `IoVec`s for several (SPDK splits it at the device's transfer limit itself). Any other
-//! request goes through the slot's bounce buffer (`spdk_dma_zmalloc`'d at construction), in
-//! chunks of at most `BOUNCE_BYTES` issued one after the other: copy in before a write chunk,
-//! copy out after a read chunk. `bounced_requests` and `zero_copy_requests` count each kind.
+//! most one SPDK command out at a time. Buffers inside a region given to `register_buffers`
+//! are used in place; the others are *staged* in the slot's bounce buffer (`spdk_dma_zmalloc`'d
+//! at construction): copied in before a write, out after a read. When everything is in place
+//! or the staged buffers fit one bounce buffer, the request is one command:
+//! `spdk_nvme_ns_cmd_read` / `_write` for one registered buffer, else `_readv` / `_writev` whose
+//! scatter-gather callbacks walk the slot's `IoVec`s, each in place or at its staging offset
+//! (SPDK splits the command at the device's transfer limit itself). So a journal record, a
+//! small unregistered head plus registered data blocks, copies only its head. A request with
+//! more unregistered bytes than that goes through the bounce buffer whole, in chunks of at most
+//! `BOUNCE_BYTES` issued one after the other. `zero_copy_requests`, `bounced_requests` (any
+//! copy) and `bounced_bytes` count them.
 //!
 //! **Registration.** SPDK translates payload addresses through its own maps, which hold
 //! `spdk_dma_zmalloc` memory and ranges given to `spdk_mem_register`, and the latter must be
 //! 2 MiB aligned in address and length. `register_buffers` registers the regions that are and
-//! leaves the others to the bounce path (logged): the segment store's arenas are only 4 KiB
-//! aligned today, so against real SPDK they are bounced until they are allocated 2 MiB aligned.
+//! leaves the others to the bounce path (logged): the segment store's block arena is allocated
+//! 2 MiB aligned for this; its journal buffers are not, and are staged.
 //!
 //! **Completions.** `poll` calls `spdk_nvme_qpair_process_completions`; SPDK calls
 //! `on_complete` for each finished command, which records the slot's NVMe status and pushes
@@ -226,6 +230,9 @@ enum Kind {
     Flush,
 }
 
+/// `Slot::staged` for a buffer the device uses in place.
+const IN_PLACE: u32 = u32::MAX;
+
 const IOVEC_NONE: IoVec = IoVec {
     ptr: core::ptr::null_mut(),
     len: 0,
@@ -244,7 +251,12 @@ struct Slot {
     done_bytes: u64,
     /// Bytes of the chunk out now (bounced requests).
     chunk: u64,
+    /// Goes through the bounce buffer whole, chunk after chunk.
     bounced: bool,
+    /// Per buffer: its offset in the bounce buffer when staged there, else `IN_PLACE`.
+    staged: [u32; IOVECS_PER_REQUEST_MAX],
+    /// Bytes of staged buffers (0: every buffer is used in place, or the request is bounced).
+    staged_bytes: u64,
     /// Set by `on_complete`: the command's NVMe status when it failed.
     failed: Option<NvmeStatus>,
     /// Set when SPDK refused a command of an accepted request: its negative return.
@@ -316,6 +328,7 @@ pub struct SpdkQueuePair {
     /// Largest bounced chunk: `BOUNCE_BYTES`, or less if the device transfers less.
     chunk_max: u64,
     bounced_requests: u64,
+    bounced_bytes: u64,
     zero_copy_requests: u64,
     failed_logged: bool,
     controller: Arc<SpdkController>,
@@ -376,15 +389,45 @@ unsafe extern "C" fn next_sge(
         return -1;
     }
     let iovec = slot.iovecs[slot.sge_index];
-    // SAFETY: `sge_offset < iovec.len`, so the result stays inside the caller's buffer; the
+    let staged = slot.staged[slot.sge_index];
+    // SAFETY: `sge_offset < iovec.len`, so the result stays inside the caller's buffer, or
+    // inside its staging place in the bounce buffer (`staged + iovec.len <= BOUNCE_BYTES`); the
     // out-parameters are SPDK's, valid for writes.
     unsafe {
-        *address = iovec.ptr.add(slot.sge_offset).cast();
+        let start = if staged == IN_PLACE {
+            iovec.ptr
+        } else {
+            slot.bounce.add(staged as usize)
+        };
+        *address = start.add(slot.sge_offset).cast();
         *length = (iovec.len - slot.sge_offset) as u32;
     }
     slot.sge_index += 1;
     slot.sge_offset = 0;
     0
+}
+
+/// Copies the staged buffers of a request into the bounce buffer (`to_bounce`) or back out.
+///
+/// # Safety
+/// The buffers are the request's (valid per `IoVec::new`), and each staged one fits the bounce
+/// buffer at its offset.
+unsafe fn copy_staged(iovecs: &[IoVec], staged: &[u32], bounce: *mut u8, to_bounce: bool) {
+    for (iovec, &at) in iovecs.iter().zip(staged) {
+        if at == IN_PLACE {
+            continue;
+        }
+        debug_assert!(at as usize + iovec.len <= BOUNCE_BYTES);
+        // SAFETY: the function's contract; the bounce buffer is not the caller's memory.
+        unsafe {
+            let place = bounce.add(at as usize);
+            if to_bounce {
+                core::ptr::copy_nonoverlapping(iovec.ptr, place, iovec.len);
+            } else {
+                core::ptr::copy_nonoverlapping(place, iovec.ptr, iovec.len);
+            }
+        }
+    }
 }
 
 /// Copies `len` bytes between the request's buffers, from byte `offset` of the request on,
@@ -519,6 +562,8 @@ impl SpdkQueuePair {
                 done_bytes: 0,
                 chunk: 0,
                 bounced: false,
+                staged: [IN_PLACE; IOVECS_PER_REQUEST_MAX],
+                staged_bytes: 0,
                 failed: None,
                 refused: 0,
                 iovecs: [IOVEC_NONE; IOVECS_PER_REQUEST_MAX],
@@ -555,6 +600,7 @@ impl SpdkQueuePair {
             sector_shift: controller.sector_size.trailing_zeros(),
             chunk_max,
             bounced_requests: 0,
+            bounced_bytes: 0,
             zero_copy_requests: 0,
             failed_logged: false,
             controller: Arc::clone(controller),
@@ -565,12 +611,17 @@ impl SpdkQueuePair {
         &self.controller
     }
 
-    /// Requests whose data went through a bounce buffer (one copy per chunk).
+    /// Requests of which some or all data went through a bounce buffer (one copy).
     pub fn bounced_requests(&self) -> u64 {
         self.bounced_requests
     }
 
-    /// Requests whose data the device accessed in place (registered regions).
+    /// Bytes copied through bounce buffers (each copied once, in or out).
+    pub fn bounced_bytes(&self) -> u64 {
+        self.bounced_bytes
+    }
+
+    /// Requests whose data the device accessed entirely in place (registered regions).
     pub fn zero_copy_requests(&self) -> u64 {
         self.zero_copy_requests
     }
@@ -669,7 +720,20 @@ impl SpdkQueuePair {
             Kind::Read | Kind::Write => check_request(offset, buffers, self.length)?,
         };
         let index = self.free.pop().ok_or(SubmitError::QueueFull)?;
-        let bounced = kind != Kind::Flush && !buffers.iter().all(|b| self.in_registered(b));
+        // Stage the unregistered buffers back to back in the bounce buffer if they fit it;
+        // else the whole request is bounced in chunks.
+        let mut staged = [IN_PLACE; IOVECS_PER_REQUEST_MAX];
+        let mut staged_bytes: u64 = 0;
+        for (place, buffer) in staged.iter_mut().zip(buffers) {
+            if !self.in_registered(buffer) {
+                *place = u32::try_from(staged_bytes).unwrap_or(IN_PLACE - 1);
+                staged_bytes += buffer.len as u64;
+            }
+        }
+        let bounced = staged_bytes > self.chunk_max;
+        if bounced {
+            staged = [IN_PLACE; IOVECS_PER_REQUEST_MAX];
+        }
         let lba = (self.offset_base + offset) >> self.sector_shift;
         {
             // SAFETY: the slot is idle (it was on the free stack): SPDK holds no pointer use
@@ -684,6 +748,8 @@ impl SpdkQueuePair {
             slot.done_bytes = 0;
             slot.chunk = 0;
             slot.bounced = bounced;
+            slot.staged = staged;
+            slot.staged_bytes = if bounced { 0 } else { staged_bytes };
             slot.failed = None;
             slot.refused = 0;
             slot.iovecs[..buffers.len()].copy_from_slice(buffers);
@@ -700,6 +766,10 @@ impl SpdkQueuePair {
         self.in_flight += 1;
         if bounced {
             self.bounced_requests += 1;
+            self.bounced_bytes += length;
+        } else if staged_bytes > 0 {
+            self.bounced_requests += 1;
+            self.bounced_bytes += staged_bytes;
         } else if kind != Kind::Flush {
             self.zero_copy_requests += 1;
         }
@@ -745,7 +815,17 @@ impl SpdkQueuePair {
                     );
                 }
             }
-            let single = (slot.iovec_count == 1).then(|| slot.iovecs[0].ptr);
+            if slot.staged_bytes > 0 && slot.kind == Kind::Write {
+                copy_staged(
+                    &slot.iovecs[..slot.iovec_count],
+                    &slot.staged[..slot.iovec_count],
+                    slot.bounce,
+                    true,
+                );
+            }
+            // One buffer used in place: the plain command; anything else walks the SGL.
+            let single =
+                (slot.iovec_count == 1 && slot.staged_bytes == 0).then(|| slot.iovecs[0].ptr);
             (
                 slot.kind,
                 slot.lba,
@@ -757,7 +837,7 @@ impl SpdkQueuePair {
         };
         let shift = self.sector_shift;
         // SAFETY (all calls below): `ns` and `qpair` are live; payloads are the slot's bounce
-        // buffer (SPDK DMA memory) or the caller's registered buffers, valid until the
+        // buffer (SPDK DMA memory) or the caller's registered buffers (via `next_sge` too), valid until the
         // completion (`IoVec::new`); `arg` is the slot, which outlives its command.
         unsafe {
             match kind {
@@ -839,6 +919,14 @@ impl SpdkQueuePair {
                 Ok(())
             };
             let mut more = false;
+            if outcome.is_ok() && slot.staged_bytes > 0 && slot.kind == Kind::Read {
+                copy_staged(
+                    &slot.iovecs[..slot.iovec_count],
+                    &slot.staged[..slot.iovec_count],
+                    slot.bounce,
+                    false,
+                );
+            }
             if outcome.is_ok() && slot.bounced {
                 if slot.kind == Kind::Read {
                     copy_bounce(
