@@ -239,7 +239,7 @@ const IOVEC_NONE: IoVec = IoVec {
 };
 
 /// A request slot. SPDK's callbacks get a pointer to it (`cb_arg`), so slots never move: they
-/// live in `Shared`, allocated once.
+/// are one allocation made at construction, reached only through raw pointers.
 struct Slot {
     busy: bool,
     kind: Kind,
@@ -300,19 +300,14 @@ impl Ring {
     }
 }
 
-/// What SPDK's callbacks reach through raw pointers: allocated once, freed in `Drop`.
-struct Shared {
-    slots: Box<[Slot]>,
-    done: Ring,
-}
-
 /// One SPDK I/O queue pair on a namespace range; see the module docs.
 pub struct SpdkQueuePair {
     qpair: NonNull<ffi::spdk_nvme_qpair>,
-    /// Owned: `Box::into_raw` at construction, `Box::from_raw` in `Drop`. Reached through raw
-    /// pointers only, because SPDK's callbacks write into it while `poll` runs.
-    shared: NonNull<Shared>,
-    /// `shared`'s slots, `depth` of them (their address is fixed once they are in `shared`).
+    /// The completion ring. Owned: `Box::into_raw` at construction, `Box::from_raw` in
+    /// `Drop`; reached through raw pointers only, because SPDK's callbacks push onto it while
+    /// `poll` runs.
+    done: NonNull<Ring>,
+    /// `depth` slots, owned the same way (a boxed slice turned into a raw pointer).
     slots: NonNull<Slot>,
     /// Idle slots (a stack), capacity `depth`.
     free: Vec<u32>,
@@ -541,18 +536,12 @@ impl SpdkQueuePair {
                 bounce_bytes >> 10
             )));
         };
-        let shared = Box::new(Shared {
-            slots: Vec::with_capacity(depth as usize).into_boxed_slice(),
-            done: Ring {
-                entries: vec![0; depth as usize].into_boxed_slice(),
-                head: 0,
-                len: 0,
-            },
-        });
-        let shared = NonNull::from(Box::leak(shared));
-        // SAFETY: just leaked, not yet shared with SPDK; the ring's address is now fixed.
-        let done = unsafe { std::ptr::addr_of_mut!((*shared.as_ptr()).done) };
-        let mut slots: Box<[Slot]> = (0..depth)
+        let done = NonNull::from(Box::leak(Box::new(Ring {
+            entries: vec![0; depth as usize].into_boxed_slice(),
+            head: 0,
+            len: 0,
+        })));
+        let slots: Box<[Slot]> = (0..depth)
             .map(|index| Slot {
                 busy: false,
                 kind: Kind::Flush,
@@ -573,13 +562,10 @@ impl SpdkQueuePair {
                 index,
                 // SAFETY: `index < depth`: inside the allocation.
                 bounce: unsafe { bounce_memory.as_ptr().add(index as usize * BOUNCE_BYTES) },
-                done,
+                done: done.as_ptr(),
             })
             .collect();
-        // Moving the Box moves no slot: their heap address stays.
-        let slots_base = NonNull::new(slots.as_mut_ptr()).expect("a Box's pointer is not null");
-        // SAFETY: as above; nothing else references `shared` yet.
-        unsafe { (*shared.as_ptr()).slots = slots };
+        let slots = NonNull::from(Box::leak(slots)).cast::<Slot>();
         log::info!(
             "spdk {}: I/O queue pair, depth {depth}, {length} bytes at {offset_base}, {} request objects, {} KiB bounce memory",
             controller.transport_id,
@@ -588,8 +574,8 @@ impl SpdkQueuePair {
         );
         Ok(SpdkQueuePair {
             qpair,
-            shared,
-            slots: slots_base,
+            done,
+            slots,
             free: (0..depth).rev().collect(),
             in_flight: 0,
             depth,
@@ -984,7 +970,7 @@ impl QueuePair for SpdkQueuePair {
         complete: &mut dyn FnMut(u64, Result<(), IoError>),
     ) -> usize {
         // SAFETY: reading the ring's length through the raw pointer; no reference is held.
-        let queued = unsafe { (*self.shared.as_ptr()).done.len };
+        let queued = unsafe { (*self.done.as_ptr()).len };
         if self.in_flight > 0 && queued < completions_max {
             // SAFETY: `qpair` is live and polled by this thread only; the callbacks reach the
             // slots and the ring through raw pointers while no Rust reference to them exists.
@@ -1001,7 +987,7 @@ impl QueuePair for SpdkQueuePair {
         let mut reported = 0;
         while reported < completions_max {
             // SAFETY: as above: a short-lived access through the raw pointer.
-            let Some(index) = (unsafe { (*self.shared.as_ptr()).done.pop() }) else {
+            let Some(index) = (unsafe { (*self.done.as_ptr()).pop() }) else {
                 break;
             };
             if let Some((tag, outcome)) = self.finish(index) {
@@ -1033,7 +1019,8 @@ impl QueuePair for SpdkQueuePair {
 impl Drop for SpdkQueuePair {
     fn drop(&mut self) {
         // SAFETY: the queue pair is ours; freeing it drops any command still out without a
-        // callback, so after this SPDK holds no pointer into `shared` or the bounce memory.
+        // callback, so after this SPDK holds no pointer into the slots, the ring or the bounce
+        // memory.
         let rc = unsafe { ffi::spdk_nvme_ctrlr_free_io_qpair(self.qpair.as_ptr()) };
         if rc != 0 {
             log::warn!(
@@ -1044,7 +1031,14 @@ impl Drop for SpdkQueuePair {
         self.unregister_all();
         // SAFETY: allocated with spdk_dma_zmalloc in `new`, freed only here, unused by SPDK now.
         unsafe { ffi::spdk_dma_free(self.bounce_memory.as_ptr().cast()) };
-        // SAFETY: leaked from a Box in `new`, freed only here; no pointer into it is used again.
-        drop(unsafe { Box::from_raw(self.shared.as_ptr()) });
+        // SAFETY: both leaked from Boxes in `new` (the slots as a slice of `depth`), freed only
+        // here; no pointer into them is used again.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.slots.as_ptr(),
+                self.depth as usize,
+            )));
+            drop(Box::from_raw(self.done.as_ptr()));
+        }
     }
 }
