@@ -777,7 +777,8 @@ impl SpdkQueuePair {
         }
     }
 
-    /// Issues slot `index`'s next command: its bounced chunk, or the whole request in place.
+    /// Issues slot `index`'s next command: its next bounced chunk, or the whole request (in
+    /// place, staged buffers copied in first).
     /// Returns SPDK's return code (0, or a negative errno: nothing was queued).
     fn issue(&mut self, index: u32) -> i32 {
         let ns = self.controller.ns.as_ptr();
@@ -822,9 +823,10 @@ impl SpdkQueuePair {
             )
         };
         let shift = self.sector_shift;
-        // SAFETY (all calls below): `ns` and `qpair` are live; payloads are the slot's bounce
-        // buffer (SPDK DMA memory) or the caller's registered buffers (via `next_sge` too), valid until the
-        // completion (`IoVec::new`); `arg` is the slot, which outlives its command.
+        // SAFETY (all calls below): `ns` and `qpair` are live; payloads (direct, or handed out
+        // by `next_sge`) are the slot's bounce buffer (SPDK DMA memory) or the caller's
+        // registered buffers, valid until the completion (`IoVec::new`); `arg` is the slot,
+        // which outlives its command.
         unsafe {
             match kind {
                 Kind::Flush => ffi::spdk_nvme_ns_cmd_flush(ns, qpair, callback, arg),
