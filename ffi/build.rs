@@ -1,6 +1,7 @@
 //! Probes for the C libraries behind the optional features and generates their bindings
-//! (`dpdk`: DPDK 22.11; `spdk`: SPDK's NVMe driver, or Carmine's stand-in in `ci/spdk-stub/`). Without a feature nothing is probed or generated, so the default build needs no C
-//! toolchain beyond what Rust itself needs, and no clang.
+//! (`dpdk`: DPDK 22.11; `spdk`: SPDK's NVMe driver, or Carmine's stand-in in `ci/spdk-stub/`).
+//! Without a feature nothing is probed or generated, so the default build needs no C toolchain
+//! beyond what Rust itself needs, and no clang.
 use std::process::Command;
 
 fn pkg_config_exists(name: &str) -> bool {
@@ -130,7 +131,10 @@ mod spdk {
         }
         if is_stand_in() {
             println!("cargo:rustc-env=CARMINE_SPDK_STUB=1");
-            println!("cargo:warning=feature `spdk` is built against Carmine's stand-in (ci/spdk-stub), not SPDK");
+            println!(
+                "cargo:warning=feature `spdk` is built against Carmine's stand-in \
+                 (ci/spdk-stub), not SPDK"
+            );
         }
 
         let mut builder = bindgen::Builder::default()
