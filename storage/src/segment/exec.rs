@@ -119,6 +119,9 @@ impl Plan {
 /// queue pair (`QueuePair::register_buffers`): the NVMe driver then writes and reads them in
 /// place, no bounce copy. Larger buffers (multi-block writes and read runs) are allocated
 /// per use and take the device's ordinary path.
+/// Alignment of the block pool's arena, in bytes: SPDK's registration granularity.
+pub const ARENA_ALIGN_BYTES: usize = 2 * 1024 * 1024;
+
 pub struct BlockPool {
     // Field order is drop order: the pieces (which free nothing) before their arena.
     singles: Vec<AlignedBuf>,
@@ -131,7 +134,9 @@ pub struct BlockPool {
 impl BlockPool {
     pub fn new(retain_max: usize) -> BlockPool {
         assert!(retain_max > 0);
-        let mut arena = AlignedBuf::new(retain_max * BLOCK_USIZE);
+        // 2 MiB aligned, so that SPDK (whose `spdk_mem_register` takes only 2 MiB-aligned
+        // ranges) can register it for zero copy too; the NVMe driver and io_uring need 4 KiB.
+        let mut arena = AlignedBuf::with_alignment(retain_max * BLOCK_USIZE, ARENA_ALIGN_BYTES);
         let singles = (0..retain_max)
             // SAFETY: the pieces are disjoint blocks of `arena`, which the pool keeps (and
             // drops after them); a piece handed out is used only by the store that owns this
