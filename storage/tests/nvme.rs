@@ -531,10 +531,77 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
     );
     // A reset happened exactly when some command timed out after its abort.
     assert_eq!(qp.resets_recovered() > 0, outcomes[2] > 0);
+    // Every Abort was accounted for once: answered, or lost to the reset.
+    assert!(!qp.abort_in_flight());
+    assert_eq!(qp.aborts_answered(), qp.aborts_sent());
+    assert_eq!(qp.idle_commands_for_tests(), depth);
     // Back to the normal timeout: the queue pair works.
     qp.set_command_timeout_for_tests(COMMAND_TIMEOUT);
     round_trip(&mut qp, 64 * CHUNK as u64, 79);
     drop(qp);
+}
+
+#[test]
+fn an_abort_is_answered_while_polling_goes_on() {
+    let Some(address) = device() else { return };
+    let depth = 32usize;
+    const CHUNK: usize = 32 * BLOCK;
+    let mut qp = NvmeQueuePair::open(&address, depth as u32).expect("open");
+    let mut bufs: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(CHUNK)).collect();
+    // Every command is past its timeout at the second scan it sees, but gets a minute after
+    // the Abort before a reset: the emulated controller declines the Abort and completes the
+    // reads, so nothing is reset and the Abort's answer comes back through later polls.
+    qp.set_command_timeout_for_tests(Duration::ZERO);
+    qp.set_abort_timeout_for_tests(Duration::from_secs(60));
+    for (index, buf) in bufs.iter_mut().enumerate() {
+        qp.submit_read((index * CHUNK) as u64, &[io_vec(buf)], index as u64)
+            .unwrap();
+    }
+    let mut done = Vec::new();
+    let (mut polls, mut polls_with_abort_out, mut sent_at_poll) = (0u64, 0u64, None);
+    let start = Instant::now();
+    while qp.in_flight() > 0 || qp.abort_in_flight() {
+        qp.poll(7, &mut |tag, result| done.push((tag, result)));
+        polls += 1;
+        if qp.abort_in_flight() {
+            polls_with_abort_out += 1;
+            sent_at_poll.get_or_insert(polls);
+        }
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "{} reads out, abort out: {} after {WAIT_MAX:?}",
+            qp.in_flight(),
+            qp.abort_in_flight()
+        );
+    }
+    eprintln!(
+        "{} aborts sent, {} answered; {polls} polls, {polls_with_abort_out} of them returned \
+         with the abort out (sent at poll {sent_at_poll:?})",
+        qp.aborts_sent(),
+        qp.aborts_answered()
+    );
+    // The poll that sent the Abort returned before its answer: the reactor did not wait.
+    assert!(qp.aborts_sent() >= 1, "no command was past its timeout");
+    assert!(polls_with_abort_out >= 1);
+    assert_eq!(qp.aborts_answered(), qp.aborts_sent());
+    assert_eq!(
+        qp.resets_recovered(),
+        0,
+        "a declined abort is no reason to reset"
+    );
+    done.sort_by_key(|&(tag, _)| tag);
+    let expected: Vec<(u64, Result<(), IoError>)> =
+        (0..depth as u64).map(|t| (t, Ok(()))).collect();
+    assert_eq!(done, expected, "every read completed once, normally");
+    // The command slot the Abort kept from reuse while it was out is idle again.
+    assert_eq!(qp.idle_commands_for_tests(), depth);
+    qp.set_command_timeout_for_tests(COMMAND_TIMEOUT);
+    for (index, buf) in bufs.iter_mut().enumerate() {
+        qp.submit_read((index * CHUNK) as u64, &[io_vec(buf)], index as u64)
+            .unwrap();
+    }
+    assert_eq!(drain(&mut qp, depth).len(), depth);
+    round_trip(&mut qp, 64 * CHUNK as u64, 83);
 }
 
 #[test]

@@ -7,13 +7,19 @@
 //! queue, enables it again and bumps `generation`. Each queue pair compares the generation on
 //! every poll; on a change it fails what it had in flight and re-creates its own I/O queue
 //! (same qid) under the new generation. A reset that fails leaves the controller `failed`:
-//! every queue pair then fails its requests with `IoError::DeviceFailed`.
+//! every queue pair then fails its requests with `IoError::DeviceFailed`. The reset waits for
+//! the controller (CSTS.RDY, bounded by CAP.TO) while it holds the admin lock: an error path.
+//!
+//! **Aborts** are the one admin command the I/O path sends, and it never waits for them:
+//! `try_abort` only try-locks the admin queue, and the answer is filed in `abort::AbortTable`
+//! by whoever reaps the admin completion queue next (see `abort.rs`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
+use super::abort::{AbortOutcome, AbortTable, AbortTicket};
 use super::queue::Queue;
 use super::spec::*;
 use super::vfio::{Bar, DmaMemory, Vfio};
@@ -54,6 +60,8 @@ pub struct Identity {
     pub deallocate: bool,
     /// Deallocated blocks of the namespace read as zeroes (DLFEAT bits 2:0 = 001b).
     pub deallocated_reads_zeroes: bool,
+    /// Abort Command Limit (zero-based): Aborts the controller takes at once.
+    pub abort_limit: u8,
 }
 
 impl Identity {
@@ -69,6 +77,8 @@ struct Admin {
     next_command_id: u16,
     /// I/O queue identifiers in use (index = qid - 1).
     io_queues_used: Vec<bool>,
+    /// The Aborts out on this queue, whose completions may come between other commands'.
+    aborts: AbortTable,
 }
 
 // SAFETY: `Admin`'s raw pointers (queue memory, doorbells) point into memory it owns
@@ -124,8 +134,10 @@ impl NvmeController {
             memory,
             next_command_id: 0,
             io_queues_used: Vec::new(),
+            aborts: AbortTable::new(0),
         };
         let identity = identify(&mut admin, cap, pci_address)?;
+        admin.aborts = AbortTable::new(identity.abort_limit);
         let granted = admin.set_number_of_queues()?;
         admin.io_queues_used = vec![false; usize::from(granted)];
         log::info!(
@@ -174,7 +186,9 @@ impl NvmeController {
             self.failed.store(true, Ordering::Release);
         }
         // Bumped even on failure, so that every queue pair notices and fails its requests.
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // The old admin queue and the Aborts on it are gone: their tickets read `Lost`.
+        admin.aborts.clear(generation);
         result
     }
 
@@ -211,14 +225,50 @@ impl NvmeController {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Asks the controller to abort command `command_id` of submission queue `qid`. Returns
-    /// whether it says it aborted it. Waits for the admin command (error path only).
-    pub(super) fn abort(&self, qid: u16, command_id: u16) -> io::Result<bool> {
-        let mut admin = self.admin.lock().expect("admin queue lock");
+    /// Submits an Abort of command `command_id` of submission queue `qid`, without waiting:
+    /// neither for the admin lock (held elsewhere: None) nor for the answer (`poll_abort`).
+    /// None too when `ABORTS_IN_FLIGHT_MAX` (or the controller's limit) Aborts are out, or the
+    /// controller failed: the caller tries again at its next scan.
+    pub(super) fn try_abort(&self, qid: u16, command_id: u16) -> Option<AbortTicket> {
+        let mut admin = self.try_admin()?;
+        if self.failed() {
+            return None;
+        }
+        let admin_command_id = admin.next_command_id();
+        let ticket = admin.aborts.start(admin_command_id)?;
         let mut abort = SubmissionEntry::new(ADMIN_ABORT, 0);
+        abort.set_command_id(admin_command_id);
         abort.cdw10 = (u32::from(command_id) << 16) | u32::from(qid);
-        let done = admin.run(abort, "abort")?;
-        Ok(done.dw0 & 1 == 0)
+        admin.queue.push(&abort);
+        admin.queue.ring_submissions();
+        Some(ticket)
+    }
+
+    /// The answer to `ticket`'s Abort so far: reaps the admin completion queue if the admin
+    /// lock is free (never waits for it: `Pending` if it is held elsewhere).
+    pub(super) fn poll_abort(&self, ticket: AbortTicket) -> AbortOutcome {
+        let Some(mut admin) = self.try_admin() else {
+            return AbortOutcome::Pending;
+        };
+        admin.reap();
+        admin.aborts.take(ticket)
+    }
+
+    /// The owner of `ticket` goes away without waiting for the answer (waits for the admin
+    /// lock: drop path only).
+    pub(super) fn forget_abort(&self, ticket: AbortTicket) {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        admin.reap();
+        admin.aborts.forget(ticket);
+    }
+
+    /// The admin queue if nobody holds it now.
+    fn try_admin(&self) -> Option<MutexGuard<'_, Admin>> {
+        match self.admin.try_lock() {
+            Ok(admin) => Some(admin),
+            Err(TryLockError::WouldBlock) => None,
+            Err(TryLockError::Poisoned(_)) => panic!("admin queue lock poisoned"),
+        }
     }
 
     pub fn identity(&self) -> &Identity {
@@ -447,10 +497,36 @@ impl Admin {
         Ok(granted as u16)
     }
 
-    /// Runs one admin command to completion (start-up only: this waits).
+    /// A command identifier for the next admin command: not one an unanswered Abort uses.
+    fn next_command_id(&mut self) -> u16 {
+        loop {
+            let command_id = self.next_command_id;
+            self.next_command_id = self.next_command_id.wrapping_add(1);
+            if !self.aborts.holds(command_id) {
+                return command_id;
+            }
+        }
+    }
+
+    /// Takes every admin completion posted so far: each answers an Abort (other commands are
+    /// waited for by `run`; only one `run` gave up on comes late, and is dropped).
+    fn reap(&mut self) {
+        while let Some(done) = self.queue.next_completion() {
+            if !self.aborts.answer(&done) {
+                log::error!(
+                    "NVMe admin completion for command {} that nobody waits for any more: {}",
+                    done.command_id,
+                    done.nvme_status()
+                );
+            }
+        }
+        self.queue.ring_completions();
+    }
+
+    /// Runs one admin command to completion (start-up, queue creation, recovery: this
+    /// waits). Answers to Aborts that come first are filed in `aborts`.
     fn run(&mut self, mut entry: SubmissionEntry, what: &str) -> io::Result<CompletionEntry> {
-        let command_id = self.next_command_id;
-        self.next_command_id = self.next_command_id.wrapping_add(1);
+        let command_id = self.next_command_id();
         entry.set_command_id(command_id);
         self.queue.push(&entry);
         self.queue.ring_submissions();
@@ -458,6 +534,9 @@ impl Admin {
         loop {
             if let Some(done) = self.queue.next_completion() {
                 self.queue.ring_completions();
+                if self.aborts.answer(&done) {
+                    continue;
+                }
                 assert_eq!(
                     done.command_id, command_id,
                     "admin completion for another command"
@@ -532,6 +611,7 @@ fn identify(admin: &mut Admin, cap: u64, pci_address: &str) -> io::Result<Identi
         write_zeroes: oncs & ONCS_WRITE_ZEROES != 0,
         deallocate: oncs & ONCS_DATASET_MANAGEMENT != 0,
         deallocated_reads_zeroes: namespace[ID_NS_DLFEAT] & 0x7 == 1,
+        abort_limit: controller[ID_CTRL_ACL],
         serial: identify_text(&controller, ID_CTRL_SERIAL),
         model: identify_text(&controller, ID_CTRL_MODEL),
         firmware: identify_text(&controller, ID_CTRL_FIRMWARE),

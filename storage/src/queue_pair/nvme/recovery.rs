@@ -5,16 +5,19 @@
 
 use std::time::Instant;
 
+use super::abort::{timeout_step, AbortOutcome, TimeoutStep};
 use super::controller::IoQueueCreated;
 use super::queue::Queue;
 use super::vfio::DmaMemory;
-use super::{NvmeQueuePair, COMMAND_IDLE};
+use super::{NvmeQueuePair, PendingAbort, COMMAND_IDLE};
 use crate::queue_pair::IoError;
 
 impl NvmeQueuePair {
-    /// Aborts commands out past `command_timeout`; resets the controller for one still out
-    /// `command_timeout` after its abort, or on fatal status. Reports nothing itself: a reset
-    /// settles requests into `ready`.
+    /// The timeout scan: takes the answer to our Abort if it came; gives a command out past
+    /// `command_timeout` an Abort (sent without waiting; one out at a time, others past their
+    /// deadline get none, only the same grace); resets the controller for one still out
+    /// `abort_timeout` after that, or on fatal status. Reports nothing itself: a reset settles
+    /// requests into `ready`.
     pub(super) fn scan_timeouts(&mut self) {
         if self.controller.fatal() {
             log::error!(
@@ -24,6 +27,9 @@ impl NvmeQueuePair {
             self.reset_controller();
             return;
         }
+        if self.abort.is_some() {
+            self.take_abort_answer();
+        }
         let now = Instant::now();
         let mut reset = false;
         for command_id in 0..self.commands.len() {
@@ -31,44 +37,98 @@ impl NvmeQueuePair {
             if !command.busy {
                 continue;
             }
-            let Some(deadline) = command.deadline else {
-                self.commands[command_id].deadline = Some(now + self.command_timeout);
-                continue;
-            };
-            if now < deadline {
-                continue;
-            }
-            if command.abort_sent {
-                log::error!(
-                    "nvme {} queue {}: command {command_id} still out {:?} after its abort",
-                    self.controller.pci_address(),
-                    self.qid,
-                    self.command_timeout
-                );
-                let request = &mut self.requests[command.request as usize];
-                request.error.get_or_insert(IoError::TimedOut);
-                reset = true;
-                continue;
-            }
-            self.aborts_sent += 1;
-            let slot = &mut self.commands[command_id];
-            slot.abort_sent = true;
-            slot.deadline = Some(now + self.command_timeout);
-            let outcome = self.controller.abort(self.qid, command_id as u16);
-            log::error!(
-                "nvme {} queue {}: command {command_id} out for over {:?}: abort {}",
-                self.controller.pci_address(),
-                self.qid,
-                self.command_timeout,
-                match outcome {
-                    Ok(true) => "accepted".to_string(),
-                    Ok(false) => "declined (the command may still complete)".to_string(),
-                    Err(e) => format!("failed: {e}"),
+            match timeout_step(command.deadline, command.abort_sent, now) {
+                TimeoutStep::Wait => {}
+                TimeoutStep::StartClock => {
+                    self.commands[command_id].deadline = Some(now + self.command_timeout);
                 }
-            );
+                TimeoutStep::Reset => {
+                    log::error!(
+                        "nvme {} queue {}: command {command_id} still out {:?} after it was due an abort",
+                        self.controller.pci_address(),
+                        self.qid,
+                        self.abort_timeout
+                    );
+                    let request = &mut self.requests[command.request as usize];
+                    request.error.get_or_insert(IoError::TimedOut);
+                    reset = true;
+                }
+                TimeoutStep::Abort => {
+                    let slot = &mut self.commands[command_id];
+                    slot.abort_sent = true;
+                    slot.deadline = Some(now + self.abort_timeout);
+                    self.send_abort(command_id as u16);
+                }
+            }
         }
         if reset {
             self.reset_controller();
+        }
+    }
+
+    /// Submits an Abort for `command_id` if we have none out and the admin queue takes it
+    /// now; never waits. Without one the command still gets `abort_timeout` before a reset.
+    fn send_abort(&mut self, command_id: u16) {
+        let address = self.controller.pci_address();
+        let ticket = match self.abort {
+            None => self.controller.try_abort(self.qid, command_id),
+            Some(_) => None,
+        };
+        let Some(ticket) = ticket else {
+            log::error!(
+                "nvme {address} queue {}: command {command_id} out for over {:?}: no abort \
+                 sent now (one is out, or the admin queue is busy)",
+                self.qid,
+                self.command_timeout
+            );
+            return;
+        };
+        self.aborts_sent += 1;
+        self.abort = Some(PendingAbort {
+            ticket,
+            command_id,
+            holds_slot: false,
+        });
+        log::error!(
+            "nvme {address} queue {}: command {command_id} out for over {:?}: abort sent",
+            self.qid,
+            self.command_timeout
+        );
+    }
+
+    /// Takes the answer to our Abort if it came (or a reset lost it); then the command slot
+    /// it held can be used again.
+    fn take_abort_answer(&mut self) {
+        let Some(abort) = self.abort else { return };
+        let outcome = self.controller.poll_abort(abort.ticket);
+        if outcome == AbortOutcome::Pending {
+            return;
+        }
+        log::warn!(
+            "nvme {} queue {}: abort of command {}: {}",
+            self.controller.pci_address(),
+            self.qid,
+            abort.command_id,
+            match outcome {
+                AbortOutcome::Aborted => "accepted".to_string(),
+                AbortOutcome::Declined => "declined (the command may still complete)".into(),
+                AbortOutcome::Failed(status) => format!("failed: {status}"),
+                AbortOutcome::Lost => "lost to a controller reset".into(),
+                AbortOutcome::Pending => unreachable!("returned above"),
+            }
+        );
+        self.release_abort();
+    }
+
+    /// Forgets our Abort (answered, or lost to a reset) and frees the command slot it held.
+    fn release_abort(&mut self) {
+        let Some(abort) = self.abort.take() else {
+            return;
+        };
+        self.aborts_answered += 1;
+        if abort.holds_slot {
+            debug_assert!(!self.commands[usize::from(abort.command_id)].busy);
+            self.free_commands.push(abort.command_id);
         }
     }
 
@@ -109,6 +169,8 @@ impl NvmeQueuePair {
             request.outstanding -= 1;
         }
         self.waiting.clear();
+        // The reset took our Abort with it (the controller's table is cleared).
+        self.release_abort();
         for index in 0..self.requests.len() {
             let request = &mut self.requests[index];
             if !request.busy || request.settled {
