@@ -750,3 +750,117 @@ fn segment_store_4k_writes_and_reads_make_no_bounce_copies() {
     // 16 records (one per write) and 16 block reads at least.
     assert!(zero_copy >= 32, "{zero_copy} zero-copy commands");
 }
+
+#[test]
+fn segment_store_64k_writes_reads_and_cleaner_moves_make_no_bounce_copies() {
+    use carmine_storage::segment::{mkfs, SegmentStore};
+    use carmine_storage::{ObjectStore, OutputBuffer, SubOp, SubOpResult, Submit};
+
+    const OBJECTS: u64 = 8;
+    const HOT_OBJECTS: u64 = 4;
+    const OBJECT_BYTES: u64 = 1 << 20;
+    const WRITE_BYTES: usize = 64 << 10;
+    let Some(address) = device() else { return };
+    let controller = NvmeController::open(&address).expect("open");
+    // A 16 MiB partition of 1 MiB segments, half full: the objects are written interleaved,
+    // then only the hot half is overwritten, so the first segments keep the cold half live
+    // and the cleaner, once free space runs low, moves those runs.
+    let mut qp = NvmeQueuePair::new(&controller, 0, 16 << 20, 64).expect("queue pair");
+    mkfs(&mut qp, 1 << 20, 1, *b"nvme-zero-copy-2").unwrap();
+    let mut store = SegmentStore::mount(qp, 0).unwrap();
+    let (bounced_at_mount, zero_copy_at_mount) = (
+        store.queue_pair().bounced_commands(),
+        store.queue_pair().zero_copy_commands(),
+    );
+    let mut results = [SubOpResult::default(); 1];
+    let wait = |store: &mut SegmentStore<NvmeQueuePair>| {
+        let (mut pending, start) = (1, Instant::now());
+        while pending > 0 {
+            store.poll(64, &mut |_, result| {
+                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
+                pending -= 1;
+            });
+            assert!(start.elapsed() < WAIT_MAX, "{}", store.debug_state());
+        }
+    };
+    let mut model: Vec<Vec<u8>> = vec![vec![0u8; OBJECT_BYTES as usize]; OBJECTS as usize];
+    let chunks = OBJECT_BYTES / WRITE_BYTES as u64;
+    let mut writes = 0u64;
+    // Whole objects first, then overwrites of the hot ones in turn, until the cleaner has
+    // moved blocks (and some more writes after that, so moves and client writes mix).
+    let mut writes_after_moves = 64;
+    while writes_after_moves > 0 {
+        assert!(
+            writes < 4_000,
+            "the cleaner never moved a block: {:?}",
+            store.segment_stats()
+        );
+        let filled = writes >= OBJECTS * chunks;
+        let objects = if filled { HOT_OBJECTS } else { OBJECTS };
+        let object = writes % objects;
+        let offset = (writes / objects % chunks) * WRITE_BYTES as u64;
+        let mut data = vec![0u8; WRITE_BYTES];
+        pattern(&mut data, 500 + writes);
+        let write = [SubOp::Write {
+            offset,
+            data: &data,
+        }];
+        let oid = format!("big{object}").into_bytes();
+        let mut out = OutputBuffer::from_slice(&mut []);
+        match store.submit(writes, &oid, &write, &mut out, &mut results) {
+            Ok(Submit::Pending) => wait(&mut store),
+            other => panic!("a write is pending until durable: {other:?}"),
+        }
+        let at = offset as usize;
+        model[object as usize][at..at + WRITE_BYTES].copy_from_slice(&data);
+        writes += 1;
+        if store.segment_stats().blocks_moved > 0 {
+            writes_after_moves -= 1;
+        }
+    }
+    let mut reads = 0u64;
+    for (object, expected) in model.iter().enumerate() {
+        for chunk in 0..chunks as usize {
+            let read = [SubOp::Read {
+                offset: (chunk * WRITE_BYTES) as u64,
+                length: WRITE_BYTES as u64,
+            }];
+            let mut back = vec![0u8; WRITE_BYTES];
+            // SAFETY: `back` is not touched until `wait` has seen this op complete.
+            let mut out = unsafe { OutputBuffer::from_raw(back.as_mut_ptr(), back.len()) };
+            let oid = format!("big{object}").into_bytes();
+            match store.submit(10_000 + reads, &oid, &read, &mut out, &mut results) {
+                Ok(Submit::Pending) => wait(&mut store),
+                other => panic!("a read is pending: {other:?}"),
+            }
+            let at = chunk * WRITE_BYTES;
+            assert!(back == expected[at..at + WRITE_BYTES], "{object} at {at}");
+            reads += 1;
+        }
+    }
+    let stats = store.segment_stats();
+    let qp = store.queue_pair();
+    let (bounced, zero_copy) = (
+        qp.bounced_commands() - bounced_at_mount,
+        qp.zero_copy_commands() - zero_copy_at_mount,
+    );
+    eprintln!(
+        "{writes} writes, {reads} reads of 64 KiB; the cleaner moved {} blocks ({} segments), \
+         {} checkpoints; {zero_copy} zero-copy commands, {bounced} bounced, {} buffers \
+         allocated",
+        stats.blocks_moved, stats.segments_cleaned, stats.checkpoints, stats.buffer_allocations
+    );
+    assert!(stats.blocks_moved > 0);
+    assert_eq!(
+        bounced, 0,
+        "multi-block writes, read runs and cleaner moves are not copied"
+    );
+    assert_eq!(
+        stats.buffer_allocations, 0,
+        "every buffer came from the pool"
+    );
+    assert!(
+        zero_copy >= writes + reads,
+        "{zero_copy} zero-copy commands"
+    );
+}

@@ -22,9 +22,10 @@
 //! **Payload and DMA.** A buffer inside a region given to `register_buffers` (mapped once with
 //! `VFIO_IOMMU_MAP_DMA`) is used in place: its PRPs are its IOVAs, no copy. Any other buffer
 //! goes through the command's bounce buffer (one copy: before a write, after a read), counted
-//! by `bounced_commands`. The segment store registers its block pool's arena (every 4 KiB
-//! block buffer) and its journal's record buffers at mount, so 4 KiB writes and reads move
-//! without a copy; its multi-block buffers are still allocated per use and bounced.
+//! by `bounced_commands`. The segment store registers its block pool's two arenas (every 4 KiB
+//! block buffer, and the multi-block buffers of its size classes) and its journal's record
+//! buffers at mount, so its writes, read runs and cleaner moves move without a copy (only a
+//! buffer the pool had to allocate, its classes being exhausted, is bounced).
 //!
 //! **Errors.** A failed command's NVMe status becomes `IoError::Nvme(status)` for its request
 //! (the first failure wins; the request completes when all its commands have). Every
