@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use carmine_storage::queue_pair::nvme::COMMAND_TIMEOUT;
+use carmine_storage::queue_pair::nvme::{ResetPhase, COMMAND_TIMEOUT};
 use carmine_storage::queue_pair::{
     AlignedBuf, IoError, IoVec, NvmeController, NvmeQueuePair, QueuePair, SubmitError,
     BLOCK_SIZE_BYTES,
@@ -368,10 +368,23 @@ fn a_medium_error_comes_back_as_its_nvme_status() {
 /// sorted by tag, after checking that the tags are exactly `tags` (each reported once, none
 /// twice, none late).
 fn drain_each_once(qp: &mut NvmeQueuePair, tags: &[u64]) -> Vec<(u64, Result<(), IoError>)> {
+    let done = drain_calling(qp, |_| {});
+    let reported: Vec<u64> = done.iter().map(|&(tag, _)| tag).collect();
+    assert_eq!(reported, tags, "every request reported exactly once");
+    done
+}
+
+/// Polls until nothing is in flight, calling `after_poll` after each poll, then some more:
+/// returns every (tag, result) reported, sorted by tag.
+fn drain_calling(
+    qp: &mut NvmeQueuePair,
+    mut after_poll: impl FnMut(&mut NvmeQueuePair),
+) -> Vec<(u64, Result<(), IoError>)> {
     let mut done = Vec::new();
     let start = Instant::now();
     while qp.in_flight() > 0 {
         qp.poll(7, &mut |tag, result| done.push((tag, result)));
+        after_poll(qp);
         assert!(
             start.elapsed() < WAIT_MAX,
             "{} requests still in flight after {WAIT_MAX:?}",
@@ -382,8 +395,6 @@ fn drain_each_once(qp: &mut NvmeQueuePair, tags: &[u64]) -> Vec<(u64, Result<(),
         qp.poll(64, &mut |tag, result| done.push((tag, result)));
     }
     done.sort_by_key(|&(tag, _)| tag);
-    let reported: Vec<u64> = done.iter().map(|&(tag, _)| tag).collect();
-    assert_eq!(reported, tags, "every request reported exactly once");
     done
 }
 
@@ -504,7 +515,30 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
         let offset = (index * CHUNK) as u64;
         qp.submit_read(offset, &[iovec], index as u64).unwrap();
     }
-    let done = drain_each_once(&mut qp, &(0..depth as u64).collect::<Vec<_>>());
+    // Polls that return while the reset is under way (it is stepped from polls: they do
+    // not wait for the controller); at the first, one more read is submitted, which must be
+    // failed once, as the controller never saw it.
+    let mut reset_polls = 0u64;
+    let mut late = AlignedBuf::new(BLOCK);
+    let late_iovec = io_vec(&mut late);
+    const LATE_TAG: u64 = 999;
+    let mut late_submitted = false;
+    let done = drain_calling(&mut qp, |qp| {
+        if qp.controller().reset_phase() == ResetPhase::Ready {
+            return;
+        }
+        reset_polls += 1;
+        if !late_submitted {
+            qp.submit_read(0, &[late_iovec], LATE_TAG).unwrap();
+            late_submitted = true;
+        }
+    });
+    let mut tags: Vec<u64> = (0..depth as u64).collect();
+    if late_submitted {
+        tags.push(LATE_TAG);
+    }
+    let reported: Vec<u64> = done.iter().map(|&(tag, _)| tag).collect();
+    assert_eq!(reported, tags, "every request reported exactly once");
     let mut outcomes = [0usize; 4];
     for (tag, result) in &done {
         let outcome = match result {
@@ -517,7 +551,8 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
         outcomes[outcome] += 1;
     }
     eprintln!(
-        "{} aborts sent, {} resets; completed {}, aborted {}, timed out {}, reset {}",
+        "{} aborts sent, {} resets ({reset_polls} polls returned mid-reset); completed {}, \
+         aborted {}, timed out {}, reset {}",
         qp.aborts_sent(),
         qp.resets_recovered(),
         outcomes[0],
@@ -531,6 +566,14 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
     );
     // A reset happened exactly when some command timed out after its abort.
     assert_eq!(qp.resets_recovered() > 0, outcomes[2] > 0);
+    // The poll that started the reset returned before the controller was ready again (the
+    // next step, Set Features once CSTS.RDY is back, is a later poll's), and the read
+    // submitted then failed as reset.
+    assert_eq!(reset_polls > 0, qp.resets_recovered() > 0);
+    if late_submitted {
+        let late = done.iter().find(|(tag, _)| *tag == LATE_TAG).unwrap();
+        assert_eq!(late.1, Err(IoError::ControllerReset));
+    }
     // Every Abort was accounted for once: answered, or lost to the reset.
     assert!(!qp.abort_in_flight());
     assert_eq!(qp.aborts_answered(), qp.aborts_sent());

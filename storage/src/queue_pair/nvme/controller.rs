@@ -2,22 +2,27 @@
 //! queue (start-up, queue creation and error recovery only, behind a mutex: never on the
 //! normal I/O path), and creates the I/O queue pairs (`NvmeQueuePair`), one per reactor.
 //!
-//! **Reset and recovery.** `reset` disables the controller (CC.EN = 0, wait for CSTS.RDY = 0:
-//! from then on it touches no host memory and every I/O queue is gone), re-creates the admin
-//! queue, enables it again and bumps `generation`. Each queue pair compares the generation on
-//! every poll; on a change it fails what it had in flight and re-creates its own I/O queue
-//! (same qid) under the new generation. A reset that fails leaves the controller `failed`:
-//! every queue pair then fails its requests with `IoError::DeviceFailed`. The reset waits for
-//! the controller (CSTS.RDY, bounded by CAP.TO) while it holds the admin lock: an error path.
+//! **Reset and recovery** (`reset.rs`): a reset disables the controller (CC.EN = 0; once
+//! CSTS.RDY = 0 it touches no host memory and every I/O queue is gone), re-creates the admin
+//! queue and enables it again; it bumps `generation` as it starts. It is a state machine the
+//! queue pairs step from their polls (`start_reset`, `step_reset`: try-lock, no wait; `reset`
+//! is the blocking form for tests and operators). Each queue pair compares the generation on
+//! every poll; on a change it fails what it had in flight once the controller is disabled, and
+//! re-creates its own I/O queue (same qid) once it is ready. A reset that fails leaves the
+//! controller `failed`: every queue pair then fails its requests with `IoError::DeviceFailed`.
 //!
 //! **Aborts** are the one admin command the I/O path sends, and it never waits for them:
 //! `try_abort` only try-locks the admin queue, and the answer is filed in `abort::AbortTable`
 //! by whoever reaps the admin completion queue next (see `abort.rs`).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
+
+mod reset;
+
+pub use self::reset::ResetPhase;
 
 use super::abort::{AbortOutcome, AbortTable, AbortTicket};
 use super::queue::Queue;
@@ -79,6 +84,8 @@ struct Admin {
     io_queues_used: Vec<bool>,
     /// The Aborts out on this queue, whose completions may come between other commands'.
     aborts: AbortTable,
+    /// When the reset phase in progress began (its wait is bounded by CAP.TO).
+    phase_since: Instant,
 }
 
 // SAFETY: `Admin`'s raw pointers (queue memory, doorbells) point into memory it owns
@@ -99,8 +106,10 @@ pub struct NvmeController {
     identity: Identity,
     /// How long CSTS.RDY may take to follow CC.EN (CAP.TO).
     ready_timeout: Duration,
-    /// Bumped by every reset; queue pairs compare it on each poll (written under `admin`).
+    /// Bumped when a reset starts; queue pairs compare it on each poll (written under `admin`).
     generation: AtomicU64,
+    /// A `ResetPhase` (written under `admin`, read lock-free by the queue pairs).
+    reset_phase: AtomicU8,
     /// A reset failed: the controller is unusable until the process reopens it.
     failed: AtomicBool,
 }
@@ -135,6 +144,7 @@ impl NvmeController {
             next_command_id: 0,
             io_queues_used: Vec::new(),
             aborts: AbortTable::new(0),
+            phase_since: Instant::now(),
         };
         let identity = identify(&mut admin, cap, pci_address)?;
         admin.aborts = AbortTable::new(identity.abort_limit);
@@ -161,61 +171,12 @@ impl NvmeController {
             identity,
             ready_timeout,
             generation: AtomicU64::new(0),
+            reset_phase: AtomicU8::new(ResetPhase::Ready as u8),
             failed: AtomicBool::new(false),
         }))
     }
 
-    /// Resets the controller now; see the module docs. Every queue pair on it fails what it
-    /// has in flight (`IoError::ControllerReset`) and re-creates its queue at its next poll.
-    pub fn reset(&self) -> io::Result<()> {
-        self.reset_from(self.generation())
-    }
-
-    /// Resets the controller unless it was reset since `seen_generation` (another queue pair
-    /// got there first). On error the controller is marked failed.
-    pub(super) fn reset_from(&self, seen_generation: u64) -> io::Result<()> {
-        let mut admin = self.admin.lock().expect("admin queue lock");
-        if self.generation() != seen_generation {
-            return Ok(());
-        }
-        let address = self.pci_address();
-        log::warn!("nvme {address}: resetting the controller");
-        let result = self.reset_locked(&mut admin);
-        if let Err(e) = &result {
-            log::error!("nvme {address}: reset failed, the controller is unusable: {e}");
-            self.failed.store(true, Ordering::Release);
-        }
-        // Bumped even on failure, so that every queue pair notices and fails its requests.
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        // The old admin queue and the Aborts on it are gone: their tickets read `Lost`.
-        admin.aborts.clear(generation);
-        result
-    }
-
-    fn reset_locked(&self, admin: &mut Admin) -> io::Result<()> {
-        let address = self.pci_address();
-        self.bar
-            .write32(REG_CC, self.bar.read32(REG_CC) & !CC_ENABLE);
-        wait_ready(&self.bar, false, self.ready_timeout, address)?;
-        // Disabled: the controller no longer reads or writes any queue. Start the admin queue
-        // over from zeroed memory.
-        // SAFETY: the first two pages of `admin.memory` are the admin SQ and CQ, which nobody
-        // else accesses now (we hold the lock; the controller is disabled).
-        unsafe { core::ptr::write_bytes(admin.memory.ptr(), 0, 2 * PAGE_SIZE_BYTES) };
-        admin.queue =
-            enable_with_admin_queue(&self.bar, &admin.memory, self.ready_timeout, address)?;
-        admin.next_command_id = 0;
-        let granted = admin.set_number_of_queues()?;
-        if granted < self.io_queues_granted {
-            return Err(error(format!(
-                "{address}: after the reset the controller grants {granted} I/O queues, not {}",
-                self.io_queues_granted
-            )));
-        }
-        Ok(())
-    }
-
-    /// Bumped by every reset (see the module docs).
+    /// Bumped by every reset, as it starts (see the module docs).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -231,7 +192,7 @@ impl NvmeController {
     /// controller failed: the caller tries again at its next scan.
     pub(super) fn try_abort(&self, qid: u16, command_id: u16) -> Option<AbortTicket> {
         let mut admin = self.try_admin()?;
-        if self.failed() {
+        if self.reset_phase() != ResetPhase::Ready {
             return None;
         }
         let admin_command_id = admin.next_command_id();
@@ -250,7 +211,10 @@ impl NvmeController {
         let Some(mut admin) = self.try_admin() else {
             return AbortOutcome::Pending;
         };
-        admin.reap();
+        // During a reset the admin queue is not ours to read (a reset loses every Abort).
+        if self.reset_phase() == ResetPhase::Ready {
+            admin.reap();
+        }
         admin.aborts.take(ticket)
     }
 
@@ -258,7 +222,9 @@ impl NvmeController {
     /// lock: drop path only).
     pub(super) fn forget_abort(&self, ticket: AbortTicket) {
         let mut admin = self.admin.lock().expect("admin queue lock");
-        admin.reap();
+        if self.reset_phase() == ResetPhase::Ready {
+            admin.reap();
+        }
         admin.aborts.forget(ticket);
     }
 
@@ -306,11 +272,20 @@ impl NvmeController {
         completions_iova: u64,
     ) -> io::Result<IoQueueCreated> {
         let mut admin = self.admin.lock().expect("admin queue lock");
-        if self.failed() {
-            return Err(error(format!(
-                "{}: the controller failed to reset earlier",
-                self.pci_address()
-            )));
+        match self.reset_phase() {
+            ResetPhase::Ready => {}
+            ResetPhase::Failed => {
+                return Err(error(format!(
+                    "{}: the controller failed to reset earlier",
+                    self.pci_address()
+                )))
+            }
+            _ => {
+                return Err(error(format!(
+                    "{}: the controller is being reset",
+                    self.pci_address()
+                )))
+            }
         }
         let index = admin
             .io_queues_used
@@ -331,23 +306,32 @@ impl NvmeController {
     }
 
     /// Creates I/O queue `qid` again after a reset (the reset deleted it; the qid stayed
-    /// reserved for its queue pair). Errors if the controller failed.
+    /// reserved for its queue pair). None if another reset is under way, or the admin lock is
+    /// held (try again later: this never waits for the lock); an error if the controller
+    /// failed or refused.
     pub(super) fn recreate_io_queue(
         &self,
         qid: u16,
         entries: u16,
         submissions_iova: u64,
         completions_iova: u64,
-    ) -> io::Result<IoQueueCreated> {
-        let mut admin = self.admin.lock().expect("admin queue lock");
+    ) -> io::Result<Option<IoQueueCreated>> {
+        let Some(mut admin) = self.try_admin() else {
+            return Ok(None);
+        };
         debug_assert!(admin.io_queues_used[usize::from(qid) - 1]);
-        if self.failed() {
-            return Err(error(format!(
-                "{}: the controller failed to reset",
-                self.pci_address()
-            )));
+        match self.reset_phase() {
+            ResetPhase::Ready => {}
+            ResetPhase::Failed => {
+                return Err(error(format!(
+                    "{}: the controller failed to reset",
+                    self.pci_address()
+                )))
+            }
+            _ => return Ok(None),
         }
         self.create_locked(&mut admin, qid, entries, submissions_iova, completions_iova)
+            .map(Some)
     }
 
     fn create_locked(
@@ -395,7 +379,8 @@ impl NvmeController {
     pub(super) fn delete_io_queue(&self, qid: u16, generation: u64) -> io::Result<()> {
         let mut admin = self.admin.lock().expect("admin queue lock");
         admin.io_queues_used[usize::from(qid) - 1] = false;
-        if self.generation() != generation || self.failed() {
+        // After (or during) a reset the queue is already gone.
+        if self.generation() != generation || self.reset_phase() != ResetPhase::Ready {
             return Ok(());
         }
         let mut sq = SubmissionEntry::new(ADMIN_DELETE_SQ, 0);
@@ -427,17 +412,24 @@ fn enable_with_admin_queue(
     // Disable, and wait for the controller to say so, before touching the admin queue.
     bar.write32(REG_CC, bar.read32(REG_CC) & !CC_ENABLE);
     wait_ready(bar, false, ready_timeout, pci_address)?;
+    let queue = program_admin_queue(bar, memory);
+    wait_ready(bar, true, ready_timeout, pci_address)?;
+    Ok(queue)
+}
+
+/// Points the controller (disabled) at an admin queue in the first two pages of `memory`
+/// (zeroed) and sets CC.EN; the controller is ready when CSTS.RDY follows.
+fn program_admin_queue(bar: &Bar, memory: &DmaMemory) -> Queue {
     let entries = ADMIN_QUEUE_ENTRIES;
     let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
     bar.write32(REG_AQA, aqa);
     bar.write64(REG_ASQ, memory.iova());
     bar.write64(REG_ACQ, memory.iova() + PAGE_SIZE_BYTES as u64);
     bar.write32(REG_CC, CC_ENABLE | CC_IOSQES | CC_IOCQES);
-    wait_ready(bar, true, ready_timeout, pci_address)?;
     let stride = 4usize << ((bar.read64(REG_CAP) >> 32) & 0xF);
     // SAFETY: both queues lie in `memory` (zeroed, DMA mapped, owned by `Admin` with the
     // queue); the doorbells are queue 0's, in the BAR the controller keeps mapped.
-    Ok(unsafe {
+    unsafe {
         Queue::new(
             memory.ptr().cast(),
             memory.ptr().add(PAGE_SIZE_BYTES).cast(),
@@ -445,7 +437,7 @@ fn enable_with_admin_queue(
             bar.register_ptr(DOORBELL_BASE),
             bar.register_ptr(DOORBELL_BASE + stride),
         )
-    })
+    }
 }
 
 impl Drop for NvmeController {

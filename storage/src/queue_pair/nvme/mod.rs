@@ -7,6 +7,7 @@
 //!   only; behind a mutex, which the poll path only ever try-locks (Aborts).
 //! - `abort.rs`: the controller's table of Aborts out, and the timeout policy per command.
 //! - `queue.rs`: one SQ/CQ ring pair with its doorbells; completions found by phase tag.
+//! - `controller/reset.rs`: the controller reset, a state machine stepped from polls.
 //! - `recovery.rs`: the timeout scan (Abort, then reset) and recovery after a reset.
 //! - `spec.rs`: register offsets, entry layouts, opcodes, status codes.
 //!
@@ -37,16 +38,17 @@
 //! the grace) and returns; a later scan takes its answer, filed by whoever reaped the admin
 //! completion queue (see `abort.rs`). Until then the aborted command's identifier is not
 //! reused, so the Abort cannot hit a later command. One still out `COMMAND_TIMEOUT` after its
-//! Abort, or a controller reporting fatal status (CSTS.CFS), resets the controller
-//! (`NvmeController::reset`): once
-//! it is disabled it touches no host memory, so every request in flight is failed
-//! (`IoError::ControllerReset`, or `TimedOut` for the one that timed out) after the
-//! completions already posted are taken, each reported exactly once, and the queue pair
-//! re-creates its I/O queue and carries on. Other queue pairs on the controller see its
-//! generation change at their next poll and do the same. If the reset fails, every request
-//! fails with `IoError::DeviceFailed`. The reset still waits, for the admin lock and for the
-//! controller (CC.EN and CSTS.RDY transitions, each bounded by CAP.TO, then the admin commands
-//! that re-create the queues): it stalls the polling reactor, on that error path only.
+//! Abort, or a controller reporting fatal status (CSTS.CFS), starts a controller reset, a
+//! state machine the queue pairs step from their polls (`controller/reset.rs`): no poll waits
+//! for the controller. The reset bumps the generation as it starts; every queue pair sees it
+//! at its next poll, rings no doorbell from then on, and once the controller is disabled (it
+//! then touches no host memory) takes the completions already posted and fails every other
+//! request (`IoError::ControllerReset`, or `TimedOut` for the one that timed out; those
+//! submitted during the reset too), each reported exactly once; once the controller is ready
+//! again it re-creates its I/O queue and carries on. If the reset fails, every request fails
+//! with `IoError::DeviceFailed`. Still waiting, on this error path: re-creating an I/O queue
+//! (two admin commands, which a ready controller answers at once) and the Set Features that
+//! ends the reset.
 //!
 //! **Write Zeroes and deallocate** (`submit_write_zeroes`, `submit_deallocate`) are issued when
 //! Identify says the controller supports them (ONCS), else refused with
@@ -65,7 +67,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use controller::{Identity, NvmeController, IO_QUEUES_MAX};
+pub use controller::{Identity, NvmeController, ResetPhase, IO_QUEUES_MAX};
 pub use spec::NvmeStatus;
 
 use self::abort::AbortTicket;
@@ -194,6 +196,9 @@ pub struct NvmeQueuePair {
     generation: u64,
     /// The controller failed: every request fails with `DeviceFailed`.
     failed: bool,
+    /// During a reset: our queue's completions were taken (its memory is not read again
+    /// until the queue is re-created).
+    queue_settled: bool,
     /// Registered caller regions (zero copy).
     registered: Vec<DmaMapping>,
     lba_shift: u32,
@@ -342,6 +347,7 @@ impl NvmeQueuePair {
             in_flight: 0,
             generation,
             failed: false,
+            queue_settled: false,
             registered: Vec::with_capacity(REGISTERED_REGIONS_MAX),
             lba_shift: identity.lba_size_bytes.trailing_zeros(),
             nsid: identity.nsid,
@@ -865,8 +871,10 @@ impl QueuePair for NvmeQueuePair {
     ) -> usize {
         // One shared, rarely written cache line: the controller was reset (by another queue
         // pair, or by an operator) since our queue was created.
-        if self.controller.generation() != self.generation && !self.failed {
-            self.recover();
+        if self.controller.generation() != self.generation && !self.failed && !self.recover() {
+            // A reset is under way (or failed): our queue does not exist; report what is
+            // settled and keep out of it.
+            return self.report_ready(completions_max, complete);
         }
         let mut reported = 0;
         if !self.ready.is_empty() {
@@ -921,6 +929,13 @@ impl Drop for NvmeQueuePair {
     fn drop(&mut self) {
         if let Some(abort) = self.abort.take() {
             self.controller.forget_abort(abort.ticket);
+        }
+        // A reset under way: until the controller is disabled it may still write our memory
+        // (and the caller's), which must stay mapped until then. Bounded: the reset fails
+        // past CAP.TO.
+        while self.controller.reset_phase() == ResetPhase::Disabling {
+            self.controller.step_reset();
+            std::thread::sleep(Duration::from_millis(1));
         }
         // Delete the queue first: the controller then no longer touches its memory (or the
         // caller's), which the fields' drop unmaps and frees afterwards.

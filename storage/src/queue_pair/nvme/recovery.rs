@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::abort::{timeout_step, AbortOutcome, TimeoutStep};
 use super::controller::IoQueueCreated;
+use super::controller::ResetPhase;
 use super::queue::Queue;
 use super::vfio::DmaMemory;
 use super::{NvmeQueuePair, PendingAbort, COMMAND_IDLE};
@@ -132,24 +133,59 @@ impl NvmeQueuePair {
         }
     }
 
-    /// Resets the controller (unless another queue pair just did) and recovers from it.
+    /// Starts a controller reset (unless another queue pair just did; with the admin lock
+    /// held elsewhere, the next scan tries again). The polls that follow step it and recover
+    /// from it (`recover`); none of them waits for the controller.
     fn reset_controller(&mut self) {
-        // An error is logged and marks the controller failed; `recover` acts on that.
-        let _ = self.controller.reset_from(self.generation);
-        self.recover();
+        if !self.controller.start_reset(self.generation) {
+            log::warn!(
+                "nvme {} queue {}: admin queue busy, the reset starts at a later scan",
+                self.controller.pci_address(),
+                self.qid
+            );
+        }
     }
 
-    /// The controller was reset (its generation moved): takes the completions it posted
-    /// before, settles every other request as failed into `ready` (each exactly once), and
-    /// re-creates our I/O queue. Nothing of ours is in the controller's hands afterwards.
-    pub(super) fn recover(&mut self) {
+    /// A reset started since our queue was created (the generation moved): steps it, and
+    /// once the controller is disabled settles every request (`settle_all`), and once it is
+    /// ready again re-creates our I/O queue. Returns whether our queue works again; while
+    /// not, the caller keeps out of it (no doorbell) and calls again at its next poll.
+    pub(super) fn recover(&mut self) -> bool {
         debug_assert_ne!(self.controller.generation(), self.generation);
+        self.controller.step_reset();
+        let phase = self.controller.reset_phase();
+        if phase == ResetPhase::Disabling {
+            // The controller may still read or write our memory and the caller's buffers:
+            // nothing can be settled yet.
+            return false;
+        }
+        self.settle_all();
+        match phase {
+            ResetPhase::Disabling | ResetPhase::Enabling => false,
+            ResetPhase::Failed => {
+                self.resets_recovered += 1;
+                self.generation = self.controller.generation();
+                self.failed = true;
+                false
+            }
+            ResetPhase::Ready => self.recreate_queue(),
+        }
+    }
+
+    /// The controller is disabled: takes the completions it posted before, settles every
+    /// other request (those submitted during the reset too) as failed into `ready`, each
+    /// exactly once. Nothing of ours is in the controller's hands afterwards.
+    fn settle_all(&mut self) {
         // Completions posted before the controller was disabled are real: report them as such.
-        // (No doorbell: the queue no longer exists on the controller.)
-        while let Some(done) = self.queue.next_completion() {
-            if let Some(index) = self.complete_command(&done) {
-                self.requests[index as usize].settled = true;
-                self.ready.push_back(index);
+        // (No doorbell: the queue no longer exists on the controller.) Once only: afterwards
+        // the queue's memory is zeroed for its re-creation.
+        if !self.queue_settled {
+            self.queue_settled = true;
+            while let Some(done) = self.queue.next_completion() {
+                if let Some(index) = self.complete_command(&done) {
+                    self.requests[index as usize].settled = true;
+                    self.ready.push_back(index);
+                }
             }
         }
         let failure = if self.controller.failed() {
@@ -184,15 +220,15 @@ impl NvmeQueuePair {
         }
         debug_assert_eq!(self.ready.len(), self.in_flight as usize);
         debug_assert_eq!(self.free_commands.len(), self.commands.len());
-        self.resets_recovered += 1;
-        self.generation = self.controller.generation();
-        if self.controller.failed() {
-            self.failed = true;
-            return;
-        }
+    }
+
+    /// Re-creates our I/O queue on the controller, ready after a reset. Returns whether it
+    /// works (false: another reset began or the admin lock was busy, try at the next poll;
+    /// or the controller refused, and the queue pair has failed).
+    fn recreate_queue(&mut self) -> bool {
         // SAFETY: the SQ and CQ are the first `sq_bytes` + CQ bytes of our DMA memory; the
         // controller was disabled (reset) and our queue is not re-created yet: nobody reads
-        // or writes them.
+        // or writes them (the old `queue` is not read again: `queue_settled`).
         unsafe { core::ptr::write_bytes(self.memory.ptr(), 0, self.prp_lists_offset) };
         let created = self.controller.recreate_io_queue(
             self.qid,
@@ -201,17 +237,21 @@ impl NvmeQueuePair {
             self.memory.iova() + self.sq_bytes as u64,
         );
         match created {
-            Ok(created) => {
+            Ok(None) => false,
+            Ok(Some(created)) => {
                 // SAFETY: as in `new`: the queue memory is ours, zeroed, sized for `entries`.
                 self.queue =
                     unsafe { queue_over(&self.memory, self.sq_bytes, self.entries, &created) };
                 self.generation = created.generation;
+                self.queue_settled = false;
+                self.resets_recovered += 1;
                 log::warn!(
                     "nvme {} queue {}: re-created after a controller reset; {} requests settled",
                     self.controller.pci_address(),
                     self.qid,
                     self.ready.len()
                 );
+                true
             }
             Err(e) => {
                 log::error!(
@@ -221,7 +261,10 @@ impl NvmeQueuePair {
                 );
                 // What is settled keeps its outcome (completions taken above are real); what
                 // is submitted from now on fails with DeviceFailed.
+                self.resets_recovered += 1;
+                self.generation = self.controller.generation();
                 self.failed = true;
+                false
             }
         }
     }
