@@ -316,6 +316,9 @@ pub struct AlignedBuf {
     len: usize,
     /// Alignment of the allocation, in bytes (part of its layout, needed to free it).
     align: usize,
+    /// Bytes behind `ptr` (`len` may be shrunk below it, `set_len`): what is freed, or what
+    /// the arena set aside for this piece.
+    capacity: usize,
     /// Freed at drop; false for a piece of an arena, which its arena frees.
     owned: bool,
 }
@@ -354,6 +357,7 @@ impl AlignedBuf {
             ptr,
             len,
             align,
+            capacity: len,
             owned: true,
         }
     }
@@ -383,8 +387,28 @@ impl AlignedBuf {
             ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) },
             len,
             align: BLOCK_SIZE_BYTES,
+            capacity: len,
             owned: false,
         }
+    }
+
+    /// Bytes the buffer can hold (`len` is at most this).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Makes the buffer `len` bytes long, within its capacity: a piece of an arena sized for
+    /// the largest request of its class serves smaller ones too. The bytes keep their values.
+    ///
+    /// # Panics
+    /// If `len` is not a positive multiple of `BLOCK_SIZE_BYTES` within the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len > 0 && len % BLOCK_SIZE_BYTES == 0 && len <= self.capacity,
+            "AlignedBuf length {len} in a buffer of capacity {}",
+            self.capacity
+        );
+        self.len = len;
     }
 
     /// Whether this buffer frees its memory (false for a piece `carve`d from an arena).
@@ -454,8 +478,14 @@ impl Drop for AlignedBuf {
         if !self.owned {
             return;
         }
-        // SAFETY: allocated in `new` with this same layout, and freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len, self.align)) };
+        // SAFETY: allocated in `with_alignment` with this same layout (its length is
+        // `capacity`, its alignment `align`), and freed only here.
+        unsafe {
+            alloc::dealloc(
+                self.ptr.as_ptr(),
+                AlignedBuf::layout(self.capacity, self.align),
+            )
+        };
     }
 }
 
@@ -569,6 +599,26 @@ mod tests {
         drop(last);
         // Dropping the pieces freed nothing: the arena still holds what they wrote.
         assert_eq!((arena[0], arena[4 * BLOCK_SIZE_BYTES - 1]), (1, 2));
+    }
+
+    #[test]
+    fn set_len_shrinks_and_regrows_within_the_capacity() {
+        let mut buf = AlignedBuf::new(4 * BLOCK_SIZE_BYTES);
+        buf[3 * BLOCK_SIZE_BYTES] = 9;
+        buf.set_len(BLOCK_SIZE_BYTES);
+        assert_eq!((buf.len(), buf.capacity()), (4096, 4 * 4096));
+        // SAFETY: only inspected, never submitted.
+        assert_eq!(unsafe { buf.as_io_vec() }.len(), 4096);
+        buf.set_len(4 * BLOCK_SIZE_BYTES);
+        assert_eq!(buf[3 * BLOCK_SIZE_BYTES], 9, "bytes kept");
+        // Dropped shrunk: freed with the layout it was allocated with (capacity).
+        buf.set_len(2 * BLOCK_SIZE_BYTES);
+    }
+
+    #[test]
+    #[should_panic(expected = "capacity")]
+    fn set_len_refuses_to_grow_past_the_capacity() {
+        AlignedBuf::new(BLOCK_SIZE_BYTES).set_len(2 * BLOCK_SIZE_BYTES);
     }
 
     #[test]
