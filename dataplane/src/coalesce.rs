@@ -18,7 +18,10 @@
 //! that bring back what a pass found anyway (one request: a client waiting for each reply) turn
 //! it off for a hold-off that doubles with every failed try, up to about a second, so a
 //! queue-depth-1 client meets one paused window a second at most. A window with too few pauses
-//! to judge keeps the state, unless it had no load. Comparing with the core's own passes needs
+//! to judge keeps the state; `QUIET_MAX` windows in a row without load turn it off (one was
+//! too few: clients that take a burst of replies and think for a millisecond before the next
+//! burst turned it off in a third of the windows of a 4 x 32 NBD run, and back on a window
+//! late each time). Comparing with the core's own passes needs
 //! no idea of how many units a request is (about four for NBD, two for an OSD request).
 
 use std::time::Duration;
@@ -72,6 +75,8 @@ impl Coalesce {
 /// A window with less work than this is not load: the detector does not try pausing, and turns
 /// pausing off when it had no pauses to judge.
 pub const LOAD_MIN: u64 = 64;
+/// Windows in a row without load (and without pauses to judge) that turn pausing off.
+pub const QUIET_MAX: u32 = 16;
 /// Pauses are judged once the window has this many; fewer keep the state.
 pub const JUDGE_MIN: u32 = 4;
 /// Pausing stays on when a pass after a pause finds at least this many times the work of a busy
@@ -93,6 +98,8 @@ pub struct LoadDetector {
     /// Windows left before the next try, and the hold-off the next failure sets.
     hold_left: u32,
     hold: u32,
+    /// Windows in a row while on without load.
+    quiet: u32,
     window_work: u64,
     window_busy_passes: u64,
     /// Work and busy passes of the window that started the current try (passes unpaused).
@@ -115,6 +122,7 @@ impl LoadDetector {
             on: matches!(mode, Coalesce::Fixed(_)),
             hold_left: 0,
             hold: HOLD_MIN,
+            quiet: 0,
             window_work: 0,
             window_busy_passes: 0,
             base_work: 0,
@@ -169,6 +177,7 @@ impl LoadDetector {
                 self.hold_left -= 1;
             } else if self.window_work >= LOAD_MIN {
                 self.on = true;
+                self.quiet = 0;
                 self.base_work = self.window_work;
                 self.base_passes = self.window_busy_passes;
             }
@@ -189,9 +198,14 @@ impl LoadDetector {
                 self.hold = (self.hold * 2).min(HOLD_MAX);
             }
         } else if self.window_work < LOAD_MIN {
-            // The load went away; nothing was learnt about pausing.
-            self.on = false;
+            // The load went away, for now; nothing was learnt about pausing.
+            self.quiet += 1;
+            if self.quiet >= QUIET_MAX {
+                self.on = false;
+            }
+            return;
         }
+        self.quiet = 0;
         // Otherwise passes were too full to pause (or too few): keep the state.
     }
 }
@@ -280,9 +294,18 @@ mod tests {
         // A saturated core (every pass at or over the limit) never pauses and stays on.
         assert_eq!(window(&mut detector, &[Coalesce::BELOW; 100]), 0);
         assert!(detector.is_on());
-        // The load goes away: off, with no penalty, and back on at the next load.
+        // A quiet window (clients busy with a burst of replies) keeps it on...
         assert_eq!(window(&mut detector, &[4, 4]), 2);
+        assert!(detector.is_on());
+        window(&mut detector, &[4, 40, 4, 40, 4, 40, 4, 40]);
+        // ...but QUIET_MAX of them in a row turn it off, with no penalty, and back on at the
+        // next load.
+        for _ in 0..QUIET_MAX {
+            assert!(detector.is_on());
+            window(&mut detector, &[4, 4]);
+        }
         assert!(!detector.is_on());
+        assert_eq!(detector.tries_failed, 0);
         window(&mut detector, &[4; 40]);
         assert!(detector.is_on());
     }
