@@ -31,7 +31,7 @@ use std::time::Duration;
 pub enum Coalesce {
     /// Never pause.
     Off,
-    /// Pause after every pass with some work but fewer than `BELOW` units.
+    /// Pause after every pass with fewer than `BELOW` units of work (idle passes too).
     Fixed(Duration),
     /// Pause like `Fixed` while the load detector says pausing brings back batches.
     Auto(Duration),
@@ -141,19 +141,26 @@ impl LoadDetector {
     }
 
     /// Records a pass's work and says whether to pause after it (`may_pause`: the core has no
-    /// device I/O out, see `Core::may_coalesce`).
+    /// device I/O out, see `Core::may_coalesce`, and did not just park).
+    ///
+    /// While on, idle passes pause too: a loaded core between batches would otherwise spin
+    /// through idle passes, an `epoll_wait` each (0.74 a request in a 4 x 32 NBD run that
+    /// paused only after busy passes, against 0.14 for `recv` and `writev` together). Only
+    /// pauses after busy passes are judged: an idle pass's pause says nothing about batching.
     pub fn after_pass(&mut self, work: usize, may_pause: bool) -> bool {
         self.window_work += work as u64;
         self.window_busy_passes += u64::from(work > 0);
         if self.paused {
             self.window_work_after_pause += work as u64;
         }
-        let pause = self.on && work > 0 && work < Coalesce::BELOW && may_pause;
+        let pause = self.on && work < Coalesce::BELOW && may_pause;
         if pause {
-            self.window_pauses += 1;
             self.pauses += 1;
         }
-        self.paused = pause;
+        self.paused = pause && work > 0;
+        if self.paused {
+            self.window_pauses += 1;
+        }
         pause
     }
 
@@ -261,7 +268,7 @@ mod tests {
             // One request per pass: pausing does not pay, but fixed is not asked.
             assert_eq!(window(&mut fixed, &[4; 10]), 10);
         }
-        assert_eq!(window(&mut fixed, &[0, Coalesce::BELOW, 1]), 1);
+        assert_eq!(window(&mut fixed, &[0, Coalesce::BELOW, 1]), 2);
         assert_eq!(fixed.windows_on, 11);
     }
 
@@ -391,7 +398,17 @@ mod tests {
         let mut detector = LoadDetector::new(Coalesce::Fixed(Duration::from_micros(20)));
         assert!(!detector.after_pass(4, false));
         assert!(detector.after_pass(4, true));
-        assert!(!detector.after_pass(0, true), "an idle pass never pauses");
-        assert_eq!(detector.pauses, 1);
+        assert!(
+            detector.after_pass(0, true),
+            "idle passes pause too while on"
+        );
+        assert!(!detector.after_pass(Coalesce::BELOW, true));
+        assert_eq!(detector.pauses, 2);
+        // Only the pause after the busy pass is judged: the idle pass after it had no gain,
+        // and the full pass after the idle pause counts for nothing.
+        assert_eq!(
+            (detector.window_pauses, detector.window_work_after_pause),
+            (1, 0)
+        );
     }
 }

@@ -240,6 +240,7 @@ pub fn run_coalesced<C: Core>(
         let elapsed_ns = now.duration_since(last).as_nanos() as u64;
         last = now;
         counters.passes += 1;
+        let mut parked = false;
         if work > 0 {
             counters.busy_ns += elapsed_ns;
             booking.busy_wall += elapsed_ns;
@@ -261,6 +262,7 @@ pub fn run_coalesced<C: Core>(
                         last_publish = now;
                     }
                     core.park(core.park_timeout().min(PARK_TIMEOUT_MAX));
+                    parked = true;
                     counters.parks += 1;
                     let woke = Instant::now();
                     counters.idle_ns += woke.duration_since(last).as_nanos() as u64;
@@ -268,7 +270,7 @@ pub fn run_coalesced<C: Core>(
                 }
             }
         }
-        let may_pause = coalesce != Coalesce::Off && work > 0 && core.may_coalesce();
+        let may_pause = detector.is_on() && !parked && core.may_coalesce();
         if detector.after_pass(work, may_pause) {
             // Asleep is idle: the next pass's time starts when it wakes.
             std::thread::sleep(pause);
