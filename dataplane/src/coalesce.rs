@@ -14,7 +14,10 @@
 //! the detector *tries*: once a window (the loop's 1 ms publish tick) shows load, it pauses,
 //! and judges the pause by its result, the work found by the pass right after it, against the
 //! work of a busy pass in the window that started the try. Pauses that bring back at least
-//! `BATCH_GAIN` times that (or `BATCH_FULL` units, a batch by any measure) keep it on. Pauses
+//! `BATCH_GAIN` times that and `BATCH_MIN` units (or `BATCH_FULL` units, a batch by any
+//! measure) keep it on. The floor is there because a request's work can be split over passes
+//! (its reply goes out a pass later): at queue depth 1, NBD passes of two units and pauses that
+//! bring back one whole request (four) looked like a gain, and 13 tries in 10 s succeeded. Pauses
 //! that bring back what a pass found anyway (one request: a client waiting for each reply) turn
 //! it off for a hold-off that doubles with every failed try, up to about a second, so a
 //! queue-depth-1 client meets one paused window a second at most. A window with too few pauses
@@ -82,6 +85,8 @@ pub const JUDGE_MIN: u32 = 4;
 /// Pausing stays on when a pass after a pause finds at least this many times the work of a busy
 /// pass without pauses...
 pub const BATCH_GAIN: u64 = 2;
+/// ...and at least this many units (about two NBD or four OSD requests)...
+pub const BATCH_MIN: u64 = 8;
 /// ...or this many units on average (half the pass size that never pauses).
 pub const BATCH_FULL: u64 = Coalesce::BELOW as u64 / 2;
 /// Hold-off after the first failed try, in windows; it doubles with each failed try.
@@ -195,7 +200,7 @@ impl LoadDetector {
             let after = self.window_work_after_pause;
             // after / pauses >= GAIN * base_work / base_passes, without division.
             let gained = after * self.base_passes >= BATCH_GAIN * self.base_work * pauses;
-            if gained || after >= BATCH_FULL * pauses {
+            if (gained && after >= BATCH_MIN * pauses) || after >= BATCH_FULL * pauses {
                 self.hold = HOLD_MIN;
             } else {
                 // Pausing brought back too little: the clients wait for each reply.
@@ -379,11 +384,16 @@ mod tests {
         window(&mut detector, &[24; 10]);
         assert!(!detector.is_on());
         assert_eq!(detector.tries_failed, 1);
-        // Passes of one unit (an op split over passes, e.g. across cores) and pauses that bring
-        // back three: a gain, though far from a full batch.
+        // Passes of two units (a request's work split over two passes) and pauses that bring
+        // back four (one whole request each): twice, but one request per pause is no batch.
         let mut detector = auto();
-        window(&mut detector, &[1; 100]);
-        window(&mut detector, &[3; 20]);
+        window(&mut detector, &[2; 100]);
+        window(&mut detector, &[4; 20]);
+        assert!(!detector.is_on());
+        // Passes of two units and pauses that bring back ten: a gain, and a batch.
+        let mut detector = auto();
+        window(&mut detector, &[2; 100]);
+        window(&mut detector, &[10; 20]);
         assert!(detector.is_on());
         // Passes of 30 and pauses that bring back 40: under twice, but a full batch.
         let mut detector = auto();
