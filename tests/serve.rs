@@ -238,3 +238,45 @@ fn coalescing_switches_itself_on_under_load_only() {
     assert!(on > 0, "4 x QD32 never turned coalescing on: {report}");
     assert!(server.stop().success(), "clean exit on SIGINT");
 }
+
+/// `load --route-by-core`: each connection learns from STATUS which core serves it
+/// (`answered_by_core`) and carries only ops for that core's objects, so none crosses a ring;
+/// reads still verify what was written.
+#[test]
+fn ops_routed_by_core_never_cross_cores() {
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let args = |op: &'static str| {
+        [
+            "--op",
+            op,
+            "--duration",
+            "500ms",
+            "--objects",
+            "32",
+            "--object-size",
+            "64KiB",
+            "--clients",
+            "2",
+            "--verify",
+            "--route-by-core",
+        ]
+    };
+    let mut prefill = args("randwrite").to_vec();
+    prefill.push("--prefill");
+    assert_clean(&load(&server.addr, &prefill), "prefill");
+    let before = status(&server.addr);
+    let report = load(&server.addr, &args("mixed"));
+    assert_clean(&report, "mixed, routed");
+    let after = status(&server.addr);
+    let ops = total(&after, "ops") - total(&before, "ops");
+    let crossed = total(&after, "ops_remote_out") - total(&before, "ops_remote_out");
+    assert!(ops > 100, "{ops} ops");
+    assert_eq!(crossed, 0, "{crossed} of {ops} routed ops crossed cores");
+    // Both cores served some: the connections went round-robin to both.
+    let per_core = after["per_core"].as_array().unwrap();
+    assert!(
+        per_core.iter().all(|c| c["ops"].as_u64().unwrap() > 0),
+        "{per_core:?}"
+    );
+    assert!(after["answered_by_core"].is_u64());
+}
