@@ -188,7 +188,6 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         ack_log: None,
         check: None,
         dpdk: Default::default(),
-        route_by_core: false,
     };
     let result = (|| {
         let write = run_phase("randwrite", &target, &base)?;

@@ -71,10 +71,6 @@ pub struct CompareArgs {
     /// server's default (auto) when not given.
     #[arg(long)]
     pub rtc_coalesce: Option<String>,
-    /// rtc rows: the load generator sends each op on a connection served by its object's core
-    /// (`load --route-by-core`), so no op crosses a ring.
-    #[arg(long)]
-    pub route_by_core: bool,
     /// Stores to compare, in order (memory, segment or both).
     #[arg(long, default_value = "memory,segment", value_delimiter = ',')]
     pub stores: Vec<String>,
@@ -350,7 +346,6 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         ack_log: None,
         check: None,
         dpdk: Default::default(),
-        route_by_core: false,
     }
 }
 
@@ -403,8 +398,7 @@ fn run_server(
             return Err(error);
         }
     };
-    let mut base = base_load(args, &server.addr, plan);
-    base.route_by_core = args.route_by_core && mode == "rtc";
+    let base = base_load(args, &server.addr, plan);
     let result = (|| {
         let prefill = LoadArgs {
             prefill: true,
@@ -479,7 +473,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             "duration_s": args.duration.as_secs_f64(),
             "bs": args.bs, "qd": args.qd, "clients": args.clients,
             "objects": args.objects, "object_size": args.object_size,
-            "rtc_idle": args.rtc_idle, "rtc_route_by_core": args.route_by_core, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"),
+            "rtc_idle": args.rtc_idle, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"),
             "load_gen_threads": 1,
         },
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),

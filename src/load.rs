@@ -31,7 +31,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ack_log::{AckLog, ThreadLog};
 use crate::client;
-use crate::osd::placement::{Placement, PlacementMode};
 
 #[cfg(feature = "dpdk")]
 mod dpdk;
@@ -173,12 +172,6 @@ pub struct LoadArgs {
     /// holds its last acknowledged write (or one sent after it). Exit status 1 on any loss.
     #[arg(long, value_name = "FILE", conflicts_with = "ack_log")]
     pub check: Option<std::path::PathBuf>,
-    /// TCP, random workloads: send each op on a connection served by the core that owns its
-    /// object, so that no op crosses a ring. Each connection asks STATUS which core serves it;
-    /// objects are placed with the server's hash (its `placement`, `pg_count` and cores). An op
-    /// whose core has no connection of this thread goes on any connection.
-    #[arg(long)]
-    pub route_by_core: bool,
     #[command(flatten)]
     pub dpdk: DpdkArgs,
 }
@@ -311,7 +304,6 @@ struct Config {
     read_pct: u8,
     seed: u64,
     ack_log: Option<AckLog>,
-    route_by_core: bool,
 }
 
 struct ThreadPlan {
@@ -381,12 +373,6 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
         Some(text) => Some(checked_cpus(text)?),
         None => None,
     };
-    if args.route_by_core && (args.transport != Transport::Tcp || args.op.sequential()) {
-        return Err(
-            "--route-by-core needs --transport tcp and a random workload (randwrite, randread, mixed)"
-                .to_string(),
-        );
-    }
     match args.transport {
         Transport::Tcp => {}
         Transport::Udp => udp::validate(args)?,
@@ -417,7 +403,6 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
             Some(path) => Some(AckLog::open(path)?),
             None => None,
         },
-        route_by_core: args.route_by_core,
     };
     Ok((config, split_threads(args, cpus.as_deref())))
 }
@@ -1038,19 +1023,6 @@ impl BlockTable {
         self.free_from(rng.below(n) as u32)
     }
 
-    /// A random block not in flight whose object `object_core` places on `core`; any free
-    /// block when a few tries find none (the op then crosses a ring on the server).
-    fn pick_random_on(&self, rng: &mut Rng, object_core: &[u16], core: u16) -> Option<u32> {
-        let n = u64::from(self.len());
-        for _ in 0..RANDOM_TRIES * 4 {
-            let block = rng.below(n) as u32;
-            if object_core[self.locate(block).0] == core && !self.is_busy(block) {
-                return Some(block);
-            }
-        }
-        self.pick_random(rng)
-    }
-
     /// The next block at or after `*cursor` that is not in flight; advances the cursor past it.
     fn pick_sequential(&self, cursor: &mut u32) -> Option<u32> {
         let block = self.free_from(*cursor)?;
@@ -1146,8 +1118,6 @@ struct Work {
     prefill: Stats,
     /// This thread's lines of `--ack-log`.
     ack_log: Option<ThreadLog>,
-    /// `--route-by-core`: the server core owning each object of `table` (empty otherwise).
-    object_core: Vec<u16>,
 }
 
 impl Work {
@@ -1179,18 +1149,7 @@ impl Work {
             in_flight: 0,
             timed: Stats::new(),
             prefill: Stats::new(),
-            object_core: Vec::new(),
         }
-    }
-
-    /// Places this thread's objects as the server does (`--route-by-core`).
-    fn route(&mut self, placement: &Placement) {
-        self.object_core = self
-            .table
-            .names
-            .iter()
-            .map(|name| placement.locate(name).core as u16)
-            .collect();
     }
 
     fn begin(&mut self, phase: Phase) {
@@ -1211,9 +1170,8 @@ impl Work {
     }
 
     /// The next request to issue, marked in flight; None when stopping, done, or (with --verify)
-    /// every block already has a request in flight. `core`: the server core of the connection
-    /// it goes on, when known (`--route-by-core`): a block of that core's objects is preferred.
-    fn next_request(&mut self, core: Option<u16>) -> Option<Request> {
+    /// every block already has a request in flight.
+    fn next_request(&mut self) -> Option<Request> {
         if self.stopping {
             return None;
         }
@@ -1240,9 +1198,6 @@ impl Work {
                 };
                 let block = if self.config.workload.sequential() {
                     self.table.pick_sequential(&mut self.seq_cursor)?
-                } else if let (Some(core), false) = (core, self.object_core.is_empty()) {
-                    self.table
-                        .pick_random_on(&mut self.rng, &self.object_core, core)?
                 } else {
                     self.table.pick_random(&mut self.rng)?
                 };
@@ -1496,8 +1451,6 @@ struct Conn {
     want_write: bool,
     /// Could not fill its slots because every block was in flight; retried each loop pass.
     starved: bool,
-    /// The server core serving this connection (`--route-by-core`).
-    core: Option<u16>,
 }
 
 impl Conn {
@@ -1505,7 +1458,7 @@ impl Conn {
     fn fill(&mut self, work: &mut Work) {
         self.starved = false;
         while !self.slots.free.is_empty() {
-            let Some(request) = work.next_request(self.core) else {
+            let Some(request) = work.next_request() else {
                 self.starved = !work.stopping && !work.exhausted();
                 return;
             };
@@ -1774,33 +1727,6 @@ impl RunPhase for Generator<'_> {
     }
 }
 
-/// Asks STATUS on `stream` which server core serves it, and how the server places objects.
-fn serving_core(stream: &mut TcpStream, target: &str) -> Result<(u16, Placement), String> {
-    let reply = client::call(stream, Opcode::Status, b"", &[])
-        .map_err(|e| format!("--route-by-core: status {target}: {e}"))?;
-    let status: serde_json::Value = serde_json::from_slice(&reply.payload)
-        .map_err(|e| format!("--route-by-core: status {target} is not JSON: {e}"))?;
-    let number = |value: &serde_json::Value, what: &str| {
-        value.as_u64().ok_or_else(|| {
-            format!("--route-by-core: the server's status has no {what} (classic mode, or an older server?)")
-        })
-    };
-    let core = number(&status["answered_by_core"], "answered_by_core")?;
-    let cores = number(&status["cores"], "cores")?;
-    let mode = match status["config"]["placement"].as_str() {
-        Some("flex") => PlacementMode::Flex,
-        _ => PlacementMode::Pg {
-            pg_count: number(&status["config"]["pg_count"], "pg_count")? as u32,
-        },
-    };
-    if cores == 0 || core >= cores || cores > u64::from(u16::MAX) {
-        return Err(format!(
-            "--route-by-core: status {target} says core {core} of {cores}"
-        ));
-    }
-    Ok((core as u16, Placement::new(mode, cores as usize)))
-}
-
 struct Generator<'a> {
     config: &'a Config,
     shared: &'a Shared,
@@ -1822,18 +1748,8 @@ impl<'a> Generator<'a> {
         let (index, clients) = (plan.index, plan.clients);
         let epoll = Epoll::new()?;
         let mut conns = Vec::with_capacity(clients);
-        let mut work = work;
         for token in 0..clients {
-            let mut stream = client::connect(&config.target)?;
-            let core = if config.route_by_core {
-                let (core, placement) = serving_core(&mut stream, &config.target)?;
-                if token == 0 {
-                    work.route(&placement);
-                }
-                Some(core)
-            } else {
-                None
-            };
+            let stream = client::connect(&config.target)?;
             stream
                 .set_nonblocking(true)
                 .map_err(|e| format!("connect {}: {}", config.target, client::io_reason(&e)))?;
@@ -1847,7 +1763,6 @@ impl<'a> Generator<'a> {
                 unstamped: Vec::with_capacity(config.qd as usize),
                 want_write: false,
                 starved: false,
-                core,
             });
         }
         Ok(Generator {
@@ -2487,14 +2402,6 @@ mod tests {
         check(&["--objects", "100000000"], "--objects must be at most");
         check(&["--duration", "1000000h"], "--duration must be at most");
         check(&["--cpus", "100000"], "not available");
-        check(
-            &["--route-by-core", "--op", "seqread"],
-            "--route-by-core needs",
-        );
-        check(
-            &["--route-by-core", "--transport", "udp"],
-            "--route-by-core needs",
-        );
         assert!(validate(&args("127.0.0.1:1", &["--bs", "64KiB"])).is_ok());
     }
 }

@@ -63,13 +63,6 @@ pub fn process_cpu_ns() -> u64 {
 }
 
 pub fn render(board: &StatusBoard) -> String {
-    render_for(board, None)
-}
-
-/// `render`, saying which core built the reply (`answered_by_core`): a client learns which
-/// core serves its connection (`load --route-by-core`). Null where no core answers (classic
-/// mode, the sim, the exit summary).
-pub fn render_for(board: &StatusBoard, answered_by: Option<usize>) -> String {
     let mut totals = vec![0u64; COUNTER_NAMES.len()];
     let mut per_core = Vec::with_capacity(board.cores.len());
     for (index, shared) in board.cores.iter().enumerate() {
@@ -151,7 +144,6 @@ pub fn render_for(board: &StatusBoard, answered_by: Option<usize>) -> String {
         "uptime_s": board.started.elapsed().as_secs_f64(),
         "config": board.info,
         "cores": board.info.get("cores").cloned().unwrap_or(json!(per_core.len())),
-        "answered_by_core": answered_by,
         "totals": total,
         "errors": errors,
         "per_core": per_core,

@@ -626,7 +626,7 @@ impl<N: Network> OsdCore<N> {
         let before = (self.alloc_counter)();
         self.counters.add(Counter::status_requests, 1);
         self.publish_now();
-        let json = crate::status::render_for(&self.board, Some(self.index));
+        let json = crate::status::render(&self.board);
         let body = match self.pools.acquire_for(json.len()) {
             Some(mut buf) => {
                 buf.spare_mut()[..json.len()].copy_from_slice(json.as_bytes());
