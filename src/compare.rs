@@ -73,6 +73,13 @@ pub struct CompareArgs {
     /// owning cores and is driven unrouted either way.
     #[arg(long)]
     pub unrouted: bool,
+    /// Pass coalescing of the rtc server (`serve --coalesce`: auto, off or a pause); the
+    /// server's default (auto) when not given.
+    #[arg(long)]
+    pub rtc_coalesce: Option<String>,
+    /// Stores to compare, in order (memory, segment or both).
+    #[arg(long, default_value = "memory,segment", value_delimiter = ',')]
+    pub stores: Vec<String>,
 }
 
 /// One workload run against one server.
@@ -369,6 +376,9 @@ fn run_server(
     serve_args.extend(["--cpus".into(), cpu_list(&plan.server)]);
     if mode == "rtc" {
         serve_args.extend(["--idle".into(), args.rtc_idle.clone()]);
+        if let Some(coalesce) = &args.rtc_coalesce {
+            serve_args.extend(["--coalesce".into(), coalesce.clone()]);
+        }
     }
     // A fresh device per server: formatted for its shard count, and no run sees another's data.
     let device = args.out.join(format!("compare-{store}-{mode}-{cores}.img"));
@@ -437,7 +447,14 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    for &store in STORES {
+    for store in &args.stores {
+        if !STORES.contains(&store.as_str()) {
+            return Err(format!(
+                "--stores: unknown store {store:?}: expected {STORES:?}"
+            ));
+        }
+    }
+    for store in args.stores.iter().map(String::as_str) {
         for &cores in &cores_list {
             let plan = plan_cpus(cores, online);
             if plan.shared {
@@ -467,7 +484,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             "duration_s": args.duration.as_secs_f64(),
             "bs": args.bs, "qd": args.qd, "clients": args.clients,
             "objects": args.objects, "object_size": args.object_size,
-            "rtc_idle": args.rtc_idle, "load_gen_threads": 1,
+            "rtc_idle": args.rtc_idle, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"),
+            "load_gen_threads": 1,
         },
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
         "goals": goals,

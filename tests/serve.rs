@@ -226,3 +226,57 @@ fn status_reports_per_core_counters() {
         assert!(core["ring_occupancy"].is_object());
     }
 }
+
+/// `--coalesce auto` (the default) pauses under load and leaves a client with one request in
+/// flight alone: its tries fail and back off (at most one paused window in a second, see
+/// `dataplane/src/coalesce.rs`), while 4 x 32 in flight keep it on.
+#[test]
+fn coalescing_switches_itself_on_under_load_only() {
+    let mut server = ServerProcess::start(&["--cores", "1"]);
+    let args = |qd: &'static str, clients: &'static str| {
+        [
+            "--op",
+            "randwrite",
+            "--duration",
+            "2s",
+            "--objects",
+            "8",
+            "--object-size",
+            "256KiB",
+            "--clients",
+            clients,
+            "--qd",
+            qd,
+        ]
+    };
+    let before = status(&server.addr);
+    let report = load(&server.addr, &args("1", "1"));
+    assert_clean(&report, "QD1");
+    let after = status(&server.addr);
+    let delta = |name: &str| total(&after, name) - total(&before, name);
+    let (ops, pauses, on) = (
+        report["ops"].as_u64().unwrap(),
+        delta("coalesce_pauses"),
+        delta("coalesce_windows_on"),
+    );
+    // Tries at windows 1, 10, 28, 62, 128, 258, 516, 1028, 2052: at most 9 in 2 s (a window is
+    // at least a millisecond), each ending after its first judged window.
+    assert!(
+        on <= 9,
+        "QD1 had coalescing on in {on} windows over {ops} ops"
+    );
+    assert!(
+        pauses * 10 <= ops,
+        "QD1 paused {pauses} times over {ops} ops"
+    );
+    if on > 0 {
+        assert!(delta("coalesce_tries_failed") > 0, "a QD1 try failed");
+    }
+    let before = status(&server.addr);
+    let report = load(&server.addr, &args("32", "4"));
+    assert_clean(&report, "4 x QD32");
+    let after = status(&server.addr);
+    let on = total(&after, "coalesce_windows_on") - total(&before, "coalesce_windows_on");
+    assert!(on > 0, "4 x QD32 never turned coalescing on: {report}");
+    assert!(server.stop().success(), "clean exit on SIGINT");
+}

@@ -1476,6 +1476,16 @@ impl<N: Network> Core for OsdCore<N> {
         self.counters.set(Counter::idle_ns, loop_counters.idle_ns);
         self.counters.set(Counter::passes, loop_counters.passes);
         self.counters.set(Counter::parks, loop_counters.parks);
+        self.counters
+            .set(Counter::coalesce_pauses, loop_counters.coalesce_pauses);
+        self.counters.set(
+            Counter::coalesce_windows_on,
+            loop_counters.coalesce_windows_on,
+        );
+        self.counters.set(
+            Counter::coalesce_tries_failed,
+            loop_counters.coalesce_tries_failed,
+        );
         self.publish_now();
     }
 
