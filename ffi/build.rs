@@ -44,6 +44,8 @@ mod dpdk {
         "rte_lcore_id",
         "rte_thread_register",
         "rte_pktmbuf_pool_create",
+        "rte_pktmbuf_pool_create_extbuf",
+        "rte_eal_iova_mode",
         "rte_mempool_free",
         "rte_mempool_avail_count",
         "rte_mempool_in_use_count",
@@ -81,6 +83,8 @@ mod dpdk {
     const TYPES: &[&str] = &[
         "rte_mbuf",
         "rte_mempool",
+        "rte_pktmbuf_extmem",
+        "rte_iova_mode",
         "rte_eth_conf",
         "rte_eth_dev_info",
         "rte_eth_rxconf",

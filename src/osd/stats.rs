@@ -99,6 +99,8 @@ counters!(
     udp_sessions_refused,
     dpdk_rx_copies,
     dpdk_rx_copied_bytes,
+    dpdk_rx_in_place,
+    dpdk_rx_rooms_leased,
     dpdk_arp_replies,
     dpdk_ignored,
     dpdk_tx_full,

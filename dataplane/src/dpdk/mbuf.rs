@@ -45,6 +45,18 @@ impl<'pool> Mbuf<'pool> {
         self.raw().nb_segs
     }
 
+    /// Where this segment's data room starts (`buf_addr`) and where its data starts within it
+    /// (`data_off`): for a pool over external rooms, which room the driver wrote.
+    pub fn room(&self) -> (*const u8, usize) {
+        let raw = self.raw();
+        (raw.buf_addr as *const u8, raw.data_off as usize)
+    }
+
+    /// The pool this mbuf returns to when freed.
+    pub fn pool_ptr(&self) -> *const sys::rte_mempool {
+        self.raw().pool
+    }
+
     /// Bytes that can still be appended.
     pub fn tailroom(&self) -> usize {
         // SAFETY: valid owned mbuf; the call only reads fields.
