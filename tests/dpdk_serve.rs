@@ -225,6 +225,20 @@ mod run {
             0,
             "every room went back to the NIC once its request was answered: {status}"
         );
+        // Replies: the head and output are copied once into a response chunk (kept for
+        // resends: `udp_tx_copied_bytes`); a 4 KiB read's reply packet then goes out with its
+        // payload attached from that chunk, not copied into the mbuf. Write replies (a head of
+        // a few dozen bytes) are copied: under `ATTACH_MIN_BYTES`.
+        let reads = total(&status, "ops_read");
+        assert!(
+            total(&status, "dpdk_tx_in_place") >= reads,
+            "every 4 KiB read reply sent in place: {status}"
+        );
+        assert!(
+            total(&status, "dpdk_tx_copied_bytes") < 1024 * (ops - reads + 64),
+            "only small payloads copied into mbufs: {status}"
+        );
+        assert_eq!(total(&status, "dpdk_tx_attached_held"), 0, "{status}");
         assert_eq!(total(&status, "udp_malformed"), 0, "{status}");
         assert_eq!(
             total(&status, "dpdk_ignored"),

@@ -181,6 +181,20 @@ impl CorePools {
         self.pool_of(lease.pool()).lease_within(lease, offset, len)
     }
 
+    /// A lease over `bytes` in this core's small or large pool (see `BufferPool::lease_bytes`).
+    ///
+    /// # Safety
+    /// As `BufferPool::lease_bytes`: bytes in this core's pools lie within sealed bytes of a
+    /// live handle.
+    pub unsafe fn lease_bytes(&mut self, bytes: &[u8]) -> Option<Lease> {
+        // SAFETY: the caller's promise, passed on; each pool checks the bytes are its own.
+        unsafe {
+            self.small
+                .lease_bytes(bytes)
+                .or_else(|| self.large.lease_bytes(bytes))
+        }
+    }
+
     /// Releases a body that lives here; returns it when it must go back to its home core.
     pub fn release_body(&mut self, body: Body) -> Option<Body> {
         match body.home_core() {

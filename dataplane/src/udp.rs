@@ -159,8 +159,27 @@ pub trait DatagramPort {
     }
     /// Sends `header` then `payload` as one datagram. `Ok(false)`: no room now (try later).
     fn send(&mut self, peer: &Self::Addr, header: &[u8], payload: &[u8]) -> io::Result<bool>;
-    /// Pushes out what `send` queued (a port that batches).
-    fn flush(&mut self) {}
+    /// `send` for a payload in `pools`' memory, which a port may send in place (holding a
+    /// lease over it until the device is done) instead of copying it.
+    ///
+    /// # Safety
+    /// `payload` lies within sealed bytes of a live handle of `pools` (a response the RPC
+    /// holds), as `CorePools::lease_bytes` requires.
+    unsafe fn send_from_pool(
+        &mut self,
+        pools: &mut CorePools,
+        peer: &Self::Addr,
+        header: &[u8],
+        payload: &[u8],
+    ) -> io::Result<bool> {
+        let _ = pools;
+        self.send(peer, header, payload)
+    }
+    /// Pushes out what `send` queued (a port that batches), and gives back what the device is
+    /// done with.
+    fn flush(&mut self, pools: &mut CorePools) {
+        let _ = pools;
+    }
     /// A descriptor that becomes readable when datagrams wait (for a parked core), if any.
     fn fd(&self) -> Option<RawFd>;
     fn stats(&self) -> PortStats {
@@ -182,6 +201,12 @@ pub struct PortStats {
     pub rx_rooms_leased: u64,
     /// Frames that were neither ARP for us nor UDP to our port (dropped).
     pub ignored: u64,
+    /// Frames sent with their payload attached in place (no copy into the mbuf).
+    pub tx_in_place: u64,
+    /// Payload bytes copied into mbufs on send.
+    pub tx_copied_bytes: u64,
+    /// Frames with an attached payload the driver has not freed yet.
+    pub tx_attached_held: u64,
     /// Sends refused for want of a buffer or ring room (the RPC retries them).
     pub tx_full: u64,
     /// Frames dropped after the driver took nothing for a while (a peer gone).
@@ -680,7 +705,9 @@ impl<P: DatagramPort> RpcTransport<P> {
         let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
         let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
             let len = header.len() + payload.len();
-            match port.send(peer, header, payload) {
+            // SAFETY: the RPC's payloads are slices of the responses it holds, `PoolBytes`
+            // leases over sealed bytes of this core's pools (`write_response`).
+            match unsafe { port.send_from_pool(pools, peer, header, payload) } {
                 Ok(true) => {
                     stats.datagrams_tx += 1;
                     stats.tx_bytes += len as u64;
@@ -694,7 +721,7 @@ impl<P: DatagramPort> RpcTransport<P> {
                 }
             }
         });
-        self.port.flush();
+        self.port.flush(pools);
         self.reap(pools);
         sent
     }

@@ -40,7 +40,9 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use super::BURST_MAX;
-use super::{udp, DpdkError, Eal, MacAddr, Mbuf, Mempool, Port, PortConfig, RxQueue, TxQueue};
+use super::{
+    udp, DpdkError, Eal, MacAddr, Mbuf, Mempool, Port, PortConfig, RxQueue, TxAttach, TxQueue,
+};
 use crate::buffers::{pool_id, CorePools, SizeClass};
 use crate::dgram::ipv4::{self, Endpoint, Parsed};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
@@ -61,6 +63,11 @@ pub const TX_MBUFS_PER_QUEUE: u32 = 2047;
 /// pool's alignment (its buffer size must be a multiple of it).
 pub const ROOM_STRIDE_BYTES: usize =
     (MBUF_DATA_ROOM as usize).next_multiple_of(BUFFER_ALIGNMENT_BYTES);
+/// Smallest payload sent in place (attached to the frame) rather than copied: below it the
+/// second mbuf and the lease cost more than the copy.
+pub const ATTACH_MIN_BYTES: usize = 1024;
+/// Frames with an attached payload in flight per queue (a slot each); beyond, payloads copy.
+pub const ATTACH_SLOTS: u32 = 1024;
 /// Drivers that write received frames into the mbuf with the CPU, so rooms in memory DPDK did
 /// not map for DMA are safe to receive into.
 pub const SOFTWARE_DRIVERS: &[&str] = &["net_memif", "net_ring"];
@@ -85,6 +92,8 @@ pub struct DpdkDatagramPort {
     rx_batch: Vec<Mbuf<'static>>,
     /// The rx pool's rooms, when receive is in place.
     rooms: Option<Rooms>,
+    /// Payloads sent in place (on the same ports as in-place receive).
+    attach: Option<TxAttach>,
     /// Frames built and not yet taken by the driver.
     tx_out: Vec<Mbuf<'static>>,
     /// Since when the driver has taken nothing while frames wait (see `TX_STUCK_DROP_AFTER`).
@@ -195,6 +204,7 @@ pub fn open(
             rx,
             tx,
             rx_batch: Vec::with_capacity(BURST_MAX),
+            attach: rooms.as_ref().map(|_| TxAttach::new(ATTACH_SLOTS)),
             rooms,
             tx_out: Vec::with_capacity(BURST_MAX),
             tx_stuck_since: None,
@@ -456,14 +466,58 @@ impl DatagramPort for DpdkDatagramPort {
 
     fn send(&mut self, peer: &Endpoint, header: &[u8], payload: &[u8]) -> io::Result<bool> {
         let frame = udp::udp_frame(self.pool, &self.local, peer, header, payload);
+        if frame.is_some() {
+            self.stats.tx_copied_bytes += payload.len() as u64;
+        }
         Ok(self.push_tx(frame))
     }
 
-    fn flush(&mut self) {
+    unsafe fn send_from_pool(
+        &mut self,
+        pools: &mut CorePools,
+        peer: &Endpoint,
+        header: &[u8],
+        payload: &[u8],
+    ) -> io::Result<bool> {
+        let Some(attach) = self
+            .attach
+            .as_mut()
+            .filter(|_| payload.len() >= ATTACH_MIN_BYTES)
+        else {
+            return self.send(peer, header, payload);
+        };
+        // SAFETY: the caller's promise (payload inside sealed bytes of a live handle).
+        let Some(lease) = (unsafe { pools.lease_bytes(payload) }) else {
+            return self.send(peer, header, payload);
+        };
+        let mut head = [0u8; ipv4::UDP_FRAME_HEADER_BYTES];
+        ipv4::build_udp_header(&mut head, &self.local, peer, header.len() + payload.len());
+        match attach.frame(self.pool, &[&head, header], lease) {
+            Ok(frame) => {
+                if self.push_tx(Some(frame)) {
+                    self.stats.tx_in_place += 1;
+                    return Ok(true);
+                }
+                // Refused (queue and driver full): the frame was dropped here, its lease comes
+                // back through the free callback; the RPC sends it again later.
+                Ok(false)
+            }
+            Err(lease) => {
+                pools.release_lease(lease);
+                self.send(peer, header, payload)
+            }
+        }
+    }
+
+    fn flush(&mut self, pools: &mut CorePools) {
         while !self.tx_out.is_empty() {
             if self.burst() == 0 {
                 break; // the driver's ring is full: the rest go next pass
             }
+        }
+        if let Some(attach) = self.attach.as_mut() {
+            attach.reap(pools);
+            self.stats.tx_attached_held = attach.in_use() as u64;
         }
     }
 

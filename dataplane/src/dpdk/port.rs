@@ -375,9 +375,6 @@ impl<'pool> TxQueue<'_, 'pool> {
             return 0;
         }
         let base = frames.as_mut_ptr() as *mut *mut sys::rte_mbuf;
-        for m in frames[..count].iter() {
-            debug_assert_eq!(m.segment_count(), 1);
-        }
         // SAFETY: base points at `count` owned mbufs (repr(transparent)); &mut self makes this
         // thread the queue's only user. The driver takes ownership of the first `sent`.
         let sent =
