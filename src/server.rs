@@ -238,7 +238,10 @@ fn open_dpdk(
         *addr.ip(),
         addr.port(),
         "carmine-rx",
-        true, // receive in place: requests are read from the mbufs' rooms
+        net::InPlace {
+            rx: true, // requests are read from the mbufs' rooms
+            tx: config.dpdk_tx_in_place,
+        },
     )
     .map_err(|e| format!("DPDK port {port}: {e}"))?;
     let mac = opened.mac.0;

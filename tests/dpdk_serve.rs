@@ -177,7 +177,8 @@ mod run {
 
     fn one_core() {
         let mut case = Case::new("one");
-        let mut server = case.server(&["--cores", "1"]);
+        // Reply payloads sent in place here; the other cases keep the default (copied).
+        let mut server = case.server(&["--cores", "1", "--dpdk-tx-in-place", "true"]);
         let (writes, ops) = write_then_read(&mut case, &server);
         let status = status(&server.addr);
         assert_eq!(
@@ -225,10 +226,10 @@ mod run {
             0,
             "every room went back to the NIC once its request was answered: {status}"
         );
-        // Replies: the head and output are copied once into a response chunk (kept for
-        // resends: `udp_tx_copied_bytes`); a 4 KiB read's reply packet then goes out with its
-        // payload attached from that chunk, not copied into the mbuf. Write replies (a head of
-        // a few dozen bytes) are copied: under `ATTACH_MIN_BYTES`.
+        // Replies (`--dpdk-tx-in-place`): the head and output are copied once into a response
+        // chunk (kept for resends: `udp_tx_copied_bytes`); a 4 KiB read's reply packet then
+        // goes out with its payload attached from that chunk, not copied into the mbuf. Write
+        // replies (a head of a few dozen bytes) are copied: under `ATTACH_MIN_BYTES`.
         let reads = total(&status, "ops_read");
         assert!(
             total(&status, "dpdk_tx_in_place") >= reads,
@@ -291,6 +292,20 @@ mod run {
             cores[1]["ops"].as_u64().unwrap() > 0
                 && cores[0]["ops_remote_out"].as_u64().unwrap() > 0,
             "core 1's PGs were reached over the ring: {status}"
+        );
+        // Rooms leased on core 0 and read by core 1's store came home and went back to the NIC;
+        // replies are copied into mbufs by default (no `--dpdk-tx-in-place`).
+        assert_eq!(
+            total(&status, "dpdk_rx_in_place"),
+            total(&status, "udp_datagrams_rx"),
+            "{status}"
+        );
+        assert_eq!(total(&status, "dpdk_rx_copies"), 0, "{status}");
+        assert_eq!(total(&status, "dpdk_rx_rooms_leased"), 0, "{status}");
+        assert_eq!(total(&status, "dpdk_tx_in_place"), 0, "{status}");
+        assert!(
+            total(&status, "dpdk_tx_copied_bytes") >= 4096 * (ops - writes),
+            "{status}"
         );
         assert!(server.stop().success(), "clean exit on SIGINT");
     }

@@ -180,6 +180,10 @@ pub trait DatagramPort {
     fn flush(&mut self, pools: &mut CorePools) {
         let _ = pools;
     }
+    /// Gives back whatever pool buffers the port itself holds (after the transport stopped).
+    fn close(&mut self, pools: &mut CorePools) {
+        let _ = pools;
+    }
     /// A descriptor that becomes readable when datagrams wait (for a parked core), if any.
     fn fd(&self) -> Option<RawFd>;
     fn stats(&self) -> PortStats {
@@ -744,6 +748,7 @@ impl<P: DatagramPort> RpcTransport<P> {
         }
         self.reap(pools);
         debug_assert_eq!(self.held, 0);
+        self.port.close(pools);
     }
 }
 
