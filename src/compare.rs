@@ -67,6 +67,12 @@ pub struct CompareArgs {
     /// generator) or spin.
     #[arg(long, default_value = "adaptive")]
     pub rtc_idle: String,
+    /// Drive the servers with a client that is not shard-aware. By default the generator runs
+    /// as `carmine load --route` (each op on a connection owned by its object's core, so no op
+    /// crosses the rtc server's rings, as a shard-aware client sends it); classic mode has no
+    /// owning cores and is driven unrouted either way.
+    #[arg(long)]
+    pub unrouted: bool,
 }
 
 /// One workload run against one server.
@@ -83,6 +89,8 @@ struct Measure {
     server_busy_cpu_ns: u64,
     server_cpu_ns: u64,
     client_cpu_ns: u64,
+    /// Load connections that sent every op to its object's core (see `--unrouted`).
+    routed_connections: u32,
 }
 
 impl Measure {
@@ -125,6 +133,7 @@ impl Measure {
             "server_cpu_fraction": (self.server_load(mode, cores) * 1000.0).round() / 1000.0,
             "load_gen_cpu_fraction": (self.client_load() * 1000.0).round() / 1000.0,
             "limit": self.limit(mode, cores),
+            "routed_connections": self.routed_connections,
         })
     }
 }
@@ -288,6 +297,7 @@ fn measure(load_args: &LoadArgs) -> Result<Measure, String> {
     let after = server_totals(&load_args.target)?;
     Ok(Measure {
         iops: report.iops,
+        routed_connections: report.routed_connections,
         p50_us: report.latency_us.p50,
         p99_us: report.latency_us.p99,
         errors: report.errors,
@@ -331,6 +341,7 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         object_size: args.object_size,
         prefill: false,
         verify: false,
+        route: !args.unrouted,
         read_pct: 70,
         seed: 1,
         prefix: "compare".into(),

@@ -141,7 +141,7 @@ serve_options! {
     store: String = "auto", parse_choice(&["auto", "memory", "segment"]);
     /// Memory store capacity, split evenly over the cores.
     memory_capacity: u64 = "4GiB", parse_size;
-    /// Segment store: file or block device (a missing file is created sparse, of --device-size, and formatted), or nvme:PCI_ADDRESS (Carmine's NVMe driver over VFIO; run carmine mkfs on it first).
+    /// Segment store: file or block device (a missing file is created sparse, of --device-size, and formatted), or nvme:PCI_ADDRESS (Carmine's NVMe driver over VFIO; run carmine mkfs on it first), or spdk:TRANSPORT_ID (SPDK's NVMe driver, feature spdk; e.g. "spdk:trtype=PCIe traddr=0000:00:04.0").
     device: PathBuf = "carmine.img", parse_path;
     /// Segment store: size of a device file created on first run.
     device_size: u64 = "4GiB", parse_size;

@@ -275,6 +275,20 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         check_mounted_shard(&store, config, index, config.cores)?;
         return Ok(Box::new(store));
     }
+    if let Some(transport_id) = crate::device::spdk_transport_id(path) {
+        // SPDK's NVMe driver: one I/O queue pair per core on a controller shared by all.
+        #[cfg(feature = "spdk")]
+        {
+            let qp = crate::device::spdk_queue_pair(transport_id, config.queue_depth)
+                .map_err(|e| format!("core {index}: {e}"))?;
+            let store = SegmentStore::mount(qp, index as u32)
+                .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
+            check_mounted_shard(&store, config, index, config.cores)?;
+            return Ok(Box::new(store));
+        }
+        #[cfg(not(feature = "spdk"))]
+        return Err(crate::device::spdk_not_built(transport_id));
+    }
     Ok(Box::new(open_segment_shard(config, index, config.cores)?))
 }
 
@@ -287,10 +301,10 @@ pub(crate) fn open_segment_shard(
     shards: u32,
 ) -> Result<SegmentStore<UringQueuePair>, String> {
     let path = &config.device;
-    if crate::device::nvme_address(path).is_some() {
+    if crate::device::is_user_space_device(path) {
         return Err(format!(
             "{}: classic mode drives files and block devices only (its store threads sleep on \
-             an io_uring eventfd; the NVMe queue pair is polled): use --mode rtc",
+             an io_uring eventfd; NVMe and SPDK queue pairs are polled): use --mode rtc",
             path.display()
         ));
     }

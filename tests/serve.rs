@@ -117,6 +117,48 @@ fn cross_core_traffic_is_counted_and_one_hop() {
 }
 
 #[test]
+fn routed_load_sends_every_op_to_its_core() {
+    // `load --route` asks each connection's core (HELLO) and sends each timed op on a
+    // connection of its object's core: none crosses a ring, and verification still holds.
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let args = [
+        "--duration",
+        "500ms",
+        "--objects",
+        "32",
+        "--object-size",
+        "64KiB",
+        "--clients",
+        "4",
+        "--verify",
+        "--route",
+    ];
+    for op in ["randwrite", "randread", "seqwrite", "mixed"] {
+        let before = total(&status(&server.addr), "ops_remote_out");
+        let mut with_op = vec!["--op", op];
+        with_op.extend_from_slice(&args);
+        let report = load(&server.addr, &with_op);
+        assert_clean(&report, op);
+        assert_eq!(report["routed_connections"], 4, "{op}: {report}");
+        let after = total(&status(&server.addr), "ops_remote_out");
+        assert_eq!(after, before, "{op}: routed ops never cross cores");
+    }
+    // The same load unrouted does cross: the assertion above can fail.
+    let before = total(&status(&server.addr), "ops_remote_out");
+    let unrouted: Vec<&str> = ["--op", "randwrite"]
+        .into_iter()
+        .chain(
+            args.iter()
+                .copied()
+                .filter(|a| !matches!(*a, "--route" | "--verify")),
+        )
+        .collect();
+    let report = load(&server.addr, &unrouted);
+    assert_eq!(report["routed_connections"], 0);
+    assert!(total(&status(&server.addr), "ops_remote_out") > before);
+}
+
+#[test]
 fn steady_state_data_path_does_not_allocate() {
     let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
     let args = [

@@ -22,7 +22,7 @@ use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
 use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
-    Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
+    self as wire, Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
 };
 use carmine_storage::{ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit};
 
@@ -31,7 +31,7 @@ use crate::osd::message::{Message, Results};
 use crate::osd::network::{Clock, Network};
 use crate::osd::op_table::{OpRef, OpTable, SLOT_NONE};
 use crate::osd::pg::Pg;
-use crate::osd::placement::Placement;
+use crate::osd::placement::{Placement, PlacementMode};
 use crate::osd::stall::{StallWatch, STALL_REPORT_AFTER};
 use crate::osd::stats::{Counter, Counters, SharedCounters};
 use crate::osd::timer::TimerQueue;
@@ -556,6 +556,7 @@ impl<N: Network> OsdCore<N> {
             (false, Some(Opcode::OsdOp)) => {}
             (false, Some(Opcode::Ping)) => return self.answer_ping(conn, header, frame),
             (false, Some(Opcode::Status)) => return self.answer_status(conn, header, frame),
+            (false, Some(Opcode::Hello)) => return self.answer_hello(conn, header, frame),
             _ => return self.answer_error(conn, header, frame, Status::UnknownOpcode),
         }
         if let Err(status) = view.validate_sub_ops() {
@@ -618,6 +619,28 @@ impl<N: Network> OsdCore<N> {
         };
         self.pools.release_lease(frame);
         self.reply(conn, &header, Status::Ok, &[], body);
+    }
+
+    /// Tells a shard-aware client which core owns this connection and how objects are placed
+    /// (`wire::HelloReply`), so that it can send each op straight to its core.
+    fn answer_hello(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
+        let hello = wire::HelloReply {
+            core: self.index as u32,
+            cores: self.placement.cores as u32,
+            pg_count: match self.placement.mode {
+                PlacementMode::Pg { pg_count } => Some(pg_count),
+                PlacementMode::Flex => None,
+            },
+        }
+        .encode();
+        let Some(mut buf) = self.pools.acquire_for(hello.len()) else {
+            self.counters.add(Counter::buffer_waits, 1);
+            return self.answer_error(conn, header, frame, Status::OverLimit);
+        };
+        buf.spare_mut()[..hello.len()].copy_from_slice(&hello);
+        buf.seal(hello.len());
+        self.pools.release_lease(frame);
+        self.reply(conn, &header, Status::Ok, &[], Body::Buf(buf));
     }
 
     fn answer_status(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
