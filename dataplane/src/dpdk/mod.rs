@@ -11,6 +11,7 @@ mod mbuf;
 mod mempool;
 pub mod net;
 mod port;
+mod rooms;
 pub mod udp;
 
 pub use attach::TxAttach;

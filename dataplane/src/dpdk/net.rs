@@ -42,14 +42,15 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
+use super::rooms::Rooms;
 use super::BURST_MAX;
 use super::{
     udp, DpdkError, Eal, MacAddr, Mbuf, Mempool, Port, PortConfig, RxQueue, TxAttach, TxQueue,
 };
-use crate::buffers::{pool_id, CorePools, SizeClass};
+use crate::buffers::CorePools;
 use crate::dgram::ipv4::{self, Endpoint, Parsed};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
-use crate::pool::{Buf, BufferPool, BUFFER_ALIGNMENT_BYTES};
+use crate::pool::{Buf, BufferPool};
 use crate::udp::{recv_into_chunk, DatagramPort, PortStats, Received};
 
 /// Data room of each mbuf: the default headroom (128) plus a whole jumbo frame of the RPC's
@@ -62,10 +63,6 @@ pub const MBUF_DATA_ROOM: u16 = 128 + 9216;
 pub const MBUFS_PER_QUEUE: u32 = 4095;
 /// Mbufs of a queue's separate tx pool (in-place receive): a few flushes' worth of packets.
 pub const TX_MBUFS_PER_QUEUE: u32 = 2047;
-/// Bytes between two rooms of an in-place rx pool: `MBUF_DATA_ROOM` rounded up to the buffer
-/// pool's alignment (its buffer size must be a multiple of it).
-pub const ROOM_STRIDE_BYTES: usize =
-    (MBUF_DATA_ROOM as usize).next_multiple_of(BUFFER_ALIGNMENT_BYTES);
 /// Smallest payload sent in place (attached to the frame) rather than copied: below it the
 /// second mbuf and the lease cost more than the copy.
 pub const ATTACH_MIN_BYTES: usize = 1024;
@@ -74,8 +71,6 @@ pub const ATTACH_SLOTS: u32 = 1024;
 /// Drivers that write received frames into the mbuf with the CPU, so rooms in memory DPDK did
 /// not map for DMA are safe to receive into.
 pub const SOFTWARE_DRIVERS: &[&str] = &["net_memif", "net_ring"];
-
-const _: () = assert!(ROOM_STRIDE_BYTES <= u16::MAX as usize);
 
 /// How long the driver may refuse every frame before the queued ones are dropped: a peer that
 /// went away (memif link down) must not keep the RPC's packets, and so a stopping server,
@@ -102,34 +97,6 @@ pub struct DpdkDatagramPort {
     /// Since when the driver has taken nothing while frames wait (see `TX_STUCK_DROP_AFTER`).
     tx_stuck_since: Option<Instant>,
     stats: PortStats,
-}
-
-/// The rooms of an in-place rx pool, by buffer index (= room index).
-struct Rooms {
-    /// The rx pool (the mbufs `rx_burst` gives come from it).
-    pool: &'static Mempool,
-    /// Address of room 0 and how many there are (rooms are `ROOM_STRIDE_BYTES` apart).
-    base: usize,
-    count: usize,
-    /// The `nic` buffer pool over the rooms, until the reactor takes it into its `CorePools`.
-    buffers: Option<BufferPool>,
-    /// The owner of each room the NIC has (None while ops hold leases over it).
-    owners: Vec<Option<Buf>>,
-    /// The mbuf of each room ops hold leases over (freed when the room comes back).
-    leased: Vec<Option<Mbuf<'static>>>,
-    leased_count: usize,
-}
-
-impl Rooms {
-    /// The room `m` was received into, if it is one of these.
-    fn index_of(&self, m: &Mbuf<'_>) -> Option<usize> {
-        if m.pool_ptr() != self.pool.as_ptr().cast_const() {
-            return None;
-        }
-        let offset = (m.room().0 as usize).checked_sub(self.base)?;
-        let index = offset / ROOM_STRIDE_BYTES;
-        (offset % ROOM_STRIDE_BYTES == 0 && index < self.count).then_some(index)
-    }
 }
 
 /// What [`open`] may do in place rather than copy.
@@ -178,8 +145,8 @@ pub fn open(
     let mut rooms: Vec<Option<Rooms>> = Vec::with_capacity(queue_count as usize);
     for q in 0..queue_count {
         if in_place {
-            let (pool, queue_rooms) = open_rooms(eal, &format!("{name}-{q}"), q)?;
-            rx_pools.push(pool);
+            let queue_rooms = Rooms::open(eal, &format!("{name}-{q}"), q)?;
+            rx_pools.push(queue_rooms.mempool());
             rooms.push(Some(queue_rooms));
             let tx = Mempool::new(
                 eal,
@@ -232,62 +199,6 @@ pub fn open(
     })
 }
 
-/// Queue `q`'s in-place rx pool: a `nic` buffer pool of `MBUFS_PER_QUEUE` rooms (id of core
-/// `q`), every room owned by the port, and a mempool over them.
-fn open_rooms(eal: &Eal, name: &str, q: u16) -> Result<(&'static Mempool, Rooms), DpdkError> {
-    let count = MBUFS_PER_QUEUE as usize;
-    let mut buffers = BufferPool::new(
-        pool_id(q as usize, SizeClass::Nic),
-        ROOM_STRIDE_BYTES,
-        MBUFS_PER_QUEUE,
-        false,
-    )
-    .map_err(|e| DpdkError {
-        call: "BufferPool::new (rx rooms)",
-        code: e.raw_os_error().unwrap_or(libc::ENOMEM),
-    })?;
-    let memory = buffers.memory();
-    let base = memory.as_ptr() as usize;
-    // The mempool uses the mapping for the rest of the process: it must never be unmapped.
-    std::mem::forget(memory);
-    let owners: Vec<Option<Buf>> = (0..count)
-        .map(|i| {
-            let owner = buffers.acquire().expect("a fresh pool has every room");
-            assert_eq!(owner.index() as usize, i, "rooms are handed out in order");
-            Some(owner)
-        })
-        .collect();
-    // SAFETY: the rooms are `count` buffers of `ROOM_STRIDE_BYTES` from `base`, in a mapping
-    // leaked above (never unmapped); their owners are held by the port, which writes none of
-    // them (it only seals and leases what the driver wrote), so only the driver writes a room
-    // while its mbuf is DPDK's.
-    let pool = unsafe {
-        Mempool::with_external_rooms(
-            eal,
-            name,
-            MBUFS_PER_QUEUE,
-            MBUF_DATA_ROOM,
-            base as *mut u8,
-            ROOM_STRIDE_BYTES as u16,
-        )?
-    };
-    let pool: &'static Mempool = Box::leak(Box::new(pool));
-    let mut leased = Vec::with_capacity(count);
-    leased.resize_with(count, || None);
-    Ok((
-        pool,
-        Rooms {
-            pool,
-            base,
-            count,
-            buffers: Some(buffers),
-            owners,
-            leased,
-            leased_count: 0,
-        },
-    ))
-}
-
 impl DpdkDatagramPort {
     /// The address this queue answers for.
     pub fn local(&self) -> Endpoint {
@@ -297,7 +208,7 @@ impl DpdkDatagramPort {
     /// The `nic` buffer pool over this queue's rx rooms (in-place receive), for the reactor's
     /// `CorePools::attach_nic`; taken once.
     pub fn take_nic_pool(&mut self) -> Option<BufferPool> {
-        self.rooms.as_mut().and_then(|rooms| rooms.buffers.take())
+        self.rooms.as_mut().and_then(Rooms::take_buffers)
     }
 
     /// Rooms whose every lease came back: owned again, their mbufs freed to DPDK.
@@ -305,19 +216,8 @@ impl DpdkDatagramPort {
         let (Some(rooms), Some(nic)) = (self.rooms.as_mut(), pools.nic.as_mut()) else {
             return;
         };
-        while let Some(owner) = nic.acquire() {
-            let index = owner.index() as usize;
-            let mbuf = rooms.leased[index].take();
-            assert!(
-                mbuf.is_some(),
-                "room {index} came back without being leased"
-            );
-            drop(mbuf); // the mbuf, and its room with it, back to the rx pool
-            assert!(rooms.owners[index].is_none(), "room {index} owned twice");
-            rooms.owners[index] = Some(owner);
-            rooms.leased_count -= 1;
-        }
-        self.stats.rx_rooms_leased = rooms.leased_count as u64;
+        rooms.reclaim(nic);
+        self.stats.rx_rooms_leased = rooms.leased_count() as u64;
     }
 
     /// The next UDP datagram to our port of the current burst (a new burst when it is used
@@ -445,37 +345,27 @@ impl DatagramPort for DpdkDatagramPort {
             return Ok(Received::Empty);
         };
         let rooms = self.rooms.as_mut().expect("checked above");
-        let Some(index) = rooms.index_of(&m) else {
-            // Not one of our rooms: copied into a chunk, as a copying port would.
-            let Some(spare) = crate::udp::rx_spare(chunk, pools) else {
-                self.rx_batch.push(m); // taken again once a chunk is free
-                return Ok(Received::NoBuffer);
-            };
-            spare[..len].copy_from_slice(&m.data()[offset..offset + len]);
-            self.stats.rx_copies += 1;
-            self.stats.rx_copied_bytes += len as u64;
-            let chunk = chunk.as_mut().expect("rx_spare leaves a chunk");
-            let at = chunk.sealed_len();
-            chunk.seal(len);
-            return Ok(Received::Datagram(pools.lease(chunk, at, len), source));
-        };
-        let mut owner = rooms.owners[index]
-            .take()
-            .expect("a room the driver filled is owned by the port");
-        let start = m.room().1 + offset; // data_off: the headroom before the frame
-        let end = start + len;
-        assert!(end <= MBUF_DATA_ROOM as usize, "a datagram within its room");
-        // The driver wrote [data_off, data_off + frame) while the NIC had the room: seal it,
-        // so it stays as written while leased, and lease the datagram.
-        owner.seal(end);
-        let lease = pools.lease(&owner, start, len);
-        pools.release(owner);
-        assert!(rooms.leased[index].is_none());
-        rooms.leased[index] = Some(m);
-        rooms.leased_count += 1;
-        self.stats.rx_in_place += 1;
-        self.stats.rx_rooms_leased = rooms.leased_count as u64;
-        Ok(Received::Datagram(lease, source))
+        match rooms.lease(pools, m, offset, len) {
+            Ok(lease) => {
+                self.stats.rx_in_place += 1;
+                self.stats.rx_rooms_leased = rooms.leased_count() as u64;
+                Ok(Received::Datagram(lease, source))
+            }
+            Err(m) => {
+                // Not one of our rooms: copied into a chunk, as a copying port would.
+                let Some(spare) = crate::udp::rx_spare(chunk, pools) else {
+                    self.rx_batch.push(m); // taken again once a chunk is free
+                    return Ok(Received::NoBuffer);
+                };
+                spare[..len].copy_from_slice(&m.data()[offset..offset + len]);
+                self.stats.rx_copies += 1;
+                self.stats.rx_copied_bytes += len as u64;
+                let chunk = chunk.as_mut().expect("rx_spare leaves a chunk");
+                let at = chunk.sealed_len();
+                chunk.seal(len);
+                Ok(Received::Datagram(pools.lease(chunk, at, len), source))
+            }
+        }
     }
 
     fn send(&mut self, peer: &Endpoint, header: &[u8], payload: &[u8]) -> io::Result<bool> {
@@ -537,17 +427,8 @@ impl DatagramPort for DpdkDatagramPort {
 
     fn close(&mut self, pools: &mut CorePools) {
         self.flush(pools);
-        self.reclaim(pools);
-        let Some(rooms) = self.rooms.as_mut() else {
-            return;
-        };
-        // The reactor polls no more, so the driver writes no room again (memif writes only in
-        // rx_burst; the mapping stays in any case): the rooms go back to the `nic` pool, which
-        // is then found empty when the core's pools are dropped.
-        if let Some(nic) = pools.nic.as_mut() {
-            for owner in rooms.owners.iter_mut().filter_map(Option::take) {
-                nic.release(owner);
-            }
+        if let (Some(rooms), Some(nic)) = (self.rooms.as_mut(), pools.nic.as_mut()) {
+            rooms.release_all(nic);
         }
     }
 
