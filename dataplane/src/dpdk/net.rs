@@ -271,9 +271,14 @@ impl DpdkDatagramPort {
         (self.pool, self.rx, self.tx)
     }
 
-    /// Mbufs of this queue's pool not in the pool (held by the driver, in hand, queued).
+    /// Mbufs of this queue's pools (rx and tx) out of them: held by the driver, in hand,
+    /// queued, or, with in-place receive, kept while ops hold leases over their rooms.
     pub fn mbufs_in_use(&self) -> u32 {
-        self.pool.in_use_count()
+        let rx = self
+            .rooms
+            .as_ref()
+            .map_or(0, |rooms| rooms.mempool().in_use_count());
+        self.pool.in_use_count() + rx
     }
 
     /// Queues a frame; false when neither the queue nor the driver has room.
