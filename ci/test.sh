@@ -63,7 +63,7 @@ if pkg-config --exists libdpdk && command -v clang >/dev/null; then
   cargo build --locked --features dpdk
   timeout 600 cargo test --locked -p carmine-ffi -p carmine-dataplane --features dpdk --lib
   timeout 300 cargo test --locked -p carmine-dataplane --features dpdk --doc
-  timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc
+  timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc --test dpdk_rooms
   # serve/load --transport dpdk end to end over a net_memif pair: verify on 1 and 2 cores, and
   # every op exactly once under injected loss (three cases, ~15 s once built).
   timeout 600 cargo test --locked --features dpdk --test dpdk_serve

@@ -132,6 +132,8 @@ serve_options! {
     dpdk_args: String = "", parse_text;
     /// The DPDK port (ethdev id) --transport dpdk serves on.
     dpdk_port: u16 = "0", parse_u16;
+    /// --transport dpdk: send reply payloads of 1 KiB and more from the response buffer, attached to the frame, instead of copying them into the mbuf. Only on ports that receive in place (memif, net_ring). Off by default: memif copies every frame into its ring anyway and takes a slower path for two-segment frames, so on memif it costs more instructions than the copy it saves; it is for NICs that gather by DMA (once pool memory is registered for DMA, which is not wired).
+    dpdk_tx_in_place: bool = "false", parse_bool;
     /// Serve block images over NBD on this address as well ("off": not at all).
     nbd: Option<SocketAddr> = "off", parse_optional_addr;
     /// Reactors (one pinned thread per core).

@@ -88,7 +88,7 @@ struct CoreParts {
 
 fn build_core(
     config: &ServeConfig,
-    parts: CoreParts,
+    #[allow(unused_mut)] mut parts: CoreParts, // a DPDK queue gives up its rooms below
     wakers: Arc<[Waker]>,
     board: Arc<StatusBoard>,
     shutdown: Arc<Shutdown>,
@@ -114,8 +114,13 @@ fn build_core(
         large_size_bytes: config.large_buffer_size(),
         large_count: config.large_buffer_count,
     };
-    let pools = CorePools::new(index, sizes, config.hugepages)
+    #[allow(unused_mut)] // mutated only with feature dpdk
+    let mut pools = CorePools::new(index, sizes, config.hugepages)
         .map_err(|e| format!("core {index}: buffer pools: {e}"))?;
+    #[cfg(feature = "dpdk")]
+    if let Some(nic) = parts.dpdk_queue.as_mut().and_then(|q| q.take_nic_pool()) {
+        pools.attach_nic(nic); // the rooms this core's rx queue receives into
+    }
     if config.hugepages && !pools.small.hugepage_backed() {
         log::warn!("core {index}: hugepages requested but not reserved; buffers use normal pages");
     }
@@ -233,6 +238,10 @@ fn open_dpdk(
         *addr.ip(),
         addr.port(),
         "carmine-rx",
+        net::InPlace {
+            rx: true, // requests are read from the mbufs' rooms
+            tx: config.dpdk_tx_in_place,
+        },
     )
     .map_err(|e| format!("DPDK port {port}: {e}"))?;
     let mac = opened.mac.0;

@@ -1380,10 +1380,18 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     );
     c.set(Counter::udp_dropped_injected, udp.dropped_injected);
     c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
-    // The port's own counters (zero on a kernel socket): over DPDK every received datagram
-    // is copied once from its mbuf into a pool chunk (`dpdk_rx_copies`).
+    // The port's own counters (zero on a kernel socket): over DPDK a received datagram is
+    // leased in the mbuf's room (`dpdk_rx_in_place`), or copied once from its mbuf into a pool
+    // chunk when the port cannot (`dpdk_rx_copies`).
     c.set(Counter::dpdk_rx_copies, udp.port.rx_copies);
     c.set(Counter::dpdk_rx_copied_bytes, udp.port.rx_copied_bytes);
+    c.set(Counter::dpdk_rx_in_place, udp.port.rx_in_place);
+    c.set(Counter::dpdk_rx_rooms_leased, udp.port.rx_rooms_leased);
+    // Replies: payloads of 1 KiB and more are sent from the response chunk in place
+    // (`dpdk_tx_in_place`), smaller ones copied into the frame (`dpdk_tx_copied_bytes`).
+    c.set(Counter::dpdk_tx_in_place, udp.port.tx_in_place);
+    c.set(Counter::dpdk_tx_copied_bytes, udp.port.tx_copied_bytes);
+    c.set(Counter::dpdk_tx_attached_held, udp.port.tx_attached_held);
     c.set(Counter::dpdk_arp_replies, udp.port.arp_replies);
     c.set(Counter::dpdk_ignored, udp.port.ignored);
     c.set(Counter::dpdk_tx_full, udp.port.tx_full);
