@@ -30,7 +30,11 @@ const LOAD_KEYS: [&str; 17] = [
 ];
 
 fn store_bench(device: &str, op: &str) -> serde_json::Value {
-    carmine_json(&[
+    store_bench_with(device, op, &[])
+}
+
+fn store_bench_with(device: &str, op: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "store-bench",
         "--device",
         device,
@@ -47,7 +51,9 @@ fn store_bench(device: &str, op: &str) -> serde_json::Value {
         "--object-size",
         "1MiB",
         "--json",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    carmine_json(&args)
 }
 
 fn check_common(report: &serde_json::Value, op: &str) {
@@ -106,6 +112,17 @@ fn randwrite_then_randread_on_one_device() {
         read["bytes"],
         read["ops"].as_u64().unwrap() * 4096,
         "{read}"
+    );
+    assert_eq!(read["reads_verified"], true, "{read}");
+
+    // --no-verify (for comparing with fio): reads are counted, not compared.
+    let unverified = store_bench_with(device, "randread", &["--no-verify"]);
+    check_common(&unverified, "randread");
+    assert_eq!(unverified["reads_verified"], false, "{unverified}");
+    assert_eq!(
+        unverified["bytes"],
+        unverified["ops"].as_u64().unwrap() * 4096,
+        "{unverified}"
     );
 }
 
