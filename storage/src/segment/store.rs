@@ -30,7 +30,7 @@ use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
 use crate::segment::journal::{
     Journal, JournalError, SegmentRole, CHECKPOINT_CHUNK_MAX_BYTES, JOURNAL_TAG_BIT,
 };
-use crate::segment::metadata::{Metadata, Onode};
+use crate::segment::metadata::{Metadata, ObjectRef};
 use crate::segment::mount::{self, MountError};
 use crate::StoreError;
 
@@ -862,7 +862,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
 /// Groups the blocks to read into runs that are consecutive both logically and on the device.
 fn build_runs(
-    old: &Onode,
+    old: ObjectRef<'_>,
     needed: &[u64],
     runs: &mut Vec<ReadRun>,
     crcs: &mut Vec<u32>,
@@ -873,7 +873,7 @@ fn build_runs(
     let mut i = 0;
     while i < needed.len() {
         let first = needed[i];
-        let block = old.blocks[&first];
+        let block = old.blocks.get(first).expect("needed blocks are mapped");
         let physical = block.physical;
         let crc_first = crcs.len() as u32;
         crcs.push(block.crc);
@@ -882,7 +882,10 @@ fn build_runs(
             && (count as u64) < READ_RUN_BLOCKS_MAX
             && needed[i + count] == first + count as u64
         {
-            let next = old.blocks[&needed[i + count]];
+            let next = old
+                .blocks
+                .get(needed[i + count])
+                .expect("needed blocks are mapped");
             if next.physical != physical + count as u64 * 4096 {
                 break;
             }
@@ -912,7 +915,7 @@ fn count_reads(stats: &mut StoreStats, ops: &[SubOp<'_>]) {
 fn append_plan(
     journal: &mut Journal,
     oid: &[u8],
-    old: Option<&Onode>,
+    old: Option<ObjectRef<'_>>,
     plan: &mut Plan,
     crcs: &mut Vec<u32>,
     tag: u64,
