@@ -919,6 +919,8 @@ fn server_json(
         "lane_waits": after.lane_waits.saturating_sub(before.lane_waits),
         "batch_full_waits": after.batch_full_waits.saturating_sub(before.batch_full_waits),
         "buffer_allocations": after.buffer_allocations.saturating_sub(before.buffer_allocations),
+        "checkpoints": after.checkpoints.saturating_sub(before.checkpoints),
+        "checkpoint_bytes": after.checkpoint_bytes.saturating_sub(before.checkpoint_bytes),
         "free_segments_start": before.free_segments,
         "free_segments": after.free_segments,
         "segments": sb.shard_segments(0).len(),

@@ -17,7 +17,7 @@
 use crate::object_store::{ObjectStat, OutputBuffer, SubOp, SubOpResult, STATUS_OK};
 use crate::queue_pair::AlignedBuf;
 use crate::segment::dirty::DirtyBlocks;
-use crate::segment::metadata::ObjectRef;
+use crate::segment::metadata::{BlockRef, ObjectRef};
 use crate::StoreError;
 
 const BLOCK: u64 = 4096;
@@ -184,20 +184,21 @@ impl BlockPool {
     }
 }
 
-/// Lists (sorted, deduplicated) the mapped blocks of `old` that running `ops` may read:
-/// blocks under Read ranges and the partially covered edge blocks of Write, Zero and Truncate.
+/// Lists (sorted, deduplicated) the mapped blocks of `old` that running `ops` may read, with
+/// where each lives (so the reads need no second lookup in the extent tree): blocks under
+/// Read ranges and the partially covered edge blocks of Write, Zero and Truncate.
 pub fn blocks_to_read(
     old: Option<ObjectRef<'_>>,
     ops: &[SubOp<'_>],
     out_capacity: usize,
-    needed: &mut Vec<u64>,
+    needed: &mut Vec<(u64, BlockRef)>,
 ) {
     needed.clear();
     let Some(old) = old else { return };
     let mut push_range = |start: u64, end: u64| {
         if start < end {
             let (first, last) = (start / BLOCK, (end - 1) / BLOCK);
-            needed.extend(old.blocks.range(first, last).map(|(index, _)| index));
+            needed.extend(old.blocks.range(first, last));
         }
     };
     for op in ops {
@@ -216,8 +217,8 @@ pub fn blocks_to_read(
             _ => {}
         }
     }
-    needed.sort_unstable();
-    needed.dedup();
+    needed.sort_unstable_by_key(|&(index, _)| index);
+    needed.dedup_by_key(|&mut (index, _)| index);
 }
 
 /// Calls `push(start, end)` for the partially covered first and last blocks of a range.

@@ -207,16 +207,7 @@ impl Metadata {
     }
 
     fn segment_of(&self, physical: u64) -> Result<usize, ApplyError> {
-        if physical % BLOCK_SIZE_BYTES != 0 {
-            return Err(ApplyError::Misaligned { value: physical });
-        }
-        let segment = physical
-            .checked_sub(SEGMENTS_START_BYTES)
-            .map(|relative| relative / self.sb.segment_size);
-        match segment {
-            Some(segment) if segment < u64::from(self.sb.segment_count) => Ok(segment as usize),
-            _ => Err(ApplyError::OutsideDevice { physical }),
-        }
+        segment_of(&self.sb, physical)
     }
 
     fn onode(&mut self, oid: &[u8], delta: &'static str) -> Result<&mut Onode, ApplyError> {
@@ -382,8 +373,21 @@ impl Metadata {
         if first_segment != last_segment {
             return Err(ApplyError::OutsideDevice { physical: last });
         }
-        let object = self.onode(oid, "extent map")?.id;
-        let mut added = 0;
+        // Field by field, so the onode stays borrowed while the tree changes: one hash lookup
+        // per delta, not one before and one after.
+        let Metadata {
+            objects,
+            extents,
+            live_blocks,
+            sb,
+            ..
+        } = self;
+        let onode = objects
+            .get_mut(oid)
+            .ok_or_else(|| ApplyError::NoSuchObject {
+                oid: oid.to_vec(),
+                delta: "extent map",
+            })?;
         for index in 0..u64::from(blocks) {
             let crc =
                 u32::from_le_bytes(crcs[index as usize * 4..][..4].try_into().expect("4 bytes"));
@@ -392,16 +396,15 @@ impl Metadata {
                 crc,
             };
             let key = Key {
-                object,
+                object: onode.id,
                 block: offset / BLOCK_SIZE_BYTES + index,
             };
-            match self.extents.insert(key, block) {
-                Some(old) => self.release(old.physical),
-                None => added += 1,
+            match extents.insert(key, block) {
+                Some(old) => release(sb, live_blocks, old.physical),
+                None => onode.mapped_blocks += 1,
             }
         }
-        self.live_blocks[first_segment] += blocks;
-        self.onode(oid, "extent map")?.mapped_blocks += added;
+        live_blocks[first_segment] += blocks;
         Ok(())
     }
 
@@ -443,14 +446,7 @@ impl Metadata {
     }
 
     fn release(&mut self, physical: u64) {
-        let segment = self
-            .segment_of(physical)
-            .expect("mapped blocks were checked when mapped");
-        // A live count going negative means the inventory lost track: the cleaner would free
-        // live data. Never continue past that.
-        self.live_blocks[segment] = self.live_blocks[segment]
-            .checked_sub(1)
-            .expect("segment inventory underflow");
+        release(&self.sb, &mut self.live_blocks, physical);
     }
 
     /// Recounts the inventory from the extent tree (fsck compares it with the running count).
@@ -483,12 +479,21 @@ impl Metadata {
         out.clear();
         let start = self.sb.segment_offset(segment);
         let end = start + self.sb.segment_size;
-        for (key, block) in self.all_extents() {
-            if (start..end).contains(&block.physical) {
-                let oid = self.names.get(&key.object).expect("every id has a name");
-                out.push((oid.clone(), key.block, block));
-            }
-        }
+        // The tree's visitor, not its iterator: this walks every entry, and the recursive
+        // visit costs about a third of the iterator's instructions per entry.
+        self.extents.for_each_in(
+            Key::default(),
+            Key {
+                object: u64::MAX,
+                block: u64::MAX,
+            },
+            &mut |key, block| {
+                if (start..end).contains(&block.physical) {
+                    let oid = self.names.get(&key.object).expect("every id has a name");
+                    out.push((oid.clone(), key.block, block));
+                }
+            },
+        );
         out.sort_unstable_by_key(|(_, _, block)| block.physical);
     }
 
@@ -593,6 +598,30 @@ impl Metadata {
                 .objects()
                 .all(|(oid, object)| other.object(oid) == Some(object))
     }
+}
+
+/// The segment holding `physical`, which must be a 4 KiB-aligned address inside the segments.
+fn segment_of(sb: &Superblock, physical: u64) -> Result<usize, ApplyError> {
+    if physical % BLOCK_SIZE_BYTES != 0 {
+        return Err(ApplyError::Misaligned { value: physical });
+    }
+    let segment = physical
+        .checked_sub(SEGMENTS_START_BYTES)
+        .map(|relative| relative / sb.segment_size);
+    match segment {
+        Some(segment) if segment < u64::from(sb.segment_count) => Ok(segment as usize),
+        _ => Err(ApplyError::OutsideDevice { physical }),
+    }
+}
+
+/// Takes a block that stopped being live out of its segment's count.
+fn release(sb: &Superblock, live_blocks: &mut [u32], physical: u64) {
+    let segment = segment_of(sb, physical).expect("mapped blocks were checked when mapped");
+    // A live count going negative means the inventory lost track: the cleaner would free
+    // live data. Never continue past that.
+    live_blocks[segment] = live_blocks[segment]
+        .checked_sub(1)
+        .expect("segment inventory underflow");
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
 use crate::segment::journal::{
     Journal, JournalError, SegmentRole, CHECKPOINT_CHUNK_MAX_BYTES, JOURNAL_TAG_BIT,
 };
-use crate::segment::metadata::{Metadata, ObjectRef};
+use crate::segment::metadata::{BlockRef, Metadata, ObjectRef};
 use crate::segment::mount::{self, MountError};
 use crate::StoreError;
 
@@ -386,7 +386,7 @@ pub struct SegmentStore<Q: QueuePair> {
     /// Finished slots, to report.
     finished: VecDeque<u32>,
     pool: BlockPool,
-    needed: Vec<u64>,
+    needed: Vec<(u64, BlockRef)>,
     crcs: Vec<u32>,
     durable_scratch: Vec<u8>,
     done_scratch: Vec<(u64, Result<(), JournalError>)>,
@@ -597,12 +597,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     fn start_reads(&mut self, slot_index: u32) {
         debug_assert!(!self.needed.is_empty());
         let slot = &mut self.slots[slot_index as usize];
-        let old = self
-            .metadata
-            .object(&slot.oid)
-            .expect("blocks to read belong to an object");
         build_runs(
-            old,
             &self.needed,
             &mut slot.runs,
             &mut slot.run_crcs,
@@ -862,8 +857,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
 /// Groups the blocks to read into runs that are consecutive both logically and on the device.
 fn build_runs(
-    old: ObjectRef<'_>,
-    needed: &[u64],
+    needed: &[(u64, BlockRef)],
     runs: &mut Vec<ReadRun>,
     crcs: &mut Vec<u32>,
     pool: &mut BlockPool,
@@ -872,20 +866,16 @@ fn build_runs(
     crcs.clear();
     let mut i = 0;
     while i < needed.len() {
-        let first = needed[i];
-        let block = old.blocks.get(first).expect("needed blocks are mapped");
+        let (first, block) = needed[i];
         let physical = block.physical;
         let crc_first = crcs.len() as u32;
         crcs.push(block.crc);
         let mut count = 1;
         while i + count < needed.len()
             && (count as u64) < READ_RUN_BLOCKS_MAX
-            && needed[i + count] == first + count as u64
+            && needed[i + count].0 == first + count as u64
         {
-            let next = old
-                .blocks
-                .get(needed[i + count])
-                .expect("needed blocks are mapped");
+            let next = needed[i + count].1;
             if next.physical != physical + count as u64 * 4096 {
                 break;
             }
