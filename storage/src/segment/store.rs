@@ -1228,11 +1228,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
             let mut chunks = Vec::new();
             self.metadata
                 .checkpoint(CHECKPOINT_CHUNK_MAX_BYTES, &mut chunks);
+            let tree = self.metadata.extent_tree();
             log::debug!(
-                "shard {}: checkpoint of {} objects in {} records",
+                "shard {}: checkpoint of {} objects in {} records ({} bytes); extent tree: {} blocks in {} nodes, height {}",
                 self.shard,
                 self.metadata.object_count(),
-                chunks.len()
+                chunks.len(),
+                chunks.iter().map(Vec::len).sum::<usize>(),
+                tree.len(),
+                tree.node_count(),
+                tree.height()
             );
             self.journal.begin_checkpoint(chunks);
         }
