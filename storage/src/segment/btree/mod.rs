@@ -320,10 +320,14 @@ impl ExtentTree {
     ) -> (Option<Value>, Option<(Key, NodeId)>) {
         let node = &mut self.nodes[id as usize];
         node.dirty = true;
+        // The new entry went to the node's end: keys are arriving in order (a replay from a
+        // checkpoint, a sequential fill), and an even split would leave every node half full.
+        let mut at_end = false;
         let old = match &mut node.body {
             Body::Leaf(entries) => match entries.binary_search_by_key(&key, |&(k, _)| k) {
                 Ok(i) => Some(std::mem::replace(&mut entries[i].1, value)),
                 Err(i) => {
+                    at_end = i == entries.len();
                     entries.insert(i, (key, value));
                     None
                 }
@@ -340,6 +344,7 @@ impl ExtentTree {
                     let Body::Internal(entries) = &mut self.nodes[id as usize].body else {
                         unreachable!("an internal node stays internal")
                     };
+                    at_end = i + 1 == entries.len();
                     entries.insert(i + 1, (split_key, right));
                 }
                 old
@@ -349,24 +354,34 @@ impl ExtentTree {
         if node.len() <= node.capacity() {
             return (old, None);
         }
-        (old, Some(self.split(id)))
+        (old, Some(self.split(id, at_end)))
     }
 
-    /// Moves the upper half of an overfull node into a new right sibling.
-    fn split(&mut self, id: NodeId) -> (Key, NodeId) {
+    /// Moves the upper part of an overfull node into a new right sibling: half of it, or
+    /// when the last insert went to the end (`at_end`), only the minimum a node must hold
+    /// (a quarter of capacity, plus one), so in-order inserts leave nodes three quarters
+    /// full instead of half.
+    fn split(&mut self, id: NodeId, at_end: bool) -> (Key, NodeId) {
         let (mut leaf, mut internal) = match self.nodes[id as usize].body {
             Body::Leaf(_) => (self.leaf_body(), Vec::new()),
             Body::Internal(_) => (Vec::new(), self.internal_body()),
         };
         let node = &mut self.nodes[id as usize];
         let level = node.level;
+        let (len, capacity) = (node.len(), node.capacity());
+        assert_eq!(len, capacity + 1, "a node splits on its first overflow");
+        let at = if at_end {
+            len - (capacity / 4 + 1)
+        } else {
+            len / 2
+        };
         let body = match &mut node.body {
             Body::Leaf(entries) => {
-                leaf.extend(entries.drain(entries.len() / 2..));
+                leaf.extend(entries.drain(at..));
                 Body::Leaf(leaf)
             }
             Body::Internal(entries) => {
-                internal.extend(entries.drain(entries.len() / 2..));
+                internal.extend(entries.drain(at..));
                 Body::Internal(internal)
             }
         };

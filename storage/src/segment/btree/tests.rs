@@ -90,6 +90,31 @@ fn grows_to_several_levels_and_shrinks_back() {
 }
 
 #[test]
+fn in_order_inserts_leave_nodes_three_quarters_full() {
+    // A replay from a checkpoint inserts keys in order: object by object, block by block.
+    let mut tree = ExtentTree::new();
+    let n = 100_000u64;
+    for i in 0..n {
+        tree.insert(key(i / 1000, i % 1000), value(i));
+    }
+    tree.check().unwrap();
+    let leaves_min = n as usize / LEAF_CAPACITY;
+    let three_quarters = n as usize / (LEAF_CAPACITY - LEAF_CAPACITY / 4 - 1);
+    assert!(
+        tree.node_count() <= three_quarters + three_quarters / 100 + 2,
+        "{} nodes for {n} entries ({leaves_min} if every leaf were full)",
+        tree.node_count()
+    );
+    // Out-of-order inserts still split evenly (and the tree stays valid either way).
+    let mut scattered = ExtentTree::new();
+    for i in 0..n {
+        scattered.insert(key(i % 97, i / 97), value(i));
+    }
+    scattered.check().unwrap();
+    assert!(scattered.node_count() > tree.node_count());
+}
+
+#[test]
 fn range_visits_one_object_in_block_order() {
     let mut tree = ExtentTree::new();
     for object in 0..50 {
