@@ -921,6 +921,8 @@ fn server_json(
         "buffer_allocations": after.buffer_allocations.saturating_sub(before.buffer_allocations),
         "checkpoints": after.checkpoints.saturating_sub(before.checkpoints),
         "checkpoint_bytes": after.checkpoint_bytes.saturating_sub(before.checkpoint_bytes),
+        "segments_cleaned": after.segments_cleaned.saturating_sub(before.segments_cleaned),
+        "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
         "free_segments_start": before.free_segments,
         "free_segments": after.free_segments,
         "segments": sb.shard_segments(0).len(),
