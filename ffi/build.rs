@@ -1,6 +1,7 @@
-//! Probes for the C libraries behind the optional features and, with `dpdk`, generates the
-//! bindings. Without a feature nothing is probed or generated, so the default build needs no C
-//! toolchain beyond what Rust itself needs, and no clang.
+//! Probes for the C libraries behind the optional features and generates their bindings
+//! (`dpdk`: DPDK 22.11; `spdk`: SPDK's NVMe driver, or Carmine's stand-in in `ci/spdk-stub/`).
+//! Without a feature nothing is probed or generated, so the default build needs no C toolchain
+//! beyond what Rust itself needs, and no clang.
 use std::process::Command;
 
 fn pkg_config_exists(name: &str) -> bool {
@@ -19,14 +20,171 @@ fn main() {
              apt-get install -y --no-install-recommends libdpdk-dev dpdk pkg-config clang libclang-dev"
         );
     }
-    if std::env::var_os("CARGO_FEATURE_SPDK").is_some() && !pkg_config_exists("spdk_nvme") {
+    println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
+    if std::env::var_os("CARGO_FEATURE_SPDK").is_some()
+        && !(pkg_config_exists("spdk_nvme") && pkg_config_exists("spdk_env_dpdk"))
+    {
         panic!(
-            "feature `spdk` needs SPDK installed with its pkg-config files (spdk_nvme.pc); \
-             SPDK is not packaged in Debian: build it from source and set PKG_CONFIG_PATH"
+            "feature `spdk` needs SPDK installed with its pkg-config files (spdk_nvme.pc, \
+             spdk_env_dpdk.pc) and clang/libclang-dev for bindgen; SPDK is not packaged in \
+             Debian: build it from source (./configure --with-shared && make) and set \
+             PKG_CONFIG_PATH=<spdk>/build/lib/pkgconfig (README.md, \"SPDK backend\"). For tests \
+             without SPDK, Carmine's stand-in: PKG_CONFIG_PATH=$(ci/spdk-stub/build.sh)"
         );
     }
     #[cfg(feature = "dpdk")]
     dpdk::generate();
+    #[cfg(feature = "spdk")]
+    spdk::generate();
+}
+
+#[cfg(feature = "spdk")]
+mod spdk {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    /// Functions Carmine calls (`carmine-storage`'s `queue_pair::spdk`), and the shim's.
+    const FUNCTIONS: &[&str] = &[
+        "spdk_env_opts_init",
+        "spdk_env_init",
+        "spdk_dma_zmalloc",
+        "spdk_dma_free",
+        "spdk_mem_register",
+        "spdk_mem_unregister",
+        "spdk_nvme_transport_id_parse",
+        "spdk_nvme_connect",
+        "spdk_nvme_detach",
+        "spdk_nvme_ctrlr_get_ns",
+        "spdk_nvme_ns_is_active",
+        "spdk_nvme_ns_get_sector_size",
+        "spdk_nvme_ns_get_num_sectors",
+        "spdk_nvme_ns_get_max_io_xfer_size",
+        "spdk_nvme_ctrlr_get_default_io_qpair_opts",
+        "spdk_nvme_ctrlr_alloc_io_qpair",
+        "spdk_nvme_ctrlr_free_io_qpair",
+        "spdk_nvme_ns_cmd_read",
+        "spdk_nvme_ns_cmd_write",
+        "spdk_nvme_ns_cmd_readv",
+        "spdk_nvme_ns_cmd_writev",
+        "spdk_nvme_ns_cmd_flush",
+        "spdk_nvme_qpair_process_completions",
+        "carmine_spdk_.*",
+    ];
+
+    const TYPES: &[&str] = &[
+        "spdk_env_opts",
+        "spdk_nvme_transport_id",
+        "spdk_nvme_io_qpair_opts",
+        "spdk_nvme_cpl",
+        "spdk_nvme_cmd_cb",
+        "spdk_nvme_req_reset_sgl_cb",
+        "spdk_nvme_req_next_sge_cb",
+    ];
+
+    /// The libraries to link: the NVMe driver, its DPDK environment, and (real SPDK only) the
+    /// system libraries they need.
+    fn packages() -> Vec<&'static str> {
+        let mut packages = vec!["spdk_nvme", "spdk_env_dpdk"];
+        if super::pkg_config_exists("spdk_syslibs") {
+            packages.push("spdk_syslibs");
+        }
+        packages
+    }
+
+    fn pkg_config(args: &[&str]) -> Vec<String> {
+        let out = Command::new("pkg-config")
+            .args(args)
+            .args(packages())
+            .output()
+            .expect("pkg-config runs (probed above)");
+        assert!(out.status.success(), "pkg-config {args:?} failed");
+        String::from_utf8(out.stdout)
+            .expect("pkg-config prints UTF-8")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether `spdk_nvme.pc` is Carmine's stand-in (it sets `carmine_spdk_stub=1`).
+    fn is_stand_in() -> bool {
+        Command::new("pkg-config")
+            .args(["--variable=carmine_spdk_stub", "spdk_nvme"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "1")
+            .unwrap_or(false)
+    }
+
+    pub fn generate() {
+        let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+        let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+        let dir = manifest.join("src/spdk");
+        let header = dir.join("wrapper.h");
+        let shim = dir.join("shim.c");
+        println!("cargo:rerun-if-changed={}", header.display());
+        println!("cargo:rerun-if-changed={}", shim.display());
+        let cflags = pkg_config(&["--cflags"]);
+        for flag in &cflags {
+            if let Some(include) = flag.strip_prefix("-I") {
+                // Rebuild when the headers change (the stand-in is rebuilt by ci/spdk-stub).
+                println!("cargo:rerun-if-changed={include}/spdk");
+            }
+        }
+        if is_stand_in() {
+            println!("cargo:rustc-env=CARMINE_SPDK_STUB=1");
+            println!(
+                "cargo:warning=feature `spdk` is built against Carmine's stand-in \
+                 (ci/spdk-stub), not SPDK"
+            );
+        }
+
+        let mut builder = bindgen::Builder::default()
+            .header(header.to_str().unwrap())
+            .clang_args(&cflags)
+            .derive_default(true)
+            .prepend_enum_name(false)
+            .generate_comments(false)
+            .layout_tests(true)
+            .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
+        for f in FUNCTIONS {
+            builder = builder.allowlist_function(f);
+        }
+        for t in TYPES {
+            builder = builder.allowlist_type(t);
+        }
+        builder
+            .generate()
+            .expect("bindgen over SPDK headers (needs clang and libclang-dev)")
+            .write_to_file(out.join("spdk_bindings.rs"))
+            .expect("write bindings");
+
+        let mut build = cc::Build::new();
+        build.file(&shim).include(&dir).warnings(false);
+        for flag in &cflags {
+            build.flag(flag);
+        }
+        build.compile("carmine_spdk_shim");
+
+        // Link order as pkg-config gives it (the NVMe driver before the environment it calls).
+        // Real SPDK is linked as shared libraries (`./configure --with-shared`): its
+        // transports register themselves from constructors that a static link without
+        // --whole-archive would drop.
+        let libs = pkg_config(&["--libs"]);
+        let dirs: Vec<&str> = libs.iter().filter_map(|w| w.strip_prefix("-L")).collect();
+        for word in &libs {
+            if let Some(lib) = word.strip_prefix("-l") {
+                println!("cargo:rustc-link-lib={lib}");
+                // A rebuilt static archive (the stand-in's) must relink what uses it.
+                for dir in &dirs {
+                    let archive = PathBuf::from(dir).join(format!("lib{lib}.a"));
+                    if archive.exists() {
+                        println!("cargo:rerun-if-changed={}", archive.display());
+                    }
+                }
+            } else if let Some(path) = word.strip_prefix("-L") {
+                println!("cargo:rustc-link-search=native={path}");
+            }
+        }
+    }
 }
 
 #[cfg(feature = "dpdk")]
@@ -44,6 +202,10 @@ mod dpdk {
         "rte_lcore_id",
         "rte_thread_register",
         "rte_pktmbuf_pool_create",
+        "rte_pktmbuf_pool_create_extbuf",
+        "rte_pktmbuf_attach_extbuf",
+        "rte_pktmbuf_chain",
+        "rte_eal_iova_mode",
         "rte_mempool_free",
         "rte_mempool_avail_count",
         "rte_mempool_in_use_count",
@@ -81,6 +243,9 @@ mod dpdk {
     const TYPES: &[&str] = &[
         "rte_mbuf",
         "rte_mempool",
+        "rte_pktmbuf_extmem",
+        "rte_mbuf_ext_shared_info",
+        "rte_iova_mode",
         "rte_eth_conf",
         "rte_eth_dev_info",
         "rte_eth_rxconf",

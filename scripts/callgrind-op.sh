@@ -10,7 +10,8 @@
 #   CORES     1 (default; reactor on CPU 1, generator on CPU 0) or 2 (CPUs 0,1, generator on 0)
 #   DURATION  timed load, default 8s
 # Environment: CARMINE (binary, default target/release/carmine), OUT (directory for the
-# callgrind file and logs, default target/callgrind), PORT (default 6999).
+# callgrind file and logs, default target/callgrind), PORT (default 6999), LOAD_ARGS (extra
+# `carmine load` arguments for the timed run, e.g. LOAD_ARGS=--route).
 #
 # Under valgrind the server runs ~50x slower, so the generator keeps it saturated and every op
 # is counted at full batching (several frames per recv); callgrind sees no AVX-512, so the
@@ -23,10 +24,11 @@ DURATION=${3:-8s}
 CARMINE=${CARMINE:-target/release/carmine}
 OUT=${OUT:-target/callgrind}
 PORT=${PORT:-6999}
+LOAD_ARGS=${LOAD_ARGS:-}
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 [ -x "$CARMINE" ] || cargo build --release --quiet
 mkdir -p "$OUT"
-tag="$OP-$CORES"
+tag="$OP-$CORES${LOAD_ARGS:+$(echo "$LOAD_ARGS" | tr -d ' ')}"
 cpus=1
 [ "$CORES" = 2 ] && cpus=0,1
 rm -f "$OUT/$tag.callgrind"
@@ -48,7 +50,7 @@ print(*(sum(c[k] for c in cores) for k in ("ops", "rx_syscalls", "tx_syscalls", 
 }
 read -r ops0 rx0 tx0 passes0 < <(counters)
 callgrind_control -i on "$server" >/dev/null 2>&1
-"$CARMINE" load --target "127.0.0.1:$PORT" --op "$OP" --duration "$DURATION" --cpus 0 >"$OUT/$tag.load.txt"
+"$CARMINE" load --target "127.0.0.1:$PORT" --op "$OP" --duration "$DURATION" --cpus 0 $LOAD_ARGS >"$OUT/$tag.load.txt"
 callgrind_control -i off "$server" >/dev/null 2>&1
 read -r ops1 rx1 tx1 passes1 < <(counters)
 kill -INT "$server"

@@ -10,6 +10,7 @@
 #   path/op   = (Ir - passes * Ir_idle_pass) / ops   (idle-pass skeleton removed)
 #
 #   cargo build --release --features dpdk && scripts/dpdk-callgrind.sh
+# Then, per load, the functions' self cost per op (scripts/callgrind-self.py), memcpy included.
 # Needs root, valgrind, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +50,10 @@ for op in randwrite randread; do
 done
 sleep 1
 # The reactor's file of a dump is the thread file with the most instructions.
-ir_of() { for f in "$OUT"/cg.$server.*; do
-    grep -q "^desc: Trigger: dump $1\$" "$f" && grep -m1 '^summary:' "$f" | cut -d' ' -f2; done | sort -n | tail -1; }
+file_of() { for f in "$OUT"/cg.$server.*; do
+    if grep -q "^desc: Trigger: dump $1\$" "$f"; then echo "$(grep -m1 '^summary:' "$f" | cut -d' ' -f2) $f"; fi
+  done | sort -n | tail -1; }
+ir_of() { file_of "$1" | cut -d' ' -f1; }
 python3 - "${before[idle]}" "${after[idle]}" "$(ir_of idle)" \
   "${before[randwrite]}" "${after[randwrite]}" "$(ir_of randwrite)" \
   "${before[randread]}" "${after[randread]}" "$(ir_of randread)" <<'EOF'
@@ -67,3 +70,10 @@ for name, i in (("randwrite", 3), ("randread", 6)):
     print(f"{name}: {ops} ops, {passes} passes, {ir} Ir: total {ir / ops:.0f} Ir/op, "
           f"path {(ir - passes * per_pass) / ops:.0f} Ir/op")
 EOF
+# Where each op's instructions go (self cost per function, idle passes included), and how
+# many are payload copies (memcpy/memmove; memif's own copies are inlined in its functions).
+for op in randwrite randread; do
+  f=$(file_of "$op" | cut -d' ' -f2)
+  ops=$(( $(echo "${after[$op]}" | cut -d' ' -f1) - $(echo "${before[$op]}" | cut -d' ' -f1) ))
+  python3 scripts/callgrind-self.py "$OUT" "${f##*-}" "$op" "$ops" "${TOP:-12}"
+done

@@ -19,10 +19,12 @@
 # Environment:
 #   DURATION     seconds per phase (default 10)
 #   SIZE         image size, also the region fio touches (default 1G, fio syntax)
-#   SERVERS      what to run, in order (default "carmine-memory:0us carmine-memory:20us
-#                nbdkit-memory carmine-segment:0us carmine-segment:20us");
-#                carmine-STORE:PAUSE runs carmine with `--coalesce PAUSE` (pass coalescing;
-#                0us is off, the server's default)
+#   SERVERS      what to run, in order (default "carmine-memory:off carmine-memory:auto
+#                carmine-memory:20us nbdkit-memory carmine-segment:off carmine-segment:auto");
+#                carmine-STORE:MODE runs carmine with `--coalesce MODE` (pass coalescing:
+#                off, auto (the server's default, also what plain carmine-STORE runs) or a
+#                pause such as 20us). The on_ms column is how many milliseconds of the phase
+#                the reactor had coalescing on (`coalesce_windows_on`).
 #   IDLE         carmine's idle policy (default adaptive)
 #   DIR          scratch directory for the segment store's device (default target/nbd-bench)
 #   CARMINE      carmine binary (default target/release/carmine, built if missing)
@@ -40,7 +42,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 SIZE=${SIZE:-1G}
-SERVERS=${SERVERS:-carmine-memory:0us carmine-memory:20us nbdkit-memory carmine-segment:0us carmine-segment:20us}
+SERVERS=${SERVERS:-carmine-memory:off carmine-memory:auto carmine-memory:20us nbdkit-memory carmine-segment:off carmine-segment:auto}
 IDLE=${IDLE:-adaptive}
 DIR=${DIR:-target/nbd-bench}
 CARMINE=${CARMINE:-target/release/carmine}
@@ -101,28 +103,32 @@ proc_cpu_ns() { # pid -> utime+stime of the whole process (all threads), in ns
 }
 
 results=()
-row() { # server phase iops p99 proc_ns busy_ns
-  results+=("$(printf '%-22s %-10s %10s %8s %12s %12s' "$@")")
+row() { # server phase iops p99 proc_ns busy_ns on_ms
+  results+=("$(printf '%-22s %-10s %10s %8s %12s %12s %8s' "$@")")
   if [ -n "$JSON" ]; then
-    printf '{"server":"%s","phase":"%s","iops":%s,"p99_us":%s,"proc_ns_per_op":%s,"busy_ns_per_op":%s}\n' \
-      "$1" "$2" "$3" "$4" "$5" "${6/-/null}" >>"$JSON"
+    printf '{"server":"%s","phase":"%s","iops":%s,"p99_us":%s,"proc_ns_per_op":%s,"busy_ns_per_op":%s,"coalesce_on_ms":%s}\n' \
+      "$1" "$2" "$3" "$4" "$5" "${6/-/null}" "${7/-/null}" >>"$JSON"
   fi
 }
 
 run_phases() { # name uri carmine(0/1)
-  local rw side iops ops p99 cpu0 cpu1 busy0 busy1 req0 req1 busy
+  local rw side iops ops p99 cpu0 cpu1 busy0 busy1 req0 req1 busy on0 on1 on_ms
   for rw in randwrite randread; do
     side=${rw#rand}
-    if [ "$3" = 1 ]; then busy0=$(status_field busy_ns); req0=$(status_field nbd_requests); fi
+    if [ "$3" = 1 ]; then
+      busy0=$(status_field busy_ns); req0=$(status_field nbd_requests)
+      on0=$(status_field coalesce_windows_on)
+    fi
     cpu0=$(proc_cpu_ns "$server_pid")
     read -r iops ops p99 < <(fio_phase "$2" "$rw" "$side")
     cpu1=$(proc_cpu_ns "$server_pid")
-    busy=-
+    busy=-; on_ms=-
     if [ "$3" = 1 ]; then
       busy1=$(status_field busy_ns); req1=$(status_field nbd_requests)
-      busy=$(( (busy1 - busy0) / (req1 - req0 + 1) ))
+      on1=$(status_field coalesce_windows_on)
+      busy=$(( (busy1 - busy0) / (req1 - req0 + 1) )); on_ms=$((on1 - on0))
     fi
-    row "$1" "$rw" "$iops" "$p99" "$(( (cpu1 - cpu0) / (ops + 1) ))" "$busy"
+    row "$1" "$rw" "$iops" "$p99" "$(( (cpu1 - cpu0) / (ops + 1) ))" "$busy" "$on_ms"
   done
 }
 
@@ -166,7 +172,7 @@ run_nbdkit() {
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for server in $SERVERS; do
   case $server in
-    carmine-memory|carmine-segment) run_carmine "${server#carmine-}" 0us ;;
+    carmine-memory|carmine-segment) run_carmine "${server#carmine-}" auto ;;
     carmine-memory:*|carmine-segment:*)
       store=${server#carmine-}
       run_carmine "${store%%:*}" "${server#*:}" ;;
@@ -179,6 +185,6 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 printf '\n%s, nbdkit %s; 4 KiB, iodepth 32, numjobs 4, %s s per phase; fio on CPU 0, server on CPU 1\n' \
   "$(fio --version)" "$(nbdkit --version | awk '{print $2}')" "$DURATION"
 printf 'load average before: %s, after: %s; nice %s\n' "$load_before" "$load_after" "$NICE"
-printf '%-22s %-10s %10s %8s %12s %12s\n' server phase IOPS p99_us proc_ns/op busy_ns/op
+printf '%-22s %-10s %10s %8s %12s %12s %8s\n' server phase IOPS p99_us proc_ns/op busy_ns/op on_ms
 printf '%s\n' "${results[@]}"
 echo "proc_ns/op: server process CPU time / ops; busy_ns/op: carmine reactor busy time / NBD requests"

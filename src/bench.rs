@@ -180,6 +180,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         object_size: args.object_size,
         prefill: true,
         verify: true,
+        route: false,
         read_pct: 70,
         seed: 1,
         prefix: "bench".into(),

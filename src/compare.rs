@@ -67,6 +67,19 @@ pub struct CompareArgs {
     /// generator) or spin.
     #[arg(long, default_value = "adaptive")]
     pub rtc_idle: String,
+    /// Drive the servers with a client that is not shard-aware. By default the generator runs
+    /// as `carmine load --route` (each op on a connection owned by its object's core, so no op
+    /// crosses the rtc server's rings, as a shard-aware client sends it); classic mode has no
+    /// owning cores and is driven unrouted either way.
+    #[arg(long)]
+    pub unrouted: bool,
+    /// Pass coalescing of the rtc server (`serve --coalesce`: auto, off or a pause); the
+    /// server's default (auto) when not given.
+    #[arg(long)]
+    pub rtc_coalesce: Option<String>,
+    /// Stores to compare, in order (memory, segment or both).
+    #[arg(long, default_value = "memory,segment", value_delimiter = ',')]
+    pub stores: Vec<String>,
 }
 
 /// One workload run against one server.
@@ -83,6 +96,8 @@ struct Measure {
     server_busy_cpu_ns: u64,
     server_cpu_ns: u64,
     client_cpu_ns: u64,
+    /// Load connections that sent every op to its object's core (see `--unrouted`).
+    routed_connections: u32,
 }
 
 impl Measure {
@@ -125,6 +140,7 @@ impl Measure {
             "server_cpu_fraction": (self.server_load(mode, cores) * 1000.0).round() / 1000.0,
             "load_gen_cpu_fraction": (self.client_load() * 1000.0).round() / 1000.0,
             "limit": self.limit(mode, cores),
+            "routed_connections": self.routed_connections,
         })
     }
 }
@@ -288,6 +304,7 @@ fn measure(load_args: &LoadArgs) -> Result<Measure, String> {
     let after = server_totals(&load_args.target)?;
     Ok(Measure {
         iops: report.iops,
+        routed_connections: report.routed_connections,
         p50_us: report.latency_us.p50,
         p99_us: report.latency_us.p99,
         errors: report.errors,
@@ -331,6 +348,7 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
         object_size: args.object_size,
         prefill: false,
         verify: false,
+        route: !args.unrouted,
         read_pct: 70,
         seed: 1,
         prefix: "compare".into(),
@@ -358,6 +376,9 @@ fn run_server(
     serve_args.extend(["--cpus".into(), cpu_list(&plan.server)]);
     if mode == "rtc" {
         serve_args.extend(["--idle".into(), args.rtc_idle.clone()]);
+        if let Some(coalesce) = &args.rtc_coalesce {
+            serve_args.extend(["--coalesce".into(), coalesce.clone()]);
+        }
     }
     // A fresh device per server: formatted for its shard count, and no run sees another's data.
     let device = args.out.join(format!("compare-{store}-{mode}-{cores}.img"));
@@ -426,7 +447,14 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    for &store in STORES {
+    for store in &args.stores {
+        if !STORES.contains(&store.as_str()) {
+            return Err(format!(
+                "--stores: unknown store {store:?}: expected {STORES:?}"
+            ));
+        }
+    }
+    for store in args.stores.iter().map(String::as_str) {
         for &cores in &cores_list {
             let plan = plan_cpus(cores, online);
             if plan.shared {
@@ -456,7 +484,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             "duration_s": args.duration.as_secs_f64(),
             "bs": args.bs, "qd": args.qd, "clients": args.clients,
             "objects": args.objects, "object_size": args.object_size,
-            "rtc_idle": args.rtc_idle, "load_gen_threads": 1,
+            "rtc_idle": args.rtc_idle, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"),
+            "load_gen_threads": 1,
         },
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
         "goals": goals,

@@ -64,6 +64,9 @@ fn parse_auto_u32(text: &str) -> Result<u32, String> {
     }
     parse_u32(text)
 }
+fn parse_coalesce(text: &str) -> Result<Coalesce, String> {
+    Coalesce::parse(text, parse_duration)
+}
 fn parse_choice<'a>(choices: &'a [&'a str]) -> impl Fn(&str) -> Result<String, String> + 'a {
     move |text| {
         if choices.contains(&text) {
@@ -129,6 +132,8 @@ serve_options! {
     dpdk_args: String = "", parse_text;
     /// The DPDK port (ethdev id) --transport dpdk serves on.
     dpdk_port: u16 = "0", parse_u16;
+    /// --transport dpdk: send reply payloads of 1 KiB and more from the response buffer, attached to the frame, instead of copying them into the mbuf. Only on ports that receive in place (memif, net_ring). Off by default: memif copies every frame into its ring anyway and takes a slower path for two-segment frames, so on memif it costs more instructions than the copy it saves; it is for NICs that gather by DMA (once pool memory is registered for DMA, which is not wired).
+    dpdk_tx_in_place: bool = "false", parse_bool;
     /// Serve block images over NBD on this address as well ("off": not at all).
     nbd: Option<SocketAddr> = "off", parse_optional_addr;
     /// Reactors (one pinned thread per core).
@@ -139,7 +144,7 @@ serve_options! {
     store: String = "auto", parse_choice(&["auto", "memory", "segment"]);
     /// Memory store capacity, split evenly over the cores.
     memory_capacity: u64 = "4GiB", parse_size;
-    /// Segment store: file or block device (a missing file is created sparse, of --device-size, and formatted), or nvme:PCI_ADDRESS (Carmine's NVMe driver over VFIO; run carmine mkfs on it first).
+    /// Segment store: file or block device (a missing file is created sparse, of --device-size, and formatted), or nvme:PCI_ADDRESS (Carmine's NVMe driver over VFIO; run carmine mkfs on it first), or spdk:TRANSPORT_ID (SPDK's NVMe driver, feature spdk; e.g. "spdk:trtype=PCIe traddr=0000:00:04.0").
     device: PathBuf = "carmine.img", parse_path;
     /// Segment store: size of a device file created on first run.
     device_size: u64 = "4GiB", parse_size;
@@ -155,8 +160,8 @@ serve_options! {
     idle: String = "spin", parse_choice(&["spin", "adaptive"]);
     /// Adaptive idle: how long a core polls without work before it parks.
     park_after: Duration = "200us", parse_duration;
-    /// Pass coalescing: after a pass with a little work (under 64 units), sleep this long so that requests and replies accumulate; fewer system calls per op for that much added latency (0us: off).
-    coalesce: Duration = "0us", parse_duration;
+    /// Pass coalescing: after a pass with a little work (under 64 units), sleep a short pause so that requests and replies accumulate; fewer system calls per op for that much added latency. auto: pause 20us, but only while the load detector sees pauses bring back batches (many requests in flight; never for a client waiting on each reply); a duration such as 20us: always that pause; off (or 0us): never.
+    coalesce: Coalesce = "auto", parse_coalesce;
     /// Null replication hook: replica acks every write waits for.
     replicas: u32 = "0", parse_u32;
     /// Null replication hook: time until the simulated replica acks arrive (a timer; the core keeps working).
@@ -353,7 +358,7 @@ impl ServeConfig {
     }
 
     pub fn coalesce(&self) -> Coalesce {
-        Coalesce::new(self.coalesce)
+        self.coalesce
     }
 
     /// Large buffers hold the largest frame the limits admit, rounded up to 4 KiB.
@@ -455,6 +460,29 @@ mod tests {
         assert!(ServeConfig::resolve(&args)
             .unwrap_err()
             .contains("unknown option \"pg_cuont\""));
+    }
+
+    #[test]
+    fn coalescing_is_auto_by_default_and_off_or_fixed_on_request() {
+        assert_eq!(
+            ServeConfig::default().coalesce(),
+            Coalesce::Auto(Coalesce::AUTO_PAUSE)
+        );
+        let with = |value: &str| {
+            ServeConfig::resolve(&ServeArgs {
+                coalesce: Some(value.into()),
+                ..ServeArgs::default()
+            })
+            .map(|config| config.coalesce())
+        };
+        assert_eq!(with("off"), Ok(Coalesce::Off));
+        assert_eq!(with("0us"), Ok(Coalesce::Off));
+        assert_eq!(with("20us"), Ok(Coalesce::Fixed(Duration::from_micros(20))));
+        let error = with("sometimes").unwrap_err();
+        assert!(
+            error.contains("coalesce") && error.contains("off, auto"),
+            "{error}"
+        );
     }
 
     #[test]

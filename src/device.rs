@@ -6,6 +6,11 @@
 //! (VFIO; bind the device with `scripts/setup.sh bind`). Such a device always exists (it is
 //! never created) and the VFIO group, which one process at a time may open, keeps a second
 //! server off it.
+//!
+//! With feature `spdk`, `spdk:TRANSPORT_ID` (e.g. `spdk:trtype=PCIe traddr=0000:00:04.0`):
+//! namespace 1 of that controller through SPDK's NVMe driver, attached once per process and
+//! shared by every core's queue pair, as for `nvme:`. Without the feature such a name is
+//! refused with a message saying how to build it.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,6 +19,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use carmine_storage::queue_pair::AlignedBuf;
 use carmine_storage::queue_pair::{NvmeController, NvmeQueuePair};
+#[cfg(feature = "spdk")]
+use carmine_storage::queue_pair::{SpdkController, SpdkQueuePair};
 use carmine_storage::segment::format::{Superblock, SEGMENTS_START_BYTES};
 use carmine_storage::segment::mkfs;
 use carmine_storage::UringQueuePair;
@@ -29,7 +36,8 @@ partition into one shard per core. Anything written before on the device becomes
 A missing PATH is created as a sparse file of --size."
 )]
 pub struct MkfsArgs {
-    /// File or block device to format, or nvme:PCI_ADDRESS (Carmine's NVMe driver, via VFIO).
+    /// File or block device to format, or nvme:PCI_ADDRESS (Carmine's NVMe driver, via VFIO), or
+    /// spdk:TRANSPORT_ID (SPDK's NVMe driver; builds with feature spdk).
     #[arg(long)]
     device: PathBuf,
     /// Size of the file to create when PATH does not exist (e.g. 4GiB); ignored for existing
@@ -54,6 +62,55 @@ pub struct MkfsArgs {
 /// The PCI address of a device named `nvme:PCI_ADDRESS`, or None for a file or block device.
 pub fn nvme_address(path: &Path) -> Option<&str> {
     path.to_str()?.strip_prefix("nvme:")
+}
+
+/// The SPDK transport ID of a device named `spdk:TRANSPORT_ID`, or None for other devices.
+pub fn spdk_transport_id(path: &Path) -> Option<&str> {
+    path.to_str()?.strip_prefix("spdk:")
+}
+
+/// Whether `path` names a controller driven from user space (`nvme:` or `spdk:`): such a
+/// device always exists, is never created, and is used whole.
+pub fn is_user_space_device(path: &Path) -> bool {
+    nvme_address(path).is_some() || spdk_transport_id(path).is_some()
+}
+
+/// The error for an `spdk:` device in a build without feature `spdk`.
+#[cfg(not(feature = "spdk"))]
+pub fn spdk_not_built(transport_id: &str) -> String {
+    format!(
+        "spdk:{transport_id}: this carmine was built without SPDK: rebuild with \
+         `cargo build --release --features spdk` where SPDK is installed (README.md, \"SPDK backend\")"
+    )
+}
+
+/// The SPDK controller at `transport_id`, attached once per process and shared by every
+/// core's queue pair. Detached when the last queue pair drops.
+#[cfg(feature = "spdk")]
+pub fn spdk_controller(transport_id: &str) -> Result<Arc<SpdkController>, String> {
+    static OPEN: Mutex<Vec<(String, Weak<SpdkController>)>> = Mutex::new(Vec::new());
+    let mut open = OPEN.lock().expect("spdk controller table lock");
+    open.retain(|(_, weak)| weak.strong_count() > 0);
+    if let Some(controller) = open
+        .iter()
+        .find(|(known, _)| known == transport_id)
+        .and_then(|(_, weak)| weak.upgrade())
+    {
+        return Ok(controller);
+    }
+    let controller =
+        SpdkController::connect(transport_id).map_err(|e| format!("spdk:{transport_id}: {e}"))?;
+    open.push((transport_id.to_string(), Arc::downgrade(&controller)));
+    Ok(controller)
+}
+
+/// A queue pair of `depth` over the whole of namespace 1 (rounded down to 4 KiB) of the SPDK
+/// controller at `transport_id`.
+#[cfg(feature = "spdk")]
+pub fn spdk_queue_pair(transport_id: &str, depth: u32) -> Result<SpdkQueuePair, String> {
+    let controller = spdk_controller(transport_id)?;
+    let size = controller.capacity_bytes() / 4096 * 4096;
+    SpdkQueuePair::new(&controller, 0, size, depth).map_err(|e| format!("spdk:{transport_id}: {e}"))
 }
 
 /// The controller at `address`, opened once per process and shared by every core's queue pair
@@ -88,6 +145,12 @@ pub fn device_size(path: &Path) -> Result<u64, String> {
         let controller = nvme_controller(address)?;
         return Ok(controller.identity().capacity_bytes() / 4096 * 4096);
     }
+    if let Some(transport_id) = spdk_transport_id(path) {
+        #[cfg(feature = "spdk")]
+        return Ok(spdk_controller(transport_id)?.capacity_bytes() / 4096 * 4096);
+        #[cfg(not(feature = "spdk"))]
+        return Err(spdk_not_built(transport_id));
+    }
     let mut file = OpenOptions::new()
         .read(true)
         .open(path)
@@ -107,7 +170,7 @@ fn random_uuid() -> Result<[u8; 16], String> {
 /// Creates `path` as a sparse file of `size` bytes (rounded down to 4 KiB) if it is missing.
 /// Returns whether it was created.
 fn create_if_missing(path: &Path, size: u64) -> Result<bool, String> {
-    if path.exists() || nvme_address(path).is_some() {
+    if path.exists() || is_user_space_device(path) {
         return Ok(false);
     }
     let file = OpenOptions::new()
@@ -125,6 +188,14 @@ fn format(path: &Path, cores: u32, segment_size: u64) -> Result<(), String> {
     let sb = if let Some(address) = nvme_address(path) {
         let mut qp = nvme_queue_pair(address, 64)?;
         mkfs(&mut qp, segment_size, cores, uuid)
+    } else if let Some(transport_id) = spdk_transport_id(path) {
+        #[cfg(feature = "spdk")]
+        {
+            let mut qp = spdk_queue_pair(transport_id, 64)?;
+            mkfs(&mut qp, segment_size, cores, uuid)
+        }
+        #[cfg(not(feature = "spdk"))]
+        return Err(spdk_not_built(transport_id));
     } else {
         let size = device_size(path)?;
         let mut qp = UringQueuePair::open(path, 0, size / 4096 * 4096, 64)

@@ -32,7 +32,8 @@ Run it on a device no server has mounted. Exit status: 0 clean, 1 problems found
 object, block, device offset, segment), 2 the device cannot be read or is not a Carmine device."
 )]
 pub struct FsckArgs {
-    /// File or block device to check, or nvme:PCI_ADDRESS (read through Carmine's NVMe driver).
+    /// File or block device to check, or nvme:PCI_ADDRESS (read through Carmine's NVMe driver),
+    /// or spdk:TRANSPORT_ID (through SPDK's; builds with feature spdk).
     #[arg(long)]
     device: PathBuf,
     /// Print one JSON object (device, clean, problems, shards with their counts, log end and
@@ -81,6 +82,19 @@ pub fn run(args: &FsckArgs) -> ExitCode {
 
 /// fsck on a file or block device, or on an NVMe namespace through a queue pair.
 fn check(device: &Path) -> Result<FsckReport, FsckError> {
+    if let Some(transport_id) = crate::device::spdk_transport_id(device) {
+        #[cfg(feature = "spdk")]
+        {
+            let mut qp = crate::device::spdk_queue_pair(transport_id, 64)
+                .map_err(|e| FsckError::Io(std::io::Error::other(e)))?;
+            let device_bytes = qp.capacity_bytes();
+            return fsck_reader(&mut SyncIo::new(&mut qp), device_bytes, device);
+        }
+        #[cfg(not(feature = "spdk"))]
+        return Err(FsckError::Io(std::io::Error::other(
+            crate::device::spdk_not_built(transport_id),
+        )));
+    }
     let Some(address) = crate::device::nvme_address(device) else {
         return fsck(device);
     };

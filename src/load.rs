@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, IsTerminal, Read, Write};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -31,6 +32,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ack_log::{AckLog, ThreadLog};
 use crate::client;
+use crate::osd::placement::{Placement, PlacementMode};
 
 #[cfg(feature = "dpdk")]
 mod dpdk;
@@ -149,6 +151,13 @@ pub struct LoadArgs {
     /// Check the content of every read against what was written.
     #[arg(long)]
     pub verify: bool,
+    /// Shard-aware client (TCP): ask each connection which server core owns it (HELLO) and send
+    /// each timed op only on a connection owned by the core of the op's object, so that no op
+    /// crosses the server's rings. Each connection then works on the objects of its core. Needs a
+    /// connection on every core the thread's objects live on; otherwise, or against a server
+    /// without HELLO (classic mode), the thread runs unrouted and says so.
+    #[arg(long)]
+    pub route: bool,
     /// Percentage of reads in the mixed workload.
     #[arg(long, default_value = "70")]
     pub read_pct: u8,
@@ -239,6 +248,9 @@ pub struct LoadReport {
     pub prefill_ops: u64,
     /// Prefill writes answered with an error (kept out of `errors`, which describes the timed run).
     pub prefill_errors: u64,
+    /// Connections that sent each timed op to its object's server core (--route; 0 without it,
+    /// or when the server or the connection spread did not allow it).
+    pub routed_connections: u32,
     pub server: Option<serde_json::Value>,
 }
 
@@ -301,6 +313,7 @@ struct Config {
     blocks_per_object: u64,
     prefill: bool,
     verify: bool,
+    route: bool,
     read_pct: u8,
     seed: u64,
     ack_log: Option<AckLog>,
@@ -397,6 +410,7 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
         blocks_per_object,
         prefill: args.prefill,
         verify: args.verify,
+        route: args.route,
         read_pct: args.read_pct,
         seed: args.seed,
         ack_log: match &args.ack_log {
@@ -596,7 +610,9 @@ fn join_all(handles: Vec<Handle>) -> Result<Vec<ThreadOutcome>, String> {
 fn merge(args: &LoadArgs, outcomes: Vec<ThreadOutcome>) -> LoadReport {
     let mut total = Stats::new();
     let (mut prefill_ops, mut prefill_errors, mut elapsed) = (0, 0, Duration::ZERO);
+    let mut routed_connections = 0;
     for outcome in outcomes {
+        routed_connections += outcome.routed_connections;
         total.absorb(&outcome.timed);
         prefill_ops += outcome.prefill.ops;
         prefill_errors += outcome.prefill.errors;
@@ -631,6 +647,7 @@ fn merge(args: &LoadArgs, outcomes: Vec<ThreadOutcome>) -> LoadReport {
         latency_us: latency_summary(&total.latency),
         prefill_ops,
         prefill_errors,
+        routed_connections,
         server: None,
     }
 }
@@ -1011,6 +1028,75 @@ impl BlockTable {
         None
     }
 
+    /// Reorders the objects so that those of each core are contiguous (`core_of` gives an
+    /// object name's core) and returns each core's blocks. Only before the first request:
+    /// blocks are renumbered.
+    fn group_by_core(&mut self, cores: usize, core_of: impl Fn(&[u8]) -> usize) -> Vec<Range<u32>> {
+        assert!(
+            self.counters.iter().all(|c| *c == 0) && self.busy.iter().all(|w| *w == 0),
+            "objects are regrouped before any request"
+        );
+        let mut order: Vec<(usize, usize)> = (0..self.names.len())
+            .map(|object| (core_of(&self.names[object]), object))
+            .collect();
+        order.sort_unstable();
+        let names = order.iter().map(|(_, o)| self.names[*o].clone()).collect();
+        let hashes = order.iter().map(|(_, o)| self.name_hashes[*o]).collect();
+        (self.names, self.name_hashes) = (names, hashes);
+        let per_object = self.blocks_per_object as u32;
+        (0..cores)
+            .map(|core| {
+                let first = order.partition_point(|(c, _)| *c < core) as u32;
+                let end = order.partition_point(|(c, _)| *c <= core) as u32;
+                first * per_object..end * per_object
+            })
+            .collect()
+    }
+
+    /// The first block of `range` at or after `start` (wrapping inside the range) that is not
+    /// in flight.
+    fn free_in(&self, range: &Range<u32>, start: u32) -> Option<u32> {
+        let len = range.end - range.start;
+        (0..len)
+            .map(|step| range.start + (start - range.start + step) % len)
+            .find(|block| !self.is_busy(*block))
+    }
+
+    /// A uniformly random block of `range` that is not in flight.
+    fn pick_random_in(&self, rng: &mut Rng, range: &Range<u32>) -> Option<u32> {
+        let len = u64::from(range.end - range.start);
+        if len == 0 {
+            return None;
+        }
+        for _ in 0..RANDOM_TRIES {
+            let block = range.start + rng.below(len) as u32;
+            if !self.is_busy(block) {
+                return Some(block);
+            }
+        }
+        self.free_in(range, range.start + rng.below(len) as u32)
+    }
+
+    /// The next block of `range` at or after `*cursor` that is not in flight; advances the
+    /// cursor past it, wrapping inside the range.
+    fn pick_sequential_in(&self, cursor: &mut u32, range: &Range<u32>) -> Option<u32> {
+        if range.is_empty() {
+            return None;
+        }
+        let start = if range.contains(cursor) {
+            *cursor
+        } else {
+            range.start
+        };
+        let block = self.free_in(range, start)?;
+        *cursor = if block + 1 == range.end {
+            range.start
+        } else {
+            block + 1
+        };
+        Some(block)
+    }
+
     /// A uniformly random block that is not in flight.
     fn pick_random(&self, rng: &mut Rng) -> Option<u32> {
         let n = u64::from(self.len());
@@ -1107,6 +1193,12 @@ struct Work {
     table: BlockTable,
     rng: Rng,
     seq_cursor: u32,
+    /// With --route: each server core's blocks (see `BlockTable::group_by_core`) and a
+    /// sequential cursor per core; empty when this thread does not route.
+    core_blocks: Vec<Range<u32>>,
+    core_cursors: Vec<u32>,
+    /// Connections whose timed ops were routed to their core (--route).
+    routed_connections: u32,
     prefill_cursor: u32,
     phase: Phase,
     /// Set at the deadline: no new requests, only replies.
@@ -1143,6 +1235,9 @@ impl Work {
             config,
             thread,
             seq_cursor: 0,
+            core_blocks: Vec::new(),
+            core_cursors: Vec::new(),
+            routed_connections: 0,
             prefill_cursor: 0,
             phase: Phase::Prefill,
             stopping: false,
@@ -1169,9 +1264,32 @@ impl Work {
         }
     }
 
+    /// Routes the timed phase (--route): each connection then asks for requests on the objects
+    /// of its own server core. False (nothing changes) unless every core that owns some of this
+    /// thread's objects has one of `conn_cores`.
+    fn route(&mut self, placement: &Placement, conn_cores: &[usize]) -> bool {
+        let core_blocks = self
+            .table
+            .group_by_core(placement.cores, |name| placement.locate(name).core);
+        let uncovered = (0..placement.cores)
+            .find(|core| !core_blocks[*core].is_empty() && !conn_cores.contains(core));
+        if let Some(core) = uncovered {
+            log::warn!(
+                "thread {}: --route: none of its {} connection(s) is on server core {core}, which owns some of its objects: not routed",
+                self.thread,
+                conn_cores.len()
+            );
+            return false;
+        }
+        self.core_cursors = core_blocks.iter().map(|r| r.start).collect();
+        self.core_blocks = core_blocks;
+        true
+    }
+
     /// The next request to issue, marked in flight; None when stopping, done, or (with --verify)
-    /// every block already has a request in flight.
-    fn next_request(&mut self) -> Option<Request> {
+    /// every block already has a request in flight. `core`: the server core of the connection
+    /// asking, when routed; its timed requests are then on that core's objects only.
+    fn next_request(&mut self, core: Option<usize>) -> Option<Request> {
         if self.stopping {
             return None;
         }
@@ -1196,10 +1314,16 @@ impl Work {
                     }
                     Workload::Mixed => Kind::Write,
                 };
-                let block = if self.config.workload.sequential() {
-                    self.table.pick_sequential(&mut self.seq_cursor)?
-                } else {
-                    self.table.pick_random(&mut self.rng)?
+                let routed = core.and_then(|c| self.core_blocks.get(c).map(|r| (c, r.clone())));
+                let block = match (routed, self.config.workload.sequential()) {
+                    (Some((c, range)), true) => self
+                        .table
+                        .pick_sequential_in(&mut self.core_cursors[c], &range)?,
+                    (Some((_, range)), false) => {
+                        self.table.pick_random_in(&mut self.rng, &range)?
+                    }
+                    (None, true) => self.table.pick_sequential(&mut self.seq_cursor)?,
+                    (None, false) => self.table.pick_random(&mut self.rng)?,
                 };
                 // Without --verify two writes to a block may overlap; they then carry the same
                 // counter and identical data, so the block stays self-consistent either way.
@@ -1451,6 +1575,9 @@ struct Conn {
     want_write: bool,
     /// Could not fill its slots because every block was in flight; retried each loop pass.
     starved: bool,
+    /// --route: the server core that owns this connection (its timed ops are on that core's
+    /// objects); None when not routed.
+    route: Option<usize>,
 }
 
 impl Conn {
@@ -1458,7 +1585,7 @@ impl Conn {
     fn fill(&mut self, work: &mut Work) {
         self.starved = false;
         while !self.slots.free.is_empty() {
-            let Some(request) = work.next_request() else {
+            let Some(request) = work.next_request(self.route) else {
                 self.starved = !work.stopping && !work.exhausted();
                 return;
             };
@@ -1656,6 +1783,7 @@ struct ThreadOutcome {
     prefill: Stats,
     /// From the start of the timed run to its last reply.
     elapsed: Duration,
+    routed_connections: u32,
 }
 
 fn thread_main(
@@ -1702,12 +1830,62 @@ fn thread_main(
     }
     let elapsed = generator.run_phase(Phase::Timed)?;
     guard.armed = false;
-    let Work { timed, prefill, .. } = generator.into_work();
+    let Work {
+        timed,
+        prefill,
+        routed_connections,
+        ..
+    } = generator.into_work();
     Ok(ThreadOutcome {
         timed,
         prefill,
         elapsed,
+        routed_connections,
     })
+}
+
+/// Asks a fresh connection which server core owns it (--route). None: the server has no HELLO
+/// (classic mode, or an older server).
+fn hello(stream: &mut TcpStream, target: &str) -> Result<Option<wire::HelloReply>, String> {
+    let reply = client::call(stream, Opcode::Hello, b"", &[])
+        .map_err(|e| format!("--route: HELLO to {target}: {e}"))?;
+    if reply.status == Status::UnknownOpcode as u32 {
+        return Ok(None);
+    }
+    if reply.status != Status::Ok as u32 {
+        return Err(format!(
+            "--route: HELLO to {target}: server answered {}",
+            reply.status_name()
+        ));
+    }
+    wire::HelloReply::decode(&reply.payload)
+        .map(Some)
+        .map_err(|e| format!("--route: HELLO to {target}: {e}"))
+}
+
+/// The server's placement, when every connection answered HELLO and they agree.
+fn routing_placement(hellos: &[Option<wire::HelloReply>], thread: usize) -> Option<Placement> {
+    let first = hellos.first()?;
+    if hellos.iter().any(Option::is_none) {
+        log::info!("thread {thread}: --route: the server does not answer HELLO (classic mode?): not routed");
+        return None;
+    }
+    let first = first.expect("checked: every connection answered");
+    if hellos
+        .iter()
+        .flatten()
+        .any(|h| (h.cores, h.pg_count) != (first.cores, first.pg_count))
+    {
+        log::warn!(
+            "thread {thread}: --route: connections disagree on the server's placement: not routed"
+        );
+        return None;
+    }
+    let mode = match first.pg_count {
+        Some(pg_count) => PlacementMode::Pg { pg_count },
+        None => PlacementMode::Flex,
+    };
+    Some(Placement::new(mode, first.cores as usize))
 }
 
 /// What a generator thread drives, whatever the transport.
@@ -1748,8 +1926,12 @@ impl<'a> Generator<'a> {
         let (index, clients) = (plan.index, plan.clients);
         let epoll = Epoll::new()?;
         let mut conns = Vec::with_capacity(clients);
+        let mut hellos = Vec::with_capacity(clients);
         for token in 0..clients {
-            let stream = client::connect(&config.target)?;
+            let mut stream = client::connect(&config.target)?;
+            if config.route {
+                hellos.push(hello(&mut stream, &config.target)?);
+            }
             stream
                 .set_nonblocking(true)
                 .map_err(|e| format!("connect {}: {}", config.target, client::io_reason(&e)))?;
@@ -1763,7 +1945,23 @@ impl<'a> Generator<'a> {
                 unstamped: Vec::with_capacity(config.qd as usize),
                 want_write: false,
                 starved: false,
+                route: None,
             });
+        }
+        let mut work = work;
+        if let Some(placement) = routing_placement(&hellos, index) {
+            let cores: Vec<usize> = hellos.iter().flatten().map(|h| h.core as usize).collect();
+            if work.route(&placement, &cores) {
+                for (conn, core) in conns.iter_mut().zip(cores) {
+                    conn.route = Some(core);
+                }
+                work.routed_connections = conns.len() as u32;
+                log::info!(
+                    "thread {index}: routed: connection cores {:?} of {}",
+                    conns.iter().map(|c| c.route).collect::<Vec<_>>(),
+                    placement.cores
+                );
+            }
         }
         Ok(Generator {
             config,
@@ -2028,6 +2226,54 @@ mod tests {
     fn table(blocks_per_object: u64, objects: usize) -> BlockTable {
         let names = (0..objects).map(|i| object_name("t", i as u64)).collect();
         BlockTable::new(names, blocks_per_object, 4096, true)
+    }
+
+    #[test]
+    fn routed_selection_stays_on_the_core_of_the_connection() {
+        let placement = Placement::new(PlacementMode::Pg { pg_count: 128 }, 3);
+        let mut table = table(10, 40);
+        let ranges = table.group_by_core(3, |name| placement.locate(name).core);
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(ranges[0].start, 0);
+        assert_eq!(ranges[2].end, table.len());
+        for (core, range) in ranges.iter().enumerate() {
+            assert!(!range.is_empty(), "40 objects cover 3 cores");
+            for block in range.clone() {
+                let (object, _) = table.locate(block);
+                assert_eq!(placement.locate(&table.names[object]).core, core);
+            }
+        }
+        // Names and their hashes moved together.
+        for (object, name) in table.names.iter().enumerate() {
+            assert_eq!(table.name_hashes[object], name_hash(name));
+        }
+        let mut rng = Rng(7);
+        let range = ranges[1].clone();
+        for block in range.clone().step_by(2) {
+            table.set_busy(block, true);
+        }
+        let mut cursor = range.start;
+        for _ in 0..1_000 {
+            let random = table
+                .pick_random_in(&mut rng, &range)
+                .expect("half are free");
+            assert!(range.contains(&random) && !table.is_busy(random));
+            let next = table
+                .pick_sequential_in(&mut cursor, &range)
+                .expect("half are free");
+            assert!(range.contains(&next) && !table.is_busy(next));
+            assert!(range.contains(&cursor));
+        }
+        for block in range.clone() {
+            table.set_busy(block, true);
+        }
+        assert_eq!(table.pick_random_in(&mut rng, &range), None);
+        assert_eq!(table.pick_sequential_in(&mut cursor, &range), None);
+        assert_eq!(
+            table.pick_random_in(&mut rng, &(5..5)),
+            None,
+            "an empty range"
+        );
     }
 
     #[test]

@@ -88,7 +88,7 @@ struct CoreParts {
 
 fn build_core(
     config: &ServeConfig,
-    parts: CoreParts,
+    #[allow(unused_mut)] mut parts: CoreParts, // a DPDK queue gives up its rooms below
     wakers: Arc<[Waker]>,
     board: Arc<StatusBoard>,
     shutdown: Arc<Shutdown>,
@@ -114,8 +114,13 @@ fn build_core(
         large_size_bytes: config.large_buffer_size(),
         large_count: config.large_buffer_count,
     };
-    let pools = CorePools::new(index, sizes, config.hugepages)
+    #[allow(unused_mut)] // mutated only with feature dpdk
+    let mut pools = CorePools::new(index, sizes, config.hugepages)
         .map_err(|e| format!("core {index}: buffer pools: {e}"))?;
+    #[cfg(feature = "dpdk")]
+    if let Some(nic) = parts.dpdk_queue.as_mut().and_then(|q| q.take_nic_pool()) {
+        pools.attach_nic(nic); // the rooms this core's rx queue receives into
+    }
     if config.hugepages && !pools.small.hugepage_backed() {
         log::warn!("core {index}: hugepages requested but not reserved; buffers use normal pages");
     }
@@ -233,6 +238,10 @@ fn open_dpdk(
         *addr.ip(),
         addr.port(),
         "carmine-rx",
+        net::InPlace {
+            rx: true, // requests are read from the mbufs' rooms
+            tx: config.dpdk_tx_in_place,
+        },
     )
     .map_err(|e| format!("DPDK port {port}: {e}"))?;
     let mac = opened.mac.0;
@@ -266,6 +275,20 @@ fn open_store(config: &ServeConfig, index: usize) -> Result<Box<dyn ObjectStore>
         check_mounted_shard(&store, config, index, config.cores)?;
         return Ok(Box::new(store));
     }
+    if let Some(transport_id) = crate::device::spdk_transport_id(path) {
+        // SPDK's NVMe driver: one I/O queue pair per core on a controller shared by all.
+        #[cfg(feature = "spdk")]
+        {
+            let qp = crate::device::spdk_queue_pair(transport_id, config.queue_depth)
+                .map_err(|e| format!("core {index}: {e}"))?;
+            let store = SegmentStore::mount(qp, index as u32)
+                .map_err(|e| format!("core {index}: mounting {}: {e}", path.display()))?;
+            check_mounted_shard(&store, config, index, config.cores)?;
+            return Ok(Box::new(store));
+        }
+        #[cfg(not(feature = "spdk"))]
+        return Err(crate::device::spdk_not_built(transport_id));
+    }
     Ok(Box::new(open_segment_shard(config, index, config.cores)?))
 }
 
@@ -278,10 +301,10 @@ pub(crate) fn open_segment_shard(
     shards: u32,
 ) -> Result<SegmentStore<UringQueuePair>, String> {
     let path = &config.device;
-    if crate::device::nvme_address(path).is_some() {
+    if crate::device::is_user_space_device(path) {
         return Err(format!(
             "{}: classic mode drives files and block devices only (its store threads sleep on \
-             an io_uring eventfd; the NVMe queue pair is polled): use --mode rtc",
+             an io_uring eventfd; NVMe and SPDK queue pairs are polled): use --mode rtc",
             path.display()
         ));
     }

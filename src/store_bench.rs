@@ -919,10 +919,13 @@ fn server_json(
         "lane_waits": after.lane_waits.saturating_sub(before.lane_waits),
         "batch_full_waits": after.batch_full_waits.saturating_sub(before.batch_full_waits),
         "buffer_allocations": after.buffer_allocations.saturating_sub(before.buffer_allocations),
+        // Where journal_bytes went besides client data: metadata checkpoints and the
+        // cleaner's copies (each moved block is rewritten once).
         "checkpoints": after.checkpoints.saturating_sub(before.checkpoints),
         "checkpoint_bytes": after.checkpoint_bytes.saturating_sub(before.checkpoint_bytes),
-        "segments_cleaned": after.segments_cleaned.saturating_sub(before.segments_cleaned),
         "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
+        "segments_cleaned": after.segments_cleaned.saturating_sub(before.segments_cleaned),
+        "segments_freed_empty": after.segments_freed_empty.saturating_sub(before.segments_freed_empty),
         "free_segments_start": before.free_segments,
         "free_segments": after.free_segments,
         "segments": sb.shard_segments(0).len(),
@@ -1164,6 +1167,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
             latency_us: load::latency_summary(&timed.latency),
             prefill_ops: bench.prefill.ops,
             prefill_errors: bench.prefill.errors,
+            routed_connections: 0,
             server: Some(server),
         },
         write_amplification: (client_bytes > 0).then(|| journal_bytes as f64 / client_bytes as f64),

@@ -48,6 +48,15 @@ fn write_read_mixed(server_args: &[&str]) {
         load_args.extend_from_slice(&common);
         assert_clean(&load(&server.addr, &load_args), op);
     }
+    // A shard-aware client (`--route`) meets a server without HELLO: it runs unrouted.
+    let mut routed = vec!["--op", "randwrite", "--route"];
+    routed.extend_from_slice(&common);
+    let report = load(&server.addr, &routed);
+    assert_clean(&report, "randwrite --route");
+    assert_eq!(
+        report["routed_connections"], 0,
+        "classic has no owning cores"
+    );
     let status = status(&server.addr);
     assert_eq!(status["config"]["mode"], "classic");
     assert!(total(&status, "ops") >= 16 * 64, "prefill and runs counted");
@@ -224,6 +233,10 @@ fn compare_writes_json_and_svg() {
             row["classic"]["cpu_ns_per_op"].as_f64().unwrap() > 0.0,
             "{row}"
         );
+        // The generator is shard-aware against rtc (4 connections routed); classic has no
+        // owning cores.
+        assert_eq!(row["rtc"]["routed_connections"], 4, "{row}");
+        assert_eq!(row["classic"]["routed_connections"], 0, "{row}");
     }
     assert!(
         rows.iter().any(|row| row["store"] == "segment"),

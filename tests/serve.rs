@@ -117,6 +117,48 @@ fn cross_core_traffic_is_counted_and_one_hop() {
 }
 
 #[test]
+fn routed_load_sends_every_op_to_its_core() {
+    // `load --route` asks each connection's core (HELLO) and sends each timed op on a
+    // connection of its object's core: none crosses a ring, and verification still holds.
+    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let args = [
+        "--duration",
+        "500ms",
+        "--objects",
+        "32",
+        "--object-size",
+        "64KiB",
+        "--clients",
+        "4",
+        "--verify",
+        "--route",
+    ];
+    for op in ["randwrite", "randread", "seqwrite", "mixed"] {
+        let before = total(&status(&server.addr), "ops_remote_out");
+        let mut with_op = vec!["--op", op];
+        with_op.extend_from_slice(&args);
+        let report = load(&server.addr, &with_op);
+        assert_clean(&report, op);
+        assert_eq!(report["routed_connections"], 4, "{op}: {report}");
+        let after = total(&status(&server.addr), "ops_remote_out");
+        assert_eq!(after, before, "{op}: routed ops never cross cores");
+    }
+    // The same load unrouted does cross: the assertion above can fail.
+    let before = total(&status(&server.addr), "ops_remote_out");
+    let unrouted: Vec<&str> = ["--op", "randwrite"]
+        .into_iter()
+        .chain(
+            args.iter()
+                .copied()
+                .filter(|a| !matches!(*a, "--route" | "--verify")),
+        )
+        .collect();
+    let report = load(&server.addr, &unrouted);
+    assert_eq!(report["routed_connections"], 0);
+    assert!(total(&status(&server.addr), "ops_remote_out") > before);
+}
+
+#[test]
 fn steady_state_data_path_does_not_allocate() {
     let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
     let args = [
@@ -183,4 +225,58 @@ fn status_reports_per_core_counters() {
         );
         assert!(core["ring_occupancy"].is_object());
     }
+}
+
+/// `--coalesce auto` (the default) pauses under load and leaves a client with one request in
+/// flight alone: its tries fail and back off (at most one paused window in a second, see
+/// `dataplane/src/coalesce.rs`), while 4 x 32 in flight keep it on.
+#[test]
+fn coalescing_switches_itself_on_under_load_only() {
+    let mut server = ServerProcess::start(&["--cores", "1"]);
+    let args = |qd: &'static str, clients: &'static str| {
+        [
+            "--op",
+            "randwrite",
+            "--duration",
+            "2s",
+            "--objects",
+            "8",
+            "--object-size",
+            "256KiB",
+            "--clients",
+            clients,
+            "--qd",
+            qd,
+        ]
+    };
+    let before = status(&server.addr);
+    let report = load(&server.addr, &args("1", "1"));
+    assert_clean(&report, "QD1");
+    let after = status(&server.addr);
+    let delta = |name: &str| total(&after, name) - total(&before, name);
+    let (ops, pauses, on) = (
+        report["ops"].as_u64().unwrap(),
+        delta("coalesce_pauses"),
+        delta("coalesce_windows_on"),
+    );
+    // Tries at windows 1, 10, 28, 62, 128, 258, 516, 1028, 2052: at most 9 in 2 s (a window is
+    // at least a millisecond), each ending after its first judged window.
+    assert!(
+        on <= 9,
+        "QD1 had coalescing on in {on} windows over {ops} ops"
+    );
+    assert!(
+        pauses * 10 <= ops,
+        "QD1 paused {pauses} times over {ops} ops"
+    );
+    if on > 0 {
+        assert!(delta("coalesce_tries_failed") > 0, "a QD1 try failed");
+    }
+    let before = status(&server.addr);
+    let report = load(&server.addr, &args("32", "4"));
+    assert_clean(&report, "4 x QD32");
+    let after = status(&server.addr);
+    let on = total(&after, "coalesce_windows_on") - total(&before, "coalesce_windows_on");
+    assert!(on > 0, "4 x QD32 never turned coalescing on: {report}");
+    assert!(server.stop().success(), "clean exit on SIGINT");
 }

@@ -2,8 +2,14 @@
 //! ordinary outputs, large ones for frames or outputs that do not fit a chunk), and `Body`, the
 //! payload of a reply, which may live in this core's pools or in another core's.
 //!
-//! Pool ids encode the home core: `PoolId(core * 2 + class)`. A buffer is released only by its
+//! Pool ids encode the home core: `PoolId(core * 3 + class)`. A buffer is released only by its
 //! home core; `release_body` hands back the ones that must travel home first.
+//!
+//! A core that owns a NIC queue whose receive buffers are carved from Carmine's memory (DPDK,
+//! `dpdk::net`) has a third pool, `nic`: its buffers are the mbufs' data rooms. The port holds
+//! an owner `Buf` for every room the NIC has (in the mempool or the rx ring); a received frame
+//! becomes a `Lease` over its room, and once every lease is back the room is free here, which
+//! tells the port to give the mbuf back to DPDK. So ops read NIC buffers as any other lease.
 
 use crate::pool::{Buf, BufferPool, Lease, PoolId};
 
@@ -12,14 +18,19 @@ use crate::pool::{Buf, BufferPool, Lease, PoolId};
 pub enum SizeClass {
     Small = 0,
     Large = 1,
+    /// Data rooms of a NIC queue's receive buffers (see the module comment).
+    Nic = 2,
 }
 
+/// Size classes per core, for pool ids.
+const CLASSES: usize = 3;
+
 pub fn pool_id(core: usize, class: SizeClass) -> PoolId {
-    PoolId(u16::try_from(core * 2 + class as usize).expect("core count fits u16 pool ids"))
+    PoolId(u16::try_from(core * CLASSES + class as usize).expect("core count fits u16 pool ids"))
 }
 
 pub fn home_core(pool: PoolId) -> usize {
-    usize::from(pool.0) / 2
+    usize::from(pool.0) / CLASSES
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +80,8 @@ pub struct CorePools {
     pub core: usize,
     pub small: BufferPool,
     pub large: BufferPool,
+    /// A NIC queue's receive rooms, when this core owns such a queue.
+    pub nic: Option<BufferPool>,
 }
 
 impl CorePools {
@@ -92,7 +105,15 @@ impl CorePools {
                 sizes.large_count,
                 hugepages,
             )?,
+            nic: None,
         })
+    }
+
+    /// Adds the receive rooms of this core's NIC queue (pool id `pool_id(core, Nic)`).
+    pub fn attach_nic(&mut self, nic: BufferPool) {
+        assert_eq!(nic.id(), pool_id(self.core, SizeClass::Nic));
+        assert!(self.nic.is_none(), "one NIC pool per core");
+        self.nic = Some(nic);
     }
 
     /// A buffer of at least `len` bytes from the smallest class that fits. None: exhausted or too big.
@@ -134,8 +155,12 @@ impl CorePools {
         );
         if id == self.small.id() {
             &mut self.small
-        } else {
+        } else if id == self.large.id() {
             &mut self.large
+        } else {
+            self.nic
+                .as_mut()
+                .expect("a NIC lease comes home to its NIC pool")
         }
     }
 
@@ -156,6 +181,20 @@ impl CorePools {
         self.pool_of(lease.pool()).lease_within(lease, offset, len)
     }
 
+    /// A lease over `bytes` in this core's small or large pool (see `BufferPool::lease_bytes`).
+    ///
+    /// # Safety
+    /// As `BufferPool::lease_bytes`: bytes in this core's pools lie within sealed bytes of a
+    /// live handle.
+    pub unsafe fn lease_bytes(&mut self, bytes: &[u8]) -> Option<Lease> {
+        // SAFETY: the caller's promise, passed on; each pool checks the bytes are its own.
+        unsafe {
+            self.small
+                .lease_bytes(bytes)
+                .or_else(|| self.large.lease_bytes(bytes))
+        }
+    }
+
     /// Releases a body that lives here; returns it when it must go back to its home core.
     pub fn release_body(&mut self, body: Body) -> Option<Body> {
         match body.home_core() {
@@ -172,7 +211,71 @@ impl CorePools {
         }
     }
 
+    /// Buffers of the small and large pools in use. The NIC pool is left out: its rooms are
+    /// in use by design while the NIC holds them (the port counts the ones ops hold).
     pub fn in_use(&self) -> u32 {
         self.small.in_use() + self.large.in_use()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools(core: usize) -> CorePools {
+        let sizes = PoolSizes {
+            small_size_bytes: 4096,
+            small_count: 2,
+            large_size_bytes: 8192,
+            large_count: 2,
+        };
+        CorePools::new(core, sizes, false).unwrap()
+    }
+
+    #[test]
+    fn pool_ids_name_their_core_and_class() {
+        for core in [0, 1, 7] {
+            for class in [SizeClass::Small, SizeClass::Large, SizeClass::Nic] {
+                assert_eq!(home_core(pool_id(core, class)), core, "{class:?}");
+            }
+        }
+        assert_ne!(pool_id(1, SizeClass::Small), pool_id(0, SizeClass::Nic));
+    }
+
+    /// A NIC room leased to an op comes back to the `nic` pool (not small or large), and the
+    /// room is free there once its last lease is back: what tells the port to return the mbuf.
+    #[test]
+    fn nic_leases_come_home_to_the_nic_pool() {
+        let mut pools = pools(1);
+        let mut nic = BufferPool::new(pool_id(1, SizeClass::Nic), 12288, 2, false).unwrap();
+        let mut owner = nic.acquire().unwrap();
+        owner.spare_mut()[..9].copy_from_slice(b"hdr+frame");
+        pools.attach_nic(nic);
+        owner.seal(9);
+        let datagram = pools.lease(&owner, 0, 9);
+        let frame = pools.lease_within(&datagram, 4, 5);
+        pools.release(owner);
+        assert_eq!(frame.as_slice(), b"frame");
+        pools.release_lease(datagram);
+        let nic = pools.nic.as_ref().unwrap();
+        assert_eq!(nic.in_use(), 1, "the frame's lease keeps the room");
+        pools.release_lease(frame);
+        assert_eq!(
+            pools.nic.as_ref().unwrap().in_use(),
+            0,
+            "free: the port may reclaim it"
+        );
+        assert_eq!(pools.in_use(), 0, "small and large untouched");
+    }
+
+    #[test]
+    #[should_panic(expected = "NIC pool")]
+    fn a_nic_lease_without_a_nic_pool_panics() {
+        let mut pools = pools(0);
+        let mut nic = BufferPool::new(pool_id(0, SizeClass::Nic), 4096, 1, false).unwrap();
+        let mut owner = nic.acquire().unwrap();
+        owner.seal(1);
+        let lease = nic.lease(&owner, 0, 1);
+        pools.release_lease(lease);
     }
 }

@@ -4,6 +4,7 @@
 //! two lives in the `carmine` package.
 
 pub mod buffers;
+pub mod coalesce;
 pub mod dgram;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;

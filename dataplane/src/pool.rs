@@ -496,6 +496,41 @@ impl BufferPool {
         }
     }
 
+    /// A lease over `bytes`, which lie in one of this pool's buffers (None when they do not):
+    /// for a sender that has only a slice of a response it holds and must keep those bytes
+    /// alive past the response's own lease (a NIC sending them in place). Adds one reference.
+    ///
+    /// # Safety
+    /// If `bytes` lie in one of this pool's buffers, they must lie within sealed bytes of a live
+    /// handle (`Buf` or `Lease`) of it, so that they stay immutable while the new lease exists.
+    #[inline]
+    pub unsafe fn lease_bytes(&mut self, bytes: &[u8]) -> Option<Lease> {
+        let start = bytes.as_ptr() as usize;
+        let base = self.base.as_ptr() as usize;
+        let offset = start.checked_sub(base)?;
+        let index = offset / self.buffer_size as usize;
+        if index >= self.buffer_count as usize {
+            return None;
+        }
+        let within = offset % self.buffer_size as usize;
+        assert!(
+            within + bytes.len() <= self.buffer_size as usize,
+            "{} bytes at {within} cross the end of buffer {index}",
+            bytes.len()
+        );
+        let refcount = &mut self.refcounts[index];
+        assert!(*refcount > 0, "bytes of free buffer {index}");
+        *refcount = refcount.checked_add(1).expect("refcount overflow");
+        Some(Lease {
+            // SAFETY: (caller) the bytes are a live slice inside buffer `index`: non-null.
+            ptr: unsafe { NonNull::new_unchecked(bytes.as_ptr().cast_mut()) },
+            // Cannot truncate: within a buffer, whose size is a u32.
+            len: bytes.len() as u32,
+            pool: self.id,
+            index: index as u32,
+        })
+    }
+
     /// Drops one lease's reference; frees the buffer at 0.
     #[inline]
     pub fn release_lease(&mut self, lease: Lease) {
@@ -641,6 +676,26 @@ mod tests {
         let buf = filled(&mut pool, b"0123456789");
         let lease = pool.lease(&buf, 2, 4);
         let _ = pool.lease_within(&lease, 2, 3);
+    }
+
+    #[test]
+    fn lease_bytes_finds_the_buffer_and_keeps_it() {
+        let mut pool = pool(1, PAGE, 2);
+        let _first = pool.acquire().unwrap();
+        let buf = filled(&mut pool, b"head|payload");
+        let response = pool.lease(&buf, 0, 12);
+        pool.release(buf);
+        // SAFETY: the bytes are inside `response`, a live lease over sealed bytes.
+        let payload = unsafe { pool.lease_bytes(&response.as_slice()[5..]) }.unwrap();
+        assert_eq!((payload.index(), payload.as_slice()), (1, &b"payload"[..]));
+        pool.release_lease(response);
+        assert_eq!(pool.in_use(), 2, "the payload's lease keeps the buffer");
+        pool.release_lease(payload);
+        assert_eq!(pool.in_use(), 1);
+        let elsewhere = [0u8; 8];
+        // SAFETY: not this pool's bytes (the contract covers only those): answered None.
+        assert!(unsafe { pool.lease_bytes(&elsewhere) }.is_none());
+        pool.release(_first);
     }
 
     #[test]

@@ -25,6 +25,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub use crate::coalesce::Coalesce;
+use crate::coalesce::LoadDetector;
+
 /// How long a parked core sleeps at most before looking at its timers again.
 pub const PARK_TIMEOUT_MAX: Duration = Duration::from_millis(10);
 /// How often a core copies its counters to where `status` can read them.
@@ -82,6 +85,11 @@ pub struct LoopCounters {
     pub busy_cpu_ns: u64,
     /// The thread's CPU time since the loop started.
     pub cpu_ns: u64,
+    /// Coalescing pauses taken, publish intervals (windows) with coalescing on, and tries of
+    /// `--coalesce auto` that pausing did not pay for (see `coalesce.rs`).
+    pub coalesce_pauses: u64,
+    pub coalesce_windows_on: u64,
+    pub coalesce_tries_failed: u64,
 }
 
 /// This thread's CPU time (user and system), in nanoseconds. One system call: the loop reads
@@ -207,43 +215,12 @@ pub fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
 }
 
-/// Pass coalescing (interrupt moderation for a polling loop): after a pass that did some work
-/// but less than `below` units, sleep `pause` before the next one, so that requests and
-/// replies accumulate and each system call (epoll_wait, recv, writev) serves several ops. When
-/// clients keep many requests in flight this cuts CPU per op by half (NBD, 4 KiB, 128 in flight:
-/// from 3.3-3.75 to 0.34-0.40 system calls per request), for up to `pause` (plus the kernel's
-/// timer slack) of added latency per pass. A loaded core (`below` or more units per pass)
-/// never sleeps, nor one waiting on device I/O (`Core::may_coalesce`: measured with the
-/// segment store, pausing then cost a fifth of the IOPS). Off (`pause` zero) by default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Coalesce {
-    pub pause: Duration,
-    pub below: usize,
-}
-
-impl Coalesce {
-    pub const OFF: Coalesce = Coalesce {
-        pause: Duration::ZERO,
-        below: 0,
-    };
-    /// Passes with fewer units of work than this sleep (a 4 KiB NBD request is about four:
-    /// its read, dispatch, execution and reply).
-    pub const BELOW_DEFAULT: usize = 64;
-
-    pub fn new(pause: Duration) -> Coalesce {
-        Coalesce {
-            pause,
-            below: Coalesce::BELOW_DEFAULT,
-        }
-    }
-}
-
 /// Runs `core` until `stop` is set and the core has drained.
 pub fn run<C: Core>(core: &mut C, policy: IdlePolicy, stop: &AtomicBool) -> LoopCounters {
-    run_coalesced(core, policy, Coalesce::OFF, stop)
+    run_coalesced(core, policy, Coalesce::Off, stop)
 }
 
-/// `run`, with pass coalescing.
+/// `run`, with pass coalescing (`coalesce.rs`).
 pub fn run_coalesced<C: Core>(
     core: &mut C,
     policy: IdlePolicy,
@@ -255,12 +232,15 @@ pub fn run_coalesced<C: Core>(
     let mut last_publish = last;
     let mut idle_since: Option<Instant> = None;
     let mut booking = CpuBooking::new(thread_cpu_ns());
+    let mut detector = LoadDetector::new(coalesce);
+    let pause = coalesce.pause();
     loop {
         let work = core.poll_once();
         let now = Instant::now();
         let elapsed_ns = now.duration_since(last).as_nanos() as u64;
         last = now;
         counters.passes += 1;
+        let mut parked = false;
         if work > 0 {
             counters.busy_ns += elapsed_ns;
             booking.busy_wall += elapsed_ns;
@@ -282,6 +262,7 @@ pub fn run_coalesced<C: Core>(
                         last_publish = now;
                     }
                     core.park(core.park_timeout().min(PARK_TIMEOUT_MAX));
+                    parked = true;
                     counters.parks += 1;
                     let woke = Instant::now();
                     counters.idle_ns += woke.duration_since(last).as_nanos() as u64;
@@ -289,22 +270,32 @@ pub fn run_coalesced<C: Core>(
                 }
             }
         }
-        if work > 0 && work < coalesce.below && !coalesce.pause.is_zero() && core.may_coalesce() {
+        let may_pause = detector.is_on() && !parked && core.may_coalesce();
+        if detector.after_pass(work, may_pause) {
             // Asleep is idle: the next pass's time starts when it wakes.
-            std::thread::sleep(coalesce.pause);
+            std::thread::sleep(pause);
             let woke = Instant::now();
             counters.idle_ns += woke.duration_since(last).as_nanos() as u64;
             last = woke;
         }
         if last.duration_since(last_publish) >= PUBLISH_INTERVAL {
+            detector.close_window();
+            note_coalescing(&detector, &mut counters);
             booking.close(thread_cpu_ns(), &mut counters);
             core.publish(&counters);
             last_publish = last;
         }
     }
+    note_coalescing(&detector, &mut counters);
     booking.close(thread_cpu_ns(), &mut counters);
     core.publish(&counters);
     counters
+}
+
+fn note_coalescing(detector: &LoadDetector, counters: &mut LoopCounters) {
+    counters.coalesce_pauses = detector.pauses;
+    counters.coalesce_windows_on = detector.windows_on;
+    counters.coalesce_tries_failed = detector.tries_failed;
 }
 
 #[cfg(test)]
@@ -384,7 +375,7 @@ mod tests {
             waker,
         };
         let pause = Duration::from_millis(2);
-        let counters = run_coalesced(&mut core, IdlePolicy::Spin, Coalesce::new(pause), &stop);
+        let counters = run_coalesced(&mut core, IdlePolicy::Spin, Coalesce::Fixed(pause), &stop);
         assert_eq!((core.work_left, counters.passes), (0, 6));
         // A sleep lasts at least what it asks for: five light passes, five pauses, all idle.
         assert!(
@@ -392,19 +383,17 @@ mod tests {
             "{counters:?}"
         );
         assert!(counters.busy_ns < counters.idle_ns, "{counters:?}");
-        // A pass with `below` units or more never sleeps.
-        let mut heavy = CountingCore {
+        assert_eq!(counters.coalesce_pauses, 5);
+        // Auto: five light passes are not load, so nothing pauses (an hour would show).
+        let mut light = CountingCore {
             work_left: 5,
             parks: 0,
             published: 0,
             waker: core.waker.clone(),
         };
-        let never = Coalesce {
-            pause: Duration::from_secs(3600),
-            below: 1,
-        };
-        let counters = run_coalesced(&mut heavy, IdlePolicy::Spin, never, &stop);
-        assert_eq!(counters.passes, 6, "no hour-long sleep happened");
+        let auto = Coalesce::Auto(Duration::from_secs(3600));
+        let counters = run_coalesced(&mut light, IdlePolicy::Spin, auto, &stop);
+        assert_eq!((counters.passes, counters.coalesce_pauses), (6, 0));
     }
 
     #[test]

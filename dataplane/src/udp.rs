@@ -127,19 +127,63 @@ pub struct UdpStats {
     pub port: PortStats,
 }
 
+/// What one [`DatagramPort::recv`] gave.
+pub enum Received<A> {
+    /// One datagram's UDP payload, as a lease over pool memory, and who sent it.
+    Datagram(Lease, A),
+    /// Nothing is waiting.
+    Empty,
+    /// No buffer to receive into (a datagram may be waiting).
+    NoBuffer,
+}
+
 /// Where the transport's datagrams come from and go to: a kernel UDP socket, or a DPDK queue
-/// pair (`crate::dpdk::net`). Receiving writes one datagram's UDP payload into the caller's
-/// buffer (a pool chunk), so the RPC above holds pool leases whatever the port.
+/// pair (`crate::dpdk::net`). A received datagram's UDP payload is a lease over pool memory,
+/// so the RPC above holds pool leases whatever the port: written there by the port
+/// (`recv_into` a pool chunk: the kernel's copy), or, for a NIC whose receive buffers are
+/// carved from the core's `nic` pool, the very buffer the NIC wrote (no copy).
 pub trait DatagramPort {
     /// A peer's address (the RPC's session key together with the client's session id).
     type Addr: Copy + Eq + Hash + Debug;
     /// Receives one datagram into `buf` (which holds a maximal one): `Ok(None)` when nothing
     /// is waiting.
     fn recv_into(&mut self, buf: &mut [u8]) -> io::Result<Option<(usize, Self::Addr)>>;
+    /// Receives one datagram as a lease. By default into `chunk` (taken from the small pool,
+    /// and replaced when too full) with `recv_into`.
+    fn recv(
+        &mut self,
+        pools: &mut CorePools,
+        chunk: &mut Option<Buf>,
+    ) -> io::Result<Received<Self::Addr>> {
+        recv_into_chunk(self, pools, chunk)
+    }
     /// Sends `header` then `payload` as one datagram. `Ok(false)`: no room now (try later).
     fn send(&mut self, peer: &Self::Addr, header: &[u8], payload: &[u8]) -> io::Result<bool>;
-    /// Pushes out what `send` queued (a port that batches).
-    fn flush(&mut self) {}
+    /// `send` for a payload in `pools`' memory, which a port may send in place (holding a
+    /// lease over it until the device is done) instead of copying it.
+    ///
+    /// # Safety
+    /// `payload` lies within sealed bytes of a live handle of `pools` (a response the RPC
+    /// holds), as `CorePools::lease_bytes` requires.
+    unsafe fn send_from_pool(
+        &mut self,
+        pools: &mut CorePools,
+        peer: &Self::Addr,
+        header: &[u8],
+        payload: &[u8],
+    ) -> io::Result<bool> {
+        let _ = pools;
+        self.send(peer, header, payload)
+    }
+    /// Pushes out what `send` queued (a port that batches), and gives back what the device is
+    /// done with.
+    fn flush(&mut self, pools: &mut CorePools) {
+        let _ = pools;
+    }
+    /// Gives back whatever pool buffers the port itself holds (after the transport stopped).
+    fn close(&mut self, pools: &mut CorePools) {
+        let _ = pools;
+    }
     /// A descriptor that becomes readable when datagrams wait (for a parked core), if any.
     fn fd(&self) -> Option<RawFd>;
     fn stats(&self) -> PortStats {
@@ -155,8 +199,18 @@ pub struct PortStats {
     pub rx_copied_bytes: u64,
     /// ARP requests answered.
     pub arp_replies: u64,
+    /// Datagrams handed up as a lease over the NIC buffer they arrived in (no copy).
+    pub rx_in_place: u64,
+    /// NIC buffers leased to ops now (returned to the NIC once every lease is back).
+    pub rx_rooms_leased: u64,
     /// Frames that were neither ARP for us nor UDP to our port (dropped).
     pub ignored: u64,
+    /// Frames sent with their payload attached in place (no copy into the mbuf).
+    pub tx_in_place: u64,
+    /// Payload bytes copied into mbufs on send.
+    pub tx_copied_bytes: u64,
+    /// Frames with an attached payload the driver has not freed yet.
+    pub tx_attached_held: u64,
     /// Sends refused for want of a buffer or ring room (the RPC retries them).
     pub tx_full: u64,
     /// Frames dropped after the driver took nothing for a while (a peer gone).
@@ -413,24 +467,20 @@ impl<P: DatagramPort> RpcTransport<P> {
                 self.stats.rx_pool_waits += 1;
                 break;
             }
-            let Some(spare) = rx_spare(&mut self.rx_chunk, pools) else {
-                self.stats.rx_pool_waits += 1;
-                break;
-            };
-            let (len, peer) = match self.port.recv_into(&mut spare[..DATAGRAM_BYTES_MAX]) {
-                Ok(Some(got)) => got,
-                Ok(None) => break,
+            let (lease, peer) = match self.port.recv(pools, &mut self.rx_chunk) {
+                Ok(Received::Datagram(lease, peer)) => (lease, peer),
+                Ok(Received::Empty) => break,
+                Ok(Received::NoBuffer) => {
+                    self.stats.rx_pool_waits += 1;
+                    break;
+                }
                 Err(e) => {
                     log::warn!("core {}: datagram receive: {e}", self.core);
                     break;
                 }
             };
             self.stats.datagrams_rx += 1;
-            self.stats.rx_bytes += len as u64;
-            let chunk = self.rx_chunk.as_mut().expect("rx_spare leaves a chunk");
-            let offset = chunk.sealed_len();
-            chunk.seal(len);
-            let lease = pools.lease(chunk, offset, len);
+            self.stats.rx_bytes += lease.len() as u64;
             if self.drop_every > 0 && self.stats.datagrams_rx % u64::from(self.drop_every) == 0 {
                 self.stats.dropped_injected += 1;
                 pools.release_lease(lease);
@@ -659,7 +709,9 @@ impl<P: DatagramPort> RpcTransport<P> {
         let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
         let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
             let len = header.len() + payload.len();
-            match port.send(peer, header, payload) {
+            // SAFETY: the RPC's payloads are slices of the responses it holds, `PoolBytes`
+            // leases over sealed bytes of this core's pools (`write_response`).
+            match unsafe { port.send_from_pool(pools, peer, header, payload) } {
                 Ok(true) => {
                     stats.datagrams_tx += 1;
                     stats.tx_bytes += len as u64;
@@ -673,7 +725,7 @@ impl<P: DatagramPort> RpcTransport<P> {
                 }
             }
         });
-        self.port.flush();
+        self.port.flush(pools);
         self.reap(pools);
         sent
     }
@@ -696,12 +748,35 @@ impl<P: DatagramPort> RpcTransport<P> {
         }
         self.reap(pools);
         debug_assert_eq!(self.held, 0);
+        self.port.close(pools);
     }
+}
+
+/// [`DatagramPort::recv`] through a copy: `recv_into` the receive chunk (a fresh one when the
+/// current one is too full), the datagram leased from there.
+pub fn recv_into_chunk<P: DatagramPort + ?Sized>(
+    port: &mut P,
+    pools: &mut CorePools,
+    chunk: &mut Option<Buf>,
+) -> io::Result<Received<P::Addr>> {
+    let Some(spare) = rx_spare(chunk, pools) else {
+        return Ok(Received::NoBuffer);
+    };
+    let Some((len, peer)) = port.recv_into(&mut spare[..DATAGRAM_BYTES_MAX])? else {
+        return Ok(Received::Empty);
+    };
+    let chunk = chunk.as_mut().expect("rx_spare leaves a chunk");
+    let offset = chunk.sealed_len();
+    chunk.seal(len);
+    Ok(Received::Datagram(pools.lease(chunk, offset, len), peer))
 }
 
 /// Room for one more datagram in the receive chunk (a fresh chunk when the current one is too
 /// full; the old one stays alive through its leases).
-fn rx_spare<'a>(rx_chunk: &'a mut Option<Buf>, pools: &mut CorePools) -> Option<&'a mut [u8]> {
+pub(crate) fn rx_spare<'a>(
+    rx_chunk: &'a mut Option<Buf>,
+    pools: &mut CorePools,
+) -> Option<&'a mut [u8]> {
     let full = rx_chunk
         .as_mut()
         .is_some_and(|c| c.spare_mut().len() < DATAGRAM_BYTES_MAX);

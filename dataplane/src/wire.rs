@@ -4,7 +4,7 @@
 //! offset size field
 //!  0     4   magic        0x4E4D_5243 ("CRMN" as little-endian bytes "CRMN")
 //!  4     1   version      1
-//!  5     1   opcode       OSD_OP=1, PING=2, STATUS=3; a reply sets bit 0x80
+//!  5     1   opcode       OSD_OP=1, PING=2, STATUS=3, HELLO=4; a reply sets bit 0x80
 //!  6     2   flags        must be 0 in version 1
 //!  8     8   request_id   chosen by the client, echoed in the reply
 //! 16     2   oid_len      bytes of object id that follow the header
@@ -19,7 +19,11 @@
 //! (`code u8, flags u8, name_len u16, data_len u32, offset u64, length u64`), then each sub-op's
 //! name bytes and data bytes, in sub-op order, packed. OSD_OP reply payload: `sub_op_count` results
 //! of `SUB_OP_RESULT_SIZE` bytes (`status u32, out_len u32`), then each sub-op's output, packed.
-//! PING echoes its payload. STATUS replies carry a UTF-8 JSON document.
+//! PING echoes its payload. STATUS replies carry a UTF-8 JSON document. HELLO (empty request)
+//! is answered with `HELLO_REPLY_SIZE` bytes saying which core owns the connection and how
+//! objects are placed (`HelloReply`): a shard-aware client sends each op on a connection owned
+//! by the op's core, so that no op crosses the server's rings. A server that predates it (or
+//! classic mode, which has no owning cores) answers UNKNOWN_OPCODE.
 //!
 //! Why this shape: every field sits at a fixed offset, so a frame is a view over the receive
 //! buffer (nothing is decoded into owned structs), and all lengths are known from the first 32
@@ -54,6 +58,7 @@ pub enum Opcode {
     OsdOp = 1,
     Ping = 2,
     Status = 3,
+    Hello = 4,
 }
 
 impl Opcode {
@@ -62,8 +67,67 @@ impl Opcode {
             1 => Some(Opcode::OsdOp),
             2 => Some(Opcode::Ping),
             3 => Some(Opcode::Status),
+            4 => Some(Opcode::Hello),
             _ => None,
         }
+    }
+}
+
+/// Bytes of a HELLO reply's payload.
+pub const HELLO_REPLY_SIZE: usize = 16;
+
+/// A HELLO reply's payload: `core u32, cores u32, placement u32 (0: PGs, 1: flex), pg_count u32`
+/// (pg_count is 0 in flex mode). With these and the placement hash (crc32c of the object id;
+/// `pg = hash % pg_count`, `core = pg % cores`; flex: `core = hash % cores`) a client knows the
+/// core of every object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloReply {
+    pub core: u32,
+    pub cores: u32,
+    /// `None`: flex placement (no PGs).
+    pub pg_count: Option<u32>,
+}
+
+impl HelloReply {
+    pub fn encode(&self) -> [u8; HELLO_REPLY_SIZE] {
+        let mut out = [0u8; HELLO_REPLY_SIZE];
+        out[0..4].copy_from_slice(&self.core.to_le_bytes());
+        out[4..8].copy_from_slice(&self.cores.to_le_bytes());
+        let (mode, pg_count) = match self.pg_count {
+            Some(count) => (0u32, count),
+            None => (1, 0),
+        };
+        out[8..12].copy_from_slice(&mode.to_le_bytes());
+        out[12..16].copy_from_slice(&pg_count.to_le_bytes());
+        out
+    }
+
+    /// Refuses a payload of the wrong size, an unknown placement mode, or numbers that cannot
+    /// describe a server (no cores, a core out of range, fewer PGs than cores).
+    pub fn decode(payload: &[u8]) -> Result<HelloReply, String> {
+        if payload.len() != HELLO_REPLY_SIZE {
+            return Err(format!(
+                "HELLO reply of {} bytes, expected {HELLO_REPLY_SIZE}",
+                payload.len()
+            ));
+        }
+        let word = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
+        let (core, cores, mode, pg_count) = (word(0), word(4), word(8), word(12));
+        let pg_count = match mode {
+            0 => Some(pg_count),
+            1 => None,
+            other => return Err(format!("HELLO reply names placement mode {other}")),
+        };
+        if cores == 0 || core >= cores || pg_count.is_some_and(|count| count < cores) {
+            return Err(format!(
+                "HELLO reply is inconsistent: core {core} of {cores}, pg_count {pg_count:?}"
+            ));
+        }
+        Ok(HelloReply {
+            core,
+            cores,
+            pg_count,
+        })
     }
 }
 
@@ -722,6 +786,55 @@ mod tests {
         let frame = Frame::view(header, bytes);
         assert!(frame.crc_ok(bytes));
         frame
+    }
+
+    #[test]
+    fn hello_reply_round_trips_and_refuses_nonsense() {
+        for reply in [
+            HelloReply {
+                core: 1,
+                cores: 2,
+                pg_count: Some(128),
+            },
+            HelloReply {
+                core: 0,
+                cores: 1,
+                pg_count: None,
+            },
+        ] {
+            assert_eq!(HelloReply::decode(&reply.encode()), Ok(reply));
+        }
+        let good = HelloReply {
+            core: 1,
+            cores: 2,
+            pg_count: Some(128),
+        }
+        .encode();
+        assert!(HelloReply::decode(&good[..15]).is_err(), "short payload");
+        let mut bad = good;
+        bad[8] = 7; // placement mode 7
+        assert!(HelloReply::decode(&bad).is_err());
+        let core_out_of_range = HelloReply {
+            core: 2,
+            cores: 2,
+            pg_count: Some(128),
+        }
+        .encode();
+        assert!(HelloReply::decode(&core_out_of_range).is_err());
+        let fewer_pgs_than_cores = HelloReply {
+            core: 0,
+            cores: 4,
+            pg_count: Some(2),
+        }
+        .encode();
+        assert!(HelloReply::decode(&fewer_pgs_than_cores).is_err());
+        let no_cores = HelloReply {
+            core: 0,
+            cores: 0,
+            pg_count: None,
+        }
+        .encode();
+        assert!(HelloReply::decode(&no_cores).is_err());
     }
 
     #[test]

@@ -3,13 +3,17 @@
 //! `vfio`: the VFIO ioctls and structs the native NVMe driver (`carmine-storage`) uses,
 //! hand-written with layout asserts (no clang needed, always built).
 //! Feature `dpdk`: bindings over DPDK 22.11 in [`dpdk`] (bindgen at build time). Feature `spdk`:
-//! only the build-time probe so far. Without DPDK installed, `--features dpdk` fails early with a
-//! message that says what to install, instead of half-way through a link.
+//! bindings over SPDK's NVMe driver and environment in [`spdk`] (bindgen at build time, against
+//! real SPDK or the stand-in in `ci/spdk-stub/`). Without the library installed, either feature
+//! fails early with a message that says what to install, instead of half-way through a link.
 
 pub mod vfio;
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
+
+#[cfg(feature = "spdk")]
+pub mod spdk;
 
 /// True when the crate was built with DPDK bindings.
 pub const DPDK_ENABLED: bool = cfg!(feature = "dpdk");

@@ -77,6 +77,11 @@ pub(super) fn open(args: &LoadArgs) -> Result<(), String> {
         args.dpdk.dpdk_ip,
         CLIENT_PORT_BASE,
         "load-rx",
+        // The generator reads responses in their mbufs (RpcClient keeps them).
+        net::InPlace {
+            rx: false,
+            tx: false,
+        },
     )
     .map_err(|e| format!("DPDK port {port} ({} ports found): {e}", eal.port_count()))?;
     let queue = opened.queues.into_iter().next().expect("one queue");

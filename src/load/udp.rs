@@ -328,7 +328,7 @@ pub(super) fn issue_requests<P: Copy + Eq, B: AsRef<[u8]>>(
     now_ns: u64,
 ) -> bool {
     while !slots.free.is_empty() {
-        let Some(request) = work.next_request() else {
+        let Some(request) = work.next_request(None) else {
             return true;
         };
         let (slot, request_id) = slots.arm(request);

@@ -22,7 +22,7 @@ use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
 use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
-    Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
+    self as wire, Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
 };
 use carmine_storage::{ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit};
 
@@ -31,7 +31,7 @@ use crate::osd::message::{Message, Results};
 use crate::osd::network::{Clock, Network};
 use crate::osd::op_table::{OpRef, OpTable, SLOT_NONE};
 use crate::osd::pg::Pg;
-use crate::osd::placement::Placement;
+use crate::osd::placement::{Placement, PlacementMode};
 use crate::osd::stall::{StallWatch, STALL_REPORT_AFTER};
 use crate::osd::stats::{Counter, Counters, SharedCounters};
 use crate::osd::timer::TimerQueue;
@@ -556,6 +556,7 @@ impl<N: Network> OsdCore<N> {
             (false, Some(Opcode::OsdOp)) => {}
             (false, Some(Opcode::Ping)) => return self.answer_ping(conn, header, frame),
             (false, Some(Opcode::Status)) => return self.answer_status(conn, header, frame),
+            (false, Some(Opcode::Hello)) => return self.answer_hello(conn, header, frame),
             _ => return self.answer_error(conn, header, frame, Status::UnknownOpcode),
         }
         if let Err(status) = view.validate_sub_ops() {
@@ -618,6 +619,28 @@ impl<N: Network> OsdCore<N> {
         };
         self.pools.release_lease(frame);
         self.reply(conn, &header, Status::Ok, &[], body);
+    }
+
+    /// Tells a shard-aware client which core owns this connection and how objects are placed
+    /// (`wire::HelloReply`), so that it can send each op straight to its core.
+    fn answer_hello(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
+        let hello = wire::HelloReply {
+            core: self.index as u32,
+            cores: self.placement.cores as u32,
+            pg_count: match self.placement.mode {
+                PlacementMode::Pg { pg_count } => Some(pg_count),
+                PlacementMode::Flex => None,
+            },
+        }
+        .encode();
+        let Some(mut buf) = self.pools.acquire_for(hello.len()) else {
+            self.counters.add(Counter::buffer_waits, 1);
+            return self.answer_error(conn, header, frame, Status::OverLimit);
+        };
+        buf.spare_mut()[..hello.len()].copy_from_slice(&hello);
+        buf.seal(hello.len());
+        self.pools.release_lease(frame);
+        self.reply(conn, &header, Status::Ok, &[], Body::Buf(buf));
     }
 
     fn answer_status(&mut self, conn: ReplyTo, header: Header, frame: Lease) {
@@ -1357,10 +1380,18 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     );
     c.set(Counter::udp_dropped_injected, udp.dropped_injected);
     c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
-    // The port's own counters (zero on a kernel socket): over DPDK every received datagram
-    // is copied once from its mbuf into a pool chunk (`dpdk_rx_copies`).
+    // The port's own counters (zero on a kernel socket): over DPDK a received datagram is
+    // leased in the mbuf's room (`dpdk_rx_in_place`), or copied once from its mbuf into a pool
+    // chunk when the port cannot (`dpdk_rx_copies`).
     c.set(Counter::dpdk_rx_copies, udp.port.rx_copies);
     c.set(Counter::dpdk_rx_copied_bytes, udp.port.rx_copied_bytes);
+    c.set(Counter::dpdk_rx_in_place, udp.port.rx_in_place);
+    c.set(Counter::dpdk_rx_rooms_leased, udp.port.rx_rooms_leased);
+    // Replies: payloads of 1 KiB and more are sent from the response chunk in place
+    // (`dpdk_tx_in_place`), smaller ones copied into the frame (`dpdk_tx_copied_bytes`).
+    c.set(Counter::dpdk_tx_in_place, udp.port.tx_in_place);
+    c.set(Counter::dpdk_tx_copied_bytes, udp.port.tx_copied_bytes);
+    c.set(Counter::dpdk_tx_attached_held, udp.port.tx_attached_held);
     c.set(Counter::dpdk_arp_replies, udp.port.arp_replies);
     c.set(Counter::dpdk_ignored, udp.port.ignored);
     c.set(Counter::dpdk_tx_full, udp.port.tx_full);
@@ -1453,6 +1484,16 @@ impl<N: Network> Core for OsdCore<N> {
         self.counters.set(Counter::idle_ns, loop_counters.idle_ns);
         self.counters.set(Counter::passes, loop_counters.passes);
         self.counters.set(Counter::parks, loop_counters.parks);
+        self.counters
+            .set(Counter::coalesce_pauses, loop_counters.coalesce_pauses);
+        self.counters.set(
+            Counter::coalesce_windows_on,
+            loop_counters.coalesce_windows_on,
+        );
+        self.counters.set(
+            Counter::coalesce_tries_failed,
+            loop_counters.coalesce_tries_failed,
+        );
         self.publish_now();
     }
 

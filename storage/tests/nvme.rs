@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use carmine_storage::queue_pair::nvme::COMMAND_TIMEOUT;
+use carmine_storage::queue_pair::nvme::{ResetPhase, COMMAND_TIMEOUT};
 use carmine_storage::queue_pair::{
     AlignedBuf, IoError, IoVec, NvmeController, NvmeQueuePair, QueuePair, SubmitError,
     BLOCK_SIZE_BYTES,
@@ -368,10 +368,23 @@ fn a_medium_error_comes_back_as_its_nvme_status() {
 /// sorted by tag, after checking that the tags are exactly `tags` (each reported once, none
 /// twice, none late).
 fn drain_each_once(qp: &mut NvmeQueuePair, tags: &[u64]) -> Vec<(u64, Result<(), IoError>)> {
+    let done = drain_calling(qp, |_| {});
+    let reported: Vec<u64> = done.iter().map(|&(tag, _)| tag).collect();
+    assert_eq!(reported, tags, "every request reported exactly once");
+    done
+}
+
+/// Polls until nothing is in flight, calling `after_poll` after each poll, then some more:
+/// returns every (tag, result) reported, sorted by tag.
+fn drain_calling(
+    qp: &mut NvmeQueuePair,
+    mut after_poll: impl FnMut(&mut NvmeQueuePair),
+) -> Vec<(u64, Result<(), IoError>)> {
     let mut done = Vec::new();
     let start = Instant::now();
     while qp.in_flight() > 0 {
         qp.poll(7, &mut |tag, result| done.push((tag, result)));
+        after_poll(qp);
         assert!(
             start.elapsed() < WAIT_MAX,
             "{} requests still in flight after {WAIT_MAX:?}",
@@ -382,8 +395,6 @@ fn drain_each_once(qp: &mut NvmeQueuePair, tags: &[u64]) -> Vec<(u64, Result<(),
         qp.poll(64, &mut |tag, result| done.push((tag, result)));
     }
     done.sort_by_key(|&(tag, _)| tag);
-    let reported: Vec<u64> = done.iter().map(|&(tag, _)| tag).collect();
-    assert_eq!(reported, tags, "every request reported exactly once");
     done
 }
 
@@ -504,7 +515,30 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
         let offset = (index * CHUNK) as u64;
         qp.submit_read(offset, &[iovec], index as u64).unwrap();
     }
-    let done = drain_each_once(&mut qp, &(0..depth as u64).collect::<Vec<_>>());
+    // Polls that return while the reset is under way (it is stepped from polls: they do
+    // not wait for the controller); at the first, one more read is submitted, which must be
+    // failed once, as the controller never saw it.
+    let mut reset_polls = 0u64;
+    let mut late = AlignedBuf::new(BLOCK);
+    let late_iovec = io_vec(&mut late);
+    const LATE_TAG: u64 = 999;
+    let mut late_submitted = false;
+    let done = drain_calling(&mut qp, |qp| {
+        if qp.controller().reset_phase() == ResetPhase::Ready {
+            return;
+        }
+        reset_polls += 1;
+        if !late_submitted {
+            qp.submit_read(0, &[late_iovec], LATE_TAG).unwrap();
+            late_submitted = true;
+        }
+    });
+    let mut tags: Vec<u64> = (0..depth as u64).collect();
+    if late_submitted {
+        tags.push(LATE_TAG);
+    }
+    let reported: Vec<u64> = done.iter().map(|&(tag, _)| tag).collect();
+    assert_eq!(reported, tags, "every request reported exactly once");
     let mut outcomes = [0usize; 4];
     for (tag, result) in &done {
         let outcome = match result {
@@ -517,7 +551,8 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
         outcomes[outcome] += 1;
     }
     eprintln!(
-        "{} aborts sent, {} resets; completed {}, aborted {}, timed out {}, reset {}",
+        "{} aborts sent, {} resets ({reset_polls} polls returned mid-reset); completed {}, \
+         aborted {}, timed out {}, reset {}",
         qp.aborts_sent(),
         qp.resets_recovered(),
         outcomes[0],
@@ -531,10 +566,85 @@ fn timed_out_commands_are_aborted_then_reset_and_each_reported_once() {
     );
     // A reset happened exactly when some command timed out after its abort.
     assert_eq!(qp.resets_recovered() > 0, outcomes[2] > 0);
+    // The poll that started the reset returned before the controller was ready again (the
+    // next step, Set Features once CSTS.RDY is back, is a later poll's), and the read
+    // submitted then failed as reset.
+    assert_eq!(reset_polls > 0, qp.resets_recovered() > 0);
+    if late_submitted {
+        let late = done.iter().find(|(tag, _)| *tag == LATE_TAG).unwrap();
+        assert_eq!(late.1, Err(IoError::ControllerReset));
+    }
+    // Every Abort was accounted for once: answered, or lost to the reset.
+    assert!(!qp.abort_in_flight());
+    assert_eq!(qp.aborts_answered(), qp.aborts_sent());
+    assert_eq!(qp.idle_commands_for_tests(), depth);
     // Back to the normal timeout: the queue pair works.
     qp.set_command_timeout_for_tests(COMMAND_TIMEOUT);
     round_trip(&mut qp, 64 * CHUNK as u64, 79);
     drop(qp);
+}
+
+#[test]
+fn an_abort_is_answered_while_polling_goes_on() {
+    let Some(address) = device() else { return };
+    let depth = 32usize;
+    const CHUNK: usize = 32 * BLOCK;
+    let mut qp = NvmeQueuePair::open(&address, depth as u32).expect("open");
+    let mut bufs: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(CHUNK)).collect();
+    // Every command is past its timeout at the second scan it sees, but gets a minute after
+    // the Abort before a reset: the emulated controller declines the Abort and completes the
+    // reads, so nothing is reset and the Abort's answer comes back through later polls.
+    qp.set_command_timeout_for_tests(Duration::ZERO);
+    qp.set_abort_timeout_for_tests(Duration::from_secs(60));
+    for (index, buf) in bufs.iter_mut().enumerate() {
+        qp.submit_read((index * CHUNK) as u64, &[io_vec(buf)], index as u64)
+            .unwrap();
+    }
+    let mut done = Vec::new();
+    let (mut polls, mut polls_with_abort_out, mut sent_at_poll) = (0u64, 0u64, None);
+    let start = Instant::now();
+    while qp.in_flight() > 0 || qp.abort_in_flight() {
+        qp.poll(7, &mut |tag, result| done.push((tag, result)));
+        polls += 1;
+        if qp.abort_in_flight() {
+            polls_with_abort_out += 1;
+            sent_at_poll.get_or_insert(polls);
+        }
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "{} reads out, abort out: {} after {WAIT_MAX:?}",
+            qp.in_flight(),
+            qp.abort_in_flight()
+        );
+    }
+    eprintln!(
+        "{} aborts sent, {} answered; {polls} polls, {polls_with_abort_out} of them returned \
+         with the abort out (sent at poll {sent_at_poll:?})",
+        qp.aborts_sent(),
+        qp.aborts_answered()
+    );
+    // The poll that sent the Abort returned before its answer: the reactor did not wait.
+    assert!(qp.aborts_sent() >= 1, "no command was past its timeout");
+    assert!(polls_with_abort_out >= 1);
+    assert_eq!(qp.aborts_answered(), qp.aborts_sent());
+    assert_eq!(
+        qp.resets_recovered(),
+        0,
+        "a declined abort is no reason to reset"
+    );
+    done.sort_by_key(|&(tag, _)| tag);
+    let expected: Vec<(u64, Result<(), IoError>)> =
+        (0..depth as u64).map(|t| (t, Ok(()))).collect();
+    assert_eq!(done, expected, "every read completed once, normally");
+    // The command slot the Abort kept from reuse while it was out is idle again.
+    assert_eq!(qp.idle_commands_for_tests(), depth);
+    qp.set_command_timeout_for_tests(COMMAND_TIMEOUT);
+    for (index, buf) in bufs.iter_mut().enumerate() {
+        qp.submit_read((index * CHUNK) as u64, &[io_vec(buf)], index as u64)
+            .unwrap();
+    }
+    assert_eq!(drain(&mut qp, depth).len(), depth);
+    round_trip(&mut qp, 64 * CHUNK as u64, 83);
 }
 
 #[test]
@@ -682,4 +792,118 @@ fn segment_store_4k_writes_and_reads_make_no_bounce_copies() {
     );
     // 16 records (one per write) and 16 block reads at least.
     assert!(zero_copy >= 32, "{zero_copy} zero-copy commands");
+}
+
+#[test]
+fn segment_store_64k_writes_reads_and_cleaner_moves_make_no_bounce_copies() {
+    use carmine_storage::segment::{mkfs, SegmentStore};
+    use carmine_storage::{ObjectStore, OutputBuffer, SubOp, SubOpResult, Submit};
+
+    const OBJECTS: u64 = 8;
+    const HOT_OBJECTS: u64 = 4;
+    const OBJECT_BYTES: u64 = 1 << 20;
+    const WRITE_BYTES: usize = 64 << 10;
+    let Some(address) = device() else { return };
+    let controller = NvmeController::open(&address).expect("open");
+    // A 16 MiB partition of 1 MiB segments, half full: the objects are written interleaved,
+    // then only the hot half is overwritten, so the first segments keep the cold half live
+    // and the cleaner, once free space runs low, moves those runs.
+    let mut qp = NvmeQueuePair::new(&controller, 0, 16 << 20, 64).expect("queue pair");
+    mkfs(&mut qp, 1 << 20, 1, *b"nvme-zero-copy-2").unwrap();
+    let mut store = SegmentStore::mount(qp, 0).unwrap();
+    let (bounced_at_mount, zero_copy_at_mount) = (
+        store.queue_pair().bounced_commands(),
+        store.queue_pair().zero_copy_commands(),
+    );
+    let mut results = [SubOpResult::default(); 1];
+    let wait = |store: &mut SegmentStore<NvmeQueuePair>| {
+        let (mut pending, start) = (1, Instant::now());
+        while pending > 0 {
+            store.poll(64, &mut |_, result| {
+                assert!(result.is_ok_and(|r| r.iter().all(|r| r.result().is_ok())));
+                pending -= 1;
+            });
+            assert!(start.elapsed() < WAIT_MAX, "{}", store.debug_state());
+        }
+    };
+    let mut model: Vec<Vec<u8>> = vec![vec![0u8; OBJECT_BYTES as usize]; OBJECTS as usize];
+    let chunks = OBJECT_BYTES / WRITE_BYTES as u64;
+    let mut writes = 0u64;
+    // Whole objects first, then overwrites of the hot ones in turn, until the cleaner has
+    // moved blocks (and some more writes after that, so moves and client writes mix).
+    let mut writes_after_moves = 64;
+    while writes_after_moves > 0 {
+        assert!(
+            writes < 4_000,
+            "the cleaner never moved a block: {:?}",
+            store.segment_stats()
+        );
+        let filled = writes >= OBJECTS * chunks;
+        let objects = if filled { HOT_OBJECTS } else { OBJECTS };
+        let object = writes % objects;
+        let offset = (writes / objects % chunks) * WRITE_BYTES as u64;
+        let mut data = vec![0u8; WRITE_BYTES];
+        pattern(&mut data, 500 + writes);
+        let write = [SubOp::Write {
+            offset,
+            data: &data,
+        }];
+        let oid = format!("big{object}").into_bytes();
+        let mut out = OutputBuffer::from_slice(&mut []);
+        match store.submit(writes, &oid, &write, &mut out, &mut results) {
+            Ok(Submit::Pending) => wait(&mut store),
+            other => panic!("a write is pending until durable: {other:?}"),
+        }
+        let at = offset as usize;
+        model[object as usize][at..at + WRITE_BYTES].copy_from_slice(&data);
+        writes += 1;
+        if store.segment_stats().blocks_moved > 0 {
+            writes_after_moves -= 1;
+        }
+    }
+    let mut reads = 0u64;
+    for (object, expected) in model.iter().enumerate() {
+        for chunk in 0..chunks as usize {
+            let read = [SubOp::Read {
+                offset: (chunk * WRITE_BYTES) as u64,
+                length: WRITE_BYTES as u64,
+            }];
+            let mut back = vec![0u8; WRITE_BYTES];
+            // SAFETY: `back` is not touched until `wait` has seen this op complete.
+            let mut out = unsafe { OutputBuffer::from_raw(back.as_mut_ptr(), back.len()) };
+            let oid = format!("big{object}").into_bytes();
+            match store.submit(10_000 + reads, &oid, &read, &mut out, &mut results) {
+                Ok(Submit::Pending) => wait(&mut store),
+                other => panic!("a read is pending: {other:?}"),
+            }
+            let at = chunk * WRITE_BYTES;
+            assert!(back == expected[at..at + WRITE_BYTES], "{object} at {at}");
+            reads += 1;
+        }
+    }
+    let stats = store.segment_stats();
+    let qp = store.queue_pair();
+    let (bounced, zero_copy) = (
+        qp.bounced_commands() - bounced_at_mount,
+        qp.zero_copy_commands() - zero_copy_at_mount,
+    );
+    eprintln!(
+        "{writes} writes, {reads} reads of 64 KiB; the cleaner moved {} blocks ({} segments), \
+         {} checkpoints; {zero_copy} zero-copy commands, {bounced} bounced, {} buffers \
+         allocated",
+        stats.blocks_moved, stats.segments_cleaned, stats.checkpoints, stats.buffer_allocations
+    );
+    assert!(stats.blocks_moved > 0);
+    assert_eq!(
+        bounced, 0,
+        "multi-block writes, read runs and cleaner moves are not copied"
+    );
+    assert_eq!(
+        stats.buffer_allocations, 0,
+        "every buffer came from the pool"
+    );
+    assert!(
+        zero_copy >= writes + reads,
+        "{zero_copy} zero-copy commands"
+    );
 }

@@ -4,7 +4,9 @@ use super::sys;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-/// One single-segment packet buffer, owned. Dropping it returns it to its pool
+/// One packet buffer, owned: a single segment, except the frames Carmine sends with their
+/// payload attached in place (`chain`, `attach_external`), whose data beyond the first segment
+/// only the driver reads. Dropping it returns it to its pool
 /// (`rte_pktmbuf_free`); handing it to [`TxQueue::tx_burst`](super::TxQueue::tx_burst) passes
 /// ownership to the driver, which frees it once sent. The data area is a byte slice.
 #[derive(Debug)]
@@ -40,9 +42,21 @@ impl<'pool> Mbuf<'pool> {
         self.len() == 0
     }
 
-    /// Segments in the packet. Carmine sends and accepts single-segment packets only.
+    /// Segments in the packet. Carmine accepts single-segment packets only.
     pub fn segment_count(&self) -> u16 {
         self.raw().nb_segs
+    }
+
+    /// Where this segment's data room starts (`buf_addr`) and where its data starts within it
+    /// (`data_off`): for a pool over external rooms, which room the driver wrote.
+    pub fn room(&self) -> (*const u8, usize) {
+        let raw = self.raw();
+        (raw.buf_addr as *const u8, raw.data_off as usize)
+    }
+
+    /// The pool this mbuf returns to when freed.
+    pub fn pool_ptr(&self) -> *const sys::rte_mempool {
+        self.raw().pool
     }
 
     /// Bytes that can still be appended.
@@ -125,6 +139,52 @@ impl<'pool> Mbuf<'pool> {
             }
         }
         true
+    }
+
+    /// Points this (empty, direct) mbuf's data at `len` bytes at `bytes` outside its pool, as
+    /// an external buffer whose references DPDK counts in `info` (it calls `info`'s free
+    /// callback when the last goes); the data is those `len` bytes.
+    ///
+    /// # Safety
+    /// `bytes` stay valid and unchanged, and `info` valid with its callback set, until DPDK
+    /// calls that callback.
+    pub unsafe fn attach_external(
+        &mut self,
+        bytes: *mut u8,
+        len: u16,
+        info: *mut sys::rte_mbuf_ext_shared_info,
+    ) {
+        assert!(self.is_empty() && self.segment_count() == 1);
+        // With IOVA as VA the device address is the virtual one (the only case this is used
+        // on: software drivers, see `net.rs`).
+        // SAFETY: we own the mbuf; the caller keeps `bytes` and `info` valid as required.
+        unsafe {
+            sys::rte_pktmbuf_attach_extbuf(
+                self.raw.as_ptr(),
+                bytes.cast(),
+                bytes as u64,
+                len,
+                info,
+            );
+            let p = sys::rte_pktmbuf_append(self.raw.as_ptr(), len);
+            assert!(!p.is_null(), "an attached buffer holds its own length");
+        }
+    }
+
+    /// Appends `tail` as the following segment(s) (`rte_pktmbuf_chain`); false (the tail
+    /// dropped) when the chain would have too many segments.
+    pub fn chain(&mut self, tail: Mbuf<'pool>) -> bool {
+        let tail_raw = tail.raw.as_ptr();
+        // SAFETY: both mbufs are ours; on success the head owns the tail (freed with it), so
+        // the tail handle is forgotten; on failure nothing changed and the tail is dropped.
+        let rc = unsafe { sys::rte_pktmbuf_chain(self.raw.as_ptr(), tail_raw) };
+        if rc == 0 {
+            std::mem::forget(tail);
+            true
+        } else {
+            drop(tail);
+            false
+        }
     }
 
     /// Shortens the data to `len` bytes (no-op when already shorter or equal).

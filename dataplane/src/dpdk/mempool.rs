@@ -51,6 +51,66 @@ impl Mempool {
         })
     }
 
+    /// Creates a pool of `count` mbufs whose data rooms are not DPDK memory but `count`
+    /// consecutive `room_stride`-byte pieces of `rooms` (`rte_pktmbuf_pool_create_extbuf`): mbuf
+    /// `k`'s data area is pinned for life to one piece, so a frame the driver receives into it is
+    /// in Carmine's own buffer memory (see `net.rs`: a received mbuf becomes a pool `Lease`).
+    /// Each piece holds `data_room_bytes` (headroom included) at its start.
+    ///
+    /// # Safety
+    /// `rooms` must stay mapped, readable and writable for the rest of the process (the pool is
+    /// never freed while it might be used, and the driver writes there), and nothing else may
+    /// write a piece while its mbuf is in the pool or in the driver's hands.
+    pub unsafe fn with_external_rooms(
+        _eal: &Eal,
+        name: &str,
+        count: u32,
+        data_room_bytes: u16,
+        rooms: *mut u8,
+        room_stride: u16,
+    ) -> Result<Mempool, DpdkError> {
+        assert!(count > 0);
+        assert!(data_room_bytes as u32 > sys::RTE_PKTMBUF_HEADROOM);
+        assert!(data_room_bytes <= room_stride);
+        assert!(!rooms.is_null());
+        let cname = CString::new(name).map_err(|_| DpdkError {
+            call: "rte_pktmbuf_pool_create_extbuf (name has a NUL byte)",
+            code: libc::EINVAL,
+        })?;
+        // With IOVA as VA the device address is the virtual one; otherwise unknown (the memory
+        // is not DPDK's): only software ports that copy (memif, ring) may use the pool then.
+        // SAFETY: the EAL is running; the call reads its configuration.
+        let iova_is_va = unsafe { sys::rte_eal_iova_mode() } == sys::RTE_IOVA_VA;
+        let extmem = sys::rte_pktmbuf_extmem {
+            buf_ptr: rooms.cast(),
+            buf_iova: if iova_is_va { rooms as u64 } else { u64::MAX }, // RTE_BAD_IOVA
+            buf_len: count as usize * room_stride as usize,
+            elt_size: room_stride,
+        };
+        let cache = MEMPOOL_CACHE_COUNT.min(count * 2 / 3);
+        // SAFETY: the EAL is running; name is a valid C string copied by DPDK; `extmem`
+        // describes `count` pieces of memory the caller keeps mapped for the process's life;
+        // DPDK copies the descriptor array during the call.
+        let raw = unsafe {
+            sys::rte_pktmbuf_pool_create_extbuf(
+                cname.as_ptr(),
+                count,
+                cache,
+                0,
+                data_room_bytes,
+                sys::SOCKET_ID_ANY,
+                &extmem,
+                1,
+            )
+        };
+        let raw = NonNull::new(raw)
+            .ok_or_else(|| DpdkError::from_errno("rte_pktmbuf_pool_create_extbuf"))?;
+        Ok(Mempool {
+            raw,
+            data_room_bytes,
+        })
+    }
+
     /// Takes one buffer, reset (empty data, default headroom), or `None` when the pool is empty.
     pub fn alloc(&self) -> Option<Mbuf<'_>> {
         // SAFETY: raw is a live pktmbuf pool (created above, freed only in drop).

@@ -5,13 +5,16 @@
 //! `carmine_ffi::dpdk`. Threading model (Carmine's): one reactor thread owns one rx and one tx
 //! queue of a port, so burst calls take `&mut` on a per-queue handle and are never shared.
 
+mod attach;
 mod eal;
 mod mbuf;
 mod mempool;
 pub mod net;
 mod port;
+mod rooms;
 pub mod udp;
 
+pub use attach::TxAttach;
 pub use eal::{register_current_thread, Eal};
 pub use mbuf::Mbuf;
 pub use mempool::Mempool;

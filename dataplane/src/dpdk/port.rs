@@ -242,6 +242,23 @@ impl<'pool> Port<'pool> {
         ))
     }
 
+    /// The name of port `id`'s driver (`net_memif`, `net_ring`, `net_ixgbe`, ...).
+    pub fn driver_name(eal: &Eal, id: u16) -> Result<String, DpdkError> {
+        if id >= eal.port_count() {
+            return Err(DpdkError {
+                call: "Port::driver_name (no such port)",
+                code: libc::ENODEV,
+            });
+        }
+        let info = Self::info(id)?;
+        if info.driver_name.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: DPDK points driver_name at the driver's static NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(info.driver_name) };
+        Ok(name.to_string_lossy().into_owned())
+    }
+
     /// The port's id.
     pub fn id(&self) -> u16 {
         self.id
@@ -358,9 +375,6 @@ impl<'pool> TxQueue<'_, 'pool> {
             return 0;
         }
         let base = frames.as_mut_ptr() as *mut *mut sys::rte_mbuf;
-        for m in frames[..count].iter() {
-            debug_assert_eq!(m.segment_count(), 1);
-        }
         // SAFETY: base points at `count` owned mbufs (repr(transparent)); &mut self makes this
         // thread the queue's only user. The driver takes ownership of the first `sent`.
         let sent =

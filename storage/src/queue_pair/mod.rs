@@ -22,8 +22,9 @@
 //!   a write in flight at a power cut may be torn (any subset of its sectors may reach media).
 //!
 //! Backends: `mem` (RAM, deterministic fault injection: latency, reordering, power cut with
-//! torn writes), `uring` (io_uring on a file or block device with O_DIRECT) and `nvme` (an
-//! NVMe controller driven from user space through VFIO).
+//! torn writes), `uring` (io_uring on a file or block device with O_DIRECT), `nvme` (an
+//! NVMe controller driven from user space through VFIO) and, with feature `spdk`, `spdk` (an
+//! NVMe controller through SPDK's driver).
 
 // The workspace's rust-version (1.80) predates `is_multiple_of` (1.87).
 #![allow(clippy::manual_is_multiple_of)]
@@ -34,10 +35,14 @@ use std::alloc::{self, Layout};
 
 pub mod mem;
 pub mod nvme;
+#[cfg(feature = "spdk")]
+pub mod spdk;
 pub mod uring;
 
 pub use mem::{MemFaults, MemQueuePair, Tear, TearGranularity};
 pub use nvme::{NvmeController, NvmeQueuePair};
+#[cfg(feature = "spdk")]
+pub use spdk::{SpdkController, SpdkQueuePair};
 pub use uring::UringQueuePair;
 
 /// Unit of addresses, lengths and buffer alignment, in bytes.
@@ -309,6 +314,11 @@ pub trait QueuePair {
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Alignment of the allocation, in bytes (part of its layout, needed to free it).
+    align: usize,
+    /// Bytes behind `ptr` (`len` may be shrunk below it, `set_len`): what is freed, or what
+    /// the arena set aside for this piece.
+    capacity: usize,
     /// Freed at drop; false for a piece of an arena, which its arena frees.
     owned: bool,
 }
@@ -320,11 +330,24 @@ impl AlignedBuf {
     /// If `len` is not a positive multiple of `BLOCK_SIZE_BYTES` (a caller bug: the size is
     /// never client input), or if the allocation fails.
     pub fn new(len: usize) -> AlignedBuf {
+        AlignedBuf::with_alignment(len, BLOCK_SIZE_BYTES)
+    }
+
+    /// Allocates `len` zeroed bytes aligned to `align`, a power of two of at least
+    /// `BLOCK_SIZE_BYTES` (2 MiB for an arena SPDK must be able to register).
+    ///
+    /// # Panics
+    /// As `new`, or if `align` is not such a power of two.
+    pub fn with_alignment(len: usize, align: usize) -> AlignedBuf {
         assert!(
             len > 0 && len % BLOCK_SIZE_BYTES == 0,
             "AlignedBuf length {len} is not a positive multiple of {BLOCK_SIZE_BYTES}"
         );
-        let layout = AlignedBuf::layout(len);
+        assert!(
+            align.is_power_of_two() && align >= BLOCK_SIZE_BYTES,
+            "AlignedBuf alignment {align} is not a power of two >= {BLOCK_SIZE_BYTES}"
+        );
+        let layout = AlignedBuf::layout(len, align);
         // SAFETY: `layout` has a nonzero size (asserted above).
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(ptr) else {
@@ -333,6 +356,8 @@ impl AlignedBuf {
         AlignedBuf {
             ptr,
             len,
+            align,
+            capacity: len,
             owned: true,
         }
     }
@@ -361,8 +386,29 @@ impl AlignedBuf {
             // SAFETY: `offset < len`: inside the allocation, hence not null.
             ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) },
             len,
+            align: BLOCK_SIZE_BYTES,
+            capacity: len,
             owned: false,
         }
+    }
+
+    /// Bytes the buffer can hold (`len` is at most this).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Makes the buffer `len` bytes long, within its capacity: a piece of an arena sized for
+    /// the largest request of its class serves smaller ones too. The bytes keep their values.
+    ///
+    /// # Panics
+    /// If `len` is not a positive multiple of `BLOCK_SIZE_BYTES` within the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len > 0 && len % BLOCK_SIZE_BYTES == 0 && len <= self.capacity,
+            "AlignedBuf length {len} in a buffer of capacity {}",
+            self.capacity
+        );
+        self.len = len;
     }
 
     /// Whether this buffer frees its memory (false for a piece `carve`d from an arena).
@@ -370,8 +416,8 @@ impl AlignedBuf {
         self.owned
     }
 
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, BLOCK_SIZE_BYTES).expect("AlignedBuf layout")
+    fn layout(len: usize, align: usize) -> Layout {
+        Layout::from_size_align(len, align).expect("AlignedBuf layout")
     }
 
     /// The whole buffer as one `IoVec`.
@@ -432,8 +478,14 @@ impl Drop for AlignedBuf {
         if !self.owned {
             return;
         }
-        // SAFETY: allocated in `new` with this same layout, and freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), AlignedBuf::layout(self.len)) };
+        // SAFETY: allocated in `with_alignment` with this same layout (its length is
+        // `capacity`, its alignment `align`), and freed only here.
+        unsafe {
+            alloc::dealloc(
+                self.ptr.as_ptr(),
+                AlignedBuf::layout(self.capacity, self.align),
+            )
+        };
     }
 }
 
@@ -550,11 +602,39 @@ mod tests {
     }
 
     #[test]
+    fn set_len_shrinks_and_regrows_within_the_capacity() {
+        let mut buf = AlignedBuf::new(4 * BLOCK_SIZE_BYTES);
+        buf[3 * BLOCK_SIZE_BYTES] = 9;
+        buf.set_len(BLOCK_SIZE_BYTES);
+        assert_eq!((buf.len(), buf.capacity()), (4096, 4 * 4096));
+        // SAFETY: only inspected, never submitted.
+        assert_eq!(unsafe { buf.as_io_vec() }.len(), 4096);
+        buf.set_len(4 * BLOCK_SIZE_BYTES);
+        assert_eq!(buf[3 * BLOCK_SIZE_BYTES], 9, "bytes kept");
+        // Dropped shrunk: freed with the layout it was allocated with (capacity).
+        buf.set_len(2 * BLOCK_SIZE_BYTES);
+    }
+
+    #[test]
+    #[should_panic(expected = "capacity")]
+    fn set_len_refuses_to_grow_past_the_capacity() {
+        AlignedBuf::new(BLOCK_SIZE_BYTES).set_len(2 * BLOCK_SIZE_BYTES);
+    }
+
+    #[test]
     #[should_panic(expected = "carve")]
     fn carve_refuses_a_range_outside_the_buffer() {
         let mut arena = AlignedBuf::new(BLOCK_SIZE_BYTES);
         // SAFETY: refused before any piece exists.
         let _ = unsafe { arena.carve(BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES) };
+    }
+
+    #[test]
+    fn aligned_buf_takes_a_larger_alignment() {
+        let two_mib = 2 << 20;
+        let mut buf = AlignedBuf::with_alignment(two_mib, two_mib);
+        assert_eq!(buf.region().0 as usize % two_mib, 0);
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -465,7 +465,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// refusal costs speed, not correctness: logged, and the ordinary path stays.
     fn register_buffers(&mut self) {
         let [head, header] = self.journal.dma_regions();
-        let regions = [self.pool.region(), head, header];
+        let [singles, runs] = self.pool.regions();
+        let regions = [singles, runs, head, header];
         // SAFETY: the arena and the journal's buffers are heap memory owned by this store,
         // never reallocated, and dropped only with the store, after its queue pair (field
         // order: `qp` comes first) stops using them.

@@ -2,18 +2,29 @@
 //! queue (start-up, queue creation and error recovery only, behind a mutex: never on the
 //! normal I/O path), and creates the I/O queue pairs (`NvmeQueuePair`), one per reactor.
 //!
-//! **Reset and recovery.** `reset` disables the controller (CC.EN = 0, wait for CSTS.RDY = 0:
-//! from then on it touches no host memory and every I/O queue is gone), re-creates the admin
-//! queue, enables it again and bumps `generation`. Each queue pair compares the generation on
-//! every poll; on a change it fails what it had in flight and re-creates its own I/O queue
-//! (same qid) under the new generation. A reset that fails leaves the controller `failed`:
-//! every queue pair then fails its requests with `IoError::DeviceFailed`.
+//! **Reset and recovery** (`reset.rs`): a reset disables the controller (CC.EN = 0; once
+//! CSTS.RDY = 0 it touches no host memory and every I/O queue is gone), re-creates the admin
+//! queue and enables it again; it bumps `generation` as it starts. It is a state machine the
+//! queue pairs step from their polls (`start_reset`, `step_reset`: try-lock, no wait; `reset`
+//! is the blocking form for tests and operators). Each queue pair compares the generation on
+//! every poll; on a change it fails what it had in flight once the controller is disabled, and
+//! re-creates its own I/O queue (same qid) once it is ready. A reset that fails leaves the
+//! controller `failed`: every queue pair then fails its requests with `IoError::DeviceFailed`.
+//!
+//! **Aborts** are the one admin command the I/O path sends, and it never waits for them:
+//! `try_abort` only try-locks the admin queue, and the answer is filed in `abort::AbortTable`
+//! by whoever reaps the admin completion queue next (see `abort.rs`).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
+mod reset;
+
+pub use self::reset::ResetPhase;
+
+use super::abort::{AbortOutcome, AbortTable, AbortTicket};
 use super::queue::Queue;
 use super::spec::*;
 use super::vfio::{Bar, DmaMemory, Vfio};
@@ -54,6 +65,8 @@ pub struct Identity {
     pub deallocate: bool,
     /// Deallocated blocks of the namespace read as zeroes (DLFEAT bits 2:0 = 001b).
     pub deallocated_reads_zeroes: bool,
+    /// Abort Command Limit (zero-based): Aborts the controller takes at once.
+    pub abort_limit: u8,
 }
 
 impl Identity {
@@ -69,6 +82,10 @@ struct Admin {
     next_command_id: u16,
     /// I/O queue identifiers in use (index = qid - 1).
     io_queues_used: Vec<bool>,
+    /// The Aborts out on this queue, whose completions may come between other commands'.
+    aborts: AbortTable,
+    /// When the reset phase in progress began (its wait is bounded by CAP.TO).
+    phase_since: Instant,
 }
 
 // SAFETY: `Admin`'s raw pointers (queue memory, doorbells) point into memory it owns
@@ -89,8 +106,10 @@ pub struct NvmeController {
     identity: Identity,
     /// How long CSTS.RDY may take to follow CC.EN (CAP.TO).
     ready_timeout: Duration,
-    /// Bumped by every reset; queue pairs compare it on each poll (written under `admin`).
+    /// Bumped when a reset starts; queue pairs compare it on each poll (written under `admin`).
     generation: AtomicU64,
+    /// A `ResetPhase` (written under `admin`, read lock-free by the queue pairs).
+    reset_phase: AtomicU8,
     /// A reset failed: the controller is unusable until the process reopens it.
     failed: AtomicBool,
 }
@@ -124,8 +143,11 @@ impl NvmeController {
             memory,
             next_command_id: 0,
             io_queues_used: Vec::new(),
+            aborts: AbortTable::new(0),
+            phase_since: Instant::now(),
         };
         let identity = identify(&mut admin, cap, pci_address)?;
+        admin.aborts = AbortTable::new(identity.abort_limit);
         let granted = admin.set_number_of_queues()?;
         admin.io_queues_used = vec![false; usize::from(granted)];
         log::info!(
@@ -149,59 +171,12 @@ impl NvmeController {
             identity,
             ready_timeout,
             generation: AtomicU64::new(0),
+            reset_phase: AtomicU8::new(ResetPhase::Ready as u8),
             failed: AtomicBool::new(false),
         }))
     }
 
-    /// Resets the controller now; see the module docs. Every queue pair on it fails what it
-    /// has in flight (`IoError::ControllerReset`) and re-creates its queue at its next poll.
-    pub fn reset(&self) -> io::Result<()> {
-        self.reset_from(self.generation())
-    }
-
-    /// Resets the controller unless it was reset since `seen_generation` (another queue pair
-    /// got there first). On error the controller is marked failed.
-    pub(super) fn reset_from(&self, seen_generation: u64) -> io::Result<()> {
-        let mut admin = self.admin.lock().expect("admin queue lock");
-        if self.generation() != seen_generation {
-            return Ok(());
-        }
-        let address = self.pci_address();
-        log::warn!("nvme {address}: resetting the controller");
-        let result = self.reset_locked(&mut admin);
-        if let Err(e) = &result {
-            log::error!("nvme {address}: reset failed, the controller is unusable: {e}");
-            self.failed.store(true, Ordering::Release);
-        }
-        // Bumped even on failure, so that every queue pair notices and fails its requests.
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        result
-    }
-
-    fn reset_locked(&self, admin: &mut Admin) -> io::Result<()> {
-        let address = self.pci_address();
-        self.bar
-            .write32(REG_CC, self.bar.read32(REG_CC) & !CC_ENABLE);
-        wait_ready(&self.bar, false, self.ready_timeout, address)?;
-        // Disabled: the controller no longer reads or writes any queue. Start the admin queue
-        // over from zeroed memory.
-        // SAFETY: the first two pages of `admin.memory` are the admin SQ and CQ, which nobody
-        // else accesses now (we hold the lock; the controller is disabled).
-        unsafe { core::ptr::write_bytes(admin.memory.ptr(), 0, 2 * PAGE_SIZE_BYTES) };
-        admin.queue =
-            enable_with_admin_queue(&self.bar, &admin.memory, self.ready_timeout, address)?;
-        admin.next_command_id = 0;
-        let granted = admin.set_number_of_queues()?;
-        if granted < self.io_queues_granted {
-            return Err(error(format!(
-                "{address}: after the reset the controller grants {granted} I/O queues, not {}",
-                self.io_queues_granted
-            )));
-        }
-        Ok(())
-    }
-
-    /// Bumped by every reset (see the module docs).
+    /// Bumped by every reset, as it starts (see the module docs).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -211,14 +186,55 @@ impl NvmeController {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Asks the controller to abort command `command_id` of submission queue `qid`. Returns
-    /// whether it says it aborted it. Waits for the admin command (error path only).
-    pub(super) fn abort(&self, qid: u16, command_id: u16) -> io::Result<bool> {
-        let mut admin = self.admin.lock().expect("admin queue lock");
+    /// Submits an Abort of command `command_id` of submission queue `qid`, without waiting:
+    /// neither for the admin lock (held elsewhere: None) nor for the answer (`poll_abort`).
+    /// None too when `ABORTS_IN_FLIGHT_MAX` (or the controller's limit) Aborts are out, or the
+    /// controller failed: the caller tries again at its next scan.
+    pub(super) fn try_abort(&self, qid: u16, command_id: u16) -> Option<AbortTicket> {
+        let mut admin = self.try_admin()?;
+        if self.reset_phase() != ResetPhase::Ready {
+            return None;
+        }
+        let admin_command_id = admin.next_command_id();
+        let ticket = admin.aborts.start(admin_command_id)?;
         let mut abort = SubmissionEntry::new(ADMIN_ABORT, 0);
+        abort.set_command_id(admin_command_id);
         abort.cdw10 = (u32::from(command_id) << 16) | u32::from(qid);
-        let done = admin.run(abort, "abort")?;
-        Ok(done.dw0 & 1 == 0)
+        admin.queue.push(&abort);
+        admin.queue.ring_submissions();
+        Some(ticket)
+    }
+
+    /// The answer to `ticket`'s Abort so far: reaps the admin completion queue if the admin
+    /// lock is free (never waits for it: `Pending` if it is held elsewhere).
+    pub(super) fn poll_abort(&self, ticket: AbortTicket) -> AbortOutcome {
+        let Some(mut admin) = self.try_admin() else {
+            return AbortOutcome::Pending;
+        };
+        // During a reset the admin queue is not ours to read (a reset loses every Abort).
+        if self.reset_phase() == ResetPhase::Ready {
+            admin.reap();
+        }
+        admin.aborts.take(ticket)
+    }
+
+    /// The owner of `ticket` goes away without waiting for the answer (waits for the admin
+    /// lock: drop path only).
+    pub(super) fn forget_abort(&self, ticket: AbortTicket) {
+        let mut admin = self.admin.lock().expect("admin queue lock");
+        if self.reset_phase() == ResetPhase::Ready {
+            admin.reap();
+        }
+        admin.aborts.forget(ticket);
+    }
+
+    /// The admin queue if nobody holds it now.
+    fn try_admin(&self) -> Option<MutexGuard<'_, Admin>> {
+        match self.admin.try_lock() {
+            Ok(admin) => Some(admin),
+            Err(TryLockError::WouldBlock) => None,
+            Err(TryLockError::Poisoned(_)) => panic!("admin queue lock poisoned"),
+        }
     }
 
     pub fn identity(&self) -> &Identity {
@@ -256,11 +272,20 @@ impl NvmeController {
         completions_iova: u64,
     ) -> io::Result<IoQueueCreated> {
         let mut admin = self.admin.lock().expect("admin queue lock");
-        if self.failed() {
-            return Err(error(format!(
-                "{}: the controller failed to reset earlier",
-                self.pci_address()
-            )));
+        match self.reset_phase() {
+            ResetPhase::Ready => {}
+            ResetPhase::Failed => {
+                return Err(error(format!(
+                    "{}: the controller failed to reset earlier",
+                    self.pci_address()
+                )))
+            }
+            _ => {
+                return Err(error(format!(
+                    "{}: the controller is being reset",
+                    self.pci_address()
+                )))
+            }
         }
         let index = admin
             .io_queues_used
@@ -281,23 +306,32 @@ impl NvmeController {
     }
 
     /// Creates I/O queue `qid` again after a reset (the reset deleted it; the qid stayed
-    /// reserved for its queue pair). Errors if the controller failed.
+    /// reserved for its queue pair). None if another reset is under way, or the admin lock is
+    /// held (try again later: this never waits for the lock); an error if the controller
+    /// failed or refused.
     pub(super) fn recreate_io_queue(
         &self,
         qid: u16,
         entries: u16,
         submissions_iova: u64,
         completions_iova: u64,
-    ) -> io::Result<IoQueueCreated> {
-        let mut admin = self.admin.lock().expect("admin queue lock");
+    ) -> io::Result<Option<IoQueueCreated>> {
+        let Some(mut admin) = self.try_admin() else {
+            return Ok(None);
+        };
         debug_assert!(admin.io_queues_used[usize::from(qid) - 1]);
-        if self.failed() {
-            return Err(error(format!(
-                "{}: the controller failed to reset",
-                self.pci_address()
-            )));
+        match self.reset_phase() {
+            ResetPhase::Ready => {}
+            ResetPhase::Failed => {
+                return Err(error(format!(
+                    "{}: the controller failed to reset",
+                    self.pci_address()
+                )))
+            }
+            _ => return Ok(None),
         }
         self.create_locked(&mut admin, qid, entries, submissions_iova, completions_iova)
+            .map(Some)
     }
 
     fn create_locked(
@@ -345,7 +379,8 @@ impl NvmeController {
     pub(super) fn delete_io_queue(&self, qid: u16, generation: u64) -> io::Result<()> {
         let mut admin = self.admin.lock().expect("admin queue lock");
         admin.io_queues_used[usize::from(qid) - 1] = false;
-        if self.generation() != generation || self.failed() {
+        // After (or during) a reset the queue is already gone.
+        if self.generation() != generation || self.reset_phase() != ResetPhase::Ready {
             return Ok(());
         }
         let mut sq = SubmissionEntry::new(ADMIN_DELETE_SQ, 0);
@@ -377,17 +412,24 @@ fn enable_with_admin_queue(
     // Disable, and wait for the controller to say so, before touching the admin queue.
     bar.write32(REG_CC, bar.read32(REG_CC) & !CC_ENABLE);
     wait_ready(bar, false, ready_timeout, pci_address)?;
+    let queue = program_admin_queue(bar, memory);
+    wait_ready(bar, true, ready_timeout, pci_address)?;
+    Ok(queue)
+}
+
+/// Points the controller (disabled) at an admin queue in the first two pages of `memory`
+/// (zeroed) and sets CC.EN; the controller is ready when CSTS.RDY follows.
+fn program_admin_queue(bar: &Bar, memory: &DmaMemory) -> Queue {
     let entries = ADMIN_QUEUE_ENTRIES;
     let aqa = (u32::from(entries - 1) << 16) | u32::from(entries - 1);
     bar.write32(REG_AQA, aqa);
     bar.write64(REG_ASQ, memory.iova());
     bar.write64(REG_ACQ, memory.iova() + PAGE_SIZE_BYTES as u64);
     bar.write32(REG_CC, CC_ENABLE | CC_IOSQES | CC_IOCQES);
-    wait_ready(bar, true, ready_timeout, pci_address)?;
     let stride = 4usize << ((bar.read64(REG_CAP) >> 32) & 0xF);
     // SAFETY: both queues lie in `memory` (zeroed, DMA mapped, owned by `Admin` with the
     // queue); the doorbells are queue 0's, in the BAR the controller keeps mapped.
-    Ok(unsafe {
+    unsafe {
         Queue::new(
             memory.ptr().cast(),
             memory.ptr().add(PAGE_SIZE_BYTES).cast(),
@@ -395,7 +437,7 @@ fn enable_with_admin_queue(
             bar.register_ptr(DOORBELL_BASE),
             bar.register_ptr(DOORBELL_BASE + stride),
         )
-    })
+    }
 }
 
 impl Drop for NvmeController {
@@ -447,10 +489,36 @@ impl Admin {
         Ok(granted as u16)
     }
 
-    /// Runs one admin command to completion (start-up only: this waits).
+    /// A command identifier for the next admin command: not one an unanswered Abort uses.
+    fn next_command_id(&mut self) -> u16 {
+        loop {
+            let command_id = self.next_command_id;
+            self.next_command_id = self.next_command_id.wrapping_add(1);
+            if !self.aborts.holds(command_id) {
+                return command_id;
+            }
+        }
+    }
+
+    /// Takes every admin completion posted so far: each answers an Abort (other commands are
+    /// waited for by `run`; only one `run` gave up on comes late, and is dropped).
+    fn reap(&mut self) {
+        while let Some(done) = self.queue.next_completion() {
+            if !self.aborts.answer(&done) {
+                log::error!(
+                    "NVMe admin completion for command {} that nobody waits for any more: {}",
+                    done.command_id,
+                    done.nvme_status()
+                );
+            }
+        }
+        self.queue.ring_completions();
+    }
+
+    /// Runs one admin command to completion (start-up, queue creation, recovery: this
+    /// waits). Answers to Aborts that come first are filed in `aborts`.
     fn run(&mut self, mut entry: SubmissionEntry, what: &str) -> io::Result<CompletionEntry> {
-        let command_id = self.next_command_id;
-        self.next_command_id = self.next_command_id.wrapping_add(1);
+        let command_id = self.next_command_id();
         entry.set_command_id(command_id);
         self.queue.push(&entry);
         self.queue.ring_submissions();
@@ -458,6 +526,9 @@ impl Admin {
         loop {
             if let Some(done) = self.queue.next_completion() {
                 self.queue.ring_completions();
+                if self.aborts.answer(&done) {
+                    continue;
+                }
                 assert_eq!(
                     done.command_id, command_id,
                     "admin completion for another command"
@@ -532,6 +603,7 @@ fn identify(admin: &mut Admin, cap: u64, pci_address: &str) -> io::Result<Identi
         write_zeroes: oncs & ONCS_WRITE_ZEROES != 0,
         deallocate: oncs & ONCS_DATASET_MANAGEMENT != 0,
         deallocated_reads_zeroes: namespace[ID_NS_DLFEAT] & 0x7 == 1,
+        abort_limit: controller[ID_CTRL_ACL],
         serial: identify_text(&controller, ID_CTRL_SERIAL),
         model: identify_text(&controller, ID_CTRL_MODEL),
         firmware: identify_text(&controller, ID_CTRL_FIRMWARE),

@@ -4,8 +4,10 @@
 //! - `vfio.rs`: container/group/device, BAR0 mapped for MMIO, memory mapped for DMA.
 //! - `controller.rs`: `NvmeController`: reset, admin queue, Identify, Set Features (number of
 //!   queues), creating, re-creating and deleting I/O queues, Abort. Start-up and error paths
-//!   only; behind a mutex.
+//!   only; behind a mutex, which the poll path only ever try-locks (Aborts).
+//! - `abort.rs`: the controller's table of Aborts out, and the timeout policy per command.
 //! - `queue.rs`: one SQ/CQ ring pair with its doorbells; completions found by phase tag.
+//! - `controller/reset.rs`: the controller reset, a state machine stepped from polls.
 //! - `recovery.rs`: the timeout scan (Abort, then reset) and recovery after a reset.
 //! - `spec.rs`: register offsets, entry layouts, opcodes, status codes.
 //!
@@ -21,30 +23,39 @@
 //! **Payload and DMA.** A buffer inside a region given to `register_buffers` (mapped once with
 //! `VFIO_IOMMU_MAP_DMA`) is used in place: its PRPs are its IOVAs, no copy. Any other buffer
 //! goes through the command's bounce buffer (one copy: before a write, after a read), counted
-//! by `bounced_commands`. The segment store registers its block pool's arena (every 4 KiB
-//! block buffer) and its journal's record buffers at mount, so 4 KiB writes and reads move
-//! without a copy; its multi-block buffers are still allocated per use and bounced.
+//! by `bounced_commands`. The segment store registers its block pool's two arenas (every 4 KiB
+//! block buffer, and the multi-block buffers of its size classes) and its journal's record
+//! buffers at mount, so its writes, read runs and cleaner moves move without a copy (only a
+//! buffer the pool had to allocate, its classes being exhausted, is bounced).
 //!
 //! **Errors.** A failed command's NVMe status becomes `IoError::Nvme(status)` for its request
 //! (the first failure wins; the request completes when all its commands have). Every
-//! `TIMEOUT_SCAN_POLLS` polls with I/O out, a scan looks at each command: one out longer than
-//! `COMMAND_TIMEOUT` gets an Abort (admin queue; the controller may still complete it
-//! normally, or complete it as "command abort requested": either way it is reported once,
-//! through its completion). One still out `COMMAND_TIMEOUT` after its Abort, or a controller
-//! reporting fatal status (CSTS.CFS), resets the controller (`NvmeController::reset`): once
-//! it is disabled it touches no host memory, so every request in flight is failed
-//! (`IoError::ControllerReset`, or `TimedOut` for the one that timed out) after the
-//! completions already posted are taken, each reported exactly once, and the queue pair
-//! re-creates its I/O queue and carries on. Other queue pairs on the controller see its
-//! generation change at their next poll and do the same. If the reset fails, every request
-//! fails with `IoError::DeviceFailed`. The Abort and the reset wait for the admin queue (and
-//! the reset for the controller): they stall the polling reactor, on error paths only.
+//! `TIMEOUT_SCAN_POLLS` polls with I/O out (or our Abort unanswered), a scan looks at each
+//! command: one out longer than `COMMAND_TIMEOUT` gets an Abort (admin queue; the controller
+//! may still complete it normally, or complete it as "command abort requested": either way it
+//! is reported once, through its completion). The Abort is asynchronous: the scan submits it
+//! (if the admin lock is free and no other Abort of ours is out; else the command gets only
+//! the grace) and returns; a later scan takes its answer, filed by whoever reaped the admin
+//! completion queue (see `abort.rs`). Until then the aborted command's identifier is not
+//! reused, so the Abort cannot hit a later command. One still out `COMMAND_TIMEOUT` after its
+//! Abort, or a controller reporting fatal status (CSTS.CFS), starts a controller reset, a
+//! state machine the queue pairs step from their polls (`controller/reset.rs`): no poll waits
+//! for the controller. The reset bumps the generation as it starts; every queue pair sees it
+//! at its next poll, rings no doorbell from then on, and once the controller is disabled (it
+//! then touches no host memory) takes the completions already posted and fails every other
+//! request (`IoError::ControllerReset`, or `TimedOut` for the one that timed out; those
+//! submitted during the reset too), each reported exactly once; once the controller is ready
+//! again it re-creates its I/O queue and carries on. If the reset fails, every request fails
+//! with `IoError::DeviceFailed`. Still waiting, on this error path: re-creating an I/O queue
+//! (two admin commands, which a ready controller answers at once) and the Set Features that
+//! ends the reset.
 //!
 //! **Write Zeroes and deallocate** (`submit_write_zeroes`, `submit_deallocate`) are issued when
 //! Identify says the controller supports them (ONCS), else refused with
 //! `SubmitError::Unsupported`; a deallocate is one Dataset Management range per command, the
 //! range in the command's PRP list page.
 
+mod abort;
 mod controller;
 mod queue;
 mod recovery;
@@ -56,9 +67,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use controller::{Identity, NvmeController, IO_QUEUES_MAX};
+pub use controller::{Identity, NvmeController, ResetPhase, IO_QUEUES_MAX};
 pub use spec::NvmeStatus;
 
+use self::abort::AbortTicket;
 use self::controller::IoQueueCreated;
 use self::queue::Queue;
 use self::recovery::queue_over;
@@ -144,6 +156,17 @@ struct Command {
     abort_sent: bool,
 }
 
+/// The one Abort a queue pair may have out (see `abort.rs`).
+#[derive(Clone, Copy)]
+struct PendingAbort {
+    ticket: AbortTicket,
+    /// The command it aborts. Its slot is not reused until the Abort is answered (an Abort
+    /// for a completed command must not hit the next command given that identifier).
+    command_id: u16,
+    /// The command completed first: its slot waits here, out of `free_commands`.
+    holds_slot: bool,
+}
+
 const COMMAND_IDLE: Command = Command {
     busy: false,
     request: 0,
@@ -173,6 +196,9 @@ pub struct NvmeQueuePair {
     generation: u64,
     /// The controller failed: every request fails with `DeviceFailed`.
     failed: bool,
+    /// During a reset: our queue's completions were taken (its memory is not read again
+    /// until the queue is re-created).
+    queue_settled: bool,
     /// Registered caller regions (zero copy).
     registered: Vec<DmaMapping>,
     lba_shift: u32,
@@ -183,10 +209,15 @@ pub struct NvmeQueuePair {
     depth: u32,
     polls_since_scan: u32,
     command_timeout: Duration,
+    /// How long a command may stay out after its Abort before the controller is reset.
+    abort_timeout: Duration,
+    /// Our Abort out on the admin queue, if any: answered at a later timeout scan.
+    abort: Option<PendingAbort>,
     scan_interval_polls: u32,
     bounced_commands: u64,
     zero_copy_commands: u64,
     aborts_sent: u64,
+    aborts_answered: u64,
     resets_recovered: u64,
     // Cold: set up once.
     /// SQ, CQ, then one PRP list page per command, then one bounce buffer per command.
@@ -316,6 +347,7 @@ impl NvmeQueuePair {
             in_flight: 0,
             generation,
             failed: false,
+            queue_settled: false,
             registered: Vec::with_capacity(REGISTERED_REGIONS_MAX),
             lba_shift: identity.lba_size_bytes.trailing_zeros(),
             nsid: identity.nsid,
@@ -325,10 +357,13 @@ impl NvmeQueuePair {
             depth,
             polls_since_scan: 0,
             command_timeout: COMMAND_TIMEOUT,
+            abort_timeout: COMMAND_TIMEOUT,
+            abort: None,
             scan_interval_polls: TIMEOUT_SCAN_POLLS,
             bounced_commands: 0,
             zero_copy_commands: 0,
             aborts_sent: 0,
+            aborts_answered: 0,
             resets_recovered: 0,
             memory,
             prp_lists_offset,
@@ -359,6 +394,23 @@ impl NvmeQueuePair {
         self.aborts_sent
     }
 
+    /// Aborts whose answer (or loss to a reset) this queue pair has taken.
+    pub fn aborts_answered(&self) -> u64 {
+        self.aborts_answered
+    }
+
+    /// Whether an Abort this queue pair sent is still unanswered: the poll that sent it
+    /// returned without waiting for it.
+    pub fn abort_in_flight(&self) -> bool {
+        self.abort.is_some()
+    }
+
+    /// Idle command slots: all of them (`depth`) when nothing is out and no Abort holds one.
+    #[doc(hidden)]
+    pub fn idle_commands_for_tests(&self) -> usize {
+        self.free_commands.len()
+    }
+
     /// Controller resets this queue pair failed its requests for and re-created its queue.
     pub fn resets_recovered(&self) -> u64 {
         self.resets_recovered
@@ -370,11 +422,20 @@ impl NvmeQueuePair {
     #[doc(hidden)]
     pub fn set_command_timeout_for_tests(&mut self, timeout: Duration) {
         self.command_timeout = timeout;
+        self.abort_timeout = timeout;
         self.scan_interval_polls = if timeout < Duration::from_secs(1) {
             1
         } else {
             TIMEOUT_SCAN_POLLS
         };
+    }
+
+    /// Sets how long a command may stay out after its Abort before the controller is reset
+    /// (after `set_command_timeout_for_tests`, which sets both), so that tests can watch an
+    /// Abort be answered while polling goes on.
+    #[doc(hidden)]
+    pub fn set_abort_timeout_for_tests(&mut self, timeout: Duration) {
+        self.abort_timeout = timeout;
     }
 
     /// Maps caller memory for the device once, replacing earlier registrations, so that
@@ -701,7 +762,11 @@ impl NvmeQueuePair {
         );
         let command = self.commands[usize::from(command_id)];
         self.commands[usize::from(command_id)].busy = false;
-        self.free_commands.push(command_id);
+        match &mut self.abort {
+            // Kept out of use until its Abort is answered (`take_abort_answer`).
+            Some(abort) if abort.command_id == command_id => abort.holds_slot = true,
+            _ => self.free_commands.push(command_id),
+        }
         if command.abort_sent {
             log::warn!(
                 "nvme {} queue {}: command {command_id} completed after an abort was sent ({})",
@@ -806,8 +871,10 @@ impl QueuePair for NvmeQueuePair {
     ) -> usize {
         // One shared, rarely written cache line: the controller was reset (by another queue
         // pair, or by an operator) since our queue was created.
-        if self.controller.generation() != self.generation && !self.failed {
-            self.recover();
+        if self.controller.generation() != self.generation && !self.failed && !self.recover() {
+            // A reset is under way (or failed): our queue does not exist; report what is
+            // settled and keep out of it.
+            return self.report_ready(completions_max, complete);
         }
         let mut reported = 0;
         if !self.ready.is_empty() {
@@ -833,7 +900,8 @@ impl QueuePair for NvmeQueuePair {
             self.issue_waiting();
             self.queue.ring_submissions();
         }
-        if self.in_flight > 0 {
+        // An unanswered Abort is looked at by the scan too, even with nothing else out.
+        if self.in_flight > 0 || self.abort.is_some() {
             self.polls_since_scan += 1;
             if self.polls_since_scan >= self.scan_interval_polls {
                 self.polls_since_scan = 0;
@@ -859,6 +927,16 @@ impl QueuePair for NvmeQueuePair {
 
 impl Drop for NvmeQueuePair {
     fn drop(&mut self) {
+        if let Some(abort) = self.abort.take() {
+            self.controller.forget_abort(abort.ticket);
+        }
+        // A reset under way: until the controller is disabled it may still write our memory
+        // (and the caller's), which must stay mapped until then. Bounded: the reset fails
+        // past CAP.TO.
+        while self.controller.reset_phase() == ResetPhase::Disabling {
+            self.controller.step_reset();
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Delete the queue first: the controller then no longer touches its memory (or the
         // caller's), which the fields' drop unmaps and frees afterwards.
         if let Err(e) = self.controller.delete_io_queue(self.qid, self.generation) {

@@ -68,6 +68,8 @@ pub const ID_CTRL_SERIAL: core::ops::Range<usize> = 4..24;
 pub const ID_CTRL_MODEL: core::ops::Range<usize> = 24..64;
 pub const ID_CTRL_FIRMWARE: core::ops::Range<usize> = 64..72;
 pub const ID_CTRL_MDTS: usize = 77;
+/// Abort Command Limit: Aborts the controller takes at once, zero-based.
+pub const ID_CTRL_ACL: usize = 258;
 pub const ID_CTRL_NN: usize = 516;
 /// Optional NVM Command Support (u16): bit 2 Dataset Management, bit 3 Write Zeroes.
 pub const ID_CTRL_ONCS: usize = 520;
