@@ -428,7 +428,7 @@ impl Sim {
             .borrow()
             .metadata()
             .objects()
-            .flat_map(|(_, onode)| onode.blocks.values().map(|b| b.physical))
+            .flat_map(|(_, onode)| onode.blocks.iter().map(|(_, b)| b.physical))
             .collect();
         // Sorted: the metadata's map iterates in a per-process order, and a seed must replay.
         live.sort_unstable();

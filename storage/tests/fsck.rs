@@ -239,7 +239,7 @@ fn a_flipped_bit_in_a_data_block_is_named_and_reads_fail() {
             onode
                 .blocks
                 .iter()
-                .map(move |(&index, &block)| (oid.to_vec(), index, block))
+                .map(move |(index, block)| (oid.to_vec(), index, block))
         })
         .filter(|(_, _, block)| data_segments.contains(&sb.segment_at(block.physical).unwrap()))
         .min_by_key(|(_, _, block)| block.physical)

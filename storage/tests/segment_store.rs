@@ -576,7 +576,14 @@ fn a_flipped_bit_is_an_io_error_on_read_never_wrong_bytes() {
         vec![SubOp::WriteFull { data: &data }],
     )
     .unwrap();
-    let physical = store.metadata().object(b"victim").unwrap().blocks[&1].physical;
+    let physical = store
+        .metadata()
+        .object(b"victim")
+        .unwrap()
+        .blocks
+        .get(1)
+        .unwrap()
+        .physical;
     store.queue_pair().corrupt(physical + 100, 3);
     let outcome = run_one(
         &mut store,

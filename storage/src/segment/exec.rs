@@ -17,7 +17,7 @@
 use crate::object_store::{ObjectStat, OutputBuffer, SubOp, SubOpResult, STATUS_OK};
 use crate::queue_pair::AlignedBuf;
 use crate::segment::dirty::DirtyBlocks;
-use crate::segment::metadata::Onode;
+use crate::segment::metadata::{BlockRef, ObjectRef};
 use crate::StoreError;
 
 const BLOCK: u64 = 4096;
@@ -84,7 +84,7 @@ impl Plan {
 
     /// Makes this (recycled) plan the starting point of an op on `old`, keeping the vectors'
     /// capacity. Its buffers must have gone back to the pool.
-    fn reset(&mut self, old: Option<&Onode>) {
+    fn reset(&mut self, old: Option<ObjectRef<'_>>) {
         assert!(
             self.bufs.is_empty(),
             "a recycled plan's buffers go back to the pool first"
@@ -255,20 +255,21 @@ impl BlockPool {
     }
 }
 
-/// Lists (sorted, deduplicated) the mapped blocks of `old` that running `ops` may read:
-/// blocks under Read ranges and the partially covered edge blocks of Write, Zero and Truncate.
+/// Lists (sorted, deduplicated) the mapped blocks of `old` that running `ops` may read, with
+/// where each lives (so the reads need no second lookup in the extent tree): blocks under
+/// Read ranges and the partially covered edge blocks of Write, Zero and Truncate.
 pub fn blocks_to_read(
-    old: Option<&Onode>,
+    old: Option<ObjectRef<'_>>,
     ops: &[SubOp<'_>],
     out_capacity: usize,
-    needed: &mut Vec<u64>,
+    needed: &mut Vec<(u64, BlockRef)>,
 ) {
     needed.clear();
     let Some(old) = old else { return };
     let mut push_range = |start: u64, end: u64| {
         if start < end {
             let (first, last) = (start / BLOCK, (end - 1) / BLOCK);
-            needed.extend(old.blocks.range(first..=last).map(|(&index, _)| index));
+            needed.extend(old.blocks.range(first, last));
         }
     };
     for op in ops {
@@ -287,8 +288,8 @@ pub fn blocks_to_read(
             _ => {}
         }
     }
-    needed.sort_unstable();
-    needed.dedup();
+    needed.sort_unstable_by_key(|&(index, _)| index);
+    needed.dedup_by_key(|&mut (index, _)| index);
 }
 
 /// Calls `push(start, end)` for the partially covered first and last blocks of a range.
@@ -312,7 +313,7 @@ fn edges(offset: u64, length: u64, push: &mut dyn FnMut(u64, u64)) {
 /// `results`. Returns the plan, or the first failing mutation's error with the plan back
 /// (its buffers returned to the pool; nothing planned, `results`/`out` mean nothing).
 pub fn execute(
-    old: Option<&Onode>,
+    old: Option<ObjectRef<'_>>,
     ops: &[SubOp<'_>],
     blocks: &dyn OldBlocks,
     out: &mut OutputBuffer<'_>,
@@ -347,7 +348,7 @@ pub fn execute(
 }
 
 struct Working<'a> {
-    old: Option<&'a Onode>,
+    old: Option<ObjectRef<'a>>,
     blocks: &'a dyn OldBlocks,
     plan: Plan,
     bumped: bool,
@@ -356,7 +357,7 @@ struct Working<'a> {
 
 impl Working<'_> {
     /// The old object, unless this op dropped it.
-    fn old_live(&self) -> Option<&Onode> {
+    fn old_live(&self) -> Option<ObjectRef<'_>> {
         if self.plan.old_blocks_dropped {
             None
         } else {
@@ -375,7 +376,7 @@ impl Working<'_> {
             }
             Some(Dirty::Hole) => Ok(None),
             None => match self.old_live() {
-                Some(old) if old.blocks.contains_key(&index) => self.blocks.block(index).map(Some),
+                Some(old) if old.blocks.contains(index) => self.blocks.block(index).map(Some),
                 _ => Ok(None),
             },
         }
@@ -403,8 +404,8 @@ impl Working<'_> {
         if let Some(old) = self.old_live() {
             indexes.extend(
                 old.blocks
-                    .range(first..=last)
-                    .map(|(&i, _)| i)
+                    .range(first, last)
+                    .map(|(i, _)| i)
                     .filter(|&i| !self.plan.dirty.contains_key(i)),
             );
         }
@@ -648,7 +649,8 @@ impl Working<'_> {
         let value: Option<&[u8]> = match changed {
             Some(change) => change.value.as_deref(),
             None => self.old_live().and_then(|old| {
-                let map = if xattr { &old.xattrs } else { &old.omap };
+                let onode = old.onode;
+                let map = if xattr { &onode.xattrs } else { &onode.omap };
                 map.get(key).map(|v| &v[..])
             }),
         };
@@ -683,8 +685,8 @@ fn fill(dst: &mut [u8], src: Option<&[u8]>) {
 
 /// Mapped-before blocks of `plan` that end as holes need an unmap delta; holes over blocks
 /// that were never mapped (or whose object was dropped) do not.
-pub fn hole_needs_unmap(plan: &Plan, old: Option<&Onode>, index: u64) -> bool {
-    !plan.old_blocks_dropped && old.is_some_and(|o| o.blocks.contains_key(&index))
+pub fn hole_needs_unmap(plan: &Plan, old: Option<ObjectRef<'_>>, index: u64) -> bool {
+    !plan.old_blocks_dropped && old.is_some_and(|o| o.blocks.contains(index))
 }
 
 #[cfg(test)]

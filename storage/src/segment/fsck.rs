@@ -537,7 +537,7 @@ fn collect_live_blocks<'m>(
     for (object, (oid, onode)) in metadata.objects().enumerate() {
         oids.push(oid);
         let blocks_in_size = onode.size.div_ceil(BLOCK_SIZE_BYTES);
-        for (&index, block) in &onode.blocks {
+        for (index, block) in onode.blocks.iter() {
             if index >= blocks_in_size {
                 report.problems.push(Problem::BlockPastSize {
                     oid: oid.to_vec(),
@@ -749,7 +749,7 @@ fn describe_end_record(
                     let index = logical / BLOCK_SIZE_BYTES + i;
                     let Some(old) = metadata
                         .object(oid)
-                        .and_then(|onode| onode.blocks.get(&index))
+                        .and_then(|onode| onode.blocks.get(index))
                         .filter(|b| b.physical == from + i * BLOCK_SIZE_BYTES)
                     else {
                         continue; // The copy is dead anyway: its block moved on.

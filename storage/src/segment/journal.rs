@@ -1206,7 +1206,7 @@ mod tests {
             let onode = metadata
                 .object(format!("o{n}").as_bytes())
                 .expect("acknowledged op replays");
-            let block = onode.blocks[&0];
+            let block = onode.blocks.get(0).unwrap();
             let on_disk = &qp.durable()[block.physical as usize..][..4096];
             assert_eq!(on_disk, &buf[..], "data at the patched address");
             assert_eq!(carmine_crc::crc32c(on_disk), block.crc);
@@ -1305,7 +1305,7 @@ mod tests {
                 let onode = metadata.object(format!("o{n}").as_bytes());
                 let onode =
                     onode.unwrap_or_else(|| panic!("seed {seed}: acknowledged op {n} lost"));
-                let block = onode.blocks[&0];
+                let block = onode.blocks.get(0).unwrap();
                 assert_eq!(
                     carmine_crc::crc32c(&image[block.physical as usize..][..4096]),
                     block.crc,
@@ -1315,7 +1315,7 @@ mod tests {
             for (oid, onode) in metadata.objects() {
                 // Every op's three deltas land together (one record) or not at all.
                 assert_eq!(
-                    (onode.size, onode.blocks.len()),
+                    (onode.size, onode.mapped_blocks as usize),
                     (4096, 1),
                     "seed {seed}: half-applied {:?}",
                     String::from_utf8_lossy(oid)

@@ -9,26 +9,109 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::segment::btree::{ExtentTree, Key};
 use crate::segment::format::{Delta, Superblock, BLOCK_SIZE_BYTES, SEGMENTS_START_BYTES};
 
-/// Where a logical block of an object lives, and its checksum.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockRef {
-    /// Device offset of the 4 KiB block.
-    pub physical: u64,
-    pub crc: u32,
-}
+/// Where a logical block of an object lives, and its checksum: the extent tree's value.
+pub use crate::segment::btree::Value as BlockRef;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// An object's own metadata; its blocks are in the shard's extent tree under its `id`.
+#[derive(Clone, Debug, Default)]
 pub struct Onode {
+    /// The object's key prefix in the extent tree. Assigned when the object is created (by
+    /// `ObjectCreate` or a checkpoint's `ObjectState`), in the order the shard applies them,
+    /// never reused within a process. Not on disk: a replay may number objects differently,
+    /// so ids are never compared across processes (`same_as`, `ObjectRef`'s `PartialEq`).
+    pub id: u64,
     pub size: u64,
     /// Operations that changed this object since it was created: every mutating op journals
     /// exactly one `ObjectSize` delta, and only that delta counts (Stat's generation).
     pub changes: u64,
-    /// Logical block index -> block. Absent blocks read as zeros.
-    pub blocks: BTreeMap<u64, BlockRef>,
+    /// Blocks the object has in the extent tree (kept so sizes are known without a walk).
+    pub mapped_blocks: u64,
     pub xattrs: BTreeMap<Box<[u8]>, Box<[u8]>>,
     pub omap: BTreeMap<Box<[u8]>, Box<[u8]>>,
+}
+
+/// One object as a reader sees it: its onode (through `Deref`) and its block map.
+#[derive(Clone, Copy)]
+pub struct ObjectRef<'a> {
+    pub onode: &'a Onode,
+    pub blocks: BlockMap<'a>,
+}
+
+impl std::ops::Deref for ObjectRef<'_> {
+    type Target = Onode;
+
+    fn deref(&self) -> &Onode {
+        self.onode
+    }
+}
+
+/// Same contents: size, changes, xattrs, omap and every block. Ids are per-process numbering
+/// and are not compared.
+impl PartialEq for ObjectRef<'_> {
+    fn eq(&self, other: &ObjectRef<'_>) -> bool {
+        let (a, b) = (self.onode, other.onode);
+        a.size == b.size
+            && a.changes == b.changes
+            && a.mapped_blocks == b.mapped_blocks
+            && a.xattrs == b.xattrs
+            && a.omap == b.omap
+            && self.blocks.iter().eq(other.blocks.iter())
+    }
+}
+
+impl std::fmt::Debug for ObjectRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Object")
+            .field("onode", self.onode)
+            .field("blocks", &self.blocks.iter().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// One object's logical block -> `BlockRef` map: its key range in the extent tree. Absent
+/// blocks read as zeros.
+#[derive(Clone, Copy)]
+pub struct BlockMap<'a> {
+    tree: &'a ExtentTree,
+    object: u64,
+}
+
+impl<'a> BlockMap<'a> {
+    fn key(&self, index: u64) -> Key {
+        Key {
+            object: self.object,
+            block: index,
+        }
+    }
+
+    pub fn get(&self, index: u64) -> Option<BlockRef> {
+        self.tree.get(self.key(index))
+    }
+
+    pub fn contains(&self, index: u64) -> bool {
+        self.get(index).is_some()
+    }
+
+    /// Mapped blocks with index in `first..=last`, in index order (allocates nothing).
+    pub fn range(&self, first: u64, last: u64) -> impl Iterator<Item = (u64, BlockRef)> + 'a {
+        let to = match last.checked_add(1) {
+            Some(end) => self.key(end),
+            None => Key {
+                object: self.object + 1,
+                block: 0,
+            },
+        };
+        self.tree
+            .range(self.key(first), to)
+            .map(|(key, block)| (key.block, block))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, BlockRef)> + 'a {
+        self.range(0, u64::MAX)
+    }
 }
 
 /// A delta that contradicts the metadata: the log is corrupt (or the store has a bug).
@@ -63,34 +146,60 @@ impl std::error::Error for ApplyError {}
 
 pub struct Metadata {
     objects: HashMap<Box<[u8]>, Onode>,
+    /// Object id -> object name, for walks of the tree that must name what they find (the
+    /// cleaner journals its moves by name).
+    names: HashMap<u64, Box<[u8]>>,
+    /// Every object's blocks, keyed (object id, logical block).
+    extents: ExtentTree,
+    next_object_id: u64,
     /// Live 4 KiB blocks per segment, indexed by segment number.
     live_blocks: Vec<u32>,
     sb: Superblock,
-    /// Physical blocks an extent delta replaced, gathered then released: kept between deltas
-    /// so that applying an overwrite allocates nothing.
-    released_scratch: Vec<u64>,
+    /// Entries an unmap or remove takes out, gathered then removed: kept between deltas so
+    /// that applying them allocates nothing once it has grown.
+    removed_scratch: Vec<(Key, BlockRef)>,
 }
 
 impl Metadata {
     pub fn new(sb: Superblock) -> Metadata {
         Metadata {
             objects: HashMap::new(),
+            names: HashMap::new(),
+            extents: ExtentTree::new(),
+            next_object_id: 0,
             live_blocks: vec![0; sb.segment_count as usize],
             sb,
-            released_scratch: Vec::new(),
+            removed_scratch: Vec::new(),
         }
     }
 
-    pub fn object(&self, oid: &[u8]) -> Option<&Onode> {
-        self.objects.get(oid)
+    fn object_ref<'a>(&'a self, onode: &'a Onode) -> ObjectRef<'a> {
+        ObjectRef {
+            onode,
+            blocks: BlockMap {
+                tree: &self.extents,
+                object: onode.id,
+            },
+        }
+    }
+
+    pub fn object(&self, oid: &[u8]) -> Option<ObjectRef<'_>> {
+        self.objects.get(oid).map(|onode| self.object_ref(onode))
     }
 
     pub fn object_count(&self) -> usize {
         self.objects.len()
     }
 
-    pub fn objects(&self) -> impl Iterator<Item = (&[u8], &Onode)> {
-        self.objects.iter().map(|(oid, onode)| (&oid[..], onode))
+    pub fn objects(&self) -> impl Iterator<Item = (&[u8], ObjectRef<'_>)> {
+        self.objects
+            .iter()
+            .map(|(oid, onode)| (&oid[..], self.object_ref(onode)))
+    }
+
+    /// The shard's extent tree (fsck and tests look at its shape).
+    pub fn extent_tree(&self) -> &ExtentTree {
+        &self.extents
     }
 
     pub fn live_blocks(&self, segment: u32) -> u32 {
@@ -98,16 +207,7 @@ impl Metadata {
     }
 
     fn segment_of(&self, physical: u64) -> Result<usize, ApplyError> {
-        if physical % BLOCK_SIZE_BYTES != 0 {
-            return Err(ApplyError::Misaligned { value: physical });
-        }
-        let segment = physical
-            .checked_sub(SEGMENTS_START_BYTES)
-            .map(|relative| relative / self.sb.segment_size);
-        match segment {
-            Some(segment) if segment < u64::from(self.sb.segment_count) => Ok(segment as usize),
-            _ => Err(ApplyError::OutsideDevice { physical }),
-        }
+        segment_of(&self.sb, physical)
     }
 
     fn onode(&mut self, oid: &[u8], delta: &'static str) -> Result<&mut Onode, ApplyError> {
@@ -119,15 +219,31 @@ impl Metadata {
             })
     }
 
+    /// Adds an object with a fresh id.
+    fn create(&mut self, oid: &[u8], size: u64, changes: u64) -> Result<(), ApplyError> {
+        if self.objects.contains_key(oid) {
+            return Err(ApplyError::ObjectExists { oid: oid.to_vec() });
+        }
+        let id = self.next_object_id;
+        self.next_object_id += 1;
+        self.objects.insert(
+            oid.into(),
+            Onode {
+                id,
+                size,
+                changes,
+                ..Onode::default()
+            },
+        );
+        let previous = self.names.insert(id, oid.into());
+        assert!(previous.is_none(), "object ids are never reused");
+        Ok(())
+    }
+
     /// Applies one delta. On error nothing changed.
     pub fn apply(&mut self, delta: &Delta<'_>) -> Result<(), ApplyError> {
         match *delta {
-            Delta::ObjectCreate { oid } => {
-                if self.objects.contains_key(oid) {
-                    return Err(ApplyError::ObjectExists { oid: oid.to_vec() });
-                }
-                self.objects.insert(oid.into(), Onode::default());
-            }
+            Delta::ObjectCreate { oid } => self.create(oid, 0, 0)?,
             Delta::ObjectRemove { oid } => {
                 let onode = self
                     .objects
@@ -136,9 +252,8 @@ impl Metadata {
                         oid: oid.to_vec(),
                         delta: "remove",
                     })?;
-                for block in onode.blocks.values() {
-                    self.release(block.physical);
-                }
+                self.names.remove(&onode.id);
+                self.unmap_range(onode.id, 0, u64::MAX);
             }
             Delta::ObjectSize { oid, size } => {
                 let onode = self.onode(oid, "size")?;
@@ -173,19 +288,7 @@ impl Metadata {
             Delta::OmapRemove { oid, key } => {
                 self.onode(oid, "omap remove")?.omap.remove(key);
             }
-            Delta::ObjectState { oid, size, changes } => {
-                if self.objects.contains_key(oid) {
-                    return Err(ApplyError::ObjectExists { oid: oid.to_vec() });
-                }
-                self.objects.insert(
-                    oid.into(),
-                    Onode {
-                        size,
-                        changes,
-                        ..Onode::default()
-                    },
-                );
-            }
+            Delta::ObjectState { oid, size, changes } => self.create(oid, size, changes)?,
             Delta::ExtentMove {
                 oid,
                 offset,
@@ -223,15 +326,25 @@ impl Metadata {
                 physical: from + span,
             });
         }
-        let Some(onode) = self.objects.get_mut(oid) else {
+        let Some(onode) = self.objects.get(oid) else {
             return Ok(());
         };
+        let object = onode.id;
         let mut moved = 0;
         for index in 0..u64::from(blocks) {
-            let logical = offset / BLOCK_SIZE_BYTES + index;
-            if let Some(block) = onode.blocks.get_mut(&logical) {
+            let key = Key {
+                object,
+                block: offset / BLOCK_SIZE_BYTES + index,
+            };
+            if let Some(block) = self.extents.get(key) {
                 if block.physical == from + index * BLOCK_SIZE_BYTES {
-                    block.physical = physical + index * BLOCK_SIZE_BYTES;
+                    self.extents.insert(
+                        key,
+                        BlockRef {
+                            physical: physical + index * BLOCK_SIZE_BYTES,
+                            crc: block.crc,
+                        },
+                    );
                     moved += 1;
                 }
             }
@@ -260,10 +373,21 @@ impl Metadata {
         if first_segment != last_segment {
             return Err(ApplyError::OutsideDevice { physical: last });
         }
-        self.onode(oid, "extent map")?;
-        let mut released = std::mem::take(&mut self.released_scratch);
-        released.clear();
-        let onode = self.objects.get_mut(oid).expect("checked above");
+        // Field by field, so the onode stays borrowed while the tree changes: one hash lookup
+        // per delta, not one before and one after.
+        let Metadata {
+            objects,
+            extents,
+            live_blocks,
+            sb,
+            ..
+        } = self;
+        let onode = objects
+            .get_mut(oid)
+            .ok_or_else(|| ApplyError::NoSuchObject {
+                oid: oid.to_vec(),
+                delta: "extent map",
+            })?;
         for index in 0..u64::from(blocks) {
             let crc =
                 u32::from_le_bytes(crcs[index as usize * 4..][..4].try_into().expect("4 bytes"));
@@ -271,18 +395,16 @@ impl Metadata {
                 physical: physical + index * BLOCK_SIZE_BYTES,
                 crc,
             };
-            if let Some(old) = onode
-                .blocks
-                .insert(offset / BLOCK_SIZE_BYTES + index, block)
-            {
-                released.push(old.physical);
+            let key = Key {
+                object: onode.id,
+                block: offset / BLOCK_SIZE_BYTES + index,
+            };
+            match extents.insert(key, block) {
+                Some(old) => release(sb, live_blocks, old.physical),
+                None => onode.mapped_blocks += 1,
             }
         }
-        self.live_blocks[first_segment] += blocks;
-        for &physical in &released {
-            self.release(physical);
-        }
-        self.released_scratch = released;
+        live_blocks[first_segment] += blocks;
         Ok(())
     }
 
@@ -290,45 +412,61 @@ impl Metadata {
         if offset % BLOCK_SIZE_BYTES != 0 {
             return Err(ApplyError::Misaligned { value: offset });
         }
-        let onode = self.onode(oid, "extent unmap")?;
+        let object = self.onode(oid, "extent unmap")?.id;
         let first = offset / BLOCK_SIZE_BYTES;
-        let removed: Vec<u64> = onode
-            .blocks
-            .range(first..first + u64::from(blocks))
-            .map(|(&index, _)| index)
-            .collect();
-        let mut released = Vec::with_capacity(removed.len());
-        for index in removed {
-            released.push(onode.blocks.remove(&index).expect("listed").physical);
-        }
-        for physical in released {
-            self.release(physical);
-        }
+        let removed = self.unmap_range(object, first, first.saturating_add(u64::from(blocks)));
+        self.onode(oid, "extent unmap")?.mapped_blocks -= removed;
         Ok(())
     }
 
-    fn release(&mut self, physical: u64) {
-        let segment = self
-            .segment_of(physical)
-            .expect("mapped blocks were checked when mapped");
-        // A live count going negative means the inventory lost track: the cleaner would free
-        // live data. Never continue past that.
-        self.live_blocks[segment] = self.live_blocks[segment]
-            .checked_sub(1)
-            .expect("segment inventory underflow");
+    /// Removes `object`'s blocks in `first..end` from the tree and the inventory; returns how
+    /// many there were.
+    fn unmap_range(&mut self, object: u64, first: u64, end: u64) -> u64 {
+        let mut removed = std::mem::take(&mut self.removed_scratch);
+        removed.clear();
+        removed.extend(self.extents.range(
+            Key {
+                object,
+                block: first,
+            },
+            Key { object, block: end },
+        ));
+        if end == u64::MAX {
+            // The range's end is exclusive: the very last index is asked for separately.
+            let last = Key { object, block: end };
+            removed.extend(self.extents.get(last).map(|block| (last, block)));
+        }
+        for &(key, block) in &removed {
+            self.extents.remove(key).expect("listed from the tree");
+            self.release(block.physical);
+        }
+        let count = removed.len() as u64;
+        self.removed_scratch = removed;
+        count
     }
 
-    /// Recounts the inventory from the extent maps (fsck compares it with the running count).
+    fn release(&mut self, physical: u64) {
+        release(&self.sb, &mut self.live_blocks, physical);
+    }
+
+    /// Recounts the inventory from the extent tree (fsck compares it with the running count).
     pub fn recount_live_blocks(&self) -> Vec<u32> {
         let mut counts = vec![0u32; self.live_blocks.len()];
-        for onode in self.objects.values() {
-            for block in onode.blocks.values() {
-                counts[self
-                    .segment_of(block.physical)
-                    .expect("mapped blocks are inside")] += 1;
-            }
+        for (_, block) in self.all_extents() {
+            counts[self
+                .segment_of(block.physical)
+                .expect("mapped blocks are inside")] += 1;
         }
         counts
+    }
+
+    fn all_extents(&self) -> impl Iterator<Item = (Key, BlockRef)> + '_ {
+        let end = Key {
+            object: u64::MAX,
+            block: u64::MAX,
+        };
+        // Object ids never reach u64::MAX (one per create), so the exclusive end misses none.
+        self.extents.range(Key::default(), end)
     }
 
     pub fn live_block_counts(&self) -> &[u32] {
@@ -336,18 +474,26 @@ impl Metadata {
     }
 
     /// Every live block in `segment`: (object, logical block index, block), sorted by device
-    /// offset. Walks all extent maps: the cleaner calls it once per victim segment.
+    /// offset. Walks the whole extent tree: the cleaner calls it once per victim segment.
     pub fn live_in_segment(&self, segment: u32, out: &mut Vec<(Box<[u8]>, u64, BlockRef)>) {
         out.clear();
         let start = self.sb.segment_offset(segment);
         let end = start + self.sb.segment_size;
-        for (oid, onode) in &self.objects {
-            for (&index, &block) in &onode.blocks {
+        // The tree's visitor, not its iterator: this walks every entry, and the recursive
+        // visit costs about a third of the iterator's instructions per entry.
+        self.extents.for_each_in(
+            Key::default(),
+            Key {
+                object: u64::MAX,
+                block: u64::MAX,
+            },
+            &mut |key, block| {
                 if (start..end).contains(&block.physical) {
-                    out.push((oid.clone(), index, block));
+                    let oid = self.names.get(&key.object).expect("every id has a name");
+                    out.push((oid.clone(), key.block, block));
                 }
-            }
-        }
+            },
+        );
         out.sort_unstable_by_key(|(_, _, block)| block.physical);
     }
 
@@ -357,7 +503,7 @@ impl Metadata {
             .iter()
             .map(|(oid, onode)| {
                 let oid_bytes = oid.len() as u64 + 5;
-                let extents = onode.blocks.len() as u64 * (oid_bytes + 24);
+                let extents = onode.mapped_blocks * (oid_bytes + 24);
                 let pairs: u64 = onode
                     .xattrs
                     .iter()
@@ -405,12 +551,12 @@ impl Metadata {
                 &mut current,
                 chunks,
             );
-            let mut blocks = onode.blocks.iter().peekable();
-            while let Some((&first, &block)) = blocks.next() {
+            let mut blocks = self.object_ref(onode).blocks.iter().peekable();
+            while let Some((first, block)) = blocks.next() {
                 crcs.clear();
                 crcs.extend_from_slice(&block.crc.to_le_bytes());
                 let mut count = 1u64;
-                while let Some(&(&next, &next_block)) = blocks.peek() {
+                while let Some(&(next, next_block)) = blocks.peek() {
                     if count as usize == EXTENT_BLOCKS_MAX
                         || next != first + count
                         || next_block.physical != block.physical + count * BLOCK_SIZE_BYTES
@@ -444,9 +590,38 @@ impl Metadata {
     }
 
     /// Same objects, same contents, same inventory (tests and fsck compare a replayed copy).
+    /// Object ids may differ: each process numbers objects in the order it applied them.
     pub fn same_as(&self, other: &Metadata) -> bool {
-        self.objects == other.objects && self.live_blocks == other.live_blocks
+        self.live_blocks == other.live_blocks
+            && self.objects.len() == other.objects.len()
+            && self
+                .objects()
+                .all(|(oid, object)| other.object(oid) == Some(object))
     }
+}
+
+/// The segment holding `physical`, which must be a 4 KiB-aligned address inside the segments.
+fn segment_of(sb: &Superblock, physical: u64) -> Result<usize, ApplyError> {
+    if physical % BLOCK_SIZE_BYTES != 0 {
+        return Err(ApplyError::Misaligned { value: physical });
+    }
+    let segment = physical
+        .checked_sub(SEGMENTS_START_BYTES)
+        .map(|relative| relative / sb.segment_size);
+    match segment {
+        Some(segment) if segment < u64::from(sb.segment_count) => Ok(segment as usize),
+        _ => Err(ApplyError::OutsideDevice { physical }),
+    }
+}
+
+/// Takes a block that stopped being live out of its segment's count.
+fn release(sb: &Superblock, live_blocks: &mut [u32], physical: u64) {
+    let segment = segment_of(sb, physical).expect("mapped blocks were checked when mapped");
+    // A live count going negative means the inventory lost track: the cleaner would free
+    // live data. Never continue past that.
+    live_blocks[segment] = live_blocks[segment]
+        .checked_sub(1)
+        .expect("segment inventory underflow");
 }
 
 #[cfg(test)]
@@ -496,13 +671,14 @@ mod tests {
         );
         let onode = md.object(b"a").unwrap();
         assert_eq!(
-            onode.blocks[&1],
+            onode.blocks.get(1).unwrap(),
             BlockRef {
                 physical: segment1 + 4096,
                 crc: 200
             }
         );
-        assert_eq!(onode.blocks[&3].crc, 103);
+        assert_eq!(onode.blocks.get(3).unwrap().crc, 103);
+        assert_eq!(onode.mapped_blocks, 4);
         md.apply(&Delta::ExtentUnmap {
             oid: b"a",
             offset: 0,
@@ -514,6 +690,63 @@ mod tests {
         md.apply(&Delta::ObjectRemove { oid: b"a" }).unwrap();
         assert_eq!(md.live_block_counts().iter().sum::<u32>(), 0);
         assert_eq!(md.object_count(), 0);
+    }
+
+    #[test]
+    fn objects_share_one_extent_tree_under_their_own_ids() {
+        let sb = sb();
+        let mut md = Metadata::new(sb);
+        let segment0 = sb.segment_offset(0);
+        for (n, oid) in [&b"b"[..], b"a", b"c"].into_iter().enumerate() {
+            md.apply(&Delta::ObjectCreate { oid }).unwrap();
+            assert_eq!(md.object(oid).unwrap().id, n as u64, "ids in apply order");
+            let c = crcs(3, 10 * n as u32);
+            md.apply(&Delta::ExtentMap {
+                oid,
+                offset: 4096,
+                physical: segment0 + 3 * 4096 * n as u64,
+                blocks: 3,
+                crcs: &c,
+            })
+            .unwrap();
+        }
+        assert_eq!(md.extent_tree().len(), 9);
+        md.extent_tree().check().unwrap();
+        let a = md.object(b"a").unwrap();
+        assert_eq!(
+            a.blocks.iter().collect::<Vec<_>>(),
+            (0..3)
+                .map(|i| (
+                    1 + i,
+                    BlockRef {
+                        physical: segment0 + (3 + i) * 4096,
+                        crc: 10 + i as u32
+                    }
+                ))
+                .collect::<Vec<_>>(),
+            "an object sees only its own keys"
+        );
+        assert_eq!(a.blocks.range(2, 2).count(), 1);
+        assert_eq!(a.blocks.range(4, u64::MAX).count(), 0);
+        assert!(!a.blocks.contains(0));
+
+        // A removed object's keys leave the tree; the same name created again starts empty
+        // under a fresh id.
+        md.apply(&Delta::ObjectRemove { oid: b"a" }).unwrap();
+        assert_eq!(md.extent_tree().len(), 6);
+        md.apply(&Delta::ObjectCreate { oid: b"a" }).unwrap();
+        let a = md.object(b"a").unwrap();
+        assert_eq!(a.id, 3, "ids are never reused");
+        assert_eq!(a.blocks.iter().count(), 0);
+        assert_eq!(md.object(b"c").unwrap().blocks.iter().count(), 3);
+        assert_eq!(md.live_blocks(0), 6);
+        assert_eq!(md.recount_live_blocks(), md.live_block_counts());
+
+        // The cleaner's walk names each block's object.
+        let mut live = Vec::new();
+        md.live_in_segment(0, &mut live);
+        let names: Vec<&[u8]> = live.iter().map(|(oid, _, _)| &oid[..]).collect();
+        assert_eq!(names, [&b"b"[..], b"b", b"b", b"c", b"c", b"c"]);
     }
 
     #[test]
@@ -563,7 +796,7 @@ mod tests {
             md.apply(&misaligned),
             Err(ApplyError::Misaligned { value: 100 })
         ));
-        assert!(md.object(b"x").unwrap().blocks.is_empty());
+        assert!(md.object(b"x").unwrap().blocks.iter().next().is_none());
         assert_eq!(md.live_block_counts().iter().sum::<u32>(), 0);
     }
 

@@ -30,7 +30,7 @@ use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
 use crate::segment::journal::{
     Journal, JournalError, SegmentRole, CHECKPOINT_CHUNK_MAX_BYTES, JOURNAL_TAG_BIT,
 };
-use crate::segment::metadata::{Metadata, Onode};
+use crate::segment::metadata::{BlockRef, Metadata, ObjectRef};
 use crate::segment::mount::{self, MountError};
 use crate::StoreError;
 
@@ -386,7 +386,7 @@ pub struct SegmentStore<Q: QueuePair> {
     /// Finished slots, to report.
     finished: VecDeque<u32>,
     pool: BlockPool,
-    needed: Vec<u64>,
+    needed: Vec<(u64, BlockRef)>,
     crcs: Vec<u32>,
     durable_scratch: Vec<u8>,
     done_scratch: Vec<(u64, Result<(), JournalError>)>,
@@ -598,12 +598,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     fn start_reads(&mut self, slot_index: u32) {
         debug_assert!(!self.needed.is_empty());
         let slot = &mut self.slots[slot_index as usize];
-        let old = self
-            .metadata
-            .object(&slot.oid)
-            .expect("blocks to read belong to an object");
         build_runs(
-            old,
             &self.needed,
             &mut slot.runs,
             &mut slot.run_crcs,
@@ -863,8 +858,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
 /// Groups the blocks to read into runs that are consecutive both logically and on the device.
 fn build_runs(
-    old: &Onode,
-    needed: &[u64],
+    needed: &[(u64, BlockRef)],
     runs: &mut Vec<ReadRun>,
     crcs: &mut Vec<u32>,
     pool: &mut BlockPool,
@@ -873,17 +867,16 @@ fn build_runs(
     crcs.clear();
     let mut i = 0;
     while i < needed.len() {
-        let first = needed[i];
-        let block = old.blocks[&first];
+        let (first, block) = needed[i];
         let physical = block.physical;
         let crc_first = crcs.len() as u32;
         crcs.push(block.crc);
         let mut count = 1;
         while i + count < needed.len()
             && (count as u64) < READ_RUN_BLOCKS_MAX
-            && needed[i + count] == first + count as u64
+            && needed[i + count].0 == first + count as u64
         {
-            let next = old.blocks[&needed[i + count]];
+            let next = needed[i + count].1;
             if next.physical != physical + count as u64 * 4096 {
                 break;
             }
@@ -913,7 +906,7 @@ fn count_reads(stats: &mut StoreStats, ops: &[SubOp<'_>]) {
 fn append_plan(
     journal: &mut Journal,
     oid: &[u8],
-    old: Option<&Onode>,
+    old: Option<ObjectRef<'_>>,
     plan: &mut Plan,
     crcs: &mut Vec<u32>,
     tag: u64,
@@ -1236,11 +1229,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
             let mut chunks = Vec::new();
             self.metadata
                 .checkpoint(CHECKPOINT_CHUNK_MAX_BYTES, &mut chunks);
+            let tree = self.metadata.extent_tree();
             log::debug!(
-                "shard {}: checkpoint of {} objects in {} records",
+                "shard {}: checkpoint of {} objects in {} records ({} bytes); extent tree: {} blocks in {} nodes, height {}",
                 self.shard,
                 self.metadata.object_count(),
-                chunks.len()
+                chunks.len(),
+                chunks.iter().map(Vec::len).sum::<usize>(),
+                tree.len(),
+                tree.node_count(),
+                tree.height()
             );
             self.journal.begin_checkpoint(chunks);
         }

@@ -107,6 +107,9 @@ pub struct ExtentTree {
     /// Addresses of written nodes that a later write-out replaced or that were freed: space
     /// that is dead once the write-out that replaced them is durable.
     obsolete: Vec<u64>,
+    /// Emptied bodies of released nodes, kept with their capacity for the next split.
+    spare_leaves: Vec<Vec<(Key, Value)>>,
+    spare_internals: Vec<Vec<(Key, NodeId)>>,
 }
 
 impl Default for ExtentTree {
@@ -120,7 +123,7 @@ impl ExtentTree {
         ExtentTree {
             nodes: vec![Node {
                 level: 0,
-                body: Body::Leaf(Vec::new()),
+                body: Body::Leaf(Vec::with_capacity(LEAF_CAPACITY + 1)),
                 address: 0,
                 dirty: true,
             }],
@@ -128,6 +131,46 @@ impl ExtentTree {
             root: 0,
             len: 0,
             obsolete: Vec::new(),
+            spare_leaves: Vec::new(),
+            spare_internals: Vec::new(),
+        }
+    }
+
+    /// An empty leaf body with room for `LEAF_CAPACITY + 1` entries (reused when possible).
+    fn leaf_body(&mut self) -> Vec<(Key, Value)> {
+        self.spare_leaves
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(LEAF_CAPACITY + 1))
+    }
+
+    fn internal_body(&mut self) -> Vec<(Key, NodeId)> {
+        self.spare_internals
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(INTERNAL_CAPACITY + 1))
+    }
+
+    /// The entries with `from <= key < to`, in key order. Allocates nothing: the path from the
+    /// root is a fixed array (the height is bounded by `node::LEVEL_MAX`).
+    pub fn range(&self, from: Key, to: Key) -> Range<'_> {
+        let mut range = Range {
+            tree: self,
+            path: [(0, 0); node::LEVEL_MAX as usize + 1],
+            depth: 0,
+            to,
+        };
+        let mut id = self.root;
+        loop {
+            match &self.nodes[id as usize].body {
+                Body::Internal(entries) => {
+                    let i = child_index(entries, from);
+                    range.push(id, i);
+                    id = entries[i].1;
+                }
+                Body::Leaf(entries) => {
+                    range.push(id, entries.partition_point(|&(k, _)| k < from));
+                    return range;
+                }
+            }
         }
     }
 
@@ -223,10 +266,26 @@ impl ExtentTree {
         if node.address != 0 {
             self.obsolete.push(node.address);
         }
-        node.body = Body::Leaf(Vec::new());
+        let body = std::mem::replace(&mut node.body, Body::Leaf(Vec::new()));
         node.address = 0;
         node.dirty = false;
         self.free.push(id);
+        self.keep_spare(body);
+    }
+
+    /// Keeps an unused body's allocation for the next node (a placeholder with none is dropped).
+    fn keep_spare(&mut self, body: Body) {
+        match body {
+            Body::Leaf(mut entries) if entries.capacity() > LEAF_CAPACITY => {
+                entries.clear();
+                self.spare_leaves.push(entries);
+            }
+            Body::Internal(mut entries) if entries.capacity() > INTERNAL_CAPACITY => {
+                entries.clear();
+                self.spare_internals.push(entries);
+            }
+            _ => {}
+        }
     }
 
     /// Maps `key` to `value`; returns the value it replaced.
@@ -237,9 +296,11 @@ impl ExtentTree {
             let level = self.nodes[left as usize].level + 1;
             assert!(level <= node::LEVEL_MAX, "tree height limit");
             let first = self.nodes[left as usize].first_key().min(key);
+            let mut entries = self.internal_body();
+            entries.extend([(first, left), (split_key, right)]);
             self.root = self.alloc(Node {
                 level,
-                body: Body::Internal(vec![(first, left), (split_key, right)]),
+                body: Body::Internal(entries),
                 address: 0,
                 dirty: true,
             });
@@ -259,10 +320,14 @@ impl ExtentTree {
     ) -> (Option<Value>, Option<(Key, NodeId)>) {
         let node = &mut self.nodes[id as usize];
         node.dirty = true;
+        // The new entry went to the node's end: keys are arriving in order (a replay from a
+        // checkpoint, a sequential fill), and an even split would leave every node half full.
+        let mut at_end = false;
         let old = match &mut node.body {
             Body::Leaf(entries) => match entries.binary_search_by_key(&key, |&(k, _)| k) {
                 Ok(i) => Some(std::mem::replace(&mut entries[i].1, value)),
                 Err(i) => {
+                    at_end = i == entries.len();
                     entries.insert(i, (key, value));
                     None
                 }
@@ -279,6 +344,7 @@ impl ExtentTree {
                     let Body::Internal(entries) = &mut self.nodes[id as usize].body else {
                         unreachable!("an internal node stays internal")
                     };
+                    at_end = i + 1 == entries.len();
                     entries.insert(i + 1, (split_key, right));
                 }
                 old
@@ -288,16 +354,36 @@ impl ExtentTree {
         if node.len() <= node.capacity() {
             return (old, None);
         }
-        (old, Some(self.split(id)))
+        (old, Some(self.split(id, at_end)))
     }
 
-    /// Moves the upper half of an overfull node into a new right sibling.
-    fn split(&mut self, id: NodeId) -> (Key, NodeId) {
+    /// Moves the upper part of an overfull node into a new right sibling: half of it, or
+    /// when the last insert went to the end (`at_end`), only the minimum a node must hold
+    /// (a quarter of capacity, plus one), so in-order inserts leave nodes three quarters
+    /// full instead of half.
+    fn split(&mut self, id: NodeId, at_end: bool) -> (Key, NodeId) {
+        let (mut leaf, mut internal) = match self.nodes[id as usize].body {
+            Body::Leaf(_) => (self.leaf_body(), Vec::new()),
+            Body::Internal(_) => (Vec::new(), self.internal_body()),
+        };
         let node = &mut self.nodes[id as usize];
         let level = node.level;
+        let (len, capacity) = (node.len(), node.capacity());
+        assert_eq!(len, capacity + 1, "a node splits on its first overflow");
+        let at = if at_end {
+            len - (capacity / 4 + 1)
+        } else {
+            len / 2
+        };
         let body = match &mut node.body {
-            Body::Leaf(entries) => Body::Leaf(entries.split_off(entries.len() / 2)),
-            Body::Internal(entries) => Body::Internal(entries.split_off(entries.len() / 2)),
+            Body::Leaf(entries) => {
+                leaf.extend(entries.drain(at..));
+                Body::Leaf(leaf)
+            }
+            Body::Internal(entries) => {
+                internal.extend(entries.drain(at..));
+                Body::Internal(internal)
+            }
         };
         let right = Node {
             level,
@@ -377,6 +463,7 @@ impl ExtentTree {
         if merged {
             entries.remove(r);
             self.release(right);
+            self.keep_spare(right_body);
         } else {
             let right_node = &mut self.nodes[right as usize];
             right_node.body = right_body;
@@ -616,13 +703,72 @@ fn rebalance_pair<T>(a: &mut Vec<T>, b: &mut Vec<T>, capacity: usize) -> bool {
     let total = a.len() + b.len();
     let left = total / 2;
     if a.len() > left {
-        let moved = a.split_off(left);
-        b.splice(0..0, moved);
+        // Move `a`'s tail to the front of `b` in place: `b` ends with at most `capacity`
+        // entries, within the room every body is made with.
+        let moved = a.len() - left;
+        b.extend(a.drain(left..));
+        b.rotate_right(moved);
     } else {
         let take = left - a.len();
         a.extend(b.drain(..take));
     }
     false
+}
+
+/// Iterator of `ExtentTree::range`: the path from the root to the current leaf entry.
+pub struct Range<'a> {
+    tree: &'a ExtentTree,
+    /// (node, index of the current entry or child) from the root down; `depth` are in use.
+    path: [(NodeId, usize); node::LEVEL_MAX as usize + 1],
+    depth: usize,
+    to: Key,
+}
+
+impl Range<'_> {
+    fn push(&mut self, id: NodeId, index: usize) {
+        assert!(self.depth < self.path.len(), "tree height limit");
+        self.path[self.depth] = (id, index);
+        self.depth += 1;
+    }
+}
+
+impl Iterator for Range<'_> {
+    type Item = (Key, Value);
+
+    fn next(&mut self) -> Option<(Key, Value)> {
+        while self.depth > 0 {
+            let (id, index) = self.path[self.depth - 1];
+            match &self.tree.nodes[id as usize].body {
+                Body::Leaf(entries) => {
+                    if let Some(&(key, value)) = entries.get(index) {
+                        if key >= self.to {
+                            self.depth = 0;
+                            return None;
+                        }
+                        self.path[self.depth - 1].1 += 1;
+                        return Some((key, value));
+                    }
+                    self.depth -= 1; // Leaf done: on to the parent's next child.
+                    if self.depth > 0 {
+                        self.path[self.depth - 1].1 += 1;
+                    }
+                }
+                Body::Internal(entries) => match entries.get(index) {
+                    Some(&(key, child)) if key < self.to => {
+                        let child_index = 0;
+                        self.push(child, child_index);
+                    }
+                    _ => {
+                        self.depth -= 1;
+                        if self.depth > 0 {
+                            self.path[self.depth - 1].1 += 1;
+                        }
+                    }
+                },
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]

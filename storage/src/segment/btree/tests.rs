@@ -90,6 +90,31 @@ fn grows_to_several_levels_and_shrinks_back() {
 }
 
 #[test]
+fn in_order_inserts_leave_nodes_three_quarters_full() {
+    // A replay from a checkpoint inserts keys in order: object by object, block by block.
+    let mut tree = ExtentTree::new();
+    let n = 100_000u64;
+    for i in 0..n {
+        tree.insert(key(i / 1000, i % 1000), value(i));
+    }
+    tree.check().unwrap();
+    let leaves_min = n as usize / LEAF_CAPACITY;
+    let three_quarters = n as usize / (LEAF_CAPACITY - LEAF_CAPACITY / 4 - 1);
+    assert!(
+        tree.node_count() <= three_quarters + three_quarters / 100 + 2,
+        "{} nodes for {n} entries ({leaves_min} if every leaf were full)",
+        tree.node_count()
+    );
+    // Out-of-order inserts still split evenly (and the tree stays valid either way).
+    let mut scattered = ExtentTree::new();
+    for i in 0..n {
+        scattered.insert(key(i % 97, i / 97), value(i));
+    }
+    scattered.check().unwrap();
+    assert!(scattered.node_count() > tree.node_count());
+}
+
+#[test]
 fn range_visits_one_object_in_block_order() {
     let mut tree = ExtentTree::new();
     for object in 0..50 {
@@ -100,6 +125,8 @@ fn range_visits_one_object_in_block_order() {
     let mut seen = Vec::new();
     tree.for_each_in(key(17, 0), key(18, 0), &mut |k, v| seen.push((k, v)));
     assert_eq!(seen.len(), 400);
+    assert!(tree.height() >= 2, "the range crosses internal nodes");
+    assert!(tree.range(key(17, 0), key(18, 0)).eq(seen.iter().copied()));
     for (block, &(k, v)) in seen.iter().enumerate() {
         assert_eq!(
             (k, v),
@@ -251,7 +278,16 @@ proptest! {
         }
         tree.check().map_err(TestCaseError::fail)?;
         let expected: Vec<(Key, Value)> = model.iter().map(|(&k, &v)| (k, v)).collect();
-        prop_assert_eq!(contents(&tree), expected);
+        prop_assert_eq!(contents(&tree), expected.clone());
+        // The iterator agrees with the map on every window, including ones that start or end
+        // between keys, inside and across objects.
+        let all: Vec<(Key, Value)> = tree.range(Key::default(), key(u64::MAX, u64::MAX)).collect();
+        prop_assert_eq!(all, expected);
+        for (from, to) in [(key(0, 0), key(1, 0)), (key(1, 300), key(3, 17)), (key(2, 599), key(2, 600)), (key(3, 5), key(3, 5))] {
+            let got: Vec<(Key, Value)> = tree.range(from, to).collect();
+            let want: Vec<(Key, Value)> = model.range(from..to).map(|(&k, &v)| (k, v)).collect();
+            prop_assert_eq!(got, want, "range {:?}..{:?}", from, to);
+        }
         if let Some((root, snapshot)) = last {
             let loaded = blocks.load(root).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let expected: Vec<(Key, Value)> = snapshot.iter().map(|(&k, &v)| (k, v)).collect();
