@@ -13,6 +13,7 @@
 #
 #   cargo build --release --features dpdk && scripts/dpdk-bench.sh
 #   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
+#   SERVE_ARGS="--coalesce off" scripts/dpdk-bench.sh   # extra serve arguments
 # Needs root (the EAL's runtime files and the memif socket live under /run), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" \
+# shellcheck disable=SC2086 # SERVE_ARGS: extra serve arguments, split at spaces (e.g. "--coalesce off")
+"$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" ${SERVE_ARGS:-} \
   --transport dpdk --udp "$SERVER_IP" --dpdk-args="$(eal carmine-bench-serve-$$ server)" \
   >"$OUT/serve.log" 2>&1 &
 server=$!
