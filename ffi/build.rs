@@ -38,6 +38,38 @@ fn main() {
     spdk::generate();
 }
 
+/// bindgen over `header` with `clang_args`, keeping only the named functions, types and
+/// variables: the settings both libraries' bindings share.
+#[cfg(any(feature = "dpdk", feature = "spdk"))]
+fn allowlisted_bindings(
+    header: &std::path::Path,
+    clang_args: &[String],
+    allow: (&[&str], &[&str], &[&str]),
+    configure: impl FnOnce(bindgen::Builder) -> bindgen::Builder,
+) -> bindgen::Builder {
+    let (functions, types, vars) = allow;
+    let mut builder = configure(
+        bindgen::Builder::default()
+            .header(header.to_str().expect("header path is UTF-8"))
+            .clang_args(clang_args),
+    )
+    .derive_default(true)
+    .prepend_enum_name(false)
+    .generate_comments(false)
+    .layout_tests(true)
+    .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
+    for f in functions {
+        builder = builder.allowlist_function(f);
+    }
+    for t in types {
+        builder = builder.allowlist_type(t);
+    }
+    for v in vars {
+        builder = builder.allowlist_var(v);
+    }
+    builder
+}
+
 #[cfg(feature = "spdk")]
 mod spdk {
     use std::path::PathBuf;
@@ -137,21 +169,7 @@ mod spdk {
             );
         }
 
-        let mut builder = bindgen::Builder::default()
-            .header(header.to_str().unwrap())
-            .clang_args(&cflags)
-            .derive_default(true)
-            .prepend_enum_name(false)
-            .generate_comments(false)
-            .layout_tests(true)
-            .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
-        for f in FUNCTIONS {
-            builder = builder.allowlist_function(f);
-        }
-        for t in TYPES {
-            builder = builder.allowlist_type(t);
-        }
-        builder
+        super::allowlisted_bindings(&header, &cflags, (FUNCTIONS, TYPES, &[]), |b| b)
             .generate()
             .expect("bindgen over SPDK headers (needs clang and libclang-dev)")
             .write_to_file(out.join("spdk_bindings.rs"))
@@ -291,32 +309,17 @@ mod dpdk {
         println!("cargo:rerun-if-changed={}", shim.display());
         let flags = cflags();
 
-        let mut builder = bindgen::Builder::default()
-            .header(header.to_str().unwrap())
-            .clang_args(&flags)
-            .clang_arg(format!("-I{}", dir.display()))
-            // The static inline hot functions become real symbols `<name>__extern` in a C file.
-            .wrap_static_fns(true)
-            .wrap_static_fns_path(out.join("dpdk_static_fns"))
-            .derive_default(true)
-            .prepend_enum_name(false)
-            .generate_comments(false)
-            .layout_tests(true)
-            .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
-        for f in FUNCTIONS {
-            builder = builder.allowlist_function(f);
-        }
-        for t in TYPES {
-            builder = builder.allowlist_type(t);
-        }
-        for v in VARS {
-            builder = builder.allowlist_var(v);
-        }
-        builder
-            .generate()
-            .expect("bindgen over DPDK headers (needs clang and libclang-dev)")
-            .write_to_file(out.join("dpdk_bindings.rs"))
-            .expect("write bindings");
+        super::allowlisted_bindings(&header, &flags, (FUNCTIONS, TYPES, VARS), |b| {
+            b.clang_arg(format!("-I{}", dir.display()))
+                // The static inline hot functions become real symbols `<name>__extern` in a C
+                // file.
+                .wrap_static_fns(true)
+                .wrap_static_fns_path(out.join("dpdk_static_fns"))
+        })
+        .generate()
+        .expect("bindgen over DPDK headers (needs clang and libclang-dev)")
+        .write_to_file(out.join("dpdk_bindings.rs"))
+        .expect("write bindings");
 
         // The wrappers and the macro shim, compiled with DPDK's own flags (`-include
         // rte_config.h`, `-march=...`): the inline functions read config macros and use SSE.
