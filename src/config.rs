@@ -160,7 +160,7 @@ serve_options! {
     idle: String = "spin", parse_choice(&["spin", "adaptive"]);
     /// Adaptive idle: how long a core polls without work before it parks.
     park_after: Duration = "200us", parse_duration;
-    /// Pass coalescing: after a pass with a little work (under 64 units), sleep a short pause so that requests and replies accumulate; fewer system calls per op for that much added latency. auto: pause 20us, but only while the load detector sees pauses bring back batches (many requests in flight; never for a client waiting on each reply); a duration such as 20us: always that pause; off (or 0us): never.
+    /// Pass coalescing: after a pass with a little work (under 64 units), sleep a short pause so that requests and replies accumulate; fewer system calls per op for that much added latency. auto: pause 20us, but only while the load detector sees pauses bring back batches (many requests in flight; never for a client waiting on each reply) and, on a core that spins (--idle spin), only while pausing does not slow the core's work down; a duration such as 20us: always that pause; off (or 0us): never.
     coalesce: Coalesce = "auto", parse_coalesce;
     /// Null replication hook: replica acks every write waits for.
     replicas: u32 = "0", parse_u32;

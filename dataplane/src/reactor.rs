@@ -232,7 +232,7 @@ pub fn run_coalesced<C: Core>(
     let mut last_publish = last;
     let mut idle_since: Option<Instant> = None;
     let mut booking = CpuBooking::new(thread_cpu_ns());
-    let mut detector = LoadDetector::new(coalesce);
+    let mut detector = LoadDetector::new(coalesce).spinning(matches!(policy, IdlePolicy::Spin));
     let pause = coalesce.pause();
     loop {
         let work = core.poll_once();
@@ -279,7 +279,7 @@ pub fn run_coalesced<C: Core>(
             last = woke;
         }
         if last.duration_since(last_publish) >= PUBLISH_INTERVAL {
-            detector.close_window();
+            detector.close_window(last.duration_since(last_publish).as_nanos() as u64);
             note_coalescing(&detector, &mut counters);
             booking.close(thread_cpu_ns(), &mut counters);
             core.publish(&counters);
