@@ -89,18 +89,30 @@ pub fn spdk_not_built(transport_id: &str) -> String {
 #[cfg(feature = "spdk")]
 pub fn spdk_controller(transport_id: &str) -> Result<Arc<SpdkController>, String> {
     static OPEN: Mutex<Vec<(String, Weak<SpdkController>)>> = Mutex::new(Vec::new());
-    let mut open = OPEN.lock().expect("spdk controller table lock");
-    open.retain(|(_, weak)| weak.strong_count() > 0);
-    if let Some(controller) = open
+    shared_controller(&OPEN, transport_id, || {
+        SpdkController::connect(transport_id).map_err(|e| format!("spdk:{transport_id}: {e}"))
+    })
+}
+
+/// The live controller `table` holds under `name`, or a new one from `open`, kept there (weakly:
+/// it closes when its last user drops it). One table per kind of controller, so that every
+/// core's queue pair shares the process's one handle on a device.
+fn shared_controller<T>(
+    table: &Mutex<Vec<(String, Weak<T>)>>,
+    name: &str,
+    open: impl FnOnce() -> Result<Arc<T>, String>,
+) -> Result<Arc<T>, String> {
+    let mut table = table.lock().expect("controller table lock");
+    table.retain(|(_, weak)| weak.strong_count() > 0);
+    if let Some(controller) = table
         .iter()
-        .find(|(known, _)| known == transport_id)
+        .find(|(known, _)| known == name)
         .and_then(|(_, weak)| weak.upgrade())
     {
         return Ok(controller);
     }
-    let controller =
-        SpdkController::connect(transport_id).map_err(|e| format!("spdk:{transport_id}: {e}"))?;
-    open.push((transport_id.to_string(), Arc::downgrade(&controller)));
+    let controller = open()?;
+    table.push((name.to_string(), Arc::downgrade(&controller)));
     Ok(controller)
 }
 
@@ -117,18 +129,9 @@ pub fn spdk_queue_pair(transport_id: &str, depth: u32) -> Result<SpdkQueuePair, 
 /// (each core gets its own I/O queue on it). Closed when the last queue pair drops.
 pub fn nvme_controller(address: &str) -> Result<Arc<NvmeController>, String> {
     static OPEN: Mutex<Vec<(String, Weak<NvmeController>)>> = Mutex::new(Vec::new());
-    let mut open = OPEN.lock().expect("nvme controller table lock");
-    open.retain(|(_, weak)| weak.strong_count() > 0);
-    if let Some(controller) = open
-        .iter()
-        .find(|(known, _)| known == address)
-        .and_then(|(_, weak)| weak.upgrade())
-    {
-        return Ok(controller);
-    }
-    let controller = NvmeController::open(address).map_err(|e| format!("nvme:{address}: {e}"))?;
-    open.push((address.to_string(), Arc::downgrade(&controller)));
-    Ok(controller)
+    shared_controller(&OPEN, address, || {
+        NvmeController::open(address).map_err(|e| format!("nvme:{address}: {e}"))
+    })
 }
 
 /// A queue pair of `depth` over the whole of namespace 1 (rounded down to 4 KiB) of the

@@ -1601,18 +1601,18 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
         }
         Verdict::Write => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
-            let request_ref = work.requests.alloc().expect("admits checked");
-            work.requests.get(request_ref).start(Start {
-                conn: index,
-                conn_generation: conn.generation,
-                cookie: request.cookie,
-                kind: Kind::Write,
-                next_offset: request.offset,
-                remaining: length,
-                ..Start::default()
-            });
-            work.stats.requests += 1;
-            conn.inflight += 1;
+            let request_ref = open_request(
+                work,
+                conn,
+                Start {
+                    conn: index,
+                    cookie: request.cookie,
+                    kind: Kind::Write,
+                    next_offset: request.offset,
+                    remaining: length,
+                    ..Start::default()
+                },
+            );
             if length == 0 {
                 conn.write = None;
                 queue_reply(conn, 0, request.cookie, None);
@@ -1624,23 +1624,25 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
         }
         Verdict::Zero { no_hole } => {
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
-            work.stats.requests += 1;
-            conn.inflight += 1;
             if length == 0 {
+                work.stats.requests += 1;
+                conn.inflight += 1;
                 queue_reply(conn, 0, request.cookie, None);
                 return Consume::Progress;
             }
-            let request_ref = work.requests.alloc().expect("admits checked");
-            work.requests.get(request_ref).start(Start {
-                conn: index,
-                conn_generation: conn.generation,
-                cookie: request.cookie,
-                kind: Kind::Zero,
-                no_hole,
-                next_offset: request.offset,
-                remaining: length,
-                ..Start::default()
-            });
+            let request_ref = open_request(
+                work,
+                conn,
+                Start {
+                    conn: index,
+                    cookie: request.cookie,
+                    kind: Kind::Zero,
+                    no_hole,
+                    next_offset: request.offset,
+                    remaining: length,
+                    ..Start::default()
+                },
+            );
             issue_zero_parts(work, request_ref, &export, pools);
             schedule_zero(work, request_ref);
             Consume::Progress
@@ -1705,6 +1707,19 @@ fn consume_request(work: &mut Work, conn: &mut Conn, index: u32, pools: &mut Cor
     }
 }
 
+/// Takes the request slot that admission reserved for `start` (a request of connection
+/// `start.conn`; its generation is filled in here) and counts the request as in flight.
+fn open_request(work: &mut Work, conn: &mut Conn, start: Start) -> OpRef {
+    let request_ref = work.requests.alloc().expect("admits checked");
+    work.requests.get(request_ref).start(Start {
+        conn_generation: conn.generation,
+        ..start
+    });
+    work.stats.requests += 1;
+    conn.inflight += 1;
+    request_ref
+}
+
 fn start_read(
     work: &mut Work,
     conn: &mut Conn,
@@ -1713,18 +1728,18 @@ fn start_read(
     export: &Export,
     request: NbdRequest,
 ) {
-    let request_ref = work.requests.alloc().expect("admits checked");
-    work.requests.get(request_ref).start(Start {
-        conn: index,
-        conn_generation: conn.generation,
-        cookie: request.cookie,
-        kind: Kind::Read,
-        // Reads keep their start here for the reply (structured replies carry it).
-        next_offset: request.offset,
-        ..Start::default()
-    });
-    work.stats.requests += 1;
-    conn.inflight += 1;
+    let request_ref = open_request(
+        work,
+        conn,
+        Start {
+            conn: index,
+            cookie: request.cookie,
+            kind: Kind::Read,
+            // Reads keep their start here for the reply (structured replies carry it).
+            next_offset: request.offset,
+            ..Start::default()
+        },
+    );
     let name = &export.name[..export.name_len];
     let mut count = 0;
     for part in image::split(
@@ -1768,18 +1783,18 @@ fn start_block_status(
     request: NbdRequest,
     req_one: bool,
 ) {
-    let request_ref = work.requests.alloc().expect("admits checked");
-    work.requests.get(request_ref).start(Start {
-        conn: index,
-        conn_generation: conn.generation,
-        cookie: request.cookie,
-        kind: Kind::BlockStatus,
-        next_offset: request.offset,
-        req_one,
-        ..Start::default()
-    });
-    work.stats.requests += 1;
-    conn.inflight += 1;
+    let request_ref = open_request(
+        work,
+        conn,
+        Start {
+            conn: index,
+            cookie: request.cookie,
+            kind: Kind::BlockStatus,
+            next_offset: request.offset,
+            req_one,
+            ..Start::default()
+        },
+    );
     let name = &export.name[..export.name_len];
     let object_size = export.header.object_size;
     let mut count = 0;
