@@ -259,19 +259,23 @@ fn coalescing_switches_itself_on_under_load_only() {
         delta("coalesce_pauses"),
         delta("coalesce_windows_on"),
     );
-    // Tries at windows 1, 10, 28, 62, 128, 258, 516, 1028, 2052: at most 9 in 2 s (a window is
-    // at least a millisecond), each ending after its first judged window.
+    // Tries at windows 1, 10, 28, 62, 128, 258, 516, 1028, 2052: at most 9 failures in 2 s (a
+    // window is at least a millisecond). A try ends after its first judged window (4 pauses);
+    // on a loaded machine a descheduled core may leave a window or two unjudged, which keeps
+    // the state, so the on-windows are bounded per try, not exactly one each.
+    let tries_failed = delta("coalesce_tries_failed");
     assert!(
-        on <= 9,
-        "QD1 had coalescing on in {on} windows over {ops} ops"
+        tries_failed <= 9,
+        "QD1 failed {tries_failed} tries in 2 s: the hold-off does not double"
+    );
+    assert!(
+        on <= 4 * (tries_failed + 1),
+        "QD1 had coalescing on in {on} windows over {ops} ops, {tries_failed} tries failed"
     );
     assert!(
         pauses * 10 <= ops,
         "QD1 paused {pauses} times over {ops} ops"
     );
-    if on > 0 {
-        assert!(delta("coalesce_tries_failed") > 0, "a QD1 try failed");
-    }
     let before = status(&server.addr);
     let report = load(&server.addr, &args("32", "4"));
     assert_clean(&report, "4 x QD32");
