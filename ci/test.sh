@@ -55,8 +55,8 @@ cargo run --release --locked --quiet -- sim --cuts 400 --first-seed 2000 --read-
 #     and the datagram RPC with ARP; `carmine serve/load --transport dpdk` over memif). Root installs DPDK 22.11 from Debian; elsewhere the block
 #     says why it is skipped. About 2-3 minutes (mostly compiling with the feature).
 log "DPDK: --features dpdk build and vdev tests"
-dpdk_pkgs=(libdpdk-dev dpdk pkg-config clang libclang-dev)
-if [ "$(id -u)" = 0 ] && ! { pkg-config --exists libdpdk && command -v clang >/dev/null; }; then
+dpdk_pkgs=(libdpdk-dev dpdk pkg-config clang libclang-dev iproute2)
+if [ "$(id -u)" = 0 ] && ! { pkg-config --exists libdpdk && command -v clang >/dev/null && command -v ip >/dev/null; }; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${dpdk_pkgs[@]}"
 fi
 if pkg-config --exists libdpdk && command -v clang >/dev/null; then
@@ -65,7 +65,8 @@ if pkg-config --exists libdpdk && command -v clang >/dev/null; then
   timeout 300 cargo test --locked -p carmine-dataplane --features dpdk --doc
   timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc --test dpdk_rooms
   # serve/load --transport dpdk end to end over a net_memif pair: verify on 1 and 2 cores, and
-  # every op exactly once under injected loss (three cases, ~15 s once built).
+  # every op exactly once under injected loss; and the kernel-UDP client in a network namespace
+  # reaching the server's net_af_packet port over a veth pair (four cases, ~20 s once built).
   timeout 600 cargo test --locked --features dpdk --test dpdk_serve
 else
   echo "SKIP: DPDK tests need ${dpdk_pkgs[*]} (run ci/test.sh as root to install them)"

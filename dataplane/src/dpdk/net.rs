@@ -163,8 +163,14 @@ pub fn open(
             rooms.push(None);
         }
     }
+    // The RPC's packets are sized for a 9000-byte MTU (`udp::RPC_MTU`): a port that enforces
+    // its MTU (a NIC, net_tap, net_af_packet) must take jumbo frames, or it drops every reply
+    // of 4 KiB (seen on net_tap at its default 1500: writes ran, reads and STATUS timed out).
+    // The software rings carry any frame their buffers hold and may not implement the call.
+    let software = SOFTWARE_DRIVERS.contains(&driver.as_str());
     let config = PortConfig {
         queue_count,
+        mtu: (!software).then_some(crate::udp::RPC_MTU),
         ..PortConfig::default()
     };
     let port: &'static Port<'static> =

@@ -150,9 +150,17 @@ impl<'pool> Port<'pool> {
         check("rte_eth_dev_configure", rc)?;
         if let Some(mtu) = config.mtu {
             // SAFETY: configured port, plain integer argument.
-            check("rte_eth_dev_set_mtu", unsafe {
-                sys::rte_eth_dev_set_mtu(id, mtu)
-            })?;
+            let rc = unsafe { sys::rte_eth_dev_set_mtu(id, mtu) };
+            if rc < 0 {
+                // Not fatal: some drivers report a smaller limit than they carry (net_af_packet
+                // says 1518 and sends and receives frames up to its framesz). The log says what
+                // to expect; the port's real MTU is read back below and shown at start.
+                log::warn!(
+                    "DPDK port {id}: the driver refuses MTU {mtu} ({}): frames over its MTU \
+                     may be dropped (net_af_packet: give framesz=9216,blocksz=36864)",
+                    DpdkError::from_rc("rte_eth_dev_set_mtu", rc)
+                );
+            }
         }
         // SAFETY: plain query on a valid port id.
         let socket = unsafe { sys::rte_eth_dev_socket_id(id) };
