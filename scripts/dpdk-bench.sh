@@ -10,6 +10,10 @@
 # thread's run-queue wait (/proc/.../schedstat) over the run's wall time: on a shared machine a
 # spinning reactor or generator is descheduled for whole time slices. "load cpu/op" is the
 # generator process's user+system time per op (one thread; TCP sleeps in epoll, DPDK spins).
+# "server syscalls/op": system calls the reactor thread entered per op in a 2 s window from
+# 2 s into the run (`perf stat -e raw_syscalls:sys_enter -t`, when perf is installed; the
+# window skips the generator's start-up): callgrind sees no kernel, and on a VM a system call
+# costs more than an op's user-space path.
 #
 #   cargo build --release --features dpdk && scripts/dpdk-bench.sh
 #   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
@@ -56,14 +60,31 @@ run() { # transport op -> one line of results
   fi
   "$B" status --target "$LISTEN" --json >"$OUT/before.json"
   local sched_before; sched_before=$(cat "/proc/$server/task/$reactor/schedstat")
+  local perf=""
+  rm -f "$OUT/perf.csv" "$OUT/perf-before.json" "$OUT/perf-after.json"
+  if command -v perf >/dev/null; then
+    (sleep 2
+     "$B" status --target "$LISTEN" --json >"$OUT/perf-before.json"
+     perf stat -x, -e raw_syscalls:sys_enter -t "$reactor" -o "$OUT/perf.csv" -- sleep 2 2>/dev/null
+     "$B" status --target "$LISTEN" --json >"$OUT/perf-after.json") &
+    perf=$!
+  fi
   /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
     "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err"
   local sched_after; sched_after=$(cat "/proc/$server/task/$reactor/schedstat")
+  [ -n "$perf" ] && { wait "$perf" || true; }
   "$B" status --target "$LISTEN" --json >"$OUT/after.json"
   python3 - "$transport" "$op" "$OUT/$transport-$op-$n.json" "$OUT/before.json" "$OUT/after.json" \
-    "$OUT/load-$n.time" "$sched_before" "$sched_after" <<'EOF'
+    "$OUT/load-$n.time" "$sched_before" "$sched_after" "$OUT/perf.csv" "$OUT/perf-before.json" "$OUT/perf-after.json" <<'EOF'
 import json, sys
-transport, op, report, before, after, load_time, sched_b, sched_a = sys.argv[1:]
+import os
+transport, op, report, before, after, load_time, sched_b, sched_a, perf_csv, perf_b, perf_a = sys.argv[1:]
+syscalls_per_op = float("nan")
+if os.path.exists(perf_csv) and os.path.exists(perf_a):
+    rows = [l.split(",") for l in open(perf_csv) if "raw_syscalls" in l]
+    window_ops = json.load(open(perf_a))["totals"]["ops"] - json.load(open(perf_b))["totals"]["ops"]
+    if rows and rows[0][0].isdigit() and window_ops > 0:
+        syscalls_per_op = int(rows[0][0]) / window_ops
 r = json.load(open(report)); b = json.load(open(before))["totals"]; a = json.load(open(after))["totals"]
 ops = a["ops"] - b["ops"]
 busy = (a["busy_ns"] - b["busy_ns"]) / ops if ops else float("nan")
@@ -71,7 +92,8 @@ wall, user, system = map(float, open(load_time).read().split()[-3:])
 # schedstat: ns on CPU, ns waiting on a run queue (runnable but preempted), time slices.
 run_b, wait_b, _ = map(int, sched_b.split()); run_a, wait_a, _ = map(int, sched_a.split())
 print(f"{transport:5} {op:9} iops {r['iops']:9.0f}  p50 {r['latency_us']['p50']:7.1f} us  p99 {r['latency_us']['p99']:8.1f} us  "
-      f"server busy/op {busy/1000:5.2f} us  server preempted {(wait_a - wait_b) / 1e9 / wall:4.0%}  "
+      f"server busy/op {busy/1000:5.2f} us  server syscalls/op {syscalls_per_op:5.2f}  "
+      f"server preempted {(wait_a - wait_b) / 1e9 / wall:4.0%}  "
       f"load cpu/op {(user + system) / r['ops'] * 1e6 if r['ops'] else 0:5.2f} us ({(user + system) / wall:4.0%} of a CPU)  "
       f"errors {r['errors']} verify_failures {r['verify_failures']}")
 EOF

@@ -255,6 +255,21 @@ mod run {
         );
         assert_eq!(total(&status, "ops_in_flight"), 0, "{status}");
         assert!(total(&status, "busy_ns") > 0, "{status}");
+        // A core that polls a NIC queue asks the kernel's epoll set (TCP: here only the STATUS
+        // requests) at most once per 10 us while it finds nothing, not once per pass.
+        let passes = total(&status, "passes");
+        let polls = total(&status, "epoll_polls");
+        let life_ns = total(&status, "busy_ns") + total(&status, "idle_ns");
+        eprintln!("  epoll_polls {polls}, passes {passes}, {life_ns} ns of passes");
+        assert!(polls > 0, "the epoll set is still looked at: {status}");
+        assert!(
+            polls <= life_ns / 10_000 + 1_000,
+            "{polls} epoll_waits in {life_ns} ns: more than one per 10 us: {status}"
+        );
+        assert!(
+            polls * 2 < passes,
+            "{polls} epoll_waits in {passes} passes: not throttled: {status}"
+        );
         // The steady state allocates nothing per op: what may allocate is session set-up (4
         // clients x 2 sessions: slots, reassembly tables) and the STATUS connections.
         let mixed = case.load(&server, &["--op", "mixed", "--verify"]);
@@ -294,6 +309,12 @@ mod run {
         assert_eq!(
             cores[1]["udp_datagrams_rx"], 0,
             "core 1 owns no queue: {status}"
+        );
+        // (At least: counters published inside a pass, for a STATUS reply, count its look
+        // before the pass.)
+        assert!(
+            cores[1]["epoll_polls"].as_u64().unwrap() >= cores[1]["passes"].as_u64().unwrap(),
+            "a core without a NIC queue asks its epoll set every pass: {status}"
         );
         assert!(
             cores[1]["ops"].as_u64().unwrap() > 0

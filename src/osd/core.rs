@@ -53,6 +53,11 @@ type StoreCompletion = (
 const INBOX_BATCH_MAX: usize = 256;
 /// Longest park while the store is busy (its completions wake the core sooner).
 const STORE_BUSY_PARK_MAX: Duration = Duration::from_millis(1);
+/// How long a core that polls a NIC queue waits before asking an epoll set that had nothing
+/// again (`OsdCore::poll_epoll`): at a few hundred ns per `epoll_wait` on a VM, a look every
+/// 10 us costs such a core a few percent at most, and adds at most 10 us to a TCP request's
+/// latency on it.
+const EPOLL_INTERVAL_POLLED_NIC_NS: u64 = 10_000;
 
 /// Simulated costs of the hooks a full OSD would have here (Crimson prototype: null functions
 /// with configurable cost).
@@ -164,6 +169,14 @@ pub struct OsdCore<N: Network = TcpTransport> {
     /// The datagram RPC, when `--transport udp` (kernel socket) or `dpdk` (NIC queue pair).
     udp: Option<Box<dyn RpcNet>>,
     udp_batch: Vec<UdpRequest>,
+    /// The datagram RPC's port is a polled NIC queue (DPDK): it has no descriptor, the core
+    /// never parks, and the kernel's epoll set (TCP, the waker, NBD) is asked only every
+    /// `EPOLL_INTERVAL_POLLED_NIC_NS` while it has nothing (`poll_network`).
+    nic_polled: bool,
+    /// When the epoll set is next asked (with `nic_polled`); 0: on the next pass.
+    epoll_next_ns: u64,
+    /// `epoll_wait`s of the network step (status `epoll_polls`).
+    epoll_polls: u64,
     /// `poll_store`'s gathering array, made once: a fresh one per pass cost a 14 KiB memset
     /// on every poll pass (perf: the hottest instructions of an idle or DPDK-loaded reactor).
     store_completed: Vec<StoreCompletion>,
@@ -301,6 +314,9 @@ impl<N: Network> OsdCore<N> {
             transport,
             udp: None,
             udp_batch: Vec::with_capacity(RX_FRAMES_PER_PASS_MAX),
+            nic_polled: false,
+            epoll_next_ns: 0,
+            epoll_polls: 0,
             store_completed: vec![
                 (
                     0,
@@ -358,8 +374,9 @@ impl<N: Network> OsdCore<N> {
     /// a parked core wakes for datagrams. A port without a descriptor (a DPDK queue) cannot
     /// wake the core: it then never parks (`park_timeout`).
     pub fn with_udp(mut self, udp: Box<dyn RpcNet>) -> std::io::Result<OsdCore<N>> {
-        if let Some(fd) = udp.fd() {
-            self.transport.watch_fd(fd)?;
+        match udp.fd() {
+            Some(fd) => self.transport.watch_fd(fd)?,
+            None => self.nic_polled = true,
         }
         self.udp = Some(udp);
         Ok(self)
@@ -386,8 +403,8 @@ impl<N: Network> OsdCore<N> {
 
     // ---- network ------------------------------------------------------------------------
 
-    fn poll_network(&mut self) -> usize {
-        let mut work = self.transport.poll_events(Duration::ZERO);
+    fn poll_network(&mut self, now_ns: u64) -> usize {
+        let mut work = self.poll_epoll(now_ns);
         if self.stopping() {
             return work + self.poll_nbd();
         }
@@ -423,12 +440,33 @@ impl<N: Network> OsdCore<N> {
             self.handle_frame(ReplyTo::Tcp(conn), header, frame);
         }
         self.rx_batch = batch;
-        work + delivered + self.poll_udp(budget - delivered) + self.poll_nbd()
+        work + delivered + self.poll_udp(budget - delivered, now_ns) + self.poll_nbd()
+    }
+
+    /// The kernel's readiness events (TCP connections and listener, the waker, NBD): one
+    /// `epoll_wait` per pass, except on a core that polls a NIC queue. There most passes carry
+    /// a few datagram RPC ops, and a system call per pass cost more than the user-space path
+    /// of an op (`scripts/dpdk-bench.sh` with `perf stat`: one `epoll_wait` per pass, about
+    /// one pass per op under its load); so while the set has nothing the next look waits
+    /// `EPOLL_INTERVAL_POLLED_NIC_NS`. That bounds what the look costs such a core, and what it
+    /// adds to a TCP client's latency there (status, tools); a look that finds events is made
+    /// again on the next pass, so a TCP load on that core is read as before.
+    fn poll_epoll(&mut self, now_ns: u64) -> usize {
+        if self.nic_polled && now_ns < self.epoll_next_ns {
+            return 0;
+        }
+        self.epoll_polls += 1;
+        let work = self.transport.poll_events(Duration::ZERO);
+        self.epoll_next_ns = if self.nic_polled && work == 0 {
+            now_ns + EPOLL_INTERVAL_POLLED_NIC_NS
+        } else {
+            0
+        };
+        work
     }
 
     /// Datagram RPC requests, down the same path as TCP frames.
-    fn poll_udp(&mut self, budget: usize) -> usize {
-        let now_ns = self.now_ns();
+    fn poll_udp(&mut self, budget: usize, now_ns: u64) -> usize {
         let Some(udp) = self.udp.as_mut() else {
             return 0;
         };
@@ -1032,8 +1070,8 @@ impl<N: Network> OsdCore<N> {
         count
     }
 
-    fn poll_timers(&mut self) -> usize {
-        let now = self.now_ns();
+    /// Fires the timers due at `now` (the pass's time: a timer fires at most one pass late).
+    fn poll_timers(&mut self, now: u64) -> usize {
         let mut fired = 0;
         while let Some(tag) = self.timers.pop_due(now) {
             let op_ref = OpRef::from_tag(tag);
@@ -1234,6 +1272,7 @@ impl<N: Network> OsdCore<N> {
         c.set(Counter::tx_bytes, transport.tx_bytes);
         c.set(Counter::rx_copied_bytes, transport.rx_copied_bytes);
         c.set(Counter::rx_syscalls, transport.rx_syscalls);
+        c.set(Counter::epoll_polls, self.epoll_polls);
         c.set(Counter::tx_syscalls, transport.tx_syscalls);
         c.set(Counter::rx_pool_waits, transport.rx_pool_waits);
         c.set(
@@ -1423,11 +1462,14 @@ impl<N: Network> Core for OsdCore<N> {
         // (4) timers finish ops, which (5) may unblock PG queues; (6) replies go out in one
         // writev per connection, and (7) messages, including buffers going home, go last so
         // that every message produced by this pass leaves in it.
+        // One clock read per pass, for the network step (the RPC's and epoll's clocks) and the
+        // timers.
+        let now_ns = self.now_ns();
         let mut work = self.poll_inbox();
         work += self.start_deferred_remote();
-        work += self.poll_network();
+        work += self.poll_network(now_ns);
         work += self.poll_store();
-        work += self.poll_timers();
+        work += self.poll_timers(now_ns);
         work += self.drain_ready_pgs();
         work += self.transport.flush_tx(&mut self.pools);
         if let Some(udp) = self.udp.as_mut() {
@@ -1454,7 +1496,7 @@ impl<N: Network> Core for OsdCore<N> {
 
     fn park_timeout(&self) -> Duration {
         let mut longest = PARK_TIMEOUT_MAX;
-        if self.udp.as_ref().is_some_and(|udp| udp.fd().is_none()) {
+        if self.nic_polled {
             // A polled NIC queue signals nothing: sleeping would leave its packets waiting.
             return Duration::ZERO;
         }

@@ -66,6 +66,7 @@ counters!(
     rx_copied_bytes,
     rx_syscalls,
     tx_syscalls,
+    epoll_polls,
     rx_pool_waits,
     ops_in_flight,
     stalls,

@@ -14,11 +14,23 @@ const IP_PROTO_UDP: u8 = 17;
 pub const ARP_FRAME_BYTES: usize = 42;
 
 /// One end of a UDP flow as seen on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
     pub mac: [u8; 6],
     pub ip: Ipv4Addr,
     pub port: u16,
+}
+
+/// Two words (MAC and port in one, the address in the other) instead of the derived four
+/// writes with their length prefixes: the RPC server hashes the sender of every packet it
+/// receives. Every field goes in, so equal endpoints hash equal.
+impl std::hash::Hash for Endpoint {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let [m0, m1, m2, m3, m4, m5] = self.mac;
+        let [p0, p1] = self.port.to_le_bytes();
+        state.write_u64(u64::from_le_bytes([m0, m1, m2, m3, m4, m5, p0, p1]));
+        state.write_u32(u32::from(self.ip));
+    }
 }
 
 /// What a received frame is.

@@ -34,6 +34,7 @@ pub mod ipv4;
 pub mod packet;
 mod reassembly;
 pub mod server;
+mod session_hash;
 pub mod socket;
 
 pub use client::{OnResponse, RpcClient, RpcError, SessionId};

@@ -5,6 +5,7 @@ use std::hash::Hash;
 
 use super::packet::{PacketHeader, PacketKind, PACKET_HEADER_BYTES};
 use super::reassembly::{Insert, Message, Reassembly};
+use super::session_hash::SessionHashBuilder;
 use super::{RpcConfig, RpcStats, SendPacket, ACKS_QUEUED_MAX, SLOTS_PER_SESSION};
 
 /// Names a request handed up by [`RpcServer::receive`], for [`RpcServer::reply`].
@@ -66,7 +67,8 @@ struct Ack {
 pub struct RpcServer<P, B, R> {
     config: RpcConfig,
     sessions: Vec<Session<P, B, R>>,
-    by_peer: HashMap<(P, u32), u32>,
+    /// (peer, client session id) -> session index; a cheap seeded hash (`session_hash.rs`).
+    by_peer: HashMap<(P, u32), u32, SessionHashBuilder>,
     /// Indices of expired sessions, reused before the table grows.
     free: Vec<u32>,
     /// Slots with response packets to send, each listed once.
@@ -83,7 +85,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         RpcServer {
             config,
             sessions: Vec::with_capacity(sessions_max),
-            by_peer: HashMap::with_capacity(sessions_max),
+            by_peer: HashMap::with_capacity_and_hasher(sessions_max, SessionHashBuilder::random()),
             free: Vec::with_capacity(sessions_max),
             tx_list: VecDeque::with_capacity(sessions_max * SLOTS_PER_SESSION),
             acks: VecDeque::with_capacity(ACKS_QUEUED_MAX),
