@@ -58,8 +58,50 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
 /// Why it holds: with the initial register and the final xor both all ones, crc(a || b) is
 /// (crc(a) · x^(8·|b|) mod P) xor crc(b); the two conditionings cancel. Values are in the
 /// reflected representation the crc uses (bit 31 is the coefficient of x^0).
+///
+/// A `len_b` of 4 KiB (a block) takes four table lookups; other lengths walk the bits.
 pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    if len_b == BLOCK_BYTES {
+        return BLOCK_SHIFT.shift(crc_a) ^ crc_b;
+    }
     mul_mod_reflected(x_pow_8n_reflected(len_b), crc_a) ^ crc_b
+}
+
+/// The length `crc32c_combine` has tables for: the block of stores' kept crcs.
+const BLOCK_BYTES: u64 = 4096;
+
+static BLOCK_SHIFT: Shift = Shift::by_bytes(BLOCK_BYTES);
+
+/// Multiplication of a crc by the constant x^(8·n) mod P, as four tables of 256 entries (one
+/// per byte of the crc): the product is linear in the crc, so it is the xor of the products of
+/// its four bytes. 4 KiB of tables instead of a 32-step loop per product.
+struct Shift {
+    tables: [[u32; 256]; 4],
+}
+
+impl Shift {
+    const fn by_bytes(n: u64) -> Shift {
+        let factor = x_pow_8n_reflected(n);
+        let mut tables = [[0u32; 256]; 4];
+        let mut byte = 0;
+        while byte < 4 {
+            let mut value = 0;
+            while value < 256 {
+                tables[byte][value] = mul_mod_reflected(factor, (value as u32) << (8 * byte));
+                value += 1;
+            }
+            byte += 1;
+        }
+        Shift { tables }
+    }
+
+    fn shift(&self, crc: u32) -> u32 {
+        let [b0, b1, b2, b3] = crc.to_le_bytes();
+        self.tables[0][usize::from(b0)]
+            ^ self.tables[1][usize::from(b1)]
+            ^ self.tables[2][usize::from(b2)]
+            ^ self.tables[3][usize::from(b3)]
+    }
 }
 
 /// The crc32c polynomial, reflected (bit 31 is x^0, bit 0 is x^31; x^32 implied).
@@ -99,7 +141,7 @@ const X_POW_2K: [u32; 64] = {
 };
 
 /// x^(8·n) mod P, reflected: the factor that carries a crc over n more bytes.
-fn x_pow_8n_reflected(n: u64) -> u32 {
+const fn x_pow_8n_reflected(n: u64) -> u32 {
     let mut power = 1u32 << 31; // x^0
     let mut rest = n;
     let mut k = 3; // 8·n = n·2^3
@@ -441,6 +483,11 @@ mod tests {
                     "split {split} len_b {len_b}"
                 );
             }
+        }
+        // The block tables and the bit walk agree.
+        let factor = x_pow_8n_reflected(BLOCK_BYTES);
+        for crc in [0, 1, 0x8000_0000, 0xFFFF_FFFF, 0xDEAD_BEEF, 0x1234_5678] {
+            assert_eq!(BLOCK_SHIFT.shift(crc), mul_mod_reflected(factor, crc));
         }
         // A wrong length gives a wrong crc: the length is part of the math.
         let (a, b) = (&data[..40], &data[40..4136]);
