@@ -98,7 +98,26 @@ impl StoredBytes {
     /// `crc` must be the crc32c of those bytes.
     pub unsafe fn new(ptr: *const u8, len: usize, crc: u32) -> StoredBytes {
         assert!(!ptr.is_null());
-        StoredBytes { ptr, len, crc }
+        let stored = StoredBytes { ptr, len, crc };
+        stored.prefetch();
+        stored
+    }
+
+    /// Asks the CPU to start loading the bytes into its caches, without waiting for them.
+    ///
+    /// Why: the kernel copies them when the reply is written, at the end of the core's pass;
+    /// with a data set larger than the caches that copy waits on memory at every cache line,
+    /// one block after another (40% of a 1-core memory-store randread server's cycles, in
+    /// `_copy_from_iter`). Asked for when the op runs, the lines of all the pass's blocks
+    /// load together while the core handles its other ops.
+    fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        for line in self.as_slice().chunks(64) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            // SAFETY: SSE is part of x86-64's baseline, and a prefetch is a hint that reads
+            // nothing architecturally and never faults (here the bytes are readable anyway).
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
