@@ -112,11 +112,17 @@ impl StoredBytes {
     /// load together while the core handles its other ops.
     fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
-        for line in self.as_slice().chunks(64) {
+        {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-            // SAFETY: SSE is part of x86-64's baseline, and a prefetch is a hint that reads
-            // nothing architecturally and never faults (here the bytes are readable anyway).
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+            const CACHE_LINE_BYTES: usize = 64;
+            let mut offset = 0;
+            while offset < self.len {
+                let line = self.ptr.wrapping_add(offset);
+                // SAFETY: SSE is part of x86-64's baseline, and a prefetch is a hint that
+                // reads nothing architecturally and never faults (the bytes are readable).
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(line.cast()) };
+                offset += CACHE_LINE_BYTES;
+            }
         }
     }
 
