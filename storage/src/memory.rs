@@ -333,7 +333,7 @@ impl ObjectStore for MemoryStore {
 
     fn read_in_place(&mut self, oid: &[u8], offset: u64, length: u64) -> Option<InPlaceRead> {
         let block = READ_IN_PLACE_BLOCK_BYTES;
-        if length == 0 || offset % block != 0 || length % block != 0 {
+        if length == 0 || !offset.is_multiple_of(block) || !length.is_multiple_of(block) {
             return None;
         }
         let read = [SubOp::Read { offset, length }];
