@@ -11,7 +11,10 @@
 #   DURATION  timed load, default 8s
 # Environment: CARMINE (binary, default target/release/carmine), OUT (directory for the
 # callgrind file and logs, default target/callgrind), PORT (default 6999), LOAD_ARGS (extra
-# `carmine load` arguments for the timed run, e.g. LOAD_ARGS=--route).
+# `carmine load` arguments for the timed run, e.g. LOAD_ARGS=--route), WARMUP (a duration: run
+# an uninstrumented `--op seqread` that long before the timed run, so that every block has
+# been read once; the memory store keeps a block's crc from its first read, and a short
+# run under valgrind otherwise reads most blocks for the first time).
 #
 # Under valgrind the server runs ~50x slower, so the generator keeps it saturated and every op
 # is counted at full batching (several frames per recv); callgrind sees no AVX-512, so the
@@ -25,6 +28,7 @@ CARMINE=${CARMINE:-target/release/carmine}
 OUT=${OUT:-target/callgrind}
 PORT=${PORT:-6999}
 LOAD_ARGS=${LOAD_ARGS:-}
+WARMUP=${WARMUP:-}
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 [ -x "$CARMINE" ] || cargo build --release --quiet
 mkdir -p "$OUT"
@@ -48,6 +52,10 @@ import json, sys
 cores = json.load(sys.stdin)["per_core"]
 print(*(sum(c[k] for c in cores) for k in ("ops", "rx_syscalls", "tx_syscalls", "passes")))'
 }
+if [ -n "$WARMUP" ]; then
+  "$CARMINE" load --target "127.0.0.1:$PORT" --op seqread --duration "$WARMUP" --cpus 0 $LOAD_ARGS |
+    grep -E "^ +ops " | sed "s/^/warm-up seqread: /"
+fi
 read -r ops0 rx0 tx0 passes0 < <(counters)
 callgrind_control -i on "$server" >/dev/null 2>&1
 "$CARMINE" load --target "127.0.0.1:$PORT" --op "$OP" --duration "$DURATION" --cpus 0 $LOAD_ARGS >"$OUT/$tag.load.txt"

@@ -117,6 +117,53 @@ fn cross_core_traffic_is_counted_and_one_hop() {
 }
 
 #[test]
+fn memory_store_reads_are_sent_from_the_store_and_copied_before_writes() {
+    // One core, so every op is local: each 4 KiB read is answered from the store's memory
+    // with its kept crc (`tx_stored_bodies`). Under a mixed load, writes find such replies
+    // still queued and copy them first (`tx_stored_bodies_copied`); `--verify` and the
+    // client's crc check prove the bytes sent are the ones read, not the overwrite's.
+    let server = ServerProcess::start(&["--cores", "1"]);
+    let args = [
+        "--duration",
+        "1s",
+        "--objects",
+        "8",
+        "--object-size",
+        "256KiB",
+        "--clients",
+        "4",
+        "--qd",
+        "8",
+        "--verify",
+    ];
+    let mut prefill = vec!["--op", "randwrite", "--prefill"];
+    prefill.extend_from_slice(&args);
+    assert_clean(&load(&server.addr, &prefill), "prefill");
+    let before = status(&server.addr);
+    let mut read = vec!["--op", "randread"];
+    read.extend_from_slice(&args);
+    assert_clean(&load(&server.addr, &read), "randread");
+    let after = status(&server.addr);
+    let reads = total(&after, "ops_read") - total(&before, "ops_read");
+    let stored = total(&after, "tx_stored_bodies") - total(&before, "tx_stored_bodies");
+    assert!(reads > 100, "enough reads: {reads}");
+    assert_eq!(stored, reads, "every whole-block read sent from the store");
+    assert_eq!(
+        total(&after, "tx_stored_bodies_copied"),
+        0,
+        "no write, no copy"
+    );
+    let mut mixed = vec!["--op", "mixed"];
+    mixed.extend_from_slice(&args);
+    assert_clean(&load(&server.addr, &mixed), "mixed");
+    let after_mixed = status(&server.addr);
+    assert!(
+        total(&after_mixed, "tx_stored_bodies_copied") > 0,
+        "writes queued behind reads in a pass copy them: {after_mixed}"
+    );
+}
+
+#[test]
 fn routed_load_sends_every_op_to_its_core() {
     // `load --route` asks each connection's core (HELLO) and sends each timed op on a
     // connection of its object's core: none crosses a ring, and verification still holds.

@@ -87,6 +87,12 @@ pub struct TransportStats {
     /// Connections closed because they held a partial frame for `STALL_EVICT_AFTER` while
     /// others waited for the buffer under it (also counted in `truncated`).
     pub evicted: u64,
+    /// Replies sent from store memory (`Body::Stored`): no copy into a pool buffer and no crc
+    /// over the payload.
+    pub stored_bodies_tx: u64,
+    /// Of those, bodies copied into a pool buffer after all because the store was about to
+    /// change before they were written (`copy_stored_bodies`).
+    pub stored_bodies_copied: u64,
 }
 
 struct TxReply {
@@ -125,6 +131,10 @@ struct Connection {
     /// Since when the socket has been drained with a partial frame buffered (None while
     /// frames complete): how long this connection has held a buffer without using it.
     stalled_since: Option<Instant>,
+    /// Replies in `tx` whose body is `Body::Stored` (store memory, see `copy_stored_bodies`).
+    stored: u32,
+    /// Listed in `TcpTransport::stored_conns`.
+    in_stored_list: bool,
 }
 
 enum RxOutcome {
@@ -154,6 +164,11 @@ pub struct TcpTransport {
     foreign: Vec<Body>,
     /// Connections with `stalled_since` set: `evict_stalled` walks the table only when some are.
     stalled_count: u32,
+    /// Connections that held `Body::Stored` replies since `copy_stored_bodies` last ran (each
+    /// listed once; some may have written them all since), so that it visits only those.
+    stored_conns: Vec<u32>,
+    /// `Body::Stored` replies queued over all connections.
+    stored_bodies: u32,
     pub stats: TransportStats,
 }
 
@@ -211,6 +226,8 @@ impl TcpTransport {
             tx_list_spare: Vec::with_capacity(count),
             foreign: Vec::with_capacity(1024),
             stalled_count: 0,
+            stored_conns: Vec::with_capacity(count),
+            stored_bodies: 0,
             stats: TransportStats::default(),
         })
     }
@@ -319,6 +336,8 @@ impl TcpTransport {
             closing: false,
             peer_closed: false,
             stalled_since: None,
+            stored: 0,
+            in_stored_list: false,
         });
         // Bytes may have arrived before registration; look once without waiting for an edge.
         self.rx_list.push_back(index);
@@ -659,13 +678,33 @@ impl TcpTransport {
             sent: 0,
             answers_frame,
         };
-        let head_len = wire::encode_reply(
-            &mut reply.head,
-            request,
-            status,
-            results,
-            &[reply.body.as_slice()],
-        );
+        let head_len = match &reply.body {
+            // The store kept the crc of these bytes: the payload is not read here at all.
+            Body::Stored(stored) => {
+                if !conn.in_stored_list {
+                    conn.in_stored_list = true;
+                    self.stored_conns.push(index);
+                }
+                conn.stored += 1;
+                self.stored_bodies += 1;
+                self.stats.stored_bodies_tx += 1;
+                wire::encode_reply_with_output_crc(
+                    &mut reply.head,
+                    request,
+                    status,
+                    results,
+                    stored.as_slice().len(),
+                    stored.crc(),
+                )
+            }
+            body => wire::encode_reply(
+                &mut reply.head,
+                request,
+                status,
+                results,
+                &[body.as_slice()],
+            ),
+        };
         reply.head_len = head_len as u16;
         conn.tx.push_back(reply);
         if !conn.in_tx_list {
@@ -762,6 +801,10 @@ impl TcpTransport {
             if reply.answers_frame {
                 conn.inflight -= 1;
             }
+            if matches!(reply.body, Body::Stored(_)) {
+                conn.stored -= 1;
+                self.stored_bodies -= 1;
+            }
             completed += 1;
             if let Some(foreign) = pools.release_body(reply.body) {
                 self.foreign.push(foreign);
@@ -795,6 +838,10 @@ impl TcpTransport {
         if conn.stalled_since.is_some() {
             self.stalled_count -= 1;
         }
+        self.stored_bodies -= conn.stored;
+        if conn.in_stored_list {
+            self.stored_conns.retain(|&i| i != index);
+        }
         if let Some(buf) = conn.rx {
             pools.release(buf);
         }
@@ -812,6 +859,49 @@ impl TcpTransport {
         self.stats.closed += 1;
         self.stats.connections = self.connection_count() as u64;
         // Dropping the stream closes the socket, which also removes it from the epoll set.
+    }
+
+    /// Whether replies queued here still send bytes from store memory (`Body::Stored`).
+    pub fn has_stored_bodies(&self) -> bool {
+        self.stored_bodies > 0
+    }
+
+    /// Copies the bytes of every queued `Body::Stored` reply into a pool buffer of its own, so
+    /// that the store may change or free its memory: the core calls this before any op that
+    /// mutates the store (the rule `StoredBytes` relies on). False when a pool ran out of
+    /// buffers first: some bodies still point into the store, and the mutation must wait
+    /// (the next `flush_tx` writes some of them, or the next call copies the rest).
+    pub fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
+        while let Some(&index) = self.stored_conns.last() {
+            let conn = self.conns[index as usize]
+                .as_mut()
+                .expect("closing a connection takes it off the list");
+            for reply in conn.tx.iter_mut() {
+                let Body::Stored(stored) = &reply.body else {
+                    continue;
+                };
+                let bytes = stored.as_slice();
+                let Some(mut buf) = pools.acquire_for(bytes.len()) else {
+                    return false;
+                };
+                buf.spare_mut()[..bytes.len()].copy_from_slice(bytes);
+                buf.seal(bytes.len());
+                // Same bytes, so the crc already in the head still holds, and `sent` still
+                // counts into the same sequence.
+                reply.body = Body::Buf(buf);
+                conn.stored -= 1;
+                self.stored_bodies -= 1;
+                self.stats.stored_bodies_copied += 1;
+            }
+            assert_eq!(
+                conn.stored, 0,
+                "every stored body of the connection was copied"
+            );
+            conn.in_stored_list = false;
+            self.stored_conns.pop();
+        }
+        assert_eq!(self.stored_bodies, 0);
+        true
     }
 
     /// Bodies from other cores' pools that this core finished with; they must travel home.
@@ -982,7 +1072,7 @@ fn retire_idle_chunk(conn: &mut Connection, pools: &mut CorePools) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffers::PoolSizes;
+    use crate::buffers::{PoolSizes, StoredBytes};
     use crate::reactor::Waker;
     use crate::wire::{Opcode, SubOpSpec};
     use std::io::{Read, Write};
@@ -1177,6 +1267,111 @@ mod tests {
         }
         assert_eq!(transport.connection_count(), 0, "EOF closes the connection");
         assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    /// Stored bodies go out with the crc they came with, and `copy_stored_bodies` leaves the
+    /// replies independent of the store's memory: what is sent is what was there when the
+    /// reply was queued, even after the memory changes.
+    #[test]
+    fn stored_bodies_are_sent_by_their_crc_and_copied_before_the_store_changes() {
+        let (mut transport, mut pools, _waker) = setup();
+        let (mut client, server) = pair();
+        let conn = transport.adopt(server).unwrap();
+        // Three read requests to answer (the transport counts replies against frames).
+        let mut requests = Vec::new();
+        for id in 0..3 {
+            wire::encode_request(
+                &mut requests,
+                Opcode::OsdOp,
+                id,
+                b"obj",
+                &[SubOpSpec::read(0, 4096)],
+                b"",
+            );
+        }
+        client.write_all(&requests).unwrap();
+        let mut frames = Vec::new();
+        for _ in 0..100 {
+            transport.poll_events(Duration::from_millis(10));
+            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+            if frames.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(frames.len(), 3);
+        let request = frames[0].header;
+        for frame in frames {
+            pools.release_lease(frame.frame);
+        }
+        let mut store_memory = vec![0xA5u8; 8192];
+        let crcs = [
+            carmine_crc::crc32c(&store_memory[..4096]),
+            carmine_crc::crc32c(&store_memory[4096..]),
+        ];
+        for (index, crc) in crcs.into_iter().enumerate() {
+            // SAFETY: `store_memory` is only changed after `copy_stored_bodies` succeeded.
+            let stored =
+                unsafe { StoredBytes::new(store_memory[index * 4096..].as_ptr(), 4096, crc) };
+            let replied = transport.reply(
+                conn,
+                &request,
+                Status::Ok,
+                &[(0, 4096)],
+                Body::Stored(stored),
+            );
+            assert!(replied.is_ok());
+        }
+        assert!(transport.has_stored_bodies());
+        let in_use_before = pools.small.in_use(); // The receive chunk, perhaps.
+        assert!(transport.copy_stored_bodies(&mut pools));
+        assert!(!transport.has_stored_bodies());
+        assert_eq!(transport.stats.stored_bodies_tx, 2);
+        assert_eq!(transport.stats.stored_bodies_copied, 2);
+        assert_eq!(
+            pools.small.in_use(),
+            in_use_before + 2,
+            "each copy in a pool buffer"
+        );
+        store_memory.fill(0); // The store overwrites the blocks.
+        assert_eq!(transport.flush_tx(&mut pools), 2);
+        assert!(
+            pools.small.in_use() <= in_use_before,
+            "the copies went back once written"
+        );
+        let reply_len = HEADER_SIZE + SUB_OP_RESULT_SIZE + 4096;
+        let mut replies = vec![0u8; 2 * reply_len];
+        client.read_exact(&mut replies).unwrap();
+        for reply in replies.chunks(reply_len) {
+            let header = wire::parse_header(reply, &Limits::CEILING)
+                .unwrap()
+                .unwrap();
+            let view = wire::Frame::view(header, reply);
+            assert!(view.crc_ok(reply), "the kept crc covers the bytes sent");
+            assert!(reply[reply_len - 4096..].iter().all(|&b| b == 0xA5));
+        }
+        // Without a copy, the reply is written straight from the store's memory.
+        let crc = carmine_crc::crc32c(&store_memory[..4096]);
+        // SAFETY: `store_memory` is not changed again.
+        let stored = unsafe { StoredBytes::new(store_memory.as_ptr(), 4096, crc) };
+        let in_use_before = pools.in_use();
+        let replied = transport.reply(
+            conn,
+            &request,
+            Status::Ok,
+            &[(0, 4096)],
+            Body::Stored(stored),
+        );
+        assert!(replied.is_ok());
+        assert_eq!(pools.in_use(), in_use_before, "no buffer for a stored body");
+        assert_eq!(transport.flush_tx(&mut pools), 1);
+        assert!(!transport.has_stored_bodies(), "written, so no longer held");
+        let mut reply = vec![0u8; reply_len];
+        client.read_exact(&mut reply).unwrap();
+        let header = wire::parse_header(&reply, &Limits::CEILING)
+            .unwrap()
+            .unwrap();
+        assert!(wire::Frame::view(header, &reply).crc_ok(&reply));
+        assert_eq!(transport.stats.stored_bodies_copied, 2);
     }
 
     #[test]

@@ -452,6 +452,10 @@ impl FrameCrc {
     pub fn append(&mut self, piece: &[u8]) {
         self.0 = carmine_crc::crc32c_append(self.0, piece);
     }
+    /// Appends a piece of `len` bytes by its crc32c alone, without reading it.
+    pub fn append_crc(&mut self, piece_crc: u32, len: usize) {
+        self.0 = carmine_crc::crc32c_combine(self.0, piece_crc, len as u64);
+    }
     pub fn finish(self) -> u32 {
         self.0
     }
@@ -740,9 +744,40 @@ pub fn encode_reply(
     results: &[(u32, u32)],
     outputs: &[&[u8]],
 ) -> usize {
+    let output_len: usize = outputs.iter().map(|o| o.len()).sum();
+    encode_reply_head(out, request, status, results, output_len, |crc| {
+        for piece in outputs {
+            crc.append(piece);
+        }
+    })
+}
+
+/// As `encode_reply` for one output whose crc32c is known (`output_crc`, over `output_len`
+/// bytes): the output is not read. A store that keeps its blocks' crcs answers a read so,
+/// and the client's check of the reply crc then covers the bytes as they were stored.
+pub fn encode_reply_with_output_crc(
+    out: &mut [u8],
+    request: &Header,
+    status: Status,
+    results: &[(u32, u32)],
+    output_len: usize,
+    output_crc: u32,
+) -> usize {
+    encode_reply_head(out, request, status, results, output_len, |crc| {
+        crc.append_crc(output_crc, output_len)
+    })
+}
+
+fn encode_reply_head(
+    out: &mut [u8],
+    request: &Header,
+    status: Status,
+    results: &[(u32, u32)],
+    output_len: usize,
+    append_output: impl FnOnce(&mut FrameCrc),
+) -> usize {
     let table_len = results.len() * SUB_OP_RESULT_SIZE;
     assert!(out.len() >= HEADER_SIZE + table_len);
-    let output_len: usize = outputs.iter().map(|o| o.len()).sum();
     // OSD_OP replies: the outputs are exactly what the results announce. PING and STATUS
     // replies have no result table and carry their payload raw.
     debug_assert!(
@@ -768,9 +803,7 @@ pub fn encode_reply(
     header.encode(&mut raw);
     let mut crc = FrameCrc::new(&raw);
     crc.append(&out[HEADER_SIZE..HEADER_SIZE + table_len]);
-    for piece in outputs {
-        crc.append(piece);
-    }
+    append_output(&mut crc);
     set_header_crc(&mut raw, crc.finish());
     out[..HEADER_SIZE].copy_from_slice(&raw);
     HEADER_SIZE + table_len
@@ -887,6 +920,41 @@ mod tests {
         assert_eq!(frame.header.request_id, 9);
         let results: Vec<_> = frame.reply_results().unwrap().collect();
         assert_eq!(results, vec![(0, &b"abc"[..]), (1, &b"de"[..])]);
+    }
+
+    #[test]
+    fn reply_with_a_known_output_crc_is_the_same_frame() {
+        let request = Header {
+            opcode: Opcode::OsdOp as u8,
+            request_id: 77,
+            ..Header::default()
+        };
+        let block: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut hashed = [0u8; 64];
+        let n = encode_reply(&mut hashed, &request, Status::Ok, &[(0, 4096)], &[&block]);
+        let mut known = [0u8; 64];
+        let crc = carmine_crc::crc32c(&block);
+        let m =
+            encode_reply_with_output_crc(&mut known, &request, Status::Ok, &[(0, 4096)], 4096, crc);
+        assert_eq!((n, &hashed[..n]), (m, &known[..m]));
+        let mut frame_bytes = known[..m].to_vec();
+        frame_bytes.extend_from_slice(&block);
+        assert!(parse_one(&frame_bytes).crc_ok(&frame_bytes));
+        // A stored crc that does not match the bytes sent fails the receiver's check.
+        let m = encode_reply_with_output_crc(
+            &mut known,
+            &request,
+            Status::Ok,
+            &[(0, 4096)],
+            4096,
+            crc ^ 1,
+        );
+        let mut frame_bytes = known[..m].to_vec();
+        frame_bytes.extend_from_slice(&block);
+        let header = parse_header(&frame_bytes, &Limits::CEILING)
+            .unwrap()
+            .unwrap();
+        assert!(!Frame::view(header, &frame_bytes).crc_ok(&frame_bytes));
     }
 
     #[test]

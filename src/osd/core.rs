@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carmine_dataplane::buffers::{Body, CorePools};
+use carmine_dataplane::buffers::{Body, CorePools, StoredBytes};
 use carmine_dataplane::dgram::RequestHandle;
 use carmine_dataplane::pool::{Buf, Lease};
 use carmine_dataplane::reactor::{Core, LoopCounters, Waker, PARK_TIMEOUT_MAX};
@@ -24,7 +24,9 @@ use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
     self as wire, Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
 };
-use carmine_storage::{ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit};
+use carmine_storage::{
+    ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit, STATUS_OK,
+};
 
 use crate::nbd::frontend::NbdFrontend;
 use crate::osd::message::{Message, Results};
@@ -100,6 +102,8 @@ struct ExecOp {
     /// This op counts in its PG's `unacked_writes`.
     holds_pg: bool,
     output: Option<Buf>,
+    /// The output as bytes left in the store, instead of `output` (`exec_read_in_place`).
+    stored: Option<StoredBytes>,
     results: Results,
     /// Link in the PG's wait queue.
     next: u32,
@@ -846,6 +850,19 @@ impl<N: Network> OsdCore<N> {
     /// Applies the op to the store. False when no output buffer is free (the op waits).
     fn exec_run(&mut self, op_ref: OpRef) -> bool {
         let op = self.exec.get(op_ref);
+        if op.mutates
+            && self.transport.has_stored_bodies()
+            && !self.transport.copy_stored_bodies(&mut self.pools)
+        {
+            // Replies still send from store memory this op may change or free; copying
+            // them ran out of buffers. The next pass writes some and copies the rest.
+            self.counters.add(Counter::buffer_waits, 1);
+            return false;
+        }
+        if self.exec_read_in_place(op_ref) {
+            return true;
+        }
+        let op = self.exec.get(op_ref);
         let frame = op
             .frame
             .as_ref()
@@ -930,6 +947,51 @@ impl<N: Network> OsdCore<N> {
         true
     }
 
+    /// Serves an op of one whole-block read for a client of this core's TCP transport from
+    /// the store's memory, if the store can (`ObjectStore::read_in_place`): the reply then
+    /// sends the stored bytes with their kept crc, no copy into a pool buffer and no hashing
+    /// here. The bytes may stay queued past this pass; `exec_run` copies them before any
+    /// mutation reaches the store, which is what makes the view sound. True when served.
+    fn exec_read_in_place(&mut self, op_ref: OpRef) -> bool {
+        let op = self.exec.get(op_ref);
+        if op.mutates
+            || op.header.sub_op_count != 1
+            || !matches!(op.origin, Origin::Local(ReplyTo::Tcp(_)))
+        {
+            return false;
+        }
+        let frame = op
+            .frame
+            .as_ref()
+            .expect("an op holds its frame until it finishes");
+        let view = Frame::view(op.header, frame.as_slice());
+        let Some(sub_op) = view.sub_ops().next() else {
+            return false;
+        };
+        let SubOp::Read { offset, length } = to_store_op(&sub_op) else {
+            return false;
+        };
+        // Within what the usual path could answer, and what a pool buffer holds should it
+        // have to be copied after all.
+        if length > self.pools.small.buffer_size() as u64 {
+            return false;
+        }
+        let Some(read) = self.store.read_in_place(view.oid, offset, length) else {
+            return false;
+        };
+        assert_eq!(read.len as u64, length, "a whole read or none");
+        // SAFETY: the store keeps these bytes unchanged until its next mutating submit, and
+        // this core submits none while a reply holds them: `exec_run` has the transport copy
+        // every `Body::Stored` first (and the view stays on this core).
+        let stored = unsafe { StoredBytes::new(read.ptr, read.len, read.crc) };
+        let op = self.exec.get(op_ref);
+        op.results.count = 1;
+        op.results.items[0] = (u32::from(STATUS_OK), read.len as u32);
+        op.stored = Some(stored);
+        self.after_store(op_ref);
+        true
+    }
+
     /// Records the store's per-sub-op results and seals the output they describe.
     fn take_results(&mut self, op_ref: OpRef, results: &[SubOpResult]) {
         let op = self.exec.get(op_ref);
@@ -991,7 +1053,10 @@ impl<N: Network> OsdCore<N> {
         match op.origin {
             Origin::Local(conn) => {
                 self.pools.release_lease(frame);
-                let body = output.map_or(Body::None, Body::Buf);
+                let body = match op.stored {
+                    Some(stored) => Body::Stored(stored),
+                    None => output.map_or(Body::None, Body::Buf),
+                };
                 self.reply(conn, &op.header, status, results.as_slice(), body);
             }
             Origin::Remote { core, op: origin } => {
@@ -1028,6 +1093,10 @@ impl<N: Network> OsdCore<N> {
         if let Some(buf) = op.output.as_ref() {
             self.counters
                 .add(Counter::bytes_read, buf.sealed_len() as u64);
+        }
+        if let Some(stored) = op.stored.as_ref() {
+            self.counters
+                .add(Counter::bytes_read, stored.as_slice().len() as u64);
         }
         if status != Status::Ok {
             self.counters.add(error_counter(status), 1);
@@ -1271,6 +1340,11 @@ impl<N: Network> OsdCore<N> {
         c.set(Counter::rx_bytes, transport.rx_bytes);
         c.set(Counter::tx_bytes, transport.tx_bytes);
         c.set(Counter::rx_copied_bytes, transport.rx_copied_bytes);
+        c.set(Counter::tx_stored_bodies, transport.stored_bodies_tx);
+        c.set(
+            Counter::tx_stored_bodies_copied,
+            transport.stored_bodies_copied,
+        );
         c.set(Counter::rx_syscalls, transport.rx_syscalls);
         c.set(Counter::epoll_polls, self.epoll_polls);
         c.set(Counter::tx_syscalls, transport.tx_syscalls);

@@ -55,6 +55,11 @@ pub trait Network {
     /// The pool an op's output needs is empty: free a buffer a stalled connection holds, if
     /// one does (`want_large`: from the large pool). True when one was freed.
     fn evict_stalled_for(&mut self, pools: &mut CorePools, want_large: bool) -> bool;
+    /// Whether queued replies still send bytes from store memory (`Body::Stored`).
+    fn has_stored_bodies(&self) -> bool;
+    /// Copies every queued `Body::Stored` into a pool buffer, so the store may change; false
+    /// when a pool ran out first (the caller's mutation waits).
+    fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool;
 }
 
 impl Network for TcpTransport {
@@ -108,6 +113,12 @@ impl Network for TcpTransport {
     }
     fn evict_stalled_for(&mut self, pools: &mut CorePools, want_large: bool) -> bool {
         TcpTransport::evict_stalled_for(self, pools, want_large)
+    }
+    fn has_stored_bodies(&self) -> bool {
+        TcpTransport::has_stored_bodies(self)
+    }
+    fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
+        TcpTransport::copy_stored_bodies(self, pools)
     }
 }
 

@@ -64,6 +64,8 @@ counters!(
     rx_bytes,
     tx_bytes,
     rx_copied_bytes,
+    tx_stored_bodies,
+    tx_stored_bodies_copied,
     rx_syscalls,
     tx_syscalls,
     epoll_polls,

@@ -123,7 +123,17 @@ impl Network for SimNet {
             "a reply to a connection the simulation never opened"
         );
         let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
-        let len = wire::encode_reply(&mut head, request, status, results, &[body.as_slice()]);
+        let len = match &body {
+            Body::Stored(stored) => wire::encode_reply_with_output_crc(
+                &mut head,
+                request,
+                status,
+                results,
+                stored.as_slice().len(),
+                stored.crc(),
+            ),
+            body => wire::encode_reply(&mut head, request, status, results, &[body.as_slice()]),
+        };
         self.queued.push_back((head[..len].to_vec(), body));
         Ok(())
     }
@@ -172,5 +182,27 @@ impl Network for SimNet {
 
     fn evict_stalled_for(&mut self, _pools: &mut CorePools, _want_large: bool) -> bool {
         false // Simulated connections never stall mid-frame: frames arrive whole.
+    }
+
+    fn has_stored_bodies(&self) -> bool {
+        self.queued
+            .iter()
+            .any(|(_, body)| matches!(body, Body::Stored(_)))
+    }
+
+    fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
+        for (_, body) in self.queued.iter_mut() {
+            let Body::Stored(stored) = body else {
+                continue;
+            };
+            let bytes = stored.as_slice();
+            let Some(mut buf) = pools.acquire_for(bytes.len()) else {
+                return false;
+            };
+            buf.spare_mut()[..bytes.len()].copy_from_slice(bytes);
+            buf.seal(bytes.len());
+            *body = Body::Buf(buf);
+        }
+        true
     }
 }

@@ -16,10 +16,10 @@ pub mod segment;
 pub use error::{StoreError, STATUS_OK};
 pub use memory::MemoryStore;
 pub use object_store::{
-    check_operation, ObjectStat, ObjectStore, OutputBuffer, StoreStats, SubOp, SubOpResult, Submit,
-    OBJECT_ID_MAX_BYTES, OBJECT_SIZE_MAX_BYTES, OMAP_KEY_MAX_BYTES, OMAP_VALUE_MAX_BYTES,
-    OUTPUT_BUFFER_SIZE_MAX_BYTES, STAT_OUTPUT_SIZE_BYTES, SUB_OPS_MAX, XATTR_NAME_MAX_BYTES,
-    XATTR_VALUE_MAX_BYTES,
+    check_operation, InPlaceRead, ObjectStat, ObjectStore, OutputBuffer, StoreStats, SubOp,
+    SubOpResult, Submit, OBJECT_ID_MAX_BYTES, OBJECT_SIZE_MAX_BYTES, OMAP_KEY_MAX_BYTES,
+    OMAP_VALUE_MAX_BYTES, OUTPUT_BUFFER_SIZE_MAX_BYTES, READ_IN_PLACE_BLOCK_BYTES,
+    STAT_OUTPUT_SIZE_BYTES, SUB_OPS_MAX, XATTR_NAME_MAX_BYTES, XATTR_VALUE_MAX_BYTES,
 };
 pub use queue_pair::{
     AlignedBuf, IoError, IoVec, MemFaults, MemQueuePair, QueuePair, SubmitError, Tear,

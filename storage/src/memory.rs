@@ -8,6 +8,12 @@
 //! the store, and returns the first error. The apply pass then cannot fail: it mutates in place and
 //! serves read-like sub-ops, which so see the sub-ops before them.
 //!
+//! Reads of whole 4 KiB blocks can be served in place (`read_in_place`): the store keeps each
+//! block's crc32c from the first such read after the block last changed, so a reply can carry
+//! the bytes straight from the object's memory with their kept crc, and the client's check of
+//! the reply crc covers the bytes as they were hashed here. Any mutation of an object forgets
+//! the crcs of the blocks it touches.
+//!
 //! Steady state allocates nothing: overwriting or reading bytes within an object's size works in
 //! place, reads copy straight from object data into the caller's buffer, and lookups by `&[u8]`
 //! borrow rather than build keys. Allocation happens only when something grows (a new object,
@@ -17,9 +23,12 @@ use std::cmp::{max, min};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::object_store::{
-    check_operation, ObjectStat, ObjectStore, OutputBuffer, StoreError, StoreStats, SubOp,
-    SubOpResult, Submit, STATUS_OK,
+    check_operation, InPlaceRead, ObjectStat, ObjectStore, OutputBuffer, StoreError, StoreStats,
+    SubOp, SubOpResult, Submit, READ_IN_PLACE_BLOCK_BYTES, STATUS_OK,
 };
+
+/// Bytes of data one kept crc covers.
+const CRC_BLOCK_BYTES: usize = READ_IN_PLACE_BLOCK_BYTES as usize;
 
 /// Slack, in bytes, that a shrinking object may keep allocated before its buffer is shrunk to
 /// fit. Shrinking reallocates, so small slack is kept: repeated WriteFulls of similar sizes stay
@@ -33,6 +42,10 @@ type MetaMap = BTreeMap<Box<[u8]>, Box<[u8]>>;
 #[derive(Debug, Default)]
 struct Object {
     data: Vec<u8>,
+    /// crc32c of each `CRC_BLOCK_BYTES` block of `data` (the last one may be partial), kept
+    /// from its first in-place read until the block changes; None when not known. As many
+    /// entries as `data` has blocks: it grows with `data` (store capacity), never per read.
+    block_crcs: Vec<Option<u32>>,
     xattrs: MetaMap,
     omap: MetaMap,
     /// Key plus value bytes of `xattrs` and `omap`, kept so accounting never walks the maps.
@@ -63,17 +76,58 @@ impl Object {
         }
         let start = to_usize(offset);
         let end = start + bytes.len();
+        let old_len = self.data.len();
         if end > self.data.len() {
             // Zero-fills any hole between the old size and `start`.
             self.data.resize(end, 0);
         }
         self.data[start..end].copy_from_slice(bytes);
+        self.changed(min(start, old_len), end);
     }
 
     fn write_full(&mut self, bytes: &[u8]) {
         self.data.clear();
         self.data.extend_from_slice(bytes);
         self.release_slack();
+        self.changed(0, self.data.len());
+    }
+
+    /// Forgets the kept crcs of the blocks overlapping `start..end` (bytes that changed, or
+    /// appeared or went away there), and keeps one entry per block of `data`.
+    fn changed(&mut self, start: usize, end: usize) {
+        let blocks = self.data.len().div_ceil(CRC_BLOCK_BYTES);
+        self.block_crcs.truncate(blocks);
+        self.block_crcs.resize(blocks, None);
+        let first = start / CRC_BLOCK_BYTES;
+        let stop = min(end.div_ceil(CRC_BLOCK_BYTES), blocks);
+        if first < stop {
+            self.block_crcs[first..stop].fill(None);
+        }
+    }
+
+    /// The crc32c of `count` whole blocks from block `first` (all within `data`), hashing
+    /// only the blocks whose crc is not kept, and keeping theirs.
+    fn blocks_crc(&mut self, first: usize, count: usize) -> u32 {
+        debug_assert!(count > 0 && (first + count) * CRC_BLOCK_BYTES <= self.data.len());
+        let mut crc = 0;
+        for block in first..first + count {
+            let bytes = &self.data[block * CRC_BLOCK_BYTES..(block + 1) * CRC_BLOCK_BYTES];
+            let block_crc =
+                *self.block_crcs[block].get_or_insert_with(|| carmine_crc::crc32c(bytes));
+            // A kept crc that disagrees with the bytes would be caught by the client; tests
+            // catch it here first, where the stale entry is.
+            debug_assert_eq!(
+                block_crc,
+                carmine_crc::crc32c(bytes),
+                "stale crc of block {block}"
+            );
+            crc = if block == first {
+                block_crc
+            } else {
+                carmine_crc::crc32c_combine(crc, block_crc, READ_IN_PLACE_BLOCK_BYTES)
+            };
+        }
+        crc
     }
 
     fn zero(&mut self, offset: u64, length: u64) {
@@ -86,19 +140,23 @@ impl Object {
         if start < stop {
             self.data[start..stop].fill(0);
         }
+        let old_len = self.data.len();
         if end > self.data.len() {
             self.data.resize(end, 0);
         }
+        self.changed(min(start, old_len), end);
     }
 
     fn truncate(&mut self, size: u64) {
         let size = to_usize(size);
+        let old_len = self.data.len();
         if size < self.data.len() {
             self.data.truncate(size);
             self.release_slack();
         } else {
             self.data.resize(size, 0);
         }
+        self.changed(min(size, old_len), max(size, old_len));
     }
 
     fn release_slack(&mut self) {
@@ -271,6 +329,27 @@ impl ObjectStore for MemoryStore {
         _complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
     ) -> usize {
         0 // Every op completes inside `submit`.
+    }
+
+    fn read_in_place(&mut self, oid: &[u8], offset: u64, length: u64) -> Option<InPlaceRead> {
+        let block = READ_IN_PLACE_BLOCK_BYTES;
+        if length == 0 || !offset.is_multiple_of(block) || !length.is_multiple_of(block) {
+            return None;
+        }
+        let read = [SubOp::Read { offset, length }];
+        check_operation(oid, &read).ok()?;
+        let object = self.objects.get_mut(oid)?;
+        if offset.checked_add(length)? > object.size() {
+            return None; // A short read: the usual path answers it.
+        }
+        let (start, len) = (to_usize(offset), to_usize(length));
+        let crc = object.blocks_crc(start / CRC_BLOCK_BYTES, len / CRC_BLOCK_BYTES);
+        self.reads += 1;
+        Some(InPlaceRead {
+            ptr: object.data[start..start + len].as_ptr(),
+            len,
+            crc,
+        })
     }
 
     fn stats(&self) -> StoreStats {
@@ -639,6 +718,128 @@ mod tests {
         assert_eq!(read_all(&mut store, b"obj"), Ok(b"hello".to_vec()));
         assert_eq!(store.stats().objects, 1);
         assert_eq!(store.stats().bytes_stored, 5);
+    }
+
+    /// The bytes and crc `read_in_place` gives, checked against a read through `submit`.
+    fn in_place(store: &mut MemoryStore, oid: &[u8], offset: u64, length: u64) -> Option<Vec<u8>> {
+        let read = store.read_in_place(oid, offset, length)?;
+        // SAFETY: the store promises the bytes until its next mutating submit; none runs
+        // before this copy.
+        let bytes = unsafe { std::slice::from_raw_parts(read.ptr, read.len) }.to_vec();
+        assert_eq!(
+            read.crc,
+            carmine_crc::crc32c(&bytes),
+            "kept crc matches the bytes"
+        );
+        let outcome = run_with(store, oid, &[SubOp::Read { offset, length }], bytes.len());
+        assert!(
+            outcome.outputs[0] == bytes,
+            "same bytes as a submitted read"
+        );
+        Some(bytes)
+    }
+
+    #[test]
+    fn read_in_place_serves_whole_blocks_with_their_crc() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let block = READ_IN_PLACE_BLOCK_BYTES;
+        let data: Vec<u8> = (0..5 * block as usize).map(|i| (i % 251) as u8).collect();
+        run(
+            &mut store,
+            b"o",
+            &[SubOp::Write {
+                offset: 0,
+                data: &data[..4 * 4096 + 100],
+            }],
+        );
+        let reads_before = store.stats().reads;
+        assert!(in_place(&mut store, b"o", 0, block).unwrap() == data[..4096]);
+        assert_eq!(
+            store.stats().reads,
+            reads_before + 2,
+            "in place and the check's submit"
+        );
+        // Several blocks: the crc is the kept crcs joined.
+        assert!(in_place(&mut store, b"o", block, 3 * block).unwrap() == data[4096..4 * 4096]);
+        // Refused (the usual path answers these): not whole blocks, past the end (the last
+        // block is partial), empty, a missing object.
+        assert!(store.read_in_place(b"o", 1, block).is_none());
+        assert!(store.read_in_place(b"o", 0, block + 1).is_none());
+        assert!(store.read_in_place(b"o", 4 * block, block).is_none());
+        assert!(store.read_in_place(b"o", 0, 0).is_none());
+        assert!(store.read_in_place(b"missing", 0, block).is_none());
+    }
+
+    #[test]
+    fn every_mutation_forgets_the_crcs_it_changes() {
+        let mut store = MemoryStore::new(CAPACITY_BYTES);
+        let block = READ_IN_PLACE_BLOCK_BYTES;
+        let data = vec![7u8; 3 * 4096];
+        run(
+            &mut store,
+            b"o",
+            &[SubOp::Write {
+                offset: 0,
+                data: &data,
+            }],
+        );
+        for first in 0..3 {
+            in_place(&mut store, b"o", first * block, block).unwrap();
+        }
+        // Each step changes some bytes; `in_place` asserts the crc against the new bytes
+        // (and the store's own debug check names a stale block).
+        run(
+            &mut store,
+            b"o",
+            &[SubOp::Write {
+                offset: 4095,
+                data: b"xy",
+            }],
+        );
+        in_place(&mut store, b"o", 0, 3 * block).unwrap();
+        run(
+            &mut store,
+            b"o",
+            &[SubOp::Zero {
+                offset: 5000,
+                length: 10,
+            }],
+        );
+        in_place(&mut store, b"o", 0, 3 * block).unwrap();
+        run(&mut store, b"o", &[SubOp::Truncate { size: 6000 }]);
+        assert!(
+            store.read_in_place(b"o", block, block).is_none(),
+            "block 1 is partial now"
+        );
+        run(&mut store, b"o", &[SubOp::Truncate { size: 3 * block }]);
+        let grown = in_place(&mut store, b"o", block, 2 * block).unwrap();
+        assert!(
+            grown[6000 - 4096..].iter().all(|&b| b == 0),
+            "truncate-grown bytes are zeros"
+        );
+        run(
+            &mut store,
+            b"o",
+            &[SubOp::Write {
+                offset: 4 * block,
+                data: b"z",
+            }],
+        );
+        in_place(&mut store, b"o", 0, 4 * block).unwrap();
+        run(&mut store, b"o", &[SubOp::WriteFull { data: &[9u8; 8192] }]);
+        assert!(in_place(&mut store, b"o", 0, 2 * block).unwrap() == [9u8; 8192]);
+        run(
+            &mut store,
+            b"o",
+            &[
+                SubOp::Remove,
+                SubOp::Write {
+                    offset: 0,
+                    data: &[1u8; 4096],
+                },
+            ],
+        );
+        assert!(in_place(&mut store, b"o", 0, block).unwrap() == [1u8; 4096]);
     }
 
     #[test]

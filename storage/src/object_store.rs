@@ -452,8 +452,35 @@ pub trait ObjectStore {
         Ok(false)
     }
 
+    /// Serves a read of whole `READ_IN_PLACE_BLOCK_BYTES` blocks of `oid` (`offset` and
+    /// `length` multiples of it, `length > 0`, within the object's size) from the store's own
+    /// memory: where the bytes are and their crc32c, which the store keeps, so the caller can
+    /// send them without copying or hashing them. None when the store cannot (the default; a
+    /// missing object, a range it does not cover, an invalid read): the caller then submits
+    /// the read as usual, which also reports any error.
+    ///
+    /// The bytes stay where they are and unchanged until the next `submit` of an op with a
+    /// mutation (or until the store is dropped): the caller must be done with them, or have
+    /// copied them, before it submits one. Counts as a read in `stats`.
+    fn read_in_place(&mut self, oid: &[u8], offset: u64, length: u64) -> Option<InPlaceRead> {
+        let _ = (oid, offset, length);
+        None
+    }
+
     /// Current counters.
     fn stats(&self) -> StoreStats;
+}
+
+/// Granularity of `ObjectStore::read_in_place`: the block a kept crc covers.
+pub const READ_IN_PLACE_BLOCK_BYTES: u64 = 4096;
+
+/// Bytes served in place by `ObjectStore::read_in_place`: `len` bytes at `ptr`, valid and
+/// unchanged until the store's next mutating submit, and their crc32c.
+#[derive(Clone, Copy, Debug)]
+pub struct InPlaceRead {
+    pub ptr: *const u8,
+    pub len: usize,
+    pub crc: u32,
 }
 
 #[cfg(test)]
