@@ -165,7 +165,7 @@ fn segment_store_with_four_objects(bytes: u64) -> (SegmentStore<MemQueuePair>, V
     use carmine_storage::MemFaults;
 
     let mut qp = MemQueuePair::new(bytes, 64, MemFaults::default());
-    mkfs(&mut qp, 1 << 20, 1, *b"no-alloc-segment").unwrap();
+    mkfs(&mut qp, 1 << 20, 1, 0, *b"no-alloc-segment").unwrap();
     let mut store = SegmentStore::mount(qp, 0).unwrap();
     let data = vec![5u8; 16 * 4096];
     let oids: Vec<Vec<u8>> = (0..4).map(|n| format!("obj{n}").into_bytes()).collect();
