@@ -394,6 +394,7 @@ fn run_server(
             COMPARE_DEVICE_BYTES,
             shards,
             COMPARE_SEGMENT_BYTES,
+            carmine_storage::segment::format::SPARE_PERCENT_DEFAULT,
             true,
         ) {
             let _ = std::fs::remove_file(&device);

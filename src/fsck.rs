@@ -134,6 +134,7 @@ fn to_json(report: &FsckReport, elapsed_s: f64) -> serde_json::Value {
         "segment_size": sb.segment_size,
         "segment_count": sb.segment_count,
         "shard_count": sb.shard_count,
+        "spare_percent": sb.spare_percent,
         "device_problems": report.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "shards": report.shards.iter().map(shard_json).collect::<Vec<_>>(),
         "elapsed_s": elapsed_s,
@@ -147,12 +148,13 @@ fn mib(bytes: u64) -> String {
 fn print_human(report: &FsckReport, elapsed_s: f64) {
     let sb = &report.superblock;
     println!(
-        "{}: {} bytes, {} segments of {}, {} shard(s)",
+        "{}: {} bytes, {} segments of {}, {} shard(s), {}% spare",
         report.device.display(),
         report.device_bytes,
         sb.segment_count,
         mib(sb.segment_size),
-        sb.shard_count
+        sb.shard_count,
+        sb.spare_percent
     );
     for problem in &report.problems {
         println!("  problem: {problem}");

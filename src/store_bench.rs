@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use carmine_storage::segment::format::Superblock;
+use carmine_storage::segment::format::{Superblock, SPARE_PERCENT_DEFAULT};
 use carmine_storage::segment::store::OPS_IN_FLIGHT_MAX;
 use carmine_storage::segment::{MountError, SegmentStats, SegmentStore};
 use carmine_storage::{
@@ -113,8 +113,9 @@ pub struct StoreBenchArgs {
     /// Length of the timed phase, e.g. 20s, 500ms, 1m.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Working set as a fraction of the shard's capacity, in [0, 0.95]: the object count is chosen
-    /// so that --object-size objects fill this much. 0 (the default): --objects objects instead.
+    /// Working set as a fraction of the shard's usable capacity (its data capacity less the
+    /// spare), in [0, 0.95]: the object count is chosen so that --object-size objects fill
+    /// this much. 0 (the default): --objects objects instead.
     #[arg(long, default_value_t = 0.0)]
     pub fill: f64,
     /// Objects in the working set, named "{prefix}.{index}" (default 64; not with --fill).
@@ -130,6 +131,11 @@ pub struct StoreBenchArgs {
     /// keeps its own): the unit of log writing.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub segment_size: u64,
+    /// Spare when formatting a new device file (ignored for an existing device, which keeps
+    /// its own): percent of the shard's data capacity kept from clients, as `carmine mkfs
+    /// --spare`. --fill is a fraction of what is left (the usable capacity).
+    #[arg(long, default_value_t = SPARE_PERCENT_DEFAULT, value_parser = crate::device::parse_spare)]
+    pub spare: u32,
     /// When creating the device file, write zeros over it first (as fio lays out its file),
     /// so the run measures overwrites rather than the file system allocating blocks on first
     /// write (see `carmine mkfs --preallocate`).
@@ -309,6 +315,7 @@ fn prepare_device(args: &StoreBenchArgs) -> Result<(), String> {
         args.device_size,
         1,
         args.segment_size,
+        args.spare,
         args.preallocate,
     )
     .map(|_| ())
@@ -948,7 +955,10 @@ fn server_json(
         "segments": sb.shard_segments(0).len(),
         "segment_size": sb.segment_size,
         "shards": sb.shard_count,
+        // Usable capacity (what --fill is a fraction of), and the spare kept from it.
         "capacity_bytes": end.capacity_bytes,
+        "spare_percent": sb.spare_percent,
+        "usable_full_refusals": after.usable_full_refusals.saturating_sub(before.usable_full_refusals),
         "bytes_stored_start": start.bytes_stored,
         "bytes_stored": end.bytes_stored,
         "objects": end.objects,
@@ -963,11 +973,12 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
     let sb = *store.superblock();
     let initial = store.stats();
     log::info!(
-        "mounted shard 0 of {} ({} shard(s), {} segments of {} MiB): {} objects, {} free segments, fill {:.3}",
+        "mounted shard 0 of {} ({} shard(s), {} segments of {} MiB, {}% spare): {} objects, {} free segments, fill {:.3}",
         args.device.display(),
         sb.shard_count,
         sb.shard_segments(0).len(),
         sb.segment_size >> 20,
+        sb.spare_percent,
         initial.objects,
         store.segment_stats().free_segments,
         fraction(&initial)

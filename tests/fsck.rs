@@ -44,6 +44,37 @@ fn mkfs(device: &str) {
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
 
+/// `mkfs --spare` is kept in the superblock (fsck shows it); a spare out of range is refused
+/// with the range in the message, and nothing is formatted.
+#[test]
+fn mkfs_spare_is_kept_and_checked() {
+    let dir = TestDir::new("fsck-spare");
+    let device = dir.0.join("spare.img");
+    let device = device.to_str().unwrap();
+    let mkfs_spare = |spare: &str| {
+        Command::new(CARMINE)
+            .args(["mkfs", "--device", device, "--size", "32MiB"])
+            .args(["--segment-size", "1MiB", "--spare", spare])
+            .output()
+            .expect("run carmine mkfs")
+    };
+    let refused = mkfs_spare("91");
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("0..=90"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(!std::path::Path::new(device).exists(), "nothing was made");
+    let made = mkfs_spare("20%");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let output = fsck(device, true);
+    assert_eq!(output.status.code(), Some(0));
+    let report = json_of(&output);
+    assert_eq!(report["spare_percent"], 20, "{report}");
+    assert!(text(&fsck(device, false).stdout).contains("20% spare"));
+}
+
 #[test]
 fn a_fresh_device_is_clean() {
     let dir = TestDir::new("fsck-fresh");
@@ -70,6 +101,11 @@ fn a_fresh_device_is_clean() {
     assert_eq!(report["problems"], 0, "{report}");
     assert_eq!(report["device"], device, "{report}");
     assert_eq!(report["shard_count"], 2, "{report}");
+    assert_eq!(
+        report["spare_percent"],
+        carmine_storage::segment::format::SPARE_PERCENT_DEFAULT,
+        "mkfs keeps the default spare: {report}"
+    );
     let shards = report["shards"].as_array().unwrap();
     assert_eq!(shards.len(), 2, "{report}");
     for shard in shards {

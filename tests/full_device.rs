@@ -46,14 +46,16 @@ fn a_full_device_says_no_space_keeps_acked_data_and_recovers_after_removes() {
         "--device",
         device,
         "--device-size",
-        "80MiB",
+        "104MiB",
         "--segment-size",
         "4MiB",
         "--cores",
         "1",
     ];
     let mut server = ServerProcess::start(&args);
-    // 48 MiB of filler, then 48 MiB of data on a device with about 76 MiB of segments.
+    // 48 MiB of filler, then 48 MiB of data on a device with 25 segments of 4 MiB, of which
+    // the default spare (40%) leaves ~60 MiB usable: the data does not fit beside the filler,
+    // and fits once the filler is removed.
     fill(&server.addr, "filler", None);
     let report = fill(&server.addr, "data", Some(log));
     let errors = report["errors"].as_u64().unwrap();

@@ -71,11 +71,20 @@ fn check_common(report: &serde_json::Value, op: &str) {
     assert_eq!(report["verify_failures"], 0, "{report}");
     assert_eq!(report["prefill_errors"], 0, "{report}");
     assert!(report["server"]["journal_bytes"].is_u64(), "{report}");
+    // The capacity is the usable one: 255 segments of 255 data blocks, less the default 40%
+    // spare; the fill is of that.
+    let capacity = report["server"]["capacity_bytes"].as_u64().unwrap();
+    assert_eq!(capacity, 255 * 255 * 60 / 100 * 4096, "{report}");
+    assert_eq!(report["server"]["spare_percent"], 40, "{report}");
     let fill = &report["fill"];
     for at in ["start", "end"] {
         let value = fill[at].as_f64().unwrap();
-        // 8 MiB of objects in a ~254 MiB shard.
-        assert!(value > 0.02 && value < 0.05, "fill {at} {value}: {report}");
+        // 8 MiB of objects in ~152 MiB usable.
+        let expected = (8u64 << 20) as f64 / capacity as f64;
+        assert!(
+            (value - expected).abs() < 1e-9,
+            "fill {at} {value}, expected {expected}: {report}"
+        );
     }
 }
 

@@ -213,7 +213,7 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&rng.bytes(16));
     let mut formatter = MemQueuePair::new(device_bytes, QUEUE_DEPTH, MemFaults::default());
-    let sb = mkfs(&mut formatter, SEGMENT_BYTES, cores as u32, uuid)
+    let sb = mkfs(&mut formatter, SEGMENT_BYTES, cores as u32, 0, uuid)
         .map_err(|e| format!("mkfs: {e}"))?;
     let device = formatter.durable().to_vec();
     drop(formatter);

@@ -48,7 +48,7 @@ impl Drop for TestDir {
 
 fn device(megabytes: u64, faults: MemFaults) -> MemQueuePair {
     let mut qp = MemQueuePair::new(megabytes << 20, 64, faults);
-    mkfs(&mut qp, SEGMENT, 1, *b"fsck-test-uuid!!").expect("mkfs");
+    mkfs(&mut qp, SEGMENT, 1, 0, *b"fsck-test-uuid!!").expect("mkfs");
     qp
 }
 

@@ -732,7 +732,7 @@ fn segment_store_4k_writes_and_reads_make_no_bounce_copies() {
 
     let Some(address) = device() else { return };
     let mut qp = NvmeQueuePair::open(&address, 64).expect("open");
-    mkfs(&mut qp, 1 << 20, 1, *b"nvme-zero-copy-1").unwrap();
+    mkfs(&mut qp, 1 << 20, 1, 0, *b"nvme-zero-copy-1").unwrap();
     let mut store = SegmentStore::mount(qp, 0).unwrap();
     // mkfs and mount read and write through their own (unregistered) buffer: count from here.
     let bounced_at_mount = store.queue_pair().bounced_commands();
@@ -809,7 +809,7 @@ fn segment_store_64k_writes_reads_and_cleaner_moves_make_no_bounce_copies() {
     // then only the hot half is overwritten, so the first segments keep the cold half live
     // and the cleaner, once free space runs low, moves those runs.
     let mut qp = NvmeQueuePair::new(&controller, 0, 16 << 20, 64).expect("queue pair");
-    mkfs(&mut qp, 1 << 20, 1, *b"nvme-zero-copy-2").unwrap();
+    mkfs(&mut qp, 1 << 20, 1, 0, *b"nvme-zero-copy-2").unwrap();
     let mut store = SegmentStore::mount(qp, 0).unwrap();
     let (bounced_at_mount, zero_copy_at_mount) = (
         store.queue_pair().bounced_commands(),

@@ -13,7 +13,7 @@ const OUTPUT_MAX: usize = 512 << 10;
 
 fn device(megabytes: u64, faults: MemFaults) -> MemQueuePair {
     let mut qp = MemQueuePair::new(megabytes << 20, 64, faults);
-    mkfs(&mut qp, SEGMENT, 1, *b"segment-store-t!").expect("mkfs");
+    mkfs(&mut qp, SEGMENT, 1, 0, *b"segment-store-t!").expect("mkfs");
     qp
 }
 

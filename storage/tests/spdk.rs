@@ -508,7 +508,7 @@ fn segment_store_moves_its_block_buffers_in_place() {
     }
     let controller = controller(0x17);
     let mut qp = queue_pair(&controller, 32);
-    mkfs(&mut qp, 1 << 20, 1, *b"spdk-zero-copy!!").expect("mkfs");
+    mkfs(&mut qp, 1 << 20, 1, 0, *b"spdk-zero-copy!!").expect("mkfs");
     let mut store = SegmentStore::mount(qp, 0).expect("mount");
     assert_eq!(
         store.queue_pair().registered_regions(),

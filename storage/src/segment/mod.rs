@@ -11,7 +11,9 @@
 //! ```
 //!
 //! * The superblock is written by mkfs only, in two copies with a generation number: a torn
-//!   write of one copy leaves the other. It fixes the geometry and the shard partition: shard
+//!   write of one copy leaves the other. It holds the spare (percent of each shard's data
+//!   blocks clients may not fill: the cleaner's elbow room, version 4 on). It fixes the
+//!   geometry and the shard partition: shard
 //!   `s` owns a contiguous range of segments (`Superblock::shard_segments`) and no shard ever
 //!   touches another's, as SeaStore's per-core instances on static partitions.
 //! * A segment, once opened by its shard, starts with a `SegmentHeader` block (shard, segment

@@ -166,14 +166,17 @@ impl BlockReader for SyncIo<'_> {
 
 /// Lays out an empty filesystem on the device behind `qp` and returns its superblock. Anything
 /// an earlier mkfs left is ignored from then on: the new uuid changes the nonce every segment
-/// and record carries.
+/// and record carries. `spare_percent` of each shard's data capacity is kept from clients
+/// (`Superblock::spare_percent`).
 pub fn mkfs(
     qp: &mut dyn QueuePair,
     segment_size: u64,
     shards: u32,
+    spare_percent: u32,
     uuid: [u8; 16],
 ) -> Result<Superblock, MountError> {
     let sb = Superblock::for_device(qp.capacity_bytes(), segment_size, shards, uuid)
+        .and_then(|sb| sb.with_spare(spare_percent))
         .map_err(MountError::Geometry)?;
     let mut io = SyncIo::new(qp);
     let block = sb.encode();

@@ -72,6 +72,12 @@ pub struct SegmentStats {
     pub victims_abandoned: u64,
     /// Writes that waited for the cleaner to free space.
     pub space_waits: u64,
+    /// Logical blocks mapped (client data stored), and how many the spare leaves clients
+    /// (`Superblock::usable_blocks`): a write that would map more gets NoSpace.
+    pub mapped_blocks: u64,
+    pub usable_blocks: u64,
+    /// Writes refused because the usable capacity was full.
+    pub usable_full_refusals: u64,
 }
 
 impl SegmentStats {
@@ -103,6 +109,7 @@ impl SegmentStats {
             blocks_moved: self.blocks_moved - earlier.blocks_moved,
             victims_abandoned: self.victims_abandoned - earlier.victims_abandoned,
             space_waits: self.space_waits - earlier.space_waits,
+            usable_full_refusals: self.usable_full_refusals - earlier.usable_full_refusals,
             ..*self
         }
     }
@@ -186,6 +193,9 @@ struct Slot {
     write_bytes: u64,
     /// The op has a mutating sub-op (it runs alone in its object's lane).
     mutates: bool,
+    /// Blocks its plan maps that were not mapped before, counted in `pending_new_blocks`
+    /// from admission until its record is durable (or failed).
+    new_blocks: u64,
 }
 
 impl Slot {
@@ -207,6 +217,7 @@ impl Slot {
             plan: None,
             write_bytes: 0,
             mutates: false,
+            new_blocks: 0,
         }
     }
 
@@ -406,6 +417,11 @@ pub struct SegmentStore<Q: QueuePair> {
     checkpoint_segments: usize,
     /// ... and its size in bytes, from the same estimate.
     checkpoint_bytes: u64,
+    /// Blocks clients may have mapped (`Superblock::usable_blocks`).
+    usable_blocks: u64,
+    /// New blocks of the ops admitted whose records are not durable yet: with the mapped
+    /// blocks, never more than `usable_blocks` (checked at admission, `journal_plan`).
+    pending_new_blocks: u64,
 }
 
 impl<Q: QueuePair> SegmentStore<Q> {
@@ -454,7 +470,19 @@ impl<Q: QueuePair> SegmentStore<Q> {
             checkpoint_interval: 4,
             checkpoint_segments: 1,
             checkpoint_bytes: 0,
+            usable_blocks: mounted.sb.usable_blocks(shard),
+            pending_new_blocks: 0,
         };
+        if store.mapped_blocks() > store.usable_blocks {
+            // Not made by this store's admission (which keeps it at most usable): say so, and
+            // serve; new blocks are refused until removes bring it under.
+            log::warn!(
+                "shard {}: {} blocks mapped, more than the {} the spare leaves usable",
+                shard,
+                store.mapped_blocks(),
+                store.usable_blocks
+            );
+        }
         store.stats.capacity_bytes = store.data_capacity_bytes();
         store.register_buffers();
         Ok(store)
@@ -520,7 +548,14 @@ impl<Q: QueuePair> SegmentStore<Q> {
         extra.segments_freed_empty = cleaned.segments_freed_empty;
         extra.blocks_moved = cleaned.blocks_moved;
         extra.victims_abandoned = cleaned.victims_abandoned;
+        extra.mapped_blocks = self.mapped_blocks();
+        extra.usable_blocks = self.usable_blocks;
         extra
+    }
+
+    /// Logical blocks mapped: what clients have stored, in blocks.
+    fn mapped_blocks(&self) -> u64 {
+        self.metadata.extent_tree().len() as u64
     }
 
     /// What the shard is doing, for a test or a log line about a stall.
@@ -570,9 +605,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
         Some(slot_index)
     }
 
+    /// What clients may store: the shard's data blocks less the spare.
     fn data_capacity_bytes(&self) -> u64 {
-        let segments = self.sb.shard_segments(self.shard).len() as u64;
-        segments * (self.sb.segment_size - BLOCK_SIZE_BYTES)
+        self.usable_blocks * BLOCK_SIZE_BYTES
     }
 
     // ---- starting ops -------------------------------------------------------------------
@@ -666,10 +701,19 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     /// Puts the slot's plan in the journal's batch, or leaves it blocked if the batch is full.
+    /// An op that would map more blocks than the spare leaves usable gets NoSpace, applied
+    /// nothing (overwrites map no new block and always pass).
     fn journal_plan(&mut self, slot_index: u32) {
+        let mapped = self.mapped_blocks();
         let slot = &mut self.slots[slot_index as usize];
         let plan = slot.plan.as_mut().expect("a planned op");
         let old = self.metadata.object(&slot.oid);
+        debug_assert_eq!(slot.new_blocks, 0, "admitted once");
+        let new_blocks = new_mapped_blocks(plan, old);
+        if new_blocks > 0 && mapped + self.pending_new_blocks + new_blocks > self.usable_blocks {
+            self.extra.usable_full_refusals += 1;
+            return self.finish(slot_index, Err(StoreError::NoSpace));
+        }
         let appended = append_plan(
             &mut self.journal,
             &slot.oid,
@@ -681,6 +725,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
         match appended {
             Ok(()) => {
                 slot.stage = Stage::Journaled;
+                slot.new_blocks = new_blocks;
+                self.pending_new_blocks += new_blocks;
                 self.extra.client_bytes_written += slot.write_bytes;
             }
             Err(JournalError::BatchFull) => {
@@ -894,6 +940,23 @@ fn build_runs(
             submitted: false,
         });
         i += count;
+    }
+}
+
+/// Blocks `plan` maps that `old` did not have mapped: what the op adds to the mapped count
+/// once applied. A dropped object's blocks are unmapped by the same record, but they are
+/// counted as they stand until then: admission may refuse early, never late.
+fn new_mapped_blocks(plan: &Plan, old: Option<ObjectRef<'_>>) -> u64 {
+    let data = plan
+        .dirty
+        .entries()
+        .iter()
+        .filter(|(_, dirty)| matches!(dirty, Dirty::Data { .. }));
+    match old {
+        Some(old) if !plan.dropped && old.mapped_blocks > 0 => data
+            .filter(|(index, _)| !old.blocks.contains(*index))
+            .count() as u64,
+        _ => data.count() as u64,
     }
 }
 
@@ -1251,6 +1314,18 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
     /// Finishes the ops (and cleaner moves) the journal reported, and empties `done`.
     fn finish_journaled(&mut self, done: &mut Vec<(u64, Result<(), JournalError>)>) {
+        // Their new blocks are mapped now (the records were applied before this), or never
+        // will be (failed): all leave the pending count before any op finishes, because
+        // finishing one starts the next op on its object, whose admission must not count
+        // the others' blocks twice (mapped and pending).
+        for &(tag, _) in done.iter() {
+            if tag & CLEANER_TAG_BIT == 0 {
+                let slot = &mut self.slots[tag as usize];
+                debug_assert!(self.pending_new_blocks >= slot.new_blocks);
+                self.pending_new_blocks -= slot.new_blocks;
+                slot.new_blocks = 0;
+            }
+        }
         for &(tag, result) in done.iter() {
             if tag & CLEANER_TAG_BIT != 0 {
                 self.move_done((tag & !CLEANER_TAG_BIT) as usize, result.is_ok());
