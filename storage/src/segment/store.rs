@@ -17,6 +17,9 @@
 //! completes inside `submit`.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 
 mod maintenance;
 
@@ -167,6 +170,8 @@ struct Slot {
     stage: Stage,
     tag: u64,
     oid: Vec<u8>,
+    /// `oid`'s hash under `SegmentStore::lane_hasher`, computed once per op.
+    oid_hash: u64,
     args: Vec<u8>,
     ops: Vec<StoredSubOp>,
     out_ptr: *mut u8,
@@ -194,6 +199,7 @@ impl Slot {
             stage: Stage::Free,
             tag: 0,
             oid: Vec::new(),
+            oid_hash: 0,
             args: Vec::new(),
             ops: Vec::with_capacity(SUB_OPS_MAX),
             out_ptr: std::ptr::null_mut(),
@@ -331,32 +337,41 @@ struct ReadBlocks<'a> {
 }
 
 impl OldBlocks for ReadBlocks<'_> {
-    fn block(&self, index: u64) -> Result<&[u8], StoreError> {
-        let run = self
+    fn block(&self, index: u64) -> Result<Option<&[u8]>, StoreError> {
+        // Runs are few (one per physically contiguous stretch): a scan is the cheap lookup.
+        let Some(run) = self
             .runs
             .iter()
             .find(|r| (r.first_index..r.first_index + u64::from(r.blocks)).contains(&index))
-            .expect("exec asks only for blocks that were read");
+        else {
+            return Ok(None); // Not listed by `blocks_to_read`: unmapped.
+        };
         let at = (index - run.first_index) as usize;
         if run.valid & (1 << at) == 0 {
             return Err(StoreError::Io);
         }
-        Ok(&run.buf[at * BLOCK_SIZE_BYTES as usize..][..BLOCK_SIZE_BYTES as usize])
+        Ok(Some(
+            &run.buf[at * BLOCK_SIZE_BYTES as usize..][..BLOCK_SIZE_BYTES as usize],
+        ))
     }
 }
 
-/// No blocks: for ops that read none.
+/// No blocks: for ops whose `blocks_to_read` listed none (every block they touch is unmapped).
 struct NoBlocks;
 
 impl OldBlocks for NoBlocks {
-    fn block(&self, _index: u64) -> Result<&[u8], StoreError> {
-        unreachable!("exec asks only for blocks that were read")
+    fn block(&self, _index: u64) -> Result<Option<&[u8]>, StoreError> {
+        Ok(None)
     }
 }
 
 /// Ops on one object: those in progress (one mutation, or any number of read-only ops), then
 /// the ones waiting, in order.
 struct Lane {
+    oid: Vec<u8>,
+    /// `oid`'s hash (`SegmentStore::lane_hasher`): the lane table's key, so an op hashes its
+    /// object id once however often it looks its lane up.
+    hash: u64,
     active: u32,
     /// The ops in progress are read-only: another read-only op may join them, unless an op
     /// waits (a read submitted after a write must see it).
@@ -372,8 +387,12 @@ pub struct SegmentStore<Q: QueuePair> {
     metadata: Metadata,
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
-    /// Objects with an op in progress.
-    lanes: HashMap<Vec<u8>, Lane>,
+    /// Objects with an op in progress. A table keyed by a hash the op computes once (in
+    /// `submit`), where a map would hash the id again at each of the op's four lookups.
+    lanes: HashTable<Lane>,
+    /// Keyed SipHash (random per store), as std's maps: object ids come from clients, and a
+    /// fixed hash would let one choose ids that collide.
+    lane_hasher: RandomState,
     /// Keys and queues of closed lanes, reused: opening a lane allocates nothing once as
     /// many lanes as ever were open at once have been.
     spare_lanes: Vec<(Vec<u8>, VecDeque<u32>)>,
@@ -387,6 +406,8 @@ pub struct SegmentStore<Q: QueuePair> {
     finished: VecDeque<u32>,
     pool: BlockPool,
     needed: Vec<(u64, BlockRef)>,
+    /// The queue pair's completions of one poll (`QP_COMPLETIONS_PER_POLL` at most).
+    qp_events: Vec<(u64, Result<(), IoError>)>,
     crcs: Vec<u32>,
     durable_scratch: Vec<u8>,
     done_scratch: Vec<(u64, Result<(), JournalError>)>,
@@ -433,7 +454,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
             metadata: mounted.metadata,
             slots: (0..OPS_IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
             free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
-            lanes: HashMap::with_capacity(OPS_IN_FLIGHT_MAX),
+            lanes: HashTable::with_capacity(OPS_IN_FLIGHT_MAX),
+            lane_hasher: RandomState::new(),
             spare_lanes: Vec::new(),
             ready: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             blocked: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
@@ -441,6 +463,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             finished: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             pool: BlockPool::new(BLOCK_BUFFERS_RETAINED),
             needed: Vec::new(),
+            qp_events: Vec::with_capacity(QP_COMPLETIONS_PER_POLL),
             crcs: Vec::new(),
             durable_scratch: Vec::new(),
             done_scratch: Vec::new(),
@@ -553,7 +576,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     /// A free slot for an op on `oid` under `tag`; None when `OPS_IN_FLIGHT_MAX` are in progress.
-    fn claim_slot(&mut self, tag: u64, oid: &[u8], ops: &[SubOp<'_>]) -> Option<u32> {
+    fn claim_slot(&mut self, tag: u64, oid: &[u8], hash: u64, ops: &[SubOp<'_>]) -> Option<u32> {
         let slot_index = self.free_slots.pop()?;
         let slot = &mut self.slots[slot_index as usize];
         slot.write_bytes = ops
@@ -567,6 +590,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         slot.tag = tag;
         slot.oid.clear();
         slot.oid.extend_from_slice(oid);
+        slot.oid_hash = hash;
         Some(slot_index)
     }
 
@@ -724,32 +748,49 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.release_lane(slot_index);
     }
 
-    /// `oid`'s lane, with one op (a mutation unless `reading`) in progress.
-    fn open_lane(&mut self, oid: &[u8], reading: bool) {
+    /// `oid`'s lane (`hash` is its hash), with one op (a mutation unless `reading`) in progress.
+    fn open_lane(&mut self, oid: &[u8], hash: u64, reading: bool) {
+        debug_assert_eq!(hash, self.lane_hasher.hash_one(oid));
+        debug_assert!(
+            self.lanes.find(hash, |l| l.oid == oid).is_none(),
+            "one lane per object"
+        );
         let (mut key, waiting) = self.spare_lanes.pop().unwrap_or_default();
         debug_assert!(waiting.is_empty());
         key.clear();
         key.extend_from_slice(oid);
         let lane = Lane {
+            oid: key,
+            hash,
             active: 1,
             reading,
             waiting,
         };
-        let before = self.lanes.insert(key, lane);
-        debug_assert!(before.is_none(), "one lane per object");
+        self.lanes.insert_unique(hash, lane, |l| l.hash);
+    }
+
+    /// The lane of an object with an op in progress.
+    fn lane_mut(&mut self, oid: &[u8], hash: u64) -> &mut Lane {
+        self.lanes
+            .find_mut(hash, |l| l.oid == oid)
+            .expect("an op in progress holds its object's lane")
     }
 
     fn release_lane(&mut self, slot_index: u32) {
-        let oid = &self.slots[slot_index as usize].oid;
-        let lane = self.lanes.get_mut(&oid[..]).expect("an op holds its lane");
+        let slot = &self.slots[slot_index as usize];
+        let (oid, hash) = (&slot.oid, slot.oid_hash);
+        let Ok(mut entry) = self.lanes.find_entry(hash, |l| l.oid == *oid) else {
+            panic!("an op holds its lane");
+        };
+        let lane = entry.get_mut();
         debug_assert!(lane.active > 0);
         lane.active -= 1;
         if lane.active > 0 {
             return;
         }
         let Some(&front) = lane.waiting.front() else {
-            let (key, lane) = self.lanes.remove_entry(&oid[..]).expect("checked");
-            self.spare_lanes.push((key, lane.waiting));
+            let (lane, _) = entry.remove();
+            self.spare_lanes.push((lane.oid, lane.waiting));
             return;
         };
         // Next: one mutation, or every read-only op up to the next mutation. All are counted
@@ -765,8 +806,11 @@ impl<Q: QueuePair> SegmentStore<Q> {
         lane.active = group as u32;
         lane.reading = read_only(front);
         for _ in 0..group {
-            let oid = &self.slots[slot_index as usize].oid;
-            let lane = self.lanes.get_mut(&oid[..]).expect("held while active");
+            let slot = &self.slots[slot_index as usize];
+            let lane = self
+                .lanes
+                .find_mut(slot.oid_hash, |l| l.oid == slot.oid)
+                .expect("held while active");
             let next = lane.waiting.pop_front().expect("counted above");
             self.start(next);
         }
@@ -1039,7 +1083,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::Io);
         }
-        let (idle, joins) = match self.lanes.get(oid) {
+        let hash = self.lane_hasher.hash_one(oid);
+        let (idle, joins) = match self.lanes.find(hash, |l| l.oid == oid) {
             None => (true, false),
             Some(lane) => (false, read_only && lane.reading && lane.waiting.is_empty()),
         };
@@ -1066,7 +1111,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                     }
                     Ok(plan) => plan,
                 };
-                let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
+                let Some(slot_index) = self.claim_slot(tag, oid, hash, ops) else {
                     self.recycle_plan(plan);
                     self.stats.errors += 1;
                     return Err(StoreError::NoSpace);
@@ -1078,7 +1123,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 slot.result_count = ops.len();
                 slot.plan = Some(plan);
                 debug_assert!(idle, "only a mutation journals, and it runs alone");
-                self.open_lane(oid, false);
+                self.open_lane(oid, hash, false);
                 self.journal_plan(slot_index);
                 self.stats.transactions += 1;
                 return Ok(Submit::Pending);
@@ -1090,7 +1135,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::InvalidArgument);
         }
-        let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
+        let Some(slot_index) = self.claim_slot(tag, oid, hash, ops) else {
             self.stats.errors += 1;
             return Err(StoreError::NoSpace);
         };
@@ -1106,18 +1151,14 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         // An op that starts now reached here with its blocks to read in `self.needed` (the
         // fast path above found some): they are not computed twice.
         if idle {
-            self.open_lane(oid, read_only);
+            self.open_lane(oid, hash, read_only);
             self.start_reads(slot_index);
         } else if joins {
-            self.lanes.get_mut(oid).expect("checked").active += 1;
+            self.lane_mut(oid, hash).active += 1;
             self.start_reads(slot_index);
         } else {
             self.extra.lane_waits += 1;
-            self.lanes
-                .get_mut(oid)
-                .expect("checked")
-                .waiting
-                .push_back(slot_index);
+            self.lane_mut(oid, hash).waiting.push_back(slot_index);
         }
         Ok(Submit::Pending)
     }
@@ -1127,15 +1168,15 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         max: usize,
         complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
     ) -> usize {
-        // 1. Device completions.
-        let mut events: [(u64, Result<(), IoError>); QP_COMPLETIONS_PER_POLL] =
-            [(0, Ok(())); QP_COMPLETIONS_PER_POLL];
-        let mut count = 0;
+        // 1. Device completions. Gathered into a kept vector (not a stack array, which cost
+        // ~730 instructions a poll to initialize: more than the rest of an idle poll).
+        let mut events = std::mem::take(&mut self.qp_events);
+        debug_assert!(events.is_empty() && events.capacity() >= QP_COMPLETIONS_PER_POLL);
         self.qp.poll(QP_COMPLETIONS_PER_POLL, &mut |tag, result| {
-            events[count] = (tag, result);
-            count += 1;
+            events.push((tag, result));
         });
-        for &(tag, result) in &events[..count] {
+        let count = events.len();
+        for &(tag, result) in &events {
             if tag & JOURNAL_TAG_BIT != 0 {
                 self.journal.complete_io(tag, result);
             } else if tag & CLEANER_TAG_BIT != 0 {
@@ -1145,6 +1186,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 self.read_completed(tag, result);
             }
         }
+        events.clear();
+        self.qp_events = events;
         // 2. Ops whose reads are in, then ops waiting for batch room, then the journal.
         self.submit_reads();
         while let Some(slot_index) = self.ready.pop_front() {
