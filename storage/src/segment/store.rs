@@ -17,7 +17,6 @@
 //! completes inside `submit`.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
@@ -170,7 +169,8 @@ struct Slot {
     stage: Stage,
     tag: u64,
     oid: Vec<u8>,
-    /// `oid`'s hash under `SegmentStore::lane_hasher`, computed once per op.
+    /// `oid`'s hash (`Metadata::hash_oid`), computed once per op: its lane's key and its
+    /// object's.
     oid_hash: u64,
     args: Vec<u8>,
     ops: Vec<StoredSubOp>,
@@ -369,7 +369,7 @@ impl OldBlocks for NoBlocks {
 /// the ones waiting, in order.
 struct Lane {
     oid: Vec<u8>,
-    /// `oid`'s hash (`SegmentStore::lane_hasher`): the lane table's key, so an op hashes its
+    /// `oid`'s hash (`Metadata::hash_oid`): the lane table's key, so an op hashes its
     /// object id once however often it looks its lane up.
     hash: u64,
     active: u32,
@@ -390,9 +390,6 @@ pub struct SegmentStore<Q: QueuePair> {
     /// Objects with an op in progress. A table keyed by a hash the op computes once (in
     /// `submit`), where a map would hash the id again at each of the op's four lookups.
     lanes: HashTable<Lane>,
-    /// Keyed SipHash (random per store), as std's maps: object ids come from clients, and a
-    /// fixed hash would let one choose ids that collide.
-    lane_hasher: RandomState,
     /// Keys and queues of closed lanes, reused: opening a lane allocates nothing once as
     /// many lanes as ever were open at once have been.
     spare_lanes: Vec<(Vec<u8>, VecDeque<u32>)>,
@@ -455,7 +452,6 @@ impl<Q: QueuePair> SegmentStore<Q> {
             slots: (0..OPS_IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
             free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
             lanes: HashTable::with_capacity(OPS_IN_FLIGHT_MAX),
-            lane_hasher: RandomState::new(),
             spare_lanes: Vec::new(),
             ready: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             blocked: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
@@ -607,7 +603,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let mut all = [SubOp::Stat; SUB_OPS_MAX];
         Slot::sub_ops(&slot.ops, &slot.args, &mut all);
         let ops = &all[..slot.ops.len()];
-        let old = self.metadata.object(&slot.oid);
+        let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         exec::blocks_to_read(old, ops, slot.out_capacity, &mut self.needed);
         if self.needed.is_empty() {
             self.run(slot_index);
@@ -655,7 +651,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         // be a `from_raw` buffer in `submit`; its contract keeps the region valid and ours
         // until we report this op complete, which has not happened yet.
         let mut out = unsafe { OutputBuffer::from_raw(slot.out_ptr, slot.out_capacity) };
-        let old = self.metadata.object(&slot.oid);
+        let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         let blocks = ReadBlocks { runs: &slot.runs };
         let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
         let executed = exec::execute(
@@ -693,7 +689,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     fn journal_plan(&mut self, slot_index: u32) {
         let slot = &mut self.slots[slot_index as usize];
         let plan = slot.plan.as_mut().expect("a planned op");
-        let old = self.metadata.object(&slot.oid);
+        let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         let appended = append_plan(
             &mut self.journal,
             &slot.oid,
@@ -750,7 +746,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
     /// `oid`'s lane (`hash` is its hash), with one op (a mutation unless `reading`) in progress.
     fn open_lane(&mut self, oid: &[u8], hash: u64, reading: bool) {
-        debug_assert_eq!(hash, self.lane_hasher.hash_one(oid));
+        debug_assert_eq!(hash, self.metadata.hash_oid(oid));
         debug_assert!(
             self.lanes.find(hash, |l| l.oid == oid).is_none(),
             "one lane per object"
@@ -1083,7 +1079,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::Io);
         }
-        let hash = self.lane_hasher.hash_one(oid);
+        // Keyed SipHash (ids come from clients), once: the lane and the object are found by it.
+        let hash = self.metadata.hash_oid(oid);
         let (idle, joins) = match self.lanes.find(hash, |l| l.oid == oid) {
             None => (true, false),
             Some(lane) => (false, read_only && lane.reading && lane.waiting.is_empty()),
@@ -1091,7 +1088,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         if idle || joins {
             // Fast path: nothing to read and nothing to wait for runs right here, with the
             // caller's sub-ops, and completes now unless it journals.
-            let old = self.metadata.object(oid);
+            let old = self.metadata.object_hashed(oid, hash);
             exec::blocks_to_read(old, ops, out.capacity(), &mut self.needed);
             if self.needed.is_empty() {
                 let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
