@@ -444,8 +444,11 @@ struct Bench {
     /// Signalled by the store's queue pair on each device completion: an idle poll waits on
     /// it (None with --spin, or a queue pair that cannot signal).
     waker: Option<Waker>,
-    /// Waits for completions (see `--spin`).
+    /// Waits for completions (see `--spin`), and those that ended at `IDLE_WAIT` with no
+    /// completion signalled (many would mean a missed wakeup, or store work no completion
+    /// announces).
     idle_waits: u64,
+    idle_wait_timeouts: u64,
 
     names: Vec<Box<[u8]>>,
     hashes: Vec<u64>,
@@ -852,7 +855,9 @@ impl Bench {
             if work == 0 {
                 if let Some(waker) = &self.waker {
                     self.idle_waits += 1;
-                    waker.wait(IDLE_WAIT);
+                    if !waker.wait(IDLE_WAIT) {
+                        self.idle_wait_timeouts += 1;
+                    }
                 }
             }
             if completions.is_empty() {
@@ -1061,6 +1066,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         completions: Vec::with_capacity(POLL_MAX),
         waker: None,
         idle_waits: 0,
+        idle_wait_timeouts: 0,
         hashes: names.iter().map(|n| load::name_hash(n)).collect(),
         names,
         object_size: args.object_size,
@@ -1203,6 +1209,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
     server["client_bytes_acknowledged"] = json!(client_bytes);
     // Waits for a device completion after an idle poll, all phases (0 with --spin).
     server["idle_waits"] = json!(bench.idle_waits);
+    server["idle_wait_timeouts"] = json!(bench.idle_wait_timeouts);
     let report = StoreBenchReport {
         load: LoadReport {
             op: args.op.name().to_string(),

@@ -212,8 +212,9 @@ impl Waker {
     /// Blocks until the eventfd is readable or `timeout` (rounded up to whole milliseconds)
     /// has passed, then takes its count: for a thread with no epoll set of its own that waits
     /// only for this fd (store-bench waiting for device completions, as fio waits for its
-    /// io_uring's). A wakeup that came before the call returns at once.
-    pub fn wait(&self, timeout: Duration) {
+    /// io_uring's). A wakeup that came before the call returns at once. Returns whether the fd
+    /// was readable (false: the timeout passed, or a signal ended the wait).
+    pub fn wait(&self, timeout: Duration) -> bool {
         let millis = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
         let mut pollfd = libc::pollfd {
             fd: self.fd(),
@@ -222,8 +223,9 @@ impl Waker {
         };
         // SAFETY: one live pollfd, borrowed for the duration of the call; an error (EINTR)
         // only ends the wait early.
-        unsafe { libc::poll(&mut pollfd, 1, millis) };
+        let ready = unsafe { libc::poll(&mut pollfd, 1, millis) } > 0;
         self.finish_park();
+        ready
     }
 }
 
@@ -325,13 +327,19 @@ mod tests {
         let waker = Waker::new().unwrap();
         waker.wake();
         let started = Instant::now();
-        waker.wait(Duration::from_secs(60));
+        assert!(
+            waker.wait(Duration::from_secs(60)),
+            "a pending wakeup ends the wait"
+        );
         // Returned for the pending wakeup, not at the timeout.
         assert!(started.elapsed() < Duration::from_secs(60));
         assert_eq!(waker.wakeups(), 1);
         // The wakeup was taken: with none pending, a wait lasts its timeout (at least).
         let second = Instant::now();
-        waker.wait(Duration::from_millis(20));
+        assert!(
+            !waker.wait(Duration::from_millis(20)),
+            "nothing pending: a timeout"
+        );
         assert!(second.elapsed() >= Duration::from_millis(20));
     }
 
