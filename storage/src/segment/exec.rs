@@ -271,7 +271,13 @@ pub fn blocks_to_read(
     let mut push_range = |start: u64, end: u64| {
         if start < end {
             let (first, last) = (start / BLOCK, (end - 1) / BLOCK);
-            needed.extend(old.blocks.range(first, last));
+            if first == last {
+                // One block (a 4 KiB read, a write's edge): a point lookup costs less than
+                // setting up a range walk.
+                needed.extend(old.blocks.get(first).map(|block| (first, block)));
+            } else {
+                needed.extend(old.blocks.range(first, last));
+            }
         }
     };
     for op in ops {
