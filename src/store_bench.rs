@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use carmine_dataplane::reactor::Waker;
 use carmine_storage::segment::format::{Superblock, SPARE_PERCENT_DEFAULT};
 use carmine_storage::segment::store::OPS_IN_FLIGHT_MAX;
 use carmine_storage::segment::{MountError, SegmentStats, SegmentStore};
@@ -56,6 +57,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const VERIFY_LOG_MAX: u64 = 5;
 /// Tag of the one-at-a-time ops made before the prefill (slot tags are 0..qd).
 const SYNC_TAG: u64 = u32::MAX as u64;
+/// Longest wait for a device completion after an idle poll (the store may have work that no
+/// completion announces; an adaptive reactor parks as long at most).
+const IDLE_WAIT: Duration = Duration::from_millis(1);
 
 type Store = SegmentStore<UringQueuePair>;
 
@@ -170,6 +174,13 @@ pub struct StoreBenchArgs {
     /// write_amplification, fill and readback_blocks).
     #[arg(long)]
     pub json: bool,
+    /// Poll the store without pause. By default a poll that finds nothing to do is followed by
+    /// a wait in the kernel for the next device completion (the io_uring signals an eventfd;
+    /// at most 1 ms), as fio waits in io_uring_enter and an adaptive reactor parks: a thread
+    /// spinning between completions competes for its CPU with whatever else runs there, on a
+    /// shared machine, and is scheduled out for it.
+    #[arg(long)]
+    pub spin: bool,
 }
 
 /// The arguments that do not depend on the device, checked.
@@ -437,6 +448,14 @@ struct Bench {
     free: Vec<u32>,
     in_flight: usize,
     completions: Vec<(u64, Outcome)>,
+    /// Signalled by the store's queue pair on each device completion: an idle poll waits on
+    /// it (None with --spin, or a queue pair that cannot signal).
+    waker: Option<Waker>,
+    /// Waits for completions (see `--spin`), and those that ended at `IDLE_WAIT` with no
+    /// completion signalled (many would mean a missed wakeup, or store work no completion
+    /// announces).
+    idle_waits: u64,
+    idle_wait_timeouts: u64,
 
     names: Vec<Box<[u8]>>,
     hashes: Vec<u64>,
@@ -837,9 +856,17 @@ impl Bench {
                 break;
             }
             completions.clear();
-            self.store.poll(POLL_MAX, &mut |tag, result| {
+            let work = self.store.poll(POLL_MAX, &mut |tag, result| {
                 completions.push((tag, outcome(result)));
             });
+            if work == 0 {
+                if let Some(waker) = &self.waker {
+                    self.idle_waits += 1;
+                    if !waker.wait(IDLE_WAIT) {
+                        self.idle_wait_timeouts += 1;
+                    }
+                }
+            }
             if completions.is_empty() {
                 if last.elapsed() > STALL_TIMEOUT {
                     return Err(format!(
@@ -1048,6 +1075,9 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         free: (0..args.qd).rev().collect(),
         in_flight: 0,
         completions: Vec::with_capacity(POLL_MAX),
+        waker: None,
+        idle_waits: 0,
+        idle_wait_timeouts: 0,
         hashes: names.iter().map(|n| load::name_hash(n)).collect(),
         names,
         object_size: args.object_size,
@@ -1078,6 +1108,16 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         no_space_logged: false,
     };
     bench.prefill_counter = bench.counter();
+    if !args.spin {
+        let waker = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
+        match bench.store.wake_on_completion(waker.fd()) {
+            Ok(true) => bench.waker = Some(waker),
+            Ok(false) => {
+                log::info!("the queue pair cannot signal completions: polling without pause")
+            }
+            Err(e) => return Err(format!("registering the completion eventfd: {e}")),
+        }
+    }
 
     // Prefill what an earlier run did not leave complete.
     for object in 0..objects as usize {
@@ -1178,6 +1218,9 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
     }
     let mut server = server;
     server["client_bytes_acknowledged"] = json!(client_bytes);
+    // Waits for a device completion after an idle poll, all phases (0 with --spin).
+    server["idle_waits"] = json!(bench.idle_waits);
+    server["idle_wait_timeouts"] = json!(bench.idle_wait_timeouts);
     let report = StoreBenchReport {
         load: LoadReport {
             op: args.op.name().to_string(),

@@ -123,6 +123,12 @@ fn randwrite_then_randread_on_one_device() {
         "{read}"
     );
     assert_eq!(read["reads_verified"], true, "{read}");
+    // By default an idle poll waits for the io_uring's eventfd (a 1-2 s run at QD32 always
+    // finds a moment with every read in the device).
+    assert!(
+        read["server"]["idle_waits"].as_u64().unwrap() > 0,
+        "an idle poll waits for a completion: {read}"
+    );
 
     // --no-verify (for comparing with fio): reads are counted, not compared.
     let unverified = store_bench_with(device, "randread", &["--no-verify"]);
@@ -133,6 +139,11 @@ fn randwrite_then_randread_on_one_device() {
         unverified["ops"].as_u64().unwrap() * 4096,
         "{unverified}"
     );
+
+    // --spin: polls without waiting, and reads still verify.
+    let spinning = store_bench_with(device, "randread", &["--spin"]);
+    check_common(&spinning, "randread");
+    assert_eq!(spinning["server"]["idle_waits"], 0, "{spinning}");
 }
 
 #[test]

@@ -521,6 +521,16 @@ impl QueuePair for UringQueuePair {
         self.enter();
     }
 
+    /// Registers the regions with the ring (the inherent `register_buffers`): one-buffer
+    /// requests inside them become ReadFixed/WriteFixed, whose pages the kernel pinned once
+    /// instead of per request.
+    unsafe fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> io::Result<bool> {
+        // SAFETY: the caller keeps every region allocated at its address until we are dropped
+        // or called again: the inherent method's contract.
+        unsafe { UringQueuePair::register_buffers(self, regions)? };
+        Ok(true)
+    }
+
     /// The kernel signals `fd` for every completion it posts (IORING_REGISTER_EVENTFD).
     fn wake_on_completion(&mut self, fd: std::os::fd::RawFd) -> io::Result<bool> {
         self.ring.submitter().register_eventfd(fd)?;

@@ -27,8 +27,10 @@ static ZERO_BLOCK: [u8; BLOCK_USIZE] = [0; BLOCK_USIZE];
 /// Durable contents of the blocks the store read for an op.
 pub trait OldBlocks {
     /// Logical block `index` as durable before the op; Err(Io) if it failed its checksum or
-    /// could not be read. Only blocks that `blocks_to_read` listed are asked for.
-    fn block(&self, index: u64) -> Result<&[u8], StoreError>;
+    /// could not be read. The store read every mapped block `blocks_to_read` listed, and exec
+    /// asks only for blocks under the same sub-ops, so a block it did not read is one the
+    /// object does not map: `None` (zeros), with no second extent-tree lookup per block.
+    fn block(&self, index: u64) -> Result<Option<&[u8]>, StoreError>;
 }
 
 /// A block this op gives the object.
@@ -269,7 +271,13 @@ pub fn blocks_to_read(
     let mut push_range = |start: u64, end: u64| {
         if start < end {
             let (first, last) = (start / BLOCK, (end - 1) / BLOCK);
-            needed.extend(old.blocks.range(first, last));
+            if first == last {
+                // One block (a 4 KiB read, a write's edge): a point lookup costs less than
+                // setting up a range walk.
+                needed.extend(old.blocks.get(first).map(|block| (first, block)));
+            } else {
+                needed.extend(old.blocks.range(first, last));
+            }
         }
     };
     for op in ops {
@@ -376,8 +384,15 @@ impl Working<'_> {
             }
             Some(Dirty::Hole) => Ok(None),
             None => match self.old_live() {
-                Some(old) if old.blocks.contains(index) => self.blocks.block(index).map(Some),
-                _ => Ok(None),
+                Some(old) => {
+                    let block = self.blocks.block(index)?;
+                    debug_assert!(
+                        block.is_some() || !old.blocks.contains(index),
+                        "block {index} is mapped but was not read: blocks_to_read missed it"
+                    );
+                    Ok(block)
+                }
+                None => Ok(None),
             },
         }
     }

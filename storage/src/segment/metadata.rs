@@ -8,6 +8,9 @@
 //! record.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 
 use crate::segment::btree::{ExtentTree, Key};
 use crate::segment::format::{Delta, Superblock, BLOCK_SIZE_BYTES, SEGMENTS_START_BYTES};
@@ -145,7 +148,12 @@ impl std::fmt::Display for ApplyError {
 impl std::error::Error for ApplyError {}
 
 pub struct Metadata {
-    objects: HashMap<Box<[u8]>, Onode>,
+    /// Objects by id, keyed by `hash_oid`: a caller that looks an object up more than once
+    /// (the store: its lane, then the object at submit and again when the op runs) hashes its
+    /// id once.
+    objects: HashTable<(Box<[u8]>, Onode)>,
+    /// Keyed SipHash (random per process), as std's maps: ids come from clients.
+    hasher: RandomState,
     /// Object id -> object name, for walks of the tree that must name what they find (the
     /// cleaner journals its moves by name).
     names: HashMap<u64, Box<[u8]>>,
@@ -163,7 +171,8 @@ pub struct Metadata {
 impl Metadata {
     pub fn new(sb: Superblock) -> Metadata {
         Metadata {
-            objects: HashMap::new(),
+            objects: HashTable::new(),
+            hasher: RandomState::new(),
             names: HashMap::new(),
             extents: ExtentTree::new(),
             next_object_id: 0,
@@ -183,8 +192,32 @@ impl Metadata {
         }
     }
 
+    /// The hash `object_hashed` takes for `oid`.
+    pub fn hash_oid(&self, oid: &[u8]) -> u64 {
+        self.hasher.hash_one(oid)
+    }
+
     pub fn object(&self, oid: &[u8]) -> Option<ObjectRef<'_>> {
-        self.objects.get(oid).map(|onode| self.object_ref(onode))
+        self.object_hashed(oid, self.hash_oid(oid))
+    }
+
+    /// `object`, for a caller that has `hash_oid(oid)` already.
+    pub fn object_hashed(&self, oid: &[u8], hash: u64) -> Option<ObjectRef<'_>> {
+        debug_assert_eq!(hash, self.hash_oid(oid));
+        self.get(oid, hash).map(|onode| self.object_ref(onode))
+    }
+
+    fn get(&self, oid: &[u8], hash: u64) -> Option<&Onode> {
+        self.objects
+            .find(hash, |(key, _)| **key == *oid)
+            .map(|(_, onode)| onode)
+    }
+
+    fn get_mut(&mut self, oid: &[u8]) -> Option<&mut Onode> {
+        let hash = self.hash_oid(oid);
+        self.objects
+            .find_mut(hash, |(key, _)| **key == *oid)
+            .map(|(_, onode)| onode)
     }
 
     pub fn object_count(&self) -> usize {
@@ -211,30 +244,29 @@ impl Metadata {
     }
 
     fn onode(&mut self, oid: &[u8], delta: &'static str) -> Result<&mut Onode, ApplyError> {
-        self.objects
-            .get_mut(oid)
-            .ok_or_else(|| ApplyError::NoSuchObject {
-                oid: oid.to_vec(),
-                delta,
-            })
+        self.get_mut(oid).ok_or_else(|| ApplyError::NoSuchObject {
+            oid: oid.to_vec(),
+            delta,
+        })
     }
 
     /// Adds an object with a fresh id.
     fn create(&mut self, oid: &[u8], size: u64, changes: u64) -> Result<(), ApplyError> {
-        if self.objects.contains_key(oid) {
+        let hash = self.hash_oid(oid);
+        if self.get(oid, hash).is_some() {
             return Err(ApplyError::ObjectExists { oid: oid.to_vec() });
         }
         let id = self.next_object_id;
         self.next_object_id += 1;
-        self.objects.insert(
-            oid.into(),
-            Onode {
-                id,
-                size,
-                changes,
-                ..Onode::default()
-            },
-        );
+        let onode = Onode {
+            id,
+            size,
+            changes,
+            ..Onode::default()
+        };
+        let hasher = &self.hasher;
+        self.objects
+            .insert_unique(hash, (oid.into(), onode), |(key, _)| hasher.hash_one(key));
         let previous = self.names.insert(id, oid.into());
         assert!(previous.is_none(), "object ids are never reused");
         Ok(())
@@ -245,13 +277,14 @@ impl Metadata {
         match *delta {
             Delta::ObjectCreate { oid } => self.create(oid, 0, 0)?,
             Delta::ObjectRemove { oid } => {
-                let onode = self
-                    .objects
-                    .remove(oid)
-                    .ok_or_else(|| ApplyError::NoSuchObject {
+                let hash = self.hash_oid(oid);
+                let Ok(entry) = self.objects.find_entry(hash, |(key, _)| **key == *oid) else {
+                    return Err(ApplyError::NoSuchObject {
                         oid: oid.to_vec(),
                         delta: "remove",
-                    })?;
+                    });
+                };
+                let ((_, onode), _) = entry.remove();
                 self.names.remove(&onode.id);
                 self.unmap_range(onode.id, 0, u64::MAX);
             }
@@ -326,7 +359,7 @@ impl Metadata {
                 physical: from + span,
             });
         }
-        let Some(onode) = self.objects.get(oid) else {
+        let Some(onode) = self.get(oid, self.hash_oid(oid)) else {
             return Ok(());
         };
         let object = onode.id;
@@ -375,6 +408,7 @@ impl Metadata {
         }
         // Field by field, so the onode stays borrowed while the tree changes: one hash lookup
         // per delta, not one before and one after.
+        let hash = self.hash_oid(oid);
         let Metadata {
             objects,
             extents,
@@ -383,7 +417,8 @@ impl Metadata {
             ..
         } = self;
         let onode = objects
-            .get_mut(oid)
+            .find_mut(hash, |(key, _)| **key == *oid)
+            .map(|(_, onode)| onode)
             .ok_or_else(|| ApplyError::NoSuchObject {
                 oid: oid.to_vec(),
                 delta: "extent map",
@@ -539,7 +574,11 @@ impl Metadata {
         // In object id order, not the hash map's (which differs per process): the same
         // metadata then always encodes to the same records, so a seeded simulation replays
         // exactly. One pointer pair per object, next to chunks that hold the whole metadata.
-        let mut objects: Vec<(&Box<[u8]>, &Onode)> = self.objects.iter().collect();
+        let mut objects: Vec<(&Box<[u8]>, &Onode)> = self
+            .objects
+            .iter()
+            .map(|(oid, onode)| (oid, onode))
+            .collect();
         objects.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (oid, onode) in objects {
             push(

@@ -18,6 +18,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use hashbrown::HashTable;
+
 mod maintenance;
 
 use crate::object_store::{
@@ -174,6 +176,9 @@ struct Slot {
     stage: Stage,
     tag: u64,
     oid: Vec<u8>,
+    /// `oid`'s hash (`Metadata::hash_oid`), computed once per op: its lane's key and its
+    /// object's.
+    oid_hash: u64,
     args: Vec<u8>,
     ops: Vec<StoredSubOp>,
     out_ptr: *mut u8,
@@ -204,6 +209,7 @@ impl Slot {
             stage: Stage::Free,
             tag: 0,
             oid: Vec::new(),
+            oid_hash: 0,
             args: Vec::new(),
             ops: Vec::with_capacity(SUB_OPS_MAX),
             out_ptr: std::ptr::null_mut(),
@@ -342,32 +348,41 @@ struct ReadBlocks<'a> {
 }
 
 impl OldBlocks for ReadBlocks<'_> {
-    fn block(&self, index: u64) -> Result<&[u8], StoreError> {
-        let run = self
+    fn block(&self, index: u64) -> Result<Option<&[u8]>, StoreError> {
+        // Runs are few (one per physically contiguous stretch): a scan is the cheap lookup.
+        let Some(run) = self
             .runs
             .iter()
             .find(|r| (r.first_index..r.first_index + u64::from(r.blocks)).contains(&index))
-            .expect("exec asks only for blocks that were read");
+        else {
+            return Ok(None); // Not listed by `blocks_to_read`: unmapped.
+        };
         let at = (index - run.first_index) as usize;
         if run.valid & (1 << at) == 0 {
             return Err(StoreError::Io);
         }
-        Ok(&run.buf[at * BLOCK_SIZE_BYTES as usize..][..BLOCK_SIZE_BYTES as usize])
+        Ok(Some(
+            &run.buf[at * BLOCK_SIZE_BYTES as usize..][..BLOCK_SIZE_BYTES as usize],
+        ))
     }
 }
 
-/// No blocks: for ops that read none.
+/// No blocks: for ops whose `blocks_to_read` listed none (every block they touch is unmapped).
 struct NoBlocks;
 
 impl OldBlocks for NoBlocks {
-    fn block(&self, _index: u64) -> Result<&[u8], StoreError> {
-        unreachable!("exec asks only for blocks that were read")
+    fn block(&self, _index: u64) -> Result<Option<&[u8]>, StoreError> {
+        Ok(None)
     }
 }
 
 /// Ops on one object: those in progress (one mutation, or any number of read-only ops), then
 /// the ones waiting, in order.
 struct Lane {
+    oid: Vec<u8>,
+    /// `oid`'s hash (`Metadata::hash_oid`): the lane table's key, so an op hashes its
+    /// object id once however often it looks its lane up.
+    hash: u64,
     active: u32,
     /// The ops in progress are read-only: another read-only op may join them, unless an op
     /// waits (a read submitted after a write must see it).
@@ -383,8 +398,9 @@ pub struct SegmentStore<Q: QueuePair> {
     metadata: Metadata,
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
-    /// Objects with an op in progress.
-    lanes: HashMap<Vec<u8>, Lane>,
+    /// Objects with an op in progress. A table keyed by a hash the op computes once (in
+    /// `submit`), where a map would hash the id again at each of the op's four lookups.
+    lanes: HashTable<Lane>,
     /// Keys and queues of closed lanes, reused: opening a lane allocates nothing once as
     /// many lanes as ever were open at once have been.
     spare_lanes: Vec<(Vec<u8>, VecDeque<u32>)>,
@@ -398,6 +414,8 @@ pub struct SegmentStore<Q: QueuePair> {
     finished: VecDeque<u32>,
     pool: BlockPool,
     needed: Vec<(u64, BlockRef)>,
+    /// The queue pair's completions of one poll (`QP_COMPLETIONS_PER_POLL` at most).
+    qp_events: Vec<(u64, Result<(), IoError>)>,
     crcs: Vec<u32>,
     durable_scratch: Vec<u8>,
     done_scratch: Vec<(u64, Result<(), JournalError>)>,
@@ -449,7 +467,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             metadata: mounted.metadata,
             slots: (0..OPS_IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
             free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
-            lanes: HashMap::with_capacity(OPS_IN_FLIGHT_MAX),
+            lanes: HashTable::with_capacity(OPS_IN_FLIGHT_MAX),
             spare_lanes: Vec::new(),
             ready: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             blocked: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
@@ -457,6 +475,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             finished: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             pool: BlockPool::new(BLOCK_BUFFERS_RETAINED),
             needed: Vec::new(),
+            qp_events: Vec::with_capacity(QP_COMPLETIONS_PER_POLL),
             crcs: Vec::new(),
             durable_scratch: Vec::new(),
             done_scratch: Vec::new(),
@@ -588,7 +607,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     /// A free slot for an op on `oid` under `tag`; None when `OPS_IN_FLIGHT_MAX` are in progress.
-    fn claim_slot(&mut self, tag: u64, oid: &[u8], ops: &[SubOp<'_>]) -> Option<u32> {
+    fn claim_slot(&mut self, tag: u64, oid: &[u8], hash: u64, ops: &[SubOp<'_>]) -> Option<u32> {
         let slot_index = self.free_slots.pop()?;
         let slot = &mut self.slots[slot_index as usize];
         slot.write_bytes = ops
@@ -602,6 +621,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         slot.tag = tag;
         slot.oid.clear();
         slot.oid.extend_from_slice(oid);
+        slot.oid_hash = hash;
         Some(slot_index)
     }
 
@@ -618,7 +638,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let mut all = [SubOp::Stat; SUB_OPS_MAX];
         Slot::sub_ops(&slot.ops, &slot.args, &mut all);
         let ops = &all[..slot.ops.len()];
-        let old = self.metadata.object(&slot.oid);
+        let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         exec::blocks_to_read(old, ops, slot.out_capacity, &mut self.needed);
         if self.needed.is_empty() {
             self.run(slot_index);
@@ -666,7 +686,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         // be a `from_raw` buffer in `submit`; its contract keeps the region valid and ours
         // until we report this op complete, which has not happened yet.
         let mut out = unsafe { OutputBuffer::from_raw(slot.out_ptr, slot.out_capacity) };
-        let old = self.metadata.object(&slot.oid);
+        let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         let blocks = ReadBlocks { runs: &slot.runs };
         let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
         let executed = exec::execute(
@@ -707,7 +727,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let mapped = self.mapped_blocks();
         let slot = &mut self.slots[slot_index as usize];
         let plan = slot.plan.as_mut().expect("a planned op");
-        let old = self.metadata.object(&slot.oid);
+        let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         debug_assert_eq!(slot.new_blocks, 0, "admitted once");
         let new_blocks = new_mapped_blocks(plan, old);
         if new_blocks > 0 && mapped + self.pending_new_blocks + new_blocks > self.usable_blocks {
@@ -770,32 +790,49 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.release_lane(slot_index);
     }
 
-    /// `oid`'s lane, with one op (a mutation unless `reading`) in progress.
-    fn open_lane(&mut self, oid: &[u8], reading: bool) {
+    /// `oid`'s lane (`hash` is its hash), with one op (a mutation unless `reading`) in progress.
+    fn open_lane(&mut self, oid: &[u8], hash: u64, reading: bool) {
+        debug_assert_eq!(hash, self.metadata.hash_oid(oid));
+        debug_assert!(
+            self.lanes.find(hash, |l| l.oid == oid).is_none(),
+            "one lane per object"
+        );
         let (mut key, waiting) = self.spare_lanes.pop().unwrap_or_default();
         debug_assert!(waiting.is_empty());
         key.clear();
         key.extend_from_slice(oid);
         let lane = Lane {
+            oid: key,
+            hash,
             active: 1,
             reading,
             waiting,
         };
-        let before = self.lanes.insert(key, lane);
-        debug_assert!(before.is_none(), "one lane per object");
+        self.lanes.insert_unique(hash, lane, |l| l.hash);
+    }
+
+    /// The lane of an object with an op in progress.
+    fn lane_mut(&mut self, oid: &[u8], hash: u64) -> &mut Lane {
+        self.lanes
+            .find_mut(hash, |l| l.oid == oid)
+            .expect("an op in progress holds its object's lane")
     }
 
     fn release_lane(&mut self, slot_index: u32) {
-        let oid = &self.slots[slot_index as usize].oid;
-        let lane = self.lanes.get_mut(&oid[..]).expect("an op holds its lane");
+        let slot = &self.slots[slot_index as usize];
+        let (oid, hash) = (&slot.oid, slot.oid_hash);
+        let Ok(mut entry) = self.lanes.find_entry(hash, |l| l.oid == *oid) else {
+            panic!("an op holds its lane");
+        };
+        let lane = entry.get_mut();
         debug_assert!(lane.active > 0);
         lane.active -= 1;
         if lane.active > 0 {
             return;
         }
         let Some(&front) = lane.waiting.front() else {
-            let (key, lane) = self.lanes.remove_entry(&oid[..]).expect("checked");
-            self.spare_lanes.push((key, lane.waiting));
+            let (lane, _) = entry.remove();
+            self.spare_lanes.push((lane.oid, lane.waiting));
             return;
         };
         // Next: one mutation, or every read-only op up to the next mutation. All are counted
@@ -811,8 +848,11 @@ impl<Q: QueuePair> SegmentStore<Q> {
         lane.active = group as u32;
         lane.reading = read_only(front);
         for _ in 0..group {
-            let oid = &self.slots[slot_index as usize].oid;
-            let lane = self.lanes.get_mut(&oid[..]).expect("held while active");
+            let slot = &self.slots[slot_index as usize];
+            let lane = self
+                .lanes
+                .find_mut(slot.oid_hash, |l| l.oid == slot.oid)
+                .expect("held while active");
             let next = lane.waiting.pop_front().expect("counted above");
             self.start(next);
         }
@@ -1102,14 +1142,16 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::Io);
         }
-        let (idle, joins) = match self.lanes.get(oid) {
+        // Keyed SipHash (ids come from clients), once: the lane and the object are found by it.
+        let hash = self.metadata.hash_oid(oid);
+        let (idle, joins) = match self.lanes.find(hash, |l| l.oid == oid) {
             None => (true, false),
             Some(lane) => (false, read_only && lane.reading && lane.waiting.is_empty()),
         };
         if idle || joins {
             // Fast path: nothing to read and nothing to wait for runs right here, with the
             // caller's sub-ops, and completes now unless it journals.
-            let old = self.metadata.object(oid);
+            let old = self.metadata.object_hashed(oid, hash);
             exec::blocks_to_read(old, ops, out.capacity(), &mut self.needed);
             if self.needed.is_empty() {
                 let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
@@ -1129,7 +1171,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                     }
                     Ok(plan) => plan,
                 };
-                let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
+                let Some(slot_index) = self.claim_slot(tag, oid, hash, ops) else {
                     self.recycle_plan(plan);
                     self.stats.errors += 1;
                     return Err(StoreError::NoSpace);
@@ -1141,7 +1183,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 slot.result_count = ops.len();
                 slot.plan = Some(plan);
                 debug_assert!(idle, "only a mutation journals, and it runs alone");
-                self.open_lane(oid, false);
+                self.open_lane(oid, hash, false);
                 self.journal_plan(slot_index);
                 self.stats.transactions += 1;
                 return Ok(Submit::Pending);
@@ -1153,7 +1195,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             self.stats.errors += 1;
             return Err(StoreError::InvalidArgument);
         }
-        let Some(slot_index) = self.claim_slot(tag, oid, ops) else {
+        let Some(slot_index) = self.claim_slot(tag, oid, hash, ops) else {
             self.stats.errors += 1;
             return Err(StoreError::NoSpace);
         };
@@ -1169,18 +1211,14 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         // An op that starts now reached here with its blocks to read in `self.needed` (the
         // fast path above found some): they are not computed twice.
         if idle {
-            self.open_lane(oid, read_only);
+            self.open_lane(oid, hash, read_only);
             self.start_reads(slot_index);
         } else if joins {
-            self.lanes.get_mut(oid).expect("checked").active += 1;
+            self.lane_mut(oid, hash).active += 1;
             self.start_reads(slot_index);
         } else {
             self.extra.lane_waits += 1;
-            self.lanes
-                .get_mut(oid)
-                .expect("checked")
-                .waiting
-                .push_back(slot_index);
+            self.lane_mut(oid, hash).waiting.push_back(slot_index);
         }
         Ok(Submit::Pending)
     }
@@ -1190,15 +1228,15 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         max: usize,
         complete: &mut dyn FnMut(u64, Result<&[SubOpResult], StoreError>),
     ) -> usize {
-        // 1. Device completions.
-        let mut events: [(u64, Result<(), IoError>); QP_COMPLETIONS_PER_POLL] =
-            [(0, Ok(())); QP_COMPLETIONS_PER_POLL];
-        let mut count = 0;
+        // 1. Device completions. Gathered into a kept vector (not a stack array, which cost
+        // ~730 instructions a poll to initialize: more than the rest of an idle poll).
+        let mut events = std::mem::take(&mut self.qp_events);
+        debug_assert!(events.is_empty() && events.capacity() >= QP_COMPLETIONS_PER_POLL);
         self.qp.poll(QP_COMPLETIONS_PER_POLL, &mut |tag, result| {
-            events[count] = (tag, result);
-            count += 1;
+            events.push((tag, result));
         });
-        for &(tag, result) in &events[..count] {
+        let count = events.len();
+        for &(tag, result) in &events {
             if tag & JOURNAL_TAG_BIT != 0 {
                 self.journal.complete_io(tag, result);
             } else if tag & CLEANER_TAG_BIT != 0 {
@@ -1208,6 +1246,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 self.read_completed(tag, result);
             }
         }
+        events.clear();
+        self.qp_events = events;
         // 2. Ops whose reads are in, then ops waiting for batch room, then the journal.
         self.submit_reads();
         while let Some(slot_index) = self.ready.pop_front() {
