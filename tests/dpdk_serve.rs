@@ -161,6 +161,21 @@ mod run {
         );
     }
 
+    /// The server executed each of the `writes` acknowledged writes once, and exactly the `ops`
+    /// the clients completed.
+    fn assert_ran_exactly(status: &Value, writes: u64, ops: u64) {
+        assert_eq!(
+            total(status, "ops_write"),
+            writes,
+            "each write ran once: {status}"
+        );
+        assert_eq!(
+            total(status, "ops_read") + total(status, "ops_write"),
+            ops,
+            "the server ran exactly the ops the clients completed: {status}"
+        );
+    }
+
     /// Prefilled verified random writes, then verified random and sequential reads; returns
     /// the writes and the ops the client saw completed.
     fn write_then_read(case: &mut Case, server: &ServerProcess) -> (u64, u64) {
@@ -188,16 +203,7 @@ mod run {
         let mut server = case.server(&["--cores", "1", "--dpdk-tx-in-place", "true"]);
         let (writes, ops) = write_then_read(&mut case, &server);
         let status = status(&server.addr);
-        assert_eq!(
-            total(&status, "ops_write"),
-            writes,
-            "each write ran once: {status}"
-        );
-        assert_eq!(
-            total(&status, "ops_read") + total(&status, "ops_write"),
-            ops,
-            "the server ran exactly the ops the clients completed: {status}"
-        );
+        assert_ran_exactly(&status, writes, ops);
         assert!(
             total(&status, "dpdk_arp_replies") >= u64::from(case.loads),
             "each load process resolved the server by ARP: {status}"
@@ -298,12 +304,7 @@ mod run {
         );
         let (writes, ops) = write_then_read(&mut case, &server);
         let status = status(&server.addr);
-        assert_eq!(total(&status, "ops_write"), writes, "{status}");
-        assert_eq!(
-            total(&status, "ops_read") + total(&status, "ops_write"),
-            ops,
-            "{status}"
-        );
+        assert_ran_exactly(&status, writes, ops);
         let cores = status["per_core"].as_array().expect("per_core");
         assert_eq!(cores.len(), 2);
         assert_eq!(
@@ -351,16 +352,7 @@ mod run {
             "every dropped packet was resent: {status}"
         );
         // Every op completed (the loads above, without errors); a resent write never ran twice.
-        assert_eq!(
-            total(&status, "ops_write"),
-            writes,
-            "exactly once: {status}"
-        );
-        assert_eq!(
-            total(&status, "ops_read") + total(&status, "ops_write"),
-            ops,
-            "{status}"
-        );
+        assert_ran_exactly(&status, writes, ops);
         assert!(server.stop().success(), "clean exit on SIGINT");
     }
 
@@ -483,16 +475,7 @@ mod run {
     /// packet ring is not the pool's memory).
     fn assert_served_exactly(server: &ServerProcess, writes: u64, ops: u64) {
         let status = status(&server.addr);
-        assert_eq!(
-            total(&status, "ops_write"),
-            writes,
-            "each write ran once: {status}"
-        );
-        assert_eq!(
-            total(&status, "ops_read") + total(&status, "ops_write"),
-            ops,
-            "the server ran exactly the ops the client completed: {status}"
-        );
+        assert_ran_exactly(&status, writes, ops);
         assert!(
             total(&status, "dpdk_arp_replies") >= 1,
             "ARP answered: {status}"

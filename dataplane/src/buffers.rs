@@ -61,6 +61,23 @@ impl Body {
         }
     }
 
+    /// Moves stored bytes into a pool buffer, for a store about to change or free them: true
+    /// when the body holds no store memory (any more), false when no buffer was free (the
+    /// body is unchanged). The bytes are the same, so a crc computed over them still holds.
+    pub fn copy_stored(&mut self, pools: &mut CorePools) -> bool {
+        let Body::Stored(stored) = self else {
+            return true;
+        };
+        let bytes = stored.as_slice();
+        let Some(mut buf) = pools.acquire_for(bytes.len()) else {
+            return false;
+        };
+        buf.spare_mut()[..bytes.len()].copy_from_slice(bytes);
+        buf.seal(bytes.len());
+        *self = Body::Buf(buf);
+        true
+    }
+
     /// The core whose pool the body must go back to; None when there is nothing to release.
     pub fn home_core(&self) -> Option<usize> {
         match self {

@@ -877,18 +877,14 @@ impl TcpTransport {
                 .as_mut()
                 .expect("closing a connection takes it off the list");
             for reply in conn.tx.iter_mut() {
-                let Body::Stored(stored) = &reply.body else {
+                if !matches!(reply.body, Body::Stored(_)) {
                     continue;
-                };
-                let bytes = stored.as_slice();
-                let Some(mut buf) = pools.acquire_for(bytes.len()) else {
-                    return false;
-                };
-                buf.spare_mut()[..bytes.len()].copy_from_slice(bytes);
-                buf.seal(bytes.len());
+                }
                 // Same bytes, so the crc already in the head still holds, and `sent` still
                 // counts into the same sequence.
-                reply.body = Body::Buf(buf);
+                if !reply.body.copy_stored(pools) {
+                    return false;
+                }
                 conn.stored -= 1;
                 self.stored_bodies -= 1;
                 self.stats.stored_bodies_copied += 1;

@@ -191,18 +191,8 @@ impl Network for SimNet {
     }
 
     fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
-        for (_, body) in self.queued.iter_mut() {
-            let Body::Stored(stored) = body else {
-                continue;
-            };
-            let bytes = stored.as_slice();
-            let Some(mut buf) = pools.acquire_for(bytes.len()) else {
-                return false;
-            };
-            buf.spare_mut()[..bytes.len()].copy_from_slice(bytes);
-            buf.seal(bytes.len());
-            *body = Body::Buf(buf);
-        }
-        true
+        self.queued
+            .iter_mut()
+            .all(|(_, body)| body.copy_stored(pools))
     }
 }
