@@ -66,7 +66,8 @@ if pkg-config --exists libdpdk && command -v clang >/dev/null; then
   timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc --test dpdk_rooms
   # serve/load --transport dpdk end to end over a net_memif pair: verify on 1 and 2 cores, and
   # every op exactly once under injected loss; and the kernel-UDP client in a network namespace
-  # reaching the server's net_af_packet port over a veth pair (four cases, ~20 s once built).
+  # reaching the server's net_af_packet port over a veth pair, and a net_tap port at
+  # --rpc-mtu 1500 (five cases, ~25 s once built).
   timeout 600 cargo test --locked --features dpdk --test dpdk_serve
 else
   echo "SKIP: DPDK tests need ${dpdk_pkgs[*]} (run ci/test.sh as root to install them)"

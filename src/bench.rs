@@ -170,6 +170,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let base = LoadArgs {
         target: target.clone(),
         transport: crate::load::Transport::Tcp,
+        rpc_mtu: carmine_dataplane::udp::RPC_MTU_DEFAULT,
         op: Workload::Randwrite,
         bs: args.bs,
         qd: args.qd,

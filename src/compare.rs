@@ -338,6 +338,7 @@ fn base_load(args: &CompareArgs, target: &str, plan: &CpuPlan) -> LoadArgs {
     LoadArgs {
         target: target.to_string(),
         transport: crate::load::Transport::Tcp,
+        rpc_mtu: carmine_dataplane::udp::RPC_MTU_DEFAULT,
         op: Workload::Randwrite,
         bs: args.bs,
         qd: args.qd,

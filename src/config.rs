@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use carmine_dataplane::reactor::{Coalesce, IdlePolicy};
+use carmine_dataplane::udp::parse_rpc_mtu;
 use carmine_dataplane::wire::Limits;
 
 use crate::osd::placement::PlacementMode;
@@ -126,6 +127,8 @@ serve_options! {
     transport: String = "tcp", parse_choice(&["tcp", "udp", "dpdk"]);
     /// Address of the datagram RPC with --transport udp (port 0: any free port, logged at start), or the IPv4 address and UDP port the DPDK port answers for (ARP included) with --transport dpdk.
     udp: SocketAddr = "127.0.0.1:6800", parse_addr;
+    /// Link MTU the datagram RPC's packets are sized for (--transport udp and dpdk), 1280 to 9000: 9000 (jumbo frames, loopback, memif) makes a 4 KiB request one packet; 1500 suits an ordinary Ethernet link or net_tap (three packets per 4 KiB). Clients must be given the same (`carmine load --rpc-mtu`). With dpdk, the port's MTU is raised to it.
+    rpc_mtu: u16 = "9000", parse_rpc_mtu;
     /// Test knob for --transport udp and dpdk: drop every Nth datagram received (0: none), so that loss and resends run end to end.
     udp_drop_every: u32 = "0", parse_u32;
     /// EAL arguments for --transport dpdk, split at spaces, e.g. "--no-huge --no-pci -m 256 --file-prefix srv --vdev net_memif0,role=server,socket=/run/m.sock".

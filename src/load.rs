@@ -121,6 +121,10 @@ pub struct LoadArgs {
     /// tcp (default), udp (one UDP socket per client, the datagram RPC), or dpdk.
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
+    /// --transport udp and dpdk: the link MTU the RPC's packets are sized for (1280 to 9000),
+    /// the same as the server's `serve --rpc-mtu`.
+    #[arg(long, default_value = "9000", value_parser = carmine_dataplane::udp::parse_rpc_mtu)]
+    pub rpc_mtu: u16,
     /// Workload: random or sequential writes or reads, or a random read/write mix.
     #[arg(long, value_enum, default_value = "randwrite")]
     pub op: Workload,
@@ -306,6 +310,7 @@ pub fn print_human(report: &LoadReport) {
 struct Config {
     target: String,
     transport: Transport,
+    rpc_mtu: u16,
     workload: Workload,
     bs: u64,
     qd: u32,
@@ -403,6 +408,7 @@ fn validate(args: &LoadArgs) -> Result<(Config, Vec<ThreadPlan>), String> {
     let config = Config {
         target: args.target.clone(),
         transport: args.transport,
+        rpc_mtu: args.rpc_mtu,
         workload: args.op,
         bs: args.bs,
         qd: args.qd,
@@ -545,7 +551,7 @@ pub fn run(args: &LoadArgs) -> Result<LoadReport, String> {
     let outcomes = join_all(handles)?;
     let mut report = merge(args, outcomes);
     let status = match args.transport {
-        Transport::Udp => udp::fetch_status(&args.target),
+        Transport::Udp => udp::fetch_status(&args.target, args.rpc_mtu),
         Transport::Dpdk => match &args.dpdk.status_target {
             Some(target) => client::fetch_status(target),
             None => Err("--transport dpdk: no --status-target given".to_string()),

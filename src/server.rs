@@ -164,8 +164,14 @@ fn build_core(
     let rpc: Option<Box<dyn RpcNet>> = match parts.udp_socket {
         None => None,
         Some(socket) => Some(Box::new(
-            UdpRpcTransport::new(index, socket, config.limits(), config.udp_drop_every)
-                .map_err(|e| format!("core {index}: UDP transport: {e}"))?,
+            UdpRpcTransport::new(
+                index,
+                socket,
+                config.limits(),
+                config.udp_drop_every,
+                config.rpc_mtu,
+            )
+            .map_err(|e| format!("core {index}: UDP transport: {e}"))?,
         )),
     };
     #[cfg(feature = "dpdk")]
@@ -181,6 +187,7 @@ fn build_core(
                 queue,
                 config.limits(),
                 config.udp_drop_every,
+                config.rpc_mtu,
             )))
         }
     };
@@ -242,19 +249,21 @@ fn open_dpdk(
             rx: true, // requests are read from the mbufs' rooms
             tx: config.dpdk_tx_in_place,
         },
+        config.rpc_mtu,
     )
     .map_err(|e| format!("DPDK port {port}: {e}"))?;
     let mac = opened.mac.0;
     log::info!(
         "DPDK port {port}: {queue_count} queue(s), MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, \
-         MTU {}, answering for {addr}",
+         MTU {} (RPC packets sized for {}), answering for {addr}",
         mac[0],
         mac[1],
         mac[2],
         mac[3],
         mac[4],
         mac[5],
-        opened.mtu
+        opened.mtu,
+        config.rpc_mtu
     );
     Ok(opened.queues)
 }

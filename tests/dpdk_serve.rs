@@ -6,7 +6,7 @@
 //! again, writes executed exactly once), on one core and on two cores sharing one queue (the
 //! other core's PGs over the ring), and under injected loss (`--udp-drop-every`). Then the
 //! kernel-UDP client (`carmine load --transport udp`, no DPDK) in a network namespace reaching
-//! the server's `net_af_packet` port over a veth pair.
+//! the server's `net_af_packet` port over a veth pair, and a `net_tap` port at `--rpc-mtu 1500`.
 //! `harness = false`: a plain main that prints each case, or why the whole test is skipped.
 //! Run: `cargo test --features dpdk --test dpdk_serve` (root: the EAL's runtime files and the
 //! memif socket live under /run; the namespace and veth pair need root and iproute2).
@@ -429,7 +429,7 @@ mod run {
     /// `carmine load --transport udp` (kernel UDP sockets, no DPDK) against `target`, run by
     /// `runner` (e.g. `ip netns exec NS`); verified writes after a prefill, then verified reads.
     /// Returns the writes and the ops the client completed.
-    fn kernel_udp_write_then_read(runner: &[&str], target: &str) -> (u64, u64) {
+    fn kernel_udp_write_then_read(runner: &[&str], target: &str, extra: &[&str]) -> (u64, u64) {
         let run = |args: &[&str]| -> Value {
             let mut command = match runner.split_first() {
                 Some((program, rest)) => {
@@ -450,6 +450,7 @@ mod run {
                     "2",
                 ])
                 .args(["--qd", "8", "--duration", "1s", "--verify"])
+                .args(extra)
                 .args(args)
                 .output()
                 .expect("run carmine load");
@@ -497,10 +498,7 @@ mod run {
     /// both frames and pages. The driver indexes frames as if they were packed end to end, so
     /// with a block that is not a multiple of the frame it reads only the first frame of the
     /// ring (seen here: one datagram received, every other one lost).
-    ///
-    /// Not net_tap: DPDK 22.11's tap driver refuses an MTU over 1500 (largest frame 1,522) and
-    /// drops larger frames on send, and the RPC's packets are sized for 9000 on both ends
-    /// (`udp::RPC_MTU`); a smaller RPC packet size, agreed by both ends, is not built.
+
     fn af_packet_netns() {
         let link = VethInNetns::new();
         let mut case = Case::new("afp");
@@ -509,9 +507,47 @@ mod run {
             link.outer
         );
         let mut server = case.server_on(&vdev, "10.79.0.1:6800", &["--cores", "1"]);
-        let (writes, ops) =
-            kernel_udp_write_then_read(&["ip", "netns", "exec", &link.netns], "10.79.0.1:6800");
+        let (writes, ops) = kernel_udp_write_then_read(
+            &["ip", "netns", "exec", &link.netns],
+            "10.79.0.1:6800",
+            &[],
+        );
         assert_served_exactly(&server, writes, ops);
+        assert!(server.stop().success(), "clean exit on SIGINT");
+    }
+
+    /// The kernel-UDP client reaches a DPDK server on a `net_tap` port at an ordinary
+    /// Ethernet MTU: DPDK 22.11's tap driver refuses an MTU over 1500 (largest frame 1,522)
+    /// and drops larger frames on send, so both ends size the RPC's packets for 1500
+    /// (`--rpc-mtu`; a 4 KiB request or reply is three packets). The tap interface the driver
+    /// creates gets 10.80.0.2/24 here, and the kernel routes the server's 10.80.0.1 through it.
+    fn tap_standard_mtu() {
+        let mut case = Case::new("tap");
+        let iface = format!("cmt{}", std::process::id());
+        let vdev = format!("net_tap0,iface={iface}");
+        let mut server = case.server_on(
+            &vdev,
+            "10.80.0.1:6800",
+            &["--cores", "1", "--rpc-mtu", "1500"],
+        );
+        assert!(
+            server
+                .startup_log
+                .iter()
+                .any(|l| l.contains("MTU 1500 (RPC packets sized for 1500)")),
+            "{:?}",
+            server.startup_log
+        );
+        ip(&["link", "set", &iface, "up"]);
+        ip(&["addr", "add", "10.80.0.2/24", "dev", &iface]);
+        let (writes, ops) =
+            kernel_udp_write_then_read(&[], "10.80.0.1:6800", &["--rpc-mtu", "1500"]);
+        assert_served_exactly(&server, writes, ops);
+        let status = status(&server.addr);
+        assert!(
+            total(&status, "udp_datagrams_rx") >= 3 * writes,
+            "three packets per 4 KiB write: {status}"
+        );
         assert!(server.stop().success(), "clean exit on SIGINT");
     }
 
@@ -521,11 +557,12 @@ mod run {
             return;
         }
         let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-        let cases: [(&str, fn()); 4] = [
+        let cases: [(&str, fn()); 5] = [
             ("memif_one_core_verify", one_core),
             ("memif_two_cores_one_queue", two_cores_one_queue),
             ("memif_loss_every_op_once", loss),
             ("af_packet_netns_kernel_udp_verify", af_packet_netns),
+            ("tap_standard_mtu_kernel_udp_verify", tap_standard_mtu),
         ];
         let mut ran = 0;
         for (name, case) in cases {

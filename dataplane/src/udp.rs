@@ -32,8 +32,12 @@ use crate::pool::{Buf, Lease};
 use crate::tcp::REPLY_HEAD_MAX_BYTES;
 use crate::wire::{self, Header, Limits, Status};
 
-/// Largest Ethernet MTU the RPC's packets are sized for (jumbo frames; loopback takes them).
-pub const RPC_MTU: u16 = 9000;
+/// Ethernet MTU the RPC's packets are sized for by default, and the largest (jumbo frames;
+/// loopback takes them): a 4 KiB request or reply is one packet.
+pub const RPC_MTU_DEFAULT: u16 = 9000;
+/// Smallest MTU the packets can be sized for (IPv6's minimum link MTU, so any Ethernet path
+/// carries them); at 1500 a 4 KiB request takes three packets, reassembled without a copy.
+pub const RPC_MTU_MIN: u16 = 1280;
 /// Sessions a core keeps (each up to `SLOTS_PER_SESSION` requests in flight).
 pub const SESSIONS_MAX: u32 = 256;
 /// Leases the transport may have out at once (received datagrams held by the RPC, responses
@@ -45,8 +49,13 @@ pub const SESSION_IDLE_NS: u64 = 60_000_000_000;
 /// How often idle sessions are looked for (the walk visits every session).
 const EXPIRE_INTERVAL_NS: u64 = 1_000_000_000;
 
-/// The RPC settings both ends use over kernel UDP (the client's must agree on the packet size).
-pub fn rpc_config() -> RpcConfig {
+/// The RPC settings both ends use, with packets sized for `mtu`: client and server must be
+/// given the same (`--rpc-mtu`), as a packet's place in its message follows from the size.
+pub fn rpc_config(mtu: u16) -> RpcConfig {
+    assert!(
+        (RPC_MTU_MIN..=RPC_MTU_DEFAULT).contains(&mtu),
+        "RPC MTU {mtu} outside {RPC_MTU_MIN}..={RPC_MTU_DEFAULT} (parse_rpc_mtu checks it)"
+    );
     RpcConfig {
         sessions_max: SESSIONS_MAX,
         // Loopback loses little; most resends are of requests queued behind others at a busy
@@ -54,7 +63,18 @@ pub fn rpc_config() -> RpcConfig {
         retransmit_timeout_ns: 50_000_000,
         // 30 s without progress before a request fails: as long as a TCP client waits.
         retries_max: 600,
-        ..RpcConfig::for_mtu(RPC_MTU)
+        ..RpcConfig::for_mtu(mtu)
+    }
+}
+
+/// Parses `--rpc-mtu` (serve and load): a whole number in `RPC_MTU_MIN..=RPC_MTU_DEFAULT`.
+pub fn parse_rpc_mtu(text: &str) -> Result<u16, String> {
+    match text.trim().parse::<u16>() {
+        Ok(mtu) if (RPC_MTU_MIN..=RPC_MTU_DEFAULT).contains(&mtu) => Ok(mtu),
+        _ => Err(format!(
+            "RPC MTU {text:?}: expected a whole number from {RPC_MTU_MIN} to {RPC_MTU_DEFAULT} \
+             (the link's MTU; both ends must use the same)"
+        )),
     }
 }
 
@@ -353,16 +373,18 @@ pub struct RpcTransport<P: DatagramPort> {
 pub type UdpRpcTransport = RpcTransport<UdpSocket>;
 
 impl RpcTransport<UdpSocket> {
-    /// Takes a bound socket (made non-blocking here). `drop_every` > 0 throws away every Nth
-    /// datagram received, to exercise retransmission end to end.
+    /// Takes a bound socket (made non-blocking here); see `with_port`.
     pub fn new(
         core: usize,
         socket: UdpSocket,
         limits: Limits,
         drop_every: u32,
+        mtu: u16,
     ) -> io::Result<UdpRpcTransport> {
         socket.set_nonblocking(true)?;
-        Ok(RpcTransport::with_port(core, socket, limits, drop_every))
+        Ok(RpcTransport::with_port(
+            core, socket, limits, drop_every, mtu,
+        ))
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -371,10 +393,16 @@ impl RpcTransport<UdpSocket> {
 }
 
 impl<P: DatagramPort> RpcTransport<P> {
-    /// A transport on `port` (non-blocking). `drop_every` > 0 throws away every Nth datagram
-    /// received, to exercise retransmission end to end.
-    pub fn with_port(core: usize, port: P, limits: Limits, drop_every: u32) -> RpcTransport<P> {
-        let config = rpc_config();
+    /// A transport on `port` (non-blocking) with packets sized for `mtu`. `drop_every` > 0
+    /// throws away every Nth datagram received, to exercise retransmission end to end.
+    pub fn with_port(
+        core: usize,
+        port: P,
+        limits: Limits,
+        drop_every: u32,
+        mtu: u16,
+    ) -> RpcTransport<P> {
+        let config = rpc_config(mtu);
         let requests_max = (SESSIONS_MAX as usize) * SLOTS_PER_SESSION;
         RpcTransport {
             core,
@@ -734,7 +762,7 @@ impl<P: DatagramPort> RpcTransport<P> {
     pub fn close_all(&mut self, pools: &mut CorePools) {
         drop(std::mem::replace(
             &mut self.rpc,
-            RpcServer::new(rpc_config()),
+            RpcServer::new(rpc_config(RPC_MTU_DEFAULT)),
         ));
         while let Some(pending) = self.pending.pop_front() {
             self.release_body(pools, pending.body);
@@ -961,7 +989,7 @@ mod tests {
         let to = server.local_addr().unwrap();
         let client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
         let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
-            RpcClient::new(rpc_config(), 7);
+            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
         let session = client.open_session(to).unwrap();
         client.request(session, frame, 0).unwrap();
         client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
@@ -988,9 +1016,14 @@ mod tests {
     fn one_packet_request_is_leased_in_place_and_several_are_copied_once() {
         let mut pools = pools();
         let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let mut server =
-            UdpRpcTransport::new(0, socket.into_iter().next().unwrap(), Limits::DEFAULT, 0)
-                .unwrap();
+        let mut server = UdpRpcTransport::new(
+            0,
+            socket.into_iter().next().unwrap(),
+            Limits::DEFAULT,
+            0,
+            RPC_MTU_DEFAULT,
+        )
+        .unwrap();
         let frame = write_frame(4096);
         let (request, _client) = exchange(&mut server, &mut pools, frame.clone());
         assert_eq!(request.frame.as_slice(), &frame[..]);

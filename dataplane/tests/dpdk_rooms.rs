@@ -47,7 +47,17 @@ fn main() {
         rx: true,
         tx: false,
     };
-    let mut opened = net::open(&eal, 0, 1, server_ip, 6800, "rooms", in_place).expect("open");
+    let mut opened = net::open(
+        &eal,
+        0,
+        1,
+        server_ip,
+        6800,
+        "rooms",
+        in_place,
+        carmine_dataplane::udp::RPC_MTU_DEFAULT,
+    )
+    .expect("open");
     let mut server = opened.queues.pop().expect("one queue");
     let mut pools = CorePools::new(
         0,

@@ -82,6 +82,7 @@ pub(super) fn open(args: &LoadArgs) -> Result<(), String> {
             rx: false,
             tx: false,
         },
+        args.rpc_mtu,
     )
     .map_err(|e| format!("DPDK port {port} ({} ports found): {e}", eal.port_count()))?;
     let queue = opened.queues.into_iter().next().expect("one queue");
@@ -160,7 +161,7 @@ impl<'a> DpdkGenerator<'a> {
             ip: server_ip,
             port: server_port,
         };
-        let rpc = rpc_config();
+        let rpc = rpc_config(config.rpc_mtu);
         let qd = config.qd as usize;
         let frame_max = config.bs as usize + 256;
         let mut clients = Vec::with_capacity(plan.clients);

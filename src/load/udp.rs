@@ -50,7 +50,7 @@ impl Drop for RequestBody {
 
 /// `--transport udp` limits: a request or reply must fit one RPC message.
 pub(super) fn validate(args: &LoadArgs) -> Result<(), String> {
-    let message_max = rpc_config().message_bytes_max() as u64;
+    let message_max = rpc_config(args.rpc_mtu).message_bytes_max() as u64;
     // Header, object id, one sub-op descriptor or result, the block.
     let frame_max = args.bs + 32 + 64 + wire::SUB_OP_DESC_SIZE as u64;
     if frame_max > message_max {
@@ -123,7 +123,7 @@ impl<'a> UdpGenerator<'a> {
     ) -> Result<Self, String> {
         let target = resolve(&config.target)?;
         let epoll = Epoll::new()?;
-        let rpc = rpc_config();
+        let rpc = rpc_config(config.rpc_mtu);
         let qd = config.qd as usize;
         let frame_max = config.bs as usize + 256;
         let packets_per_reply = frame_max.div_ceil(rpc.packet_payload_bytes as usize);
@@ -406,11 +406,11 @@ pub(super) fn book<B: AsRef<[u8]>>(
 }
 
 /// Asks the server's datagram RPC at `target` for its STATUS document.
-pub(super) fn fetch_status(target: &str) -> Result<serde_json::Value, String> {
+pub(super) fn fetch_status(target: &str, mtu: u16) -> Result<serde_json::Value, String> {
     let to = resolve(target)?;
     let mut port = bind_for(to, 128)?;
     let mut rpc: RpcClient<SocketAddr, RecvBuf, Vec<u8>> =
-        RpcClient::new(rpc_config(), id_base(usize::MAX, 0));
+        RpcClient::new(rpc_config(mtu), id_base(usize::MAX, 0));
     let session = rpc.open_session(to).expect("one session");
     let request_id = 1;
     let mut frame = Vec::new();

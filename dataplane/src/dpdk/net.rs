@@ -120,8 +120,9 @@ pub struct OpenedPort {
 /// queue `q` for reactor `q`. With `in_place.rx` (and a driver in [`SOFTWARE_DRIVERS`]) each
 /// queue receives into rooms of a `nic` buffer pool (see the module comment; the reactor takes
 /// it with [`DpdkDatagramPort::take_nic_pool`]) and sends from its own tx pool, attaching large
-/// payloads with `in_place.tx`; otherwise one ordinary pool per queue serves both. Pools are named `name`-`q` (and `name`-tx-`q`). The
-/// port and pools are leaked (see the module comment).
+/// payloads with `in_place.tx`; otherwise one ordinary pool per queue serves both. Pools are
+/// named `name`-`q` (and `name`-tx-`q`). The port's MTU is raised to `mtu` (the RPC's, see
+/// below). The port and pools are leaked (see the module comment).
 pub fn open(
     eal: &Eal,
     port_id: u16,
@@ -130,6 +131,7 @@ pub fn open(
     udp_port: u16,
     name: &str,
     in_place_asked: InPlace,
+    mtu: u16,
 ) -> Result<OpenedPort, DpdkError> {
     let driver = Port::driver_name(eal, port_id)?;
     let in_place = in_place_asked.rx && SOFTWARE_DRIVERS.contains(&driver.as_str());
@@ -163,14 +165,15 @@ pub fn open(
             rooms.push(None);
         }
     }
-    // The RPC's packets are sized for a 9000-byte MTU (`udp::RPC_MTU`): a port that enforces
-    // its MTU (a NIC, net_tap, net_af_packet) must take jumbo frames, or it drops every reply
-    // of 4 KiB (seen on net_tap at its default 1500: writes ran, reads and STATUS timed out).
-    // The software rings carry any frame their buffers hold and may not implement the call.
+    // The RPC's packets are sized for `mtu` (`--rpc-mtu`, jumbo by default): a port that
+    // enforces its MTU (a NIC, net_tap, net_af_packet) must take that, or it drops the larger
+    // frames (seen on net_tap at its default 1500 with 9000-byte packets: writes ran, 4 KiB
+    // read replies and STATUS timed out). The software rings carry any frame their buffers
+    // hold and may not implement the call.
     let software = SOFTWARE_DRIVERS.contains(&driver.as_str());
     let config = PortConfig {
         queue_count,
-        mtu: (!software).then_some(crate::udp::RPC_MTU),
+        mtu: (!software).then_some(mtu),
         ..PortConfig::default()
     };
     let port: &'static Port<'static> =
