@@ -323,10 +323,13 @@ impl<'a> DpdkGenerator<'a> {
                 last_progress = (now, done);
             } else if now - last_progress.0 >= REPLY_TIMEOUT {
                 return Err(format!(
-                    "no response from {:?} for {} s with {} requests in flight",
+                    "no response from {:?} for {} s with {} requests in flight (is the server up, \
+                     and was it started with this client's --rpc-mtu {}? packets sized for \
+                     another MTU are dropped)",
                     self.server.ip,
                     REPLY_TIMEOUT.as_secs(),
-                    self.work.in_flight
+                    self.work.in_flight,
+                    self.config.rpc_mtu
                 ));
             }
             // One clock read per pass (the generator spins: clock reads were 40% of its time),
