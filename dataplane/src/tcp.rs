@@ -1203,32 +1203,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn frames_arrive_as_leases_and_replies_go_out() {
-        let (mut transport, mut pools, _waker) = setup();
-        let (mut client, server) = pair();
-        let conn = transport.adopt(server).unwrap();
-        let mut request = Vec::new();
+    /// Sends three OSD_OP requests on "obj" (ids 0..3, one sub-op each, made by `sub_op`) and
+    /// polls until the transport has handed all three up.
+    fn send_three<'a>(
+        transport: &mut TcpTransport,
+        pools: &mut CorePools,
+        client: &mut TcpStream,
+        sub_op: impl Fn(u64) -> SubOpSpec<'a>,
+    ) -> Vec<RxFrame> {
+        let mut requests = Vec::new();
         for id in 0..3 {
-            wire::encode_request(
-                &mut request,
-                Opcode::OsdOp,
-                id,
-                b"obj",
-                &[SubOpSpec::write(0, &[id as u8; 1000])],
-                b"",
-            );
+            wire::encode_request(&mut requests, Opcode::OsdOp, id, b"obj", &[sub_op(id)], b"");
         }
-        client.write_all(&request).unwrap();
+        client.write_all(&requests).unwrap();
         let mut frames = Vec::new();
         for _ in 0..100 {
             transport.poll_events(Duration::from_millis(10));
-            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+            transport.poll_rx(pools, 16, &mut |frame| frames.push(frame));
             if frames.len() == 3 {
                 break;
             }
         }
         assert_eq!(frames.len(), 3);
+        frames
+    }
+
+    #[test]
+    fn frames_arrive_as_leases_and_replies_go_out() {
+        let (mut transport, mut pools, _waker) = setup();
+        let (mut client, server) = pair();
+        let conn = transport.adopt(server).unwrap();
+        let data: Vec<[u8; 1000]> = (0..3).map(|id| [id as u8; 1000]).collect();
+        let frames = send_three(&mut transport, &mut pools, &mut client, |id| {
+            SubOpSpec::write(0, &data[id as usize])
+        });
         assert_eq!(
             pools.small.in_use(),
             1,
@@ -1274,27 +1282,9 @@ mod tests {
         let (mut client, server) = pair();
         let conn = transport.adopt(server).unwrap();
         // Three read requests to answer (the transport counts replies against frames).
-        let mut requests = Vec::new();
-        for id in 0..3 {
-            wire::encode_request(
-                &mut requests,
-                Opcode::OsdOp,
-                id,
-                b"obj",
-                &[SubOpSpec::read(0, 4096)],
-                b"",
-            );
-        }
-        client.write_all(&requests).unwrap();
-        let mut frames = Vec::new();
-        for _ in 0..100 {
-            transport.poll_events(Duration::from_millis(10));
-            transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
-            if frames.len() == 3 {
-                break;
-            }
-        }
-        assert_eq!(frames.len(), 3);
+        let frames = send_three(&mut transport, &mut pools, &mut client, |_| {
+            SubOpSpec::read(0, 4096)
+        });
         let request = frames[0].header;
         for frame in frames {
             pools.release_lease(frame.frame);
