@@ -30,6 +30,10 @@ use crate::osd::placement::{Placement, PlacementMode};
 use crate::status::StatusBoard;
 
 const SEGMENT_BYTES: u64 = 1 << 20;
+/// Spares the sim formats with, drawn per seed: none (the whole device is usable, the
+/// cleaner runs at its tightest), and the kinds an operator picks (`mkfs --spare`, 40% by
+/// default).
+const SIM_SPARE_PERCENTS: [u32; 4] = [0, 0, 20, 40];
 const QUEUE_DEPTH: u32 = 64;
 /// Small on purpose: full rings, full op tables and empty pools are paths to exercise.
 const RING_CAPACITY: usize = 8;
@@ -54,11 +58,16 @@ pub struct SeedConfig {
     /// Inject medium errors (reads of a block fail until it is rewritten) at random blocks:
     /// clients may then see Io errors, never wrong bytes, and a failed op changes nothing.
     pub read_errors: bool,
+    /// `mkfs --spare` for this seed; None: drawn from the seed (`SIM_SPARE_PERCENTS`).
+    pub spare_percent: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeedReport {
     pub cores: usize,
+    /// The share of data capacity mkfs kept from clients (`mkfs --spare`): the sim formats
+    /// with and without one, since admission by mapped blocks differs between the two.
+    pub spare_percent: u32,
     pub cuts: u64,
     pub ops: u64,
     pub acked: u64,
@@ -213,8 +222,20 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&rng.bytes(16));
     let mut formatter = MemQueuePair::new(device_bytes, QUEUE_DEPTH, MemFaults::default());
-    let sb = mkfs(&mut formatter, SEGMENT_BYTES, cores as u32, 0, uuid)
-        .map_err(|e| format!("mkfs: {e}"))?;
+    // From its own stream, so the main stream (and every seed found before spares were
+    // drawn) plays as it did.
+    let spare_percent = config.spare_percent.unwrap_or_else(|| {
+        SIM_SPARE_PERCENTS
+            [Rng(config.seed ^ 0x5bea_e5ba_4e00).below(SIM_SPARE_PERCENTS.len() as u64) as usize]
+    });
+    let sb = mkfs(
+        &mut formatter,
+        SEGMENT_BYTES,
+        cores as u32,
+        spare_percent,
+        uuid,
+    )
+    .map_err(|e| format!("mkfs: {e}"))?;
     let device = formatter.durable().to_vec();
     drop(formatter);
     let object_count = 4 + rng.below(13) as usize;
@@ -244,6 +265,7 @@ pub fn run_seed(config: &SeedConfig) -> Result<SeedReport, String> {
         digest: 0xcbf2_9ce4_8422_2325,
         report: SeedReport {
             cores,
+            spare_percent,
             ..SeedReport::default()
         },
     };

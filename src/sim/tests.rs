@@ -21,6 +21,7 @@ fn power_cuts_keep_every_acknowledged_op_and_no_half_op() {
             lying_flush: false,
             tight_pools: false,
             read_errors: false,
+            spare_percent: None,
         };
         if let Err(message) = run_seed_reported(&config) {
             panic!("{}", failure_text(&config, &message));
@@ -34,11 +35,14 @@ fn power_cuts_keep_every_acknowledged_op_and_no_half_op() {
         lying_flush: false,
         tight_pools: false,
         read_errors: false,
+        spare_percent: None,
     };
     match run_batch(first, |batch| batch.cuts >= cuts) {
         Ok(batch) => {
             assert!(batch.cuts >= cuts);
             assert!(batch.acked > 0 && batch.objects_checked > 0 && batch.reads_checked > 0);
+            // Seed 0 draws a spare: admission by mapped blocks is under the cuts too.
+            assert!(batch.seeds_with_spare > 0, "no seed formatted with a spare");
             eprintln!("sim: {batch:?}");
         }
         Err((seed, message)) => panic!("{}", failure_text(&SeedConfig { seed, ..first }, &message)),
@@ -53,6 +57,7 @@ fn a_seed_replays_exactly() {
         lying_flush: false,
         tight_pools: false,
         read_errors: false,
+        spare_percent: None,
     };
     let first = run_seed(&config).expect("seed 7 passes");
     let second = run_seed(&config).expect("seed 7 passes again");
@@ -77,6 +82,7 @@ fn a_device_that_lies_about_flushes_is_caught() {
             lying_flush: true,
             tight_pools: false,
             read_errors: false,
+            spare_percent: None,
         };
         match run_seed(&config) {
             Ok(_) => {}
@@ -113,6 +119,7 @@ fn found_seeds_pass() {
             lying_flush: false,
             tight_pools: false,
             read_errors: false,
+            spare_percent: Some(0),
         };
         if let Err(message) = run_seed(&config) {
             panic!("{}", failure_text(&config, &message));
@@ -132,6 +139,7 @@ fn tight_pools_do_not_deadlock() {
             lying_flush: false,
             tight_pools: true,
             read_errors: false,
+            spare_percent: Some(0),
         };
         if let Err(message) = run_seed(&config) {
             panic!("{}", failure_text(&config, &message));
@@ -149,6 +157,7 @@ fn injected_read_errors_fail_ops_whole_and_never_return_wrong_bytes() {
         lying_flush: false,
         tight_pools: false,
         read_errors: true,
+        spare_percent: None,
     };
     match run_batch(first, |batch| batch.seeds >= 8) {
         Ok(batch) => {
