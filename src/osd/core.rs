@@ -850,10 +850,7 @@ impl<N: Network> OsdCore<N> {
     /// Applies the op to the store. False when no output buffer is free (the op waits).
     fn exec_run(&mut self, op_ref: OpRef) -> bool {
         let op = self.exec.get(op_ref);
-        if op.mutates
-            && self.transport.has_stored_bodies()
-            && !self.transport.copy_stored_bodies(&mut self.pools)
-        {
+        if op.mutates && !self.copy_stored_bodies() {
             // Replies still send from store memory this op may change or free; copying
             // them ran out of buffers. The next pass writes some and copies the rest.
             self.counters.add(Counter::buffer_waits, 1);
@@ -947,19 +944,37 @@ impl<N: Network> OsdCore<N> {
         true
     }
 
-    /// Serves an op of one whole-block read for a client of this core's TCP transport from
-    /// the store's memory, if the store can (`ObjectStore::read_in_place`): the reply then
-    /// sends the stored bytes with their kept crc, no copy into a pool buffer and no hashing
-    /// here. The bytes may stay queued past this pass; `exec_run` copies them before any
-    /// mutation reaches the store, which is what makes the view sound. True when served.
-    fn exec_read_in_place(&mut self, op_ref: OpRef) -> bool {
-        let op = self.exec.get(op_ref);
-        if op.mutates
-            || op.header.sub_op_count != 1
-            || !matches!(op.origin, Origin::Local(ReplyTo::Tcp(_)))
+    /// Has both transports copy every reply body still in store memory (`Body::Stored`) into
+    /// pool buffers, before a mutation may change or free that memory. False when a pool ran
+    /// out of buffers first (the mutation waits).
+    fn copy_stored_bodies(&mut self) -> bool {
+        if self.transport.has_stored_bodies() && !self.transport.copy_stored_bodies(&mut self.pools)
         {
             return false;
         }
+        match self.udp.as_mut() {
+            Some(udp) if udp.has_stored_bodies() => udp.copy_stored_bodies(&mut self.pools),
+            _ => true,
+        }
+    }
+
+    /// Serves an op of one whole-block read for a client of this core (TCP or the datagram
+    /// RPC) from the store's memory, if the store can (`ObjectStore::read_in_place`): the
+    /// reply then carries the stored bytes with their kept crc, no copy into an output buffer
+    /// and no hashing here (TCP sends them from the store; the datagram RPC copies them once,
+    /// straight into its response, which it had to copy the output into anyway). The bytes
+    /// may stay queued past this pass; `exec_run` copies them before any mutation reaches the
+    /// store, which is what makes the view sound. True when served.
+    fn exec_read_in_place(&mut self, op_ref: OpRef) -> bool {
+        let op = self.exec.get(op_ref);
+        if op.mutates || op.header.sub_op_count != 1 {
+            return false;
+        }
+        let sent_later = match op.origin {
+            Origin::Local(ReplyTo::Tcp(_)) => true,
+            Origin::Local(ReplyTo::Udp(_)) => false,
+            _ => return false,
+        };
         let frame = op
             .frame
             .as_ref()
@@ -984,6 +999,9 @@ impl<N: Network> OsdCore<N> {
         // this core submits none while a reply holds them: `exec_run` has the transport copy
         // every `Body::Stored` first (and the view stays on this core).
         let stored = unsafe { StoredBytes::new(read.ptr, read.len, read.crc) };
+        if sent_later {
+            stored.prefetch();
+        }
         let op = self.exec.get(op_ref);
         op.results.count = 1;
         op.results.items[0] = (u32::from(STATUS_OK), read.len as u32);
@@ -1481,6 +1499,10 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     c.set(Counter::udp_payload_copies, udp.frames_copied);
     c.set(Counter::udp_rx_copied_bytes, udp.rx_copied_bytes);
     c.set(Counter::udp_tx_copied_bytes, udp.tx_copied_bytes);
+    // Whole-block reads answered from the store's memory: the output copied once, straight
+    // into the response, with the store's crc (and how many first waited in a pool buffer).
+    c.set(Counter::udp_replies_from_store, udp.replies_from_store);
+    c.set(Counter::udp_stored_bodies_copied, udp.stored_bodies_copied);
     c.set(
         Counter::udp_malformed,
         udp.malformed_frames + udp.rpc.malformed,
