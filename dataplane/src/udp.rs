@@ -9,7 +9,9 @@
 //! copied once into one contiguous buffer (the frame parser and the store need contiguous
 //! bytes); `stats.frames_copied` / `rx_copied_bytes` count exactly that. Responses are copied
 //! once into a pool chunk (reply head and output back to back, several per chunk), because the
-//! RPC slices a response into packets and keeps it for resends until the client moves on.
+//! RPC slices a response into packets and keeps it for resends until the client moves on. A
+//! response of at most `INLINE_RESPONSE_MAX_BYTES` (a write's reply: its head alone) is kept
+//! inline in the RPC's slot instead: no chunk, no lease to take and give back.
 //!
 //! The RPC drops the buffers it holds (`B` and `R` are `PoolBytes`) wherever it likes; a pool
 //! handle may only go back through the pool's `&mut` methods, so a dropped `PoolBytes` parks its
@@ -96,6 +98,30 @@ impl PoolBytes {
 impl AsRef<[u8]> for PoolBytes {
     fn as_ref(&self) -> &[u8] {
         self.lease.as_ref().map_or(&[], Lease::as_slice)
+    }
+}
+
+/// Responses this small are kept inline (`Response::Inline`): a reply head with up to three
+/// sub-op results and no output, which is what every write is answered with.
+pub const INLINE_RESPONSE_MAX_BYTES: usize = wire::HEADER_SIZE + 3 * wire::SUB_OP_RESULT_SIZE;
+
+/// A response the RPC keeps until the client's next request on the slot.
+pub enum Response {
+    /// Copied into a pool chunk (or a large buffer), held as a lease.
+    Pool(PoolBytes),
+    /// Small enough to keep in place (see `INLINE_RESPONSE_MAX_BYTES`).
+    Inline {
+        bytes: [u8; INLINE_RESPONSE_MAX_BYTES],
+        len: u8,
+    },
+}
+
+impl AsRef<[u8]> for Response {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Response::Pool(bytes) => bytes.as_ref(),
+            Response::Inline { bytes, len } => &bytes[..usize::from(*len)],
+        }
     }
 }
 
@@ -364,7 +390,7 @@ struct PendingReply {
 pub struct RpcTransport<P: DatagramPort> {
     core: usize,
     port: P,
-    rpc: RpcServer<P::Addr, PoolBytes, PoolBytes>,
+    rpc: RpcServer<P::Addr, PoolBytes, Response>,
     limits: Limits,
     message_bytes_max: usize,
     /// Chunks datagrams are received into, and responses written into.
@@ -638,9 +664,9 @@ impl<P: DatagramPort> RpcTransport<P> {
                         }
                         // Not a frame at all: an empty response ends the request.
                         _ => {
-                            let empty = PoolBytes {
-                                lease: None,
-                                graveyard: self.graveyard.clone(),
+                            let empty = Response::Inline {
+                                bytes: [0; INLINE_RESPONSE_MAX_BYTES],
+                                len: 0,
                             };
                             let _ = self.rpc.reply(handle, empty);
                         }
@@ -725,21 +751,31 @@ impl<P: DatagramPort> RpcTransport<P> {
         body: Body,
     ) -> Result<(), Body> {
         let len = head.len() + body.as_slice().len();
-        if self.held + 1 >= HELD_MAX {
-            return Err(body);
-        }
-        let Some(lease) = self.write_response(pools, len, |out| {
-            out[..head.len()].copy_from_slice(head);
-            out[head.len()..len].copy_from_slice(body.as_slice());
-        }) else {
-            return Err(body);
+        let response = if len <= INLINE_RESPONSE_MAX_BYTES {
+            let mut bytes = [0u8; INLINE_RESPONSE_MAX_BYTES];
+            bytes[..head.len()].copy_from_slice(head);
+            bytes[head.len()..len].copy_from_slice(body.as_slice());
+            Response::Inline {
+                bytes,
+                len: len as u8,
+            }
+        } else {
+            if self.held + 1 >= HELD_MAX {
+                return Err(body);
+            }
+            let Some(lease) = self.write_response(pools, len, |out| {
+                out[..head.len()].copy_from_slice(head);
+                out[head.len()..len].copy_from_slice(body.as_slice());
+            }) else {
+                return Err(body);
+            };
+            Response::Pool(self.hold(lease))
         };
         self.stats.tx_copied_bytes += len as u64;
         if matches!(body, Body::Stored(_)) {
             self.stats.replies_from_store += 1;
         }
         self.release_body(pools, body);
-        let response = self.hold(lease);
         // Err: the client gave up on the request and moved on; the response is dropped.
         let _ = self.rpc.reply(handle, response);
         Ok(())
@@ -807,9 +843,16 @@ impl<P: DatagramPort> RpcTransport<P> {
         let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
         let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
             let len = header.len() + payload.len();
-            // SAFETY: the RPC's payloads are slices of the responses it holds, `PoolBytes`
-            // leases over sealed bytes of this core's pools (`write_response`).
-            match unsafe { port.send_from_pool(pools, peer, header, payload) } {
+            let sent = if payload.len() <= INLINE_RESPONSE_MAX_BYTES {
+                // Perhaps a `Response::Inline` (not pool memory): copied, as a payload this
+                // small would be anyway.
+                port.send(peer, header, payload)
+            } else {
+                // SAFETY: a payload this long is a slice of a `Response::Pool` the RPC holds, a
+                // `PoolBytes` lease over sealed bytes of this core's pools (`write_response`).
+                unsafe { port.send_from_pool(pools, peer, header, payload) }
+            };
+            match sent {
                 Ok(true) => {
                     stats.datagrams_tx += 1;
                     stats.tx_bytes += len as u64;
@@ -895,7 +938,7 @@ pub(crate) fn rx_spare<'a>(
 
 /// The first bytes of a request still held by the RPC (for error replies).
 fn message_head<A: Copy + Eq + Hash>(
-    rpc: &RpcServer<A, PoolBytes, PoolBytes>,
+    rpc: &RpcServer<A, PoolBytes, Response>,
     handle: RequestHandle,
 ) -> [u8; wire::HEADER_SIZE] {
     let mut head = [0u8; wire::HEADER_SIZE];
@@ -1276,6 +1319,60 @@ mod tests {
             1,
             "the second went out from its pool copy"
         );
+        server.close_all(&mut pools);
+        assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    /// A write's reply (a head with one result, no output) is kept inline in the RPC: no
+    /// response chunk is taken, and the client gets a valid frame.
+    #[test]
+    fn small_replies_are_kept_inline() {
+        let mut pools = pools();
+        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let mut server = UdpRpcTransport::new(
+            0,
+            socket.into_iter().next().unwrap(),
+            Limits::DEFAULT,
+            0,
+            RPC_MTU_DEFAULT,
+        )
+        .unwrap();
+        let to = server.local_addr().unwrap();
+        let mut client_port =
+            crate::dgram::socket::UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX)
+                .unwrap();
+        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
+            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
+        let session = client.open_session(to).unwrap();
+        client.request(session, write_frame(4096), 0).unwrap();
+        client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+        let mut request = None;
+        for _ in 0..100_000 {
+            server.poll_rx(&mut pools, 16, 1, &mut |r| request = Some(r));
+            if request.is_some() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let request = request.expect("request never arrived");
+        pools.release_lease(request.frame);
+        let in_use = pools.in_use();
+        let results = [(0, 0)];
+        server.reply(
+            &mut pools,
+            request.handle,
+            &request.header,
+            Status::Ok,
+            &results,
+            Body::None,
+        );
+        assert_eq!(pools.in_use(), in_use, "no buffer taken for the response");
+        server.flush_tx(&mut pools);
+        let response = await_response(&mut client, &mut client_port);
+        assert_eq!(response.len(), wire::HEADER_SIZE + wire::SUB_OP_RESULT_SIZE);
+        assert!(response.len() <= INLINE_RESPONSE_MAX_BYTES);
+        assert_reply(&response, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(server.stats().tx_copied_bytes, response.len() as u64);
         server.close_all(&mut pools);
         assert_eq!(pools.in_use(), 0, "every buffer came back");
     }
