@@ -253,6 +253,14 @@ mod run {
             "only small payloads copied into mbufs: {status}"
         );
         assert_eq!(total(&status, "dpdk_tx_attached_held"), 0, "{status}");
+        // Every read (one whole 4 KiB block of the memory store, on the core that received
+        // it) was answered from the store's memory with the crc the store keeps: no output
+        // buffer, no hashing of the output; its bytes copied once, into the response.
+        assert_eq!(
+            total(&status, "udp_replies_from_store"),
+            reads,
+            "every read reply copied straight from the store: {status}"
+        );
         assert_eq!(total(&status, "udp_malformed"), 0, "{status}");
         assert_eq!(
             total(&status, "dpdk_ignored"),

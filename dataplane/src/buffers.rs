@@ -115,19 +115,19 @@ impl StoredBytes {
     /// `crc` must be the crc32c of those bytes.
     pub unsafe fn new(ptr: *const u8, len: usize, crc: u32) -> StoredBytes {
         assert!(!ptr.is_null());
-        let stored = StoredBytes { ptr, len, crc };
-        stored.prefetch();
-        stored
+        StoredBytes { ptr, len, crc }
     }
 
     /// Asks the CPU to start loading the bytes into its caches, without waiting for them.
+    /// For a body sent later in the pass (TCP), not for one copied at once (the datagram RPC
+    /// copies it into its response when the op finishes: 64 hints per 4 KiB for nothing).
     ///
     /// Why: the kernel copies them when the reply is written, at the end of the core's pass;
     /// with a data set larger than the caches that copy waits on memory at every cache line,
     /// one block after another (40% of a 1-core memory-store randread server's cycles, in
     /// `_copy_from_iter`). Asked for when the op runs, the lines of all the pass's blocks
     /// load together while the core handles its other ops.
-    fn prefetch(&self) {
+    pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};

@@ -9,7 +9,9 @@
 //! copied once into one contiguous buffer (the frame parser and the store need contiguous
 //! bytes); `stats.frames_copied` / `rx_copied_bytes` count exactly that. Responses are copied
 //! once into a pool chunk (reply head and output back to back, several per chunk), because the
-//! RPC slices a response into packets and keeps it for resends until the client moves on.
+//! RPC slices a response into packets and keeps it for resends until the client moves on. A
+//! response of at most `INLINE_RESPONSE_MAX_BYTES` (a write's reply: its head alone) is kept
+//! inline in the RPC's slot instead: no chunk, no lease to take and give back.
 //!
 //! The RPC drops the buffers it holds (`B` and `R` are `PoolBytes`) wherever it likes; a pool
 //! handle may only go back through the pool's `&mut` methods, so a dropped `PoolBytes` parks its
@@ -99,6 +101,30 @@ impl AsRef<[u8]> for PoolBytes {
     }
 }
 
+/// Responses this small are kept inline (`Response::Inline`): a reply head with up to three
+/// sub-op results and no output, which is what every write is answered with.
+pub const INLINE_RESPONSE_MAX_BYTES: usize = wire::HEADER_SIZE + 3 * wire::SUB_OP_RESULT_SIZE;
+
+/// A response the RPC keeps until the client's next request on the slot.
+pub enum Response {
+    /// Copied into a pool chunk (or a large buffer), held as a lease.
+    Pool(PoolBytes),
+    /// Small enough to keep in place (see `INLINE_RESPONSE_MAX_BYTES`).
+    Inline {
+        bytes: [u8; INLINE_RESPONSE_MAX_BYTES],
+        len: u8,
+    },
+}
+
+impl AsRef<[u8]> for Response {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Response::Pool(bytes) => bytes.as_ref(),
+            Response::Inline { bytes, len } => &bytes[..usize::from(*len)],
+        }
+    }
+}
+
 impl Drop for PoolBytes {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
@@ -133,6 +159,12 @@ pub struct UdpStats {
     pub rx_copied_bytes: u64,
     /// Bytes copied into response buffers (reply heads and outputs).
     pub tx_copied_bytes: u64,
+    /// Replies whose output was copied into the response straight from the store's memory,
+    /// with the crc the store kept (`Body::Stored`: no output buffer, no hashing).
+    pub replies_from_store: u64,
+    /// Store-memory outputs that waited for a response buffer and were copied into a pool
+    /// buffer first, because an op was about to change the store (`copy_stored_bodies`).
+    pub stored_bodies_copied: u64,
     /// Complete messages that were not a valid wire frame.
     pub malformed_frames: u64,
     /// Receives skipped (no chunk, or `HELD_MAX` leases out) and replies that waited for one.
@@ -290,6 +322,10 @@ pub trait RpcNet {
     fn flush_tx(&mut self, pools: &mut CorePools) -> usize;
     fn take_foreign(&mut self) -> Option<Body>;
     fn has_pending_tx(&self) -> bool;
+    /// Whether replies waiting here still hold bytes in store memory (`Body::Stored`).
+    fn has_stored_bodies(&self) -> bool;
+    /// Copies those into pool buffers (before the store changes); false when a pool ran out.
+    fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool;
     fn close_all(&mut self, pools: &mut CorePools);
     fn stats(&self) -> UdpStats;
     fn fd(&self) -> Option<RawFd>;
@@ -325,6 +361,12 @@ impl<P: DatagramPort> RpcNet for RpcTransport<P> {
     fn has_pending_tx(&self) -> bool {
         RpcTransport::has_pending_tx(self)
     }
+    fn has_stored_bodies(&self) -> bool {
+        RpcTransport::has_stored_bodies(self)
+    }
+    fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
+        RpcTransport::copy_stored_bodies(self, pools)
+    }
     fn close_all(&mut self, pools: &mut CorePools) {
         RpcTransport::close_all(self, pools)
     }
@@ -348,7 +390,7 @@ struct PendingReply {
 pub struct RpcTransport<P: DatagramPort> {
     core: usize,
     port: P,
-    rpc: RpcServer<P::Addr, PoolBytes, PoolBytes>,
+    rpc: RpcServer<P::Addr, PoolBytes, Response>,
     limits: Limits,
     message_bytes_max: usize,
     /// Chunks datagrams are received into, and responses written into.
@@ -361,6 +403,9 @@ pub struct RpcTransport<P: DatagramPort> {
     ready: VecDeque<RequestHandle>,
     /// Replies that found no buffer; retried by `flush_tx`.
     pending: VecDeque<PendingReply>,
+    /// Replies in `pending` whose body is `Body::Stored` (store memory: see
+    /// `copy_stored_bodies`).
+    pending_stored: usize,
     /// Bodies of other cores' pools, to be sent home by the core.
     foreign: VecDeque<Body>,
     /// Test knob: drop every Nth received datagram (0: never).
@@ -416,6 +461,7 @@ impl<P: DatagramPort> RpcTransport<P> {
             held: 0,
             ready: VecDeque::with_capacity(requests_max),
             pending: VecDeque::with_capacity(requests_max),
+            pending_stored: 0,
             foreign: VecDeque::with_capacity(requests_max),
             drop_every,
             last_expire_ns: 0,
@@ -438,6 +484,31 @@ impl<P: DatagramPort> RpcTransport<P> {
     /// Replies waiting for a buffer or packets waiting for the socket.
     pub fn has_pending_tx(&self) -> bool {
         !self.pending.is_empty() || self.rpc.has_pending_tx()
+    }
+
+    /// Whether replies waiting for a buffer still hold bytes in store memory.
+    pub fn has_stored_bodies(&self) -> bool {
+        self.pending_stored > 0
+    }
+
+    /// Copies the store bytes of every waiting `Body::Stored` reply into a pool buffer of its
+    /// own, so that the store may change or free its memory: the core calls this before any op
+    /// that mutates the store (the rule `StoredBytes` relies on). The bytes are the same, so
+    /// the crc already in the reply head holds. False when a pool ran out of buffers first
+    /// (the mutation waits; the next `flush_tx` may send some of the replies).
+    pub fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
+        for reply in self.pending.iter_mut() {
+            if !matches!(reply.body, Body::Stored(_)) {
+                continue;
+            }
+            if !reply.body.copy_stored(pools) {
+                return false;
+            }
+            self.pending_stored -= 1;
+            self.stats.stored_bodies_copied += 1;
+        }
+        assert_eq!(self.pending_stored, 0, "every stored body was copied");
+        true
     }
 
     /// A body of another core's pool, for the core to send home.
@@ -593,9 +664,9 @@ impl<P: DatagramPort> RpcTransport<P> {
                         }
                         // Not a frame at all: an empty response ends the request.
                         _ => {
-                            let empty = PoolBytes {
-                                lease: None,
-                                graveyard: self.graveyard.clone(),
+                            let empty = Response::Inline {
+                                bytes: [0; INLINE_RESPONSE_MAX_BYTES],
+                                len: 0,
                             };
                             let _ = self.rpc.reply(handle, empty);
                         }
@@ -620,8 +691,18 @@ impl<P: DatagramPort> RpcTransport<P> {
     ) {
         let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
         let body_len = body.as_slice().len();
-        let mut head_len =
-            wire::encode_reply(&mut head, request, status, results, &[body.as_slice()]);
+        let mut head_len = match &body {
+            // The store kept the bytes' crc: they are not read here.
+            Body::Stored(stored) => wire::encode_reply_with_output_crc(
+                &mut head,
+                request,
+                status,
+                results,
+                body_len,
+                stored.crc(),
+            ),
+            body => wire::encode_reply(&mut head, request, status, results, &[body.as_slice()]),
+        };
         let body = if head_len + body_len > self.message_bytes_max {
             // The client cannot take it in one RPC message: say so instead.
             self.stats.replies_too_large += 1;
@@ -634,25 +715,32 @@ impl<P: DatagramPort> RpcTransport<P> {
         self.reap(pools);
         if !self.pending.is_empty() {
             // Order is kept: a later reply does not take a buffer an earlier one waits for.
-            assert!(self.pending.len() < self.pending.capacity());
-            self.pending.push_back(PendingReply {
-                handle,
-                head,
-                head_len,
-                body,
-            });
+            self.wait_for_buffer(handle, head, head_len, body);
             return;
         }
         if let Err(body) = self.try_reply(pools, handle, &head[..head_len], body) {
             self.stats.tx_pool_waits += 1;
-            assert!(self.pending.len() < self.pending.capacity());
-            self.pending.push_back(PendingReply {
-                handle,
-                head,
-                head_len,
-                body,
-            });
+            self.wait_for_buffer(handle, head, head_len, body);
         }
+    }
+
+    fn wait_for_buffer(
+        &mut self,
+        handle: RequestHandle,
+        head: [u8; REPLY_HEAD_MAX_BYTES],
+        head_len: usize,
+        body: Body,
+    ) {
+        assert!(self.pending.len() < self.pending.capacity());
+        if matches!(body, Body::Stored(_)) {
+            self.pending_stored += 1;
+        }
+        self.pending.push_back(PendingReply {
+            handle,
+            head,
+            head_len,
+            body,
+        });
     }
 
     fn try_reply(
@@ -663,18 +751,31 @@ impl<P: DatagramPort> RpcTransport<P> {
         body: Body,
     ) -> Result<(), Body> {
         let len = head.len() + body.as_slice().len();
-        if self.held + 1 >= HELD_MAX {
-            return Err(body);
-        }
-        let Some(lease) = self.write_response(pools, len, |out| {
-            out[..head.len()].copy_from_slice(head);
-            out[head.len()..len].copy_from_slice(body.as_slice());
-        }) else {
-            return Err(body);
+        let response = if len <= INLINE_RESPONSE_MAX_BYTES {
+            let mut bytes = [0u8; INLINE_RESPONSE_MAX_BYTES];
+            bytes[..head.len()].copy_from_slice(head);
+            bytes[head.len()..len].copy_from_slice(body.as_slice());
+            Response::Inline {
+                bytes,
+                len: len as u8,
+            }
+        } else {
+            if self.held + 1 >= HELD_MAX {
+                return Err(body);
+            }
+            let Some(lease) = self.write_response(pools, len, |out| {
+                out[..head.len()].copy_from_slice(head);
+                out[head.len()..len].copy_from_slice(body.as_slice());
+            }) else {
+                return Err(body);
+            };
+            Response::Pool(self.hold(lease))
         };
         self.stats.tx_copied_bytes += len as u64;
+        if matches!(body, Body::Stored(_)) {
+            self.stats.replies_from_store += 1;
+        }
         self.release_body(pools, body);
-        let response = self.hold(lease);
         // Err: the client gave up on the request and moved on; the response is dropped.
         let _ = self.rpc.reply(handle, response);
         Ok(())
@@ -724,7 +825,12 @@ impl<P: DatagramPort> RpcTransport<P> {
                 head_len,
                 body,
             } = pending;
+            let stored = matches!(body, Body::Stored(_));
+            if stored {
+                self.pending_stored -= 1;
+            }
             if let Err(body) = self.try_reply(pools, handle, &head[..head_len], body) {
+                self.pending_stored += usize::from(stored);
                 self.pending.push_front(PendingReply {
                     handle,
                     head,
@@ -737,9 +843,16 @@ impl<P: DatagramPort> RpcTransport<P> {
         let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
         let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
             let len = header.len() + payload.len();
-            // SAFETY: the RPC's payloads are slices of the responses it holds, `PoolBytes`
-            // leases over sealed bytes of this core's pools (`write_response`).
-            match unsafe { port.send_from_pool(pools, peer, header, payload) } {
+            let sent = if payload.len() <= INLINE_RESPONSE_MAX_BYTES {
+                // Perhaps a `Response::Inline` (not pool memory): copied, as a payload this
+                // small would be anyway.
+                port.send(peer, header, payload)
+            } else {
+                // SAFETY: a payload this long is a slice of a `Response::Pool` the RPC holds, a
+                // `PoolBytes` lease over sealed bytes of this core's pools (`write_response`).
+                unsafe { port.send_from_pool(pools, peer, header, payload) }
+            };
+            match sent {
                 Ok(true) => {
                     stats.datagrams_tx += 1;
                     stats.tx_bytes += len as u64;
@@ -767,6 +880,7 @@ impl<P: DatagramPort> RpcTransport<P> {
         while let Some(pending) = self.pending.pop_front() {
             self.release_body(pools, pending.body);
         }
+        self.pending_stored = 0;
         self.ready.clear();
         for chunk in [self.rx_chunk.take(), self.tx_chunk.take()]
             .into_iter()
@@ -824,7 +938,7 @@ pub(crate) fn rx_spare<'a>(
 
 /// The first bytes of a request still held by the RPC (for error replies).
 fn message_head<A: Copy + Eq + Hash>(
-    rpc: &RpcServer<A, PoolBytes, PoolBytes>,
+    rpc: &RpcServer<A, PoolBytes, Response>,
     handle: RequestHandle,
 ) -> [u8; wire::HEADER_SIZE] {
     let mut head = [0u8; wire::HEADER_SIZE];
@@ -966,7 +1080,7 @@ mod tests {
     use super::*;
     use crate::buffers::PoolSizes;
     use crate::dgram::RpcClient;
-    use crate::wire::{Opcode, SubOpSpec};
+    use crate::wire::{Frame, Opcode, SubOpSpec};
 
     fn pools() -> CorePools {
         let sizes = PoolSizes {
@@ -1040,6 +1154,225 @@ mod tests {
         assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 1));
         assert_eq!(stats.rx_copied_bytes, big.len() as u64);
         pools.release_lease(request.frame);
+        server.close_all(&mut pools);
+        assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    /// Receives on `client_port` until `client` hands up a response; returns its bytes.
+    fn await_response(
+        client: &mut RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>>,
+        client_port: &mut crate::dgram::socket::UdpSocketPort,
+    ) -> Vec<u8> {
+        for _ in 0..100_000 {
+            if let Some((buf, peer)) = client_port.recv().unwrap() {
+                let mut got = None;
+                client.receive(peer, buf, 0, 1, &mut |_, _, response| {
+                    let message = response.expect("a response, not an error");
+                    let mut bytes = vec![0; message.len()];
+                    message.copy_to(&mut bytes);
+                    got = Some(bytes);
+                });
+                if let Some(bytes) = got {
+                    return bytes;
+                }
+            }
+            std::thread::yield_now();
+        }
+        panic!("response never arrived");
+    }
+
+    /// The reply to `request` must be a valid frame (its crc over what was sent) whose output
+    /// is `expected`.
+    fn assert_reply(response: &[u8], expected: &[u8]) {
+        let header = wire::parse_header(response, &Limits::DEFAULT)
+            .unwrap()
+            .expect("a whole frame");
+        assert_eq!(header.frame_len(), response.len());
+        assert!(
+            Frame::view(header, response).crc_ok(response),
+            "the reply crc covers the bytes sent"
+        );
+        assert_eq!(&response[response.len() - expected.len()..], expected);
+    }
+
+    /// A read answered from store memory (`Body::Stored`) is copied once, straight into the
+    /// response, with the store's crc. One that must wait for a response buffer is copied
+    /// into a pool buffer by `copy_stored_bodies` (which a mutation of the store waits for),
+    /// and still sends the bytes as they were when the op read them.
+    #[test]
+    fn stored_bodies_are_copied_into_the_response_or_out_of_the_store_before_it_changes() {
+        use crate::buffers::StoredBytes;
+        use crate::dgram::socket::UdpSocketPort;
+        let mut pools = pools();
+        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let mut server = UdpRpcTransport::new(
+            0,
+            socket.into_iter().next().unwrap(),
+            Limits::DEFAULT,
+            0,
+            RPC_MTU_DEFAULT,
+        )
+        .unwrap();
+        let mut store = vec![0x11u8; 4096];
+        let to = server.local_addr().unwrap();
+        let mut client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
+        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
+            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
+        let session = client.open_session(to).unwrap();
+        type Client = RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>>;
+        fn read(
+            (client, client_port, session): (&mut Client, &UdpSocketPort, crate::dgram::SessionId),
+            server: &mut UdpRpcTransport,
+            pools: &mut CorePools,
+        ) -> UdpRequest {
+            let mut frame = Vec::new();
+            let ops = [SubOpSpec::read(0, 4096)];
+            wire::encode_request(&mut frame, Opcode::OsdOp, 9, b"obj.1", &ops, b"");
+            client.request(session, frame, 0).unwrap();
+            client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+            for _ in 0..100_000 {
+                let mut got = None;
+                server.poll_rx(pools, 16, 1, &mut |r| got = Some(r));
+                if let Some(request) = got {
+                    return request;
+                }
+                std::thread::yield_now();
+            }
+            panic!("request never arrived");
+        }
+
+        // Straight into the response.
+        let request = read(
+            (&mut client, &client_port, session),
+            &mut server,
+            &mut pools,
+        );
+        pools.release_lease(request.frame);
+        let crc = carmine_crc::crc32c(&store);
+        // SAFETY: `store` is not changed while the body exists (it is copied in `reply`).
+        let stored = unsafe { StoredBytes::new(store.as_ptr(), store.len(), crc) };
+        let results = [(0, 4096)];
+        let body = Body::Stored(stored);
+        server.reply(
+            &mut pools,
+            request.handle,
+            &request.header,
+            Status::Ok,
+            &results,
+            body,
+        );
+        assert!(!server.has_stored_bodies(), "copied at once");
+        assert_eq!(server.stats().replies_from_store, 1);
+        server.flush_tx(&mut pools);
+        let response = await_response(&mut client, &mut client_port);
+        assert_reply(&response, &store);
+
+        // No response buffer: the reply waits, holding store memory, until copied out of it.
+        let request = read(
+            (&mut client, &client_port, session),
+            &mut server,
+            &mut pools,
+        );
+        pools.release_lease(request.frame);
+        if let Some(chunk) = server.tx_chunk.take() {
+            pools.release(chunk);
+        }
+        let mut taken = Vec::new();
+        while let Some(buf) = pools.small.acquire() {
+            taken.push(buf);
+        }
+        while let Some(buf) = pools.large.acquire() {
+            taken.push(buf);
+        }
+        // SAFETY: `store` changes only after `copy_stored_bodies` returned true below.
+        let stored = unsafe { StoredBytes::new(store.as_ptr(), store.len(), crc) };
+        let body = Body::Stored(stored);
+        server.reply(
+            &mut pools,
+            request.handle,
+            &request.header,
+            Status::Ok,
+            &results,
+            body,
+        );
+        assert!(
+            server.has_stored_bodies(),
+            "waiting for a buffer, still in the store"
+        );
+        assert!(
+            !server.copy_stored_bodies(&mut pools),
+            "no buffer to copy into either: the mutation must wait"
+        );
+        for buf in taken {
+            pools.release(buf);
+        }
+        assert!(server.copy_stored_bodies(&mut pools));
+        assert!(!server.has_stored_bodies());
+        assert_eq!(server.stats().stored_bodies_copied, 1);
+        let before = store.clone();
+        store.fill(0x22); // the store changes: the waiting reply has its own copy
+        server.flush_tx(&mut pools);
+        let response = await_response(&mut client, &mut client_port);
+        assert_reply(&response, &before);
+        assert_eq!(
+            server.stats().replies_from_store,
+            1,
+            "the second went out from its pool copy"
+        );
+        server.close_all(&mut pools);
+        assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    /// A write's reply (a head with one result, no output) is kept inline in the RPC: no
+    /// response chunk is taken, and the client gets a valid frame.
+    #[test]
+    fn small_replies_are_kept_inline() {
+        let mut pools = pools();
+        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let mut server = UdpRpcTransport::new(
+            0,
+            socket.into_iter().next().unwrap(),
+            Limits::DEFAULT,
+            0,
+            RPC_MTU_DEFAULT,
+        )
+        .unwrap();
+        let to = server.local_addr().unwrap();
+        let mut client_port =
+            crate::dgram::socket::UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX)
+                .unwrap();
+        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
+            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
+        let session = client.open_session(to).unwrap();
+        client.request(session, write_frame(4096), 0).unwrap();
+        client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+        let mut request = None;
+        for _ in 0..100_000 {
+            server.poll_rx(&mut pools, 16, 1, &mut |r| request = Some(r));
+            if request.is_some() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let request = request.expect("request never arrived");
+        pools.release_lease(request.frame);
+        let in_use = pools.in_use();
+        let results = [(0, 0)];
+        server.reply(
+            &mut pools,
+            request.handle,
+            &request.header,
+            Status::Ok,
+            &results,
+            Body::None,
+        );
+        assert_eq!(pools.in_use(), in_use, "no buffer taken for the response");
+        server.flush_tx(&mut pools);
+        let response = await_response(&mut client, &mut client_port);
+        assert_eq!(response.len(), wire::HEADER_SIZE + wire::SUB_OP_RESULT_SIZE);
+        assert!(response.len() <= INLINE_RESPONSE_MAX_BYTES);
+        assert_reply(&response, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(server.stats().tx_copied_bytes, response.len() as u64);
         server.close_all(&mut pools);
         assert_eq!(pools.in_use(), 0, "every buffer came back");
     }

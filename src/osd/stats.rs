@@ -97,6 +97,8 @@ counters!(
     udp_payload_copies,
     udp_rx_copied_bytes,
     udp_tx_copied_bytes,
+    udp_replies_from_store,
+    udp_stored_bodies_copied,
     udp_malformed,
     udp_duplicates,
     udp_retransmits,
