@@ -807,6 +807,8 @@ fn encode_reply_head(
     output_len: usize,
     append_output: impl FnOnce(&mut FrameCrc),
 ) -> usize {
+    // A reply answers one op: at most `SUB_OPS_CEILING` results (they travel inline).
+    assert!(results.len() <= usize::from(SUB_OPS_CEILING));
     let table_len = results.len() * SUB_OP_RESULT_SIZE;
     assert!(out.len() >= HEADER_SIZE + table_len);
     // OSD_OP replies: the outputs are exactly what the results announce. PING and STATUS
@@ -832,8 +834,15 @@ fn encode_reply_head(
     };
     let mut raw = [0u8; HEADER_SIZE];
     header.encode(&mut raw);
-    let mut crc = FrameCrc::new(&raw);
-    crc.append(&out[HEADER_SIZE..HEADER_SIZE + table_len]);
+    // The header's first 28 bytes and the result table are hashed as one run (in `out` the
+    // crc field lies between them): one short crc call per reply head instead of two.
+    let mut hashed = [0u8; HEADER_CRC_OFFSET + SUB_OPS_CEILING as usize * SUB_OP_RESULT_SIZE];
+    hashed[..HEADER_CRC_OFFSET].copy_from_slice(&raw[..HEADER_CRC_OFFSET]);
+    hashed[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + table_len]
+        .copy_from_slice(&out[HEADER_SIZE..HEADER_SIZE + table_len]);
+    let mut crc = FrameCrc(carmine_crc::crc32c(
+        &hashed[..HEADER_CRC_OFFSET + table_len],
+    ));
     append_output(&mut crc);
     set_header_crc(&mut raw, crc.finish());
     out[..HEADER_SIZE].copy_from_slice(&raw);
@@ -951,6 +960,29 @@ mod tests {
         assert_eq!(frame.header.request_id, 9);
         let results: Vec<_> = frame.reply_results().unwrap().collect();
         assert_eq!(results, vec![(0, &b"abc"[..]), (1, &b"de"[..])]);
+    }
+
+    /// The head's crc is one call over the header and the table (hashed apart from `out`),
+    /// and the receiver's check (which hashes the frame as received) holds for every table size.
+    #[test]
+    fn reply_heads_of_every_table_size_carry_the_right_crc() {
+        let request = Header {
+            opcode: Opcode::OsdOp as u8,
+            request_id: 5,
+            ..Header::default()
+        };
+        for count in 0..=usize::from(SUB_OPS_CEILING) {
+            let results: Vec<(u32, u32)> = (0..count as u32).map(|i| (i, 1)).collect();
+            let outputs: Vec<u8> = (0..count as u8).collect();
+            let mut head = vec![0u8; HEADER_SIZE + count * SUB_OP_RESULT_SIZE];
+            let n = encode_reply(&mut head, &request, Status::Ok, &results, &[&outputs]);
+            let mut frame_bytes = head[..n].to_vec();
+            frame_bytes.extend_from_slice(&outputs);
+            assert!(
+                parse_one(&frame_bytes).crc_ok(&frame_bytes),
+                "{count} results"
+            );
+        }
     }
 
     #[test]
