@@ -132,13 +132,26 @@ impl StoredBytes {
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
             const CACHE_LINE_BYTES: usize = 64;
+            // Eight lines per loop step: a one-line loop spent three bookkeeping instructions
+            // per hint (267 instructions per 4 KiB block under callgrind, 10% of a read op's
+            // user-space path); the hints themselves are what the loop is for.
+            const LINES_PER_STEP: usize = 8;
+            const STEP_BYTES: usize = CACHE_LINE_BYTES * LINES_PER_STEP;
             let mut offset = 0;
             while offset < self.len {
-                let line = self.ptr.wrapping_add(offset);
-                // SAFETY: SSE is part of x86-64's baseline, and a prefetch is a hint that
-                // reads nothing architecturally and never faults (the bytes are readable).
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(line.cast()) };
-                offset += CACHE_LINE_BYTES;
+                let step = self.ptr.wrapping_add(offset);
+                for line in 0..LINES_PER_STEP {
+                    // SAFETY: SSE is part of x86-64's baseline, and a prefetch is a hint that
+                    // reads nothing architecturally and never faults (the bytes are readable;
+                    // a hint past their end, in the last step of a length that is not a
+                    // multiple of STEP_BYTES, is a hint about an address, not a read).
+                    unsafe {
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            step.wrapping_add(line * CACHE_LINE_BYTES).cast(),
+                        )
+                    };
+                }
+                offset += STEP_BYTES;
             }
         }
     }

@@ -31,6 +31,9 @@ pub const REPLY_HEAD_MAX_BYTES: usize = HEADER_SIZE + SUB_OPS_CEILING as usize *
 const EPOLL_EVENTS_MAX: usize = 256;
 /// iovecs per writev: enough for 32 replies with a payload each.
 const TX_IOVECS_MAX: usize = 64;
+/// Bytes of reply heads packed per writev (`TcpTransport::tx_heads`): room for 102 of the
+/// largest heads, 409 of a one-sub-op reply's 40 bytes.
+const TX_HEADS_BYTES: usize = 16 << 10;
 /// A chunk with less free space than this is retired before the next receive, so that one
 /// recv call can still bring in many small frames.
 const RX_SPARE_MIN_BYTES: usize = 16 << 10;
@@ -80,6 +83,8 @@ pub struct TransportStats {
     pub rx_copied_bytes: u64,
     pub rx_syscalls: u64,
     pub tx_syscalls: u64,
+    /// iovecs passed to writev, over all calls (a run of replies without a body is one).
+    pub tx_iovecs: u64,
     pub rx_pool_waits: u64,
     pub malformed: u64,
     pub over_limit: u64,
@@ -169,6 +174,11 @@ pub struct TcpTransport {
     stored_conns: Vec<u32>,
     /// `Body::Stored` replies queued over all connections.
     stored_bodies: u32,
+    /// Where `write_connection` packs the heads of replies without a body back to back, so
+    /// that a run of them is one iovec instead of one each (a writev of 32 write
+    /// acknowledgements was 32 iovecs of 40 bytes, each a separate copy from user memory in
+    /// the kernel). Only read by the writev that follows the packing.
+    tx_heads: Box<[u8]>,
     pub stats: TransportStats,
 }
 
@@ -228,6 +238,7 @@ impl TcpTransport {
             stalled_count: 0,
             stored_conns: Vec::with_capacity(count),
             stored_bodies: 0,
+            tx_heads: vec![0; TX_HEADS_BYTES].into_boxed_slice(),
             stats: TransportStats::default(),
         })
     }
@@ -671,13 +682,16 @@ impl TcpTransport {
             conn.tx.len() < conn.tx.capacity(),
             "tx queue overflow: in-flight limit not enforced"
         );
-        let mut reply = TxReply {
+        // Queued first and encoded where it sits: building the reply on the stack and moving
+        // it in copied its 160-byte head buffer once more per reply.
+        conn.tx.push_back(TxReply {
             head: [0; REPLY_HEAD_MAX_BYTES],
             head_len: 0,
             body,
             sent: 0,
             answers_frame,
-        };
+        });
+        let reply = conn.tx.back_mut().expect("just queued");
         let head_len = match &reply.body {
             // The store kept the crc of these bytes: the payload is not read here at all.
             Body::Stored(stored) => {
@@ -706,7 +720,6 @@ impl TcpTransport {
             ),
         };
         reply.head_len = head_len as u16;
-        conn.tx.push_back(reply);
         if !conn.in_tx_list {
             conn.in_tx_list = true;
             self.tx_list.push(index);
@@ -742,6 +755,10 @@ impl TcpTransport {
             iov_len: 0,
         }; TX_IOVECS_MAX];
         let mut iovec_count = 0;
+        // Bytes of `tx_heads` in use, and whether the last iovec ends there (a packed head
+        // that the next one may extend).
+        let mut heads_used = 0;
+        let mut last_is_packed = false;
         for reply in conn.tx.iter() {
             if iovec_count + 2 > TX_IOVECS_MAX {
                 break;
@@ -749,26 +766,55 @@ impl TcpTransport {
             let head = &reply.head[..usize::from(reply.head_len)];
             let body = reply.body.as_slice();
             let mut skip = reply.sent;
-            for piece in [head, body] {
-                if skip >= piece.len() {
-                    skip -= piece.len();
-                    continue;
+            if skip < head.len() {
+                let piece = &head[skip..];
+                if body.is_empty() {
+                    if heads_used + piece.len() > TX_HEADS_BYTES {
+                        break;
+                    }
+                    let packed = &mut self.tx_heads[heads_used..heads_used + piece.len()];
+                    packed.copy_from_slice(piece);
+                    if last_is_packed {
+                        iovecs[iovec_count - 1].iov_len += piece.len();
+                    } else {
+                        iovecs[iovec_count] = libc::iovec {
+                            iov_base: packed.as_mut_ptr().cast(),
+                            iov_len: piece.len(),
+                        };
+                        iovec_count += 1;
+                    }
+                    heads_used += piece.len();
+                    last_is_packed = true;
+                } else {
+                    iovecs[iovec_count] = libc::iovec {
+                        iov_base: piece.as_ptr() as *mut _,
+                        iov_len: piece.len(),
+                    };
+                    iovec_count += 1;
+                    last_is_packed = false;
                 }
+                skip = 0;
+            } else {
+                skip -= head.len();
+            }
+            if skip < body.len() {
                 iovecs[iovec_count] = libc::iovec {
-                    iov_base: piece[skip..].as_ptr() as *mut _,
-                    iov_len: piece.len() - skip,
+                    iov_base: body[skip..].as_ptr() as *mut _,
+                    iov_len: body.len() - skip,
                 };
                 iovec_count += 1;
-                skip = 0;
+                last_is_packed = false;
             }
         }
+        debug_assert!(iovec_count <= TX_IOVECS_MAX && heads_used <= TX_HEADS_BYTES);
         if iovec_count == 0 {
             conn.in_tx_list = false;
             return (0, false);
         }
         self.stats.tx_syscalls += 1;
-        // SAFETY: every iovec points into a reply head or body owned by `conn.tx`, which is not
-        // touched until writev returns; writev only reads them.
+        self.stats.tx_iovecs += iovec_count as u64;
+        // SAFETY: every iovec points into a reply head or body owned by `conn.tx`, or into
+        // `tx_heads`, none of which is touched until writev returns; writev only reads them.
         let written =
             unsafe { libc::writev(conn.stream.as_raw_fd(), iovecs.as_ptr(), iovec_count as i32) };
         if written < 0 {
@@ -1254,13 +1300,22 @@ mod tests {
             pools.release_lease(frame.frame);
         }
         assert_eq!(transport.flush_tx(&mut pools), 3);
-        let mut replies = vec![0u8; 3 * (HEADER_SIZE + SUB_OP_RESULT_SIZE)];
+        assert_eq!(
+            (transport.stats.tx_syscalls, transport.stats.tx_iovecs),
+            (1, 1),
+            "three replies without a body: their heads packed into one iovec"
+        );
+        let reply_len = HEADER_SIZE + SUB_OP_RESULT_SIZE;
+        let mut replies = vec![0u8; 3 * reply_len];
         client.read_exact(&mut replies).unwrap();
-        let header = wire::parse_header(&replies, &Limits::CEILING)
-            .unwrap()
-            .unwrap();
-        assert!(header.is_reply());
-        assert_eq!(header.request_id, 0);
+        for (id, reply) in replies.chunks(reply_len).enumerate() {
+            let header = wire::parse_header(reply, &Limits::CEILING)
+                .unwrap()
+                .unwrap();
+            assert!(header.is_reply());
+            assert_eq!(header.request_id, id as u64, "in order, each whole");
+            assert!(wire::Frame::view(header, reply).crc_ok(reply));
+        }
         drop(client);
         for _ in 0..100 {
             transport.poll_events(Duration::from_millis(10));
@@ -1270,6 +1325,68 @@ mod tests {
             }
         }
         assert_eq!(transport.connection_count(), 0, "EOF closes the connection");
+        assert_eq!(pools.in_use(), 0, "every buffer came back");
+    }
+
+    /// Heads of replies without a body are packed into one iovec per run; a reply with a
+    /// body breaks the run (its head and body go by reference), and the bytes on the wire are
+    /// the replies in order either way.
+    #[test]
+    fn runs_of_bodiless_replies_are_one_iovec() {
+        let (_, mut pools, waker) = setup();
+        let config = TransportConfig {
+            limits: Limits::DEFAULT,
+            inflight_per_connection_max: 8,
+            connections_max: 2,
+        };
+        let mut transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+        let (mut client, server) = pair();
+        let conn = transport.adopt(server).unwrap();
+        let mut frames = send_three(&mut transport, &mut pools, &mut client, |_| {
+            SubOpSpec::read(0, 100)
+        });
+        frames.extend(send_three(&mut transport, &mut pools, &mut client, |_| {
+            SubOpSpec::read(0, 100)
+        }));
+        let requests: Vec<Header> = frames.iter().map(|f| f.header).collect();
+        for frame in frames {
+            pools.release_lease(frame.frame);
+        }
+        // Replies to requests 0, 1 (no body), 2 (a body), 0, 1 (no body) of the second batch.
+        let mut expected = Vec::new();
+        for (index, request) in requests.iter().enumerate().take(5) {
+            let body = if index == 2 {
+                let mut buf = pools.acquire_for(100).unwrap();
+                buf.spare_mut()[..100].fill(0x5A);
+                buf.seal(100);
+                Body::Buf(buf)
+            } else {
+                Body::None
+            };
+            let results = [(0, body.as_slice().len() as u32)];
+            let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
+            let len =
+                wire::encode_reply(&mut head, request, Status::Ok, &results, &[body.as_slice()]);
+            expected.extend_from_slice(&head[..len]);
+            expected.extend_from_slice(body.as_slice());
+            assert!(transport
+                .reply(conn, request, Status::Ok, &results, body)
+                .is_ok());
+        }
+        assert_eq!(transport.flush_tx(&mut pools), 5);
+        assert_eq!(
+            (transport.stats.tx_syscalls, transport.stats.tx_iovecs),
+            (1, 4),
+            "two packed runs of two heads, and the head and body of the reply between"
+        );
+        let mut received = vec![0u8; expected.len()];
+        client.read_exact(&mut received).unwrap();
+        assert_eq!(received, expected);
+        transport
+            .reply(conn, &requests[5], Status::Ok, &[(0, 0)], Body::None)
+            .ok()
+            .unwrap();
+        assert_eq!(transport.flush_tx(&mut pools), 1);
         assert_eq!(pools.in_use(), 0, "every buffer came back");
     }
 

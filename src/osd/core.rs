@@ -22,7 +22,8 @@ use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
 use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
-    self as wire, Frame, Header, Opcode, Status, SubOpCode, SubOpView, SUB_OPS_CEILING,
+    self as wire, Frame, Header, Opcode, Status, SubOpCode, SubOpView, SubOpsSummary,
+    SUB_OPS_CEILING,
 };
 use carmine_storage::{
     ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit, STATUS_OK,
@@ -99,8 +100,7 @@ struct ExecOp {
     local_pg: u32,
     object_hash: u32,
     mutates: bool,
-    /// Data bytes of its sub-ops (counted as written when it mutates), summed in the one walk
-    /// `exec_start` makes for `mutates`.
+    /// Data bytes its sub-ops carry (`SubOpsSummary::data_bytes`), counted when it finishes.
     data_bytes: u64,
     /// This op counts in its PG's `unacked_writes`.
     holds_pg: bool,
@@ -166,6 +166,7 @@ struct DeferredExecute {
     origin: OpRef,
     header: Header,
     frame: Lease,
+    summary: SubOpsSummary,
     local_pg: u32,
     object_hash: u32,
 }
@@ -538,6 +539,7 @@ impl<N: Network> OsdCore<N> {
             };
             work += 1;
             let view = Frame::view(part.header, part.frame.as_slice());
+            let summary = view.sub_ops_summary();
             let target = self.placement.locate(view.oid);
             if target.core == self.index {
                 let origin = Origin::Nbd {
@@ -548,6 +550,7 @@ impl<N: Network> OsdCore<N> {
                     origin,
                     part.header,
                     part.frame,
+                    summary,
                     target.local_pg,
                     target.hash,
                 );
@@ -564,6 +567,7 @@ impl<N: Network> OsdCore<N> {
                 origin: op,
                 header: part.header,
                 frame: part.frame,
+                summary,
                 local_pg: target.local_pg,
                 object_hash: target.hash,
             };
@@ -604,9 +608,10 @@ impl<N: Network> OsdCore<N> {
             (false, Some(Opcode::Hello)) => return self.answer_hello(conn, header, frame),
             _ => return self.answer_error(conn, header, frame, Status::UnknownOpcode),
         }
-        if let Err(status) = view.validate_sub_ops() {
-            return self.answer_error(conn, header, frame, status);
-        }
+        let summary = match view.validate_sub_ops() {
+            Ok(summary) => summary,
+            Err(status) => return self.answer_error(conn, header, frame, status),
+        };
         if view.oid.is_empty() {
             return self.answer_error(conn, header, frame, Status::InvalidArgument);
         }
@@ -616,6 +621,7 @@ impl<N: Network> OsdCore<N> {
                 Origin::Local(conn),
                 header,
                 frame,
+                summary,
                 target.local_pg,
                 target.hash,
             );
@@ -635,6 +641,7 @@ impl<N: Network> OsdCore<N> {
             origin: op,
             header,
             frame,
+            summary,
             local_pg: target.local_pg,
             object_hash: target.hash,
         };
@@ -747,19 +754,17 @@ impl<N: Network> OsdCore<N> {
 
     // ---- execution on the PG's core -------------------------------------------------------
 
+    /// `summary` is what `Frame::validate_sub_ops` said of the frame's sub-op table.
     fn exec_start(
         &mut self,
         origin: Origin,
         header: Header,
         frame: Lease,
+        summary: SubOpsSummary,
         local_pg: u32,
         object_hash: u32,
     ) {
-        let (mut mutates, mut data_bytes) = (false, 0u64);
-        for sub_op in Frame::view(header, frame.as_slice()).sub_ops() {
-            mutates |= sub_op.code.is_mutation();
-            data_bytes += sub_op.data.len() as u64;
-        }
+        let mutates = summary.mutates;
         let op = self
             .exec
             .alloc()
@@ -771,7 +776,7 @@ impl<N: Network> OsdCore<N> {
             local_pg,
             object_hash,
             mutates,
-            data_bytes,
+            data_bytes: summary.data_bytes,
             next: SLOT_NONE,
             ..ExecOp::default()
         };
@@ -1063,19 +1068,18 @@ impl<N: Network> OsdCore<N> {
     }
 
     fn finish(&mut self, op_ref: OpRef, status: Status) {
-        // The op stays in its slot (`exec_start` writes every field of the next one there):
-        // what holds a buffer is taken out, the rest copied. Moving the whole op out, and a
-        // default in, cost two copies of it per op (callgrind: ~140 instructions).
+        count_op(&mut self.counters, self.exec.get(op_ref), status);
+        // The slot is released with its contents in place (`OpTable::release`): only what
+        // the op owns is taken out. Moving the whole entry out and a default in
+        // (`OpTable::free`) copied it twice, ~140 instructions per op; `exec_start` writes
+        // every field of the next op anyway.
         let op = self.exec.get(op_ref);
         let frame = op
             .frame
             .take()
             .expect("an op holds its frame until it finishes");
         let (output, stored) = (op.output.take(), op.stored.take());
-        let (origin, header, results) = (op.origin, op.header, op.results);
-        let (holds_pg, local_pg) = (op.holds_pg, op.local_pg);
-        let written = op.mutates.then_some(op.data_bytes);
-        self.exec.release(op_ref);
+        let (origin, holds_pg, local_pg) = (op.origin, op.holds_pg, op.local_pg);
         if holds_pg {
             let pg = &mut self.pgs[local_pg as usize];
             pg.unacked_writes -= 1;
@@ -1083,9 +1087,27 @@ impl<N: Network> OsdCore<N> {
                 self.mark_ready(local_pg);
             }
         }
-        let read = output.as_ref().map_or(0, Buf::sealed_len)
-            + stored.as_ref().map_or(0, |s| s.as_slice().len());
-        self.count_op(written, read as u64, status);
+        if let Origin::Local(ReplyTo::Tcp(conn)) = origin {
+            // The common case, answered from the slot's header and results in place (the
+            // other arms take copies: they need `&mut self` while sending).
+            self.pools.release_lease(frame);
+            let body = match stored {
+                Some(stored) => Body::Stored(stored),
+                None => output.map_or(Body::None, Body::Buf),
+            };
+            let op = self.exec.get(op_ref);
+            let replied =
+                self.transport
+                    .reply(conn, &op.header, status, op.results.as_slice(), body);
+            self.exec.release(op_ref);
+            if let Err(body) = replied {
+                self.release_body(body); // The client went away; nothing to answer.
+            }
+            return;
+        }
+        let op = self.exec.get(op_ref);
+        let (header, results) = (op.header, op.results);
+        self.exec.release(op_ref);
         match origin {
             Origin::Local(conn) => {
                 self.pools.release_lease(frame);
@@ -1111,25 +1133,6 @@ impl<N: Network> OsdCore<N> {
                 self.nbd_part_done((request, part), frame, status, results, output);
             }
             Origin::None => unreachable!("exec ops always have an origin"),
-        }
-    }
-
-    /// Counts a finished op: `written` is its data bytes when it mutates (None for a read),
-    /// `read` the bytes of its output.
-    fn count_op(&mut self, written: Option<u64>, read: u64, status: Status) {
-        self.counters.add(Counter::ops, 1);
-        match written {
-            Some(bytes) => {
-                self.counters.add(Counter::ops_write, 1);
-                self.counters.add(Counter::bytes_written, bytes);
-            }
-            None => self.counters.add(Counter::ops_read, 1),
-        }
-        if read > 0 {
-            self.counters.add(Counter::bytes_read, read);
-        }
-        if status != Status::Ok {
-            self.counters.add(error_counter(status), 1);
         }
     }
 
@@ -1242,6 +1245,7 @@ impl<N: Network> OsdCore<N> {
                 },
                 op.header,
                 op.frame,
+                op.summary,
                 op.local_pg,
                 op.object_hash,
             );
@@ -1278,6 +1282,7 @@ impl<N: Network> OsdCore<N> {
                 origin,
                 header,
                 frame,
+                summary,
                 local_pg,
                 object_hash,
             } => {
@@ -1292,6 +1297,7 @@ impl<N: Network> OsdCore<N> {
                         origin,
                         header,
                         frame,
+                        summary,
                         local_pg,
                         object_hash,
                     });
@@ -1304,6 +1310,7 @@ impl<N: Network> OsdCore<N> {
                     },
                     header,
                     frame,
+                    summary,
                     local_pg,
                     object_hash,
                 );
@@ -1378,6 +1385,7 @@ impl<N: Network> OsdCore<N> {
         c.set(Counter::rx_syscalls, transport.rx_syscalls);
         c.set(Counter::epoll_polls, self.epoll_polls);
         c.set(Counter::tx_syscalls, transport.tx_syscalls);
+        c.set(Counter::tx_iovecs, transport.tx_iovecs);
         c.set(Counter::rx_pool_waits, transport.rx_pool_waits);
         c.set(
             Counter::ops_in_flight,
@@ -1543,6 +1551,26 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     c.set(Counter::dpdk_ignored, udp.port.ignored);
     c.set(Counter::dpdk_tx_full, udp.port.tx_full);
     c.set(Counter::dpdk_tx_dropped, udp.port.tx_dropped);
+}
+
+/// Counts a finished op (before its slot gives up the frame and output it counts by).
+fn count_op(counters: &mut Counters, op: &ExecOp, status: Status) {
+    counters.add(Counter::ops, 1);
+    if op.mutates {
+        counters.add(Counter::ops_write, 1);
+        counters.add(Counter::bytes_written, op.data_bytes);
+    } else {
+        counters.add(Counter::ops_read, 1);
+    }
+    if let Some(buf) = op.output.as_ref() {
+        counters.add(Counter::bytes_read, buf.sealed_len() as u64);
+    }
+    if let Some(stored) = op.stored.as_ref() {
+        counters.add(Counter::bytes_read, stored.as_slice().len() as u64);
+    }
+    if status != Status::Ok {
+        counters.add(error_counter(status), 1);
+    }
 }
 
 pub(crate) fn first_failure(results: &Results) -> Status {

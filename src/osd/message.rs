@@ -5,7 +5,7 @@ use std::net::TcpStream;
 
 use carmine_dataplane::buffers::Body;
 use carmine_dataplane::pool::{Buf, Lease};
-use carmine_dataplane::wire::{Header, Status, SUB_OPS_CEILING};
+use carmine_dataplane::wire::{Header, Status, SubOpsSummary, SUB_OPS_CEILING};
 
 use crate::osd::op_table::OpRef;
 
@@ -42,6 +42,8 @@ pub enum Message {
         origin: OpRef,
         header: Header,
         frame: Lease,
+        /// What the sender's `Frame::validate_sub_ops` found, so the table is walked once.
+        summary: SubOpsSummary,
         local_pg: u32,
         object_hash: u32,
     },

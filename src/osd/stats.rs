@@ -68,6 +68,7 @@ counters!(
     tx_stored_bodies_copied,
     rx_syscalls,
     tx_syscalls,
+    tx_iovecs,
     epoll_polls,
     rx_pool_waits,
     ops_in_flight,
