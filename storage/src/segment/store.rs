@@ -511,9 +511,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// once, so that a backend that can (NVMe) moves 4 KiB writes without a bounce copy. A
     /// refusal costs speed, not correctness: logged, and the ordinary path stays.
     fn register_buffers(&mut self) {
-        let [head, header] = self.journal.dma_regions();
+        let [head, second_head, header] = self.journal.dma_regions();
         let [singles, runs] = self.pool.regions();
-        let regions = [singles, runs, head, header];
+        let regions = [singles, runs, head, second_head, header];
         // SAFETY: the arena and the journal's buffers are heap memory owned by this store,
         // never reallocated, and dropped only with the store, after its queue pair (field
         // order: `qp` comes first) stops using them.
