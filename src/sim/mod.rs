@@ -102,6 +102,7 @@ pub struct BatchReport {
     /// written (coverage: the cuts must also hit those).
     pub seeds_cleaning: u64,
     pub seeds_checkpointing: u64,
+    pub cuts_with_two_records: u64,
     pub read_errors_injected: u64,
     pub io_errors_answered: u64,
 }
@@ -117,6 +118,7 @@ impl BatchReport {
         self.unknown_ops += report.unknown_ops;
         self.seeds_cleaning += u64::from(report.segments_cleaned > 0);
         self.seeds_checkpointing += u64::from(report.checkpoints > 0);
+        self.cuts_with_two_records += report.cuts_with_two_records;
         self.read_errors_injected += report.read_errors_injected;
         self.io_errors_answered += report.io_errors_answered;
     }
@@ -190,7 +192,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
     match result {
         Ok(batch) => {
             println!(
-                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}; {} read errors injected, {} ops answered Io; {:.1} s",
+                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}; {} shard cuts met two journal records in flight; {} read errors injected, {} ops answered Io; {:.1} s",
                 args.first_seed,
                 args.first_seed + batch.seeds,
                 batch.cuts,
@@ -201,6 +203,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
                 batch.objects_checked,
                 batch.seeds_cleaning,
                 batch.seeds_checkpointing,
+                batch.cuts_with_two_records,
                 batch.read_errors_injected,
                 batch.io_errors_answered,
                 started.elapsed().as_secs_f64()

@@ -461,14 +461,20 @@ fn power_cuts_under_churn_with_the_cleaner_at_work() {
     };
     let mut cleaned = 0;
     let mut checkpoints = 0;
+    let mut overlapped = 0;
     for seed in seeds {
         let stats = crash_run(seed, CHURN);
         cleaned += stats.segments_cleaned + stats.segments_freed_empty;
         checkpoints += stats.checkpoints;
+        overlapped += stats.records_overlapped;
     }
     assert!(
         cleaned > 0 && checkpoints > 0,
         "the churn never made the cleaner work"
+    );
+    assert!(
+        overlapped > 0,
+        "no record was ever sealed beside another: the cuts never met two in flight"
     );
 }
 

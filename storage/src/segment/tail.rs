@@ -67,11 +67,13 @@ pub struct AfterEnd {
 /// goes alone, with nothing else in flight, and a record goes into a segment only once its
 /// header is durable, so a crash while a segment is opened leaves its header torn and no
 /// record, or its header whole and the log's next records after it (the scan follows them:
-/// they are in the log, not an orphan). Records of older writers are handled below. After
+/// they are in the log, not an orphan). (Images from writers before that rule may hold a
+/// torn header with the log's next record under it; that record is excused below.) After
 /// a mount the writer continues in a fresh segment whose header starts at the next record
 /// number, which the scan follows, so records of a later life of the shard are part of the log,
 /// never after its end. Records of a segment's earlier life carry another `segment_seq` and are
-/// not counted. So a valid record after the end was written after the end's record was durable:
+/// not counted. So a valid record after the end, but the one excused, was written after the
+/// end's record was durable:
 /// that record was damaged since (a flipped bit, a lost write), and every record after it,
 /// acknowledged ones included, is lost to replay.
 ///
