@@ -278,8 +278,9 @@ fn print_human(report: &StoreBenchReport) {
         number("capacity_bytes") >> 20
     );
     println!(
-        "  store        {:>12} records   {} block reads   {} lane waits   {} of {} segments free",
+        "  store        {:>12} records ({} beside another)   {} block reads   {} lane waits   {} of {} segments free",
         number("records_written"),
+        number("records_overlapped"),
         number("block_reads"),
         number("lane_waits"),
         number("free_segments"),
@@ -962,6 +963,7 @@ fn server_json(
     json!({
         "store": "segment",
         "records_written": after.records_written.saturating_sub(before.records_written),
+        "records_overlapped": after.records_overlapped.saturating_sub(before.records_overlapped),
         "journal_bytes": after.journal_bytes.saturating_sub(before.journal_bytes),
         "client_bytes_written": after.client_bytes_written.saturating_sub(before.client_bytes_written),
         "block_reads": after.block_reads.saturating_sub(before.block_reads),

@@ -108,6 +108,8 @@ pub struct BatchReport {
     pub seeds_checkpointing: u64,
     /// Seeds formatted with a spare (`mkfs --spare`).
     pub seeds_with_spare: u64,
+    /// Shard power cuts that met two journal records in flight.
+    pub cuts_with_two_records: u64,
     pub read_errors_injected: u64,
     pub io_errors_answered: u64,
 }
@@ -124,6 +126,7 @@ impl BatchReport {
         self.seeds_cleaning += u64::from(report.segments_cleaned > 0);
         self.seeds_checkpointing += u64::from(report.checkpoints > 0);
         self.seeds_with_spare += u64::from(report.spare_percent > 0);
+        self.cuts_with_two_records += report.cuts_with_two_records;
         self.read_errors_injected += report.read_errors_injected;
         self.io_errors_answered += report.io_errors_answered;
     }
@@ -199,7 +202,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
     match result {
         Ok(batch) => {
             println!(
-                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}, a spare in {}; {} read errors injected, {} ops answered Io; {:.1} s",
+                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}, a spare in {}; {} shard cuts met two journal records in flight; {} read errors injected, {} ops answered Io; {:.1} s",
                 args.first_seed,
                 args.first_seed + batch.seeds,
                 batch.cuts,
@@ -211,6 +214,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
                 batch.seeds_cleaning,
                 batch.seeds_checkpointing,
                 batch.seeds_with_spare,
+                batch.cuts_with_two_records,
                 batch.read_errors_injected,
                 batch.io_errors_answered,
                 started.elapsed().as_secs_f64()

@@ -76,6 +76,9 @@ pub struct SeedReport {
     pub objects_checked: u64,
     pub segments_cleaned: u64,
     pub checkpoints: u64,
+    /// Shards that had two journal records in flight at a cut (the overlap a torn earlier
+    /// record and a surviving later one come from).
+    pub cuts_with_two_records: u64,
     pub read_errors_injected: u64,
     /// Ops answered Io before a cut (only with read errors injected).
     pub io_errors_answered: u64,
@@ -684,6 +687,7 @@ impl Sim {
         let mut images = Vec::with_capacity(self.cores);
         for store in &server.stores {
             let mut store = store.borrow_mut();
+            self.report.cuts_with_two_records += u64::from(store.journal_records_in_flight() == 2);
             let qp = &mut store.queue_pair().inner;
             images.push(qp.power_cut(granularity));
             let tear = qp

@@ -461,14 +461,31 @@ fn power_cuts_under_churn_with_the_cleaner_at_work() {
     };
     let mut cleaned = 0;
     let mut checkpoints = 0;
+    let mut overlapped = 0;
+    let mut cuts_beside = 0;
+    let runs = seeds.len();
     for seed in seeds {
-        let stats = crash_run(seed, CHURN);
+        let run = crash_run(seed, CHURN);
+        let stats = run.stats;
         cleaned += stats.segments_cleaned + stats.segments_freed_empty;
         checkpoints += stats.checkpoints;
+        overlapped += stats.records_overlapped;
+        cuts_beside += u64::from(run.two_records_in_flight);
     }
+    eprintln!("churn: {overlapped} records sealed beside another, {cuts_beside} cuts with two records in flight");
     assert!(
         cleaned > 0 && checkpoints > 0,
         "the churn never made the cleaner work"
+    );
+    assert!(
+        overlapped > 0,
+        "no record was ever sealed beside another (RECORDS_IN_FLIGHT_MAX)"
+    );
+    // The default 40 seeds cut 6 times with two records in flight (a replayed single seed
+    // need not).
+    assert!(
+        runs < 20 || cuts_beside > 0,
+        "no cut met two journal records in flight: the overlap's crash states went untested"
     );
 }
 
@@ -479,7 +496,7 @@ fn runs(variable: &str, default: u64) -> u64 {
 
 /// One seeded run: the workload, a power cut, a remount, and every object checked. Returns
 /// the store's counters at the cut.
-fn crash_run(seed: u64, workload: Workload) -> SegmentStats {
+fn crash_run(seed: u64, workload: Workload) -> CrashRun {
     {
         let objects = usize::from(workload.objects);
         let mut store = mount(device(workload.device_mb, faults(seed)));
@@ -539,6 +556,7 @@ fn crash_run(seed: u64, workload: Workload) -> SegmentStats {
             TearGranularity::Block4K
         };
         let stats = store.segment_stats();
+        let two_records_in_flight = store.journal_records_in_flight() == 2;
         let image = store.queue_pair().power_cut(granularity);
         let mut remounted =
             SegmentStore::mount(MemQueuePair::from_image(image, 64, faults(seed)), 0)
@@ -556,8 +574,18 @@ fn crash_run(seed: u64, workload: Workload) -> SegmentStats {
                 "seed {seed}: object {object} recovered as {found:?}, expected one of {candidates:?}"
             );
         }
-        stats
+        CrashRun {
+            stats,
+            two_records_in_flight,
+        }
     }
+}
+
+/// What a crash run saw at its cut.
+struct CrashRun {
+    stats: SegmentStats,
+    /// The journal had two records in flight: the cut could tear the first and keep the second.
+    two_records_in_flight: bool,
 }
 
 #[test]

@@ -402,6 +402,12 @@ pub struct RecordHeader {
 pub const RECORD_FLAG_CHECKPOINT: u32 = 1;
 /// The last record of a checkpoint.
 pub const RECORD_FLAG_CHECKPOINT_END: u32 = 2;
+/// The record was sealed while the record before it was in flight (not yet known durable),
+/// so the two went to the device side by side and a power cut may keep this one and tear
+/// that one. Replay ignores the flag (it stops at the torn record either way); the search for
+/// records past the log's end (`tail.rs`) uses it to tell that state from damage. Readers of
+/// format 4 built before the flag ignore it too.
+pub const RECORD_FLAG_OVERLAPS: u32 = 4;
 
 impl RecordHeader {
     /// Blocks taken by the header and the deltas (the record's head).

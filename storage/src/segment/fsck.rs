@@ -788,7 +788,8 @@ fn describe_end_record(
 }
 
 /// Valid records after the log's end (`tail::records_after_end` says why they mean damage):
-/// client records are problems, checkpoint records notes.
+/// client records are problems; checkpoint records, and the unacknowledged record written
+/// beside a torn last one, notes.
 fn check_after_end(
     reader: &mut dyn BlockReader,
     sb: &Superblock,
@@ -813,6 +814,13 @@ fn check_after_end(
                 records: after.client.len(),
                 end: end_text.clone(),
             });
+        }
+        if let Some(first) = after.unacknowledged.first() {
+            report.notes.push(format!(
+                "record {} at offset {} in segment {segment}, after the log's end: written \
+                 beside the torn record there and never acknowledged (a power cut's tail, not damage)",
+                first.header.record_seq, first.offset
+            ));
         }
         if let Some(first) = after.checkpoint.first() {
             report.notes.push(format!(

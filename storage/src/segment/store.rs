@@ -51,6 +51,9 @@ const QP_COMPLETIONS_PER_POLL: usize = 256;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SegmentStats {
     pub records_written: u64,
+    /// Client records sealed while the record before them was in flight (the two went to the
+    /// device side by side: `journal::RECORDS_IN_FLIGHT_MAX`).
+    pub records_overlapped: u64,
     pub journal_bytes: u64,
     pub client_bytes_written: u64,
     pub block_reads: u64,
@@ -96,6 +99,7 @@ impl SegmentStats {
     pub fn since(&self, earlier: &SegmentStats) -> SegmentStats {
         SegmentStats {
             records_written: self.records_written - earlier.records_written,
+            records_overlapped: self.records_overlapped - earlier.records_overlapped,
             journal_bytes: self.journal_bytes - earlier.journal_bytes,
             client_bytes_written: self.client_bytes_written - earlier.client_bytes_written,
             block_reads: self.block_reads - earlier.block_reads,
@@ -511,9 +515,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// once, so that a backend that can (NVMe) moves 4 KiB writes without a bounce copy. A
     /// refusal costs speed, not correctness: logged, and the ordinary path stays.
     fn register_buffers(&mut self) {
-        let [head, header] = self.journal.dma_regions();
+        let [head, second_head, header] = self.journal.dma_regions();
         let [singles, runs] = self.pool.regions();
-        let regions = [singles, runs, head, header];
+        let regions = [singles, runs, head, second_head, header];
         // SAFETY: the arena and the journal's buffers are heap memory owned by this store,
         // never reallocated, and dropped only with the store, after its queue pair (field
         // order: `qp` comes first) stops using them.
@@ -550,6 +554,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
     pub fn segment_stats(&self) -> SegmentStats {
         let mut extra = self.extra;
         extra.records_written = self.journal.records_written;
+        extra.records_overlapped = self.journal.record_times.overlapped;
         extra.journal_bytes = self.journal.bytes_written;
         extra.buffer_allocations = self.pool.allocations;
         extra.free_segments = self.journal.free_segment_count() as u64;
@@ -578,6 +583,11 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     /// What the shard is doing, for a test or a log line about a stall.
+    /// Journal records (or a segment header) on their way to the device now.
+    pub fn journal_records_in_flight(&self) -> usize {
+        self.journal.records_in_flight()
+    }
+
     pub fn debug_state(&self) -> String {
         let mut stages: HashMap<String, usize> = HashMap::new();
         for slot in &self.slots {

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use crate::segment::format::{
     RecordHeader, SegmentHeader, Superblock, BLOCK_SIZE_BYTES, RECORD_FLAG_CHECKPOINT,
+    RECORD_FLAG_OVERLAPS,
 };
 use crate::segment::scan::{records_after, BlockReader, LogRecord, ScanError, ShardLog};
 
@@ -43,6 +44,9 @@ pub struct AfterEnd {
     pub header_valid: bool,
     /// Client records: each means damage before it.
     pub client: Vec<LogRecord>,
+    /// The client record right after the log's end, written beside the torn record there
+    /// (`RECORD_FLAG_OVERLAPS`): never acknowledged, a power cut's tail, not damage.
+    pub unacknowledged: Vec<LogRecord>,
     /// Checkpoint records: a crash during a checkpoint can leave these (see below).
     pub checkpoint: Vec<LogRecord>,
 }
@@ -51,17 +55,25 @@ pub struct AfterEnd {
 /// segment with a header after the end (`ShardLog::orphans`), and in segments without a valid
 /// header whose first record comes after the end (their header was damaged).
 ///
-/// Why a valid record there means damage, and not a torn tail: the writer has one record in
-/// flight at a time and writes the next only once the previous one is durable (written and
-/// flushed). A crash can therefore tear or lose only the last record written, and nothing was
-/// written after it. A segment's header and its first record are writes of one record, so a
-/// crash while a segment is opened leaves at most that one record: with a valid header it
-/// starts at the log's next record number and the scan follows it (it is in the log, not an
-/// orphan); with a torn header its record is the log's next one, which is excused below. After
+/// Why a valid record there means damage, and not a torn tail: the writer has at most two
+/// records in flight (`journal::RECORDS_IN_FLIGHT_MAX`), and seals a record beside another
+/// only then; it marks such a record `RECORD_FLAG_OVERLAPS`. A crash can therefore tear or
+/// lose only the last two records written: the log ends at the older one (record N), and the
+/// newer (N + 1, marked) may have survived. That one is excused (`unacknowledged`): the writer
+/// acknowledges a record only when it and every record before it are durable, so N + 1 was
+/// never acknowledged. An unmarked N + 1, or anything from N + 2 on, was written after N was
+/// durable: damage. (The price: damage to the second-to-last record of a log whose last
+/// record is marked looks like a power cut's tail, and is not reported.) A segment header
+/// goes alone, with nothing else in flight, and a record goes into a segment only once its
+/// header is durable, so a crash while a segment is opened leaves its header torn and no
+/// record, or its header whole and the log's next records after it (the scan follows them:
+/// they are in the log, not an orphan). (Images from writers before that rule may hold a
+/// torn header with the log's next record under it; that record is excused below.) After
 /// a mount the writer continues in a fresh segment whose header starts at the next record
 /// number, which the scan follows, so records of a later life of the shard are part of the log,
 /// never after its end. Records of a segment's earlier life carry another `segment_seq` and are
-/// not counted. So a valid record after the end was written after the end's record was durable:
+/// not counted. So a valid record after the end, but the one excused, was written after the
+/// end's record was durable:
 /// that record was damaged since (a flipped bit, a lost write), and every record after it,
 /// acknowledged ones included, is lost to replay.
 ///
@@ -125,6 +137,7 @@ pub fn records_after_end(
         };
         places.push((lost, first, false));
     }
+    let end_segment = next_position(sb, log).map(|(segment, _)| segment);
     let mut found_all = Vec::new();
     for (segment, from, header_valid) in places {
         let mut found = records_after(sb, &segment, from, reader, buf)?;
@@ -133,14 +146,23 @@ pub fn records_after_end(
             // while the segment was being opened.
             found.retain(|r| r.header.record_seq > log.next_record_seq);
         }
-        let (checkpoint, client): (Vec<LogRecord>, Vec<LogRecord>) = found
+        let (checkpoint, mut client): (Vec<LogRecord>, Vec<LogRecord>) = found
             .into_iter()
             .partition(|r| r.header.flags & RECORD_FLAG_CHECKPOINT != 0);
-        if !client.is_empty() || !checkpoint.is_empty() {
+        // Only where the log ends: the record after its torn end, written beside it.
+        let at_end = header_valid && Some(segment) == end_segment;
+        let (unacknowledged, client): (Vec<LogRecord>, Vec<LogRecord>) =
+            client.drain(..).partition(|r| {
+                at_end
+                    && r.header.record_seq == log.next_record_seq + 1
+                    && r.header.flags & RECORD_FLAG_OVERLAPS != 0
+            });
+        if !client.is_empty() || !checkpoint.is_empty() || !unacknowledged.is_empty() {
             found_all.push(AfterEnd {
                 segment,
                 header_valid,
                 client,
+                unacknowledged,
                 checkpoint,
             });
         }
