@@ -49,7 +49,7 @@ const FILL_MAX: f64 = 0.95;
 const OBJECTS_MAX: u64 = 1 << 22;
 /// One u32 counter and two bits per block are kept in memory.
 const BLOCKS_MAX: u64 = 1 << 28;
-/// Completions taken per poll.
+/// Largest --completions-per-poll.
 const POLL_MAX: usize = 256;
 /// Ops in flight but nothing completes for this long: the store is wedged.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -181,6 +181,14 @@ pub struct StoreBenchArgs {
     /// shared machine, and is scheduled out for it.
     #[arg(long)]
     pub spin: bool,
+    /// Device completions the store takes (and ops it reports) per poll, 1..=256. Each
+    /// reported op is replaced before the next poll, whose io_uring_enter hands the
+    /// replacements to the device. 1 (the default): a new request reaches the device as soon
+    /// as one completion is processed, as fio submits each I/O; larger values make fewer
+    /// system calls but leave the device idle while a batch of completions is processed
+    /// (see ARCHITECTURE.md, "Reads against fio").
+    #[arg(long, default_value_t = 1)]
+    pub completions_per_poll: usize,
 }
 
 /// The arguments that do not depend on the device, checked.
@@ -214,6 +222,12 @@ fn validate(args: &StoreBenchArgs) -> Result<(), String> {
         return Err(format!(
             "--queue-depth must be 1..={DEPTH_MAX}, got {}",
             args.queue_depth
+        ));
+    }
+    if !(1..=POLL_MAX).contains(&args.completions_per_poll) {
+        return Err(format!(
+            "--completions-per-poll must be 1..={POLL_MAX}, got {}",
+            args.completions_per_poll
         ));
     }
     if args.duration.is_zero() {
@@ -449,6 +463,8 @@ struct Bench {
     free: Vec<u32>,
     in_flight: usize,
     completions: Vec<(u64, Outcome)>,
+    /// `--completions-per-poll`.
+    poll_max: usize,
     /// Signalled by the store's queue pair on each device completion: an idle poll waits on
     /// it (None with --spin, or a queue pair that cannot signal).
     waker: Option<Waker>,
@@ -857,7 +873,7 @@ impl Bench {
                 break;
             }
             completions.clear();
-            let work = self.store.poll(POLL_MAX, &mut |tag, result| {
+            let work = self.store.poll(self.poll_max, &mut |tag, result| {
                 completions.push((tag, outcome(result)));
             });
             if work == 0 {
@@ -1077,6 +1093,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         free: (0..args.qd).rev().collect(),
         in_flight: 0,
         completions: Vec::with_capacity(POLL_MAX),
+        poll_max: args.completions_per_poll,
         waker: None,
         idle_waits: 0,
         idle_wait_timeouts: 0,
@@ -1309,7 +1326,10 @@ mod tests {
         assert!(error(&["--qd", "0"]).contains("--qd must be"));
         assert!(error(&["--queue-depth", "0"]).contains("--queue-depth"));
         assert!(error(&["--duration", "0s"]).contains("--duration"));
+        assert!(error(&["--completions-per-poll", "0"]).contains("must be 1..=256, got 0"));
+        assert!(error(&["--completions-per-poll", "257"]).contains("got 257"));
         assert_eq!(validate(&parse(&["--fill", "0.95"])), Ok(()));
+        assert_eq!(validate(&parse(&["--completions-per-poll", "256"])), Ok(()));
     }
 
     #[test]

@@ -427,7 +427,9 @@ pub trait ObjectStore {
     /// Reports at most `max` completions of Pending ops by calling `complete(tag, result)`,
     /// where `result` carries the op's per-sub-op results (the `results` slice given to
     /// `submit` is not written after `submit` returns Pending); never blocks. Returns how many
-    /// were reported.
+    /// were reported. A store with a device also takes at most `max` (at least one) device
+    /// completions per call: a small `max` lets the caller's next submissions reach the device
+    /// before the rest of a batch of completions is processed.
     fn poll(
         &mut self,
         max: usize,

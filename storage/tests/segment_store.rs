@@ -3,7 +3,7 @@
 
 use carmine_storage::segment::{mkfs, SegmentStats, SegmentStore};
 use carmine_storage::{
-    MemFaults, MemQueuePair, MemoryStore, ObjectStore, OutputBuffer, StoreError, SubOp,
+    MemFaults, MemQueuePair, MemoryStore, ObjectStore, OutputBuffer, QueuePair, StoreError, SubOp,
     SubOpResult, Submit, TearGranularity,
 };
 use proptest::prelude::*;
@@ -1087,4 +1087,56 @@ fn a_failed_journal_acknowledges_no_more_mutations() {
         Err(StoreError::Io),
         "no refusal from memory either"
     );
+}
+
+/// `poll(max)` takes at most `max` device completions: the others stay with the queue pair
+/// until a later poll, so a caller refilling one op at a time gets each replacement to the
+/// device before it has processed a whole batch of completions.
+#[test]
+fn poll_takes_no_more_device_completions_than_it_may_report() {
+    const READS: usize = 8;
+    let mut store = mount(device(8, MemFaults::default()));
+    let objects: Vec<Vec<u8>> = (0..READS as u8).map(oid).collect();
+    let data = pattern(4096, 7);
+    for object in &objects {
+        run_one(&mut store, object, vec![SubOp::WriteFull { data: &data }]).unwrap();
+    }
+    let mut outs = vec![vec![0u8; 4096]; READS];
+    for (tag, (object, out)) in objects.iter().zip(outs.iter_mut()).enumerate() {
+        let mut results = [SubOpResult::default(); 1];
+        // SAFETY: `outs` is neither resized nor touched until every read has completed below.
+        let mut output = unsafe { OutputBuffer::from_raw(out.as_mut_ptr(), out.len()) };
+        let ops = [SubOp::Read {
+            offset: 0,
+            length: 4096,
+        }];
+        let submitted = store.submit(tag as u64, object, &ops, &mut output, &mut results);
+        assert_eq!(
+            submitted,
+            Ok(Submit::Pending),
+            "read {tag} needs the device"
+        );
+    }
+    // The default mem queue pair completes every request at its next poll: all eight are due
+    // at the first store poll, which may still take only one.
+    let mut done = Vec::new();
+    let mut polls = 0;
+    while done.len() < READS {
+        let in_flight_before = store.queue_pair().in_flight();
+        let reported = store.poll(1, &mut |tag, result| {
+            assert_eq!(result.expect("read succeeds")[0].status, 0);
+            done.push(tag);
+        });
+        let taken = in_flight_before - store.queue_pair().in_flight();
+        assert!(taken <= 1, "poll(1) took {taken} device completions");
+        assert!(
+            reported <= 2,
+            "one completion taken and one reported at most"
+        );
+        polls += 1;
+        assert!(polls <= 4 * READS, "reads not finishing: {done:?}");
+    }
+    done.sort_unstable();
+    assert_eq!(done, (0..READS as u64).collect::<Vec<_>>());
+    assert!(outs.iter().all(|out| out[..] == data[..]));
 }

@@ -44,7 +44,7 @@ pub const OPS_IN_FLIGHT_MAX: usize = 4096;
 const BLOCK_BUFFERS_RETAINED: usize = 4096;
 /// Block reads merged into one request, at most (a run's validity is a 64-bit mask).
 const READ_RUN_BLOCKS_MAX: u64 = 64;
-/// Queue pair completions taken per poll.
+/// Queue pair completions taken per poll, at most (and at most the caller's `max`).
 const QP_COMPLETIONS_PER_POLL: usize = 256;
 
 /// Counters beyond `StoreStats`.
@@ -1240,11 +1240,18 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
     ) -> usize {
         // 1. Device completions. Gathered into a kept vector (not a stack array, which cost
         // ~730 instructions a poll to initialize: more than the rest of an idle poll).
+        // No more than the caller's `max`: a caller that replaces each finished op with a new
+        // one polls for a few at a time, so that the replacements of the first ops of a batch
+        // reach the device before the rest of the batch is processed (the others wait in the
+        // completion ring, which holds every request in flight). Taking the whole batch first
+        // left the device idle for the time it takes to process it (see ARCHITECTURE.md,
+        // "Reads against fio").
         let mut events = std::mem::take(&mut self.qp_events);
         debug_assert!(events.is_empty() && events.capacity() >= QP_COMPLETIONS_PER_POLL);
-        self.qp.poll(QP_COMPLETIONS_PER_POLL, &mut |tag, result| {
-            events.push((tag, result));
-        });
+        self.qp
+            .poll(max.clamp(1, QP_COMPLETIONS_PER_POLL), &mut |tag, result| {
+                events.push((tag, result));
+            });
         let count = events.len();
         for &(tag, result) in &events {
             if tag & JOURNAL_TAG_BIT != 0 {
