@@ -17,6 +17,17 @@
 #   KEEP=1    keep the scratch files
 #   VERIFY=1  store-bench randread also compares every byte read (fio does not; see below)
 #
+# Reading randread: both keep 32 reads in flight, and both refill one at a time: fio submits
+# each replacement as soon as it has reaped, store-bench's randread takes one completion per poll
+# (--completions-per-poll, default 1 for randread) and so hands each replacement to the device
+# after one op's work. On this project's VM the virtio disk completes a queue's reads together,
+# so reads go in cycles; taking a whole batch of 32 before refilling left the disk idle ~90 us
+# a cycle (0.6-0.7x fio; ARCHITECTURE.md, "Reads against fio", and scripts/block-cycles.sh to
+# see it). The two files differ (fio.img laid out by fio; carmine.img the store's log, its live
+# blocks scattered by the randwrite run), but fio replaying carmine's exact offsets on
+# carmine.img was as fast as fio on fio.img: the layout does not cost reads here. Both runs
+# share the machine with whatever else runs: compare several runs, not one.
+#
 # Reading the result: fio's randwrite issues plain O_DIRECT writes and never flushes; the
 # segment store acknowledges a write only once its journal record is durable (a record write,
 # then a flush, one record in flight). So carmine's write IOPS are expected to be well below

@@ -183,12 +183,13 @@ pub struct StoreBenchArgs {
     pub spin: bool,
     /// Device completions the store takes (and ops it reports) per poll, 1..=256. Each
     /// reported op is replaced before the next poll, whose io_uring_enter hands the
-    /// replacements to the device. 1 (the default): a new request reaches the device as soon
-    /// as one completion is processed, as fio submits each I/O; larger values make fewer
-    /// system calls but leave the device idle while a batch of completions is processed
-    /// (see ARCHITECTURE.md, "Reads against fio").
-    #[arg(long, default_value_t = 1)]
-    pub completions_per_poll: usize,
+    /// replacements to the device. Default: 1 for randread, so that a new read reaches the
+    /// device as soon as one completion is processed, as fio submits each I/O (a larger value
+    /// makes fewer system calls but leaves the device idle while a batch of completions is
+    /// processed; see ARCHITECTURE.md, "Reads against fio"); 256 for randwrite, as before
+    /// (its runs vary with the flushes of whatever else uses the disk too much to tell).
+    #[arg(long)]
+    pub completions_per_poll: Option<usize>,
 }
 
 /// The arguments that do not depend on the device, checked.
@@ -224,11 +225,12 @@ fn validate(args: &StoreBenchArgs) -> Result<(), String> {
             args.queue_depth
         ));
     }
-    if !(1..=POLL_MAX).contains(&args.completions_per_poll) {
-        return Err(format!(
-            "--completions-per-poll must be 1..={POLL_MAX}, got {}",
-            args.completions_per_poll
-        ));
+    if let Some(count) = args.completions_per_poll {
+        if !(1..=POLL_MAX).contains(&count) {
+            return Err(format!(
+                "--completions-per-poll must be 1..={POLL_MAX}, got {count}"
+            ));
+        }
     }
     if args.duration.is_zero() {
         return Err("--duration must be positive".to_string());
@@ -237,6 +239,14 @@ fn validate(args: &StoreBenchArgs) -> Result<(), String> {
         return Err("--objects must be at least 1".to_string());
     }
     Ok(())
+}
+
+/// Completions per poll in the timed phase: `--completions-per-poll`, else the op's default.
+fn completions_per_poll(args: &StoreBenchArgs) -> usize {
+    args.completions_per_poll.unwrap_or(match args.op {
+        StoreOp::Randread => 1,
+        StoreOp::Randwrite => POLL_MAX,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,7 +473,8 @@ struct Bench {
     free: Vec<u32>,
     in_flight: usize,
     completions: Vec<(u64, Outcome)>,
-    /// `--completions-per-poll`.
+    /// `--completions-per-poll` (or its default for the op), for the timed phase; the
+    /// untimed phases take up to `POLL_MAX`.
     poll_max: usize,
     /// Signalled by the store's queue pair on each device completion: an idle poll waits on
     /// it (None with --spin, or a queue pair that cannot signal).
@@ -857,6 +868,11 @@ impl Bench {
         self.phase = phase;
         let mut last = Instant::now();
         let mut completions = std::mem::take(&mut self.completions);
+        let poll_max = if phase == Phase::Timed {
+            self.poll_max
+        } else {
+            POLL_MAX
+        };
         loop {
             while let Some(&slot) = self.free.last() {
                 let now = Instant::now();
@@ -873,7 +889,7 @@ impl Bench {
                 break;
             }
             completions.clear();
-            let work = self.store.poll(self.poll_max, &mut |tag, result| {
+            let work = self.store.poll(poll_max, &mut |tag, result| {
                 completions.push((tag, outcome(result)));
             });
             if work == 0 {
@@ -1093,7 +1109,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
         free: (0..args.qd).rev().collect(),
         in_flight: 0,
         completions: Vec::with_capacity(POLL_MAX),
-        poll_max: args.completions_per_poll,
+        poll_max: completions_per_poll(args),
         waker: None,
         idle_waits: 0,
         idle_wait_timeouts: 0,
@@ -1330,6 +1346,17 @@ mod tests {
         assert!(error(&["--completions-per-poll", "257"]).contains("got 257"));
         assert_eq!(validate(&parse(&["--fill", "0.95"])), Ok(()));
         assert_eq!(validate(&parse(&["--completions-per-poll", "256"])), Ok(()));
+    }
+
+    #[test]
+    fn reads_refill_one_at_a_time_and_writes_a_whole_batch_unless_told() {
+        assert_eq!(completions_per_poll(&parse(&["--op", "randread"])), 1);
+        assert_eq!(
+            completions_per_poll(&parse(&["--op", "randwrite"])),
+            POLL_MAX
+        );
+        let told = ["--op", "randread", "--completions-per-poll", "32"];
+        assert_eq!(completions_per_poll(&parse(&told)), 32);
     }
 
     #[test]
