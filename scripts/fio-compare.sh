@@ -22,8 +22,8 @@
 # (--completions-per-poll, default 1 for randread) and so hands each replacement to the device
 # after one op's work. On this project's VM the virtio disk completes a queue's reads together,
 # so reads go in cycles; taking a whole batch of 32 before refilling left the disk idle ~90 us
-# a cycle (0.6-0.7x fio; ARCHITECTURE.md, "Reads against fio", and scripts/block-cycles.sh to
-# see it). The two files differ (fio.img laid out by fio; carmine.img the store's log, its live
+# a cycle (0.6-0.7x fio, against 0.9-1.0x now; ARCHITECTURE.md, "Reads against fio", and
+# scripts/block-cycles.sh to see it). The two files differ (fio.img laid out by fio; carmine.img the store's log, its live
 # blocks scattered by the randwrite run), but fio replaying carmine's exact offsets on
 # carmine.img was as fast as fio on fio.img: the layout does not cost reads here. Both runs
 # share the machine with whatever else runs: compare several runs, not one.
