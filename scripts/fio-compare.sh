@@ -30,7 +30,7 @@
 #
 # Reading the result: fio's randwrite issues plain O_DIRECT writes and never flushes; the
 # segment store acknowledges a write only once its journal record is durable (a record write,
-# then a flush, one record in flight). So carmine's write IOPS are expected to be well below
+# then a flush, at most two records in flight). So carmine's write IOPS are expected to be well below
 # fio's: the ratio measures the cost of that durability, honestly.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1092,6 +1092,19 @@ mod tests {
         CorePools::new(0, sizes, false).unwrap()
     }
 
+    /// A transport of core 0 on a loopback socket, default limits and RPC MTU.
+    fn loopback_server() -> UdpRpcTransport {
+        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        UdpRpcTransport::new(
+            0,
+            socket.into_iter().next().unwrap(),
+            Limits::DEFAULT,
+            0,
+            RPC_MTU_DEFAULT,
+        )
+        .unwrap()
+    }
+
     /// Sends `frame` from a kernel-UDP RPC client and polls the transport until it hands the
     /// request up; returns it with the client pieces.
     fn exchange(
@@ -1129,15 +1142,7 @@ mod tests {
     #[test]
     fn one_packet_request_is_leased_in_place_and_several_are_copied_once() {
         let mut pools = pools();
-        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let mut server = UdpRpcTransport::new(
-            0,
-            socket.into_iter().next().unwrap(),
-            Limits::DEFAULT,
-            0,
-            RPC_MTU_DEFAULT,
-        )
-        .unwrap();
+        let mut server = loopback_server();
         let frame = write_frame(4096);
         let (request, _client) = exchange(&mut server, &mut pools, frame.clone());
         assert_eq!(request.frame.as_slice(), &frame[..]);
@@ -1204,15 +1209,7 @@ mod tests {
         use crate::buffers::StoredBytes;
         use crate::dgram::socket::UdpSocketPort;
         let mut pools = pools();
-        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let mut server = UdpRpcTransport::new(
-            0,
-            socket.into_iter().next().unwrap(),
-            Limits::DEFAULT,
-            0,
-            RPC_MTU_DEFAULT,
-        )
-        .unwrap();
+        let mut server = loopback_server();
         let mut store = vec![0x11u8; 4096];
         let to = server.local_addr().unwrap();
         let mut client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
@@ -1328,15 +1325,7 @@ mod tests {
     #[test]
     fn small_replies_are_kept_inline() {
         let mut pools = pools();
-        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let mut server = UdpRpcTransport::new(
-            0,
-            socket.into_iter().next().unwrap(),
-            Limits::DEFAULT,
-            0,
-            RPC_MTU_DEFAULT,
-        )
-        .unwrap();
+        let mut server = loopback_server();
         let to = server.local_addr().unwrap();
         let mut client_port =
             crate::dgram::socket::UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX)

@@ -582,12 +582,12 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.metadata.extent_tree().len() as u64
     }
 
-    /// What the shard is doing, for a test or a log line about a stall.
     /// Journal records (or a segment header) on their way to the device now.
     pub fn journal_records_in_flight(&self) -> usize {
         self.journal.records_in_flight()
     }
 
+    /// What the shard is doing, for a test or a log line about a stall.
     pub fn debug_state(&self) -> String {
         let mut stages: HashMap<String, usize> = HashMap::new();
         for slot in &self.slots {
