@@ -14,15 +14,6 @@ const STATUS_UNKNOWN_OPCODE: u32 = 17;
 const STATUS_MALFORMED: u32 = 18;
 const STATUS_NOT_FOUND: u32 = 1;
 
-fn assert_clean(report: &serde_json::Value, what: &str) {
-    assert!(
-        report["ops"].as_u64().unwrap() > 0,
-        "{what}: no ops: {report}"
-    );
-    assert_eq!(report["errors"], 0, "{what}: errors: {report}");
-    assert_eq!(report["verify_failures"], 0, "{what}: verify: {report}");
-}
-
 fn write_read_mixed(server_args: &[&str]) {
     let mut args = vec!["--mode", "classic"];
     args.extend_from_slice(server_args);

@@ -4,18 +4,6 @@ mod common;
 
 use common::*;
 
-fn assert_clean(report: &serde_json::Value, what: &str) {
-    assert!(
-        report["ops"].as_u64().unwrap() > 0,
-        "{what}: no ops done: {report}"
-    );
-    assert_eq!(report["errors"], 0, "{what}: errors: {report}");
-    assert_eq!(
-        report["verify_failures"], 0,
-        "{what}: verify failures: {report}"
-    );
-}
-
 fn write_then_read(server_args: &[&str]) {
     let mut server = ServerProcess::start(server_args);
     let common = [
@@ -136,12 +124,10 @@ fn memory_store_reads_are_sent_from_the_store_and_copied_before_writes() {
         "8",
         "--verify",
     ];
-    let mut prefill = vec!["--op", "randwrite", "--prefill"];
-    prefill.extend_from_slice(&args);
+    let prefill = args_with(&["--op", "randwrite", "--prefill"], &args);
     assert_clean(&load(&server.addr, &prefill), "prefill");
     let before = status(&server.addr);
-    let mut read = vec!["--op", "randread"];
-    read.extend_from_slice(&args);
+    let read = args_with(&["--op", "randread"], &args);
     assert_clean(&load(&server.addr, &read), "randread");
     let after = status(&server.addr);
     let reads = total(&after, "ops_read") - total(&before, "ops_read");
@@ -153,8 +139,7 @@ fn memory_store_reads_are_sent_from_the_store_and_copied_before_writes() {
         0,
         "no write, no copy"
     );
-    let mut mixed = vec!["--op", "mixed"];
-    mixed.extend_from_slice(&args);
+    let mixed = args_with(&["--op", "mixed"], &args);
     assert_clean(&load(&server.addr, &mixed), "mixed");
     let after_mixed = status(&server.addr);
     assert!(
@@ -182,8 +167,7 @@ fn routed_load_sends_every_op_to_its_core() {
     ];
     for op in ["randwrite", "randread", "seqwrite", "mixed"] {
         let before = total(&status(&server.addr), "ops_remote_out");
-        let mut with_op = vec!["--op", op];
-        with_op.extend_from_slice(&args);
+        let with_op = args_with(&["--op", op], &args);
         let report = load(&server.addr, &with_op);
         assert_clean(&report, op);
         assert_eq!(report["routed_connections"], 4, "{op}: {report}");
@@ -220,12 +204,10 @@ fn steady_state_data_path_does_not_allocate() {
         "--qd",
         "16",
     ];
-    let mut prefill = vec!["--op", "randwrite", "--prefill"];
-    prefill.extend_from_slice(&args);
+    let prefill = args_with(&["--op", "randwrite", "--prefill"], &args);
     assert_clean(&load(&server.addr, &prefill), "prefill");
     let before = status(&server.addr);
-    let mut steady = vec!["--op", "mixed"];
-    steady.extend_from_slice(&args);
+    let steady = args_with(&["--op", "mixed"], &args);
     let report = load(&server.addr, &steady);
     assert_clean(&report, "mixed");
     let after = status(&server.addr);

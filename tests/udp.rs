@@ -28,18 +28,6 @@ fn udp_load(udp: &str, args: &[&str]) -> serde_json::Value {
     load(udp, &full)
 }
 
-fn assert_clean(report: &serde_json::Value, what: &str) {
-    assert!(
-        report["ops"].as_u64().unwrap() > 0,
-        "{what}: no ops: {report}"
-    );
-    assert_eq!(report["errors"], 0, "{what}: errors: {report}");
-    assert_eq!(
-        report["verify_failures"], 0,
-        "{what}: verify failures: {report}"
-    );
-}
-
 const SHAPE: [&str; 10] = [
     "--duration",
     "1s",
@@ -262,12 +250,10 @@ fn steady_state_udp_data_path_does_not_allocate() {
         "--qd",
         "16",
     ];
-    let mut prefill = vec!["--op", "randwrite", "--prefill"];
-    prefill.extend_from_slice(&shape);
+    let prefill = args_with(&["--op", "randwrite", "--prefill"], &shape);
     assert_clean(&udp_load(&udp, &prefill), "prefill");
     let before = status(&server.addr);
-    let mut mixed = vec!["--op", "mixed"];
-    mixed.extend_from_slice(&shape);
+    let mixed = args_with(&["--op", "mixed"], &shape);
     assert_clean(&udp_load(&udp, &mixed), "mixed");
     let after = status(&server.addr);
     let ops = total(&after, "ops") - total(&before, "ops");

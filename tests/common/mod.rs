@@ -221,6 +221,27 @@ pub fn load(addr: &str, args: &[&str]) -> serde_json::Value {
     carmine_json(&full)
 }
 
+/// `head` followed by `tail`: an op's own arguments before the shape a test's runs share.
+pub fn args_with<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
+    let mut args = head.to_vec();
+    args.extend_from_slice(tail);
+    args
+}
+
+/// A `carmine load --json` report of a run that did ops, with no errors and (under
+/// `--verify`) no verification failures.
+pub fn assert_clean(report: &serde_json::Value, what: &str) {
+    assert!(
+        report["ops"].as_u64().unwrap() > 0,
+        "{what}: no ops done: {report}"
+    );
+    assert_eq!(report["errors"], 0, "{what}: errors: {report}");
+    assert_eq!(
+        report["verify_failures"], 0,
+        "{what}: verify failures: {report}"
+    );
+}
+
 pub fn status(addr: &str) -> serde_json::Value {
     carmine_json(&["status", "--target", addr, "--json"])
 }
