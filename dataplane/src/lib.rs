@@ -8,6 +8,7 @@ pub mod coalesce;
 pub mod dgram;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
+pub mod listener_audit;
 pub mod nbd;
 pub mod pool;
 pub mod reactor;

@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::buffers::{Body, CorePools};
+use crate::listener_audit::ListenerAudit;
 use crate::pool::{Buf, Lease};
 use crate::wire::{
     self, Header, HeaderError, Limits, Status, HEADER_SIZE, SUB_OPS_CEILING, SUB_OP_RESULT_SIZE,
@@ -98,6 +99,12 @@ pub struct TransportStats {
     /// Of those, bodies copied into a pool buffer after all because the store was about to
     /// change before they were written (`copy_stored_bodies`).
     pub stored_bodies_copied: u64,
+    /// `epoll_wait` calls that failed (other than EINTR). Each one is a pass in which this
+    /// core saw no readiness for its connections, its listener or its waker.
+    pub epoll_errors: u64,
+    /// Times connections waited in the listener's accept queue at two looks a second apart
+    /// with no epoll edge announcing them, and were accepted anyway (`ListenerAudit`).
+    pub accept_rescues: u64,
 }
 
 struct TxReply {
@@ -157,6 +164,7 @@ pub struct TcpTransport {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    listener_audit: ListenerAudit,
     /// A watched descriptor (`watch_fd`) reported readiness since `take_watched_ready`.
     watched_ready: bool,
     conns: Vec<Option<Connection>>,
@@ -227,6 +235,7 @@ impl TcpTransport {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            listener_audit: ListenerAudit::new(),
             watched_ready: true,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
@@ -291,7 +300,10 @@ impl TcpTransport {
         }
         let listener = self.listener.as_ref()?;
         match listener.accept() {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.listener_audit.on_accept();
+                Some(pair)
+            }
             Err(e) => {
                 if e.kind() != io::ErrorKind::WouldBlock {
                     log::warn!("core {}: accept failed: {e}", self.core);
@@ -357,8 +369,32 @@ impl TcpTransport {
         Some(ConnId { index, generation })
     }
 
+    /// Accepts without an epoll edge when the listener's accept queue held connections at two
+    /// looks `listener_audit::AUDIT_INTERVAL` apart and none was accepted in between (see
+    /// `ListenerAudit`). `poll_events` calls it now and then; tests call it with their clock.
+    pub fn audit_listener(&mut self, now: Instant) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        if !self.listener_audit.look(listener.as_raw_fd(), now) || self.accept_ready {
+            return;
+        }
+        self.accept_ready = true;
+        self.stats.accept_rescues += 1;
+        log::warn!(
+            "core {}: connections waited over {:?} in the listener's accept queue with no epoll \
+             event for them; accepting them anyway (status accept_rescues {})",
+            self.core,
+            crate::listener_audit::AUDIT_INTERVAL,
+            self.stats.accept_rescues
+        );
+    }
+
     /// Collects readiness from the kernel. `timeout` zero never blocks (the polling case).
     pub fn poll_events(&mut self, timeout: Duration) -> usize {
+        if self.listener.is_some() && self.listener_audit.tick() {
+            self.audit_listener(Instant::now());
+        }
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
         let count = unsafe {
@@ -369,7 +405,21 @@ impl TcpTransport {
                 timeout_ms,
             )
         };
-        if count <= 0 {
+        if count < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                // Never silent: a failing epoll set means this core's connections and listener
+                // are not served (a server that "hangs" with clients waiting to be accepted).
+                self.stats.epoll_errors += 1;
+                if self.stats.epoll_errors.is_power_of_two() {
+                    log::error!(
+                        "core {}: epoll_wait failed ({} times so far): {error}; this core's TCP \
+                         connections and listener get no readiness while it fails",
+                        self.core,
+                        self.stats.epoll_errors
+                    );
+                }
+            }
             return 0;
         }
         let mut work = 0;
@@ -1141,6 +1191,53 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         (client, server)
+    }
+
+    #[test]
+    fn a_connection_whose_epoll_edge_was_lost_is_accepted_at_the_second_audit() {
+        let (mut transport, _pools, _waker) = setup();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        transport.listen(listener).unwrap();
+        assert!(transport.poll_accept().is_none(), "nothing queued yet");
+        let _client = TcpStream::connect(address).unwrap();
+        // The edge is in the epoll set, but the core never collects it (`poll_events` is not
+        // called): as if it were lost. Nothing is accepted without it...
+        assert!(transport.poll_accept().is_none());
+        let t0 = Instant::now();
+        transport.audit_listener(t0);
+        assert!(transport.poll_accept().is_none(), "one look proves nothing");
+        assert_eq!(transport.stats.accept_rescues, 0);
+        // ...until the connection has waited through two looks.
+        transport.audit_listener(t0 + crate::listener_audit::AUDIT_INTERVAL);
+        assert_eq!(transport.stats.accept_rescues, 1);
+        let (stream, _) = transport
+            .poll_accept()
+            .expect("the audit lets the core accept");
+        assert_eq!(stream.peer_addr().unwrap(), _client.local_addr().unwrap());
+        assert!(
+            transport.poll_accept().is_none(),
+            "the queue is empty again"
+        );
+    }
+
+    #[test]
+    fn connections_announced_by_epoll_are_never_counted_as_rescued() {
+        let (mut transport, _pools, _waker) = setup();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        transport.listen(listener).unwrap();
+        assert!(transport.poll_accept().is_none());
+        let t0 = Instant::now();
+        let mut clients = Vec::new();
+        for round in 0..3u32 {
+            clients.push(TcpStream::connect(address).unwrap());
+            transport.audit_listener(t0 + round * crate::listener_audit::AUDIT_INTERVAL);
+            transport.poll_events(Duration::from_millis(100));
+            assert!(transport.poll_accept().is_some(), "epoll announced it");
+            assert!(transport.poll_accept().is_none());
+        }
+        assert_eq!(transport.stats.accept_rescues, 0);
     }
 
     #[test]

@@ -1371,6 +1371,7 @@ impl<N: Network> OsdCore<N> {
         c.set(Counter::conn_accepted, transport.accepted);
         c.set(Counter::conn_closed, transport.closed);
         c.set(Counter::conn_refused, transport.refused);
+        c.set(Counter::accept_rescues, transport.accept_rescues);
         c.set(Counter::connections, transport.connections);
         c.set(Counter::conn_truncated, transport.truncated);
         c.set(Counter::conn_evicted, transport.evicted);
@@ -1384,6 +1385,7 @@ impl<N: Network> OsdCore<N> {
         );
         c.set(Counter::rx_syscalls, transport.rx_syscalls);
         c.set(Counter::epoll_polls, self.epoll_polls);
+        c.set(Counter::epoll_errors, transport.epoll_errors);
         c.set(Counter::tx_syscalls, transport.tx_syscalls);
         c.set(Counter::tx_iovecs, transport.tx_iovecs);
         c.set(Counter::rx_pool_waits, transport.rx_pool_waits);
