@@ -22,6 +22,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use carmine_dataplane::buffers::{Body, CorePools};
+use carmine_dataplane::listener_audit::ListenerAudit;
 use carmine_dataplane::pool::{Buf, Lease};
 use carmine_dataplane::wire::{Header, Opcode, Status, SubOpCode, HEADER_SIZE, SUB_OP_DESC_SIZE};
 
@@ -246,6 +247,8 @@ pub struct NbdStats {
     pub requests: u64,
     pub errors: u64,
     pub protocol_errors: u64,
+    /// Connections accepted without an epoll edge (`ListenerAudit`, as the TCP transport's).
+    pub accept_rescues: u64,
 }
 
 /// Everything but the connections, so that a connection and the rest borrow separately.
@@ -277,6 +280,7 @@ pub struct NbdFrontend {
     events: Vec<libc::epoll_event>,
     listener: Option<TcpListener>,
     accept_ready: bool,
+    listener_audit: ListenerAudit,
     /// The last `epoll_wait` stopped at its event limit: more may be ready, and the nested
     /// set's readiness (which the transport reports) will not fire again for them.
     events_full: bool,
@@ -329,6 +333,7 @@ impl NbdFrontend {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS_MAX],
             listener: None,
             accept_ready: false,
+            listener_audit: ListenerAudit::new(),
             events_full: true,
             conns: (0..count).map(|_| None).collect(),
             generations: vec![0; count],
@@ -381,11 +386,30 @@ impl NbdFrontend {
     }
 
     pub fn poll_accept(&mut self) -> Option<(TcpStream, SocketAddr)> {
+        let listener = self.listener.as_ref()?;
+        if !self.accept_ready
+            && self.listener_audit.tick()
+            && self
+                .listener_audit
+                .look(listener.as_raw_fd(), std::time::Instant::now())
+        {
+            self.accept_ready = true;
+            self.work.stats.accept_rescues += 1;
+            log::warn!(
+                "core {}: NBD connections waited in the accept queue with no epoll event for \
+                 them; accepting them anyway (status nbd_accept_rescues {})",
+                self.work.core,
+                self.work.stats.accept_rescues
+            );
+        }
         if !self.accept_ready {
             return None;
         }
-        match self.listener.as_ref()?.accept() {
-            Ok(pair) => Some(pair),
+        match listener.accept() {
+            Ok(pair) => {
+                self.listener_audit.on_accept();
+                Some(pair)
+            }
             Err(e) => {
                 if e.kind() != io::ErrorKind::WouldBlock {
                     log::warn!("core {}: NBD accept failed: {e}", self.work.core);

@@ -1436,6 +1436,7 @@ impl<N: Network> OsdCore<N> {
             let stats = nbd.stats();
             c.set(Counter::nbd_requests, stats.requests);
             c.set(Counter::nbd_errors, stats.errors);
+            c.set(Counter::nbd_accept_rescues, stats.accept_rescues);
             c.set(Counter::nbd_protocol_errors, stats.protocol_errors);
             c.set(Counter::nbd_connections, nbd.connection_count() as u64);
         }

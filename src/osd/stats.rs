@@ -89,6 +89,7 @@ counters!(
     store_records_written,
     nbd_requests,
     nbd_errors,
+    nbd_accept_rescues,
     nbd_protocol_errors,
     nbd_connections,
     udp_datagrams_rx,
