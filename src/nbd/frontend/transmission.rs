@@ -96,6 +96,21 @@ impl Work {
     }
 }
 
+/// Room to start reading `parts` parts: the budget of read outputs held, and the arena for
+/// their frames (a header, the longest part oid and one sub-op each). False: wait, as outputs
+/// held by other reads come back when those answer.
+fn read_parts_room(work: &mut Work, pools: &mut CorePools, export: &Export, parts: usize) -> bool {
+    if work.read_parts_held + parts > work.read_parts_budget {
+        return false;
+    }
+    let oid_len_max = export.name_len + 21;
+    arena_room(
+        work,
+        pools,
+        parts * (HEADER_SIZE + oid_len_max + SUB_OP_DESC_SIZE),
+    )
+}
+
 /// Room to admit a request of `parts` parts (request slot, part queue).
 pub(super) fn admits(work: &Work, parts: usize) -> bool {
     work.requests.free_count() > 0 && work.parts.len() + parts <= PARTS_QUEUED_MAX
@@ -129,15 +144,7 @@ pub(super) fn consume_request(
     match nbd::check_request(&request, export.header.size, payload_max) {
         Verdict::Read => {
             let parts = image::part_count(work.part_bytes as u64, request.offset, length) as usize;
-            if work.read_parts_held + parts > work.read_parts_budget {
-                return Consume::Paused; // Outputs held by other reads come back as they answer.
-            }
-            let oid_len_max = export.name_len + 21;
-            if !arena_room(
-                work,
-                pools,
-                parts * (HEADER_SIZE + oid_len_max + SUB_OP_DESC_SIZE),
-            ) {
+            if !read_parts_room(work, pools, &export, parts) {
                 return Consume::Paused;
             }
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
@@ -203,15 +210,7 @@ pub(super) fn consume_request(
             let parts = image::split(object_size, object_size, request.offset, length)
                 .take(BLOCK_STATUS_OBJECTS_MAX)
                 .count();
-            if work.read_parts_held + parts > work.read_parts_budget {
-                return Consume::Paused;
-            }
-            let oid_len_max = export.name_len + 21;
-            if !arena_room(
-                work,
-                pools,
-                parts * (HEADER_SIZE + oid_len_max + SUB_OP_DESC_SIZE),
-            ) {
+            if !read_parts_room(work, pools, &export, parts) {
                 return Consume::Paused;
             }
             conn.in_start += nbd::REQUEST_HEADER_BYTES;
