@@ -9,12 +9,15 @@
 # including any time the thread was preempted in them). "server preempted" is the reactor
 # thread's run-queue wait (/proc/.../schedstat) over the run's wall time: on a shared machine a
 # spinning reactor or generator is descheduled for whole time slices. "load cpu/op" is the
-# generator process's user+system time per op (one thread; TCP sleeps in epoll, DPDK spins).
+# generator process's user+system time per op (one thread; TCP sleeps in epoll, DPDK spins, so
+# its cpu/op is its wall time per op). "load busy/op": the DPDK generator's time in passes that
+# received or sent something, per op (its report's `generator_busy_s`): what its work costs.
 # "ops/busy pass": ops over the reactor's passes that did work (`busy_passes`; nan for a server
-# without the counter): how far the server is from saturation. "server syscalls/op": system calls the reactor thread entered per op in a 2 s window from
-# 2 s into the run (`perf stat -e raw_syscalls:sys_enter -t`, when perf is installed; the
-# window skips the generator's start-up): callgrind sees no kernel, and on a VM a system call
-# costs more than an op's user-space path.
+# without the counter): how many ops a pass carries. "server syscalls/op": system calls the
+# reactor thread entered per op in a 2 s window from 2 s into the run (`perf stat -e
+# raw_syscalls:sys_enter -t`, when perf is installed; the window skips the generator's
+# start-up): callgrind sees no kernel, and on a VM a system call costs more than an op's
+# user-space path.
 #
 #   cargo build --release --features dpdk && scripts/dpdk-bench.sh
 #   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
@@ -91,6 +94,8 @@ ops = a["ops"] - b["ops"]
 busy = (a["busy_ns"] - b["busy_ns"]) / ops if ops else float("nan")
 busy_passes = a.get("busy_passes", 0) - b.get("busy_passes", 0)  # absent before session 11
 per_pass = ops / busy_passes if busy_passes else float("nan")
+# A busy-polling generator's time in passes that moved packets (DPDK; nan for TCP, which sleeps).
+gen_busy = r["generator_busy_s"] / r["ops"] * 1e6 if r.get("generator_busy_s") and r["ops"] else float("nan")
 wall, user, system = map(float, open(load_time).read().split()[-3:])
 # schedstat: ns on CPU, ns waiting on a run queue (runnable but preempted), time slices.
 run_b, wait_b, _ = map(int, sched_b.split()); run_a, wait_a, _ = map(int, sched_a.split())
@@ -98,6 +103,7 @@ print(f"{transport:5} {op:9} iops {r['iops']:9.0f}  p50 {r['latency_us']['p50']:
       f"server busy/op {busy/1000:5.2f} us  ops/busy pass {per_pass:5.2f}  server syscalls/op {syscalls_per_op:5.2f}  "
       f"server preempted {(wait_a - wait_b) / 1e9 / wall:4.0%}  "
       f"load cpu/op {(user + system) / r['ops'] * 1e6 if r['ops'] else 0:5.2f} us ({(user + system) / wall:4.0%} of a CPU)  "
+      f"load busy/op {gen_busy:5.2f} us  "
       f"errors {r['errors']} verify_failures {r['verify_failures']}")
 EOF
 }

@@ -257,6 +257,10 @@ pub struct LoadReport {
     /// Connections that sent each timed op to its object's server core (--route; 0 without it,
     /// or when the server or the connection spread did not allow it).
     pub routed_connections: u32,
+    /// A busy-polling generator's (`--transport dpdk`) wall time in passes that received or
+    /// sent something, over the timed run: with `duration_s`, how much of its CPU the work took
+    /// (a poller uses all of its CPU either way). 0 for the others, which sleep in epoll.
+    pub generator_busy_s: f64,
     pub server: Option<serde_json::Value>,
 }
 
@@ -656,6 +660,7 @@ fn merge(args: &LoadArgs, outcomes: Vec<ThreadOutcome>) -> LoadReport {
         prefill_ops,
         prefill_errors,
         routed_connections,
+        generator_busy_s: total.busy_ns as f64 / 1e9,
         server: None,
     }
 }
@@ -1159,6 +1164,8 @@ struct Stats {
     verify_failures: u64,
     unwritten_reads: u64,
     latency: Histogram<u64>,
+    /// Busy-polling generators: wall time of passes that did work.
+    busy_ns: u64,
 }
 
 impl Stats {
@@ -1172,6 +1179,7 @@ impl Stats {
             unwritten_reads: 0,
             latency: Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3)
                 .expect("static histogram bounds are valid"),
+            busy_ns: 0,
         }
     }
 
@@ -1189,6 +1197,7 @@ impl Stats {
         }
         self.verify_failures += other.verify_failures;
         self.unwritten_reads += other.unwritten_reads;
+        self.busy_ns += other.busy_ns;
         self.latency
             .add(&other.latency)
             .expect("histograms with the same bounds merge");
