@@ -22,6 +22,7 @@
 #   cargo build --release --features dpdk && scripts/dpdk-bench.sh
 #   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
 #   SERVE_ARGS="--coalesce off" scripts/dpdk-bench.sh   # extra serve arguments
+#   CLIENTS=8 QD=32 scripts/dpdk-bench.sh                 # more requests in flight (default 4 x 32)
 # Needs root (the EAL's runtime files and the memif socket live under /run), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +53,7 @@ for _ in $(seq 100); do grep -q "serving on" "$OUT/serve.log" && break; sleep 0.
 grep -q "serving on" "$OUT/serve.log" || { cat "$OUT/serve.log"; exit 1; }
 reactor=$(grep -l carmine-core-0 /proc/"$server"/task/*/comm | head -1 | cut -d/ -f5)
 
-shape=(--bs 4096 --objects 64 --object-size 1MiB --clients 4 --qd 32 --cpus 0 --json)
+shape=(--bs 4096 --objects 64 --object-size 1MiB --clients "${CLIENTS:-4}" --qd "${QD:-32}" --cpus 0 --json)
 n=0
 run() { # transport op -> one line of results
   local transport=$1 op=$2 extra=()
@@ -109,7 +110,7 @@ EOF
 }
 
 "$B" load --target "$LISTEN" "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null
-echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run"
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run; ${CLIENTS:-4} clients x QD${QD:-32}"
 for round in $(seq "$ROUNDS"); do
   for op in randwrite randread; do
     run tcp "$op"

@@ -8,7 +8,9 @@
 # zeroed WARM s into the run and dumped WINDOW s later; the server's STATUS gives the ops of the
 # same window (the generator is its only client). Reported: the generator thread's Ir per op and
 # its functions' self cost per op (scripts/callgrind-self.py), memcpy included. valgrind runs
-# the pclmul crc, not the AVX-512 one of a native run.
+# the pclmul crc, not the AVX-512 one of a native run. The generator polls, so its empty passes
+# count too: when the server is starved of CPU (a loaded machine) they dominate (one run at
+# load average 4.5 counted 186K Ir per write instead of ~7K); compare runs on a quiet machine.
 #
 #   cargo build --release --features dpdk && scripts/dpdk-load-callgrind.sh
 #   LOAD_ARGS="--verify" scripts/dpdk-load-callgrind.sh    # extra load arguments
