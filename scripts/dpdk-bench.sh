@@ -9,15 +9,20 @@
 # including any time the thread was preempted in them). "server preempted" is the reactor
 # thread's run-queue wait (/proc/.../schedstat) over the run's wall time: on a shared machine a
 # spinning reactor or generator is descheduled for whole time slices. "load cpu/op" is the
-# generator process's user+system time per op (one thread; TCP sleeps in epoll, DPDK spins).
-# "server syscalls/op": system calls the reactor thread entered per op in a 2 s window from
-# 2 s into the run (`perf stat -e raw_syscalls:sys_enter -t`, when perf is installed; the
-# window skips the generator's start-up): callgrind sees no kernel, and on a VM a system call
-# costs more than an op's user-space path.
+# generator process's user+system time per op (one thread; TCP sleeps in epoll, DPDK spins, so
+# its cpu/op is its wall time per op). "load busy/op": the DPDK generator's time in passes that
+# received or sent something, per op (its report's `generator_busy_s`): what its work costs.
+# "ops/busy pass": ops over the reactor's passes that did work (`busy_passes`; nan for a server
+# without the counter): how many ops a pass carries. "server syscalls/op": system calls the
+# reactor thread entered per op in a 2 s window from 2 s into the run (`perf stat -e
+# raw_syscalls:sys_enter -t`, when perf is installed; the window skips the generator's
+# start-up): callgrind sees no kernel, and on a VM a system call costs more than an op's
+# user-space path.
 #
 #   cargo build --release --features dpdk && scripts/dpdk-bench.sh
 #   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
 #   SERVE_ARGS="--coalesce off" scripts/dpdk-bench.sh   # extra serve arguments
+#   CLIENTS=8 QD=32 scripts/dpdk-bench.sh                 # more requests in flight (default 4 x 32)
 # Needs root (the EAL's runtime files and the memif socket live under /run), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +53,7 @@ for _ in $(seq 100); do grep -q "serving on" "$OUT/serve.log" && break; sleep 0.
 grep -q "serving on" "$OUT/serve.log" || { cat "$OUT/serve.log"; exit 1; }
 reactor=$(grep -l carmine-core-0 /proc/"$server"/task/*/comm | head -1 | cut -d/ -f5)
 
-shape=(--bs 4096 --objects 64 --object-size 1MiB --clients 4 --qd 32 --cpus 0 --json)
+shape=(--bs 4096 --objects 64 --object-size 1MiB --clients "${CLIENTS:-4}" --qd "${QD:-32}" --cpus 0 --json)
 n=0
 run() { # transport op -> one line of results
   local transport=$1 op=$2 extra=()
@@ -88,19 +93,24 @@ if os.path.exists(perf_csv) and os.path.exists(perf_a):
 r = json.load(open(report)); b = json.load(open(before))["totals"]; a = json.load(open(after))["totals"]
 ops = a["ops"] - b["ops"]
 busy = (a["busy_ns"] - b["busy_ns"]) / ops if ops else float("nan")
+busy_passes = a.get("busy_passes", 0) - b.get("busy_passes", 0)  # absent before session 11
+per_pass = ops / busy_passes if busy_passes else float("nan")
+# A busy-polling generator's time in passes that moved packets (DPDK; nan for TCP, which sleeps).
+gen_busy = r["generator_busy_s"] / r["ops"] * 1e6 if r.get("generator_busy_s") and r["ops"] else float("nan")
 wall, user, system = map(float, open(load_time).read().split()[-3:])
 # schedstat: ns on CPU, ns waiting on a run queue (runnable but preempted), time slices.
 run_b, wait_b, _ = map(int, sched_b.split()); run_a, wait_a, _ = map(int, sched_a.split())
 print(f"{transport:5} {op:9} iops {r['iops']:9.0f}  p50 {r['latency_us']['p50']:7.1f} us  p99 {r['latency_us']['p99']:8.1f} us  "
-      f"server busy/op {busy/1000:5.2f} us  server syscalls/op {syscalls_per_op:5.2f}  "
+      f"server busy/op {busy/1000:5.2f} us  ops/busy pass {per_pass:5.2f}  server syscalls/op {syscalls_per_op:5.2f}  "
       f"server preempted {(wait_a - wait_b) / 1e9 / wall:4.0%}  "
       f"load cpu/op {(user + system) / r['ops'] * 1e6 if r['ops'] else 0:5.2f} us ({(user + system) / wall:4.0%} of a CPU)  "
+      f"load busy/op {gen_busy:5.2f} us  "
       f"errors {r['errors']} verify_failures {r['verify_failures']}")
 EOF
 }
 
 "$B" load --target "$LISTEN" "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null
-echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run"
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run; ${CLIENTS:-4} clients x QD${QD:-32}"
 for round in $(seq "$ROUNDS"); do
   for op in randwrite randread; do
     run tcp "$op"

@@ -1275,6 +1275,7 @@ pub fn run(args: &StoreBenchArgs) -> Result<(), String> {
             prefill_ops: bench.prefill.ops,
             prefill_errors: bench.prefill.errors,
             routed_connections: 0,
+            generator_busy_s: 0.0,
             server: Some(server),
         },
         write_amplification: (client_bytes > 0).then(|| journal_bytes as f64 / client_bytes as f64),

@@ -180,6 +180,13 @@ mod run {
             "every block prefilled: {report}"
         );
         let writes = report["prefill_ops"].as_u64().unwrap() + report["ops"].as_u64().unwrap();
+        // The polling generator books the passes that moved packets: some, within the run.
+        let busy_s = report["generator_busy_s"].as_f64().unwrap();
+        let run_s = report["duration_s"].as_f64().unwrap();
+        assert!(
+            busy_s > 0.0 && busy_s <= run_s,
+            "busy {busy_s} s of {run_s} s: {report}"
+        );
         let mut ops = writes;
         for op in ["randread", "seqread"] {
             let report = case.load(server, &["--op", op, "--verify"]);

@@ -311,5 +311,12 @@ fn coalescing_switches_itself_on_under_load_only() {
     let after = status(&server.addr);
     let on = total(&after, "coalesce_windows_on") - total(&before, "coalesce_windows_on");
     assert!(on > 0, "4 x QD32 never turned coalescing on: {report}");
+    // Passes with work are counted apart (ops per busy pass: how far per-pass costs spread).
+    let busy_passes = total(&after, "busy_passes") - total(&before, "busy_passes");
+    let passes = total(&after, "passes") - total(&before, "passes");
+    assert!(
+        busy_passes > 0 && busy_passes <= passes,
+        "{busy_passes} busy passes of {passes}"
+    );
     assert!(server.stop().success(), "clean exit on SIGINT");
 }

@@ -80,6 +80,9 @@ pub struct LoopCounters {
     pub busy_ns: u64,
     pub idle_ns: u64,
     pub passes: u64,
+    /// Passes that did work: ops / busy passes is how many ops a pass carries (a saturated
+    /// core spreads its per-pass costs over many).
+    pub busy_passes: u64,
     pub parks: u64,
     /// The thread's CPU time booked to busy passes (see the module comment).
     pub busy_cpu_ns: u64,
@@ -266,6 +269,7 @@ pub fn run_coalesced<C: Core>(
         let mut parked = false;
         if work > 0 {
             counters.busy_ns += elapsed_ns;
+            counters.busy_passes += 1;
             booking.busy_wall += elapsed_ns;
             idle_since = None;
         } else {
@@ -412,6 +416,7 @@ mod tests {
             counters.passes, 1001,
             "1000 busy passes and one idle pass that sees stop"
         );
+        assert_eq!(counters.busy_passes, 1000);
         assert!(counters.busy_ns > 0);
         assert!(counters.busy_cpu_ns <= counters.busy_ns);
         assert!(core.published >= 1);

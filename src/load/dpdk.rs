@@ -211,7 +211,8 @@ impl<'a> DpdkGenerator<'a> {
         );
     }
 
-    fn flush(&mut self, token: usize) {
+    /// Sends the client's queued packets; returns how many.
+    fn flush(&mut self, token: usize) -> usize {
         let Link {
             local, pool, tx, ..
         } = &mut self.link;
@@ -226,13 +227,13 @@ impl<'a> DpdkGenerator<'a> {
                 tx,
                 dpdk::udp::udp_frame(pool, &source, to, head, payload),
             )
-        });
+        })
     }
 
     /// Takes a burst from the queue and books complete responses; with `timers`, also runs
-    /// every client's resend timer.
-    fn receive(&mut self, now_ns: u64, timers: bool) -> Result<(), String> {
-        self.link.rx.rx_burst(&mut self.got);
+    /// every client's resend timer. Returns the frames received.
+    fn receive(&mut self, now_ns: u64, timers: bool) -> Result<usize, String> {
+        let received = self.link.rx.rx_burst(&mut self.got);
         let local_ip = self.link.local.ip;
         let work = &mut self.work;
         let mut failure: Option<String> = None;
@@ -292,7 +293,7 @@ impl<'a> DpdkGenerator<'a> {
                 "thread {} dpdk client to {:?}: {e}",
                 self.index, self.server.ip
             )),
-            None => Ok(()),
+            None => Ok(received),
         }
     }
 
@@ -305,12 +306,19 @@ impl<'a> DpdkGenerator<'a> {
         let mut last_progress = (start, 0u64);
         let mut last_timers_ns = 0u64;
         let mut pass = 0u64;
+        // The previous pass: when it began, and whether it received or sent anything (its
+        // time is then busy time: how much of the spinning CPU the work takes).
+        let (mut pass_start, mut pass_busy) = (start, false);
         loop {
             pass += 1;
             if pass & 1023 == 0 {
                 self.shared.check_abort()?;
             }
             let now = Instant::now();
+            if pass_busy {
+                self.work.stats().busy_ns += (now - pass_start).as_nanos() as u64;
+            }
+            pass_start = now;
             if deadline.is_some_and(|d| now >= d) {
                 self.work.stopping = true;
             }
@@ -339,12 +347,13 @@ impl<'a> DpdkGenerator<'a> {
             if timers {
                 last_timers_ns = now_ns;
             }
-            self.receive(now_ns, timers)?;
+            let mut moved = self.receive(now_ns, timers)?;
             for token in 0..self.clients.len() {
                 self.fill(token, now_ns);
-                self.flush(token);
+                moved += self.flush(token);
             }
             self.link.tx.tx_burst(&mut self.out);
+            pass_busy = moved > 0;
             if pass & 63 == 0 {
                 self.publish();
             }

@@ -1664,6 +1664,8 @@ impl<N: Network> Core for OsdCore<N> {
         self.counters.set(Counter::cpu_ns, loop_counters.cpu_ns);
         self.counters.set(Counter::idle_ns, loop_counters.idle_ns);
         self.counters.set(Counter::passes, loop_counters.passes);
+        self.counters
+            .set(Counter::busy_passes, loop_counters.busy_passes);
         self.counters.set(Counter::parks, loop_counters.parks);
         self.counters
             .set(Counter::coalesce_pauses, loop_counters.coalesce_pauses);

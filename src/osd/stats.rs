@@ -29,6 +29,7 @@ counters!(
     cpu_ns,
     idle_ns,
     passes,
+    busy_passes,
     parks,
     coalesce_pauses,
     coalesce_windows_on,

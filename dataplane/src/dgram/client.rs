@@ -47,6 +47,10 @@ struct Session<P, B, Q> {
     wire_id: u32,
     /// Request packets sent and not acknowledged, over all slots.
     credits_used: u16,
+    /// A slot left the tx list with packets unsent for want of credits: the next ack that
+    /// returns credits lists it again. Without one waiting, an ack skips the walk over the
+    /// session's slots (it was a step of every response).
+    credit_waiters: bool,
     slots: Vec<Slot<B, Q>>,
 }
 
@@ -106,6 +110,7 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
             peer,
             wire_id: self.id_base.wrapping_add(index),
             credits_used: 0,
+            credit_waiters: false,
             slots,
         });
         Some(SessionId(index))
@@ -198,7 +203,8 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
             session.credits_used -= newly;
             slot.acked = acked;
             slot.resend_next = slot.resend_next.max(slot.acked);
-            if newly > 0 {
+            if newly > 0 && session.credit_waiters {
+                session.credit_waiters = false;
                 Self::list_waiting_slots(&mut self.tx_list, session, index);
             }
         }
@@ -343,6 +349,9 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
             }
             if full {
                 break; // keep this slot at the front for the next call
+            }
+            if slot.sent < slot.packet_count {
+                session.credit_waiters = true; // out of credits
             }
             // Done, or out of credits: an ack puts it back (list_waiting_slots).
             slot.in_tx_list = false;
