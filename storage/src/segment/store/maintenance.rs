@@ -283,6 +283,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
         }
         let buf = m.buf.as_ref().expect("read into it");
         m.actual.clear();
+        // Only the live blocks are hashed and used: the dead ones the read spanned have no crc
+        // in the metadata and never leave this buffer.
         for run in &m.runs {
             for index in 0..run.blocks {
                 let at = (run.at + index) as usize * BLOCK_SIZE_BYTES as usize;
