@@ -1003,12 +1003,16 @@ fn server_json(
         "read_errors": after.read_errors.saturating_sub(before.read_errors),
         "lane_waits": after.lane_waits.saturating_sub(before.lane_waits),
         "batch_full_waits": after.batch_full_waits.saturating_sub(before.batch_full_waits),
+        // Writes that found no free segment and waited for the cleaner.
+        "space_waits": after.space_waits.saturating_sub(before.space_waits),
         "buffer_allocations": after.buffer_allocations.saturating_sub(before.buffer_allocations),
         // Where journal_bytes went besides client data: metadata checkpoints and the
         // cleaner's copies (each moved block is rewritten once).
         "checkpoints": after.checkpoints.saturating_sub(before.checkpoints),
         "checkpoint_bytes": after.checkpoint_bytes.saturating_sub(before.checkpoint_bytes),
         "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
+        "cleaner_reads": after.cleaner_reads.saturating_sub(before.cleaner_reads),
+        "cleaner_blocks_read": after.cleaner_blocks_read.saturating_sub(before.cleaner_blocks_read),
         "segments_cleaned": after.segments_cleaned.saturating_sub(before.segments_cleaned),
         "segments_freed_empty": after.segments_freed_empty.saturating_sub(before.segments_freed_empty),
         "free_segments_start": before.free_segments,

@@ -74,6 +74,10 @@ pub struct SegmentStats {
     pub segments_cleaned: u64,
     pub segments_freed_empty: u64,
     pub blocks_moved: u64,
+    /// Read requests the cleaner made, and the blocks they read (live or not: a read may span
+    /// dead blocks between live ones, `cleaner::MOVE_GAP_BLOCKS_MAX`).
+    pub cleaner_reads: u64,
+    pub cleaner_blocks_read: u64,
     pub victims_abandoned: u64,
     /// Writes that waited for the cleaner to free space.
     pub space_waits: u64,
@@ -113,6 +117,8 @@ impl SegmentStats {
             segments_cleaned: self.segments_cleaned - earlier.segments_cleaned,
             segments_freed_empty: self.segments_freed_empty - earlier.segments_freed_empty,
             blocks_moved: self.blocks_moved - earlier.blocks_moved,
+            cleaner_reads: self.cleaner_reads - earlier.cleaner_reads,
+            cleaner_blocks_read: self.cleaner_blocks_read - earlier.cleaner_blocks_read,
             victims_abandoned: self.victims_abandoned - earlier.victims_abandoned,
             space_waits: self.space_waits - earlier.space_waits,
             usable_full_refusals: self.usable_full_refusals - earlier.usable_full_refusals,
@@ -571,6 +577,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
         extra.segments_cleaned = cleaned.segments_cleaned;
         extra.segments_freed_empty = cleaned.segments_freed_empty;
         extra.blocks_moved = cleaned.blocks_moved;
+        extra.cleaner_reads = cleaned.reads;
+        extra.cleaner_blocks_read = cleaned.blocks_read;
         extra.victims_abandoned = cleaned.victims_abandoned;
         extra.mapped_blocks = self.mapped_blocks();
         extra.usable_blocks = self.usable_blocks;

@@ -190,6 +190,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.cleaner.todo.len()
         );
         self.cleaner.victim = Some(victim);
+        self.cleaner.gapless_until = 0;
     }
 
     fn run_cleaner(&mut self) {
@@ -208,9 +209,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 break;
             }
             self.cleaner.free_moves.pop();
-            let blocks = self.cleaner.moves[mv].blocks;
-            debug_assert!(blocks as usize <= MOVE_BLOCKS_MAX);
-            self.cleaner.moves[mv].buf = Some(self.pool.take(u64::from(blocks)));
+            let span = self.cleaner.moves[mv].span_blocks;
+            debug_assert!(span as usize <= MOVE_BLOCKS_MAX);
+            self.cleaner.moves[mv].buf = Some(self.pool.take(u64::from(span)));
             self.cleaner.moves[mv].stage = MoveStage::Unsubmitted;
             self.readers[victim as usize] += 1;
             self.submit_move_read(mv);
@@ -240,12 +241,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let buf = m.buf.as_mut().expect("a move being read has a buffer");
         // SAFETY: the buffer stays in the move, untouched, until the read completes
         // (`move_read`), and until the journal reports the copy durable after that.
-        let iovec = unsafe { buf.io_vec_at(0, m.blocks as usize * BLOCK_SIZE_BYTES as usize) };
+        let iovec = unsafe { buf.io_vec_at(0, m.span_blocks as usize * BLOCK_SIZE_BYTES as usize) };
         match self
             .qp
             .submit_read(m.from, &[iovec], CLEANER_TAG_BIT | mv as u64)
         {
-            Ok(()) => m.stage = MoveStage::Reading,
+            Ok(()) => {
+                m.stage = MoveStage::Reading;
+                self.cleaner.stats.reads += 1;
+                self.cleaner.stats.blocks_read += u64::from(m.span_blocks);
+            }
             Err(SubmitError::QueueFull) => m.stage = MoveStage::Unsubmitted,
             Err(error) => panic!("cleaner read request malformed: {error}"),
         }
@@ -264,33 +269,42 @@ impl<Q: QueuePair> SegmentStore<Q> {
             log::error!(
                 "shard {}: cleaner read of {} blocks at {} failed: {error}",
                 self.shard,
-                m.blocks,
+                m.span_blocks,
                 m.from
             );
+            if self.cleaner.retry_without_gaps(mv) {
+                log::info!(
+                    "shard {}: the cleaner reads those live blocks again without the dead ones between them",
+                    self.shard
+                );
+            }
             self.move_done(mv, false);
             return;
         }
         let buf = m.buf.as_ref().expect("read into it");
         m.actual.clear();
-        for (index, block) in buf[..m.blocks as usize * BLOCK_SIZE_BYTES as usize]
-            .chunks_exact(BLOCK_SIZE_BYTES as usize)
-            .enumerate()
-        {
-            let crc = carmine_crc::crc32c(block);
-            m.actual.push(crc);
-            if crc != m.expected[index] {
-                // Rot: the copy keeps the metadata's crc, so a read of it still fails (never
-                // wrong bytes), and fsck still reports it.
-                self.extra.checksum_errors += 1;
-                log::error!(
-                    "shard {}: checksum mismatch in object {:?} block {} at device offset {} (found by the cleaner)",
-                    self.shard,
-                    String::from_utf8_lossy(&m.oid),
-                    m.first_index + index as u64,
-                    m.from + index as u64 * BLOCK_SIZE_BYTES
-                );
+        // Only the live blocks are hashed and used: the dead ones the read spanned have no crc
+        // in the metadata and never leave this buffer.
+        for run in &m.runs {
+            for index in 0..run.blocks {
+                let at = (run.at + index) as usize * BLOCK_SIZE_BYTES as usize;
+                let crc = carmine_crc::crc32c(&buf[at..][..BLOCK_SIZE_BYTES as usize]);
+                if crc != m.expected[m.actual.len()] {
+                    // Rot: the copy keeps the metadata's crc, so a read of it still fails
+                    // (never wrong bytes), and fsck still reports it.
+                    self.extra.checksum_errors += 1;
+                    log::error!(
+                        "shard {}: checksum mismatch in object {:?} block {} at device offset {} (found by the cleaner)",
+                        self.shard,
+                        String::from_utf8_lossy(&run.oid),
+                        run.first_index + u64::from(index),
+                        m.from + at as u64
+                    );
+                }
+                m.actual.push(crc);
             }
         }
+        debug_assert_eq!(m.actual.len(), m.blocks as usize);
         m.stage = MoveStage::Blocked;
         self.journal_move(mv);
     }
@@ -306,21 +320,32 @@ impl<Q: QueuePair> SegmentStore<Q> {
         };
         let m = &mut self.cleaner.moves[mv];
         let buf = m.buf.as_mut().expect("a read move has its buffer");
-        // SAFETY: the buffer stays in the move, unmodified, until the journal reports this op
-        // (`move_done`), which is when it goes back to the pool.
-        let iovec = unsafe { buf.io_vec_at(0, m.blocks as usize * BLOCK_SIZE_BYTES as usize) };
-        // SAFETY: as above.
-        let appended = unsafe {
-            op.moved_extent(
-                &m.oid,
-                m.first_index * BLOCK_SIZE_BYTES,
-                m.from,
-                iovec,
-                &m.actual,
-            )
-        };
-        if appended.is_err() || op.placement(true).is_err() {
-            // Batch full, or no room even in the reserve: dropped (rolled back), tried again.
+        let mut crcs = &m.actual[..];
+        for run in &m.runs {
+            let at = run.at as usize * BLOCK_SIZE_BYTES as usize;
+            // SAFETY: the buffer stays in the move, unmodified, until the journal reports this
+            // op (`move_done`), which is when it goes back to the pool.
+            let iovec =
+                unsafe { buf.io_vec_at(at, run.blocks as usize * BLOCK_SIZE_BYTES as usize) };
+            let (run_crcs, rest) = crcs.split_at(run.blocks as usize);
+            crcs = rest;
+            // SAFETY: as above.
+            let appended = unsafe {
+                op.moved_extent(
+                    &run.oid,
+                    run.first_index * BLOCK_SIZE_BYTES,
+                    m.from + at as u64,
+                    iovec,
+                    run_crcs,
+                )
+            };
+            if appended.is_err() {
+                // Batch full: dropped (rolled back, every run of it), tried again.
+                return;
+            }
+        }
+        if op.placement(true).is_err() {
+            // No room even in the reserve: dropped (rolled back), tried again.
             return;
         }
         op.commit(CLEANER_TAG_BIT | mv as u64);
