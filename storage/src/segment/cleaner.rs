@@ -219,7 +219,12 @@ impl Cleaner {
         // Blocks from `first` to just past the last live block taken.
         let mut span = 1u64;
         while let Some((_, _, next)) = self.todo.last() {
-            debug_assert!(next.physical >= first.physical + span * BLOCK_SIZE_BYTES);
+            if next.physical < first.physical + span * BLOCK_SIZE_BYTES {
+                // Not past this copy's span: blocks of a failed copy that `retry_without_gaps`
+                // put back on top of `todo` while this one was taken from further on (with
+                // several copies in flight) come back behind it. The next copy starts there.
+                break;
+            }
             let at = (next.physical - first.physical) / BLOCK_SIZE_BYTES;
             let gap_max = if next.physical < self.gapless_until {
                 0
@@ -263,7 +268,9 @@ impl Cleaner {
         if m.span_blocks == m.blocks {
             return false;
         }
-        self.gapless_until = m.from + u64::from(m.span_blocks) * BLOCK_SIZE_BYTES;
+        // Never lowered: an earlier failed span, further on, stays gapless too.
+        let end = m.from + u64::from(m.span_blocks) * BLOCK_SIZE_BYTES;
+        self.gapless_until = self.gapless_until.max(end);
         // `todo` is popped from the back in device order: push the last block first.
         let mut crcs = m.expected.iter().rev();
         for run in m.runs.drain(..).rev() {
@@ -480,5 +487,70 @@ mod tests {
         assert!(cleaner.next_run(3));
         assert_eq!(cleaner.moves[3].blocks as usize, MOVE_BLOCKS_MAX / 2);
         assert!(!cleaner.next_run(4));
+    }
+
+    /// Two copies in flight whose reads both fail are retried in the order they failed: the
+    /// later copy's blocks then lie on top of `todo` before the earlier one's, out of device
+    /// order. A copy must end there (CI's debug-build sim once hit an assertion on it), and
+    /// every block must still be copied exactly once, without gaps.
+    #[test]
+    fn copies_retried_out_of_order_end_where_device_order_breaks() {
+        let segment_size = 1 << 20;
+        let sb = Superblock::for_device(
+            SEGMENTS_START_BYTES + 4 * segment_size,
+            segment_size,
+            1,
+            [3; 16],
+        )
+        .unwrap();
+        let mut metadata = Metadata::new(sb);
+        metadata.apply(&Delta::ObjectCreate { oid: b"a" }).unwrap();
+        let base = sb.segment_offset(1) + 4096;
+        let gap = MOVE_GAP_BLOCKS_MAX;
+        // Two groups of three live blocks, one dead block apart inside a group, and more than
+        // a gap between the groups: two copies.
+        let second = 4 + gap + 2;
+        let blocks = [0u64, 2, 4, second, second + 2, second + 4];
+        for (i, &block) in blocks.iter().enumerate() {
+            metadata
+                .apply(&Delta::ExtentMap {
+                    oid: b"a",
+                    offset: i as u64 * 4096,
+                    physical: base + block * 4096,
+                    blocks: 1,
+                    crcs: &[0u8; 4],
+                })
+                .unwrap();
+        }
+        let mut cleaner = Cleaner::new();
+        metadata.live_in_segment(1, &mut cleaner.todo);
+        cleaner.todo.reverse();
+        assert!(cleaner.next_run(0));
+        assert!(cleaner.next_run(1));
+        assert_eq!(cleaner.moves[0].from, base);
+        assert_eq!(cleaner.moves[1].from, base + second * 4096);
+        assert!(cleaner.todo.is_empty());
+        // Both fail; the first copy's blocks go back first, so they end up below the second's.
+        assert!(cleaner.retry_without_gaps(0));
+        assert!(cleaner.retry_without_gaps(1));
+        let mut copied = vec![];
+        let mut copies = 0;
+        while cleaner.next_run(2) {
+            let m = &cleaner.moves[2];
+            assert_eq!(
+                m.span_blocks, m.blocks,
+                "no dead block read after a failure"
+            );
+            for run in &m.runs {
+                for k in 0..run.blocks {
+                    copied.push(m.from / 4096 + u64::from(run.at + k));
+                }
+            }
+            copies += 1;
+        }
+        copied.sort_unstable();
+        let expected: Vec<u64> = blocks.iter().map(|b| base / 4096 + b).collect();
+        assert_eq!(copied, expected, "every live block, once");
+        assert_eq!(copies, 6, "no dead gaps: a copy per live block");
     }
 }
