@@ -126,7 +126,6 @@ pub struct Move {
     /// crc32c of the live blocks as read, in run order.
     pub actual: Vec<u32>,
     pub buf: Option<AlignedBuf>,
-    pub read_failed: bool,
 }
 
 /// Counters the store reports.
@@ -179,7 +178,6 @@ impl Cleaner {
                     expected: Vec::with_capacity(MOVE_BLOCKS_MAX),
                     actual: Vec::with_capacity(MOVE_BLOCKS_MAX),
                     buf: None,
-                    read_failed: false,
                 })
                 .collect(),
             free_moves: (0..MOVES_IN_FLIGHT_MAX).rev().collect(),
@@ -256,7 +254,6 @@ impl Cleaner {
         m.blocks = m.expected.len() as u32;
         m.span_blocks = span as u32;
         m.from = first.physical;
-        m.read_failed = false;
         true
     }
 
