@@ -382,11 +382,10 @@ mod tests {
         assert!(!cleaner.next_run(1));
     }
 
-    /// Live blocks scattered as random overwrites leave them: a read spans dead gaps of up to
-    /// `MOVE_GAP_BLOCKS_MAX` blocks, ends before a longer one, and never spans more than
-    /// `MOVE_BLOCKS_MAX` blocks; runs split where the object or its logical order changes.
-    #[test]
-    fn copies_read_across_short_gaps() {
+    /// A cleaner whose `todo` holds segment 1's live blocks, as `start_victim` leaves it, each
+    /// given as (object, logical block, block in the segment, counted from `base`, the first
+    /// block after the segment's header); returns the cleaner and `base`.
+    fn cleaner_over(live: &[(&[u8], u64, u64)]) -> (Cleaner, u64) {
         let segment_size = 1 << 20;
         let sb = Superblock::for_device(
             SEGMENTS_START_BYTES + 4 * segment_size,
@@ -396,11 +395,34 @@ mod tests {
         )
         .unwrap();
         let mut metadata = Metadata::new(sb);
-        metadata.apply(&Delta::ObjectCreate { oid: b"a" }).unwrap();
-        metadata.apply(&Delta::ObjectCreate { oid: b"b" }).unwrap();
-        let crcs = [0u8; 4];
-        let gap = MOVE_GAP_BLOCKS_MAX;
         let base = sb.segment_offset(1) + 4096;
+        for &(oid, logical, block) in live {
+            if metadata.object(oid).is_none() {
+                metadata.apply(&Delta::ObjectCreate { oid }).unwrap();
+            }
+            metadata
+                .apply(&Delta::ExtentMap {
+                    oid,
+                    offset: logical * 4096,
+                    physical: base + block * 4096,
+                    blocks: 1,
+                    crcs: &[0u8; 4],
+                })
+                .unwrap();
+        }
+        let mut cleaner = Cleaner::new();
+        metadata.live_in_segment(1, &mut cleaner.todo);
+        cleaner.todo.reverse();
+        assert_eq!(cleaner.todo.len(), live.len());
+        (cleaner, base)
+    }
+
+    /// Live blocks scattered as random overwrites leave them: a read spans dead gaps of up to
+    /// `MOVE_GAP_BLOCKS_MAX` blocks, ends before a longer one, and never spans more than
+    /// `MOVE_BLOCKS_MAX` blocks; runs split where the object or its logical order changes.
+    #[test]
+    fn copies_read_across_short_gaps() {
+        let gap = MOVE_GAP_BLOCKS_MAX;
         // (object, logical block, block in the segment)
         let mut live = vec![
             (&b"a"[..], 7u64, 0u64),
@@ -415,21 +437,7 @@ mod tests {
         for i in 0..MOVE_BLOCKS_MAX as u64 {
             live.push((b"a", 100 + i, start + 2 * i));
         }
-        for &(oid, logical, block) in &live {
-            metadata
-                .apply(&Delta::ExtentMap {
-                    oid,
-                    offset: logical * 4096,
-                    physical: base + block * 4096,
-                    blocks: 1,
-                    crcs: &crcs,
-                })
-                .unwrap();
-        }
-        let mut cleaner = Cleaner::new();
-        metadata.live_in_segment(1, &mut cleaner.todo);
-        cleaner.todo.reverse();
-        assert_eq!(cleaner.todo.len(), live.len());
+        let (mut cleaner, base) = cleaner_over(&live);
 
         assert!(cleaner.next_run(0));
         let m = &cleaner.moves[0];
@@ -492,36 +500,16 @@ mod tests {
     /// every block must still be copied exactly once, without gaps.
     #[test]
     fn copies_retried_out_of_order_end_where_device_order_breaks() {
-        let segment_size = 1 << 20;
-        let sb = Superblock::for_device(
-            SEGMENTS_START_BYTES + 4 * segment_size,
-            segment_size,
-            1,
-            [3; 16],
-        )
-        .unwrap();
-        let mut metadata = Metadata::new(sb);
-        metadata.apply(&Delta::ObjectCreate { oid: b"a" }).unwrap();
-        let base = sb.segment_offset(1) + 4096;
         let gap = MOVE_GAP_BLOCKS_MAX;
         // Two groups of three live blocks, one dead block apart inside a group, and more than
         // a gap between the groups: two copies.
         let second = 4 + gap + 2;
         let blocks = [0u64, 2, 4, second, second + 2, second + 4];
-        for (i, &block) in blocks.iter().enumerate() {
-            metadata
-                .apply(&Delta::ExtentMap {
-                    oid: b"a",
-                    offset: i as u64 * 4096,
-                    physical: base + block * 4096,
-                    blocks: 1,
-                    crcs: &[0u8; 4],
-                })
-                .unwrap();
-        }
-        let mut cleaner = Cleaner::new();
-        metadata.live_in_segment(1, &mut cleaner.todo);
-        cleaner.todo.reverse();
+        let live: Vec<(&[u8], u64, u64)> = (0u64..)
+            .zip(blocks)
+            .map(|(i, b)| (&b"a"[..], i, b))
+            .collect();
+        let (mut cleaner, base) = cleaner_over(&live);
         assert!(cleaner.next_run(0));
         assert!(cleaner.next_run(1));
         assert_eq!(cleaner.moves[0].from, base);
