@@ -1013,6 +1013,7 @@ fn server_json(
         "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
         "cleaner_reads": after.cleaner_reads.saturating_sub(before.cleaner_reads),
         "cleaner_blocks_read": after.cleaner_blocks_read.saturating_sub(before.cleaner_blocks_read),
+        "cleaner_walk_steps": after.cleaner_walk_steps.saturating_sub(before.cleaner_walk_steps),
         "segments_cleaned": after.segments_cleaned.saturating_sub(before.segments_cleaned),
         "segments_freed_empty": after.segments_freed_empty.saturating_sub(before.segments_freed_empty),
         "free_segments_start": before.free_segments,

@@ -372,6 +372,9 @@ impl Sim {
             let store =
                 SegmentStore::mount(ShardWindow::new(qp, &self.sb, index as u32), index as u32)
                     .map_err(|e| format!("remounting shard {index}: {e}"))?;
+            // Victim walks split over many polls (as on a large device) or, mostly, in one.
+            let mut store = store;
+            store.set_walk_step_extents([16, 8192][self.rng.below(2) as usize]);
             let store = Rc::new(RefCell::new(store));
             let setup = CoreSetup {
                 index,

@@ -804,12 +804,14 @@ fn read_past_old_size_after_a_growing_write_in_the_same_op() {
 /// on it forever). Whole-object writes fill ~65% of the device, then random 4 KiB overwrites
 /// rewrite it twice over: every write succeeds (there is always dead space to reclaim and
 /// the cleaner never runs out of room to copy into), nothing stalls (`run_batch` bounds its
-/// polls), and every block reads back as last written.
+/// polls), and every block reads back as last written, with victim walks split over polls.
 #[test]
 fn random_overwrites_at_high_fill_never_stall_or_fail() {
     const OBJECTS: usize = 240;
     const OBJECT_BYTES: usize = 64 << 10;
     let mut store = mount(device(24, faults(7)));
+    // Victim walks in steps of 64 of the ~3,800 extents, as on a large device.
+    store.set_walk_step_extents(64);
     let mut model: Vec<Vec<u8>> = (0..OBJECTS)
         .map(|n| pattern(OBJECT_BYTES, n as u8))
         .collect();
@@ -864,6 +866,11 @@ fn random_overwrites_at_high_fill_never_stall_or_fail() {
     assert!(
         stats.segments_cleaned > 0,
         "the cleaner never ran: {stats:?}"
+    );
+    // Walks spanned polls (I/O was in flight), and what they found still cleaned correctly.
+    assert!(
+        stats.cleaner_walk_steps > 2 * stats.segments_cleaned,
+        "victim walks were not split into steps: {stats:?}"
     );
     // The overwrites scattered the victims' live blocks: some copies read across dead gaps
     // (one request for blocks of several runs), and what they moved still reads back below.

@@ -23,6 +23,7 @@
 //! space, and gets `NoSpace` only when it cannot.
 
 use crate::queue_pair::AlignedBuf;
+use crate::segment::btree::Key;
 use crate::segment::format::BLOCK_SIZE_BYTES;
 use crate::segment::journal::{Journal, SegmentRole};
 use crate::segment::metadata::{BlockRef, Metadata};
@@ -139,12 +140,17 @@ pub struct CleanerStats {
     /// Read requests, and the blocks they spanned (live and the dead gaps between them).
     pub reads: u64,
     pub blocks_read: u64,
+    pub walk_steps: u64,
     /// Victims given up on (a block could not be read): they stay allocated.
     pub victims_abandoned: u64,
 }
 
 pub struct Cleaner {
     pub victim: Option<u32>,
+    /// Where the walk of the extent tree for the victim's live blocks resumes; Some while
+    /// it runs (`SegmentStore::walk_victim`, a step per poll while I/O is in flight), and no
+    /// copy starts before it ends.
+    pub walk_from: Option<Key>,
     /// Live blocks of the victim still to copy, in device order (popped from the back).
     pub todo: Vec<(Box<[u8]>, u64, BlockRef)>,
     pub moves: Vec<Move>,
@@ -167,6 +173,7 @@ impl Cleaner {
     pub fn new() -> Cleaner {
         Cleaner {
             victim: None,
+            walk_from: None,
             todo: Vec::new(),
             moves: (0..MOVES_IN_FLIGHT_MAX)
                 .map(|_| Move {

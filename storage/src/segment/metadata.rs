@@ -512,24 +512,33 @@ impl Metadata {
     /// offset. Walks the whole extent tree: the cleaner calls it once per victim segment.
     pub fn live_in_segment(&self, segment: u32, out: &mut Vec<(Box<[u8]>, u64, BlockRef)>) {
         out.clear();
+        let end = self.live_in_segment_step(segment, Key::default(), usize::MAX, out);
+        debug_assert!(end.is_none());
+        out.sort_unstable_by_key(|(_, _, block)| block.physical);
+    }
+
+    /// One step of a walk for the segment's live blocks: visits at most `budget` extents from
+    /// `from` on and appends those in the segment to `out` (in key order, not device order).
+    /// Returns where the next step resumes, or None when the walk is complete. A walk in
+    /// steps finds every block that stays in the segment while it runs; a block that moves
+    /// out meanwhile may be listed anyway (the cleaner's copy of it then does not apply).
+    pub fn live_in_segment_step(
+        &self,
+        segment: u32,
+        from: Key,
+        budget: usize,
+        out: &mut Vec<(Box<[u8]>, u64, BlockRef)>,
+    ) -> Option<Key> {
         let start = self.sb.segment_offset(segment);
         let end = start + self.sb.segment_size;
         // The tree's visitor, not its iterator: this walks every entry, and the recursive
         // visit costs about a third of the iterator's instructions per entry.
-        self.extents.for_each_in(
-            Key::default(),
-            Key {
-                object: u64::MAX,
-                block: u64::MAX,
-            },
-            &mut |key, block| {
-                if (start..end).contains(&block.physical) {
-                    let oid = self.names.get(&key.object).expect("every id has a name");
-                    out.push((oid.clone(), key.block, block));
-                }
-            },
-        );
-        out.sort_unstable_by_key(|(_, _, block)| block.physical);
+        self.extents.for_each_from(from, budget, &mut |key, block| {
+            if (start..end).contains(&block.physical) {
+                let oid = self.names.get(&key.object).expect("every id has a name");
+                out.push((oid.clone(), key.block, block));
+            }
+        })
     }
 
     /// An upper bound of the bytes `checkpoint` encodes (each block its own extent).

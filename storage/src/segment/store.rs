@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use hashbrown::HashTable;
 
 mod maintenance;
+use maintenance::WALK_EXTENTS_PER_STEP;
 
 use crate::object_store::{
     check_operation, ObjectStore, OutputBuffer, StoreStats, SubOp, SubOpResult, Submit, SUB_OPS_MAX,
@@ -78,6 +79,9 @@ pub struct SegmentStats {
     /// dead blocks between live ones, `cleaner::MOVE_GAP_BLOCKS_MAX`).
     pub cleaner_reads: u64,
     pub cleaner_blocks_read: u64,
+    /// Steps of the cleaner's walks for victims' live blocks (one per victim when no I/O was
+    /// in flight, else one per `WALK_EXTENTS_PER_STEP` extents).
+    pub cleaner_walk_steps: u64,
     pub victims_abandoned: u64,
     /// Writes that waited for the cleaner to free space.
     pub space_waits: u64,
@@ -119,6 +123,7 @@ impl SegmentStats {
             blocks_moved: self.blocks_moved - earlier.blocks_moved,
             cleaner_reads: self.cleaner_reads - earlier.cleaner_reads,
             cleaner_blocks_read: self.cleaner_blocks_read - earlier.cleaner_blocks_read,
+            cleaner_walk_steps: self.cleaner_walk_steps - earlier.cleaner_walk_steps,
             victims_abandoned: self.victims_abandoned - earlier.victims_abandoned,
             space_waits: self.space_waits - earlier.space_waits,
             usable_full_refusals: self.usable_full_refusals - earlier.usable_full_refusals,
@@ -441,6 +446,8 @@ pub struct SegmentStore<Q: QueuePair> {
     /// The journal length at which the reserve and checkpoint interval were last computed.
     sized_at_chain_len: usize,
     checkpoint_interval: usize,
+    /// Extents a step of the victim walk visits while I/O is in flight.
+    walk_step_extents: usize,
     /// Segments a checkpoint takes, estimated at `sized_at_chain_len`.
     checkpoint_segments: usize,
     /// ... and its size in bytes, from the same estimate.
@@ -497,6 +504,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sweep_needed: true,
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
+            walk_step_extents: WALK_EXTENTS_PER_STEP,
             checkpoint_segments: 1,
             checkpoint_bytes: 0,
             usable_blocks: mounted.sb.usable_blocks(shard),
@@ -557,6 +565,14 @@ impl<Q: QueuePair> SegmentStore<Q> {
         &self.metadata
     }
 
+    /// Sets how many extents a step of the cleaner's victim walk visits while I/O is in
+    /// flight (`WALK_EXTENTS_PER_STEP` by default). For tests and the simulation: a small
+    /// step makes the walk span many polls on a small device, as it does on a large one.
+    pub fn set_walk_step_extents(&mut self, extents: usize) {
+        assert!(extents > 0, "a walk step visits at least one extent");
+        self.walk_step_extents = extents;
+    }
+
     pub fn segment_stats(&self) -> SegmentStats {
         let mut extra = self.extra;
         extra.records_written = self.journal.records_written;
@@ -579,6 +595,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         extra.blocks_moved = cleaned.blocks_moved;
         extra.cleaner_reads = cleaned.reads;
         extra.cleaner_blocks_read = cleaned.blocks_read;
+        extra.cleaner_walk_steps = cleaned.walk_steps;
         extra.victims_abandoned = cleaned.victims_abandoned;
         extra.mapped_blocks = self.mapped_blocks();
         extra.usable_blocks = self.usable_blocks;
@@ -605,7 +622,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         }
         let moves: Vec<_> = self.cleaner.moves.iter().map(|m| m.stage).collect();
         format!(
-            "ops {stages:?}; device requests in flight {}; free segments {} (reserve {}); journal segments {} ({}); checkpoint idle {}; victim {:?} (todo {}, moves {moves:?}); readers {:?}; stats {:?}",
+            "ops {stages:?}; device requests in flight {}; free segments {} (reserve {}); journal segments {} ({}); checkpoint idle {}; victim {:?} (walk from {:?}, todo {}, moves {moves:?}); readers {:?}; stats {:?}",
             self.qp.in_flight(),
             self.journal.free_segment_count(),
             self.journal.reserve_segments,
@@ -613,6 +630,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.journal.debug_state(),
             self.journal.checkpoint_idle(),
             self.cleaner.victim,
+            self.cleaner.walk_from,
             self.cleaner.todo.len(),
             self.readers.iter().enumerate().filter(|(_, &r)| r > 0).collect::<Vec<_>>(),
             self.segment_stats()
@@ -1291,6 +1309,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         // What this pass queued goes to the device now, not at the next pass: a core that
         // parks after this pass must have its I/O out, or nothing would wake it.
         self.qp.submit_queued();
+        // CPU work that would otherwise hold back what was just queued.
+        self.walk_victim();
         // 3. Report.
         let mut reported = 0;
         while reported < max {

@@ -18,6 +18,7 @@
 pub mod node;
 
 pub use node::{Entries, Key, NodeError, Value, INTERNAL_CAPACITY, LEAF_CAPACITY, NODE_BYTES};
+use std::ops::ControlFlow;
 
 /// Index of a node in the tree's arena.
 type NodeId = u32;
@@ -226,6 +227,52 @@ impl ExtentTree {
     /// Calls `visit` for every entry with `from <= key < to`, in key order.
     pub fn for_each_in(&self, from: Key, to: Key, visit: &mut dyn FnMut(Key, Value)) {
         self.visit_range(self.root, from, to, visit);
+    }
+
+    /// Calls `visit` for at most `budget` entries with `key >= from`, in key order. Returns
+    /// the first key not visited (where a later call resumes), or None when the walk reached
+    /// the last entry. Resuming from a key, not a node, stays right when the tree changes
+    /// between calls: entries inserted behind the key are not seen, removed ones are not
+    /// visited.
+    pub fn for_each_from(
+        &self,
+        from: Key,
+        budget: usize,
+        visit: &mut dyn FnMut(Key, Value),
+    ) -> Option<Key> {
+        let mut left = budget;
+        match self.visit_from(self.root, from, &mut left, visit) {
+            ControlFlow::Break(next) => Some(next),
+            ControlFlow::Continue(()) => None,
+        }
+    }
+
+    fn visit_from(
+        &self,
+        id: NodeId,
+        from: Key,
+        left: &mut usize,
+        visit: &mut dyn FnMut(Key, Value),
+    ) -> ControlFlow<Key> {
+        match &self.nodes[id as usize].body {
+            Body::Leaf(entries) => {
+                let start = entries.partition_point(|&(k, _)| k < from);
+                for &(key, value) in &entries[start..] {
+                    if *left == 0 {
+                        return ControlFlow::Break(key);
+                    }
+                    *left -= 1;
+                    visit(key, value);
+                }
+            }
+            Body::Internal(entries) => {
+                let start = child_index(entries, from);
+                for &(_, child) in &entries[start..] {
+                    self.visit_from(child, from, left, visit)?;
+                }
+            }
+        }
+        ControlFlow::Continue(())
     }
 
     fn visit_range(&self, id: NodeId, from: Key, to: Key, visit: &mut dyn FnMut(Key, Value)) {
