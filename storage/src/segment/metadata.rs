@@ -531,12 +531,14 @@ impl Metadata {
     ) -> Option<Key> {
         let start = self.sb.segment_offset(segment);
         let end = start + self.sb.segment_size;
-        // The tree's visitor, not its iterator: this walks every entry, and the recursive
-        // visit costs about a third of the iterator's instructions per entry.
-        self.extents.for_each_from(from, budget, &mut |key, block| {
-            if (start..end).contains(&block.physical) {
-                let oid = self.names.get(&key.object).expect("every id has a name");
-                out.push((oid.clone(), key.block, block));
+        // The tree's visitor, not its iterator: this walks every entry, and a visit per run of
+        // a leaf costs a fraction of the iterator's instructions per entry.
+        self.extents.for_each_from(from, budget, &mut |run| {
+            for &(key, block) in run {
+                if (start..end).contains(&block.physical) {
+                    let oid = self.names.get(&key.object).expect("every id has a name");
+                    out.push((oid.clone(), key.block, block));
+                }
             }
         })
     }

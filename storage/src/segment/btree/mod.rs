@@ -229,16 +229,17 @@ impl ExtentTree {
         self.visit_range(self.root, from, to, visit);
     }
 
-    /// Calls `visit` for at most `budget` entries with `key >= from`, in key order. Returns
-    /// the first key not visited (where a later call resumes), or None when the walk reached
-    /// the last entry. Resuming from a key, not a node, stays right when the tree changes
-    /// between calls: entries inserted behind the key are not seen, removed ones are not
-    /// visited.
+    /// Calls `visit` with runs of entries (pieces of leaves) with `key >= from`, in key order,
+    /// at most `budget` entries in all. Returns the first key not visited (where a later call
+    /// resumes), or None when the walk reached the last entry. Resuming from a key, not a
+    /// node, stays right when the tree changes between calls: entries inserted behind the key
+    /// are not seen, removed ones are not visited. Runs, not single entries: the caller's
+    /// loop over a run is inlined, where a call per entry cost most of a full walk.
     pub fn for_each_from(
         &self,
         from: Key,
         budget: usize,
-        visit: &mut dyn FnMut(Key, Value),
+        visit: &mut dyn FnMut(&[(Key, Value)]),
     ) -> Option<Key> {
         let mut left = budget;
         match self.visit_from(self.root, from, &mut left, visit) {
@@ -252,17 +253,23 @@ impl ExtentTree {
         id: NodeId,
         from: Key,
         left: &mut usize,
-        visit: &mut dyn FnMut(Key, Value),
+        visit: &mut dyn FnMut(&[(Key, Value)]),
     ) -> ControlFlow<Key> {
         match &self.nodes[id as usize].body {
             Body::Leaf(entries) => {
                 let start = entries.partition_point(|&(k, _)| k < from);
-                for &(key, value) in &entries[start..] {
-                    if *left == 0 {
-                        return ControlFlow::Break(key);
+                let run = &entries[start..];
+                if run.len() > *left {
+                    if *left > 0 {
+                        visit(&run[..*left]);
                     }
-                    *left -= 1;
-                    visit(key, value);
+                    let next = run[*left].0;
+                    *left = 0;
+                    return ControlFlow::Break(next);
+                }
+                *left -= run.len();
+                if !run.is_empty() {
+                    visit(run);
                 }
             }
             Body::Internal(entries) => {

@@ -319,11 +319,14 @@ proptest! {
         while let Some(at) = from {
             let (budget, ops) = steps.next().unwrap_or((usize::MAX, Vec::new()));
             let mut visited = 0;
-            from = tree.for_each_from(at, budget, &mut |k, v| {
-                visited += 1;
-                seen.push(k);
-                assert!(k >= at, "visited {k:?} behind the resume key {at:?}");
-                assert_eq!(tree_value_check(k, v), true);
+            from = tree.for_each_from(at, budget, &mut |run| {
+                assert!(!run.is_empty(), "no empty runs");
+                for &(k, v) in run {
+                    visited += 1;
+                    seen.push(k);
+                    assert!(k >= at, "visited {k:?} behind the resume key {at:?}");
+                    assert!(tree_value_check(k, v));
+                }
             });
             prop_assert!(visited <= budget);
             if let Some(next) = from {
