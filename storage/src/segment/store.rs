@@ -1029,9 +1029,27 @@ fn new_mapped_blocks(plan: &Plan, old: Option<ObjectRef<'_>>) -> u64 {
         .iter()
         .filter(|(_, dirty)| matches!(dirty, Dirty::Data { .. }));
     match old {
-        Some(old) if !plan.dropped && old.mapped_blocks > 0 => data
-            .filter(|(index, _)| !old.blocks.contains(*index))
-            .count() as u64,
+        Some(old) if !plan.dropped && old.mapped_blocks > 0 => {
+            // No block is mapped at or past the object's size (fsck's `BlockPastSize` rule:
+            // writes grow the size, truncates unmap what they cut), so an object with as
+            // many blocks mapped as its size spans has every one of them: a dense object,
+            // the common case, answers without a tree lookup per block (which was ~10% of
+            // a shard's CPU under 4 KiB random overwrites).
+            let dense = old.mapped_blocks == old.size.div_ceil(BLOCK_SIZE_BYTES);
+            data.filter(|(index, _)| {
+                let mapped = if dense {
+                    *index < old.mapped_blocks
+                } else {
+                    old.blocks.contains(*index)
+                };
+                debug_assert!(
+                    !dense || mapped == old.blocks.contains(*index),
+                    "dense object, block {index}: mapped {mapped} by its size, not in the tree"
+                );
+                !mapped
+            })
+            .count() as u64
+        }
         _ => data.count() as u64,
     }
 }
