@@ -1109,6 +1109,30 @@ impl<N: Network> OsdCore<N> {
             }
             return;
         }
+        if let Origin::Local(ReplyTo::Udp(handle)) = origin {
+            // As TCP's, from the slot in place: copying the header and results out first
+            // was a 132-byte memcpy per op.
+            self.pools.release_lease(frame);
+            let body = match stored {
+                Some(stored) => Body::Stored(stored),
+                None => output.map_or(Body::None, Body::Buf),
+            };
+            let op = self.exec.get(op_ref);
+            let udp = self
+                .udp
+                .as_mut()
+                .expect("UDP requests come from the UDP transport");
+            udp.reply(
+                &mut self.pools,
+                handle,
+                &op.header,
+                status,
+                op.results.as_slice(),
+                body,
+            );
+            self.exec.release(op_ref);
+            return;
+        }
         let op = self.exec.get(op_ref);
         let (header, results) = (op.header, op.results);
         self.exec.release(op_ref);
