@@ -27,7 +27,9 @@
 //! Shape (like `tcp.rs`): feed received datagrams to `receive` (requests / responses come out
 //! through a callback), call `reply` / `request`, then `flush_tx` hands each outgoing packet as
 //! (peer, header, payload) to a send callback that builds the frame or calls `sendmsg`; the
-//! client's `poll_timers(now)` drives retransmission.
+//! client's `poll_timers(now)` drives retransmission. A server response may be kept as two
+//! parts (`ResponseParts`: e.g. a head and bytes left where they were made), and
+//! `RpcServer::flush_parts` then hands a packet's payload as its slice of each part.
 
 pub mod client;
 pub mod ipv4;
