@@ -88,6 +88,19 @@ fn one_core_write_read_verify_without_copies() {
         "{status}"
     );
     assert!(total(&status, "udp_replies_from_store") > 0, "{status}");
+    // ... and kept by the RPC as the head and the store's bytes, copied once, into the
+    // packet: no read's payload was copied into a response buffer. What `udp_tx_copied_bytes`
+    // counts: replies' heads (a write's or a read's: 40 bytes) and the three STATUS documents
+    // the loads fetched over UDP. No write came while read responses were kept (the reads
+    // ran last), so none was moved out of the store.
+    assert_eq!(total(&status, "udp_stored_responses_copied"), 0, "{status}");
+    let documents = 3 * 2 * status.to_string().len() as u64;
+    let copied = total(&status, "udp_tx_copied_bytes");
+    let bound = 40 * total(&status, "ops") + documents;
+    assert!(
+        copied <= bound,
+        "{copied} bytes copied into responses, over {bound}: a read payload was: {status}"
+    );
     assert_eq!(total(&status, "ops_in_flight"), 0);
     assert!(server.stop().success(), "clean exit on SIGINT");
 }
@@ -105,6 +118,12 @@ fn two_cores_cross_core_ops_verify() {
     // core's PGs over the ring; with 4 clients and 128 PGs some always cross.
     assert!(total(&status, "ops_remote_out") > 0, "{status}");
     assert!(total(&status, "ops_write") >= writes);
+    // Under the mix, writes came while read responses from the store's memory were kept for
+    // resends: those were moved out of the store first (and verified by the client).
+    assert!(
+        total(&status, "udp_stored_responses_copied") > 0,
+        "{status}"
+    );
     assert_eq!(total(&status, "ops_in_flight"), 0);
     assert!(server.stop().success(), "clean exit on SIGINT");
 }

@@ -11,7 +11,11 @@
 //! once into a pool chunk (reply head and output back to back, several per chunk), because the
 //! RPC slices a response into packets and keeps it for resends until the client moves on. A
 //! response of at most `INLINE_RESPONSE_MAX_BYTES` (a write's reply: its head alone) is kept
-//! inline in the RPC's slot instead: no chunk, no lease to take and give back.
+//! inline in the RPC's slot instead: no chunk, no lease to take and give back. A read answered
+//! from the store's memory (`Body::Stored`) is kept as two parts, its head inline and its
+//! bytes where the store has them (`Response::Stored`): the payload is copied once, into each
+//! packet as it is sent, and moved into a pool chunk only if the store is about to change
+//! while the RPC still keeps the response (`copy_stored_bodies`).
 //!
 //! The RPC drops the buffers it holds (`B` and `R` are `PoolBytes`) wherever it likes; a pool
 //! handle may only go back through the pool's `&mut` methods, so a dropped `PoolBytes` parks its
@@ -27,9 +31,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
-use crate::buffers::{Body, CorePools};
+use crate::buffers::{Body, CorePools, StoredBytes};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
-use crate::dgram::{RequestHandle, RpcConfig, RpcServer, RpcStats, SLOTS_PER_SESSION};
+use crate::dgram::{
+    RequestHandle, ResponseParts, RpcConfig, RpcServer, RpcStats, SLOTS_PER_SESSION,
+};
 use crate::pool::{Buf, Lease};
 use crate::tcp::REPLY_HEAD_MAX_BYTES;
 use crate::wire::{self, Header, Limits, Status};
@@ -114,13 +120,28 @@ pub enum Response {
         bytes: [u8; INLINE_RESPONSE_MAX_BYTES],
         len: u8,
     },
+    /// A reply head kept in place, and the output still in the store's memory, with the crc
+    /// the store kept already in the head: sent as two parts, the bytes copied from the store
+    /// into each packet. The transport lists every such response (`stored_responses`) and
+    /// turns it into `Pool` before the store may change (`copy_stored_bodies`).
+    Stored {
+        head: [u8; INLINE_RESPONSE_MAX_BYTES],
+        head_len: u8,
+        body: StoredBytes,
+    },
 }
 
-impl AsRef<[u8]> for Response {
-    fn as_ref(&self) -> &[u8] {
+impl ResponseParts for Response {
+    #[inline]
+    fn parts(&self) -> (&[u8], &[u8]) {
         match self {
-            Response::Pool(bytes) => bytes.as_ref(),
-            Response::Inline { bytes, len } => &bytes[..usize::from(*len)],
+            Response::Pool(bytes) => (bytes.as_ref(), &[]),
+            Response::Inline { bytes, len } => (&bytes[..usize::from(*len)], &[]),
+            Response::Stored {
+                head,
+                head_len,
+                body,
+            } => (&head[..usize::from(*head_len)], body.as_slice()),
         }
     }
 }
@@ -165,6 +186,9 @@ pub struct UdpStats {
     /// Store-memory outputs that waited for a response buffer and were copied into a pool
     /// buffer first, because an op was about to change the store (`copy_stored_bodies`).
     pub stored_bodies_copied: u64,
+    /// Responses kept from the store's memory (`Response::Stored`) that the RPC still held
+    /// for resends when an op was about to change the store, moved into a pool chunk then.
+    pub stored_responses_copied: u64,
     /// Complete messages that were not a valid wire frame.
     pub malformed_frames: u64,
     /// Receives skipped (no chunk, or `HELD_MAX` leases out) and replies that waited for one.
@@ -209,8 +233,21 @@ pub trait DatagramPort {
     ) -> io::Result<Received<Self::Addr>> {
         recv_into_chunk(self, pools, chunk)
     }
-    /// Sends `header` then `payload` as one datagram. `Ok(false)`: no room now (try later).
-    fn send(&mut self, peer: &Self::Addr, header: &[u8], payload: &[u8]) -> io::Result<bool>;
+    /// Sends `header`, `payload` then `tail` as one datagram (a packet's payload may come from
+    /// two parts of a response). `Ok(false)`: no room now (try later).
+    fn send(
+        &mut self,
+        peer: &Self::Addr,
+        header: &[u8],
+        payload: &[u8],
+        tail: &[u8],
+    ) -> io::Result<bool>;
+    /// Whether `send_from_pool` sends payloads in place (no copy). When it does, a reply from
+    /// the store's memory is copied into a pool chunk, so that its packets can be sent from
+    /// there; otherwise it is sent from the store, and copied once, by `send`.
+    fn sends_pool_in_place(&self) -> bool {
+        false
+    }
     /// `send` for a payload in `pools`' memory, which a port may send in place (holding a
     /// lease over it until the device is done) instead of copying it.
     ///
@@ -225,7 +262,7 @@ pub trait DatagramPort {
         payload: &[u8],
     ) -> io::Result<bool> {
         let _ = pools;
-        self.send(peer, header, payload)
+        self.send(peer, header, payload, &[])
     }
     /// Pushes out what `send` queued (a port that batches), and gives back what the device is
     /// done with.
@@ -283,11 +320,19 @@ impl DatagramPort for UdpSocket {
         }
     }
 
-    fn send(&mut self, peer: &SocketAddr, header: &[u8], payload: &[u8]) -> io::Result<bool> {
+    fn send(
+        &mut self,
+        peer: &SocketAddr,
+        header: &[u8],
+        payload: &[u8],
+        tail: &[u8],
+    ) -> io::Result<bool> {
         let mut datagram = [0u8; DATAGRAM_BYTES_MAX];
-        let len = header.len() + payload.len();
+        let at = header.len() + payload.len();
+        let len = at + tail.len();
         datagram[..header.len()].copy_from_slice(header);
-        datagram[header.len()..len].copy_from_slice(payload);
+        datagram[header.len()..at].copy_from_slice(payload);
+        datagram[at..len].copy_from_slice(tail);
         match self.send_to(&datagram[..len], peer) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -406,6 +451,11 @@ pub struct RpcTransport<P: DatagramPort> {
     /// Replies in `pending` whose body is `Body::Stored` (store memory: see
     /// `copy_stored_bodies`).
     pending_stored: usize,
+    /// Requests whose response the RPC keeps as `Response::Stored` (store memory), for
+    /// `copy_stored_bodies`; an entry whose client has moved on is stale and skipped. At most
+    /// one live entry per RPC slot, and the stale ones are swept out when it fills, so its
+    /// capacity (every slot) bounds it.
+    stored_responses: Vec<RequestHandle>,
     /// Bodies of other cores' pools, to be sent home by the core.
     foreign: VecDeque<Body>,
     /// Test knob: drop every Nth received datagram (0: never).
@@ -462,6 +512,7 @@ impl<P: DatagramPort> RpcTransport<P> {
             ready: VecDeque::with_capacity(requests_max),
             pending: VecDeque::with_capacity(requests_max),
             pending_stored: 0,
+            stored_responses: Vec::with_capacity(requests_max),
             foreign: VecDeque::with_capacity(requests_max),
             drop_every,
             last_expire_ns: 0,
@@ -486,17 +537,53 @@ impl<P: DatagramPort> RpcTransport<P> {
         !self.pending.is_empty() || self.rpc.has_pending_tx()
     }
 
-    /// Whether replies waiting for a buffer still hold bytes in store memory.
+    /// Whether replies waiting for a buffer, or responses the RPC keeps for resends, may
+    /// still hold bytes in store memory.
     pub fn has_stored_bodies(&self) -> bool {
-        self.pending_stored > 0
+        self.pending_stored > 0 || !self.stored_responses.is_empty()
     }
 
     /// Copies the store bytes of every waiting `Body::Stored` reply into a pool buffer of its
-    /// own, so that the store may change or free its memory: the core calls this before any op
-    /// that mutates the store (the rule `StoredBytes` relies on). The bytes are the same, so
-    /// the crc already in the reply head holds. False when a pool ran out of buffers first
-    /// (the mutation waits; the next `flush_tx` may send some of the replies).
+    /// own, and those of every `Response::Stored` the RPC keeps into the tx chunk (head and
+    /// bytes, as any response), so that the store may change or free its memory: the core
+    /// calls this before any op that mutates the store (the rule `StoredBytes` relies on). The
+    /// bytes are the same, so the crc already in the reply head holds, and a resend sends what
+    /// the first packet did. False when a pool ran out of buffers first (the mutation waits;
+    /// the next `flush_tx` may send some of the replies, clients' next requests free chunks).
     pub fn copy_stored_bodies(&mut self, pools: &mut CorePools) -> bool {
+        self.reap(pools);
+        while let Some(&handle) = self.stored_responses.last() {
+            if let Some(response) = self.rpc.response_mut(handle) {
+                let Response::Stored {
+                    head,
+                    head_len,
+                    body,
+                } = &*response
+                else {
+                    unreachable!("listed responses are Stored until copied here");
+                };
+                let head = &head[..usize::from(*head_len)];
+                let bytes = body.as_slice();
+                let len = head.len() + bytes.len();
+                if self.held + 1 >= HELD_MAX {
+                    return false;
+                }
+                let Some(lease) = write_response(&mut self.tx_chunk, pools, len, |out| {
+                    out[..head.len()].copy_from_slice(head);
+                    out[head.len()..len].copy_from_slice(bytes);
+                }) else {
+                    return false;
+                };
+                self.held += 1;
+                *response = Response::Pool(PoolBytes {
+                    lease: Some(lease),
+                    graveyard: self.graveyard.clone(),
+                });
+                self.stats.stored_responses_copied += 1;
+                self.stats.tx_copied_bytes += len as u64;
+            }
+            self.stored_responses.pop();
+        }
         for reply in self.pending.iter_mut() {
             if !matches!(reply.body, Body::Stored(_)) {
                 continue;
@@ -750,6 +837,15 @@ impl<P: DatagramPort> RpcTransport<P> {
         head: &[u8],
         body: Body,
     ) -> Result<(), Body> {
+        let body = match body {
+            Body::Stored(stored)
+                if head.len() <= INLINE_RESPONSE_MAX_BYTES && !self.port.sends_pool_in_place() =>
+            {
+                self.reply_from_store(handle, head, stored);
+                return Ok(());
+            }
+            body => body,
+        };
         let len = head.len() + body.as_slice().len();
         let response = if len <= INLINE_RESPONSE_MAX_BYTES {
             let mut bytes = [0u8; INLINE_RESPONSE_MAX_BYTES];
@@ -763,7 +859,7 @@ impl<P: DatagramPort> RpcTransport<P> {
             if self.held + 1 >= HELD_MAX {
                 return Err(body);
             }
-            let Some(lease) = self.write_response(pools, len, |out| {
+            let Some(lease) = write_response(&mut self.tx_chunk, pools, len, |out| {
                 out[..head.len()].copy_from_slice(head);
                 out[head.len()..len].copy_from_slice(body.as_slice());
             }) else {
@@ -781,37 +877,36 @@ impl<P: DatagramPort> RpcTransport<P> {
         Ok(())
     }
 
-    /// Writes `len` bytes with `fill` into the tx chunk (a large buffer when they do not fit a
-    /// chunk) and leases them.
-    fn write_response(
-        &mut self,
-        pools: &mut CorePools,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Option<Lease> {
-        if len > pools.small.buffer_size() {
-            let mut buf = pools.acquire_for(len)?;
-            fill(&mut buf.spare_mut()[..len]);
-            buf.seal(len);
-            let lease = pools.lease(&buf, 0, len);
-            pools.release(buf);
-            return Some(lease);
+    /// Keeps a reply from the store's memory as `Response::Stored`: its head copied into the
+    /// RPC's slot, its bytes left in the store (copied once, into the packets, when sent) and
+    /// listed for `copy_stored_bodies`. Takes no buffer, so it cannot fail.
+    fn reply_from_store(&mut self, handle: RequestHandle, head: &[u8], body: StoredBytes) {
+        assert!(head.len() <= INLINE_RESPONSE_MAX_BYTES);
+        let mut bytes = [0u8; INLINE_RESPONSE_MAX_BYTES];
+        bytes[..head.len()].copy_from_slice(head);
+        self.stats.tx_copied_bytes += head.len() as u64;
+        self.stats.replies_from_store += 1;
+        let response = Response::Stored {
+            head: bytes,
+            head_len: head.len() as u8,
+            body,
+        };
+        if self.rpc.reply(handle, response).is_err() {
+            return; // the client moved on: nothing kept, nothing to list
         }
-        let full = self
-            .tx_chunk
-            .as_mut()
-            .is_some_and(|c| c.spare_mut().len() < len);
-        if full {
-            pools.release(self.tx_chunk.take().expect("checked"));
+        if self.stored_responses.len() == self.stored_responses.capacity() {
+            // Drop the entries of responses the RPC let go (their clients moved on).
+            let rpc = &mut self.rpc;
+            self.stored_responses
+                .retain(|&h| matches!(rpc.response_mut(h), Some(Response::Stored { .. })));
         }
-        if self.tx_chunk.is_none() {
-            self.tx_chunk = Some(pools.small.acquire()?);
-        }
-        let chunk = self.tx_chunk.as_mut().expect("set above");
-        let offset = chunk.sealed_len();
-        fill(&mut chunk.spare_mut()[..len]);
-        chunk.seal(len);
-        Some(pools.lease(chunk, offset, len))
+        // Each live entry is a distinct RPC slot other than this one's (whose previous entry,
+        // if any, is stale now), so after the sweep there is room.
+        assert!(
+            self.stored_responses.len() < self.stored_responses.capacity(),
+            "stored responses over their bound"
+        );
+        self.stored_responses.push(handle);
     }
 
     /// Retries replies that waited for a buffer, then sends what the RPC has queued (acks and
@@ -841,15 +936,18 @@ impl<P: DatagramPort> RpcTransport<P> {
             }
         }
         let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
-        let sent = self.rpc.flush_tx(&mut |peer, header, payload| {
-            let len = header.len() + payload.len();
-            let sent = if payload.len() <= INLINE_RESPONSE_MAX_BYTES {
-                // Perhaps a `Response::Inline` (not pool memory): copied, as a payload this
-                // small would be anyway.
-                port.send(peer, header, payload)
+        let sent = self.rpc.flush_parts(&mut |peer, header, payload, tail| {
+            let len = header.len() + payload.len() + tail.len();
+            let sent = if !tail.is_empty() || payload.len() <= INLINE_RESPONSE_MAX_BYTES {
+                // A `Response::Stored` (its head, then store memory) or a `Response::Inline`
+                // (not pool memory): copied into the packet, as a payload this small would be
+                // anyway.
+                port.send(peer, header, payload, tail)
             } else {
-                // SAFETY: a payload this long is a slice of a `Response::Pool` the RPC holds, a
-                // `PoolBytes` lease over sealed bytes of this core's pools (`write_response`).
+                // SAFETY: a one-part payload this long is a slice of a `Response::Pool` the RPC
+                // holds, a `PoolBytes` lease over sealed bytes of this core's pools
+                // (`write_response`): `Inline` and a `Stored` head are at most
+                // `INLINE_RESPONSE_MAX_BYTES`, and a `Stored` body comes as the `tail`.
                 unsafe { port.send_from_pool(pools, peer, header, payload) }
             };
             match sent {
@@ -881,6 +979,7 @@ impl<P: DatagramPort> RpcTransport<P> {
             self.release_body(pools, pending.body);
         }
         self.pending_stored = 0;
+        self.stored_responses.clear();
         self.ready.clear();
         for chunk in [self.rx_chunk.take(), self.tx_chunk.take()]
             .into_iter()
@@ -892,6 +991,36 @@ impl<P: DatagramPort> RpcTransport<P> {
         debug_assert_eq!(self.held, 0);
         self.port.close(pools);
     }
+}
+
+/// Writes `len` bytes with `fill` into the tx chunk (a large buffer when they do not fit a
+/// chunk) and leases them.
+fn write_response(
+    tx_chunk: &mut Option<Buf>,
+    pools: &mut CorePools,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Option<Lease> {
+    if len > pools.small.buffer_size() {
+        let mut buf = pools.acquire_for(len)?;
+        fill(&mut buf.spare_mut()[..len]);
+        buf.seal(len);
+        let lease = pools.lease(&buf, 0, len);
+        pools.release(buf);
+        return Some(lease);
+    }
+    let full = tx_chunk.as_mut().is_some_and(|c| c.spare_mut().len() < len);
+    if full {
+        pools.release(tx_chunk.take().expect("checked"));
+    }
+    if tx_chunk.is_none() {
+        *tx_chunk = Some(pools.small.acquire()?);
+    }
+    let chunk = tx_chunk.as_mut().expect("set above");
+    let offset = chunk.sealed_len();
+    fill(&mut chunk.spare_mut()[..len]);
+    chunk.seal(len);
+    Some(pools.lease(chunk, offset, len))
 }
 
 /// [`DatagramPort::recv`] through a copy: `recv_into` the receive chunk (a fresh one when the
@@ -1076,303 +1205,4 @@ fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::buffers::PoolSizes;
-    use crate::dgram::RpcClient;
-    use crate::wire::{Frame, Opcode, SubOpSpec};
-
-    fn pools() -> CorePools {
-        let sizes = PoolSizes {
-            small_size_bytes: 128 << 10,
-            small_count: 16,
-            large_size_bytes: 1 << 20,
-            large_count: 2,
-        };
-        CorePools::new(0, sizes, false).unwrap()
-    }
-
-    /// A transport of core 0 on a loopback socket, default limits and RPC MTU.
-    fn loopback_server() -> UdpRpcTransport {
-        let socket = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        UdpRpcTransport::new(
-            0,
-            socket.into_iter().next().unwrap(),
-            Limits::DEFAULT,
-            0,
-            RPC_MTU_DEFAULT,
-        )
-        .unwrap()
-    }
-
-    /// Sends `frame` from a kernel-UDP RPC client and polls the transport until it hands the
-    /// request up; returns it with the client pieces.
-    fn exchange(
-        server: &mut UdpRpcTransport,
-        pools: &mut CorePools,
-        frame: Vec<u8>,
-    ) -> (UdpRequest, crate::dgram::socket::UdpSocketPort) {
-        use crate::dgram::socket::UdpSocketPort;
-        let to = server.local_addr().unwrap();
-        let client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
-        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
-            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
-        let session = client.open_session(to).unwrap();
-        client.request(session, frame, 0).unwrap();
-        client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
-        for _ in 0..100_000 {
-            let mut got = None;
-            server.poll_rx(pools, 16, 1, &mut |r| got = Some(r));
-            if let Some(request) = got {
-                return (request, client_port);
-            }
-            std::thread::yield_now();
-        }
-        panic!("request never arrived");
-    }
-
-    fn write_frame(data_len: usize) -> Vec<u8> {
-        let data = vec![0x5a; data_len];
-        let mut frame = Vec::new();
-        let ops = [SubOpSpec::write(0, &data)];
-        wire::encode_request(&mut frame, Opcode::OsdOp, 42, b"obj.1", &ops, b"");
-        frame
-    }
-
-    #[test]
-    fn one_packet_request_is_leased_in_place_and_several_are_copied_once() {
-        let mut pools = pools();
-        let mut server = loopback_server();
-        let frame = write_frame(4096);
-        let (request, _client) = exchange(&mut server, &mut pools, frame.clone());
-        assert_eq!(request.frame.as_slice(), &frame[..]);
-        assert_eq!(request.header.request_id, 42);
-        let stats = server.stats();
-        assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 0));
-        assert_eq!(stats.rx_copied_bytes, 0, "a one-packet write is not copied");
-        pools.release_lease(request.frame);
-
-        let big = write_frame(20_000); // three packets of 8940 bytes
-        let (request, _client) = exchange(&mut server, &mut pools, big.clone());
-        assert_eq!(request.frame.as_slice(), &big[..]);
-        let stats = server.stats();
-        assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 1));
-        assert_eq!(stats.rx_copied_bytes, big.len() as u64);
-        pools.release_lease(request.frame);
-        server.close_all(&mut pools);
-        assert_eq!(pools.in_use(), 0, "every buffer came back");
-    }
-
-    /// Receives on `client_port` until `client` hands up a response; returns its bytes.
-    fn await_response(
-        client: &mut RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>>,
-        client_port: &mut crate::dgram::socket::UdpSocketPort,
-    ) -> Vec<u8> {
-        for _ in 0..100_000 {
-            if let Some((buf, peer)) = client_port.recv().unwrap() {
-                let mut got = None;
-                client.receive(peer, buf, 0, 1, &mut |_, _, response| {
-                    let message = response.expect("a response, not an error");
-                    let mut bytes = vec![0; message.len()];
-                    message.copy_to(&mut bytes);
-                    got = Some(bytes);
-                });
-                if let Some(bytes) = got {
-                    return bytes;
-                }
-            }
-            std::thread::yield_now();
-        }
-        panic!("response never arrived");
-    }
-
-    /// The reply to `request` must be a valid frame (its crc over what was sent) whose output
-    /// is `expected`.
-    fn assert_reply(response: &[u8], expected: &[u8]) {
-        let header = wire::parse_header(response, &Limits::DEFAULT)
-            .unwrap()
-            .expect("a whole frame");
-        assert_eq!(header.frame_len(), response.len());
-        assert!(
-            Frame::view(header, response).crc_ok(response),
-            "the reply crc covers the bytes sent"
-        );
-        assert_eq!(&response[response.len() - expected.len()..], expected);
-    }
-
-    /// A read answered from store memory (`Body::Stored`) is copied once, straight into the
-    /// response, with the store's crc. One that must wait for a response buffer is copied
-    /// into a pool buffer by `copy_stored_bodies` (which a mutation of the store waits for),
-    /// and still sends the bytes as they were when the op read them.
-    #[test]
-    fn stored_bodies_are_copied_into_the_response_or_out_of_the_store_before_it_changes() {
-        use crate::buffers::StoredBytes;
-        use crate::dgram::socket::UdpSocketPort;
-        let mut pools = pools();
-        let mut server = loopback_server();
-        let mut store = vec![0x11u8; 4096];
-        let to = server.local_addr().unwrap();
-        let mut client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
-        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
-            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
-        let session = client.open_session(to).unwrap();
-        type Client = RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>>;
-        fn read(
-            (client, client_port, session): (&mut Client, &UdpSocketPort, crate::dgram::SessionId),
-            server: &mut UdpRpcTransport,
-            pools: &mut CorePools,
-        ) -> UdpRequest {
-            let mut frame = Vec::new();
-            let ops = [SubOpSpec::read(0, 4096)];
-            wire::encode_request(&mut frame, Opcode::OsdOp, 9, b"obj.1", &ops, b"");
-            client.request(session, frame, 0).unwrap();
-            client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
-            for _ in 0..100_000 {
-                let mut got = None;
-                server.poll_rx(pools, 16, 1, &mut |r| got = Some(r));
-                if let Some(request) = got {
-                    return request;
-                }
-                std::thread::yield_now();
-            }
-            panic!("request never arrived");
-        }
-
-        // Straight into the response.
-        let request = read(
-            (&mut client, &client_port, session),
-            &mut server,
-            &mut pools,
-        );
-        pools.release_lease(request.frame);
-        let crc = carmine_crc::crc32c(&store);
-        // SAFETY: `store` is not changed while the body exists (it is copied in `reply`).
-        let stored = unsafe { StoredBytes::new(store.as_ptr(), store.len(), crc) };
-        let results = [(0, 4096)];
-        let body = Body::Stored(stored);
-        server.reply(
-            &mut pools,
-            request.handle,
-            &request.header,
-            Status::Ok,
-            &results,
-            body,
-        );
-        assert!(!server.has_stored_bodies(), "copied at once");
-        assert_eq!(server.stats().replies_from_store, 1);
-        server.flush_tx(&mut pools);
-        let response = await_response(&mut client, &mut client_port);
-        assert_reply(&response, &store);
-
-        // No response buffer: the reply waits, holding store memory, until copied out of it.
-        let request = read(
-            (&mut client, &client_port, session),
-            &mut server,
-            &mut pools,
-        );
-        pools.release_lease(request.frame);
-        if let Some(chunk) = server.tx_chunk.take() {
-            pools.release(chunk);
-        }
-        let mut taken = Vec::new();
-        while let Some(buf) = pools.small.acquire() {
-            taken.push(buf);
-        }
-        while let Some(buf) = pools.large.acquire() {
-            taken.push(buf);
-        }
-        // SAFETY: `store` changes only after `copy_stored_bodies` returned true below.
-        let stored = unsafe { StoredBytes::new(store.as_ptr(), store.len(), crc) };
-        let body = Body::Stored(stored);
-        server.reply(
-            &mut pools,
-            request.handle,
-            &request.header,
-            Status::Ok,
-            &results,
-            body,
-        );
-        assert!(
-            server.has_stored_bodies(),
-            "waiting for a buffer, still in the store"
-        );
-        assert!(
-            !server.copy_stored_bodies(&mut pools),
-            "no buffer to copy into either: the mutation must wait"
-        );
-        for buf in taken {
-            pools.release(buf);
-        }
-        assert!(server.copy_stored_bodies(&mut pools));
-        assert!(!server.has_stored_bodies());
-        assert_eq!(server.stats().stored_bodies_copied, 1);
-        let before = store.clone();
-        store.fill(0x22); // the store changes: the waiting reply has its own copy
-        server.flush_tx(&mut pools);
-        let response = await_response(&mut client, &mut client_port);
-        assert_reply(&response, &before);
-        assert_eq!(
-            server.stats().replies_from_store,
-            1,
-            "the second went out from its pool copy"
-        );
-        server.close_all(&mut pools);
-        assert_eq!(pools.in_use(), 0, "every buffer came back");
-    }
-
-    /// A write's reply (a head with one result, no output) is kept inline in the RPC: no
-    /// response chunk is taken, and the client gets a valid frame.
-    #[test]
-    fn small_replies_are_kept_inline() {
-        let mut pools = pools();
-        let mut server = loopback_server();
-        let to = server.local_addr().unwrap();
-        let mut client_port =
-            crate::dgram::socket::UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX)
-                .unwrap();
-        let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
-            RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
-        let session = client.open_session(to).unwrap();
-        client.request(session, write_frame(4096), 0).unwrap();
-        client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
-        let mut request = None;
-        for _ in 0..100_000 {
-            server.poll_rx(&mut pools, 16, 1, &mut |r| request = Some(r));
-            if request.is_some() {
-                break;
-            }
-            std::thread::yield_now();
-        }
-        let request = request.expect("request never arrived");
-        pools.release_lease(request.frame);
-        let in_use = pools.in_use();
-        let results = [(0, 0)];
-        server.reply(
-            &mut pools,
-            request.handle,
-            &request.header,
-            Status::Ok,
-            &results,
-            Body::None,
-        );
-        assert_eq!(pools.in_use(), in_use, "no buffer taken for the response");
-        server.flush_tx(&mut pools);
-        let response = await_response(&mut client, &mut client_port);
-        assert_eq!(response.len(), wire::HEADER_SIZE + wire::SUB_OP_RESULT_SIZE);
-        assert!(response.len() <= INLINE_RESPONSE_MAX_BYTES);
-        assert_reply(&response, &[0, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(server.stats().tx_copied_bytes, response.len() as u64);
-        server.close_all(&mut pools);
-        assert_eq!(pools.in_use(), 0, "every buffer came back");
-    }
-
-    #[test]
-    fn reuseport_sockets_share_one_port() {
-        let sockets = bind_reuseport("127.0.0.1:0".parse().unwrap(), 3).unwrap();
-        let port = sockets[0].local_addr().unwrap().port();
-        assert_ne!(port, 0);
-        assert!(sockets
-            .iter()
-            .all(|s| s.local_addr().unwrap().port() == port));
-    }
-}
+mod tests;

@@ -4,7 +4,8 @@
 //! address and from strangers. Must never panic, and:
 //! - a request handed up is readable in place until its reply, and a stale handle's reply is
 //!   refused;
-//! - the server only emits packets that decode, with payloads as long as their headers say;
+//! - the server only emits packets that decode, with payloads as long as their headers say,
+//!   also when a response is kept in two parts (cut at a fuzzed point) that packets straddle;
 //! - the client hands each request up at most once, and, unless something was forged in the
 //!   client's name, the response it gets is the server's echo of exactly the bytes it sent.
 #![no_main]
@@ -12,8 +13,8 @@
 use std::collections::HashMap;
 
 use carmine_dataplane::dgram::{
-    PacketHeader, PacketKind, RequestHandle, RpcClient, RpcConfig, RpcServer, SessionId,
-    PACKET_HEADER_BYTES,
+    PacketHeader, PacketKind, RequestHandle, ResponseParts, RpcClient, RpcConfig, RpcServer,
+    SessionId, PACKET_HEADER_BYTES,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -40,6 +41,19 @@ impl<'a> Input<'a> {
         let out = &self.bytes[self.at..end];
         self.at = end;
         out
+    }
+}
+
+/// A response kept as two parts: `bytes[..at]`, then `bytes[at..]`.
+#[derive(Default)]
+struct Split {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl ResponseParts for Split {
+    fn parts(&self) -> (&[u8], &[u8]) {
+        self.bytes.split_at(self.at)
     }
 }
 
@@ -74,7 +88,7 @@ fn forged_packet(input: &mut Input<'_>, kind: PacketKind) -> Option<Vec<u8>> {
 fuzz_target!(|bytes: &[u8]| {
     let config = config();
     let mut input = Input { bytes, at: 0 };
-    let mut server: RpcServer<Peer, Vec<u8>, Vec<u8>> = RpcServer::new(config);
+    let mut server: RpcServer<Peer, Vec<u8>, Split> = RpcServer::new(config);
     // The client's wire session ids start at 0, so forged session ids 0..4 can hit it.
     let mut client: RpcClient<Peer, Vec<u8>, Vec<u8>> = RpcClient::new(config, 0);
     let sessions = [
@@ -137,7 +151,9 @@ fuzz_target!(|bytes: &[u8]| {
                 }
                 let handle = handles.remove(0);
                 let body = server.request(handle).map(|m| m.to_vec());
-                let outcome = server.reply(handle, body.clone().unwrap_or_default());
+                let bytes = body.clone().unwrap_or_default();
+                let at = usize::from(input.u16().unwrap_or(0)) % (bytes.len() + 1);
+                let outcome = server.reply(handle, Split { bytes, at });
                 assert_eq!(outcome.is_ok(), body.is_some(), "a stale handle is refused");
             }
             // The client sends a request.
@@ -152,12 +168,13 @@ fuzz_target!(|bytes: &[u8]| {
             // Both ends flush onto the network; the input picks what is lost.
             5 => {
                 let mut sent = Vec::new();
-                server.flush_tx(&mut |peer, head, payload| {
+                server.flush_parts(&mut |peer, head, payload, tail| {
                     let mut packet = head.to_vec();
                     packet.extend_from_slice(payload);
+                    packet.extend_from_slice(tail);
                     let header = PacketHeader::decode(&packet).expect("the server's packets decode");
                     assert_ne!(header.kind, PacketKind::Request);
-                    assert_eq!(usize::from(header.payload_bytes), payload.len());
+                    assert_eq!(usize::from(header.payload_bytes), payload.len() + tail.len());
                     if *peer == HONEST {
                         sent.push((false, packet));
                     }

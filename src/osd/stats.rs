@@ -104,6 +104,7 @@ counters!(
     udp_tx_copied_bytes,
     udp_replies_from_store,
     udp_stored_bodies_copied,
+    udp_stored_responses_copied,
     udp_malformed,
     udp_duplicates,
     udp_retransmits,

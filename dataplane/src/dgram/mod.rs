@@ -27,7 +27,9 @@
 //! Shape (like `tcp.rs`): feed received datagrams to `receive` (requests / responses come out
 //! through a callback), call `reply` / `request`, then `flush_tx` hands each outgoing packet as
 //! (peer, header, payload) to a send callback that builds the frame or calls `sendmsg`; the
-//! client's `poll_timers(now)` drives retransmission.
+//! client's `poll_timers(now)` drives retransmission. A server response may be kept as two
+//! parts (`ResponseParts`: e.g. a head and bytes left where they were made), and
+//! `RpcServer::flush_parts` then hands a packet's payload as its slice of each part.
 
 pub mod client;
 pub mod ipv4;
@@ -47,6 +49,29 @@ pub use server::{RequestHandle, RpcServer};
 /// The send callback of `flush_tx`: `(peer, rpc_header, payload) -> accepted`; false when the
 /// transport is full (the packet and the ones after it wait for the next call).
 pub type SendPacket<'a, P> = dyn FnMut(&P, &[u8], &[u8]) -> bool + 'a;
+
+/// The server's send callback (`RpcServer::flush_parts`): `(peer, rpc_header, payload, tail)
+/// -> accepted`, the packet's payload being `payload` then `tail` (a range of a two-part
+/// response that crosses from its first part into its second; `tail` is empty otherwise).
+pub type SendParts<'a, P> = dyn FnMut(&P, &[u8], &[u8], &[u8]) -> bool + 'a;
+
+/// A response the server keeps until the client's next request on its slot: sent as its first
+/// part then its second, back to back (e.g. a reply head kept in the slot and a body left where
+/// it was made), so nobody joins them into one buffer. Any byte slice is one part.
+pub trait ResponseParts {
+    fn parts(&self) -> (&[u8], &[u8]);
+    /// Bytes in both parts.
+    fn total_len(&self) -> usize {
+        let (first, second) = self.parts();
+        first.len() + second.len()
+    }
+}
+
+impl<T: AsRef<[u8]>> ResponseParts for T {
+    fn parts(&self) -> (&[u8], &[u8]) {
+        (self.as_ref(), &[])
+    }
+}
 
 /// Requests one session may have in flight (one per slot).
 pub const SLOTS_PER_SESSION: usize = 8;

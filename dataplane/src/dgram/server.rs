@@ -6,7 +6,9 @@ use std::hash::Hash;
 use super::packet::{PacketHeader, PacketKind, PACKET_HEADER_BYTES};
 use super::reassembly::{Insert, Message, Reassembly};
 use super::session_hash::SessionHashBuilder;
-use super::{RpcConfig, RpcStats, SendPacket, ACKS_QUEUED_MAX, SLOTS_PER_SESSION};
+use super::{
+    ResponseParts, RpcConfig, RpcStats, SendPacket, SendParts, ACKS_QUEUED_MAX, SLOTS_PER_SESSION,
+};
 
 /// Names a request handed up by [`RpcServer::receive`], for [`RpcServer::reply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +65,9 @@ struct Ack {
 }
 
 /// One core's RPC server. `P` is the peer address, `B` a received buffer (an mbuf, a socket
-/// buffer), `R` a response body kept until the client moves on.
+/// buffer), `R` a response body kept until the client moves on: one slice, or two parts sent
+/// back to back (`ResponseParts`), so that a head and a body kept elsewhere need not be joined
+/// into one buffer first.
 pub struct RpcServer<P, B, R> {
     config: RpcConfig,
     sessions: Vec<Session<P, B, R>>,
@@ -77,7 +81,7 @@ pub struct RpcServer<P, B, R> {
     stats: RpcStats,
 }
 
-impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
+impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
     /// Tables sized here; sessions' slots are built when a session first appears (like a TCP
     /// accept), never per request.
     pub fn new(config: RpcConfig) -> Self {
@@ -263,11 +267,27 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
             .then(|| slot.rx.message())
     }
 
+    /// The response kept for `handle`'s request (for resends), while the client has not moved
+    /// on: to replace it with one of the same bytes (e.g. moved out of memory about to
+    /// change). None once the slot has a newer request or the session expired.
+    pub fn response_mut(&mut self, handle: RequestHandle) -> Option<&mut R> {
+        let session = self.sessions.get_mut(handle.session as usize)?;
+        if session.generation != handle.generation {
+            return None;
+        }
+        let slot = &mut session.slots[handle.slot as usize];
+        if slot.state != SlotState::Responded || slot.request_id != handle.request_id {
+            return None;
+        }
+        slot.response.as_mut()
+    }
+
     /// Queues the response to a request handed up by `receive`. Gives the body back if the
     /// request is no longer current (the client gave up on it and moved on).
     pub fn reply(&mut self, handle: RequestHandle, response: R) -> Result<(), R> {
+        let response_len = response.total_len();
         assert!(
-            response.as_ref().len() <= self.config.message_bytes_max(),
+            response_len <= self.config.message_bytes_max(),
             "response over the limit"
         );
         let Some(session) = self.sessions.get_mut(handle.session as usize) else {
@@ -281,7 +301,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
             return Err(response);
         }
         slot.rx.clear(); // the request's packets go back to their pool
-        slot.response_packets = self.config.packets_for(response.as_ref().len());
+        slot.response_packets = self.config.packets_for(response_len);
         slot.response = Some(response);
         slot.state = SlotState::Responded;
         slot.tx_next = 0;
@@ -331,10 +351,21 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
         !self.acks.is_empty() || !self.tx_list.is_empty()
     }
 
-    /// Hands queued packets to `send(peer, header, payload)`, acks first (they free clients'
-    /// credits). `send` returns false when the transport is full; the rest waits for the next
-    /// call. Returns the packets sent.
+    /// `flush_parts` for responses of one part (`R: AsRef<[u8]>`): each packet's payload is
+    /// one slice.
     pub fn flush_tx(&mut self, send: &mut SendPacket<'_, P>) -> usize {
+        self.flush_parts(&mut |peer, header, payload, tail| {
+            debug_assert!(tail.is_empty(), "a one-part response has no second part");
+            send(peer, header, payload)
+        })
+    }
+
+    /// Hands queued packets to `send(peer, header, payload, tail)`, acks first (they free
+    /// clients' credits): a packet's payload is the bytes of its range of the response, in at
+    /// most two slices (`payload`, then `tail`) when the range crosses from the response's
+    /// first part into its second. `send` returns false when the transport is full; the rest
+    /// waits for the next call. Returns the packets sent.
+    pub fn flush_parts(&mut self, send: &mut SendParts<'_, P>) -> usize {
         let mut sent = 0;
         let mut head = [0u8; PACKET_HEADER_BYTES];
         while let Some(ack) = self.acks.front() {
@@ -354,7 +385,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
                 payload_bytes: 0,
             }
             .encode(&mut head);
-            if !send(&session.peer, &head, &[]) {
+            if !send(&session.peer, &head, &[], &[]) {
                 self.stats.packets_tx += sent as u64;
                 return sent;
             }
@@ -365,25 +396,31 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: AsRef<[u8]>> RpcServer<P, B, R> {
             let session = &mut self.sessions[session_index as usize];
             let slot = &mut session.slots[slot_index as usize];
             // A new request on the slot drops the old response while it may still be listed.
-            let Some(body) = slot.response.as_ref().map(|r| r.as_ref()) else {
+            let Some((first, second)) = slot.response.as_ref().map(|r| r.parts()) else {
                 slot.in_tx_list = false;
                 self.tx_list.pop_front();
                 continue;
             };
+            let len = first.len() + second.len();
             while slot.tx_next < slot.response_packets {
-                let range = self.config.packet_range(body.len(), slot.tx_next);
+                let range = self.config.packet_range(len, slot.tx_next);
+                // The range's bytes in each part (either may be empty).
+                let in_first = range.start.min(first.len())..range.end.min(first.len());
+                let in_second = range.start.max(first.len()) - first.len()
+                    ..range.end.max(first.len()) - first.len();
+                debug_assert_eq!(in_first.len() + in_second.len(), range.len());
                 PacketHeader {
                     kind: PacketKind::Response,
                     session: session.client_session,
                     request_id: slot.request_id,
-                    message_bytes: body.len() as u32,
+                    message_bytes: len as u32,
                     packet_index: slot.tx_next,
                     packet_count: slot.response_packets,
                     ack_count: 0,
                     payload_bytes: range.len() as u16,
                 }
                 .encode(&mut head);
-                if !send(&session.peer, &head, &body[range]) {
+                if !send(&session.peer, &head, &first[in_first], &second[in_second]) {
                     self.stats.packets_tx += sent as u64;
                     return sent;
                 }

@@ -129,7 +129,8 @@ impl<'pool> Mbuf<'pool> {
             return false;
         }
         let mut at = p as *mut u8;
-        for part in parts {
+        for part in parts.iter().filter(|p| !p.is_empty()) {
+            // (An empty part is skipped: a memcpy call for nothing, per packet.)
             // SAFETY: append made [p, p+len) part of this mbuf's data area, which we own
             // exclusively (&mut self); the parts' lengths sum to len, so each copy stays inside
             // it, and a caller's slice cannot overlap an mbuf we own mutably.

@@ -386,12 +386,22 @@ impl DatagramPort for DpdkDatagramPort {
         }
     }
 
-    fn send(&mut self, peer: &Endpoint, header: &[u8], payload: &[u8]) -> io::Result<bool> {
-        let frame = udp::udp_frame(self.pool, &self.local, peer, header, payload);
+    fn send(
+        &mut self,
+        peer: &Endpoint,
+        header: &[u8],
+        payload: &[u8],
+        tail: &[u8],
+    ) -> io::Result<bool> {
+        let frame = udp::udp_frame_parts(self.pool, &self.local, peer, header, payload, tail);
         if frame.is_some() {
-            self.stats.tx_copied_bytes += payload.len() as u64;
+            self.stats.tx_copied_bytes += (payload.len() + tail.len()) as u64;
         }
         Ok(self.push_tx(frame))
+    }
+
+    fn sends_pool_in_place(&self) -> bool {
+        self.attach.is_some()
     }
 
     unsafe fn send_from_pool(
@@ -406,11 +416,11 @@ impl DatagramPort for DpdkDatagramPort {
             .as_mut()
             .filter(|_| payload.len() >= ATTACH_MIN_BYTES)
         else {
-            return self.send(peer, header, payload);
+            return self.send(peer, header, payload, &[]);
         };
         // SAFETY: the caller's promise (payload inside sealed bytes of a live handle).
         let Some(lease) = (unsafe { pools.lease_bytes(payload) }) else {
-            return self.send(peer, header, payload);
+            return self.send(peer, header, payload, &[]);
         };
         let mut head = [0u8; ipv4::UDP_FRAME_HEADER_BYTES];
         ipv4::build_udp_header(&mut head, &self.local, peer, header.len() + payload.len());
@@ -426,7 +436,7 @@ impl DatagramPort for DpdkDatagramPort {
             }
             Err(lease) => {
                 pools.release_lease(lease);
-                self.send(peer, header, payload)
+                self.send(peer, header, payload, &[])
             }
         }
     }
