@@ -637,16 +637,22 @@ impl Metadata {
     /// Encodes the whole metadata as deltas that rebuild it from nothing (`ObjectState`, then
     /// each object's extents, xattrs and omap, objects in id order; last `ObjectIdNext`),
     /// split into chunks of at most `chunk_max` bytes
-    /// (each chunk becomes one journal record).
-    pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) {
+    /// (each chunk becomes one journal record). Returns the bytes of its `ExtentMap` deltas:
+    /// the part of the dump a write-out of the extent tree's nodes would replace (the rest is
+    /// the onode table).
+    pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) -> u64 {
         /// Blocks per extent delta: bounds one delta well below any chunk.
         const EXTENT_BLOCKS_MAX: usize = 256;
         let mut current = Vec::with_capacity(chunk_max);
         let mut delta_bytes = Vec::new();
         let mut crcs = Vec::with_capacity(EXTENT_BLOCKS_MAX * 4);
+        let mut extent_bytes = 0u64;
         let mut push = |delta: &Delta<'_>, current: &mut Vec<u8>, chunks: &mut Vec<Vec<u8>>| {
             delta_bytes.clear();
             delta.encode(&mut delta_bytes);
+            if let Delta::ExtentMap { .. } = delta {
+                extent_bytes += delta_bytes.len() as u64;
+            }
             assert!(
                 delta_bytes.len() <= chunk_max,
                 "one delta exceeds a checkpoint chunk"
@@ -721,6 +727,17 @@ impl Metadata {
             chunks,
         );
         chunks.push(current);
+        extent_bytes
+    }
+
+    /// Extent-tree nodes changed since the last call (or since mount): what a checkpoint that
+    /// wrote only changed nodes would write of the tree, with every node on disk before. Starts
+    /// the next interval. (The store calls it at each checkpoint and reports the estimate
+    /// beside the dump's bytes; ARCHITECTURE.md, "the plan", step 3.)
+    pub fn take_changed_tree_nodes(&mut self) -> usize {
+        let changed = self.extents.changed_count();
+        self.extents.clear_changed();
+        changed
     }
 
     /// The id the next `ObjectCreate` gets.

@@ -37,6 +37,10 @@ struct Node {
     address: u64,
     /// Changed since its last write-out (or never written).
     dirty: bool,
+    /// Changed since the last `clear_changed` (the store calls it at each checkpoint): what a
+    /// checkpoint writing only changed nodes would write, once every node has an address.
+    /// Unlike `dirty`, a checkpoint that does not write the tree out (the full dump) clears it.
+    changed: bool,
 }
 
 impl Node {
@@ -52,6 +56,12 @@ impl Node {
             Body::Leaf(_) => LEAF_CAPACITY,
             Body::Internal(_) => INTERNAL_CAPACITY,
         }
+    }
+
+    /// The node changed: it must be written out, and counts as changed in this interval.
+    fn touch(&mut self) {
+        self.dirty = true;
+        self.changed = true;
     }
 
     fn first_key(&self) -> Key {
@@ -127,6 +137,7 @@ impl ExtentTree {
                 body: Body::Leaf(Vec::with_capacity(LEAF_CAPACITY + 1)),
                 address: 0,
                 dirty: true,
+                changed: true,
             }],
             free: Vec::new(),
             root: 0,
@@ -196,6 +207,20 @@ impl ExtentTree {
         self.live_ids()
             .filter(|&id| self.nodes[id as usize].dirty)
             .count()
+    }
+
+    /// Nodes changed since the last `clear_changed`.
+    pub fn changed_count(&self) -> usize {
+        self.live_ids()
+            .filter(|&id| self.nodes[id as usize].changed)
+            .count()
+    }
+
+    /// Starts a new interval for `changed_count` (a checkpoint was taken).
+    pub fn clear_changed(&mut self) {
+        for node in &mut self.nodes {
+            node.changed = false;
+        }
     }
 
     fn live_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
@@ -323,6 +348,7 @@ impl ExtentTree {
         let body = std::mem::replace(&mut node.body, Body::Leaf(Vec::new()));
         node.address = 0;
         node.dirty = false;
+        node.changed = false;
         self.free.push(id);
         self.keep_spare(body);
     }
@@ -357,6 +383,7 @@ impl ExtentTree {
                 body: Body::Internal(entries),
                 address: 0,
                 dirty: true,
+                changed: true,
             });
         }
         if old.is_none() {
@@ -373,7 +400,7 @@ impl ExtentTree {
         value: Value,
     ) -> (Option<Value>, Option<(Key, NodeId)>) {
         let node = &mut self.nodes[id as usize];
-        node.dirty = true;
+        node.touch();
         // The new entry went to the node's end: keys are arriving in order (a replay from a
         // checkpoint, a sequential fill), and an even split would leave every node half full.
         let mut at_end = false;
@@ -444,6 +471,7 @@ impl ExtentTree {
             body,
             address: 0,
             dirty: true,
+            changed: true,
         };
         let key = right.first_key();
         (key, self.alloc(right))
@@ -470,14 +498,14 @@ impl ExtentTree {
             Body::Leaf(entries) => {
                 let i = entries.binary_search_by_key(&key, |&(k, _)| k).ok()?;
                 let (_, old) = entries.remove(i);
-                self.nodes[id as usize].dirty = true;
+                self.nodes[id as usize].touch();
                 Some(old)
             }
             Body::Internal(entries) => {
                 let i = child_index(entries, key);
                 let child = entries[i].1;
                 let old = self.remove_from(child, key)?;
-                self.nodes[id as usize].dirty = true;
+                self.nodes[id as usize].touch();
                 let child_node = &self.nodes[child as usize];
                 if child_node.len() < child_node.capacity() / 4 {
                     self.rebalance(id, i);
@@ -504,7 +532,7 @@ impl ExtentTree {
         let mut right_body =
             std::mem::replace(&mut self.nodes[right as usize].body, Body::Leaf(Vec::new()));
         let left_node = &mut self.nodes[left as usize];
-        left_node.dirty = true;
+        left_node.touch();
         let capacity = left_node.capacity();
         let merged = match (&mut left_node.body, &mut right_body) {
             (Body::Leaf(a), Body::Leaf(b)) => rebalance_pair(a, b, capacity),
@@ -521,7 +549,7 @@ impl ExtentTree {
         } else {
             let right_node = &mut self.nodes[right as usize];
             right_node.body = right_body;
-            right_node.dirty = true;
+            right_node.touch();
             let first = right_node.first_key();
             let Body::Internal(entries) = &mut self.nodes[parent as usize].body else {
                 unreachable!()
@@ -678,6 +706,7 @@ impl ExtentTree {
             body,
             address,
             dirty: false,
+            changed: false,
         }))
     }
 

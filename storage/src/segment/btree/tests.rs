@@ -175,6 +175,43 @@ fn write_out_is_copy_on_write_and_load_gives_the_same_tree() {
 }
 
 #[test]
+fn changed_nodes_count_per_interval_whether_or_not_written_out() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..20_000u64 {
+        tree.insert(key(i % 13, i), value(i));
+    }
+    assert_eq!(tree.changed_count(), tree.node_count(), "every node is new");
+    tree.clear_changed();
+    assert_eq!(tree.changed_count(), 0);
+    assert_eq!(
+        tree.dirty_count(),
+        tree.node_count(),
+        "clearing the interval writes nothing out"
+    );
+
+    // An overwrite changes its leaf-to-root path; a write-out leaves the count alone (the
+    // interval ends at a checkpoint, not at a write-out).
+    tree.insert(key(5, 5), value(99));
+    let path = usize::from(tree.height()) + 1;
+    assert_eq!(tree.changed_count(), path);
+    blocks.write_out(&mut tree, 1);
+    assert_eq!((tree.dirty_count(), tree.changed_count()), (0, path));
+    tree.clear_changed();
+
+    // Removing a whole object merges leaves: the survivors count, the freed nodes do not.
+    let before = tree.node_count();
+    for i in (0..20_000u64).filter(|i| i % 13 == 3) {
+        tree.remove(key(3, i)).unwrap();
+    }
+    assert!(tree.node_count() < before);
+    let changed = tree.changed_count();
+    assert!(changed > 0 && changed < tree.node_count(), "{changed}");
+    assert_eq!(changed, tree.dirty_count());
+    tree.check().unwrap();
+}
+
+#[test]
 fn load_refuses_damaged_or_misplaced_nodes() {
     let mut tree = ExtentTree::new();
     let mut blocks = Blocks::default();
