@@ -2,11 +2,13 @@
 //! nodes are 4 KiB blocks (`node.rs`), SeaStore's LBA tree role.
 //!
 //! Step 1 of the plan in ARCHITECTURE.md ("Where the metadata departs from SeaStore"): the tree
-//! and its node format, with dirty tracking and copy-on-write write-out (`write_out`: every
+//! and its node format, with dirty tracking and copy-on-write write-out (`write_out`, or one
+//! node at a time at caller-chosen addresses with `begin_write_out` / `write_next_node`: every
 //! node changed since the last write-out goes to a fresh address, parents after children, and
 //! the old addresses are reported obsolete), and loading from a root address with every node
-//! checked (`load`). The segment store does not use it yet: its metadata is still the
-//! in-memory map in `metadata.rs` (steps 2-4 wire this in).
+//! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; nodes do not
+//! go to disk yet (step 3): checkpoints still dump the entries as deltas, and `changed_count`
+//! measures what an incremental checkpoint would write instead.
 //!
 //! Invariants (`check` verifies them all; tests run it after every operation):
 //! - every leaf is at level 0 and every path from the root has the same length;
@@ -108,6 +110,31 @@ impl std::fmt::Display for LoadError {
 }
 
 impl std::error::Error for LoadError {}
+
+/// A write-out in progress (`ExtentTree::begin_write_out`): the dirty nodes left to write.
+pub struct WriteOut {
+    /// Children before parents; the root, if dirty, last.
+    order: Vec<NodeId>,
+    next: usize,
+    last_address: u64,
+}
+
+impl WriteOut {
+    /// Nodes the write-out writes in all.
+    pub fn nodes(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Nodes not written yet.
+    pub fn remaining(&self) -> usize {
+        self.order.len() - self.next
+    }
+
+    /// The address the last `write_next_node` wrote at.
+    pub fn written_at(&self) -> u64 {
+        self.last_address
+    }
+}
 
 pub struct ExtentTree {
     nodes: Vec<Node>,
@@ -565,7 +592,8 @@ impl ExtentTree {
 
     /// Writes every dirty node to a fresh address (`alloc`), children before parents, through
     /// `write(address, block)`; returns the root's address (0 for an empty tree, which writes
-    /// nothing). Replaced addresses go to `take_obsolete`.
+    /// nothing). Replaced addresses go to `take_obsolete`. `begin_write_out` and
+    /// `write_next_node` in one go.
     pub fn write_out(
         &mut self,
         nonce: u64,
@@ -573,54 +601,99 @@ impl ExtentTree {
         alloc: &mut dyn FnMut() -> u64,
         write: &mut dyn FnMut(u64, &[u8]),
     ) -> u64 {
+        let mut write_out = self.begin_write_out();
+        let mut block = vec![0u8; NODE_BYTES];
+        while self.write_next_node(&mut write_out, nonce, generation, alloc(), &mut block) {
+            write(write_out.written_at(), &block);
+        }
+        self.root_address()
+    }
+
+    /// Starts a write-out done one node at a time at addresses the caller picks (a
+    /// checkpoint's node blocks go to the device record by record, where the journal places
+    /// each record): lists the dirty nodes, children before parents. The tree must not change
+    /// until `write_next_node` has written them all (`write_next_node` asserts it).
+    pub fn begin_write_out(&mut self) -> WriteOut {
+        let mut order = Vec::new();
         if self.len == 0 {
+            // An empty tree is root address 0, not an empty node on disk.
             let root = &mut self.nodes[self.root as usize];
             if root.address != 0 {
                 self.obsolete.push(root.address);
                 root.address = 0;
             }
             root.dirty = false;
-            return 0;
+        } else {
+            self.dirty_post_order(self.root, &mut order);
         }
-        let mut block = vec![0u8; NODE_BYTES];
-        self.write_node(self.root, nonce, generation, alloc, write, &mut block)
+        WriteOut {
+            order,
+            next: 0,
+            last_address: 0,
+        }
     }
 
-    fn write_node(
-        &mut self,
-        id: NodeId,
-        nonce: u64,
-        generation: u64,
-        alloc: &mut dyn FnMut() -> u64,
-        write: &mut dyn FnMut(u64, &[u8]),
-        block: &mut [u8],
-    ) -> u64 {
+    fn dirty_post_order(&self, id: NodeId, order: &mut Vec<NodeId>) {
         let node = &self.nodes[id as usize];
         if !node.dirty {
-            return node.address;
+            // A clean node's subtree is clean: a change marks its whole path from the root.
+            return;
         }
+        if let Body::Internal(children) = &node.body {
+            for &(_, child) in children {
+                self.dirty_post_order(child, order);
+            }
+        }
+        order.push(id);
+    }
+
+    /// Encodes the next node of `write_out` into `block` as written at `address` (its
+    /// children already have theirs) and marks it clean; its old address goes to
+    /// `take_obsolete`. False, and nothing encoded, once every node is written.
+    pub fn write_next_node(
+        &mut self,
+        write_out: &mut WriteOut,
+        nonce: u64,
+        generation: u64,
+        address: u64,
+        block: &mut [u8],
+    ) -> bool {
+        let Some(&id) = write_out.order.get(write_out.next) else {
+            return false;
+        };
+        write_out.next += 1;
+        let node = &self.nodes[id as usize];
+        assert!(node.dirty, "the tree changed during a write-out");
         let entries = match &node.body {
             Body::Leaf(entries) => Entries::Leaf(entries.clone()),
-            Body::Internal(children) => {
-                let children = children.clone();
-                let mut entries = Vec::with_capacity(children.len());
-                for (key, child) in children {
-                    let address = self.write_node(child, nonce, generation, alloc, write, block);
-                    entries.push((key, address));
-                }
-                Entries::Internal(entries)
-            }
+            Body::Internal(children) => Entries::Internal(
+                children
+                    .iter()
+                    .map(|&(key, child)| {
+                        let child = &self.nodes[child as usize];
+                        assert!(
+                            !child.dirty && child.address != 0,
+                            "children are written before their parent"
+                        );
+                        (key, child.address)
+                    })
+                    .collect(),
+            ),
         };
-        let address = alloc();
-        let node = &mut self.nodes[id as usize];
         node::encode(block, nonce, address, generation, node.level, &entries);
-        write(address, block);
+        let node = &mut self.nodes[id as usize];
         if node.address != 0 {
             self.obsolete.push(node.address);
         }
         node.address = address;
         node.dirty = false;
-        address
+        write_out.last_address = address;
+        true
+    }
+
+    /// The root's address as last written (0: an empty tree, or never written).
+    pub fn root_address(&self) -> u64 {
+        self.nodes[self.root as usize].address
     }
 
     /// Loads the tree written with root `root` (0: empty), reading nodes through `read` and

@@ -212,6 +212,59 @@ fn changed_nodes_count_per_interval_whether_or_not_written_out() {
 }
 
 #[test]
+fn a_write_out_one_node_at_a_time_goes_where_the_caller_places_it() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..5_000u64 {
+        tree.insert(key(i % 3, i), value(i));
+    }
+    blocks.write_out(&mut tree, 1);
+    for i in (0..5_000u64).step_by(97) {
+        tree.insert(key(i % 3, i), value(i + 1));
+    }
+    let dirty = tree.dirty_count();
+    let mut write_out = tree.begin_write_out();
+    assert_eq!((write_out.nodes(), write_out.remaining()), (dirty, dirty));
+    // Addresses going down, as no allocator would hand them out: the caller decides.
+    let mut address = 1 << 30;
+    let mut block = vec![0u8; NODE_BYTES];
+    while tree.write_next_node(&mut write_out, 7, 2, address, &mut block) {
+        assert_eq!(write_out.written_at(), address);
+        assert!(blocks.blocks.insert(address, block.clone()).is_none());
+        address -= 4096;
+    }
+    assert_eq!(write_out.remaining(), 0);
+    assert_eq!(tree.dirty_count(), 0);
+    assert_eq!(
+        tree.root_address(),
+        address + 4096,
+        "the root is written last"
+    );
+    assert_eq!(tree.take_obsolete().len(), dirty);
+    let loaded = blocks.load(tree.root_address()).unwrap();
+    loaded.check().unwrap();
+    assert_eq!(contents(&loaded), contents(&tree));
+}
+
+#[test]
+#[should_panic(expected = "children are written before their parent")]
+fn a_tree_changed_during_a_write_out_is_caught() {
+    let mut tree = ExtentTree::new();
+    for i in 0..2_000u64 {
+        tree.insert(key(1, i), value(i));
+    }
+    let mut write_out = tree.begin_write_out();
+    let mut block = vec![0u8; NODE_BYTES];
+    assert!(tree.write_next_node(&mut write_out, 7, 1, 4096, &mut block));
+    // The first leaf, written, changes again: its parent must not point at the stale copy.
+    tree.insert(key(1, 0), value(5));
+    let mut address = 8192;
+    while tree.write_next_node(&mut write_out, 7, 1, address, &mut block) {
+        address += 4096;
+    }
+}
+
+#[test]
 fn load_refuses_damaged_or_misplaced_nodes() {
     let mut tree = ExtentTree::new();
     let mut blocks = Blocks::default();
