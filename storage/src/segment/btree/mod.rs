@@ -8,7 +8,9 @@
 //! the old addresses are reported obsolete), and loading from a root address with every node
 //! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; nodes do not
 //! go to disk yet (step 3): checkpoints still dump the entries as deltas, and `changed_count`
-//! measures what an incremental checkpoint would write instead.
+//! measures what an incremental checkpoint would write instead. `for_each_node_address`,
+//! `mark_dirty_in` and `forget_addresses` are the pieces step 3's inventory, cleaner and
+//! dump fallback need.
 //!
 //! Invariants (`check` verifies them all; tests run it after every operation):
 //! - every leaf is at level 0 and every path from the root has the same length;
@@ -689,6 +691,74 @@ impl ExtentTree {
         node.dirty = false;
         write_out.last_address = address;
         true
+    }
+
+    /// Calls `visit` with the address of every node of the tree that has one (written and
+    /// not changed since, or changed and not yet written out again): the blocks the tree
+    /// keeps live on the device.
+    pub fn for_each_node_address(&self, visit: &mut dyn FnMut(u64)) {
+        for id in self.live_ids() {
+            let address = self.nodes[id as usize].address;
+            if address != 0 {
+                visit(address);
+            }
+        }
+    }
+
+    /// Marks dirty every node written inside `addresses`, and the path from the root to it
+    /// (a moved child changes its parent's pointer), so the next write-out puts them
+    /// elsewhere: how the cleaner empties a segment of nodes (copy-on-write moves them).
+    /// Returns how many nodes were inside. Does not count as a change for `changed_count`
+    /// (that predicts what clients change between checkpoints).
+    pub fn mark_dirty_in(&mut self, addresses: std::ops::Range<u64>) -> usize {
+        let mut inside = 0;
+        self.mark_dirty_below(self.root, &addresses, &mut inside);
+        inside
+    }
+
+    /// `mark_dirty_in` for the subtree at `id`; true if anything in it became dirty.
+    fn mark_dirty_below(
+        &mut self,
+        id: NodeId,
+        addresses: &std::ops::Range<u64>,
+        inside: &mut usize,
+    ) -> bool {
+        let mut below = false;
+        let children = match &self.nodes[id as usize].body {
+            Body::Internal(children) => children.len(),
+            Body::Leaf(_) => 0,
+        };
+        // By index, not a borrow of the body, while the children are marked.
+        for i in 0..children {
+            let Body::Internal(entries) = &self.nodes[id as usize].body else {
+                unreachable!("an internal node stays internal")
+            };
+            let child = entries[i].1;
+            below |= self.mark_dirty_below(child, addresses, inside);
+        }
+        let node = &mut self.nodes[id as usize];
+        let here = node.address != 0 && addresses.contains(&node.address);
+        *inside += usize::from(here);
+        if here || below {
+            node.dirty = true;
+        }
+        here || below
+    }
+
+    /// Forgets where every node was written (after a checkpoint that did not write the tree
+    /// out, a full dump: replay from it does not read them): their addresses go to
+    /// `take_obsolete` and every node becomes dirty, so the next write-out writes the whole
+    /// tree.
+    pub fn forget_addresses(&mut self) {
+        let ids: Vec<NodeId> = self.live_ids().collect();
+        for id in ids {
+            let node = &mut self.nodes[id as usize];
+            if node.address != 0 {
+                self.obsolete.push(node.address);
+                node.address = 0;
+            }
+            node.dirty = true;
+        }
     }
 
     /// The root's address as last written (0: an empty tree, or never written).

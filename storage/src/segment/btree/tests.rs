@@ -265,6 +265,71 @@ fn a_tree_changed_during_a_write_out_is_caught() {
 }
 
 #[test]
+fn nodes_in_an_address_range_move_at_the_next_write_out_with_their_paths() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..30_000u64 {
+        tree.insert(key(i % 5, i), value(i));
+    }
+    let root = blocks.write_out(&mut tree, 1);
+    assert!(tree.height() >= 1);
+    let mut addresses = Vec::new();
+    tree.for_each_node_address(&mut |address| addresses.push(address));
+    addresses.sort_unstable();
+    assert_eq!(addresses.len(), tree.node_count());
+    assert_eq!(addresses.last(), Some(&root), "the root is written last");
+
+    // A "segment" holding the first ten nodes written (leaves: children go first).
+    let segment = addresses[0]..addresses[10];
+    assert_eq!(tree.mark_dirty_in(segment.clone()), 10);
+    assert_eq!(
+        tree.changed_count(),
+        tree.node_count(),
+        "marking is not a change"
+    );
+    let dirty = tree.dirty_count();
+    assert!(dirty > 10, "their parents up to the root move too: {dirty}");
+    let before = contents(&tree);
+    blocks.write_out(&mut tree, 2);
+    let obsolete = tree.take_obsolete();
+    assert_eq!(obsolete.len(), dirty);
+    assert_eq!(obsolete.iter().filter(|a| segment.contains(a)).count(), 10);
+    let mut left = 0;
+    tree.for_each_node_address(&mut |address| left += usize::from(segment.contains(&address)));
+    assert_eq!(left, 0, "no node of the tree is in the segment any more");
+    let loaded = blocks.load(tree.root_address()).unwrap();
+    loaded.check().unwrap();
+    assert_eq!(contents(&loaded), before);
+    assert_eq!(tree.mark_dirty_in(segment), 0);
+    assert_eq!(tree.dirty_count(), 0);
+}
+
+#[test]
+fn forgotten_addresses_are_obsolete_and_the_whole_tree_is_written_again() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..10_000u64 {
+        tree.insert(key(2, i), value(i));
+    }
+    blocks.write_out(&mut tree, 1);
+    let written = tree.node_count();
+    tree.forget_addresses();
+    assert_eq!(tree.take_obsolete().len(), written);
+    assert_eq!(tree.dirty_count(), written);
+    assert_eq!(tree.root_address(), 0);
+    let mut count = 0;
+    tree.for_each_node_address(&mut |_| count += 1);
+    assert_eq!(count, 0, "no node keeps a block live");
+    blocks.write_out(&mut tree, 2);
+    assert_eq!(blocks.blocks.len(), 2 * written);
+    assert!(tree.take_obsolete().is_empty(), "nothing left to replace");
+    assert_eq!(
+        contents(&blocks.load(tree.root_address()).unwrap()),
+        contents(&tree)
+    );
+}
+
+#[test]
 fn load_refuses_damaged_or_misplaced_nodes() {
     let mut tree = ExtentTree::new();
     let mut blocks = Blocks::default();
