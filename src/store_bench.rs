@@ -1010,6 +1010,11 @@ fn server_json(
         // cleaner's copies (each moved block is rewritten once).
         "checkpoints": after.checkpoints.saturating_sub(before.checkpoints),
         "checkpoint_bytes": after.checkpoint_bytes.saturating_sub(before.checkpoint_bytes),
+        // What the same checkpoints would write as incremental ones (only the extent-tree
+        // nodes changed since the previous checkpoint, plus the onode table): not built yet.
+        "checkpoint_incremental_estimate_bytes": after
+            .checkpoint_incremental_estimate_bytes
+            .saturating_sub(before.checkpoint_incremental_estimate_bytes),
         "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
         "cleaner_reads": after.cleaner_reads.saturating_sub(before.cleaner_reads),
         "cleaner_blocks_read": after.cleaner_blocks_read.saturating_sub(before.cleaner_blocks_read),

@@ -21,10 +21,11 @@ pub use crate::segment::btree::Value as BlockRef;
 /// An object's own metadata; its blocks are in the shard's extent tree under its `id`.
 #[derive(Clone, Debug, Default)]
 pub struct Onode {
-    /// The object's key prefix in the extent tree. Assigned when the object is created (by
-    /// `ObjectCreate` or a checkpoint's `ObjectState`), in the order the shard applies them,
-    /// never reused within a process. Not on disk: a replay may number objects differently,
-    /// so ids are never compared across processes (`same_as`, `ObjectRef`'s `PartialEq`).
+    /// The object's key prefix in the extent tree. `ObjectCreate` assigns the next id, in the
+    /// order the shard applies them; a checkpoint's `ObjectState` restores the id the object
+    /// had, and its `ObjectIdNext` the next id, so a replay numbers every object as the running
+    /// store did (records apply in the same order in both). Never reused; below
+    /// `OBJECT_ID_END`.
     pub id: u64,
     pub size: u64,
     /// Operations that changed this object since it was created: every mutating op journals
@@ -51,12 +52,12 @@ impl std::ops::Deref for ObjectRef<'_> {
     }
 }
 
-/// Same contents: size, changes, xattrs, omap and every block. Ids are per-process numbering
-/// and are not compared.
+/// Same object: id, size, changes, xattrs, omap and every block.
 impl PartialEq for ObjectRef<'_> {
     fn eq(&self, other: &ObjectRef<'_>) -> bool {
         let (a, b) = (self.onode, other.onode);
-        a.size == b.size
+        a.id == b.id
+            && a.size == b.size
             && a.changes == b.changes
             && a.mapped_blocks == b.mapped_blocks
             && a.xattrs == b.xattrs
@@ -120,10 +121,30 @@ impl<'a> BlockMap<'a> {
 /// A delta that contradicts the metadata: the log is corrupt (or the store has a bug).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApplyError {
-    NoSuchObject { oid: Vec<u8>, delta: &'static str },
-    ObjectExists { oid: Vec<u8> },
-    OutsideDevice { physical: u64 },
-    Misaligned { value: u64 },
+    NoSuchObject {
+        oid: Vec<u8>,
+        delta: &'static str,
+    },
+    ObjectExists {
+        oid: Vec<u8>,
+    },
+    /// A checkpoint names an id below one already in use (its objects come in id order, so
+    /// that is a reused or repeated id), or one at or past `OBJECT_ID_END`.
+    ObjectIdTaken {
+        oid: Vec<u8>,
+        id: u64,
+    },
+    /// A checkpoint's next id is not above every id it named (or past `OBJECT_ID_END`).
+    ObjectIdNextTooLow {
+        next: u64,
+        used_below: u64,
+    },
+    OutsideDevice {
+        physical: u64,
+    },
+    Misaligned {
+        value: u64,
+    },
 }
 
 impl std::fmt::Display for ApplyError {
@@ -137,6 +158,15 @@ impl std::fmt::Display for ApplyError {
             ApplyError::ObjectExists { oid } => {
                 write!(f, "object {} created twice", String::from_utf8_lossy(oid))
             }
+            ApplyError::ObjectIdTaken { oid, id } => write!(
+                f,
+                "object {} restored under id {id}, below an id already used or out of range",
+                String::from_utf8_lossy(oid)
+            ),
+            ApplyError::ObjectIdNextTooLow { next, used_below } => write!(
+                f,
+                "checkpoint's next object id {next} is not above the ids in use (below {used_below}) or out of range"
+            ),
             ApplyError::OutsideDevice { physical } => {
                 write!(f, "block at {physical} lies outside the shard's segments")
             }
@@ -146,6 +176,10 @@ impl std::fmt::Display for ApplyError {
 }
 
 impl std::error::Error for ApplyError {}
+
+/// Object ids are below this: `u64::MAX` stays free so that an object's key range in the
+/// extent tree always has an exclusive end (`BlockMap::range`, `all_extents`).
+pub const OBJECT_ID_END: u64 = u64::MAX;
 
 pub struct Metadata {
     /// Objects by id, keyed by `hash_oid`: a caller that looks an object up more than once
@@ -250,14 +284,34 @@ impl Metadata {
         })
     }
 
-    /// Adds an object with a fresh id.
-    fn create(&mut self, oid: &[u8], size: u64, changes: u64) -> Result<(), ApplyError> {
+    /// Adds an object under `id` (`None`: the next id, which then advances; `Some`: a
+    /// checkpoint's, which only raises the next id past it).
+    fn create(
+        &mut self,
+        oid: &[u8],
+        id: Option<u64>,
+        size: u64,
+        changes: u64,
+    ) -> Result<(), ApplyError> {
         let hash = self.hash_oid(oid);
         if self.get(oid, hash).is_some() {
             return Err(ApplyError::ObjectExists { oid: oid.to_vec() });
         }
-        let id = self.next_object_id;
-        self.next_object_id += 1;
+        let id = match id {
+            None => self.next_object_id,
+            // A checkpoint lists objects in id order, so each id is at least the next one:
+            // never one a removed object had, never one twice.
+            Some(id) if (self.next_object_id..OBJECT_ID_END).contains(&id) => id,
+            Some(id) => {
+                return Err(ApplyError::ObjectIdTaken {
+                    oid: oid.to_vec(),
+                    id,
+                })
+            }
+        };
+        // One id per create, from 0: a store would need 2^64 creates to run out.
+        assert!(id < OBJECT_ID_END, "object ids exhausted");
+        self.next_object_id = self.next_object_id.max(id + 1);
         let onode = Onode {
             id,
             size,
@@ -275,7 +329,7 @@ impl Metadata {
     /// Applies one delta. On error nothing changed.
     pub fn apply(&mut self, delta: &Delta<'_>) -> Result<(), ApplyError> {
         match *delta {
-            Delta::ObjectCreate { oid } => self.create(oid, 0, 0)?,
+            Delta::ObjectCreate { oid } => self.create(oid, None, 0, 0)?,
             Delta::ObjectRemove { oid } => {
                 let hash = self.hash_oid(oid);
                 let Ok(entry) = self.objects.find_entry(hash, |(key, _)| **key == *oid) else {
@@ -321,7 +375,21 @@ impl Metadata {
             Delta::OmapRemove { oid, key } => {
                 self.onode(oid, "omap remove")?.omap.remove(key);
             }
-            Delta::ObjectState { oid, size, changes } => self.create(oid, size, changes)?,
+            Delta::ObjectState {
+                oid,
+                id,
+                size,
+                changes,
+            } => self.create(oid, Some(id), size, changes)?,
+            Delta::ObjectIdNext { next } => {
+                if next < self.next_object_id || next > OBJECT_ID_END {
+                    return Err(ApplyError::ObjectIdNextTooLow {
+                        next,
+                        used_below: self.next_object_id,
+                    });
+                }
+                self.next_object_id = next;
+            }
             Delta::ExtentMove {
                 oid,
                 offset,
@@ -500,7 +568,7 @@ impl Metadata {
             object: u64::MAX,
             block: u64::MAX,
         };
-        // Object ids never reach u64::MAX (one per create), so the exclusive end misses none.
+        // Object ids stay below OBJECT_ID_END (u64::MAX), so the exclusive end misses none.
         self.extents.range(Key::default(), end)
     }
 
@@ -545,7 +613,10 @@ impl Metadata {
 
     /// An upper bound of the bytes `checkpoint` encodes (each block its own extent).
     pub fn checkpoint_bytes_estimate(&self) -> u64 {
-        self.objects
+        /// `ObjectIdNext`: kind and next id.
+        const OBJECT_ID_NEXT_BYTES: u64 = 9;
+        let objects: u64 = self
+            .objects
             .iter()
             .map(|(oid, onode)| {
                 let oid_bytes = oid.len() as u64 + 5;
@@ -556,23 +627,32 @@ impl Metadata {
                     .chain(onode.omap.iter())
                     .map(|(k, v)| oid_bytes + 8 + (k.len() + v.len()) as u64)
                     .sum();
-                oid_bytes + 16 + extents + pairs
+                // ObjectState: id, size, changes.
+                oid_bytes + 24 + extents + pairs
             })
-            .sum()
+            .sum();
+        objects + OBJECT_ID_NEXT_BYTES
     }
 
     /// Encodes the whole metadata as deltas that rebuild it from nothing (`ObjectState`, then
-    /// each object's extents, xattrs and omap), split into chunks of at most `chunk_max` bytes
-    /// (each chunk becomes one journal record).
-    pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) {
+    /// each object's extents, xattrs and omap, objects in id order; last `ObjectIdNext`),
+    /// split into chunks of at most `chunk_max` bytes
+    /// (each chunk becomes one journal record). Returns the bytes of its `ExtentMap` deltas:
+    /// the part of the dump a write-out of the extent tree's nodes would replace (the rest is
+    /// the onode table).
+    pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) -> u64 {
         /// Blocks per extent delta: bounds one delta well below any chunk.
         const EXTENT_BLOCKS_MAX: usize = 256;
         let mut current = Vec::with_capacity(chunk_max);
         let mut delta_bytes = Vec::new();
         let mut crcs = Vec::with_capacity(EXTENT_BLOCKS_MAX * 4);
+        let mut extent_bytes = 0u64;
         let mut push = |delta: &Delta<'_>, current: &mut Vec<u8>, chunks: &mut Vec<Vec<u8>>| {
             delta_bytes.clear();
             delta.encode(&mut delta_bytes);
+            if let Delta::ExtentMap { .. } = delta {
+                extent_bytes += delta_bytes.len() as u64;
+            }
             assert!(
                 delta_bytes.len() <= chunk_max,
                 "one delta exceeds a checkpoint chunk"
@@ -584,17 +664,19 @@ impl Metadata {
         };
         // In object id order, not the hash map's (which differs per process): the same
         // metadata then always encodes to the same records, so a seeded simulation replays
-        // exactly. One pointer pair per object, next to chunks that hold the whole metadata.
+        // exactly, and replay can check that no id repeats (`create`). One pointer pair per
+        // object, next to chunks that hold the whole metadata.
         let mut objects: Vec<(&Box<[u8]>, &Onode)> = self
             .objects
             .iter()
             .map(|(oid, onode)| (oid, onode))
             .collect();
-        objects.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        objects.sort_unstable_by_key(|(_, onode)| onode.id);
         for (oid, onode) in objects {
             push(
                 &Delta::ObjectState {
                     oid,
+                    id: onode.id,
                     size: onode.size,
                     changes: onode.changes,
                 },
@@ -636,13 +718,38 @@ impl Metadata {
                 push(&Delta::OmapSet { oid, key, value }, &mut current, chunks);
             }
         }
+        // Last, so that replay knows every id the checkpoint used before it checks this one.
+        push(
+            &Delta::ObjectIdNext {
+                next: self.next_object_id,
+            },
+            &mut current,
+            chunks,
+        );
         chunks.push(current);
+        extent_bytes
     }
 
-    /// Same objects, same contents, same inventory (tests and fsck compare a replayed copy).
-    /// Object ids may differ: each process numbers objects in the order it applied them.
+    /// Extent-tree nodes changed since the last call (or since mount): what a checkpoint that
+    /// wrote only changed nodes would write of the tree, with every node on disk before. Starts
+    /// the next interval. (The store calls it at each checkpoint and reports the estimate
+    /// beside the dump's bytes; ARCHITECTURE.md, "the plan", step 3.)
+    pub fn take_changed_tree_nodes(&mut self) -> usize {
+        let changed = self.extents.changed_count();
+        self.extents.clear_changed();
+        changed
+    }
+
+    /// The id the next `ObjectCreate` gets.
+    pub fn next_object_id(&self) -> u64 {
+        self.next_object_id
+    }
+
+    /// Same objects (under the same ids), same contents, same inventory, same next id (tests
+    /// and fsck compare a replayed copy).
     pub fn same_as(&self, other: &Metadata) -> bool {
         self.live_blocks == other.live_blocks
+            && self.next_object_id == other.next_object_id
             && self.objects.len() == other.objects.len()
             && self
                 .objects()
@@ -797,6 +904,98 @@ mod tests {
         md.live_in_segment(0, &mut live);
         let names: Vec<&[u8]> = live.iter().map(|(oid, _, _)| &oid[..]).collect();
         assert_eq!(names, [&b"b"[..], b"b", b"b", b"c", b"c", b"c"]);
+    }
+
+    /// Encodes `md`'s checkpoint and applies it to fresh metadata, as replay does.
+    fn rebuilt_from_checkpoint(md: &Metadata) -> Metadata {
+        let mut chunks = Vec::new();
+        md.checkpoint(256, &mut chunks);
+        let mut rebuilt = Metadata::new(md.sb);
+        for chunk in &chunks {
+            for delta in DeltaReader::new(chunk) {
+                rebuilt.apply(&delta.unwrap()).unwrap();
+            }
+        }
+        rebuilt
+    }
+
+    #[test]
+    fn a_checkpoint_carries_ids_so_replay_numbers_later_objects_alike() {
+        let sb = sb();
+        let mut md = Metadata::new(sb);
+        for oid in [&b"z"[..], b"a", b"m", b"q"] {
+            md.apply(&Delta::ObjectCreate { oid }).unwrap();
+        }
+        // The newest object goes: without the checkpoint's next id a replay would hand its
+        // id (3) to the next object created, where the running store hands out 4.
+        md.apply(&Delta::ObjectRemove { oid: b"q" }).unwrap();
+        md.apply(&Delta::ObjectRemove { oid: b"a" }).unwrap();
+        let mut rebuilt = rebuilt_from_checkpoint(&md);
+        assert!(rebuilt.same_as(&md));
+        assert_eq!(
+            rebuilt.object(b"m").unwrap().id,
+            2,
+            "ids survive, gaps and all"
+        );
+        assert_eq!(rebuilt.next_object_id(), 4);
+        for md in [&mut md, &mut rebuilt] {
+            md.apply(&Delta::ObjectCreate { oid: b"new" }).unwrap();
+            assert_eq!(md.object(b"new").unwrap().id, 4);
+        }
+        assert!(rebuilt.same_as(&md));
+
+        // An empty store's checkpoint still carries the next id.
+        let mut empty = Metadata::new(sb);
+        for oid in [&b"x"[..], b"y"] {
+            empty.apply(&Delta::ObjectCreate { oid }).unwrap();
+            empty.apply(&Delta::ObjectRemove { oid }).unwrap();
+        }
+        assert_eq!(rebuilt_from_checkpoint(&empty).next_object_id(), 2);
+    }
+
+    #[test]
+    fn checkpoint_ids_out_of_order_repeated_or_exhausted_are_errors() {
+        let sb = sb();
+        let mut md = Metadata::new(sb);
+        let state = |oid, id| Delta::ObjectState {
+            oid,
+            id,
+            size: 0,
+            changes: 0,
+        };
+        md.apply(&state(b"a", 5)).unwrap();
+        assert_eq!(md.next_object_id(), 6);
+        for (oid, id) in [(&b"b"[..], 5), (b"c", 2), (b"d", OBJECT_ID_END)] {
+            let error = md.apply(&state(oid, id)).unwrap_err();
+            assert_eq!(
+                error,
+                ApplyError::ObjectIdTaken {
+                    oid: oid.to_vec(),
+                    id
+                }
+            );
+            assert!(error.to_string().contains(&format!("id {id}")));
+            assert!(md.object(oid).is_none(), "nothing applied");
+        }
+        assert_eq!(
+            md.apply(&Delta::ObjectIdNext { next: 5 }),
+            Err(ApplyError::ObjectIdNextTooLow {
+                next: 5,
+                used_below: 6
+            })
+        );
+        assert_eq!(md.next_object_id(), 6, "nothing applied");
+        md.apply(&Delta::ObjectIdNext { next: 9 }).unwrap();
+        md.apply(&Delta::ObjectCreate { oid: b"e" }).unwrap();
+        assert_eq!(md.object(b"e").unwrap().id, 9);
+        md.apply(&Delta::ObjectIdNext {
+            next: OBJECT_ID_END,
+        })
+        .unwrap();
+        assert!(
+            md.apply(&state(b"f", OBJECT_ID_END - 1)).is_err(),
+            "at the next id's limit no id is left for a checkpoint to name"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Checkpoints and the cleaner: see ARCHITECTURE.md and `cleaner.rs`. Offline check: `fsck.rs`.
 //!
-//! # On-disk layout, version 2
+//! # On-disk layout, version 5
 //!
 //! ```text
 //! offset 0        superblock copy A (one 4 KiB block)

@@ -27,6 +27,7 @@ use crate::object_store::{
     check_operation, ObjectStore, OutputBuffer, StoreStats, SubOp, SubOpResult, Submit, SUB_OPS_MAX,
 };
 use crate::queue_pair::{AlignedBuf, IoError, QueuePair, SubmitError};
+use crate::segment::btree::NODE_BYTES;
 use crate::segment::cleaner::{self, Cleaner, MoveStage, CLEANER_TAG_BIT};
 use crate::segment::exec::{self, BlockPool, Dirty, OldBlocks, Plan};
 use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
@@ -72,6 +73,11 @@ pub struct SegmentStats {
     pub journal_segments: u64,
     pub checkpoints: u64,
     pub checkpoint_bytes: u64,
+    /// What the same checkpoints would have written had each written only the extent-tree
+    /// nodes changed since the one before (4 KiB each, `Metadata::take_changed_tree_nodes`)
+    /// plus the onode table: the incremental checkpoint's cost in steady state, measured
+    /// before it is built (ARCHITECTURE.md, "the plan", step 3).
+    pub checkpoint_incremental_estimate_bytes: u64,
     pub segments_cleaned: u64,
     pub segments_freed_empty: u64,
     pub blocks_moved: u64,
@@ -118,6 +124,8 @@ impl SegmentStats {
             buffer_allocations: self.buffer_allocations - earlier.buffer_allocations,
             checkpoints: self.checkpoints - earlier.checkpoints,
             checkpoint_bytes: self.checkpoint_bytes - earlier.checkpoint_bytes,
+            checkpoint_incremental_estimate_bytes: self.checkpoint_incremental_estimate_bytes
+                - earlier.checkpoint_incremental_estimate_bytes,
             segments_cleaned: self.segments_cleaned - earlier.segments_cleaned,
             segments_freed_empty: self.segments_freed_empty - earlier.segments_freed_empty,
             blocks_moved: self.blocks_moved - earlier.blocks_moved,
@@ -476,12 +484,16 @@ impl<Q: QueuePair> SegmentStore<Q> {
             &mounted.log,
             mounted.metadata.live_block_counts(),
         );
+        let mut metadata = mounted.metadata;
+        // A tree loaded from disk would have no changed node: the first checkpoint's
+        // incremental estimate counts what changed since mount, not the replay's inserts.
+        metadata.take_changed_tree_nodes();
         let mut store = SegmentStore {
             sb: mounted.sb,
             shard,
             qp,
             journal,
-            metadata: mounted.metadata,
+            metadata,
             slots: (0..OPS_IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
             free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
             lanes: HashTable::with_capacity(OPS_IN_FLIGHT_MAX),
@@ -1393,15 +1405,20 @@ impl<Q: QueuePair> SegmentStore<Q> {
         if self.journal.wants_snapshot() {
             // Nothing in flight: the metadata is the state after every record written.
             let mut chunks = Vec::new();
-            self.metadata
+            let extent_bytes = self
+                .metadata
                 .checkpoint(CHECKPOINT_CHUNK_MAX_BYTES, &mut chunks);
+            let dump_bytes: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
+            let changed_nodes = self.metadata.take_changed_tree_nodes();
+            let incremental_bytes =
+                changed_nodes as u64 * NODE_BYTES as u64 + (dump_bytes - extent_bytes);
+            self.extra.checkpoint_incremental_estimate_bytes += incremental_bytes;
             let tree = self.metadata.extent_tree();
             log::debug!(
-                "shard {}: checkpoint of {} objects in {} records ({} bytes); extent tree: {} blocks in {} nodes, height {}",
+                "shard {}: checkpoint of {} objects in {} records ({dump_bytes} bytes, {incremental_bytes} had it written only the {changed_nodes} tree nodes changed since the last); extent tree: {} blocks in {} nodes, height {}",
                 self.shard,
                 self.metadata.object_count(),
                 chunks.len(),
-                chunks.iter().map(Vec::len).sum::<usize>(),
                 tree.len(),
                 tree.node_count(),
                 tree.height()

@@ -2,11 +2,15 @@
 //! nodes are 4 KiB blocks (`node.rs`), SeaStore's LBA tree role.
 //!
 //! Step 1 of the plan in ARCHITECTURE.md ("Where the metadata departs from SeaStore"): the tree
-//! and its node format, with dirty tracking and copy-on-write write-out (`write_out`: every
+//! and its node format, with dirty tracking and copy-on-write write-out (`write_out`, or one
+//! node at a time at caller-chosen addresses with `begin_write_out` / `write_next_node`: every
 //! node changed since the last write-out goes to a fresh address, parents after children, and
 //! the old addresses are reported obsolete), and loading from a root address with every node
-//! checked (`load`). The segment store does not use it yet: its metadata is still the
-//! in-memory map in `metadata.rs` (steps 2-4 wire this in).
+//! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; nodes do not
+//! go to disk yet (step 3): checkpoints still dump the entries as deltas, and `changed_count`
+//! measures what an incremental checkpoint would write instead. `for_each_node_address`,
+//! `mark_dirty_in` and `forget_addresses` are the pieces step 3's inventory, cleaner and
+//! dump fallback need.
 //!
 //! Invariants (`check` verifies them all; tests run it after every operation):
 //! - every leaf is at level 0 and every path from the root has the same length;
@@ -37,6 +41,10 @@ struct Node {
     address: u64,
     /// Changed since its last write-out (or never written).
     dirty: bool,
+    /// Changed since the last `clear_changed` (the store calls it at each checkpoint): what a
+    /// checkpoint writing only changed nodes would write, once every node has an address.
+    /// Unlike `dirty`, a checkpoint that does not write the tree out (the full dump) clears it.
+    changed: bool,
 }
 
 impl Node {
@@ -52,6 +60,12 @@ impl Node {
             Body::Leaf(_) => LEAF_CAPACITY,
             Body::Internal(_) => INTERNAL_CAPACITY,
         }
+    }
+
+    /// The node changed: it must be written out, and counts as changed in this interval.
+    fn touch(&mut self) {
+        self.dirty = true;
+        self.changed = true;
     }
 
     fn first_key(&self) -> Key {
@@ -99,6 +113,31 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// A write-out in progress (`ExtentTree::begin_write_out`): the dirty nodes left to write.
+pub struct WriteOut {
+    /// Children before parents; the root, if dirty, last.
+    order: Vec<NodeId>,
+    next: usize,
+    last_address: u64,
+}
+
+impl WriteOut {
+    /// Nodes the write-out writes in all.
+    pub fn nodes(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Nodes not written yet.
+    pub fn remaining(&self) -> usize {
+        self.order.len() - self.next
+    }
+
+    /// The address the last `write_next_node` wrote at.
+    pub fn written_at(&self) -> u64 {
+        self.last_address
+    }
+}
+
 pub struct ExtentTree {
     nodes: Vec<Node>,
     /// Arena slots of freed nodes.
@@ -127,6 +166,7 @@ impl ExtentTree {
                 body: Body::Leaf(Vec::with_capacity(LEAF_CAPACITY + 1)),
                 address: 0,
                 dirty: true,
+                changed: true,
             }],
             free: Vec::new(),
             root: 0,
@@ -196,6 +236,20 @@ impl ExtentTree {
         self.live_ids()
             .filter(|&id| self.nodes[id as usize].dirty)
             .count()
+    }
+
+    /// Nodes changed since the last `clear_changed`.
+    pub fn changed_count(&self) -> usize {
+        self.live_ids()
+            .filter(|&id| self.nodes[id as usize].changed)
+            .count()
+    }
+
+    /// Starts a new interval for `changed_count` (a checkpoint was taken).
+    pub fn clear_changed(&mut self) {
+        for node in &mut self.nodes {
+            node.changed = false;
+        }
     }
 
     fn live_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
@@ -323,6 +377,7 @@ impl ExtentTree {
         let body = std::mem::replace(&mut node.body, Body::Leaf(Vec::new()));
         node.address = 0;
         node.dirty = false;
+        node.changed = false;
         self.free.push(id);
         self.keep_spare(body);
     }
@@ -357,6 +412,7 @@ impl ExtentTree {
                 body: Body::Internal(entries),
                 address: 0,
                 dirty: true,
+                changed: true,
             });
         }
         if old.is_none() {
@@ -373,7 +429,7 @@ impl ExtentTree {
         value: Value,
     ) -> (Option<Value>, Option<(Key, NodeId)>) {
         let node = &mut self.nodes[id as usize];
-        node.dirty = true;
+        node.touch();
         // The new entry went to the node's end: keys are arriving in order (a replay from a
         // checkpoint, a sequential fill), and an even split would leave every node half full.
         let mut at_end = false;
@@ -444,6 +500,7 @@ impl ExtentTree {
             body,
             address: 0,
             dirty: true,
+            changed: true,
         };
         let key = right.first_key();
         (key, self.alloc(right))
@@ -470,14 +527,14 @@ impl ExtentTree {
             Body::Leaf(entries) => {
                 let i = entries.binary_search_by_key(&key, |&(k, _)| k).ok()?;
                 let (_, old) = entries.remove(i);
-                self.nodes[id as usize].dirty = true;
+                self.nodes[id as usize].touch();
                 Some(old)
             }
             Body::Internal(entries) => {
                 let i = child_index(entries, key);
                 let child = entries[i].1;
                 let old = self.remove_from(child, key)?;
-                self.nodes[id as usize].dirty = true;
+                self.nodes[id as usize].touch();
                 let child_node = &self.nodes[child as usize];
                 if child_node.len() < child_node.capacity() / 4 {
                     self.rebalance(id, i);
@@ -504,7 +561,7 @@ impl ExtentTree {
         let mut right_body =
             std::mem::replace(&mut self.nodes[right as usize].body, Body::Leaf(Vec::new()));
         let left_node = &mut self.nodes[left as usize];
-        left_node.dirty = true;
+        left_node.touch();
         let capacity = left_node.capacity();
         let merged = match (&mut left_node.body, &mut right_body) {
             (Body::Leaf(a), Body::Leaf(b)) => rebalance_pair(a, b, capacity),
@@ -521,7 +578,7 @@ impl ExtentTree {
         } else {
             let right_node = &mut self.nodes[right as usize];
             right_node.body = right_body;
-            right_node.dirty = true;
+            right_node.touch();
             let first = right_node.first_key();
             let Body::Internal(entries) = &mut self.nodes[parent as usize].body else {
                 unreachable!()
@@ -537,7 +594,8 @@ impl ExtentTree {
 
     /// Writes every dirty node to a fresh address (`alloc`), children before parents, through
     /// `write(address, block)`; returns the root's address (0 for an empty tree, which writes
-    /// nothing). Replaced addresses go to `take_obsolete`.
+    /// nothing). Replaced addresses go to `take_obsolete`. `begin_write_out` and
+    /// `write_next_node` in one go.
     pub fn write_out(
         &mut self,
         nonce: u64,
@@ -545,54 +603,167 @@ impl ExtentTree {
         alloc: &mut dyn FnMut() -> u64,
         write: &mut dyn FnMut(u64, &[u8]),
     ) -> u64 {
+        let mut write_out = self.begin_write_out();
+        let mut block = vec![0u8; NODE_BYTES];
+        while self.write_next_node(&mut write_out, nonce, generation, alloc(), &mut block) {
+            write(write_out.written_at(), &block);
+        }
+        self.root_address()
+    }
+
+    /// Starts a write-out done one node at a time at addresses the caller picks (a
+    /// checkpoint's node blocks go to the device record by record, where the journal places
+    /// each record): lists the dirty nodes, children before parents. The tree must not change
+    /// until `write_next_node` has written them all (`write_next_node` asserts it).
+    pub fn begin_write_out(&mut self) -> WriteOut {
+        let mut order = Vec::new();
         if self.len == 0 {
+            // An empty tree is root address 0, not an empty node on disk.
             let root = &mut self.nodes[self.root as usize];
             if root.address != 0 {
                 self.obsolete.push(root.address);
                 root.address = 0;
             }
             root.dirty = false;
-            return 0;
+        } else {
+            self.dirty_post_order(self.root, &mut order);
         }
-        let mut block = vec![0u8; NODE_BYTES];
-        self.write_node(self.root, nonce, generation, alloc, write, &mut block)
+        WriteOut {
+            order,
+            next: 0,
+            last_address: 0,
+        }
     }
 
-    fn write_node(
-        &mut self,
-        id: NodeId,
-        nonce: u64,
-        generation: u64,
-        alloc: &mut dyn FnMut() -> u64,
-        write: &mut dyn FnMut(u64, &[u8]),
-        block: &mut [u8],
-    ) -> u64 {
+    fn dirty_post_order(&self, id: NodeId, order: &mut Vec<NodeId>) {
         let node = &self.nodes[id as usize];
         if !node.dirty {
-            return node.address;
+            // A clean node's subtree is clean: a change marks its whole path from the root.
+            return;
         }
+        if let Body::Internal(children) = &node.body {
+            for &(_, child) in children {
+                self.dirty_post_order(child, order);
+            }
+        }
+        order.push(id);
+    }
+
+    /// Encodes the next node of `write_out` into `block` as written at `address` (its
+    /// children already have theirs) and marks it clean; its old address goes to
+    /// `take_obsolete`. False, and nothing encoded, once every node is written.
+    pub fn write_next_node(
+        &mut self,
+        write_out: &mut WriteOut,
+        nonce: u64,
+        generation: u64,
+        address: u64,
+        block: &mut [u8],
+    ) -> bool {
+        let Some(&id) = write_out.order.get(write_out.next) else {
+            return false;
+        };
+        write_out.next += 1;
+        let node = &self.nodes[id as usize];
+        assert!(node.dirty, "the tree changed during a write-out");
         let entries = match &node.body {
             Body::Leaf(entries) => Entries::Leaf(entries.clone()),
-            Body::Internal(children) => {
-                let children = children.clone();
-                let mut entries = Vec::with_capacity(children.len());
-                for (key, child) in children {
-                    let address = self.write_node(child, nonce, generation, alloc, write, block);
-                    entries.push((key, address));
-                }
-                Entries::Internal(entries)
-            }
+            Body::Internal(children) => Entries::Internal(
+                children
+                    .iter()
+                    .map(|&(key, child)| {
+                        let child = &self.nodes[child as usize];
+                        assert!(
+                            !child.dirty && child.address != 0,
+                            "children are written before their parent"
+                        );
+                        (key, child.address)
+                    })
+                    .collect(),
+            ),
         };
-        let address = alloc();
-        let node = &mut self.nodes[id as usize];
         node::encode(block, nonce, address, generation, node.level, &entries);
-        write(address, block);
+        let node = &mut self.nodes[id as usize];
         if node.address != 0 {
             self.obsolete.push(node.address);
         }
         node.address = address;
         node.dirty = false;
-        address
+        write_out.last_address = address;
+        true
+    }
+
+    /// Calls `visit` with the address of every node of the tree that has one (written and
+    /// not changed since, or changed and not yet written out again): the blocks the tree
+    /// keeps live on the device.
+    pub fn for_each_node_address(&self, visit: &mut dyn FnMut(u64)) {
+        for id in self.live_ids() {
+            let address = self.nodes[id as usize].address;
+            if address != 0 {
+                visit(address);
+            }
+        }
+    }
+
+    /// Marks dirty every node written inside `addresses`, and the path from the root to it
+    /// (a moved child changes its parent's pointer), so the next write-out puts them
+    /// elsewhere: how the cleaner empties a segment of nodes (copy-on-write moves them).
+    /// Returns how many nodes were inside. Does not count as a change for `changed_count`
+    /// (that predicts what clients change between checkpoints).
+    pub fn mark_dirty_in(&mut self, addresses: std::ops::Range<u64>) -> usize {
+        let mut inside = 0;
+        self.mark_dirty_below(self.root, &addresses, &mut inside);
+        inside
+    }
+
+    /// `mark_dirty_in` for the subtree at `id`; true if anything in it became dirty.
+    fn mark_dirty_below(
+        &mut self,
+        id: NodeId,
+        addresses: &std::ops::Range<u64>,
+        inside: &mut usize,
+    ) -> bool {
+        let mut below = false;
+        let children = match &self.nodes[id as usize].body {
+            Body::Internal(children) => children.len(),
+            Body::Leaf(_) => 0,
+        };
+        // By index, not a borrow of the body, while the children are marked.
+        for i in 0..children {
+            let Body::Internal(entries) = &self.nodes[id as usize].body else {
+                unreachable!("an internal node stays internal")
+            };
+            let child = entries[i].1;
+            below |= self.mark_dirty_below(child, addresses, inside);
+        }
+        let node = &mut self.nodes[id as usize];
+        let here = node.address != 0 && addresses.contains(&node.address);
+        *inside += usize::from(here);
+        if here || below {
+            node.dirty = true;
+        }
+        here || below
+    }
+
+    /// Forgets where every node was written (after a checkpoint that did not write the tree
+    /// out, a full dump: replay from it does not read them): their addresses go to
+    /// `take_obsolete` and every node becomes dirty, so the next write-out writes the whole
+    /// tree.
+    pub fn forget_addresses(&mut self) {
+        let ids: Vec<NodeId> = self.live_ids().collect();
+        for id in ids {
+            let node = &mut self.nodes[id as usize];
+            if node.address != 0 {
+                self.obsolete.push(node.address);
+                node.address = 0;
+            }
+            node.dirty = true;
+        }
+    }
+
+    /// The root's address as last written (0: an empty tree, or never written).
+    pub fn root_address(&self) -> u64 {
+        self.nodes[self.root as usize].address
     }
 
     /// Loads the tree written with root `root` (0: empty), reading nodes through `read` and
@@ -678,6 +849,7 @@ impl ExtentTree {
             body,
             address,
             dirty: false,
+            changed: false,
         }))
     }
 

@@ -175,6 +175,161 @@ fn write_out_is_copy_on_write_and_load_gives_the_same_tree() {
 }
 
 #[test]
+fn changed_nodes_count_per_interval_whether_or_not_written_out() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..20_000u64 {
+        tree.insert(key(i % 13, i), value(i));
+    }
+    assert_eq!(tree.changed_count(), tree.node_count(), "every node is new");
+    tree.clear_changed();
+    assert_eq!(tree.changed_count(), 0);
+    assert_eq!(
+        tree.dirty_count(),
+        tree.node_count(),
+        "clearing the interval writes nothing out"
+    );
+
+    // An overwrite changes its leaf-to-root path; a write-out leaves the count alone (the
+    // interval ends at a checkpoint, not at a write-out).
+    tree.insert(key(5, 5), value(99));
+    let path = usize::from(tree.height()) + 1;
+    assert_eq!(tree.changed_count(), path);
+    blocks.write_out(&mut tree, 1);
+    assert_eq!((tree.dirty_count(), tree.changed_count()), (0, path));
+    tree.clear_changed();
+
+    // Removing a whole object merges leaves: the survivors count, the freed nodes do not.
+    let before = tree.node_count();
+    for i in (0..20_000u64).filter(|i| i % 13 == 3) {
+        tree.remove(key(3, i)).unwrap();
+    }
+    assert!(tree.node_count() < before);
+    let changed = tree.changed_count();
+    assert!(changed > 0 && changed < tree.node_count(), "{changed}");
+    assert_eq!(changed, tree.dirty_count());
+    tree.check().unwrap();
+}
+
+#[test]
+fn a_write_out_one_node_at_a_time_goes_where_the_caller_places_it() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..5_000u64 {
+        tree.insert(key(i % 3, i), value(i));
+    }
+    blocks.write_out(&mut tree, 1);
+    for i in (0..5_000u64).step_by(97) {
+        tree.insert(key(i % 3, i), value(i + 1));
+    }
+    let dirty = tree.dirty_count();
+    let mut write_out = tree.begin_write_out();
+    assert_eq!((write_out.nodes(), write_out.remaining()), (dirty, dirty));
+    // Addresses going down, as no allocator would hand them out: the caller decides.
+    let mut address = 1 << 30;
+    let mut block = vec![0u8; NODE_BYTES];
+    while tree.write_next_node(&mut write_out, 7, 2, address, &mut block) {
+        assert_eq!(write_out.written_at(), address);
+        assert!(blocks.blocks.insert(address, block.clone()).is_none());
+        address -= 4096;
+    }
+    assert_eq!(write_out.remaining(), 0);
+    assert_eq!(tree.dirty_count(), 0);
+    assert_eq!(
+        tree.root_address(),
+        address + 4096,
+        "the root is written last"
+    );
+    assert_eq!(tree.take_obsolete().len(), dirty);
+    let loaded = blocks.load(tree.root_address()).unwrap();
+    loaded.check().unwrap();
+    assert_eq!(contents(&loaded), contents(&tree));
+}
+
+#[test]
+#[should_panic(expected = "children are written before their parent")]
+fn a_tree_changed_during_a_write_out_is_caught() {
+    let mut tree = ExtentTree::new();
+    for i in 0..2_000u64 {
+        tree.insert(key(1, i), value(i));
+    }
+    let mut write_out = tree.begin_write_out();
+    let mut block = vec![0u8; NODE_BYTES];
+    assert!(tree.write_next_node(&mut write_out, 7, 1, 4096, &mut block));
+    // The first leaf, written, changes again: its parent must not point at the stale copy.
+    tree.insert(key(1, 0), value(5));
+    let mut address = 8192;
+    while tree.write_next_node(&mut write_out, 7, 1, address, &mut block) {
+        address += 4096;
+    }
+}
+
+#[test]
+fn nodes_in_an_address_range_move_at_the_next_write_out_with_their_paths() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..30_000u64 {
+        tree.insert(key(i % 5, i), value(i));
+    }
+    let root = blocks.write_out(&mut tree, 1);
+    assert!(tree.height() >= 1);
+    let mut addresses = Vec::new();
+    tree.for_each_node_address(&mut |address| addresses.push(address));
+    addresses.sort_unstable();
+    assert_eq!(addresses.len(), tree.node_count());
+    assert_eq!(addresses.last(), Some(&root), "the root is written last");
+
+    // A "segment" holding the first ten nodes written (leaves: children go first).
+    let segment = addresses[0]..addresses[10];
+    assert_eq!(tree.mark_dirty_in(segment.clone()), 10);
+    assert_eq!(
+        tree.changed_count(),
+        tree.node_count(),
+        "marking is not a change"
+    );
+    let dirty = tree.dirty_count();
+    assert!(dirty > 10, "their parents up to the root move too: {dirty}");
+    let before = contents(&tree);
+    blocks.write_out(&mut tree, 2);
+    let obsolete = tree.take_obsolete();
+    assert_eq!(obsolete.len(), dirty);
+    assert_eq!(obsolete.iter().filter(|a| segment.contains(a)).count(), 10);
+    let mut left = 0;
+    tree.for_each_node_address(&mut |address| left += usize::from(segment.contains(&address)));
+    assert_eq!(left, 0, "no node of the tree is in the segment any more");
+    let loaded = blocks.load(tree.root_address()).unwrap();
+    loaded.check().unwrap();
+    assert_eq!(contents(&loaded), before);
+    assert_eq!(tree.mark_dirty_in(segment), 0);
+    assert_eq!(tree.dirty_count(), 0);
+}
+
+#[test]
+fn forgotten_addresses_are_obsolete_and_the_whole_tree_is_written_again() {
+    let mut tree = ExtentTree::new();
+    let mut blocks = Blocks::default();
+    for i in 0..10_000u64 {
+        tree.insert(key(2, i), value(i));
+    }
+    blocks.write_out(&mut tree, 1);
+    let written = tree.node_count();
+    tree.forget_addresses();
+    assert_eq!(tree.take_obsolete().len(), written);
+    assert_eq!(tree.dirty_count(), written);
+    assert_eq!(tree.root_address(), 0);
+    let mut count = 0;
+    tree.for_each_node_address(&mut |_| count += 1);
+    assert_eq!(count, 0, "no node keeps a block live");
+    blocks.write_out(&mut tree, 2);
+    assert_eq!(blocks.blocks.len(), 2 * written);
+    assert!(tree.take_obsolete().is_empty(), "nothing left to replace");
+    assert_eq!(
+        contents(&blocks.load(tree.root_address()).unwrap()),
+        contents(&tree)
+    );
+}
+
+#[test]
 fn load_refuses_damaged_or_misplaced_nodes() {
     let mut tree = ExtentTree::new();
     let mut blocks = Blocks::default();
