@@ -145,6 +145,12 @@ pub enum ApplyError {
     Misaligned {
         value: u64,
     },
+    /// A checkpoint that wrote the extent tree's nodes (format 6's `TreeRoot`): loading the
+    /// tree at mount is not built yet (ARCHITECTURE.md, "Step 3, what is left", item 4), and
+    /// this build never writes one (the store's checkpoints are dumps).
+    TreeRootNotRead {
+        root: u64,
+    },
 }
 
 impl std::fmt::Display for ApplyError {
@@ -171,6 +177,10 @@ impl std::fmt::Display for ApplyError {
                 write!(f, "block at {physical} lies outside the shard's segments")
             }
             ApplyError::Misaligned { value } => write!(f, "{value} is not 4 KiB aligned"),
+            ApplyError::TreeRootNotRead { root } => write!(
+                f,
+                "checkpoint wrote its extent tree's nodes (root at {root}): this build reads only checkpoints that dump the extents"
+            ),
         }
     }
 }
@@ -267,6 +277,13 @@ impl Metadata {
     /// The shard's extent tree (fsck and tests look at its shape).
     pub fn extent_tree(&self) -> &ExtentTree {
         &self.extents
+    }
+
+    /// The extent tree, for a checkpoint's write-out of its nodes (`begin_write_out`,
+    /// `write_next_node`): that changes where nodes live, never an entry. Every change to the
+    /// entries goes through `apply`, so that replay rebuilds them.
+    pub fn extent_tree_for_write_out(&mut self) -> &mut ExtentTree {
+        &mut self.extents
     }
 
     pub fn live_blocks(&self, segment: u32) -> u32 {
@@ -381,6 +398,7 @@ impl Metadata {
                 size,
                 changes,
             } => self.create(oid, Some(id), size, changes)?,
+            Delta::TreeRoot { root, .. } => return Err(ApplyError::TreeRootNotRead { root }),
             Delta::ObjectIdNext { next } => {
                 if next < self.next_object_id || next > OBJECT_ID_END {
                     return Err(ApplyError::ObjectIdNextTooLow {
@@ -641,6 +659,17 @@ impl Metadata {
     /// the part of the dump a write-out of the extent tree's nodes would replace (the rest is
     /// the onode table).
     pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) -> u64 {
+        self.encode_checkpoint(chunk_max, true, chunks)
+    }
+
+    /// The onode table alone: `checkpoint` without the `ExtentMap` deltas, for a checkpoint
+    /// that writes the extent tree's nodes instead (its last record then adds `TreeRoot`).
+    pub fn checkpoint_onodes(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) {
+        let extent_bytes = self.encode_checkpoint(chunk_max, false, chunks);
+        debug_assert_eq!(extent_bytes, 0);
+    }
+
+    fn encode_checkpoint(&self, chunk_max: usize, extents: bool, chunks: &mut Vec<Vec<u8>>) -> u64 {
         /// Blocks per extent delta: bounds one delta well below any chunk.
         const EXTENT_BLOCKS_MAX: usize = 256;
         let mut current = Vec::with_capacity(chunk_max);
@@ -684,7 +713,7 @@ impl Metadata {
                 chunks,
             );
             let mut blocks = self.object_ref(onode).blocks.iter().peekable();
-            while let Some((first, block)) = blocks.next() {
+            while let Some((first, block)) = blocks.next().filter(|_| extents) {
                 crcs.clear();
                 crcs.extend_from_slice(&block.crc.to_le_bytes());
                 let mut count = 1u64;

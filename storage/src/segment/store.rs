@@ -541,9 +541,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// once, so that a backend that can (NVMe) moves 4 KiB writes without a bounce copy. A
     /// refusal costs speed, not correctness: logged, and the ordinary path stays.
     fn register_buffers(&mut self) {
-        let [head, second_head, header] = self.journal.dma_regions();
+        let [head, second_head, header, nodes] = self.journal.dma_regions();
         let [singles, runs] = self.pool.regions();
-        let regions = [singles, runs, head, second_head, header];
+        let regions = [singles, runs, head, second_head, header, nodes];
         // SAFETY: the arena and the journal's buffers are heap memory owned by this store,
         // never reallocated, and dropped only with the store, after its queue pair (field
         // order: `qp` comes first) stops using them.
@@ -1423,7 +1423,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 tree.node_count(),
                 tree.height()
             );
-            self.journal.begin_checkpoint(chunks);
+            // A dump (`tree` false): writing the tree's nodes instead needs the inventory to
+            // count them live and mount to load them (ARCHITECTURE.md, "Step 3, what is
+            // left", items 3-4), not built yet.
+            self.journal.begin_checkpoint(chunks, false);
         }
         self.journal
             .advance(&mut self.qp, &mut |tag, result| done.push((tag, result)));
