@@ -691,7 +691,9 @@ impl Journal {
     /// `tree`, the chunks are the onode table only and the extent tree's nodes go first:
     /// the caller passes them to every `advance_with` until the checkpoint is written, and
     /// the last record names the root (`TreeRoot`). Without, the chunks are the whole dump.
-    pub fn begin_checkpoint(&mut self, chunks: Vec<Vec<u8>>, tree: bool) {
+    /// Returns the checkpoint's generation: the number of its first record, which the
+    /// header that names it will carry as the replay start (`replay_start_durable().0`).
+    pub fn begin_checkpoint(&mut self, chunks: Vec<Vec<u8>>, tree: bool) -> u64 {
         assert!(self.wants_snapshot());
         assert!(!chunks.is_empty(), "a checkpoint ends with ObjectIdNext");
         assert!(chunks.iter().all(|c| c.len() <= CHECKPOINT_CHUNK_MAX_BYTES));
@@ -707,6 +709,12 @@ impl Journal {
             // are numbered in log order, so a later checkpoint's nodes have a higher one.
             generation: self.next_record_seq,
         };
+        self.next_record_seq
+    }
+
+    /// The newest checkpoint start (record seq, device offset) a durable header names.
+    pub fn replay_start_durable(&self) -> (u64, u64) {
+        self.replay_start_durable
     }
 
     /// A checkpoint that writes the extent tree's nodes is being written: the caller must
@@ -970,6 +978,7 @@ impl Journal {
                     // On failure the checkpoint is abandoned (back to Idle), as below; the
                     // journal has failed for good then (`failed`), so nothing is written again.
                     if let Some(at) = self.seal_node_record(nodes, generation)? {
+                        debug_assert!(start.is_some() || at.0 == generation);
                         start.get_or_insert(at);
                     }
                     self.checkpoint = Checkpoint::Writing {
@@ -1017,6 +1026,7 @@ impl Journal {
                         }
                     };
                     self.in_flight.back_mut().expect("sealed").checkpoint = true;
+                    debug_assert!(start.is_some() || at.0 == generation);
                     start.get_or_insert(at);
                     self.checkpoints_written += u64::from(last);
                     self.checkpoint_bytes += chunk.len() as u64;

@@ -46,6 +46,6 @@ pub mod scan;
 pub mod store;
 pub mod tail;
 
-pub use fsck::{fsck, FsckError, FsckReport, Problem, ShardReport};
+pub use fsck::{fsck, fsck_reader, FsckError, FsckReport, Problem, ShardReport};
 pub use mount::{mkfs, MountError};
 pub use store::{SegmentStats, SegmentStore};
