@@ -7,7 +7,7 @@
 
 use carmine_storage::segment::journal::SegmentRole;
 use carmine_storage::segment::mount::replay_from;
-use carmine_storage::segment::{mkfs, SegmentStore};
+use carmine_storage::segment::{mkfs, CheckpointWrites, SegmentStore};
 use carmine_storage::{
     MemFaults, MemQueuePair, ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit,
     TearGranularity,
@@ -26,7 +26,7 @@ fn mounted_store(megabytes: u64) -> Store {
     let mut qp = MemQueuePair::new(megabytes << 20, 64, MemFaults::default());
     mkfs(&mut qp, SEGMENT, 1, 0, *b"incremental-ckpt").expect("mkfs");
     let mut store = SegmentStore::mount(qp, 0).expect("mount");
-    store.set_incremental_checkpoints(true);
+    store.set_checkpoint_writes(CheckpointWrites::Cheaper);
     store
 }
 
@@ -141,7 +141,7 @@ fn replay_after_incremental_checkpoints_equals_the_running_store() {
     drop(replayed);
     let qp = MemQueuePair::from_image(image, 64, MemFaults::default());
     let mut store = SegmentStore::mount(qp, 0).expect("mount");
-    store.set_incremental_checkpoints(true);
+    store.set_checkpoint_writes(CheckpointWrites::Cheaper);
     let before = store.segment_stats().checkpoints_incremental;
     for round in 0..20_000 {
         let data = block_pattern(round + 7, 64);

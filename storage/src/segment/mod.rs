@@ -48,4 +48,4 @@ pub mod tail;
 
 pub use fsck::{fsck, fsck_reader, FsckError, FsckReport, Problem, ShardReport};
 pub use mount::{mkfs, MountError};
-pub use store::{SegmentStats, SegmentStore};
+pub use store::{CheckpointWrites, SegmentStats, SegmentStore};

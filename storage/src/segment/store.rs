@@ -49,8 +49,20 @@ const BLOCK_BUFFERS_RETAINED: usize = 4096;
 const READ_RUN_BLOCKS_MAX: u64 = 64;
 /// Queue pair completions taken per poll, at most (and at most the caller's `max`).
 const QP_COMPLETIONS_PER_POLL: usize = 256;
-/// Checkpoints write the extent tree's changed nodes when that writes less than a dump.
-const INCREMENTAL_CHECKPOINTS_DEFAULT: bool = false;
+/// What a checkpoint writes (`SegmentStore::set_checkpoint_writes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointWrites {
+    /// Always a dump of every extent (format 5's checkpoints; a tree on the device is
+    /// released once a dump is named).
+    Dump,
+    /// The extent tree's changed nodes when that is predicted to write less than the dump
+    /// (`store/checkpoint.rs`); the default.
+    Cheaper,
+    /// The tree's changed nodes whenever they fit the checkpoint's room: tests and the
+    /// simulation, so that crash runs on small devices (where the dump is cheaper) cut
+    /// through tree checkpoints too.
+    Tree,
+}
 
 /// Counters beyond `StoreStats`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -466,9 +478,9 @@ pub struct SegmentStore<Q: QueuePair> {
     checkpoint_interval: usize,
     /// Extents a step of the victim walk visits while I/O is in flight.
     walk_step_extents: usize,
-    /// Checkpoints may write the extent tree's changed nodes instead of dumping the extents
-    /// (when that writes less: `take_snapshot`).
-    incremental_checkpoints: bool,
+    /// Whether checkpoints may write the extent tree's changed nodes instead of dumping the
+    /// extents (`take_snapshot`).
+    checkpoint_writes: CheckpointWrites,
     /// The nodes of the checkpoint being written, while it writes the tree.
     write_out: Option<WriteOut>,
     /// The generation (first record number) of the checkpoint being written.
@@ -534,7 +546,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
             walk_step_extents: WALK_EXTENTS_PER_STEP,
-            incremental_checkpoints: INCREMENTAL_CHECKPOINTS_DEFAULT,
+            checkpoint_writes: CheckpointWrites::Cheaper,
             write_out: None,
             checkpoint_generation: 0,
             checkpoint_segments: 1,
@@ -610,11 +622,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.journal.role(segment)
     }
 
-    /// Whether checkpoints may write the extent tree's changed nodes rather than dump every
-    /// extent (on by default; off keeps every checkpoint a dump). Takes effect at the next
-    /// checkpoint; a tree already on the device is released once a dump is named.
-    pub fn set_incremental_checkpoints(&mut self, on: bool) {
-        self.incremental_checkpoints = on;
+    /// What checkpoints write (`CheckpointWrites::Cheaper` by default). Takes effect at the
+    /// next checkpoint.
+    pub fn set_checkpoint_writes(&mut self, writes: CheckpointWrites) {
+        self.checkpoint_writes = writes;
     }
 
     pub fn segment_stats(&self) -> SegmentStats {

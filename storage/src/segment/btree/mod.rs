@@ -6,11 +6,11 @@
 //! node at a time at caller-chosen addresses with `begin_write_out` / `write_next_node`: every
 //! node changed since the last write-out goes to a fresh address, parents after children, and
 //! the old addresses are reported obsolete), and loading from a root address with every node
-//! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; nodes do not
-//! go to disk yet (step 3): checkpoints still dump the entries as deltas, and `changed_count`
-//! measures what an incremental checkpoint would write instead. `for_each_node_address`,
-//! `mark_dirty_in` and `forget_addresses` are the pieces step 3's inventory, cleaner and
-//! dump fallback need.
+//! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; since step 3
+//! a checkpoint may write its dirty nodes through the journal (`checkpoint_nodes.rs`) and
+//! replay `load`s it from the root the checkpoint names, or dump its entries as deltas when
+//! that is cheaper (`changed_count` predicts the tree write's cost). `for_each_node_address`,
+//! `mark_dirty_in` and `forget_addresses` serve the inventory, the cleaner and the dump.
 //!
 //! Invariants (`check` verifies them all; tests run it after every operation):
 //! - every leaf is at level 0 and every path from the root has the same length;

@@ -33,12 +33,17 @@ impl<Q: QueuePair> SegmentStore<Q> {
         // with this write (copy-on-write), or die with a dump.
         let waiting = self.cleaner.nodes_waiting.len();
         let mut relocated = 0;
-        let tree_write = if self.incremental_checkpoints && incremental_bytes < dump_bytes {
+        let wanted = match self.checkpoint_writes {
+            CheckpointWrites::Dump => false,
+            CheckpointWrites::Cheaper => incremental_bytes < dump_bytes,
+            CheckpointWrites::Tree => true,
+        };
+        let tree_write = if wanted {
             for &segment in &self.cleaner.nodes_waiting {
                 relocated += self.metadata.move_nodes_out_of(segment);
             }
             let dirty = self.metadata.extent_tree().dirty_count() as u64;
-            dirty * NODE_BYTES as u64 + onode_bytes <= self.checkpoint_bytes.max(dump_bytes)
+            dirty * NODE_BYTES as u64 + onode_bytes <= self.checkpoint_room().max(dump_bytes)
         } else {
             false
         };
@@ -66,6 +71,15 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.metadata
                 .checkpoint_written(self.checkpoint_generation, true);
         }
+    }
+
+    /// Bytes a checkpoint may write: the reserve keeps `checkpoint_segments` for one, sized
+    /// from the dump's upper bound (`size_reserve`); a tree write takes at most half their
+    /// bytes, which leaves room for record heads and the tails records do not fill.
+    fn checkpoint_room(&self) -> u64 {
+        let segments = self.checkpoint_segments as u64;
+        let half = segments * (self.sb.segment_size - BLOCK_SIZE_BYTES) / 2;
+        half.max(self.checkpoint_bytes)
     }
 
     /// `Journal::advance`, giving it the tree's nodes while a checkpoint writes them; then
