@@ -381,3 +381,45 @@ fn fsck_names_a_flipped_bit_in_a_tree_node() {
         report.shards[0].problems
     );
 }
+
+#[test]
+fn a_hot_set_gets_tree_checkpoints_that_write_a_fraction_of_the_tree() {
+    let mut store = mounted_store(160);
+    hot_set(&mut store, &mut |store| {
+        store.segment_stats().checkpoints >= 6
+    });
+    settle(&mut store);
+    let first = store.segment_stats();
+    let nodes = store.metadata().extent_tree().node_count() as u64;
+    // The first checkpoints may dump (nothing changed yet says little; after a dump the first
+    // tree write writes every node); from then on every one writes the tree.
+    assert!(
+        first.checkpoints_incremental + 2 >= first.checkpoints,
+        "{first:?}"
+    );
+    // Three more: each writes the hot object's leaves and their paths, not the tree.
+    hot_set_more(&mut store, first.checkpoints + 3);
+    let stats = store.segment_stats().since(&first);
+    assert_eq!(
+        stats.checkpoints_incremental, stats.checkpoints,
+        "{stats:?}"
+    );
+    assert!(
+        stats.checkpoint_node_blocks * 4 < stats.checkpoints * nodes,
+        "{} node blocks in {} checkpoints of a {nodes}-node tree",
+        stats.checkpoint_node_blocks,
+        stats.checkpoints
+    );
+}
+
+fn hot_set_more(store: &mut Store, checkpoints: u64) {
+    for round in 0..20_000 {
+        let data = block_pattern(round + 5, 64);
+        run(store, b"hot", &[SubOp::WriteFull { data: &data }]).unwrap();
+        if store.segment_stats().checkpoints >= checkpoints {
+            settle(store);
+            return;
+        }
+    }
+    panic!("checkpoints never came");
+}

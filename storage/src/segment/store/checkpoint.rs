@@ -13,6 +13,7 @@
 use super::*;
 use crate::segment::btree::NODE_BYTES;
 use crate::segment::checkpoint_nodes::{CheckpointNodes, NoNodes};
+use crate::segment::journal::CHECKPOINT_NODE_BLOCKS_MAX;
 use crate::segment::metadata::MetadataNodes;
 
 impl<Q: QueuePair> SegmentStore<Q> {
@@ -43,7 +44,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 relocated += self.metadata.move_nodes_out_of(segment);
             }
             let dirty = self.metadata.extent_tree().dirty_count() as u64;
-            dirty * NODE_BYTES as u64 + onode_bytes <= self.checkpoint_room().max(dump_bytes)
+            self.tree_write_fits(dirty, onode_bytes, dump_bytes)
         } else {
             false
         };
@@ -73,13 +74,27 @@ impl<Q: QueuePair> SegmentStore<Q> {
         }
     }
 
-    /// Bytes a checkpoint may write: the reserve keeps `checkpoint_segments` for one, sized
-    /// from the dump's upper bound (`size_reserve`); a tree write takes at most half their
-    /// bytes, which leaves room for record heads and the tails records do not fill.
-    fn checkpoint_room(&self) -> u64 {
-        let segments = self.checkpoint_segments as u64;
-        let half = segments * (self.sb.segment_size - BLOCK_SIZE_BYTES) / 2;
-        half.max(self.checkpoint_bytes)
+    /// Whether a tree write of `dirty` nodes and the onode table has room: within half the
+    /// bytes of the segments the reserve keeps for a checkpoint (sized from the dump's upper
+    /// bound, `size_reserve`; half leaves room for record heads and tails records do not
+    /// fill), or within the free segments, leaving the one that publishes it and one more
+    /// (no client record goes while a checkpoint is written, so nothing else takes them;
+    /// the first tree write after a dump writes every node, ~1.8x the dump, and needs this).
+    fn tree_write_fits(&self, dirty: u64, onode_bytes: u64, dump_bytes: u64) -> bool {
+        let node_bytes = dirty * NODE_BYTES as u64;
+        // A head per record of nodes, and per chunk of the onode table.
+        let heads = (dirty.div_ceil(CHECKPOINT_NODE_BLOCKS_MAX as u64)
+            + onode_bytes.div_ceil(CHECKPOINT_CHUNK_MAX_BYTES as u64))
+            * BLOCK_SIZE_BYTES;
+        let bytes = node_bytes + heads + onode_bytes;
+        let segment_bytes = self.sb.segment_size - BLOCK_SIZE_BYTES;
+        let reserved = self.checkpoint_segments as u64 * segment_bytes / 2;
+        if bytes <= reserved.max(self.checkpoint_bytes).max(dump_bytes) {
+            return true;
+        }
+        let tail = self.journal.open_tail_blocks() * BLOCK_SIZE_BYTES;
+        let fresh = bytes.saturating_sub(tail).div_ceil(segment_bytes) as usize + 1;
+        self.journal.free_segment_count() > fresh + 1
     }
 
     /// `Journal::advance`, giving it the tree's nodes while a checkpoint writes them; then
