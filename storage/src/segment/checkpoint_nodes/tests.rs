@@ -152,8 +152,15 @@ fn a_checkpoints_nodes_load_back_from_the_root_its_last_record_names() {
         block.copy_from_slice(&image[address as usize..][..block.len()]);
         Ok(())
     };
-    let loaded = ExtentTree::load(root, sb.nonce(), &mut read).unwrap();
+    let loaded = ExtentTree::load_written_by(root, sb.nonce(), generation, &mut read).unwrap();
     loaded.check().unwrap();
+    // Nodes newer than the checkpoint that names them are refused.
+    let newer = ExtentTree::load_written_by(root, sb.nonce(), generation - 1, &mut read);
+    assert!(
+        matches!(&newer, Err(e) if e.to_string().contains("is newer than")),
+        "{:?}",
+        newer.err()
+    );
     assert_eq!(entries(&loaded), expected);
     assert_eq!(loaded.node_count(), node_count);
 

@@ -114,7 +114,7 @@ impl Metadata {
             root,
             height,
             entries,
-            ..
+            generation,
         } = *root
         else {
             unreachable!("load_tree takes a TreeRoot");
@@ -122,7 +122,8 @@ impl Metadata {
         if !self.extents.is_empty() || self.node_blocks.iter().any(|&n| n > 0) {
             return Err("a checkpoint names a tree root after extents were restored".into());
         }
-        let tree = ExtentTree::load(root, self.sb.nonce(), read).map_err(|e| e.to_string())?;
+        let tree = ExtentTree::load_written_by(root, self.sb.nonce(), generation, read)
+            .map_err(|e| e.to_string())?;
         if tree.len() as u64 != entries || (entries > 0 && tree.height() != height) {
             return Err(format!(
                 "tree at {root} holds {} entries at height {}, its checkpoint says {entries} at height {height}",
