@@ -1011,10 +1011,19 @@ fn server_json(
         "checkpoints": after.checkpoints.saturating_sub(before.checkpoints),
         "checkpoint_bytes": after.checkpoint_bytes.saturating_sub(before.checkpoint_bytes),
         // What the same checkpoints would write as incremental ones (only the extent-tree
-        // nodes changed since the previous checkpoint, plus the onode table): not built yet.
+        // nodes changed since the previous checkpoint, plus the onode table): the store's
+        // prediction, which picks between the two at each checkpoint.
         "checkpoint_incremental_estimate_bytes": after
             .checkpoint_incremental_estimate_bytes
             .saturating_sub(before.checkpoint_incremental_estimate_bytes),
+        // Checkpoints that wrote the extent tree's dirty nodes instead of a dump, and the
+        // node blocks they wrote (in checkpoint_bytes too).
+        "checkpoints_incremental": after
+            .checkpoints_incremental
+            .saturating_sub(before.checkpoints_incremental),
+        "checkpoint_node_blocks": after
+            .checkpoint_node_blocks
+            .saturating_sub(before.checkpoint_node_blocks),
         "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
         "cleaner_reads": after.cleaner_reads.saturating_sub(before.cleaner_reads),
         "cleaner_blocks_read": after.cleaner_blocks_read.saturating_sub(before.cleaner_blocks_read),

@@ -13,7 +13,7 @@ use carmine_dataplane::reactor::{Core, LoopCounters, Waker};
 use carmine_dataplane::ring;
 use carmine_dataplane::wire::{self, Frame, Limits, Opcode, Status, SubOpCode, SubOpSpec};
 use carmine_storage::segment::format::{Superblock, BLOCK_SIZE_BYTES};
-use carmine_storage::segment::{fsck::fsck_reader, mkfs, SegmentStore};
+use carmine_storage::segment::{fsck::fsck_reader, mkfs, CheckpointWrites, SegmentStore};
 use carmine_storage::{
     MemFaults, MemQueuePair, ObjectStat, ObjectStore, OutputBuffer, StoreError, StoreStats, SubOp,
     SubOpResult, Submit, TearGranularity,
@@ -375,6 +375,12 @@ impl Sim {
             // Victim walks split over many polls (as on a large device) or, mostly, in one.
             let mut store = store;
             store.set_walk_step_extents([16, 8192][self.rng.below(2) as usize]);
+            // Checkpoints as the server writes them, or the tree's nodes whenever they fit
+            // (the dump is the cheaper one on the sim's small shards, so crashes would
+            // otherwise never meet a tree checkpoint).
+            store.set_checkpoint_writes(
+                [CheckpointWrites::Cheaper, CheckpointWrites::Tree][self.rng.below(2) as usize],
+            );
             let store = Rc::new(RefCell::new(store));
             let setup = CoreSetup {
                 index,

@@ -68,11 +68,15 @@ pub fn pick_victim(
     segments: std::ops::Range<u32>,
     blocks_per_segment: u32,
     skip: &[u32],
+    waiting: &[u32],
 ) -> Option<u32> {
     let now = journal.next_segment_seq();
     let mut best: Option<(f64, u32)> = None;
     for segment in segments {
-        if journal.role(segment) != SegmentRole::Data || skip.contains(&segment) {
+        if journal.role(segment) != SegmentRole::Data
+            || skip.contains(&segment)
+            || waiting.contains(&segment)
+        {
             continue;
         }
         let live = metadata.live_blocks(segment);
@@ -157,6 +161,11 @@ pub struct Cleaner {
     pub free_moves: Vec<usize>,
     /// Segments whose blocks could not be read: not picked again until restart.
     pub stuck: Vec<u32>,
+    /// Victims whose data blocks are all moved but which still hold extent-tree nodes: a
+    /// checkpoint that writes the tree moves them (`Metadata::move_nodes_out_of`), and the
+    /// segment is freed when the header naming it is durable (its live count then reaches 0).
+    /// Not picked again meanwhile. At most one entry per segment.
+    pub nodes_waiting: Vec<u32>,
     /// Live blocks before this device address are read without dead gaps: a read that spanned
     /// some failed, and an unreadable dead block must not cost the live ones around it.
     pub gapless_until: u64,
@@ -189,6 +198,7 @@ impl Cleaner {
                 .collect(),
             free_moves: (0..MOVES_IN_FLIGHT_MAX).rev().collect(),
             stuck: Vec::new(),
+            nodes_waiting: Vec::new(),
             gapless_until: 0,
             stats: CleanerStats::default(),
         }
@@ -357,17 +367,17 @@ mod tests {
         assert_eq!(journal.role(3), SegmentRole::Free);
         let blocks_per_segment = 255;
         assert_eq!(
-            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[]),
+            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[], &[]),
             Some(2),
             "the emptier segment wins despite being younger"
         );
         assert_eq!(
-            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[2]),
+            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[2], &[]),
             Some(1)
         );
         assert!(250 + VICTIM_DEAD_BLOCKS_MIN > blocks_per_segment);
         assert_eq!(
-            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[1, 2]),
+            pick_victim(&journal, &metadata, 0..8, blocks_per_segment, &[1, 2], &[]),
             None,
             "a segment with fewer than VICTIM_DEAD_BLOCKS_MIN dead blocks is not worth a copy"
         );

@@ -41,10 +41,12 @@ use crate::queue_pair::{
 };
 use std::collections::VecDeque;
 
+use crate::segment::checkpoint_nodes::{CheckpointNodes, NoNodes};
 use crate::segment::format::{
-    encode_extent_map, encode_extent_move, Delta, RecordHeader, SegmentHeader, Superblock,
-    BLOCK_SIZE_BYTES, RECORD_DATA_BLOCKS_MAX, RECORD_FLAG_CHECKPOINT, RECORD_FLAG_CHECKPOINT_END,
-    RECORD_FLAG_OVERLAPS, RECORD_HEADER_SIZE_BYTES,
+    encode_extent_map, encode_extent_move, record_data_crc_append, Delta, RecordHeader,
+    SegmentHeader, Superblock, BLOCK_SIZE_BYTES, RECORD_DATA_BLOCKS_MAX, RECORD_FLAG_CHECKPOINT,
+    RECORD_FLAG_CHECKPOINT_END, RECORD_FLAG_OVERLAPS, RECORD_HEADER_SIZE_BYTES,
+    TREE_ROOT_DELTA_BYTES,
 };
 use crate::segment::scan::ShardLog;
 
@@ -54,8 +56,12 @@ pub const JOURNAL_TAG_BIT: u64 = 1 << 63;
 pub const BATCH_METADATA_MAX_BYTES: usize = 256 << 10;
 /// Ops acknowledged by one record.
 pub const BATCH_OPS_MAX: usize = 1024;
-/// Deltas in one checkpoint record (the checkpoint reuses the batch's head buffer).
-pub const CHECKPOINT_CHUNK_MAX_BYTES: usize = BATCH_METADATA_MAX_BYTES;
+/// Deltas in one checkpoint record (the checkpoint reuses the batch's head buffer), less the
+/// room the last one keeps for a `TreeRoot`.
+pub const CHECKPOINT_CHUNK_MAX_BYTES: usize = BATCH_METADATA_MAX_BYTES - TREE_ROOT_DELTA_BYTES;
+/// Extent-tree nodes in one checkpoint record: bounds the node buffer, allocated once with the
+/// journal (256 KiB) and reused by every checkpoint record (they go one at a time).
+pub const CHECKPOINT_NODE_BLOCKS_MAX: usize = 64;
 const HEAD_BUFFER_BYTES: usize =
     (RECORD_HEADER_SIZE_BYTES + BATCH_METADATA_MAX_BYTES).div_ceil(4096) * 4096;
 const TAG_FLUSH: u64 = 1;
@@ -232,11 +238,15 @@ enum Checkpoint {
     /// Writing the snapshot as consecutive records; `start` is where the first one went.
     /// Once all are durable, the next segment header names `start`: at once in a fresh
     /// segment if `urgent` (space is short), else when the open segment fills (a roll
-    /// would waste the rest of it).
+    /// would waste the rest of it). With `tree`, the extent tree's nodes go first, as the
+    /// data blocks of records without deltas (`seal_node_record`), then the chunks (the
+    /// onode table), the last one ending with `TreeRoot`; the nodes carry `generation`.
     Writing {
         chunks: VecDeque<Vec<u8>>,
         start: Option<(u64, u64)>,
         urgent: bool,
+        tree: bool,
+        generation: u64,
     },
 }
 
@@ -287,6 +297,12 @@ pub struct Journal {
     checkpoint: Checkpoint,
     /// The client batch's place while a checkpoint or marker record is sealed.
     aux: Batch,
+    /// A checkpoint record's node blocks (`CHECKPOINT_NODE_BLOCKS_MAX`), encoded when the
+    /// record is sealed and written from here. Checkpoint records go one at a time, with
+    /// nothing else in flight (`may_seal`), so one buffer serves them all.
+    node_blocks: AlignedBuf,
+    /// Extent-tree node blocks written by checkpoints (also in `checkpoint_bytes`).
+    pub checkpoint_node_blocks: u64,
     pub checkpoints_written: u64,
     pub checkpoint_bytes: u64,
     open: Option<OpenSegment>,
@@ -478,13 +494,14 @@ impl Drop for OpAppender<'_> {
 
 impl Journal {
     /// The buffers every record write uses (the heads: header and deltas; the segment
-    /// header), to register for DMA once.
-    pub fn dma_regions(&mut self) -> [(*mut u8, usize); RECORDS_IN_FLIGHT_MAX + 1] {
+    /// header; a checkpoint's node blocks), to register for DMA once.
+    pub fn dma_regions(&mut self) -> [(*mut u8, usize); RECORDS_IN_FLIGHT_MAX + 2] {
         let [first, second] = &mut self.buffers;
         [
             first.head.region(),
             second.head.region(),
             self.segment_header.region(),
+            self.node_blocks.region(),
         ]
     }
 
@@ -526,6 +543,8 @@ impl Journal {
             replay_start_durable: log.replay_start,
             checkpoint: Checkpoint::Idle,
             aux: Batch::new(),
+            node_blocks: AlignedBuf::new(CHECKPOINT_NODE_BLOCKS_MAX * BLOCK_SIZE_BYTES as usize),
+            checkpoint_node_blocks: 0,
             checkpoints_written: 0,
             checkpoint_bytes: 0,
             open: None,
@@ -668,9 +687,15 @@ impl Journal {
         matches!(self.checkpoint, Checkpoint::Requested { .. }) && self.in_flight.is_empty()
     }
 
-    /// The snapshot, as delta chunks of at most `CHECKPOINT_CHUNK_MAX_BYTES` each.
-    pub fn begin_checkpoint(&mut self, chunks: Vec<Vec<u8>>) {
+    /// The snapshot, as delta chunks of at most `CHECKPOINT_CHUNK_MAX_BYTES` each. With
+    /// `tree`, the chunks are the onode table only and the extent tree's nodes go first:
+    /// the caller passes them to every `advance_with` until the checkpoint is written, and
+    /// the last record names the root (`TreeRoot`). Without, the chunks are the whole dump.
+    /// Returns the checkpoint's generation: the number of its first record, which the
+    /// header that names it will carry as the replay start (`replay_start_durable().0`).
+    pub fn begin_checkpoint(&mut self, chunks: Vec<Vec<u8>>, tree: bool) -> u64 {
         assert!(self.wants_snapshot());
+        assert!(!chunks.is_empty(), "a checkpoint ends with ObjectIdNext");
         assert!(chunks.iter().all(|c| c.len() <= CHECKPOINT_CHUNK_MAX_BYTES));
         let Checkpoint::Requested { urgent } = self.checkpoint else {
             unreachable!("checked by wants_snapshot");
@@ -679,7 +704,23 @@ impl Journal {
             chunks: chunks.into(),
             start: None,
             urgent,
+            tree,
+            // Nothing is in flight: the checkpoint's first record gets this number. Records
+            // are numbered in log order, so a later checkpoint's nodes have a higher one.
+            generation: self.next_record_seq,
         };
+        self.next_record_seq
+    }
+
+    /// The newest checkpoint start (record seq, device offset) a durable header names.
+    pub fn replay_start_durable(&self) -> (u64, u64) {
+        self.replay_start_durable
+    }
+
+    /// A checkpoint that writes the extent tree's nodes is being written: the caller must
+    /// pass them to `advance_with`.
+    pub fn writing_tree(&self) -> bool {
+        matches!(self.checkpoint, Checkpoint::Writing { tree: true, .. })
     }
 
     fn record_data_blocks_max(&self) -> u32 {
@@ -847,6 +888,17 @@ impl Journal {
         qp: &mut dyn QueuePair,
         done: &mut dyn FnMut(u64, Result<(), JournalError>),
     ) -> usize {
+        self.advance_with(qp, &mut NoNodes, done)
+    }
+
+    /// `advance`, with the nodes of a checkpoint that writes the extent tree
+    /// (`writing_tree`): a checkpoint record sealed now takes its node blocks from `nodes`.
+    pub fn advance_with(
+        &mut self,
+        qp: &mut dyn QueuePair,
+        nodes: &mut dyn CheckpointNodes,
+        done: &mut dyn FnMut(u64, Result<(), JournalError>),
+    ) -> usize {
         let mut work = 0;
         for index in 0..self.in_flight.len() {
             work += self.submit_pending(qp, index);
@@ -858,7 +910,7 @@ impl Journal {
         if !self.may_seal() {
             return work;
         }
-        match self.next_record() {
+        match self.next_record(nodes) {
             Ok(true) => work + self.submit_pending(qp, self.in_flight.len() - 1),
             Ok(false) => work,
             Err(error) => {
@@ -900,7 +952,7 @@ impl Journal {
 
     /// Seals what goes next, if anything: a checkpoint record, the record that publishes a
     /// finished checkpoint, or the client batch.
-    fn next_record(&mut self) -> Result<bool, JournalError> {
+    fn next_record(&mut self, nodes: &mut dyn CheckpointNodes) -> Result<bool, JournalError> {
         match std::mem::replace(&mut self.checkpoint, Checkpoint::Idle) {
             Checkpoint::Idle => {
                 if self.publish_now {
@@ -919,13 +971,39 @@ impl Journal {
                 mut chunks,
                 mut start,
                 urgent,
+                tree,
+                generation,
             } => {
+                if tree && nodes.remaining() > 0 {
+                    // On failure the checkpoint is abandoned (back to Idle), as below; the
+                    // journal has failed for good then (`failed`), so nothing is written again.
+                    if let Some(at) = self.seal_node_record(nodes, generation)? {
+                        debug_assert!(start.is_some() || at.0 == generation);
+                        start.get_or_insert(at);
+                    }
+                    self.checkpoint = Checkpoint::Writing {
+                        chunks,
+                        start,
+                        urgent,
+                        tree,
+                        generation,
+                    };
+                    return Ok(true);
+                }
                 if let Some(chunk) = chunks.pop_front() {
                     let last = chunks.is_empty();
                     std::mem::swap(&mut self.batch, &mut self.aux);
                     self.batch.metadata.extend_from_slice(&chunk);
                     self.batch.delta_count =
                         crate::segment::format::DeltaReader::new(&chunk).count() as u32;
+                    if last && tree {
+                        // After ObjectIdNext, every node written: replay loads the tree from
+                        // here once the onodes it belongs to exist.
+                        let before = self.batch.metadata.len();
+                        nodes.root(generation).encode(&mut self.batch.metadata);
+                        debug_assert_eq!(self.batch.metadata.len() - before, TREE_ROOT_DELTA_BYTES);
+                        self.batch.delta_count += 1;
+                    }
                     let flags =
                         RECORD_FLAG_CHECKPOINT | if last { RECORD_FLAG_CHECKPOINT_END } else { 0 };
                     let sealed = self.seal(flags, last);
@@ -941,11 +1019,14 @@ impl Journal {
                                 chunks,
                                 start,
                                 urgent,
+                                tree,
+                                generation,
                             };
                             return Ok(true);
                         }
                     };
                     self.in_flight.back_mut().expect("sealed").checkpoint = true;
+                    debug_assert!(start.is_some() || at.0 == generation);
                     start.get_or_insert(at);
                     self.checkpoints_written += u64::from(last);
                     self.checkpoint_bytes += chunk.len() as u64;
@@ -953,6 +1034,8 @@ impl Journal {
                         chunks,
                         start,
                         urgent,
+                        tree,
+                        generation,
                     };
                     return Ok(true);
                 }
@@ -969,6 +1052,72 @@ impl Journal {
         }
         self.seal(0, true)?;
         Ok(true)
+    }
+
+    /// Seals a checkpoint record whose data blocks are the next extent-tree nodes of `nodes`
+    /// (as many as fit the open segment, the node buffer and a record), encoded at the
+    /// addresses the record gives them. Returns where the record went, or `None` when the open
+    /// segment has no room for a node: a fresh segment's header went instead (alone, as for
+    /// any record), and the nodes follow in the next record.
+    fn seal_node_record(
+        &mut self,
+        nodes: &mut dyn CheckpointNodes,
+        generation: u64,
+    ) -> Result<Option<(u64, u64)>, JournalError> {
+        if let Some(error) = self.failed {
+            return Err(JournalError::Io(error));
+        }
+        assert!(self.in_flight.is_empty(), "checkpoint records go alone");
+        assert!(self.aux.tags.is_empty() && self.aux.metadata.is_empty());
+        // A record without deltas: its head is the header alone.
+        let head_blocks = RECORD_HEADER_SIZE_BYTES.div_ceil(BLOCK_SIZE_BYTES as usize) as u64;
+        let tail_blocks = self
+            .open
+            .as_ref()
+            .map_or(0, |open| (open.end - open.next_offset) / BLOCK_SIZE_BYTES);
+        let count = nodes
+            .remaining()
+            .min(CHECKPOINT_NODE_BLOCKS_MAX)
+            .min(self.record_data_blocks_max() as usize)
+            .min(tail_blocks.saturating_sub(head_blocks) as usize);
+        if count == 0 {
+            self.open = None;
+            self.start_segment()?;
+            return Ok(None);
+        }
+        let open = self.open.as_ref().expect("room was found in it");
+        let data_start = open.next_offset + head_blocks * BLOCK_SIZE_BYTES;
+        std::mem::swap(&mut self.batch, &mut self.aux);
+        let block_bytes = BLOCK_SIZE_BYTES as usize;
+        for index in 0..count {
+            let address = data_start + (index * block_bytes) as u64;
+            let block = &mut self.node_blocks[index * block_bytes..][..block_bytes];
+            nodes.write_next(address, generation, block);
+            self.batch.data_crc =
+                record_data_crc_append(self.batch.data_crc, carmine_crc::crc32c(block));
+            // SAFETY: the node buffer belongs to the journal and is not touched again until
+            // this record is durable: the next checkpoint record is sealed only with nothing
+            // in flight (`may_seal`).
+            self.batch
+                .data
+                .push(unsafe { self.node_blocks.io_vec_at(index * block_bytes, block_bytes) });
+        }
+        self.batch.data_blocks = count as u32;
+        let sealed = self.seal(RECORD_FLAG_CHECKPOINT, false);
+        std::mem::swap(&mut self.batch, &mut self.aux);
+        self.aux.clear();
+        let Sealed::Record(seq, offset) = sealed? else {
+            unreachable!("the record was sized to fit the open segment");
+        };
+        assert_eq!(
+            offset + head_blocks * BLOCK_SIZE_BYTES,
+            data_start,
+            "nodes were encoded where the record put them"
+        );
+        self.in_flight.back_mut().expect("sealed").checkpoint = true;
+        self.checkpoint_node_blocks += count as u64;
+        self.checkpoint_bytes += (count * block_bytes) as u64;
+        Ok(Some((seq, offset)))
     }
 
     /// Publishes the waiting checkpoint in a fresh segment's header (written and flushed on

@@ -18,6 +18,9 @@ use crate::segment::format::{Delta, Superblock, BLOCK_SIZE_BYTES, SEGMENTS_START
 /// Where a logical block of an object lives, and its checksum: the extent tree's value.
 pub use crate::segment::btree::Value as BlockRef;
 
+mod nodes;
+pub use nodes::MetadataNodes;
+
 /// An object's own metadata; its blocks are in the shard's extent tree under its `id`.
 #[derive(Clone, Debug, Default)]
 pub struct Onode {
@@ -145,6 +148,11 @@ pub enum ApplyError {
     Misaligned {
         value: u64,
     },
+    /// A checkpoint's `TreeRoot` given to `apply`: the tree is loaded from the device
+    /// (`load_tree`, which replay calls), not applied like a delta.
+    TreeRootNotRead {
+        root: u64,
+    },
 }
 
 impl std::fmt::Display for ApplyError {
@@ -171,6 +179,10 @@ impl std::fmt::Display for ApplyError {
                 write!(f, "block at {physical} lies outside the shard's segments")
             }
             ApplyError::Misaligned { value } => write!(f, "{value} is not 4 KiB aligned"),
+            ApplyError::TreeRootNotRead { root } => write!(
+                f,
+                "checkpoint's tree root at {root} applied as a delta: the tree is loaded from the device (load_tree)"
+            ),
         }
     }
 }
@@ -194,8 +206,14 @@ pub struct Metadata {
     /// Every object's blocks, keyed (object id, logical block).
     extents: ExtentTree,
     next_object_id: u64,
-    /// Live 4 KiB blocks per segment, indexed by segment number.
+    /// Live 4 KiB blocks per segment, indexed by segment number: data blocks and the extent
+    /// tree's node blocks (`nodes.rs`).
     live_blocks: Vec<u32>,
+    /// Of `live_blocks`, the node blocks: written by a checkpoint and not yet released.
+    node_blocks: Vec<u32>,
+    /// Node addresses obsoleted by the checkpoint with this generation (its first record's
+    /// number), released once a durable header names it (`release_nodes_named`).
+    unreleased_nodes: Vec<(u64, Vec<u64>)>,
     sb: Superblock,
     /// Entries an unmap or remove takes out, gathered then removed: kept between deltas so
     /// that applying them allocates nothing once it has grown.
@@ -211,6 +229,8 @@ impl Metadata {
             extents: ExtentTree::new(),
             next_object_id: 0,
             live_blocks: vec![0; sb.segment_count as usize],
+            node_blocks: vec![0; sb.segment_count as usize],
+            unreleased_nodes: Vec::new(),
             sb,
             removed_scratch: Vec::new(),
         }
@@ -267,6 +287,13 @@ impl Metadata {
     /// The shard's extent tree (fsck and tests look at its shape).
     pub fn extent_tree(&self) -> &ExtentTree {
         &self.extents
+    }
+
+    /// The extent tree, for a checkpoint's write-out of its nodes (`begin_write_out`,
+    /// `write_next_node`): that changes where nodes live, never an entry. Every change to the
+    /// entries goes through `apply`, so that replay rebuilds them.
+    pub fn extent_tree_for_write_out(&mut self) -> &mut ExtentTree {
+        &mut self.extents
     }
 
     pub fn live_blocks(&self, segment: u32) -> u32 {
@@ -381,6 +408,7 @@ impl Metadata {
                 size,
                 changes,
             } => self.create(oid, Some(id), size, changes)?,
+            Delta::TreeRoot { root, .. } => return Err(ApplyError::TreeRootNotRead { root }),
             Delta::ObjectIdNext { next } => {
                 if next < self.next_object_id || next > OBJECT_ID_END {
                     return Err(ApplyError::ObjectIdNextTooLow {
@@ -552,9 +580,10 @@ impl Metadata {
         release(&self.sb, &mut self.live_blocks, physical);
     }
 
-    /// Recounts the inventory from the extent tree (fsck compares it with the running count).
+    /// Recounts the inventory from the extent tree, its entries and its nodes on the device
+    /// (fsck compares it with the running count).
     pub fn recount_live_blocks(&self) -> Vec<u32> {
-        let mut counts = vec![0u32; self.live_blocks.len()];
+        let mut counts = self.recount_node_blocks();
         for (_, block) in self.all_extents() {
             counts[self
                 .segment_of(block.physical)
@@ -570,6 +599,19 @@ impl Metadata {
         };
         // Object ids stay below OBJECT_ID_END (u64::MAX), so the exclusive end misses none.
         self.extents.range(Key::default(), end)
+    }
+
+    /// Live data blocks in all segments (the inventory less the tree's node blocks).
+    pub fn data_blocks(&self) -> u64 {
+        self.data_blocks_per_segment().map(u64::from).sum()
+    }
+
+    /// Live data blocks per segment (the inventory less the tree's node blocks).
+    fn data_blocks_per_segment(&self) -> impl Iterator<Item = u32> + '_ {
+        self.live_blocks
+            .iter()
+            .zip(&self.node_blocks)
+            .map(|(live, nodes)| live - nodes)
     }
 
     pub fn live_block_counts(&self) -> &[u32] {
@@ -641,6 +683,17 @@ impl Metadata {
     /// the part of the dump a write-out of the extent tree's nodes would replace (the rest is
     /// the onode table).
     pub fn checkpoint(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) -> u64 {
+        self.encode_checkpoint(chunk_max, true, chunks)
+    }
+
+    /// The onode table alone: `checkpoint` without the `ExtentMap` deltas, for a checkpoint
+    /// that writes the extent tree's nodes instead (its last record then adds `TreeRoot`).
+    pub fn checkpoint_onodes(&self, chunk_max: usize, chunks: &mut Vec<Vec<u8>>) {
+        let extent_bytes = self.encode_checkpoint(chunk_max, false, chunks);
+        debug_assert_eq!(extent_bytes, 0);
+    }
+
+    fn encode_checkpoint(&self, chunk_max: usize, extents: bool, chunks: &mut Vec<Vec<u8>>) -> u64 {
         /// Blocks per extent delta: bounds one delta well below any chunk.
         const EXTENT_BLOCKS_MAX: usize = 256;
         let mut current = Vec::with_capacity(chunk_max);
@@ -684,7 +737,7 @@ impl Metadata {
                 chunks,
             );
             let mut blocks = self.object_ref(onode).blocks.iter().peekable();
-            while let Some((first, block)) = blocks.next() {
+            while let Some((first, block)) = blocks.next().filter(|_| extents) {
                 crcs.clear();
                 crcs.extend_from_slice(&block.crc.to_le_bytes());
                 let mut count = 1u64;
@@ -747,8 +800,12 @@ impl Metadata {
 
     /// Same objects (under the same ids), same contents, same inventory, same next id (tests
     /// and fsck compare a replayed copy).
+    /// The inventory compared is of data blocks: node blocks legitimately differ between the
+    /// running store and a replay until the newest checkpoint is named (the running store
+    /// counts the nodes it wrote and those a replay from the checkpoint before would need).
     pub fn same_as(&self, other: &Metadata) -> bool {
-        self.live_blocks == other.live_blocks
+        self.data_blocks_per_segment()
+            .eq(other.data_blocks_per_segment())
             && self.next_object_id == other.next_object_id
             && self.objects.len() == other.objects.len()
             && self

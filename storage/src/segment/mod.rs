@@ -2,7 +2,7 @@
 //!
 //! Checkpoints and the cleaner: see ARCHITECTURE.md and `cleaner.rs`. Offline check: `fsck.rs`.
 //!
-//! # On-disk layout, version 5
+//! # On-disk layout, version 6
 //!
 //! ```text
 //! offset 0        superblock copy A (one 4 KiB block)
@@ -22,7 +22,9 @@
 //!   flush before any op in it is acknowledged (group commit batches ops into one record).
 //!   Deltas describe metadata changes (object created, extent mapped with its per-4-KiB crc32c,
 //!   xattr set, ...); data blocks are 4 KiB-aligned so they can be written straight from a
-//!   network buffer and read back by offset.
+//!   network buffer and read back by offset. A checkpoint's records may instead carry
+//!   extent-tree nodes as their data blocks (version 6), the last one naming the root
+//!   (`TreeRoot`; `checkpoint_nodes.rs`).
 //! * Replay walks a shard's segments in segment-sequence order and its records in
 //!   record-sequence order; the first record that fails any check (magic, nonce, sequence,
 //!   metadata crc, data crc) ends the log: it is a torn tail and is discarded.
@@ -31,6 +33,7 @@
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.
 
 pub mod btree;
+pub mod checkpoint_nodes;
 pub mod cleaner;
 pub mod dirty;
 pub mod exec;
@@ -43,6 +46,6 @@ pub mod scan;
 pub mod store;
 pub mod tail;
 
-pub use fsck::{fsck, FsckError, FsckReport, Problem, ShardReport};
+pub use fsck::{fsck, fsck_reader, FsckError, FsckReport, Problem, ShardReport};
 pub use mount::{mkfs, MountError};
-pub use store::{SegmentStats, SegmentStore};
+pub use store::{CheckpointWrites, SegmentStats, SegmentStore};

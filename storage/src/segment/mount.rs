@@ -6,7 +6,7 @@ use std::io;
 
 use crate::queue_pair::{AlignedBuf, IoVec, QueuePair, SubmitError};
 use crate::segment::format::{
-    DeltaReader, FormatError, Superblock, BLOCK_SIZE_BYTES, RECORD_FLAG_CHECKPOINT,
+    Delta, DeltaReader, FormatError, Superblock, BLOCK_SIZE_BYTES, RECORD_FLAG_CHECKPOINT,
     RECORD_FLAG_CHECKPOINT_END, SUPERBLOCK_OFFSETS,
 };
 use crate::segment::metadata::{ApplyError, Metadata};
@@ -221,25 +221,49 @@ pub fn replay_from(reader: &mut dyn BlockReader, shard: u32) -> Result<Mounted, 
     let mut metadata = Metadata::new(sb);
     let mut failure: Option<(u64, String)> = None;
     let mut replay = Replay::default();
-    let log = scan_shard(&sb, shard, reader, &mut |record, deltas| {
-        if failure.is_some() || !replay.applies(record.header.flags) {
-            return;
-        }
-        for delta in DeltaReader::new(deltas) {
-            let applied = delta.map_err(|error| error.to_string()).and_then(|delta| {
-                metadata
-                    .apply(&delta)
-                    .map_err(|e: ApplyError| e.to_string())
-            });
-            if let Err(error) = applied {
-                failure = Some((record.header.record_seq, error));
+    // The scan reads records and, at a checkpoint that wrote the extent tree, replay reads the
+    // tree's nodes: one reader, used by one of them at a time.
+    let reader = std::cell::RefCell::new(reader);
+    let log = scan_shard(
+        &sb,
+        shard,
+        &mut SharedReader(&reader),
+        &mut |record, deltas| {
+            if failure.is_some() || !replay.applies(record.header.flags) {
                 return;
             }
-        }
-    })
+            for delta in DeltaReader::new(deltas) {
+                let applied = delta.map_err(|error| error.to_string()).and_then(|delta| {
+                    if let Delta::TreeRoot { .. } = delta {
+                        return metadata.load_tree(&delta, &mut |address, block| {
+                            reader.borrow_mut().read_at(address, block)
+                        });
+                    }
+                    metadata
+                        .apply(&delta)
+                        .map_err(|e: ApplyError| e.to_string())
+                });
+                if let Err(error) = applied {
+                    failure = Some((record.header.record_seq, error));
+                    return;
+                }
+            }
+        },
+    )
     .map_err(MountError::Scan)?;
     if let Some((record_seq, error)) = failure {
         return Err(MountError::Corrupt { record_seq, error });
+    }
+    if log.replay_start != (0, 0) && !replay.start_complete {
+        // A header named the checkpoint only once all its records were durable: the log
+        // ending inside it is damage, and what was applied of it is not the store.
+        return Err(MountError::Corrupt {
+            record_seq: log.next_record_seq,
+            error: format!(
+                "the log ends inside the checkpoint it starts at (record {}): a record of it is damaged",
+                log.replay_start.0
+            ),
+        });
     }
     // Every live block must lie in a segment the log knows (journal or data segment): one
     // elsewhere would be handed out as free space and overwritten.
@@ -262,6 +286,15 @@ pub fn replay_from(reader: &mut dyn BlockReader, shard: u32) -> Result<Mounted, 
     Ok(Mounted { sb, metadata, log })
 }
 
+/// A reader shared by the log scan and the tree's load (`replay_from`).
+struct SharedReader<'r, 'a>(&'r std::cell::RefCell<&'a mut dyn BlockReader>);
+
+impl BlockReader for SharedReader<'_, '_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.borrow_mut().read_at(offset, buf)
+    }
+}
+
 /// Which records replay applies. A checkpoint's records rebuild the metadata from nothing, so
 /// they apply only when replay starts with them (the records right at the replay start); any
 /// later checkpoint restates what replay already built, and is skipped.
@@ -269,6 +302,8 @@ pub fn replay_from(reader: &mut dyn BlockReader, shard: u32) -> Result<Mounted, 
 pub struct Replay {
     /// Past the checkpoint replay started with (or there was none).
     past_start: bool,
+    /// The checkpoint replay started with ended (its last record was applied).
+    start_complete: bool,
 }
 
 impl Replay {
@@ -281,6 +316,7 @@ impl Replay {
             return false;
         }
         self.past_start = flags & RECORD_FLAG_CHECKPOINT_END != 0;
+        self.start_complete |= self.past_start;
         true
     }
 }

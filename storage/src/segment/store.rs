@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 
 use hashbrown::HashTable;
 
+mod checkpoint;
 mod maintenance;
 use maintenance::WALK_EXTENTS_PER_STEP;
 
@@ -27,7 +28,7 @@ use crate::object_store::{
     check_operation, ObjectStore, OutputBuffer, StoreStats, SubOp, SubOpResult, Submit, SUB_OPS_MAX,
 };
 use crate::queue_pair::{AlignedBuf, IoError, QueuePair, SubmitError};
-use crate::segment::btree::NODE_BYTES;
+use crate::segment::btree::WriteOut;
 use crate::segment::cleaner::{self, Cleaner, MoveStage, CLEANER_TAG_BIT};
 use crate::segment::exec::{self, BlockPool, Dirty, OldBlocks, Plan};
 use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
@@ -48,6 +49,20 @@ const BLOCK_BUFFERS_RETAINED: usize = 4096;
 const READ_RUN_BLOCKS_MAX: u64 = 64;
 /// Queue pair completions taken per poll, at most (and at most the caller's `max`).
 const QP_COMPLETIONS_PER_POLL: usize = 256;
+/// What a checkpoint writes (`SegmentStore::set_checkpoint_writes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointWrites {
+    /// Always a dump of every extent (format 5's checkpoints; a tree on the device is
+    /// released once a dump is named).
+    Dump,
+    /// The extent tree's changed nodes when that is predicted to write less than the dump
+    /// (`store/checkpoint.rs`); the default.
+    Cheaper,
+    /// The tree's changed nodes whenever they fit the checkpoint's room: tests and the
+    /// simulation, so that crash runs on small devices (where the dump is cheaper) cut
+    /// through tree checkpoints too.
+    Tree,
+}
 
 /// Counters beyond `StoreStats`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,6 +93,11 @@ pub struct SegmentStats {
     /// plus the onode table: the incremental checkpoint's cost in steady state, measured
     /// before it is built (ARCHITECTURE.md, "the plan", step 3).
     pub checkpoint_incremental_estimate_bytes: u64,
+    /// Checkpoints that wrote the extent tree's changed nodes rather than dumping the
+    /// extents (`set_incremental_checkpoints`), and the node blocks they wrote (in
+    /// `checkpoint_bytes` too).
+    pub checkpoints_incremental: u64,
+    pub checkpoint_node_blocks: u64,
     pub segments_cleaned: u64,
     pub segments_freed_empty: u64,
     pub blocks_moved: u64,
@@ -126,6 +146,8 @@ impl SegmentStats {
             checkpoint_bytes: self.checkpoint_bytes - earlier.checkpoint_bytes,
             checkpoint_incremental_estimate_bytes: self.checkpoint_incremental_estimate_bytes
                 - earlier.checkpoint_incremental_estimate_bytes,
+            checkpoints_incremental: self.checkpoints_incremental - earlier.checkpoints_incremental,
+            checkpoint_node_blocks: self.checkpoint_node_blocks - earlier.checkpoint_node_blocks,
             segments_cleaned: self.segments_cleaned - earlier.segments_cleaned,
             segments_freed_empty: self.segments_freed_empty - earlier.segments_freed_empty,
             blocks_moved: self.blocks_moved - earlier.blocks_moved,
@@ -456,6 +478,13 @@ pub struct SegmentStore<Q: QueuePair> {
     checkpoint_interval: usize,
     /// Extents a step of the victim walk visits while I/O is in flight.
     walk_step_extents: usize,
+    /// Whether checkpoints may write the extent tree's changed nodes instead of dumping the
+    /// extents (`take_snapshot`).
+    checkpoint_writes: CheckpointWrites,
+    /// The nodes of the checkpoint being written, while it writes the tree.
+    write_out: Option<WriteOut>,
+    /// The generation (first record number) of the checkpoint being written.
+    checkpoint_generation: u64,
     /// Segments a checkpoint takes, estimated at `sized_at_chain_len`.
     checkpoint_segments: usize,
     /// ... and its size in bytes, from the same estimate.
@@ -517,6 +546,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
             walk_step_extents: WALK_EXTENTS_PER_STEP,
+            checkpoint_writes: CheckpointWrites::Cheaper,
+            write_out: None,
+            checkpoint_generation: 0,
             checkpoint_segments: 1,
             checkpoint_bytes: 0,
             usable_blocks: mounted.sb.usable_blocks(shard),
@@ -541,9 +573,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// once, so that a backend that can (NVMe) moves 4 KiB writes without a bounce copy. A
     /// refusal costs speed, not correctness: logged, and the ordinary path stays.
     fn register_buffers(&mut self) {
-        let [head, second_head, header] = self.journal.dma_regions();
+        let [head, second_head, header, nodes] = self.journal.dma_regions();
         let [singles, runs] = self.pool.regions();
-        let regions = [singles, runs, head, second_head, header];
+        let regions = [singles, runs, head, second_head, header, nodes];
         // SAFETY: the arena and the journal's buffers are heap memory owned by this store,
         // never reallocated, and dropped only with the store, after its queue pair (field
         // order: `qp` comes first) stops using them.
@@ -585,8 +617,20 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.walk_step_extents = extents;
     }
 
+    /// What `segment` is for now (tests watch a segment through the cleaner).
+    pub fn segment_role(&self, segment: u32) -> SegmentRole {
+        self.journal.role(segment)
+    }
+
+    /// What checkpoints write (`CheckpointWrites::Cheaper` by default). Takes effect at the
+    /// next checkpoint.
+    pub fn set_checkpoint_writes(&mut self, writes: CheckpointWrites) {
+        self.checkpoint_writes = writes;
+    }
+
     pub fn segment_stats(&self) -> SegmentStats {
         let mut extra = self.extra;
+        extra.checkpoint_node_blocks = self.journal.checkpoint_node_blocks;
         extra.records_written = self.journal.records_written;
         extra.records_overlapped = self.journal.record_times.overlapped;
         extra.journal_bytes = self.journal.bytes_written;
@@ -1368,8 +1412,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
     fn stats(&self) -> StoreStats {
         let mut stats = self.stats;
         stats.objects = self.metadata.object_count() as u64;
-        stats.bytes_stored =
-            u64::from(self.metadata.live_block_counts().iter().sum::<u32>()) * BLOCK_SIZE_BYTES;
+        stats.bytes_stored = self.metadata.data_blocks() * BLOCK_SIZE_BYTES;
         let segment = self.segment_stats();
         stats.device_bytes_written = segment.journal_bytes;
         stats.client_bytes_written = segment.client_bytes_written;
@@ -1403,30 +1446,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
         // records, not every other one.
         self.finish_journaled(&mut done);
         if self.journal.wants_snapshot() {
-            // Nothing in flight: the metadata is the state after every record written.
-            let mut chunks = Vec::new();
-            let extent_bytes = self
-                .metadata
-                .checkpoint(CHECKPOINT_CHUNK_MAX_BYTES, &mut chunks);
-            let dump_bytes: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
-            let changed_nodes = self.metadata.take_changed_tree_nodes();
-            let incremental_bytes =
-                changed_nodes as u64 * NODE_BYTES as u64 + (dump_bytes - extent_bytes);
-            self.extra.checkpoint_incremental_estimate_bytes += incremental_bytes;
-            let tree = self.metadata.extent_tree();
-            log::debug!(
-                "shard {}: checkpoint of {} objects in {} records ({dump_bytes} bytes, {incremental_bytes} had it written only the {changed_nodes} tree nodes changed since the last); extent tree: {} blocks in {} nodes, height {}",
-                self.shard,
-                self.metadata.object_count(),
-                chunks.len(),
-                tree.len(),
-                tree.node_count(),
-                tree.height()
-            );
-            self.journal.begin_checkpoint(chunks);
+            self.take_snapshot();
         }
-        self.journal
-            .advance(&mut self.qp, &mut |tag, result| done.push((tag, result)));
+        self.advance_journal(&mut done);
         self.finish_journaled(&mut done);
         self.durable_scratch = durable;
         self.done_scratch = done;

@@ -6,11 +6,11 @@
 //! node at a time at caller-chosen addresses with `begin_write_out` / `write_next_node`: every
 //! node changed since the last write-out goes to a fresh address, parents after children, and
 //! the old addresses are reported obsolete), and loading from a root address with every node
-//! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; nodes do not
-//! go to disk yet (step 3): checkpoints still dump the entries as deltas, and `changed_count`
-//! measures what an incremental checkpoint would write instead. `for_each_node_address`,
-//! `mark_dirty_in` and `forget_addresses` are the pieces step 3's inventory, cleaner and
-//! dump fallback need.
+//! checked (`load`). Since step 2 it holds every object's blocks in `metadata.rs`; since step 3
+//! a checkpoint may write its dirty nodes through the journal (`checkpoint_nodes.rs`) and
+//! replay `load`s it from the root the checkpoint names, or dump its entries as deltas when
+//! that is cheaper (`changed_count` predicts the tree write's cost). `for_each_node_address`,
+//! `mark_dirty_in` and `forget_addresses` serve the inventory, the cleaner and the dump.
 //!
 //! Invariants (`check` verifies them all; tests run it after every operation):
 //! - every leaf is at level 0 and every path from the root has the same length;
@@ -113,12 +113,26 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// Where a node being loaded must fit: the level and key range its parent gives it, and the
+/// newest generation it may have.
+#[derive(Clone, Copy)]
+struct Place {
+    level: Option<u8>,
+    lower: Option<Key>,
+    upper: Option<Key>,
+    generation_max: u64,
+}
+
 /// A write-out in progress (`ExtentTree::begin_write_out`): the dirty nodes left to write.
 pub struct WriteOut {
     /// Children before parents; the root, if dirty, last.
     order: Vec<NodeId>,
     next: usize,
     last_address: u64,
+    /// A node's entries as encoded, reused from node to node (one allocation per write-out,
+    /// not one per node).
+    leaf: Vec<(Key, Value)>,
+    internal: Vec<(Key, u64)>,
 }
 
 impl WriteOut {
@@ -632,6 +646,8 @@ impl ExtentTree {
             order,
             next: 0,
             last_address: 0,
+            leaf: Vec::with_capacity(LEAF_CAPACITY),
+            internal: Vec::with_capacity(INTERNAL_CAPACITY),
         }
     }
 
@@ -667,22 +683,31 @@ impl ExtentTree {
         let node = &self.nodes[id as usize];
         assert!(node.dirty, "the tree changed during a write-out");
         let entries = match &node.body {
-            Body::Leaf(entries) => Entries::Leaf(entries.clone()),
-            Body::Internal(children) => Entries::Internal(
-                children
-                    .iter()
-                    .map(|&(key, child)| {
-                        let child = &self.nodes[child as usize];
-                        assert!(
-                            !child.dirty && child.address != 0,
-                            "children are written before their parent"
-                        );
-                        (key, child.address)
-                    })
-                    .collect(),
-            ),
+            Body::Leaf(entries) => {
+                let mut leaf = std::mem::take(&mut write_out.leaf);
+                leaf.clear();
+                leaf.extend_from_slice(entries);
+                Entries::Leaf(leaf)
+            }
+            Body::Internal(children) => {
+                let mut internal = std::mem::take(&mut write_out.internal);
+                internal.clear();
+                internal.extend(children.iter().map(|&(key, child)| {
+                    let child = &self.nodes[child as usize];
+                    assert!(
+                        !child.dirty && child.address != 0,
+                        "children are written before their parent"
+                    );
+                    (key, child.address)
+                }));
+                Entries::Internal(internal)
+            }
         };
         node::encode(block, nonce, address, generation, node.level, &entries);
+        match entries {
+            Entries::Leaf(leaf) => write_out.leaf = leaf,
+            Entries::Internal(internal) => write_out.internal = internal,
+        }
         let node = &mut self.nodes[id as usize];
         if node.address != 0 {
             self.obsolete.push(node.address);
@@ -774,6 +799,19 @@ impl ExtentTree {
         nonce: u64,
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> Result<ExtentTree, LoadError> {
+        ExtentTree::load_written_by(root, nonce, u64::MAX, read)
+    }
+
+    /// `load`, for a tree a checkpoint of `generation` named: no node may be newer than that,
+    /// nor newer than its parent (a write-out writes children before parents, in one
+    /// generation): a node of a later write-out that failed to be named, or a stale block
+    /// that happens to sit at the address, is refused rather than loaded.
+    pub fn load_written_by(
+        root: u64,
+        nonce: u64,
+        generation: u64,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<ExtentTree, LoadError> {
         let mut tree = ExtentTree::new();
         if root == 0 {
             return Ok(tree);
@@ -781,27 +819,42 @@ impl ExtentTree {
         tree.nodes.clear();
         let mut block = vec![0u8; NODE_BYTES];
         let mut len = 0;
-        tree.root = tree.load_node(root, nonce, None, None, None, read, &mut block, &mut len)?;
+        let place = Place {
+            level: None,
+            lower: None,
+            upper: None,
+            generation_max: generation,
+        };
+        tree.root = tree.load_node(root, nonce, place, read, &mut block, &mut len)?;
         tree.len = len;
         Ok(tree)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn load_node(
         &mut self,
         address: u64,
         nonce: u64,
-        level: Option<u8>,
-        lower: Option<Key>,
-        upper: Option<Key>,
+        place: Place,
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
         block: &mut [u8],
         len: &mut usize,
     ) -> Result<NodeId, LoadError> {
+        let Place {
+            level,
+            lower,
+            upper,
+            generation_max,
+        } = place;
         read(address, block).map_err(|error| LoadError::Read { address, error })?;
         let decoded = node::decode(block, nonce, address)
             .map_err(|error| LoadError::Node { address, error })?;
         let shape = |reason: String| LoadError::Shape { address, reason };
+        if decoded.generation > generation_max {
+            return Err(shape(format!(
+                "generation {} is newer than its checkpoint or parent ({generation_max})",
+                decoded.generation
+            )));
+        }
         if level.is_some_and(|l| l != decoded.level) {
             return Err(shape(format!(
                 "level {} where the parent expects {}",
@@ -829,16 +882,13 @@ impl ExtentTree {
                 let mut children = Vec::with_capacity(entries.len());
                 for (i, &(key, child)) in entries.iter().enumerate() {
                     let child_upper = entries.get(i + 1).map(|&(k, _)| k).or(upper);
-                    let id = self.load_node(
-                        child,
-                        nonce,
-                        Some(decoded.level - 1),
-                        Some(key),
-                        child_upper,
-                        read,
-                        block,
-                        len,
-                    )?;
+                    let place = Place {
+                        level: Some(decoded.level - 1),
+                        lower: Some(key),
+                        upper: child_upper,
+                        generation_max: decoded.generation,
+                    };
+                    let id = self.load_node(child, nonce, place, read, block, len)?;
                     children.push((key, id));
                 }
                 Body::Internal(children)

@@ -61,18 +61,25 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.size_reserve();
         let free = self.journal.free_segment_count();
         let low = free <= self.journal.reserve_segments + self.clean_ahead();
+        let journal = &self.journal;
+        self.cleaner
+            .nodes_waiting
+            .retain(|&s| journal.role(s) == SegmentRole::Data);
         if self.journal.checkpoint_idle() && self.journal.chain_len() >= 2 {
             // Segments written since the last checkpoint (the chain also holds the one it
             // starts in), while it leaves the cleaner a segment; or space short with nothing
-            // else to clean.
+            // else to clean; or cleaned segments wait for their tree nodes to move.
             let due = self.journal.chain_len() > self.checkpoint_interval
                 && free >= self.checkpoint_segments() + 2;
             let starved = low
                 && !self.cleaner.active()
                 && self.usable_victim().is_none()
                 && self.checkpoint_can_start();
-            if due || starved {
-                self.journal.request_checkpoint(starved);
+            let relocate = !self.cleaner.nodes_waiting.is_empty()
+                && free > self.checkpoint_fresh_segments() + 1;
+            if due || starved || relocate {
+                self.journal
+                    .request_checkpoint(starved || (relocate && low));
                 self.pump_journal();
             }
         }
@@ -118,6 +125,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.sb.shard_segments(self.shard),
             self.blocks_per_segment(),
             &self.cleaner.stuck,
+            &self.cleaner.nodes_waiting,
         )?;
         // The cleaner copies into the open segment's tail and at most one fresh segment, never
         // the last free one: a victim copied so gives back at least the segment it took, so
@@ -248,12 +256,19 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.submit_move_read(mv);
         }
         if self.cleaner.todo.is_empty() && self.cleaner.moves_in_flight() == 0 {
-            if self.metadata.live_blocks(victim) == 0 {
+            let live = self.metadata.live_blocks(victim);
+            if live == 0 {
                 if self.readers[victim as usize] == 0 {
                     self.cleaner.victim = None;
                     self.journal.release(victim);
                     self.cleaner.stats.segments_cleaned += 1;
                 }
+            } else if live == self.metadata.node_blocks(victim) {
+                // Only tree nodes are left: a checkpoint moves them, and the segment is freed
+                // as an empty data segment once the header naming it is durable.
+                debug_assert!(!self.cleaner.nodes_waiting.contains(&victim));
+                self.cleaner.victim = None;
+                self.cleaner.nodes_waiting.push(victim);
             } else {
                 log::error!(
                     "shard {}: segment {victim} keeps {} blocks that could not be read; it stays allocated",
