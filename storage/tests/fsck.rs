@@ -17,6 +17,9 @@ use carmine_storage::{
     TearGranularity,
 };
 
+mod common;
+use common::{settle, Store};
+
 const SEGMENT: u64 = 1 << 20;
 const BLOCK: usize = BLOCK_SIZE_BYTES as usize;
 
@@ -52,8 +55,6 @@ fn device(megabytes: u64, faults: MemFaults) -> MemQueuePair {
     qp
 }
 
-type Store = SegmentStore<MemQueuePair>;
-
 /// Runs one op to completion: each sub-op's status and output.
 fn run(
     store: &mut Store,
@@ -88,17 +89,6 @@ fn run(
             (r.status, out[start..start + r.out_len as usize].to_vec())
         })
         .collect())
-}
-
-/// Polls until the store has nothing in progress (cleaner and checkpoint included).
-fn settle(store: &mut Store) {
-    for _ in 0..1_000_000 {
-        if !store.busy() {
-            return;
-        }
-        store.poll(16, &mut |_, _| panic!("no op is in flight"));
-    }
-    panic!("the store never settles: {}", store.debug_state());
 }
 
 /// Bytes that differ for every (object, round) and are never all zero.

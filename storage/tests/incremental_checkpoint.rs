@@ -9,9 +9,11 @@ use carmine_storage::segment::journal::SegmentRole;
 use carmine_storage::segment::mount::replay_from;
 use carmine_storage::segment::{mkfs, CheckpointWrites, SegmentStore};
 use carmine_storage::{
-    MemFaults, MemQueuePair, ObjectStore, OutputBuffer, StoreError, SubOp, SubOpResult, Submit,
-    TearGranularity,
+    MemFaults, MemQueuePair, ObjectStore, OutputBuffer, SubOp, SubOpResult, Submit, TearGranularity,
 };
+
+mod common;
+use common::{run, settle, Store};
 
 const SEGMENT: u64 = 1 << 20;
 const BLOCK: usize = 4096;
@@ -20,44 +22,12 @@ const BLOCK: usize = 4096;
 const COLD_OBJECTS: usize = 160;
 const COLD_BLOCKS: usize = 64;
 
-type Store = SegmentStore<MemQueuePair>;
-
 fn mounted_store(megabytes: u64) -> Store {
     let mut qp = MemQueuePair::new(megabytes << 20, 64, MemFaults::default());
     mkfs(&mut qp, SEGMENT, 1, 0, *b"incremental-ckpt").expect("mkfs");
     let mut store = SegmentStore::mount(qp, 0).expect("mount");
     store.set_checkpoint_writes(CheckpointWrites::Cheaper);
     store
-}
-
-/// Runs one op to completion; its error, if any.
-fn run(store: &mut Store, oid: &[u8], ops: &[SubOp<'_>]) -> Result<(), StoreError> {
-    let mut results = [SubOpResult::default(); 4];
-    let mut output = OutputBuffer::empty();
-    if let Submit::Done = store.submit(1, oid, ops, &mut output, &mut results[..ops.len()])? {
-        return Ok(());
-    }
-    let mut outcome = None;
-    for _ in 0..1_000_000 {
-        store.poll(16, &mut |tag, result| {
-            assert_eq!(tag, 1);
-            outcome = Some(result.map(|_| ()));
-        });
-        if let Some(outcome) = outcome {
-            return outcome;
-        }
-    }
-    panic!("the op never completed: {}", store.debug_state());
-}
-
-fn settle(store: &mut Store) {
-    for _ in 0..1_000_000 {
-        if !store.busy() {
-            return;
-        }
-        store.poll(16, &mut |_, _| panic!("no op is in flight"));
-    }
-    panic!("the store never settles: {}", store.debug_state());
 }
 
 fn cold_oid(n: usize) -> Vec<u8> {
