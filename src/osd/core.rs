@@ -729,19 +729,18 @@ impl<N: Network> OsdCore<N> {
         results: &[(u32, u32)],
         body: Body,
     ) {
-        match to {
-            ReplyTo::Tcp(conn) => {
-                if let Err(body) = self.transport.reply(conn, header, status, results, body) {
-                    self.release_body(body); // The client went away; nothing to answer.
-                }
-            }
-            ReplyTo::Udp(handle) => {
-                let udp = self
-                    .udp
-                    .as_mut()
-                    .expect("UDP requests come from the UDP transport");
-                udp.reply(&mut self.pools, handle, header, status, results, body);
-            }
+        let refused = send_reply(
+            &mut self.transport,
+            &mut self.udp,
+            &mut self.pools,
+            to,
+            header,
+            status,
+            results,
+            body,
+        );
+        if let Some(body) = refused {
+            self.release_body(body); // The client went away; nothing to answer.
         }
     }
 
@@ -1092,30 +1091,25 @@ impl<N: Network> OsdCore<N> {
             }
         }
         if let Origin::Local(to) = origin {
-            // The common case, answered from the slot's header and results in place (`reply`
-            // takes copies: it needs `&mut self`; for the datagram RPC that copy was a
-            // 132-byte memcpy per op).
+            // The common case, answered from the slot's header and results in place
+            // (`send_reply` takes the fields it needs, so the slot stays borrowed; copying
+            // them out first for `reply` was a 132-byte memcpy per op).
             self.pools.release_lease(frame);
             let body = match stored {
                 Some(stored) => Body::Stored(stored),
                 None => output.map_or(Body::None, Body::Buf),
             };
             let op = self.exec.get(op_ref);
-            let (header, results) = (&op.header, op.results.as_slice());
-            let refused = match to {
-                ReplyTo::Tcp(conn) => self
-                    .transport
-                    .reply(conn, header, status, results, body)
-                    .err(),
-                ReplyTo::Udp(handle) => {
-                    let udp = self
-                        .udp
-                        .as_mut()
-                        .expect("UDP requests come from the UDP transport");
-                    udp.reply(&mut self.pools, handle, header, status, results, body);
-                    None
-                }
-            };
+            let refused = send_reply(
+                &mut self.transport,
+                &mut self.udp,
+                &mut self.pools,
+                to,
+                &op.header,
+                status,
+                op.results.as_slice(),
+                body,
+            );
             self.exec.release(op_ref);
             if let Some(body) = refused {
                 self.release_body(body); // The client went away; nothing to answer.
@@ -1706,6 +1700,32 @@ impl<N: Network> Core for OsdCore<N> {
         } else {
             self.shutdown.quiet_mask.fetch_and(!bit, Ordering::AcqRel);
             false
+        }
+    }
+}
+
+/// Sends a reply on the transport `to` names; gives the body back when the client went away
+/// (TCP). Over the fields it needs rather than `&mut self`, so that `finish` can pass the op
+/// slot's header and results in place.
+#[allow(clippy::too_many_arguments)]
+fn send_reply<N: Network>(
+    transport: &mut N,
+    udp: &mut Option<Box<dyn RpcNet>>,
+    pools: &mut CorePools,
+    to: ReplyTo,
+    header: &Header,
+    status: Status,
+    results: &[(u32, u32)],
+    body: Body,
+) -> Option<Body> {
+    match to {
+        ReplyTo::Tcp(conn) => transport.reply(conn, header, status, results, body).err(),
+        ReplyTo::Udp(handle) => {
+            let udp = udp
+                .as_mut()
+                .expect("UDP requests come from the UDP transport");
+            udp.reply(pools, handle, header, status, results, body);
+            None
         }
     }
 }

@@ -619,7 +619,9 @@ impl Metadata {
     }
 
     /// Every live block in `segment`: (object, logical block index, block), sorted by device
-    /// offset. Walks the whole extent tree: the cleaner calls it once per victim segment.
+    /// offset, in one walk of the whole extent tree. Tests only: the cleaner walks in steps
+    /// (`live_in_segment_step`, driven by `SegmentStore::walk_victim`).
+    #[cfg(test)]
     pub fn live_in_segment(&self, segment: u32, out: &mut Vec<(Box<[u8]>, u64, BlockRef)>) {
         out.clear();
         let end = self.live_in_segment_step(segment, Key::default(), usize::MAX, out);
