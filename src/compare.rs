@@ -77,6 +77,10 @@ pub struct CompareArgs {
     /// server's default (auto) when not given.
     #[arg(long)]
     pub rtc_coalesce: Option<String>,
+    /// TCP system-call path of the rtc server (`serve --tcp-io`: epoll or uring); the server's
+    /// default (epoll) when not given.
+    #[arg(long)]
+    pub rtc_tcp_io: Option<String>,
     /// Stores to compare, in order (memory, segment or both).
     #[arg(long, default_value = "memory,segment", value_delimiter = ',')]
     pub stores: Vec<String>,
@@ -380,6 +384,9 @@ fn run_server(
         if let Some(coalesce) = &args.rtc_coalesce {
             serve_args.extend(["--coalesce".into(), coalesce.clone()]);
         }
+        if let Some(tcp_io) = &args.rtc_tcp_io {
+            serve_args.extend(["--tcp-io".into(), tcp_io.clone()]);
+        }
     }
     // A fresh device per server: formatted for its shard count, and no run sees another's data.
     let device = args.out.join(format!("compare-{store}-{mode}-{cores}.img"));
@@ -486,7 +493,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             "duration_s": args.duration.as_secs_f64(),
             "bs": args.bs, "qd": args.qd, "clients": args.clients,
             "objects": args.objects, "object_size": args.object_size,
-            "rtc_idle": args.rtc_idle, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"),
+            "rtc_idle": args.rtc_idle, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"), "rtc_tcp_io": args.rtc_tcp_io.as_deref().unwrap_or("epoll"),
             "load_gen_threads": 1,
         },
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use carmine_dataplane::reactor::{Coalesce, IdlePolicy};
+use carmine_dataplane::tcp::TcpIo;
 use carmine_dataplane::udp::parse_rpc_mtu;
 use carmine_dataplane::wire::Limits;
 
@@ -125,6 +126,8 @@ serve_options! {
     listen: SocketAddr = "127.0.0.1:6800", parse_addr;
     /// Client transport besides TCP (which always serves --listen): tcp (only that), udp (the datagram RPC on kernel UDP sockets at --udp, one SO_REUSEPORT socket per core), or dpdk (the datagram RPC on a DPDK port, answering for --udp's IPv4 address and port; needs a build with --features dpdk).
     transport: String = "tcp", parse_choice(&["tcp", "udp", "dpdk"]);
+    /// How the reactors' TCP talks to the kernel (mode rtc): epoll (edge-triggered epoll, recv and writev calls) or uring (one io_uring per core, no SQPOLL: receives and sends posted per pass and one io_uring_enter per pass submits and reaps them; falls back to epoll, with a log line, where the kernel or a seccomp profile refuses io_uring).
+    tcp_io: String = "epoll", parse_choice(&["epoll", "uring"]);
     /// Address of the datagram RPC with --transport udp (port 0: any free port, logged at start), or the IPv4 address and UDP port the DPDK port answers for (ARP included) with --transport dpdk.
     udp: SocketAddr = "127.0.0.1:6800", parse_addr;
     /// Link MTU the datagram RPC's packets are sized for (--transport udp and dpdk), 1280 to 9000: 9000 (jumbo frames, loopback, memif) makes a 4 KiB request one packet; 1500 suits an ordinary Ethernet link or net_tap (three packets per 4 KiB). Clients must be given the same (`carmine load --rpc-mtu`). With dpdk, the port's MTU is raised to it.
@@ -271,6 +274,11 @@ impl ServeConfig {
         if self.inflight_per_connection == 0 || self.max_connections == 0 {
             return Err("inflight_per_connection and max_connections must be positive".into());
         }
+        if self.tcp_io != "epoll" && self.mode == "classic" {
+            return Err(
+                "tcp_io uring: the io_uring TCP path runs on the reactors (mode rtc) only".into(),
+            );
+        }
         if self.transport != "tcp" && self.mode == "classic" {
             return Err("transport: udp and dpdk run on the reactors (mode rtc) only".into());
         }
@@ -362,6 +370,10 @@ impl ServeConfig {
 
     pub fn coalesce(&self) -> Coalesce {
         self.coalesce
+    }
+
+    pub fn tcp_io(&self) -> TcpIo {
+        TcpIo::parse(&self.tcp_io).expect("validated choice")
     }
 
     /// Large buffers hold the largest frame the limits admit, rounded up to 4 KiB.

@@ -27,10 +27,12 @@ fn expect_closed(stream: &mut std::net::TcpStream) {
     );
 }
 
-#[test]
-fn broken_clients_are_answered_counted_and_isolated() {
-    let mut server =
-        ServerProcess::start(&["--cores", "2", "--cpus", "0,1", "--max-oid-len", "64"]);
+on_both_tcp_paths!(broken_clients_are_answered_counted_and_isolated);
+fn broken_clients_are_answered_counted_and_isolated(tcp_io: &[&str]) {
+    let mut server = ServerProcess::start(&args_with(
+        &["--cores", "2", "--cpus", "0,1", "--max-oid-len", "64"],
+        tcp_io,
+    ));
     let addr = server.addr.clone();
     // A well-behaved client keeps running the whole time.
     let good = std::thread::spawn(move || {
@@ -181,11 +183,11 @@ fn raise_fd_limit(wanted: u64) {
     );
 }
 
-#[test]
-fn a_thousand_connections_are_all_served_with_bounded_buffers() {
+on_both_tcp_paths!(a_thousand_connections_are_all_served_with_bounded_buffers);
+fn a_thousand_connections_are_all_served_with_bounded_buffers(tcp_io: &[&str]) {
     const CLIENTS: usize = 1000;
     raise_fd_limit(2 * CLIENTS as u64 + 256);
-    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let server = ServerProcess::start(&args_with(&["--cores", "2", "--cpus", "0,1"], tcp_io));
     let mut streams: Vec<_> = (0..CLIENTS).map(|_| connect(&server.addr)).collect();
     for (index, stream) in streams.iter_mut().enumerate() {
         send(stream, &raw_frame(OP_PING, index as u64, b"", &[]));
@@ -320,6 +322,7 @@ fn wait_for_baseline(server: &ServerProcess, buffers: u64) -> serde_json::Value 
     }
 }
 
+on_both_tcp_paths!(slow_loris_clients_do_not_starve_a_normal_client);
 /// Slow-loris clients: many connections dribbling frames a byte at a time with pauses. Some
 /// finish their frames (slowly); most never do. Each holds a partial frame, and the receive
 /// chunk under it, most of the time: together more chunks than a core has (64 per core on a
@@ -327,11 +330,10 @@ fn wait_for_baseline(server: &ServerProcess, buffers: u64) -> serde_json::Value 
 /// stays within a generous bound of its own p99 measured alone just before: isolation, not
 /// speed, is checked. The server gets its buffers back by closing the connections stalled
 /// mid-frame the longest (`conn_evicted`).
-#[test]
-fn slow_loris_clients_do_not_starve_a_normal_client() {
+fn slow_loris_clients_do_not_starve_a_normal_client(tcp_io: &[&str]) {
     const DRIBBLERS: usize = 32;
     const STALLERS: usize = 192;
-    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let server = ServerProcess::start(&args_with(&["--cores", "2", "--cpus", "0,1"], tcp_io));
     let baseline = load(&server.addr, &GOOD_CLIENT);
     assert_clean(&baseline);
 
@@ -383,16 +385,18 @@ fn slow_loris_clients_do_not_starve_a_normal_client() {
     );
 }
 
+on_both_tcp_paths!(oversized_frame_floods_are_refused_and_memory_stays_bounded);
 /// Floods of oversized frames: headers that claim a payload over the limit (answered
 /// OVER_LIMIT and closed, before any byte of the body is buffered), and frames at exactly the
 /// limit (served through the large buffers). The server keeps serving a normal client, its
 /// memory stays bounded (no growth from a second, longer flood after a first one warmed the
 /// pools) and every buffer comes back.
-#[test]
-fn oversized_frame_floods_are_refused_and_memory_stays_bounded() {
+fn oversized_frame_floods_are_refused_and_memory_stays_bounded(tcp_io: &[&str]) {
     const PAYLOAD_MAX: usize = 256 << 10;
-    let server =
-        ServerProcess::start(&["--cores", "2", "--cpus", "0,1", "--max-payload", "256KiB"]);
+    let server = ServerProcess::start(&args_with(
+        &["--cores", "2", "--cpus", "0,1", "--max-payload", "256KiB"],
+        tcp_io,
+    ));
     let flood = |connections: usize, frames_at_limit: usize| {
         let addr = server.addr.clone();
         let handles: Vec<_> = (0..4)
@@ -450,12 +454,12 @@ fn oversized_frame_floods_are_refused_and_memory_stays_bounded() {
     assert!(total(&snapshot, "stream_over_limit") >= 1200);
 }
 
+on_both_tcp_paths!(clients_vanishing_mid_frame_leak_nothing);
 /// Clients that vanish mid-frame, over and over, at every kind of cut (in the header, in the
 /// object id, in a small body, in a body bigger than a receive chunk): each is counted, and
 /// nothing they started stays held: op slots, receive chunks and large buffers all return.
-#[test]
-fn clients_vanishing_mid_frame_leak_nothing() {
-    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+fn clients_vanishing_mid_frame_leak_nothing(tcp_io: &[&str]) {
+    let server = ServerProcess::start(&args_with(&["--cores", "2", "--cpus", "0,1"], tcp_io));
     let before = wait_for_baseline(&server, 4);
     let small = raw_frame(OP_OSD, 1, b"vanish", &[(WRITE, b"", &[3u8; 300], 0, 0)]);
     let large = raw_frame(

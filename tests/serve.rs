@@ -37,17 +37,71 @@ fn write_then_read(server_args: &[&str]) {
     let status = status(&server.addr);
     assert!(total(&status, "ops") >= report["ops"].as_u64().unwrap());
     assert_eq!(total(&status, "ops_in_flight"), 0);
+    assert_tcp_io(&status, server_args);
     assert!(server.stop().success(), "clean exit on SIGINT");
 }
 
-#[test]
-fn one_core_write_read_verify() {
-    write_then_read(&["--cores", "1"]);
+/// The TCP path the server was asked for is the one that ran: io_uring enters counted on
+/// every core with `--tcp-io uring`, none without.
+fn assert_tcp_io(status: &serde_json::Value, server_args: &[&str]) {
+    let enters = total(status, "uring_enters");
+    if server_args.contains(&"uring") {
+        assert!(enters > 0, "--tcp-io uring ran on io_uring");
+    } else {
+        assert_eq!(enters, 0, "epoll by default");
+    }
 }
 
+/// Where the kernel refuses io_uring (here a seccomp filter on the server process, as a
+/// container's profile would), `--tcp-io uring` says so in the log and serves on epoll.
 #[test]
-fn two_cores_cross_core_ops_verify() {
-    write_then_read(&["--cores", "2", "--cpus", "0,1"]);
+fn tcp_io_uring_refused_by_seccomp_falls_back_to_epoll() {
+    use std::os::unix::process::CommandExt;
+    let args = ["--cores", "1", "--tcp-io", "uring"];
+    let mut server = ServerProcess::start_with(&args, |command| {
+        // SAFETY: the closure runs in the forked child before exec and only makes prctl
+        // system calls on a filter array on its own stack (no allocation, no locks).
+        unsafe {
+            command.pre_exec(|| refuse_io_uring_setup());
+        }
+    });
+    let report = load(
+        &server.addr,
+        &[
+            "--op",
+            "mixed",
+            "--prefill",
+            "--duration",
+            "1s",
+            "--objects",
+            "4",
+            "--object-size",
+            "64KiB",
+            "--verify",
+        ],
+    );
+    assert_clean(&report, "mixed on the fallback");
+    let status = status(&server.addr);
+    assert_eq!(total(&status, "uring_enters"), 0, "epoll served");
+    let mut log = server.startup_log.clone();
+    log.extend(server.log_lines());
+    assert!(
+        log.iter()
+            .any(|line| line.contains("io_uring unavailable for TCP")
+                && line.contains("falling back to epoll")),
+        "the fallback is logged: {log:?}"
+    );
+    assert!(server.stop().success(), "clean exit on SIGINT");
+}
+
+on_both_tcp_paths!(one_core_write_read_verify);
+fn one_core_write_read_verify(tcp_io: &[&str]) {
+    write_then_read(&args_with(&["--cores", "1"], tcp_io));
+}
+
+on_both_tcp_paths!(two_cores_cross_core_ops_verify);
+fn two_cores_cross_core_ops_verify(tcp_io: &[&str]) {
+    write_then_read(&args_with(&["--cores", "2", "--cpus", "0,1"], tcp_io));
 }
 
 #[test]
@@ -104,13 +158,13 @@ fn cross_core_traffic_is_counted_and_one_hop() {
     );
 }
 
-#[test]
-fn memory_store_reads_are_sent_from_the_store_and_copied_before_writes() {
+on_both_tcp_paths!(memory_store_reads_are_sent_from_the_store_and_copied_before_writes);
+fn memory_store_reads_are_sent_from_the_store_and_copied_before_writes(tcp_io: &[&str]) {
     // One core, so every op is local: each 4 KiB read is answered from the store's memory
     // with its kept crc (`tx_stored_bodies`). Under a mixed load, writes find such replies
     // still queued and copy them first (`tx_stored_bodies_copied`); `--verify` and the
     // client's crc check prove the bytes sent are the ones read, not the overwrite's.
-    let server = ServerProcess::start(&["--cores", "1"]);
+    let server = ServerProcess::start(&args_with(&["--cores", "1"], tcp_io));
     let args = [
         "--duration",
         "1s",
@@ -148,11 +202,11 @@ fn memory_store_reads_are_sent_from_the_store_and_copied_before_writes() {
     );
 }
 
-#[test]
-fn routed_load_sends_every_op_to_its_core() {
+on_both_tcp_paths!(routed_load_sends_every_op_to_its_core);
+fn routed_load_sends_every_op_to_its_core(tcp_io: &[&str]) {
     // `load --route` asks each connection's core (HELLO) and sends each timed op on a
     // connection of its object's core: none crosses a ring, and verification still holds.
-    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+    let server = ServerProcess::start(&args_with(&["--cores", "2", "--cpus", "0,1"], tcp_io));
     let args = [
         "--duration",
         "500ms",
@@ -189,9 +243,9 @@ fn routed_load_sends_every_op_to_its_core() {
     assert!(total(&status(&server.addr), "ops_remote_out") > before);
 }
 
-#[test]
-fn steady_state_data_path_does_not_allocate() {
-    let server = ServerProcess::start(&["--cores", "2", "--cpus", "0,1"]);
+on_both_tcp_paths!(steady_state_data_path_does_not_allocate);
+fn steady_state_data_path_does_not_allocate(tcp_io: &[&str]) {
+    let server = ServerProcess::start(&args_with(&["--cores", "2", "--cpus", "0,1"], tcp_io));
     let args = [
         "--duration",
         "1s",
@@ -221,6 +275,7 @@ fn steady_state_data_path_does_not_allocate() {
         allocations <= connection_setup_budget,
         "{allocations} allocations over {ops} ops: the data path allocates"
     );
+    assert_tcp_io(&after, tcp_io);
 }
 
 #[test]
@@ -256,12 +311,12 @@ fn status_reports_per_core_counters() {
     }
 }
 
+on_both_tcp_paths!(coalescing_switches_itself_on_under_load_only);
 /// `--coalesce auto` (the default) pauses under load and leaves a client with one request in
 /// flight alone: its tries fail and back off (at most one paused window in a second, see
 /// `dataplane/src/coalesce.rs`), while 4 x 32 in flight keep it on.
-#[test]
-fn coalescing_switches_itself_on_under_load_only() {
-    let mut server = ServerProcess::start(&["--cores", "1"]);
+fn coalescing_switches_itself_on_under_load_only(tcp_io: &[&str]) {
+    let mut server = ServerProcess::start(&args_with(&["--cores", "1"], tcp_io));
     let args = |qd: &'static str, clients: &'static str| {
         [
             "--op",

@@ -59,6 +59,27 @@ pub struct TransportConfig {
     pub limits: Limits,
     pub inflight_per_connection_max: u32,
     pub connections_max: u32,
+    pub io: TcpIo,
+}
+
+/// How the transport talks to the kernel (`serve --tcp-io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpIo {
+    /// Edge-triggered epoll, `recv` and `writev` system calls.
+    #[default]
+    Epoll,
+    /// One io_uring per core (`tcp/uring.rs`); epoll when the kernel refuses it.
+    Uring,
+}
+
+impl TcpIo {
+    pub fn parse(text: &str) -> Option<TcpIo> {
+        match text {
+            "epoll" => Some(TcpIo::Epoll),
+            "uring" => Some(TcpIo::Uring),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,6 +126,9 @@ pub struct TransportStats {
     /// `epoll_wait` calls that failed (other than EINTR). Each one is a pass in which this
     /// core saw no readiness for its connections, its listener or its waker.
     pub epoll_errors: u64,
+    /// `io_uring_enter` calls (`TcpIo::Uring`; 0 on epoll): one per pass with anything to
+    /// submit or reap, plus parks.
+    pub uring_enters: u64,
     /// Times connections waited in the listener's accept queue at two looks a second apart
     /// with no epoll edge announcing them, and were accepted anyway (`ListenerAudit`).
     pub accept_rescues: u64,
@@ -150,6 +174,14 @@ struct Connection {
     stored: u32,
     /// Listed in `TcpTransport::stored_conns`.
     in_stored_list: bool,
+    /// io_uring only: what is posted to receive, whether a cancel of that receive is, whether
+    /// a POLLOUT is, and how the last receive ended the stream (0: EOF, else an errno).
+    rx_op: RxOp,
+    /// io_uring only: a POLLIN fired since the last receive was posted (post one now).
+    rx_ready: bool,
+    cancel_posted: bool,
+    tx_poll_posted: bool,
+    rx_end: Option<i32>,
 }
 
 enum RxOutcome {
@@ -190,6 +222,8 @@ pub struct TcpTransport {
     /// acknowledgements was 32 iovecs of 40 bytes, each a separate copy from user memory in
     /// the kernel). Only read by the writev that follows the packing.
     tx_heads: Box<[u8]>,
+    /// The io_uring the transport runs on instead of epoll (`TcpIo::Uring`, when available).
+    uring: Option<Box<uring::UringIo>>,
     pub stats: TransportStats,
 }
 
@@ -220,16 +254,31 @@ impl TcpTransport {
         }
         // SAFETY: a fresh descriptor nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        // Edge-triggered: a wakeup that lands after the core drained the eventfd leaves it
-        // readable, and a level-triggered registration would report it on every pass, so the
-        // core would look busy forever (never park, never see that it has drained).
-        epoll_ctl(
-            epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            waker_fd,
-            (libc::EPOLLIN | libc::EPOLLET) as u32,
-            TOKEN_WAKER,
-        )?;
+        let uring = match config.io {
+            TcpIo::Epoll => None,
+            TcpIo::Uring => match uring::setup(config.connections_max, waker_fd) {
+                Ok(io) => Some(Box::new(io)),
+                Err(e) => {
+                    // Containers' seccomp profiles often refuse io_uring (Docker's default).
+                    log::warn!(
+                        "core {core}: io_uring unavailable for TCP ({e}); falling back to epoll"
+                    );
+                    None
+                }
+            },
+        };
+        if uring.is_none() {
+            // Edge-triggered: a wakeup that lands after the core drained the eventfd leaves
+            // it readable, and a level-triggered registration would report it on every pass,
+            // so the core would look busy forever (never park, never see that it has drained).
+            epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                waker_fd,
+                (libc::EPOLLIN | libc::EPOLLET) as u32,
+                TOKEN_WAKER,
+            )?;
+        }
         let count = config.connections_max as usize;
         Ok(TcpTransport {
             core,
@@ -251,6 +300,7 @@ impl TcpTransport {
             stored_conns: Vec::with_capacity(count),
             stored_bodies: 0,
             tx_heads: vec![0; TX_HEADS_BYTES].into_boxed_slice(),
+            uring,
             stats: TransportStats::default(),
         })
     }
@@ -258,6 +308,12 @@ impl TcpTransport {
     /// Takes over a bound listener (only the accepting core has one).
     pub fn listen(&mut self, listener: TcpListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
+        if self.uring.is_some() {
+            self.uring_listen(listener.as_raw_fd())?;
+            self.listener = Some(listener);
+            self.accept_ready = true;
+            return Ok(());
+        }
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -275,6 +331,9 @@ impl TcpTransport {
     /// its owner polls it every pass. (Polling it only when this set reported it readable
     /// lost events under load: reads stalled for seconds. Kept simple until understood.)
     pub fn watch_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        if self.uring.is_some() {
+            return self.uring_watch(fd);
+        }
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -293,7 +352,9 @@ impl TcpTransport {
     }
 
     pub fn connection_count(&self) -> usize {
-        self.conns.len() - self.free.len()
+        // Slots of closed connections whose buffer io_uring still holds are not connections.
+        let held = self.uring.as_ref().map_or(0, |uring| uring.held_count());
+        self.conns.len() - self.free.len() - held
     }
 
     /// Accepts one pending connection, if any. The caller decides which core adopts it.
@@ -334,6 +395,9 @@ impl TcpTransport {
             .set_nonblocking(true)
             .and_then(|_| stream.set_nodelay(true))
             .and_then(|_| {
+                if self.uring.is_some() {
+                    return Ok(()); // Polls and receives are posted per pass instead.
+                }
                 let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
                 epoll_ctl(
                     self.epoll.as_raw_fd(),
@@ -364,6 +428,11 @@ impl TcpTransport {
             stalled_since: None,
             stored: 0,
             in_stored_list: false,
+            rx_op: RxOp::None,
+            rx_ready: false,
+            cancel_posted: false,
+            tx_poll_posted: false,
+            rx_end: None,
         });
         // Bytes may have arrived before registration; look once without waiting for an edge.
         self.rx_list.push_back(index);
@@ -397,6 +466,9 @@ impl TcpTransport {
     pub fn poll_events(&mut self, timeout: Duration) -> usize {
         if self.listener.is_some() && self.listener_audit.tick() {
             self.audit_listener(Instant::now());
+        }
+        if self.uring.is_some() {
+            return self.uring_poll_events(timeout);
         }
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: `events` holds EPOLL_EVENTS_MAX initialised entries the kernel may overwrite.
@@ -465,9 +537,11 @@ impl TcpTransport {
     }
 
     fn close(&mut self, index: u32, pools: &mut CorePools) {
-        let conn = self.conns[index as usize]
+        let mut conn = self.conns[index as usize]
             .take()
             .expect("closing an open connection");
+        // On io_uring, a buffer under a posted receive (and the slot) waits for its completion.
+        let slot_held = self.uring.is_some() && self.uring_close(index, &mut conn);
         if conn.stalled_since.is_some() {
             self.stalled_count -= 1;
         }
@@ -488,7 +562,9 @@ impl TcpTransport {
         }
         self.rx_list.retain(|&i| i != index);
         self.tx_list.retain(|&i| i != index);
-        self.free.push(index);
+        if !slot_held {
+            self.free.push(index);
+        }
         self.stats.closed += 1;
         self.stats.connections = self.connection_count() as u64;
         // Dropping the stream closes the socket, which also removes it from the epoll set.
@@ -501,6 +577,9 @@ impl TcpTransport {
                 self.close(index, pools);
             }
         }
+        if self.uring.is_some() {
+            self.uring_drain(pools);
+        }
     }
 }
 
@@ -508,3 +587,6 @@ mod rx;
 #[cfg(test)]
 mod tests;
 mod tx;
+mod uring;
+
+use uring::RxOp;

@@ -1390,6 +1390,7 @@ impl<N: Network> OsdCore<N> {
         c.set(Counter::rx_syscalls, transport.rx_syscalls);
         c.set(Counter::epoll_polls, self.epoll_polls);
         c.set(Counter::epoll_errors, transport.epoll_errors);
+        c.set(Counter::uring_enters, transport.uring_enters);
         c.set(Counter::tx_syscalls, transport.tx_syscalls);
         c.set(Counter::tx_iovecs, transport.tx_iovecs);
         c.set(Counter::rx_pool_waits, transport.rx_pool_waits);

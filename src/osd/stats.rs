@@ -73,6 +73,7 @@ counters!(
     tx_iovecs,
     epoll_polls,
     epoll_errors,
+    uring_enters,
     rx_pool_waits,
     ops_in_flight,
     stalls,

@@ -47,6 +47,24 @@ impl Drop for TestDir {
     }
 }
 
+/// Runs a test body (a `fn(&[&str])` taking extra server arguments) once on each of the
+/// rtc server's TCP system-call paths: `serve --tcp-io epoll` (the default) and `uring`.
+#[macro_export]
+macro_rules! on_both_tcp_paths {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn epoll() {
+                super::$name(&[]);
+            }
+            #[test]
+            fn uring() {
+                super::$name(&["--tcp-io", "uring"]);
+            }
+        }
+    };
+}
+
 /// A `carmine serve` child process, stopped with SIGINT (and checked for a clean exit) on drop.
 pub struct ServerProcess {
     child: Option<Child>,
@@ -58,7 +76,13 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(extra_args: &[&str]) -> ServerProcess {
-        let mut child = Command::new(CARMINE)
+        ServerProcess::start_with(extra_args, |_| {})
+    }
+
+    /// `start`, with a last say over the command (`configure`), e.g. to restrict the process.
+    pub fn start_with(extra_args: &[&str], configure: impl FnOnce(&mut Command)) -> ServerProcess {
+        let mut command = Command::new(CARMINE);
+        command
             .args([
                 "serve",
                 "--listen",
@@ -78,9 +102,9 @@ impl ServerProcess {
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn carmine serve");
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().expect("spawn carmine serve");
         let stderr = child.stderr.take().expect("piped stderr");
         let (sender, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -389,4 +413,61 @@ pub fn check_ack_log(addr: &str, log: &str, what: &str) -> serde_json::Value {
         assert_eq!(report[key], 0, "{what}: {key}: {report:#}");
     }
     report
+}
+
+/// For `Command::pre_exec`: installs a seccomp filter that makes `io_uring_setup` fail with
+/// ENOSYS in the process about to exec (Docker's default profile refuses io_uring likewise).
+/// Only prctl calls on a stack array: safe between fork and exec.
+pub fn refuse_io_uring_setup() -> std::io::Result<()> {
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const BPF_JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let filter = [
+        // Load seccomp_data.nr (offset 0); the tests run on one architecture, x86_64.
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: BPF_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with integer arguments, then with a pointer to a filter program that
+    // lives across the call (the kernel copies it); results checked.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -12,6 +12,10 @@ impl TcpTransport {
         budget: usize,
         on_frame: &mut dyn FnMut(RxFrame),
     ) -> usize {
+        if self.uring.is_some() {
+            // Completions a park's enter gathered (the pass's own enter is in `flush_tx`).
+            self.reap(Some(pools));
+        }
         let mut delivered = 0;
         let mut visits = self.rx_list.len();
         while visits > 0 && delivered < budget {
@@ -86,6 +90,10 @@ impl TcpTransport {
                 }
             };
             // 2. Make room for the rest of the pending frame, then receive.
+            if self.uring.is_some() {
+                *delivered += local_delivered;
+                return self.uring_post_receive(index, pools, pending_len);
+            }
             let conn = self.conns[index as usize].as_mut().expect("still open");
             if socket_drained && !conn.peer_closed {
                 // The last recv returned less than it could take: the socket is empty, and
@@ -96,23 +104,9 @@ impl TcpTransport {
                 self.stalled_count = note_stall(conn, self.stalled_count);
                 return RxOutcome::Drained;
             }
-            if !make_room(conn, pools, pending_len, &mut self.stats) {
-                let want_large = pending_len > pools.small.buffer_size();
-                let conn = if self.evict_stalled(index, pools, want_large) {
-                    self.conns[index as usize]
-                        .as_mut()
-                        .expect("not the evicted one")
-                } else {
-                    self.stats.rx_pool_waits += 1;
-                    *delivered += local_delivered;
-                    return RxOutcome::Paused;
-                };
-                if !make_room(conn, pools, pending_len, &mut self.stats) {
-                    // The evicted connection's buffer is still leased by ops in flight.
-                    self.stats.rx_pool_waits += 1;
-                    *delivered += local_delivered;
-                    return RxOutcome::Paused;
-                }
+            if !self.ensure_room(index, pools, pending_len) {
+                *delivered += local_delivered;
+                return RxOutcome::Paused;
             }
             let conn = self.conns[index as usize].as_mut().expect("still open");
             let (target, is_large) = match conn.large.as_mut() {
@@ -171,6 +165,36 @@ impl TcpTransport {
             self.close(index, pools);
             return RxOutcome::Closed;
         }
+    }
+
+    /// Makes room for the rest of a pending frame of `pending_len` bytes (`make_room`), closing
+    /// a stalled connection for its buffer if the pool is empty. False (counted in
+    /// `rx_pool_waits`) when there is still no buffer: the connection waits.
+    pub(super) fn ensure_room(
+        &mut self,
+        index: u32,
+        pools: &mut CorePools,
+        pending_len: usize,
+    ) -> bool {
+        let conn = self.conns[index as usize].as_mut().expect("open");
+        if make_room(conn, pools, pending_len, &mut self.stats) {
+            return true;
+        }
+        let want_large = pending_len > pools.small.buffer_size();
+        if !self.evict_stalled(index, pools, want_large) {
+            self.stats.rx_pool_waits += 1;
+            return false;
+        }
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("not the evicted one");
+        if !make_room(conn, pools, pending_len, &mut self.stats) {
+            // The evicted connection's buffer is still leased by ops in flight (or, on
+            // io_uring, still under its receive until that completes).
+            self.stats.rx_pool_waits += 1;
+            return false;
+        }
+        true
     }
 
     /// The pool `want_large` names is empty: closes the connection (not `except`) that has
@@ -397,7 +421,7 @@ fn copy_partial(
 
 /// The socket is drained: if a partial frame is left in a buffer, the connection starts (or
 /// keeps) counting as stalled. Returns the transport's new count of stalled connections.
-fn note_stall(conn: &mut Connection, stalled_count: u32) -> u32 {
+pub(super) fn note_stall(conn: &mut Connection, stalled_count: u32) -> u32 {
     let partial = conn.large.is_some()
         || conn
             .rx

@@ -4,14 +4,46 @@ use crate::reactor::Waker;
 use crate::wire::{Opcode, SubOpSpec};
 use std::io::{Read, Write};
 
-fn setup() -> (TcpTransport, CorePools, Waker) {
-    let waker = Waker::new().unwrap();
+/// Runs a behaviour test once on each system-call path: the io_uring transport must keep
+/// every rule the epoll one keeps.
+macro_rules! on_both_paths {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn epoll() {
+                super::$name(super::TcpIo::Epoll);
+            }
+            #[test]
+            fn uring() {
+                super::$name(super::TcpIo::Uring);
+            }
+        }
+    };
+}
+
+fn transport(io: TcpIo, inflight: u32, connections: u32, waker: &Waker) -> TcpTransport {
     let config = TransportConfig {
         limits: Limits::DEFAULT,
-        inflight_per_connection_max: 4,
-        connections_max: 8,
+        inflight_per_connection_max: inflight,
+        connections_max: connections,
+        io,
     };
     let transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+    assert_eq!(
+        transport.uses_uring(),
+        io == TcpIo::Uring,
+        "this kernel allows io_uring (tests of the fallback refuse it on purpose)"
+    );
+    transport
+}
+
+fn setup() -> (TcpTransport, CorePools, Waker) {
+    setup_on(TcpIo::Epoll)
+}
+
+fn setup_on(io: TcpIo) -> (TcpTransport, CorePools, Waker) {
+    let waker = Waker::new().unwrap();
+    let transport = transport(io, 4, 8, &waker);
     let sizes = PoolSizes {
         small_size_bytes: 64 << 10,
         small_count: 8,
@@ -75,15 +107,10 @@ fn connections_announced_by_epoll_are_never_counted_as_rescued() {
     assert_eq!(transport.stats.accept_rescues, 0);
 }
 
-#[test]
-fn connections_stalled_mid_frame_give_up_their_chunks_when_the_pool_is_empty() {
+on_both_paths!(connections_stalled_mid_frame_give_up_their_chunks_when_the_pool_is_empty);
+fn connections_stalled_mid_frame_give_up_their_chunks_when_the_pool_is_empty(io: TcpIo) {
     let waker = Waker::new().unwrap();
-    let config = TransportConfig {
-        limits: Limits::DEFAULT,
-        inflight_per_connection_max: 4,
-        connections_max: 16,
-    };
-    let mut transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+    let mut transport = transport(io, 4, 16, &waker);
     let (_, mut pools, _) = setup();
     // Receive may take all but the chunks it leaves for op outputs.
     let chunks = pools.small.free_count() - crate::buffers::RX_LEAVES_FREE;
@@ -122,8 +149,14 @@ fn connections_stalled_mid_frame_give_up_their_chunks_when_the_pool_is_empty() {
     let good_conn = transport.adopt(server).unwrap();
     good.write_all(&frame).unwrap();
     let mut frames = Vec::new();
-    transport.poll_events(Duration::from_millis(10));
-    transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+    // (io_uring: a few passes, since the readiness is a POLL completion before the receive.)
+    for _ in 0..10 {
+        transport.poll_events(Duration::from_millis(10));
+        transport.poll_rx(&mut pools, 16, &mut |frame| frames.push(frame));
+        if transport.stats.rx_pool_waits > 0 {
+            break;
+        }
+    }
     assert!(frames.is_empty() && transport.stats.evicted == 0);
     assert!(transport.stats.rx_pool_waits > 0);
     // Past it: the oldest staller is closed, and the frame comes in on its chunk.
@@ -206,9 +239,9 @@ fn send_three<'a>(
     frames
 }
 
-#[test]
-fn frames_arrive_as_leases_and_replies_go_out() {
-    let (mut transport, mut pools, _waker) = setup();
+on_both_paths!(frames_arrive_as_leases_and_replies_go_out);
+fn frames_arrive_as_leases_and_replies_go_out(io: TcpIo) {
+    let (mut transport, mut pools, _waker) = setup_on(io);
     let (mut client, server) = pair();
     let conn = transport.adopt(server).unwrap();
     let data: Vec<[u8; 1000]> = (0..3).map(|id| [id as u8; 1000]).collect();
@@ -260,18 +293,13 @@ fn frames_arrive_as_leases_and_replies_go_out() {
     assert_eq!(pools.in_use(), 0, "every buffer came back");
 }
 
+on_both_paths!(runs_of_bodiless_replies_are_one_iovec);
 /// Heads of replies without a body are packed into one iovec per run; a reply with a
 /// body breaks the run (its head and body go by reference), and the bytes on the wire are
 /// the replies in order either way.
-#[test]
-fn runs_of_bodiless_replies_are_one_iovec() {
+fn runs_of_bodiless_replies_are_one_iovec(io: TcpIo) {
     let (_, mut pools, waker) = setup();
-    let config = TransportConfig {
-        limits: Limits::DEFAULT,
-        inflight_per_connection_max: 8,
-        connections_max: 2,
-    };
-    let mut transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+    let mut transport = transport(io, 8, 2, &waker);
     let (mut client, server) = pair();
     let conn = transport.adopt(server).unwrap();
     let mut frames = send_three(&mut transport, &mut pools, &mut client, |_| {
@@ -318,15 +346,30 @@ fn runs_of_bodiless_replies_are_one_iovec() {
         .ok()
         .unwrap();
     assert_eq!(transport.flush_tx(&mut pools), 1);
+    settle(&mut transport, &mut pools);
     assert_eq!(pools.in_use(), 0, "every buffer came back");
 }
 
+/// Runs passes until no buffer is in use (at most 20). On epoll a written reply's chunk comes
+/// back in the same pass; on io_uring a receive posted under it is cancelled first, and the
+/// cancellation completes in the next pass's enter.
+fn settle(transport: &mut TcpTransport, pools: &mut CorePools) {
+    for _ in 0..20 {
+        if pools.in_use() == 0 {
+            return;
+        }
+        transport.poll_events(Duration::from_millis(1));
+        transport.poll_rx(pools, 16, &mut |_| panic!("no frame was sent"));
+        transport.flush_tx(pools);
+    }
+}
+
+on_both_paths!(stored_bodies_are_sent_by_their_crc_and_copied_before_the_store_changes);
 /// Stored bodies go out with the crc they came with, and `copy_stored_bodies` leaves the
 /// replies independent of the store's memory: what is sent is what was there when the
 /// reply was queued, even after the memory changes.
-#[test]
-fn stored_bodies_are_sent_by_their_crc_and_copied_before_the_store_changes() {
-    let (mut transport, mut pools, _waker) = setup();
+fn stored_bodies_are_sent_by_their_crc_and_copied_before_the_store_changes(io: TcpIo) {
+    let (mut transport, mut pools, _waker) = setup_on(io);
     let (mut client, server) = pair();
     let conn = transport.adopt(server).unwrap();
     // Three read requests to answer (the transport counts replies against frames).
@@ -407,9 +450,9 @@ fn stored_bodies_are_sent_by_their_crc_and_copied_before_the_store_changes() {
     assert_eq!(transport.stats.stored_bodies_copied, 2);
 }
 
-#[test]
-fn data_and_hangup_in_one_edge_still_close() {
-    let (mut transport, mut pools, _waker) = setup();
+on_both_paths!(data_and_hangup_in_one_edge_still_close);
+fn data_and_hangup_in_one_edge_still_close(io: TcpIo) {
+    let (mut transport, mut pools, _waker) = setup_on(io);
     let (mut client, server) = pair();
     transport.adopt(server).unwrap();
     let mut request = Vec::new();
@@ -440,9 +483,9 @@ fn data_and_hangup_in_one_edge_still_close() {
     assert_eq!(pools.in_use(), 0);
 }
 
-#[test]
-fn frame_larger_than_a_chunk_uses_a_large_buffer() {
-    let (mut transport, mut pools, _waker) = setup();
+on_both_paths!(frame_larger_than_a_chunk_uses_a_large_buffer);
+fn frame_larger_than_a_chunk_uses_a_large_buffer(io: TcpIo) {
+    let (mut transport, mut pools, _waker) = setup_on(io);
     let (mut client, server) = pair();
     transport.adopt(server).unwrap();
     let data = vec![0xA5u8; 200 << 10];
@@ -476,4 +519,264 @@ fn frame_larger_than_a_chunk_uses_a_large_buffer() {
     view.validate_sub_ops().unwrap();
     assert_eq!(view.sub_ops().next().unwrap().data, &data[..]);
     pools.release_lease(frame.frame);
+}
+
+on_both_paths!(replies_larger_than_the_socket_buffer_go_out_in_pieces);
+/// Short writes: replies far larger than the socket's send buffer, to a client that reads
+/// slowly. Each write takes what fits; a full socket waits for writability (EPOLLOUT, or a
+/// POLLOUT on io_uring) and the rest follows in order, every byte once, every buffer back.
+fn replies_larger_than_the_socket_buffer_go_out_in_pieces(io: TcpIo) {
+    let (mut transport, mut pools, _waker) = setup_on(io);
+    let (client, server) = pair();
+    let fd = server.as_raw_fd();
+    let small: libc::c_int = 16 << 10;
+    // SAFETY: sets an int option on a socket this test owns, from a live int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let conn = transport.adopt(server).unwrap();
+    let mut client = client;
+    let frames = send_three(&mut transport, &mut pools, &mut client, |_| {
+        SubOpSpec::read(0, 60_000)
+    });
+    let mut expected = Vec::new();
+    for (index, frame) in frames.iter().enumerate() {
+        let mut buf = pools.acquire_for(60_000).unwrap();
+        buf.spare_mut()[..60_000].fill(index as u8 + 1);
+        buf.seal(60_000);
+        let body = Body::Buf(buf);
+        let results = [(0, 60_000)];
+        let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
+        let len = wire::encode_reply(
+            &mut head,
+            &frame.header,
+            Status::Ok,
+            &results,
+            &[body.as_slice()],
+        );
+        expected.extend_from_slice(&head[..len]);
+        expected.extend_from_slice(body.as_slice());
+        assert!(transport
+            .reply(conn, &frame.header, Status::Ok, &results, body)
+            .is_ok());
+    }
+    for frame in frames {
+        pools.release_lease(frame.frame);
+    }
+    let total = expected.len();
+    // Nobody reads yet: the first write cannot take everything.
+    let mut completed = transport.flush_tx(&mut pools);
+    assert!(
+        completed < 3,
+        "a 16 KiB send buffer cannot take 180 KB at once"
+    );
+    assert!(transport.stats.tx_bytes < total as u64);
+    let reader = std::thread::spawn(move || {
+        let mut received = vec![0u8; total];
+        let mut at = 0;
+        while at < total {
+            std::thread::sleep(Duration::from_millis(1));
+            let n = client
+                .read(&mut received[at..(at + 8192).min(total)])
+                .unwrap();
+            assert!(n > 0, "the server closed early");
+            at += n;
+        }
+        (client, received)
+    });
+    for _ in 0..10_000 {
+        if completed == 3 {
+            break;
+        }
+        transport.poll_events(Duration::from_millis(5));
+        transport.poll_rx(&mut pools, 16, &mut |_| panic!("no request was sent"));
+        completed += transport.flush_tx(&mut pools);
+    }
+    assert_eq!(completed, 3, "every reply went out");
+    let (_client, received) = reader.join().unwrap();
+    assert!(
+        received == expected,
+        "the bytes on the wire are the replies, in order"
+    );
+    assert_eq!(
+        transport.stats.tx_bytes, total as u64,
+        "each byte written once"
+    );
+    assert!(
+        transport.stats.tx_syscalls > 3,
+        "the replies took several writes: {}",
+        transport.stats.tx_syscalls
+    );
+    settle(&mut transport, &mut pools);
+    assert_eq!(pools.in_use(), 0, "every buffer came back");
+}
+
+on_both_paths!(many_connections_each_get_their_own_replies);
+/// Many connections at once (more than a send pass's slots on io_uring, 64), each with
+/// pipelined requests: every connection gets exactly its replies, and closing them all (the
+/// clients hang up) gives every slot and buffer back.
+fn many_connections_each_get_their_own_replies(io: TcpIo) {
+    const CLIENTS: usize = 100;
+    let waker = Waker::new().unwrap();
+    let mut transport = transport(io, 4, CLIENTS as u32, &waker);
+    let (_, _, _) = setup();
+    let sizes = PoolSizes {
+        small_size_bytes: 64 << 10,
+        small_count: 2 * CLIENTS as u32,
+        large_size_bytes: 8 << 20,
+        large_count: 2,
+    };
+    let mut pools = CorePools::new(0, sizes, false).unwrap();
+    let mut clients = Vec::new();
+    for index in 0..CLIENTS {
+        let (mut client, server) = pair();
+        let conn = transport.adopt(server).unwrap();
+        let mut requests = Vec::new();
+        for id in 0..2u64 {
+            let request_id = index as u64 * 10 + id;
+            wire::encode_request(&mut requests, Opcode::Ping, request_id, b"", &[], b"");
+        }
+        client.write_all(&requests).unwrap();
+        clients.push((client, conn));
+    }
+    let mut answered = 0;
+    for _ in 0..1000 {
+        if answered == 2 * CLIENTS {
+            break;
+        }
+        transport.poll_events(Duration::from_millis(1));
+        let mut frames = Vec::new();
+        transport.poll_rx(&mut pools, 256, &mut |frame| frames.push(frame));
+        for frame in frames {
+            transport
+                .reply(frame.conn, &frame.header, Status::Ok, &[], Body::None)
+                .ok()
+                .unwrap();
+            pools.release_lease(frame.frame);
+        }
+        answered += transport.flush_tx(&mut pools);
+    }
+    assert_eq!(answered, 2 * CLIENTS);
+    for (index, (client, _)) in clients.iter_mut().enumerate() {
+        let mut replies = vec![0u8; 2 * HEADER_SIZE];
+        client.read_exact(&mut replies).unwrap();
+        for (id, reply) in replies.chunks(HEADER_SIZE).enumerate() {
+            let header = wire::parse_header(reply, &Limits::CEILING)
+                .unwrap()
+                .unwrap();
+            assert_eq!(header.request_id, index as u64 * 10 + id as u64);
+        }
+    }
+    drop(clients);
+    for _ in 0..1000 {
+        if transport.connection_count() == 0 && pools.in_use() == 0 {
+            break;
+        }
+        transport.poll_events(Duration::from_millis(1));
+        transport.poll_rx(&mut pools, 256, &mut |_| panic!("no more frames"));
+        transport.flush_tx(&mut pools);
+    }
+    assert_eq!(
+        transport.connection_count(),
+        0,
+        "every hang-up closed its connection"
+    );
+    assert_eq!(transport.stats.closed, CLIENTS as u64);
+    assert_eq!(pools.in_use(), 0, "every buffer came back");
+    assert_eq!(transport.free.len(), CLIENTS, "every slot is free again");
+}
+
+/// Makes `io_uring_setup` fail with ENOSYS on the calling thread (and threads it starts), as
+/// a container's seccomp profile does (Docker's default refuses io_uring). Seccomp filters and
+/// no_new_privs are per thread, so a test thread may do this to itself alone.
+fn refuse_io_uring_on_this_thread() {
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const BPF_JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let filter = [
+        // Load seccomp_data.nr (offset 0).
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: BPF_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with plain integer arguments, then with a pointer to a filter program that
+    // lives across the call (the kernel copies it); results checked.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog
+            ),
+            0,
+            "seccomp filter: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// The kernel refusing io_uring is not fatal: the transport says so (a warning) and runs on
+/// epoll. The refusal is real: a seccomp filter on the test's own thread.
+#[test]
+fn a_refused_io_uring_falls_back_to_epoll() {
+    std::thread::spawn(|| {
+        refuse_io_uring_on_this_thread();
+        let waker = Waker::new().unwrap();
+        let config = TransportConfig {
+            limits: Limits::DEFAULT,
+            inflight_per_connection_max: 4,
+            connections_max: 8,
+            io: TcpIo::Uring,
+        };
+        let mut transport = TcpTransport::new(0, config, waker.fd()).unwrap();
+        assert!(!transport.uses_uring(), "the filter refused io_uring_setup");
+        let (_, mut pools, _) = setup();
+        let (mut client, server) = pair();
+        transport.adopt(server).unwrap();
+        let frames = send_three(&mut transport, &mut pools, &mut client, |_| {
+            SubOpSpec::read(0, 10)
+        });
+        assert_eq!(frames.len(), 3, "served on epoll");
+        for frame in frames {
+            pools.release_lease(frame.frame);
+        }
+        assert_eq!(transport.stats.uring_enters, 0);
+    })
+    .join()
+    .unwrap();
 }

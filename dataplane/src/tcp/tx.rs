@@ -86,8 +86,13 @@ impl TcpTransport {
         }
     }
 
-    /// Writes queued replies, one writev per connection. Returns the replies completed.
+    /// Writes queued replies, one writev per connection (on io_uring: one SENDMSG each, all
+    /// in the pass's one enter). Returns the replies completed (on io_uring, plus the receive
+    /// events that enter gathered).
     pub fn flush_tx(&mut self, pools: &mut CorePools) -> usize {
+        if self.uring.is_some() {
+            return self.uring_flush_tx(pools);
+        }
         // Iterate over a swapped-out list: writing may close a connection, and closing edits
         // the list. Both vectors keep their start-up capacity, so the swap never allocates.
         let mut pending = std::mem::take(&mut self.tx_list_spare);
@@ -114,59 +119,7 @@ impl TcpTransport {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; TX_IOVECS_MAX];
-        let mut iovec_count = 0;
-        // Bytes of `tx_heads` in use, and whether the last iovec ends there (a packed head
-        // that the next one may extend).
-        let mut heads_used = 0;
-        let mut last_is_packed = false;
-        for reply in conn.tx.iter() {
-            if iovec_count + 2 > TX_IOVECS_MAX {
-                break;
-            }
-            let head = &reply.head[..usize::from(reply.head_len)];
-            let body = reply.body.as_slice();
-            let mut skip = reply.sent;
-            if skip < head.len() {
-                let piece = &head[skip..];
-                if body.is_empty() {
-                    if heads_used + piece.len() > TX_HEADS_BYTES {
-                        break;
-                    }
-                    let packed = &mut self.tx_heads[heads_used..heads_used + piece.len()];
-                    packed.copy_from_slice(piece);
-                    if last_is_packed {
-                        iovecs[iovec_count - 1].iov_len += piece.len();
-                    } else {
-                        iovecs[iovec_count] = libc::iovec {
-                            iov_base: packed.as_mut_ptr().cast(),
-                            iov_len: piece.len(),
-                        };
-                        iovec_count += 1;
-                    }
-                    heads_used += piece.len();
-                    last_is_packed = true;
-                } else {
-                    iovecs[iovec_count] = libc::iovec {
-                        iov_base: piece.as_ptr() as *mut _,
-                        iov_len: piece.len(),
-                    };
-                    iovec_count += 1;
-                    last_is_packed = false;
-                }
-                skip = 0;
-            } else {
-                skip -= head.len();
-            }
-            if skip < body.len() {
-                iovecs[iovec_count] = libc::iovec {
-                    iov_base: body[skip..].as_ptr() as *mut _,
-                    iov_len: body.len() - skip,
-                };
-                iovec_count += 1;
-                last_is_packed = false;
-            }
-        }
-        debug_assert!(iovec_count <= TX_IOVECS_MAX && heads_used <= TX_HEADS_BYTES);
+        let (iovec_count, _) = gather(conn, &mut iovecs, &mut self.tx_heads);
         if iovec_count == 0 {
             conn.in_tx_list = false;
             return (0, false);
@@ -193,13 +146,27 @@ impl TcpTransport {
             self.close(index, pools);
             return (0, false);
         }
+        self.complete_written(index, written as usize, pools)
+    }
+
+    /// `written` bytes of the connection's queued replies reached the socket: completes the
+    /// replies they finish and releases their buffers; closes a closing connection with
+    /// nothing left to write. Returns (replies completed, stay on the tx list).
+    pub(super) fn complete_written(
+        &mut self,
+        index: u32,
+        written: usize,
+        pools: &mut CorePools,
+    ) -> (usize, bool) {
+        let conn = self.conns[index as usize].as_mut().expect("open");
         self.stats.tx_bytes += written as u64;
-        let mut remaining = written as usize;
+        let mut remaining = written;
         let mut completed = 0;
         while let Some(front) = conn.tx.front_mut() {
             let left = front.len() - front.sent;
             if remaining < left {
                 front.sent += remaining;
+                remaining = 0;
                 break;
             }
             remaining -= left;
@@ -216,6 +183,7 @@ impl TcpTransport {
                 self.foreign.push(foreign);
             }
         }
+        assert_eq!(remaining, 0, "the kernel wrote no more than was queued");
         self.stats.replies_tx += completed as u64;
         let conn = self.conns[index as usize].as_mut().expect("open");
         // A connection that stopped reading at the in-flight limit (or the budget, or an
@@ -223,10 +191,20 @@ impl TcpTransport {
         // and edge-triggered epoll reports its next bytes. So it is not listed again to be
         // read (that cost a recv per write that found nothing, EAGAIN); only its receive chunk,
         // kept while the frames it answered were leased, goes back to the pool now if idle
-        // (1,000 idle connections must not hold 1,000 chunks).
+        // (1,000 idle connections must not hold 1,000 chunks). On io_uring a chunk under a
+        // posted receive is the kernel's: that receive is cancelled instead.
         if !conn.in_rx_list {
-            retire_idle_chunk(conn, pools);
+            if self.uring.is_some() {
+                if conn.rx_op == RxOp::None {
+                    retire_idle_chunk(conn, pools);
+                } else {
+                    self.uring_release_idle(index);
+                }
+            } else {
+                retire_idle_chunk(conn, pools);
+            }
         }
+        let conn = self.conns[index as usize].as_mut().expect("open");
         if conn.tx.is_empty() {
             conn.in_tx_list = false;
             if conn.closing {
@@ -240,4 +218,68 @@ impl TcpTransport {
     pub fn has_pending_tx(&self) -> bool {
         !self.tx_list.is_empty()
     }
+}
+
+/// Builds the iovecs of one write of `conn`'s queued replies: heads of replies without a body
+/// packed back to back into `heads` (a run of them is one iovec), a reply with a body as its
+/// head and body by reference. Returns (iovecs used, bytes of `heads` used).
+pub(super) fn gather(
+    conn: &Connection,
+    iovecs: &mut [libc::iovec; TX_IOVECS_MAX],
+    heads: &mut [u8],
+) -> (usize, usize) {
+    let mut iovec_count = 0;
+    // Bytes of `heads` in use, and whether the last iovec ends there (a packed head that the
+    // next one may extend).
+    let mut heads_used = 0;
+    let mut last_is_packed = false;
+    for reply in conn.tx.iter() {
+        if iovec_count + 2 > TX_IOVECS_MAX {
+            break;
+        }
+        let head = &reply.head[..usize::from(reply.head_len)];
+        let body = reply.body.as_slice();
+        let mut skip = reply.sent;
+        if skip < head.len() {
+            let piece = &head[skip..];
+            if body.is_empty() {
+                if heads_used + piece.len() > heads.len() {
+                    break;
+                }
+                let packed = &mut heads[heads_used..heads_used + piece.len()];
+                packed.copy_from_slice(piece);
+                if last_is_packed {
+                    iovecs[iovec_count - 1].iov_len += piece.len();
+                } else {
+                    iovecs[iovec_count] = libc::iovec {
+                        iov_base: packed.as_mut_ptr().cast(),
+                        iov_len: piece.len(),
+                    };
+                    iovec_count += 1;
+                }
+                heads_used += piece.len();
+                last_is_packed = true;
+            } else {
+                iovecs[iovec_count] = libc::iovec {
+                    iov_base: piece.as_ptr() as *mut _,
+                    iov_len: piece.len(),
+                };
+                iovec_count += 1;
+                last_is_packed = false;
+            }
+            skip = 0;
+        } else {
+            skip -= head.len();
+        }
+        if skip < body.len() {
+            iovecs[iovec_count] = libc::iovec {
+                iov_base: body[skip..].as_ptr() as *mut _,
+                iov_len: body.len() - skip,
+            };
+            iovec_count += 1;
+            last_is_packed = false;
+        }
+    }
+    debug_assert!(iovec_count <= TX_IOVECS_MAX && heads_used <= heads.len());
+    (iovec_count, heads_used)
 }
