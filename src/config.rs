@@ -126,7 +126,7 @@ serve_options! {
     listen: SocketAddr = "127.0.0.1:6800", parse_addr;
     /// Client transport besides TCP (which always serves --listen): tcp (only that), udp (the datagram RPC on kernel UDP sockets at --udp, one SO_REUSEPORT socket per core), or dpdk (the datagram RPC on a DPDK port, answering for --udp's IPv4 address and port; needs a build with --features dpdk).
     transport: String = "tcp", parse_choice(&["tcp", "udp", "dpdk"]);
-    /// How the reactors' TCP talks to the kernel (mode rtc): epoll (edge-triggered epoll, recv and writev calls) or uring (one io_uring per core, no SQPOLL: receives and sends posted per pass and one io_uring_enter per pass submits and reaps them; falls back to epoll, with a log line, where the kernel or a seccomp profile refuses io_uring).
+    /// How the reactors' TCP talks to the kernel (mode rtc): epoll (edge-triggered epoll, recv and writev calls) or uring (one io_uring per core, no SQPOLL: receives and sends posted per pass and one io_uring_enter per pass submits and reaps them; falls back to epoll, with a log line, where the kernel or a seccomp profile refuses io_uring). uring made fewer system calls but cost more CPU per op on loopback than epoll (ARCHITECTURE.md, "Choices and why"): an experiment, off by default.
     tcp_io: String = "epoll", parse_choice(&["epoll", "uring"]);
     /// Address of the datagram RPC with --transport udp (port 0: any free port, logged at start), or the IPv4 address and UDP port the DPDK port answers for (ARP included) with --transport dpdk.
     udp: SocketAddr = "127.0.0.1:6800", parse_addr;

@@ -136,6 +136,9 @@ pub(super) struct UringIo {
     reaped: Vec<(u64, i32, u32)>,
     pub(super) enters: u64,
     pub(super) enter_errors: u64,
+    /// Readiness found by reaps since `poll_events` last reported it (receive and poll
+    /// completions, the listener): the pass's work, as epoll's events are.
+    events: usize,
 }
 
 /// Sets up a ring for `connections_max` connections, or says why the kernel refused (seccomp,
@@ -183,6 +186,7 @@ pub(super) fn setup(connections_max: u32, waker_fd: RawFd) -> io::Result<UringIo
         reaped: Vec::with_capacity(CQ_ENTRIES as usize),
         enters: 0,
         enter_errors: 0,
+        events: 0,
     };
     io.push(multishot_poll(waker_fd, user_data(Kind::Waker, 0, 0)))?;
     // Submitted now, so that a ring the kernel refuses to run is refused here (and the
@@ -311,7 +315,10 @@ impl TcpTransport {
                 self.log_enter_error(e);
             }
         }
-        self.reap(None)
+        self.reap(None);
+        // What this pass's and the last pass's reaps found (the last pass's enter, in
+        // `flush_tx`, gathers most of it): counted as work where epoll's `epoll_wait` would.
+        std::mem::take(&mut self.uring.as_mut().expect("uring transport").events)
     }
 
     fn log_enter_error(&self, error: io::Error) {
@@ -497,7 +504,8 @@ impl TcpTransport {
         self.reap(Some(pools))
     }
 
-    /// Handles the completions already in the ring (no system call). Returns the work found.
+    /// Handles the completions already in the ring (no system call). Returns the readiness
+    /// found (also kept for `poll_events` to report as work); sends count in `replies_tx`.
     /// Without `pools` (a park), buffers that completions free wait in `released` for the next
     /// call with them; sends are never in flight then (`flush_tx` waits for its own).
     pub(super) fn reap(&mut self, mut pools: Option<&mut CorePools>) -> usize {
@@ -516,10 +524,14 @@ impl TcpTransport {
                 return work;
             }
             let reaped = std::mem::take(&mut uring.reaped);
+            let mut found = 0;
             for &(data, result, flags) in &reaped {
-                work += self.on_completion(data, result, flags, pools.as_deref_mut());
+                found += self.on_completion(data, result, flags, pools.as_deref_mut());
             }
-            self.uring.as_mut().expect("uring").reaped = reaped;
+            work += found;
+            let uring = self.uring.as_mut().expect("uring");
+            uring.reaped = reaped;
+            uring.events += found;
         }
     }
 
@@ -551,11 +563,14 @@ impl TcpTransport {
                 }
                 usize::from(kind == Kind::Listener)
             }
-            Kind::Send => self.on_send(
-                index as usize,
-                result,
-                pools.expect("sends complete within flush_tx, which has the pools"),
-            ),
+            Kind::Send => {
+                self.on_send(
+                    index as usize,
+                    result,
+                    pools.expect("sends complete within flush_tx, which has the pools"),
+                );
+                0 // Replies are `flush_tx`'s count (`replies_tx`), not readiness.
+            }
             Kind::Cancel => 0,
             Kind::Recv => self.on_recv(index, generation, result),
             Kind::RxPoll => {
