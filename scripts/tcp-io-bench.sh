@@ -30,7 +30,16 @@ OUT=${OUT:-target/tcp-io-bench}
 mkdir -p "$OUT"
 TICKS=$(getconf CLK_TCK)
 
-cleanup() { [ -n "${server:-}" ] && kill -INT "$server" 2>/dev/null && wait "$server" 2>/dev/null || true; }
+stop_server() { # SIGINT, then SIGKILL if it has not stopped within 20 s
+  kill -INT "$server" 2>/dev/null || return 0
+  for _ in $(seq 200); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$server" 2>/dev/null; then
+    echo "server $server did not stop within 20 s of SIGINT; killed" >&2
+    kill -KILL "$server" 2>/dev/null || true
+  fi
+  wait "$server" 2>/dev/null || true
+}
+cleanup() { if [ -n "${server:-}" ]; then stop_server; fi; }
 trap cleanup EXIT
 
 shape=(--target "$LISTEN" --route --bs 4096 --objects 64 --object-size 4MiB --clients 4 --qd 32 --cpus 0 --json)
@@ -55,7 +64,8 @@ run() { # mode op -> one line of results
      sleep 0.1
    done) &
   local watcher=$!
-  "$B" load "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$tag.json" 2>"$OUT/$tag.err"
+  timeout 300 "$B" load "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$tag.json" 2>"$OUT/$tag.err" ||
+    { echo "load failed ($?): $(tail -3 "$OUT/$tag.err")" >&2; exit 1; }
   sleep 0.2 # one more sample of the server's threads
   [ -n "$perf" ] && { wait "$perf" || true; }
   local cpu_after; cpu_after=$(proc_cpu_ticks "$server")
@@ -99,11 +109,15 @@ for round in $(seq "$ROUNDS"); do
       echo "io_uring refused here; the uring runs would be epoll" >&2; exit 1
     fi
     reactor=$(grep -l carmine-core-0 /proc/"$server"/task/*/comm | head -1 | cut -d/ -f5)
-    "$B" load "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null 2>&1
-    "$B" load "${shape[@]}" --op randread --duration 3s >/dev/null 2>&1 # every block read once
+    # Bounded, and logged: a generator that fails or hangs stops the script with its reason.
+    timeout 120 "$B" load "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null 2>"$OUT/warmup.err" ||
+      { echo "prefill failed ($?): $(tail -3 "$OUT/warmup.err")" >&2; exit 1; }
+    # Every block read once, so that the store keeps its crcs (as the timed runs will find).
+    timeout 120 "$B" load "${shape[@]}" --op randread --duration 3s >/dev/null 2>"$OUT/warmup.err" ||
+      { echo "warm-up failed ($?): $(tail -3 "$OUT/warmup.err")" >&2; exit 1; }
     run "$mode" randread
     run "$mode" randwrite
-    kill -INT "$server"; wait "$server" || true; server=""
+    stop_server; server=""
   done
 done
 echo "# end $(date -u +%FT%TZ), load average $(cut -d' ' -f1-3 /proc/loadavg)"
