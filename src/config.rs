@@ -421,6 +421,29 @@ mod tests {
     }
 
     #[test]
+    fn tcp_io_is_epoll_by_default_uring_on_request_and_refused_in_classic_mode() {
+        let resolve = |mode: &str, tcp_io: Option<&str>| {
+            ServeConfig::resolve(&ServeArgs {
+                mode: Some(mode.into()),
+                tcp_io: tcp_io.map(Into::into),
+                ..ServeArgs::default()
+            })
+        };
+        assert_eq!(resolve("rtc", None).unwrap().tcp_io(), TcpIo::Epoll);
+        assert_eq!(
+            resolve("rtc", Some("uring")).unwrap().tcp_io(),
+            TcpIo::Uring
+        );
+        let error = resolve("classic", Some("uring")).unwrap_err();
+        assert!(error.contains("rtc) only"), "{error}");
+        let error = resolve("rtc", Some("io_uring")).unwrap_err();
+        assert!(
+            error.contains("epoll") && error.contains("uring"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn flags_override_file_which_overrides_defaults() {
         let dir = TempDir::new("carmine-config");
         let path = dir.join("carmine.toml");
