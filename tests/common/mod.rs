@@ -59,10 +59,32 @@ macro_rules! on_both_tcp_paths {
             }
             #[test]
             fn uring() {
+                if let Err(why) = $crate::common::io_uring_available() {
+                    // Where the kernel refuses io_uring the server would run on epoll (the
+                    // fallback has its own test); nothing here would test io_uring.
+                    eprintln!("SKIP: io_uring unavailable in this environment ({why})");
+                    return;
+                }
                 super::$name(&["--tcp-io", "uring"]);
             }
         }
     };
+}
+
+/// Whether this process may set up an io_uring (seccomp profiles and
+/// `kernel.io_uring_disabled` refuse it).
+pub fn io_uring_available() -> std::io::Result<()> {
+    // SAFETY: io_uring_setup with one entry and a zeroed params struct the kernel fills; the
+    // descriptor it returns is closed at once.
+    unsafe {
+        let mut params = [0u8; 120]; // struct io_uring_params
+        let fd = libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr());
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::close(fd as i32);
+    }
+    Ok(())
 }
 
 /// A `carmine serve` child process, stopped with SIGINT (and checked for a clean exit) on drop.
