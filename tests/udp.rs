@@ -234,6 +234,75 @@ fn standard_ethernet_mtu_splits_requests_and_verifies() {
     }
 }
 
+/// A client started with another `--rpc-mtu` than the server is told so at once, with both
+/// MTUs, whichever end notices: the server refuses requests laid out for another size (a
+/// 4 KiB write), the client refuses responses laid out for another size (a 4 KiB read answered
+/// in the server's packets). Before the refusal existed, both waited 30 s and guessed.
+#[test]
+fn a_client_with_another_rpc_mtu_fails_at_once_naming_both() {
+    let (mut server, udp) = udp_server(&["--cores", "1", "--rpc-mtu", "1500"]);
+    // The objects exist (written with the right MTU), so reads answer 4 KiB.
+    let prefill = udp_load(
+        &udp,
+        &args_with(&["--op", "randwrite", "--rpc-mtu", "1500"], &SHAPE),
+    );
+    assert_clean(&prefill, "prefill at the server's MTU");
+    for (op, client_mtu, noticed_by) in [
+        ("randwrite", "9000", "server"),
+        ("randread", "1280", "client"),
+    ] {
+        let started = std::time::Instant::now();
+        let output = std::process::Command::new(CARMINE)
+            .args([
+                "load",
+                "--transport",
+                "udp",
+                "--target",
+                &udp,
+                "--op",
+                op,
+                "--rpc-mtu",
+                client_mtu,
+                "--duration",
+                "5s",
+                "--objects",
+                "16",
+                "--object-size",
+                "256KiB",
+                "--clients",
+                "1",
+                "--qd",
+                "4",
+                "--status-target",
+                &server.addr,
+            ])
+            .output()
+            .expect("run carmine load");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{op} at MTU {client_mtu} succeeded: {stderr}"
+        );
+        assert!(
+            stderr.contains("MTU 1500")
+                && stderr.contains(&format!("MTU {client_mtu}"))
+                && stderr.contains("same --rpc-mtu"),
+            "{op} ({noticed_by} notices): the error names both MTUs: {stderr}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "{op}: failed after {:?}, not at once (a resend timeout is 30 s)",
+            started.elapsed()
+        );
+    }
+    let status = status(&server.addr);
+    assert!(
+        total(&status, "udp_refusals") >= 1,
+        "the server counts its refusals: {status}"
+    );
+    assert!(server.stop().success(), "clean exit on SIGINT");
+}
+
 #[test]
 fn dpdk_transport_without_the_feature_says_how_to_build_it() {
     if cfg!(feature = "dpdk") {

@@ -400,6 +400,7 @@ pub(super) fn book<B: AsRef<[u8]>>(
                     .to_string(),
             )
         }
+        Err(e @ RpcError::PacketSize { .. }) => return Err(e.to_string()),
     };
     let bytes = match message.as_single() {
         Some(bytes) => bytes,
@@ -468,7 +469,7 @@ pub(super) fn fetch_status(target: &str, mtu: u16) -> Result<serde_json::Value, 
                     Ok(message) => {
                         client::reply_from_frame(&message.to_vec(), Opcode::Status, request_id)
                     }
-                    Err(RpcError::TimedOut) => Err("no reply after every resend".to_string()),
+                    Err(e) => Err(e.to_string()),
                 });
             };
         while let Ok(Some((buf, from))) = port.recv() {

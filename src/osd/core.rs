@@ -1546,6 +1546,7 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     );
     c.set(Counter::udp_dropped_injected, udp.dropped_injected);
     c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
+    c.set(Counter::udp_refusals, udp.rpc.refusals);
     // The port's own counters (zero on a kernel socket): over DPDK a received datagram is
     // leased in the mbuf's room (`dpdk_rx_in_place`), or copied once from its mbuf into a pool
     // chunk when the port cannot (`dpdk_rx_copies`).

@@ -111,6 +111,7 @@ counters!(
     udp_pool_waits,
     udp_dropped_injected,
     udp_sessions_refused,
+    udp_refusals,
     dpdk_rx_copies,
     dpdk_rx_copied_bytes,
     dpdk_rx_in_place,
