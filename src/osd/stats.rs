@@ -112,6 +112,8 @@ counters!(
     udp_dropped_injected,
     udp_sessions_refused,
     udp_refusals,
+    udp_rx_syscalls,
+    udp_tx_syscalls,
     dpdk_rx_copies,
     dpdk_rx_copied_bytes,
     dpdk_rx_in_place,

@@ -38,6 +38,7 @@
 
 pub mod client;
 pub mod ipv4;
+pub mod mmsg;
 pub mod packet;
 mod reassembly;
 pub mod server;
