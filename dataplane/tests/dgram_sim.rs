@@ -431,14 +431,19 @@ fn mismatched_packet_sizes_fail_at_once_with_both_sizes() {
         "a request laid out for another size never runs"
     );
     assert!(server.stats().refusals >= 1);
-    let mut results = Vec::new();
-    for packet in to_client(&mut server) {
-        client.receive(SERVER, packet, 0, 0, &mut |session, id, r| {
-            results.push((session, id, r.err()))
-        });
-    }
+    // What the client hands up of the server's packets: (session, id, error).
+    let answers = |srv: &mut RpcServer<u8, Vec<u8>, Vec<u8>>,
+                   c: &mut RpcClient<u8, Vec<u8>, Vec<u8>>| {
+        let mut results = Vec::new();
+        for packet in to_client(srv) {
+            c.receive(SERVER, packet, 0, 0, &mut |session, id, r| {
+                results.push((session, id, r.err()))
+            });
+        }
+        results
+    };
     assert_eq!(
-        results,
+        answers(&mut server, &mut client),
         vec![(s, big, Some(size_error))],
         "one failure, no wait"
     );
@@ -455,14 +460,8 @@ fn mismatched_packet_sizes_fail_at_once_with_both_sizes() {
     }
     assert_eq!(handles.len(), 1, "a request that fits both sizes runs");
     server.reply(handles[0], vec![3; 250]).unwrap();
-    results.clear();
-    for packet in to_client(&mut server) {
-        client.receive(SERVER, packet, 0, 0, &mut |session, id, r| {
-            results.push((session, id, r.err()))
-        });
-    }
     assert_eq!(
-        results,
+        answers(&mut server, &mut client),
         vec![(s, small, Some(size_error))],
         "the first (full) response packet shows the server's size; the rest are stale"
     );

@@ -127,6 +127,17 @@ fn assert_reply(response: &[u8], expected: &[u8]) {
 
 type TestClient = RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>>;
 
+/// Answers `request` as a write is answered: OK, one result, no output (kept inline).
+fn reply_one_result(
+    server: &mut UdpRpcTransport,
+    pools: &mut CorePools,
+    handle: RequestHandle,
+    header: &Header,
+) {
+    let results = [(0, 0)];
+    server.reply(pools, handle, header, Status::Ok, &results, Body::None);
+}
+
 /// A kernel-UDP RPC client of `server` with packets sized for `mtu`.
 fn client_of(
     server: &UdpRpcTransport,
@@ -452,15 +463,7 @@ fn small_replies_are_kept_inline() {
     let request = request.expect("request never arrived");
     pools.release_lease(request.frame);
     let in_use = pools.in_use();
-    let results = [(0, 0)];
-    server.reply(
-        &mut pools,
-        request.handle,
-        &request.header,
-        Status::Ok,
-        &results,
-        Body::None,
-    );
+    reply_one_result(&mut server, &mut pools, request.handle, &request.header);
     assert_eq!(pools.in_use(), in_use, "no buffer taken for the response");
     server.flush_tx(&mut pools);
     let response = await_response(&mut client, &mut client_port);
@@ -528,15 +531,7 @@ fn a_burst_is_received_and_answered_in_one_system_call_each() {
         );
     }
     for request in requests {
-        let results = [(0, 0)];
-        server.reply(
-            &mut pools,
-            request.handle,
-            &request.header,
-            Status::Ok,
-            &results,
-            Body::None,
-        );
+        reply_one_result(&mut server, &mut pools, request.handle, &request.header);
         pools.release_lease(request.frame);
     }
     server.flush_tx(&mut pools);
