@@ -303,6 +303,55 @@ fn a_client_with_another_rpc_mtu_fails_at_once_naming_both() {
     assert!(server.stop().success(), "clean exit on SIGINT");
 }
 
+/// `--rpc-mtu 9000` on both ends over a link of MTU 1500 (a network namespace whose
+/// loopback has that MTU): the server sends with Don't Fragment set (cheaper for the kernel),
+/// finds a reply too long for the route, says so once and sends fragmented from then on; every
+/// verified op completes. Needs root and `unshare` (util-linux) for the namespace: says so and
+/// passes vacuously without them (CI runs as root).
+#[test]
+fn an_rpc_mtu_over_the_links_mtu_still_works_fragmented() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: needs root (a network namespace with a 1500-byte loopback)");
+        return;
+    }
+    let script = format!(
+        "set -e
+        ip link set lo up mtu 1500
+        {carmine} serve --store memory --cores 1 --listen 127.0.0.1:16990 --transport udp \
+          --udp 127.0.0.1:16991 --rpc-mtu 9000 --nbd off >serve.log 2>&1 &
+        server=$!
+        for _ in $(seq 100); do grep -q 'serving on' serve.log && break; sleep 0.1; done
+        {carmine} load --transport udp --target 127.0.0.1:16991 --status-target 127.0.0.1:16990 \
+          --rpc-mtu 9000 --op mixed --verify --prefill --duration 1s --objects 8 \
+          --object-size 64KiB --clients 2 --qd 8 --json >load.json
+        kill -INT $server; wait $server || true
+        cat serve.log >&2",
+        carmine = CARMINE
+    );
+    let dir = TestDir::new("udp-fragmented");
+    let output = std::process::Command::new("unshare")
+        .args(["-n", "bash", "-c", &script])
+        .current_dir(&dir.0)
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(e) => {
+            eprintln!("SKIP: unshare (util-linux) is not available: {e}");
+            return;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.0.join("load.json")).unwrap()).unwrap();
+    assert_clean(&report, "verified ops over fragmented datagrams");
+    assert!(
+        stderr.contains("sending fragmented from now on"),
+        "the server says it stopped setting Don't Fragment: {stderr}"
+    );
+}
+
 #[test]
 fn dpdk_transport_without_the_feature_says_how_to_build_it() {
     if cfg!(feature = "dpdk") {

@@ -243,6 +243,21 @@ pub trait DatagramPort {
         payload: &[u8],
         tail: &[u8],
     ) -> io::Result<bool>;
+    /// `send` for parts that stay where they are until the next `flush` returns, which a port
+    /// that queues its packets may send from there instead of copying them first. By default
+    /// `send`.
+    ///
+    /// # Safety
+    /// `payload` and `tail` stay valid and unchanged until the next `flush` returns.
+    unsafe fn send_borrowed(
+        &mut self,
+        peer: &Self::Addr,
+        header: &[u8],
+        payload: &[u8],
+        tail: &[u8],
+    ) -> io::Result<bool> {
+        self.send(peer, header, payload, tail)
+    }
     /// Whether `send_from_pool` sends payloads in place (no copy). When it does, a reply from
     /// the store's memory is copied into a pool chunk, so that its packets can be sent from
     /// there; otherwise it is sent from the store, and copied once, by `send`.
@@ -913,9 +928,11 @@ impl<P: DatagramPort> RpcTransport<P> {
             let len = header.len() + payload.len() + tail.len();
             let sent = if !tail.is_empty() || payload.len() <= INLINE_RESPONSE_MAX_BYTES {
                 // A `Response::Stored` (its head, then store memory) or a `Response::Inline`
-                // (not pool memory): copied into the packet, as a payload this small would be
-                // anyway.
-                port.send(peer, header, payload, tail)
+                // (not pool memory).
+                // SAFETY: both are parts of a response the RPC keeps until the client's next
+                // request on the slot, which only `poll_rx` takes, and store memory changes
+                // only in `exec_run`: neither runs before `port.flush` below returns.
+                unsafe { port.send_borrowed(peer, header, payload, tail) }
             } else {
                 // SAFETY: a one-part payload this long is a slice of a `Response::Pool` the RPC
                 // holds, a `PoolBytes` lease over sealed bytes of this core's pools

@@ -4,12 +4,15 @@
 //! ~3.7 us of server CPU per op, against TCP's 0.1-0.2 and ~1 us, whose one read and one
 //! writev carry a whole batch), so the datagram RPC on kernel sockets batches both ways.
 //!
-//! [`SendBatch`] copies each datagram into a slot of its own (as the single send joined
-//! header and payload on the stack): the responses they come from may change once the pass
-//! ends, and what the socket did not take must stay queued for the next flush.
+//! [`SendBatch`] keeps a datagram's head (the 32-byte RPC header, made on the caller's stack)
+//! in a slot of its own and, with `push_borrowed`, points at the payload where it lies (a
+//! response the RPC keeps): the kernel's copy into its buffer is the only one, as TCP's
+//! `writev` of a reply. What a full socket did not take is copied into its slot before
+//! `send_queued` returns, so no datagram borrows the caller's bytes past that call.
 //! [`recv_batch`] fills caller-given buffers, each able to hold a maximal datagram.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 
@@ -19,18 +22,36 @@ use super::socket::DATAGRAM_BYTES_MAX;
 /// packets), and what a pass of 4 clients x QD32 one-packet ops sends in a few calls.
 pub const BATCH_MAX: usize = 32;
 
-/// Datagrams queued for `sendmmsg`, each copied whole into its own slot.
+/// Datagrams queued for `sendmmsg`: each a head copied into its own slot, then up to two
+/// borrowed parts (or, once owned, nothing borrowed: the whole datagram in the slot).
 pub struct SendBatch {
     /// `BATCH_MAX` slots of `DATAGRAM_BYTES_MAX` bytes.
     bytes: Box<[u8]>,
-    lens: [usize; BATCH_MAX],
-    addrs: [SocketAddr; BATCH_MAX],
+    slots: [Slot; BATCH_MAX],
+    /// Each slot's destination, as the kernel takes it (made at push, not per call).
+    names: [(libc::sockaddr_storage, libc::socklen_t); BATCH_MAX],
     /// Queued datagrams are slots `first..end`; the socket took the ones before `first`.
     first: usize,
     end: usize,
     /// `sendmmsg` calls made, for the port's counters.
     pub calls: u64,
 }
+
+/// What one queued datagram is made of.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// Bytes at the start of the slot's own storage, sent first.
+    own: usize,
+    /// Bytes sent after them, where the caller keeps them (`push_borrowed`'s contract); empty
+    /// parts are (null, 0). Raw because they outlive the borrow that gave them, up to the
+    /// next `send_queued`, which owns whatever it leaves queued.
+    borrowed: [(*const u8, usize); 2],
+}
+
+const EMPTY_SLOT: Slot = Slot {
+    own: 0,
+    borrowed: [(std::ptr::null(), 0); 2],
+};
 
 impl Default for SendBatch {
     fn default() -> Self {
@@ -43,8 +64,8 @@ impl SendBatch {
     pub fn new() -> SendBatch {
         SendBatch {
             bytes: vec![0u8; BATCH_MAX * DATAGRAM_BYTES_MAX].into_boxed_slice(),
-            lens: [0; BATCH_MAX],
-            addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); BATCH_MAX],
+            slots: [EMPTY_SLOT; BATCH_MAX],
+            names: [(zeroed_storage(), 0); BATCH_MAX],
             first: 0,
             end: 0,
             calls: 0,
@@ -61,63 +82,112 @@ impl SendBatch {
         self.end == BATCH_MAX
     }
 
-    /// Queues one datagram made of `parts` back to back, for `to`. False when full.
+    /// Queues one datagram made of `parts` back to back, for `to`, copied whole into its slot.
+    /// False when full.
     pub fn push(&mut self, to: &SocketAddr, parts: [&[u8]; 3]) -> bool {
-        if self.is_full() {
+        let Some(slot) = self.take_slot(to, parts.iter().map(|p| p.len()).sum()) else {
             return false;
+        };
+        let storage = &mut self.bytes[slot * DATAGRAM_BYTES_MAX..][..DATAGRAM_BYTES_MAX];
+        let mut at = 0;
+        for part in parts {
+            storage[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
         }
-        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.slots[slot].own = at;
+        true
+    }
+
+    /// Queues one datagram for `to`: `head` copied into its slot, then `body`'s two parts
+    /// sent from where they are. False when full.
+    ///
+    /// # Safety
+    /// `body`'s bytes must stay valid and unchanged until the next `send_queued` returns
+    /// (which sends them or copies them into the slot).
+    pub unsafe fn push_borrowed(&mut self, to: &SocketAddr, head: &[u8], body: [&[u8]; 2]) -> bool {
+        let len = head.len() + body[0].len() + body[1].len();
+        let Some(slot) = self.take_slot(to, len) else {
+            return false;
+        };
+        self.bytes[slot * DATAGRAM_BYTES_MAX..][..head.len()].copy_from_slice(head);
+        self.slots[slot].own = head.len();
+        for (kept, part) in self.slots[slot].borrowed.iter_mut().zip(body) {
+            *kept = if part.is_empty() {
+                (std::ptr::null(), 0)
+            } else {
+                (part.as_ptr(), part.len())
+            };
+        }
+        true
+    }
+
+    /// The next slot, with its destination set, for a datagram of `len` bytes.
+    fn take_slot(&mut self, to: &SocketAddr, len: usize) -> Option<usize> {
+        if self.is_full() {
+            return None;
+        }
         assert!(
             len <= DATAGRAM_BYTES_MAX,
             "datagram of {len} bytes over the limit"
         );
-        let slot = &mut self.bytes[self.end * DATAGRAM_BYTES_MAX..][..DATAGRAM_BYTES_MAX];
-        let mut at = 0;
-        for part in parts {
-            slot[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        self.lens[self.end] = len;
-        self.addrs[self.end] = *to;
+        let slot = self.end;
         self.end += 1;
-        true
+        self.slots[slot] = EMPTY_SLOT;
+        self.names[slot] = sockaddr_of(*to);
+        Some(slot)
     }
 
     /// Hands the queued datagrams to the socket, as many as it takes (`sendmmsg`, non-blocking).
-    /// What a full socket did not take stays queued (`Ok` either way). A socket error is
-    /// reported once and the datagram it concerns is dropped, as a lost datagram would be (the
-    /// RPC resends), so one bad peer cannot wedge the queue.
+    /// What a full socket did not take stays queued (`Ok` either way), copied into its slot.
+    /// A socket error is reported once and the datagram it concerns is dropped, as a lost
+    /// datagram would be (the RPC resends), so one bad peer cannot wedge the queue.
     pub fn send_queued(&mut self, fd: RawFd) -> io::Result<()> {
+        let result = self.send_some(fd);
+        self.own_queued();
+        result
+    }
+
+    fn send_some(&mut self, fd: RawFd) -> io::Result<()> {
         while self.first < self.end {
             let count = self.end - self.first;
-            let mut names = [(zeroed_storage(), 0 as libc::socklen_t); BATCH_MAX];
-            // SAFETY (for the zeroed values): iovec and mmsghdr are plain old data; null
-            // pointers and zero lengths are valid values, all filled in below.
-            let mut iovecs: [libc::iovec; BATCH_MAX] = unsafe { std::mem::zeroed() };
-            let mut headers: [libc::mmsghdr; BATCH_MAX] = unsafe { std::mem::zeroed() };
+            let mut iovecs = [MaybeUninit::<libc::iovec>::uninit(); BATCH_MAX * 3];
+            let mut headers = [MaybeUninit::<libc::mmsghdr>::uninit(); BATCH_MAX];
+            let mut next_iovec = 0;
             for i in 0..count {
                 let slot = self.first + i;
-                names[i] = sockaddr_of(self.addrs[slot]);
-                iovecs[i] = libc::iovec {
+                let parts = &self.slots[slot];
+                let first_iovec = next_iovec;
+                iovecs[next_iovec].write(libc::iovec {
                     iov_base: self.bytes[slot * DATAGRAM_BYTES_MAX..].as_ptr() as *mut _,
-                    iov_len: self.lens[slot],
-                };
-            }
-            for i in 0..count {
-                let header = &mut headers[i].msg_hdr;
-                header.msg_name = (&mut names[i].0 as *mut libc::sockaddr_storage).cast();
-                header.msg_namelen = names[i].1;
-                header.msg_iov = &mut iovecs[i];
-                header.msg_iovlen = 1;
+                    iov_len: parts.own,
+                });
+                next_iovec += 1;
+                for &(ptr, len) in parts.borrowed.iter().filter(|(_, len)| *len > 0) {
+                    iovecs[next_iovec].write(libc::iovec {
+                        iov_base: ptr as *mut _,
+                        iov_len: len,
+                    });
+                    next_iovec += 1;
+                }
+                // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths);
+                // the fields sendmmsg reads are set just below.
+                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                header.msg_hdr.msg_name =
+                    (&mut self.names[slot].0 as *mut libc::sockaddr_storage).cast();
+                header.msg_hdr.msg_namelen = self.names[slot].1;
+                header.msg_hdr.msg_iov = iovecs[first_iovec].as_mut_ptr();
+                header.msg_hdr.msg_iovlen = next_iovec - first_iovec;
+                headers[i].write(header);
             }
             self.calls += 1;
-            // SAFETY: `headers[..count]` each name a live sockaddr of the given length and one
-            // iovec over `lens[slot]` initialized bytes of `self.bytes`, all of which outlive
-            // the call; the kernel only reads them (and writes `msg_len`, in `headers`).
+            // SAFETY: `headers[..count]` are initialized above; each names a live sockaddr of
+            // the given length and iovecs over live bytes: the slot's own, and borrowed ones
+            // `push_borrowed`'s caller keeps valid until this call returns. The kernel only
+            // reads them (and writes `msg_len` in `headers`).
             let sent = unsafe {
                 libc::sendmmsg(
                     fd,
-                    headers.as_mut_ptr(),
+                    headers.as_mut_ptr().cast(),
                     count as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
@@ -138,6 +208,27 @@ impl SendBatch {
             self.reset_if_empty();
         }
         Ok(())
+    }
+
+    /// Copies the borrowed parts of every datagram still queued into its slot, so none
+    /// points at the caller's bytes once `send_queued` has returned.
+    fn own_queued(&mut self) {
+        for slot in self.first..self.end {
+            let parts = self.slots[slot];
+            let storage = &mut self.bytes[slot * DATAGRAM_BYTES_MAX..][..DATAGRAM_BYTES_MAX];
+            let mut at = parts.own;
+            for &(ptr, len) in parts.borrowed.iter().filter(|(_, len)| *len > 0) {
+                // SAFETY: `push_borrowed`'s caller keeps these bytes valid until this
+                // `send_queued` returns, and they are not the batch's own storage.
+                let part = unsafe { std::slice::from_raw_parts(ptr, len) };
+                storage[at..at + len].copy_from_slice(part);
+                at += len;
+            }
+            self.slots[slot] = Slot {
+                own: at,
+                ..EMPTY_SLOT
+            };
+        }
     }
 
     fn reset_if_empty(&mut self) {
@@ -161,32 +252,32 @@ pub fn recv_batch(
     if count == 0 {
         return Ok(0);
     }
-    let mut names = [zeroed_storage(); BATCH_MAX];
-    // SAFETY (for the zeroed values): iovec and mmsghdr are plain old data; null pointers and
-    // zero lengths are valid values, all filled in below.
-    let mut iovecs: [libc::iovec; BATCH_MAX] = unsafe { std::mem::zeroed() };
-    let mut headers: [libc::mmsghdr; BATCH_MAX] = unsafe { std::mem::zeroed() };
+    let mut names = [MaybeUninit::<libc::sockaddr_storage>::uninit(); BATCH_MAX];
+    let mut iovecs = [MaybeUninit::<libc::iovec>::uninit(); BATCH_MAX];
+    let mut headers = [MaybeUninit::<libc::mmsghdr>::uninit(); BATCH_MAX];
     for i in 0..count {
-        iovecs[i] = libc::iovec {
+        iovecs[i].write(libc::iovec {
             iov_base: buffers[i].as_mut_ptr().cast(),
             iov_len: buffers[i].len(),
-        };
-    }
-    for i in 0..count {
-        let header = &mut headers[i].msg_hdr;
-        header.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-        header.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        header.msg_iov = &mut iovecs[i];
-        header.msg_iovlen = 1;
+        });
+        // SAFETY: an all-zero mmsghdr is a valid value; the fields recvmmsg reads are set here.
+        let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        header.msg_hdr.msg_name = names[i].as_mut_ptr().cast();
+        header.msg_hdr.msg_namelen =
+            std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        header.msg_hdr.msg_iov = iovecs[i].as_mut_ptr();
+        header.msg_hdr.msg_iovlen = 1;
+        headers[i].write(header);
     }
     loop {
-        // SAFETY: each of `headers[..count]` names a live sockaddr_storage and one iovec over
+        // SAFETY: `headers[..count]` are initialized above; each names a sockaddr_storage of
+        // `names` and one iovec over
         // a live, exclusively borrowed buffer of the given length; the kernel writes at most
         // that many bytes into each, and the names and lengths into `names` and `headers`.
         let received = unsafe {
             libc::recvmmsg(
                 fd,
-                headers.as_mut_ptr(),
+                headers.as_mut_ptr().cast(),
                 count as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -202,9 +293,13 @@ pub fn recv_batch(
         }
         let received = received as usize;
         for i in 0..received {
-            let from = socket_addr_of(&names[i], headers[i].msg_hdr.msg_namelen)
+            // SAFETY: the kernel filled the first `received` headers, and each one's name
+            // (`msg_namelen` bytes of it, at most a sockaddr_storage; the rest is not read).
+            let (header, name) =
+                unsafe { (headers[i].assume_init_ref(), names[i].assume_init_ref()) };
+            let from = socket_addr_of(name, header.msg_hdr.msg_namelen)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-            got[i] = (headers[i].msg_len as usize, from);
+            got[i] = (header.msg_len as usize, from);
         }
         return Ok(received);
     }
@@ -389,6 +484,49 @@ mod tests {
         batch.send_queued(a.as_raw_fd()).unwrap();
         let got = recv_all(&b, 1);
         assert_eq!(got[0].0, b"good");
+    }
+
+    /// A borrowed datagram left queued by `send_queued` is copied into its slot before the
+    /// call returns: the caller may change its bytes at once, and what goes out later is what
+    /// was queued.
+    #[test]
+    fn borrowed_parts_left_queued_are_owned_before_send_queued_returns() {
+        let (a, b) = pair();
+        let to = b.local_addr().unwrap();
+        let bad: SocketAddr = "[::1]:9".parse().unwrap();
+        let mut payload = vec![0x11u8; 3000];
+        let tail = vec![0x22u8; 1000];
+        let mut batch = SendBatch::new();
+        assert!(batch.push(&bad, [b"bad", b"", b""]));
+        // SAFETY: `payload` and `tail` are not touched until `send_queued` has returned.
+        assert!(unsafe { batch.push_borrowed(&to, b"head", [&payload, &tail]) });
+        assert!(
+            batch.send_queued(a.as_raw_fd()).is_err(),
+            "the first datagram fails, the call stops there"
+        );
+        assert_eq!(batch.queued(), 1);
+        payload.fill(0xee); // the caller's bytes change after the call
+        batch.send_queued(a.as_raw_fd()).unwrap();
+        let got = recv_all(&b, 1);
+        let mut want = b"head".to_vec();
+        want.extend(vec![0x11u8; 3000]);
+        want.extend(vec![0x22u8; 1000]);
+        assert_eq!(got[0].0, want, "the bytes as queued");
+    }
+
+    #[test]
+    fn borrowed_parts_sent_at_once_are_not_copied_first() {
+        let (a, b) = pair();
+        let to = b.local_addr().unwrap();
+        let payload = vec![7u8; 4096];
+        let mut batch = SendBatch::new();
+        // SAFETY: `payload` outlives the `send_queued` call below and is not changed.
+        assert!(unsafe { batch.push_borrowed(&to, &[1, 2, 3], [&payload, &[]]) });
+        batch.send_queued(a.as_raw_fd()).unwrap();
+        assert_eq!(batch.queued(), 0);
+        let got = recv_all(&b, 1);
+        assert_eq!(&got[0].0[..3], &[1, 2, 3]);
+        assert_eq!(&got[0].0[3..], &payload[..]);
     }
 
     #[test]
