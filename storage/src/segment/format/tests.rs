@@ -72,7 +72,7 @@ fn superblock_keeps_the_spare_and_refuses_other_versions() {
     );
     assert!(error
         .to_string()
-        .contains("format version 4, this build reads version 6"));
+        .contains("format version 4, this build reads version 7"));
     // A version 5 image: its checkpoints are dumps, which version 6 still writes, but it
     // is refused the same way (one version read per build; no upgrade path yet).
     let mut v5 = sb.encode();
@@ -82,7 +82,7 @@ fn superblock_keeps_the_spare_and_refuses_other_versions() {
     assert!(Superblock::decode(&v5)
         .unwrap_err()
         .to_string()
-        .contains("format version 5, this build reads version 6"));
+        .contains("format version 5, this build reads version 7"));
 }
 
 #[test]
@@ -174,6 +174,7 @@ fn segment_header_checks_owner() {
         first_record_seq: 1000,
         replay_start_seq: 990,
         replay_start_offset: 1 << 30,
+        cold: false,
     };
     let block = header.encode();
     assert_eq!(SegmentHeader::decode(&block, 7, 9), Ok(header));
@@ -234,6 +235,10 @@ fn sample_record() -> (RecordHeader, Vec<u8>, Vec<u8>) {
         data_blocks: 2,
         data_crc: record_data_crc(&data),
         flags: 0,
+        cold_offset: 0,
+        cold_segment_seq: 0,
+        cold_blocks: 0,
+        cold_crc: 0,
     };
     (header, metadata, data)
 }
