@@ -220,6 +220,8 @@ struct InFlight {
     /// Not a record: a fresh segment's header, written and flushed before any record goes
     /// into that segment (see `Sealed::SegmentHeader`). It acknowledges nothing.
     segment_header_only: bool,
+    /// Blocks of the record's cold run (the cleaner's copies), for stall reports and tests.
+    cold_blocks: u32,
 }
 
 /// What `seal` put in flight.
@@ -721,7 +723,7 @@ impl Journal {
     /// What the journal is doing, for stall reports.
     pub fn debug_state(&self) -> String {
         format!(
-            "records in flight (seq, writes, flush, flush submitted, durable, pending writes) {:?}; batch {} ops {} data blocks; open segment room {:?}; failed {:?}",
+            "records in flight (seq, writes, flush, flush submitted, durable, pending writes, cold blocks) {:?}; batch {} ops {} data blocks {} cold; open segment room {:?}; cold head room {:?}; failed {:?}",
             self.in_flight
                 .iter()
                 .map(|f| (
@@ -730,12 +732,15 @@ impl Journal {
                     f.flush,
                     f.flush_submitted,
                     f.durable,
-                    self.buffers[f.buffers].pending.len()
+                    self.buffers[f.buffers].pending.len(),
+                    f.cold_blocks,
                 ))
                 .collect::<Vec<_>>(),
             self.batch.tags.len(),
             self.batch.data_blocks,
+            self.batch.cold_blocks,
             self.open.as_ref().map(|o| (o.end - o.next_offset) / BLOCK_SIZE_BYTES),
+            self.cold.as_ref().map(|o| (o.end - o.next_offset) / BLOCK_SIZE_BYTES),
             self.failed,
         )
     }
@@ -951,6 +956,11 @@ impl Journal {
                 .push_back((left.segment, self.next_record_seq));
             self.settle_cold_left();
         }
+    }
+
+    /// Whether a record with a cold run is in flight.
+    pub fn cold_run_in_flight(&self) -> bool {
+        self.in_flight.iter().any(|f| f.cold_blocks > 0)
     }
 
     /// Whether copies in the open batch wait for the cold head.
@@ -1498,6 +1508,7 @@ impl Journal {
             checkpoint: false,
             names_replay_start: None,
             segment_header_only: false,
+            cold_blocks: header.cold_blocks,
         });
         self.batch.clear();
         Ok(Sealed::Record(header.record_seq, record_offset))
@@ -1526,6 +1537,7 @@ impl Journal {
             checkpoint: false,
             names_replay_start: Some(self.replay_start_published),
             segment_header_only: true,
+            cold_blocks: 0,
         });
         Ok(())
     }

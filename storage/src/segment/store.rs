@@ -487,6 +487,9 @@ pub struct SegmentStore<Q: QueuePair> {
     checkpoint_interval: usize,
     /// Extents a step of the victim walk visits while I/O is in flight.
     walk_step_extents: usize,
+    /// Whether the cleaner may write its copies to its own head (`Cleaner::to_cold`); off,
+    /// they go beside client writes as before format 7 (tests compare the two).
+    cold_head: bool,
     /// Whether checkpoints may write the extent tree's changed nodes instead of dumping the
     /// extents (`take_snapshot`).
     checkpoint_writes: CheckpointWrites,
@@ -555,6 +558,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
             walk_step_extents: WALK_EXTENTS_PER_STEP,
+            cold_head: true,
             checkpoint_writes: CheckpointWrites::Cheaper,
             write_out: None,
             checkpoint_generation: 0,
@@ -632,6 +636,18 @@ impl<Q: QueuePair> SegmentStore<Q> {
     pub fn set_walk_step_extents(&mut self, extents: usize) {
         assert!(extents > 0, "a walk step visits at least one extent");
         self.walk_step_extents = extents;
+    }
+
+    /// Lets the cleaner write its copies to a log head of its own (the default), or not: then
+    /// they go beside client writes, as before format 7. For tests that compare the two.
+    pub fn set_cold_head(&mut self, enabled: bool) {
+        self.cold_head = enabled;
+    }
+
+    /// Whether a record carrying cleaner copies to the cold head is in flight (tests cut the
+    /// power then).
+    pub fn cold_run_in_flight(&self) -> bool {
+        self.journal.cold_run_in_flight()
     }
 
     /// What `segment` is for now (tests watch a segment through the cleaner).

@@ -163,7 +163,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
         );
         let cold_fresh = cold > self.journal.cold_tail_blocks();
         let head_fresh = heads > self.journal.open_tail_blocks();
-        if free > self.journal.reserve_segments
+        if self.cold_head
+            && free > self.journal.reserve_segments
             && (!cold_fresh || free >= 2)
             && (!head_fresh || free >= 2 + usize::from(cold_fresh))
         {
