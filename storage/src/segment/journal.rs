@@ -72,10 +72,23 @@ const TAG_FLUSH: u64 = 1;
 /// predecessor (`RECORD_FLAG_OVERLAPS`) names only the record just before it, and that is
 /// what lets the mount tell a torn tail of two records from damage (`tail.rs`).
 pub const RECORDS_IN_FLIGHT_MAX: usize = 2;
+/// Bound of `Journal::cold_left` (see there).
+const COLD_LEFT_MAX: usize = RECORDS_IN_FLIGHT_MAX + 3;
 const _: () = assert!(
     RECORDS_IN_FLIGHT_MAX == 2,
     "RECORD_FLAG_OVERLAPS names one record"
 );
+/// Records sealed after the last cold run written into a cold segment before that segment may
+/// be freed (and so overwritten). The scan checks the cold runs of the chain's last
+/// `RECORDS_IN_FLIGHT_MAX` records (`scan::check_cold_at_end`), and a write in flight with
+/// record N (or a segment header before it) may be torn at a crash whose chain ends at N - 2,
+/// so a run checked then belongs to a record >= N - 3: one written at most N - 4 is never
+/// checked by the time its bytes can be overwritten. Without this, a move that no longer
+/// applied (its block rewritten first) or whose blocks the very next record rewrote left its
+/// segment free at once, and a torn write reusing it made the scan end the log at an
+/// acknowledged record (`carmine sim --first-seed 5000 --cuts 3000`, seed 5437).
+pub const COLD_REUSE_RECORDS_AFTER: u64 = RECORDS_IN_FLIGHT_MAX as u64 + 1;
+
 /// A record sealed beside another carries at least this many data blocks per head block.
 /// Every record costs a head (at least one 4 KiB block) and a flush; sealed as soon as a
 /// record is in flight, a batch would often be one op or one cleaner copy, a head block per
@@ -342,8 +355,10 @@ pub struct Journal {
     /// needs it (after a mount too: a fresh one, never after a possibly torn run).
     cold: Option<OpenSegment>,
     /// Cold segments the head left, each with the first record that did not write into it:
-    /// they become data segments once every record before that one is retired. At most one
-    /// per record in flight, plus one the head leaves now, plus one left by `leave_cold`.
+    /// they become data segments once every record before that one is retired and
+    /// `COLD_REUSE_RECORDS_AFTER` more records were sealed. Entries wait for records no older
+    /// than the last few sealed, each of which opens at most one cold segment, plus one left
+    /// by `leave_cold` (and after a mount, the cold segments of the log's last records).
     cold_left: VecDeque<(u32, u64)>,
     /// One header block per record buffer: a record that opens a cold segment writes its
     /// header in the same request as its cold run.
@@ -604,6 +619,24 @@ impl Journal {
                 roles[header.segment as usize] = SegmentRole::Data;
             }
         }
+        // Cold segments the log's last records wrote into stay unfreeable until enough new
+        // records follow (`COLD_REUSE_RECORDS_AFTER`), whatever their live count: a crash
+        // soon after this mount checks those records' cold runs again.
+        let mut cold_left = VecDeque::with_capacity(COLD_LEFT_MAX);
+        for record in &log.records {
+            if record.header.cold_blocks == 0
+                || record.header.record_seq + COLD_REUSE_RECORDS_AFTER < log.next_record_seq
+            {
+                continue;
+            }
+            let segment = sb
+                .segment_at(record.header.cold_offset)
+                .expect("the scan checked the cold run");
+            roles[segment as usize] = SegmentRole::Cold;
+            cold_left.retain(|&(s, _)| s != segment);
+            assert!(cold_left.len() < cold_left.capacity());
+            cold_left.push_back((segment, record.header.record_seq + 1));
+        }
         let free_segments = sb
             .shard_segments(shard)
             .filter(|&s| roles[s as usize] == SegmentRole::Free)
@@ -629,7 +662,7 @@ impl Journal {
             checkpoint_bytes: 0,
             open: None,
             cold: None,
-            cold_left: VecDeque::with_capacity(RECORDS_IN_FLIGHT_MAX + 2),
+            cold_left,
             cold_headers: AlignedBuf::new(RECORDS_IN_FLIGHT_MAX * BLOCK_SIZE_BYTES as usize),
             cold_segments_opened: 0,
             next_record_seq: log.next_record_seq,
@@ -973,10 +1006,11 @@ impl Journal {
     /// the sweep may free them or the cleaner pick them.
     fn settle_cold_left(&mut self) {
         while let Some(&(segment, first_not_in)) = self.cold_left.front() {
-            if self
-                .in_flight
-                .iter()
-                .any(|f| !f.segment_header_only && f.record_seq < first_not_in)
+            if self.next_record_seq < first_not_in + COLD_REUSE_RECORDS_AFTER
+                || self
+                    .in_flight
+                    .iter()
+                    .any(|f| !f.segment_header_only && f.record_seq < first_not_in)
             {
                 break;
             }
@@ -1194,11 +1228,21 @@ impl Journal {
                 }
             }
         }
-        if self.batch.tags.is_empty() {
+        if self.batch.tags.is_empty() && !self.cold_left_waits_for_records() {
             return Ok(false);
         }
+        // (An empty batch: a record with nothing in it, so a left cold segment does not wait
+        // for client writes to become cleanable. Rare: only when the journal is otherwise idle.)
         self.seal(0, true)?;
         Ok(true)
+    }
+
+    /// A left cold segment waits only for more records to be sealed (nothing in flight).
+    fn cold_left_waits_for_records(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.cold_left.front().is_some_and(|&(_, first_not_in)| {
+                self.next_record_seq < first_not_in + COLD_REUSE_RECORDS_AFTER
+            })
     }
 
     /// Seals a checkpoint record whose data blocks are the next extent-tree nodes of `nodes`
@@ -1511,6 +1555,7 @@ impl Journal {
             cold_blocks: header.cold_blocks,
         });
         self.batch.clear();
+        self.settle_cold_left();
         Ok(Sealed::Record(header.record_seq, record_offset))
     }
 

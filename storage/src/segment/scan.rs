@@ -216,10 +216,30 @@ pub fn scan_shard(
     let mut buf = Vec::new();
     // Records read but not yet visited: the last `RECORDS_IN_FLIGHT_MAX`, whose cold runs are
     // checked once the chain's end is known (`check_cold_at_end`).
-    let mut unchecked = VecDeque::with_capacity(RECORDS_IN_FLIGHT_MAX + 1);
+    let mut unchecked: VecDeque<(LogRecord, Vec<u8>)> =
+        VecDeque::with_capacity(RECORDS_IN_FLIGHT_MAX + 1);
     let mut remaining = segments.drain(..);
     for segment in remaining.by_ref() {
         let from = first_offset.take();
+        if from.is_none()
+            && segment.first_record_seq < log.next_record_seq
+            && unchecked
+                .front()
+                .is_some_and(|(r, _)| r.header.record_seq <= segment.first_record_seq)
+        {
+            // An earlier mount ended the log at `first_record_seq` because that record's
+            // cold run was torn (`check_cold_at_end`), and its writer continued from there in
+            // this fresh segment. The discarded records still have valid heads, so the walk
+            // took them: they are the last ones read, never visited, and this segment
+            // supersedes them.
+            while unchecked
+                .back()
+                .is_some_and(|(r, _)| r.header.record_seq >= segment.first_record_seq)
+            {
+                unchecked.pop_back();
+            }
+            log.next_record_seq = segment.first_record_seq;
+        }
         if from.is_none() && segment.first_record_seq != log.next_record_seq {
             // The writer opens a segment with the next sequence number; a mismatch means the
             // earlier segment's tail records were lost, so this segment's never counted.
