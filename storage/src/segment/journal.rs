@@ -632,6 +632,15 @@ impl Journal {
             let segment = sb
                 .segment_at(record.header.cold_offset)
                 .expect("the scan checked the cold run");
+            if roles[segment as usize] == SegmentRole::Journal {
+                // Reused as a journal segment: impossible under the reuse rule (it needs
+                // records this log does not have yet); nothing to protect then.
+                debug_assert!(
+                    false,
+                    "segment {segment} holds a recent cold run and the log"
+                );
+                continue;
+            }
             roles[segment as usize] = SegmentRole::Cold;
             cold_left.retain(|&(s, _)| s != segment);
             assert!(cold_left.len() < cold_left.capacity());
