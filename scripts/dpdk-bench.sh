@@ -23,6 +23,9 @@
 #   DURATION=10s ROUNDS=3 scripts/dpdk-bench.sh
 #   SERVE_ARGS="--coalesce off" scripts/dpdk-bench.sh   # extra serve arguments
 #   CLIENTS=8 QD=32 scripts/dpdk-bench.sh                 # more requests in flight (default 4 x 32)
+#   DGRAM=udp scripts/dpdk-bench.sh   # the datagram RPC on kernel UDP sockets instead of DPDK
+#                                     # (`serve --transport udp`, `load --transport udp`; no
+#                                     # dpdk feature needed)
 # Needs root (the EAL's runtime files and the memif socket live under /run), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +47,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+DGRAM=${DGRAM:-dpdk}
+if [ "$DGRAM" = udp ]; then
+  SERVER_IP=127.0.0.1:${UDP_PORT:-16901}
+  dgram_serve=(--transport udp --udp "$SERVER_IP")
+else
+  dgram_serve=(--transport dpdk --udp "$SERVER_IP" "--dpdk-args=$(eal carmine-bench-serve-$$ server)")
+fi
 # shellcheck disable=SC2086 # SERVE_ARGS: extra serve arguments, split at spaces (e.g. "--coalesce off")
 "$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" ${SERVE_ARGS:-} \
-  --transport dpdk --udp "$SERVER_IP" --dpdk-args="$(eal carmine-bench-serve-$$ server)" \
-  >"$OUT/serve.log" 2>&1 &
+  "${dgram_serve[@]}" >"$OUT/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 100); do grep -q "serving on" "$OUT/serve.log" && break; sleep 0.1; done
 grep -q "serving on" "$OUT/serve.log" || { cat "$OUT/serve.log"; exit 1; }
@@ -58,7 +67,9 @@ n=0
 run() { # transport op -> one line of results
   local transport=$1 op=$2 extra=()
   n=$((n + 1))
-  if [ "$transport" = dpdk ]; then
+  if [ "$transport" = udp ]; then
+    extra=(--transport udp --target "$SERVER_IP" --status-target "$LISTEN")
+  elif [ "$transport" = dpdk ]; then
     extra=(--transport dpdk --target "$SERVER_IP" --status-target "$LISTEN" "--dpdk-args=$(eal carmine-bench-load$n-$$ client)")
   else
     extra=(--target "$LISTEN")
@@ -114,6 +125,6 @@ echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/l
 for round in $(seq "$ROUNDS"); do
   for op in randwrite randread; do
     run tcp "$op"
-    run dpdk "$op"
+    run "$DGRAM" "$op"
   done
 done

@@ -1025,6 +1025,13 @@ fn server_json(
             .checkpoint_node_blocks
             .saturating_sub(before.checkpoint_node_blocks),
         "blocks_moved": after.blocks_moved.saturating_sub(before.blocks_moved),
+        // Of blocks_moved, those written to the cleaner's own head (cold segments); the rest
+        // went beside client writes, when free segments were too few to open a cold one.
+        "blocks_moved_cold": after.blocks_moved_cold.saturating_sub(before.blocks_moved_cold),
+        "cold_segments_opened": after
+            .cold_segments_opened
+            .saturating_sub(before.cold_segments_opened),
+        "cold_heads_left": after.cold_heads_left.saturating_sub(before.cold_heads_left),
         "cleaner_reads": after.cleaner_reads.saturating_sub(before.cleaner_reads),
         "cleaner_blocks_read": after.cleaner_blocks_read.saturating_sub(before.cleaner_blocks_read),
         "cleaner_walk_steps": after.cleaner_walk_steps.saturating_sub(before.cleaner_walk_steps),

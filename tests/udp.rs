@@ -234,6 +234,124 @@ fn standard_ethernet_mtu_splits_requests_and_verifies() {
     }
 }
 
+/// A client started with another `--rpc-mtu` than the server is told so at once, with both
+/// MTUs, whichever end notices: the server refuses requests laid out for another size (a
+/// 4 KiB write), the client refuses responses laid out for another size (a 4 KiB read answered
+/// in the server's packets). Before the refusal existed, both waited 30 s and guessed.
+#[test]
+fn a_client_with_another_rpc_mtu_fails_at_once_naming_both() {
+    let (mut server, udp) = udp_server(&["--cores", "1", "--rpc-mtu", "1500"]);
+    // The objects exist (written with the right MTU), so reads answer 4 KiB.
+    let prefill = udp_load(
+        &udp,
+        &args_with(&["--op", "randwrite", "--rpc-mtu", "1500"], &SHAPE),
+    );
+    assert_clean(&prefill, "prefill at the server's MTU");
+    for (op, client_mtu, noticed_by) in [
+        ("randwrite", "9000", "server"),
+        ("randread", "1280", "client"),
+    ] {
+        let started = std::time::Instant::now();
+        let output = std::process::Command::new(CARMINE)
+            .args([
+                "load",
+                "--transport",
+                "udp",
+                "--target",
+                &udp,
+                "--op",
+                op,
+                "--rpc-mtu",
+                client_mtu,
+                "--duration",
+                "5s",
+                "--objects",
+                "16",
+                "--object-size",
+                "256KiB",
+                "--clients",
+                "1",
+                "--qd",
+                "4",
+                "--status-target",
+                &server.addr,
+            ])
+            .output()
+            .expect("run carmine load");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{op} at MTU {client_mtu} succeeded: {stderr}"
+        );
+        assert!(
+            stderr.contains("MTU 1500")
+                && stderr.contains(&format!("MTU {client_mtu}"))
+                && stderr.contains("same --rpc-mtu"),
+            "{op} ({noticed_by} notices): the error names both MTUs: {stderr}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "{op}: failed after {:?}, not at once (a resend timeout is 30 s)",
+            started.elapsed()
+        );
+    }
+    let status = status(&server.addr);
+    assert!(
+        total(&status, "udp_refusals") >= 1,
+        "the server counts its refusals: {status}"
+    );
+    assert!(server.stop().success(), "clean exit on SIGINT");
+}
+
+/// `--rpc-mtu 9000` on both ends over a link of MTU 1500 (a network namespace whose
+/// loopback has that MTU): the server sends with Don't Fragment set (cheaper for the kernel),
+/// finds a reply too long for the route, says so once and sends fragmented from then on; every
+/// verified op completes. Needs root and `unshare` (util-linux) for the namespace: says so and
+/// passes vacuously without them (CI runs as root).
+#[test]
+fn an_rpc_mtu_over_the_links_mtu_still_works_fragmented() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: needs root (a network namespace with a 1500-byte loopback)");
+        return;
+    }
+    let script = format!(
+        "set -e
+        ip link set lo up mtu 1500
+        {carmine} serve --store memory --cores 1 --listen 127.0.0.1:16990 --transport udp \
+          --udp 127.0.0.1:16991 --rpc-mtu 9000 --nbd off >serve.log 2>&1 &
+        server=$!
+        for _ in $(seq 100); do grep -q 'serving on' serve.log && break; sleep 0.1; done
+        {carmine} load --transport udp --target 127.0.0.1:16991 --status-target 127.0.0.1:16990 \
+          --rpc-mtu 9000 --op mixed --verify --prefill --duration 1s --objects 8 \
+          --object-size 64KiB --clients 2 --qd 8 --json >load.json
+        kill -INT $server; wait $server || true
+        cat serve.log >&2",
+        carmine = CARMINE
+    );
+    let dir = TestDir::new("udp-fragmented");
+    let output = std::process::Command::new("unshare")
+        .args(["-n", "bash", "-c", &script])
+        .current_dir(&dir.0)
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(e) => {
+            eprintln!("SKIP: unshare (util-linux) is not available: {e}");
+            return;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.0.join("load.json")).unwrap()).unwrap();
+    assert_clean(&report, "verified ops over fragmented datagrams");
+    assert!(
+        stderr.contains("sending fragmented from now on"),
+        "the server says it stopped setting Don't Fragment: {stderr}"
+    );
+}
+
 #[test]
 fn dpdk_transport_without_the_feature_says_how_to_build_it() {
     if cfg!(feature = "dpdk") {

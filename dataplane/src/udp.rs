@@ -28,10 +28,11 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use crate::buffers::{Body, CorePools, StoredBytes};
+use crate::dgram::mmsg::sockaddr_of;
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
 use crate::dgram::{
     RequestHandle, ResponseParts, RpcConfig, RpcServer, RpcStats, SLOTS_PER_SESSION,
@@ -242,6 +243,21 @@ pub trait DatagramPort {
         payload: &[u8],
         tail: &[u8],
     ) -> io::Result<bool>;
+    /// `send` for parts that stay where they are until the next `flush` returns, which a port
+    /// that queues its packets may send from there instead of copying them first. By default
+    /// `send`.
+    ///
+    /// # Safety
+    /// `payload` and `tail` stay valid and unchanged until the next `flush` returns.
+    unsafe fn send_borrowed(
+        &mut self,
+        peer: &Self::Addr,
+        header: &[u8],
+        payload: &[u8],
+        tail: &[u8],
+    ) -> io::Result<bool> {
+        self.send(peer, header, payload, tail)
+    }
     /// Whether `send_from_pool` sends payloads in place (no copy). When it does, a reply from
     /// the store's memory is copied into a pool chunk, so that its packets can be sent from
     /// there; otherwise it is sent from the store, and copied once, by `send`.
@@ -268,6 +284,11 @@ pub trait DatagramPort {
     /// done with.
     fn flush(&mut self, pools: &mut CorePools) {
         let _ = pools;
+    }
+    /// Whether packets `send` accepted still wait for the device (a full socket left them
+    /// queued after `flush`): the core must not park on them.
+    fn has_queued_tx(&self) -> bool {
+        false
     }
     /// Gives back whatever pool buffers the port itself holds (after the transport stopped).
     fn close(&mut self, pools: &mut CorePools) {
@@ -304,45 +325,9 @@ pub struct PortStats {
     pub tx_full: u64,
     /// Frames dropped after the driver took nothing for a while (a peer gone).
     pub tx_dropped: u64,
-}
-
-impl DatagramPort for UdpSocket {
-    type Addr = SocketAddr;
-
-    fn recv_into(&mut self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
-        loop {
-            return match self.recv_from(buf) {
-                Ok(got) => Ok(Some(got)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(e),
-            };
-        }
-    }
-
-    fn send(
-        &mut self,
-        peer: &SocketAddr,
-        header: &[u8],
-        payload: &[u8],
-        tail: &[u8],
-    ) -> io::Result<bool> {
-        let mut datagram = [0u8; DATAGRAM_BYTES_MAX];
-        let at = header.len() + payload.len();
-        let len = at + tail.len();
-        datagram[..header.len()].copy_from_slice(header);
-        datagram[header.len()..at].copy_from_slice(payload);
-        datagram[at..len].copy_from_slice(tail);
-        match self.send_to(&datagram[..len], peer) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn fd(&self) -> Option<RawFd> {
-        Some(self.as_raw_fd())
-    }
+    /// Kernel socket: `recvmmsg` and `sendmmsg` calls (each carries up to 32 datagrams).
+    pub recv_calls: u64,
+    pub send_calls: u64,
 }
 
 /// The transport as `OsdCore` drives it, whatever its port (one trait object per core).
@@ -465,9 +450,9 @@ pub struct RpcTransport<P: DatagramPort> {
 }
 
 /// The transport on a kernel UDP socket (`serve --transport udp`).
-pub type UdpRpcTransport = RpcTransport<UdpSocket>;
+pub type UdpRpcTransport = RpcTransport<KernelUdpPort>;
 
-impl RpcTransport<UdpSocket> {
+impl RpcTransport<KernelUdpPort> {
     /// Takes a bound socket (made non-blocking here); see `with_port`.
     pub fn new(
         core: usize,
@@ -476,9 +461,12 @@ impl RpcTransport<UdpSocket> {
         drop_every: u32,
         mtu: u16,
     ) -> io::Result<UdpRpcTransport> {
-        socket.set_nonblocking(true)?;
         Ok(RpcTransport::with_port(
-            core, socket, limits, drop_every, mtu,
+            core,
+            KernelUdpPort::new(socket)?,
+            limits,
+            drop_every,
+            mtu,
         ))
     }
 
@@ -534,7 +522,7 @@ impl<P: DatagramPort> RpcTransport<P> {
 
     /// Replies waiting for a buffer or packets waiting for the socket.
     pub fn has_pending_tx(&self) -> bool {
-        !self.pending.is_empty() || self.rpc.has_pending_tx()
+        !self.pending.is_empty() || self.rpc.has_pending_tx() || self.port.has_queued_tx()
     }
 
     /// Whether replies waiting for a buffer, or responses the RPC keeps for resends, may
@@ -940,9 +928,11 @@ impl<P: DatagramPort> RpcTransport<P> {
             let len = header.len() + payload.len() + tail.len();
             let sent = if !tail.is_empty() || payload.len() <= INLINE_RESPONSE_MAX_BYTES {
                 // A `Response::Stored` (its head, then store memory) or a `Response::Inline`
-                // (not pool memory): copied into the packet, as a payload this small would be
-                // anyway.
-                port.send(peer, header, payload, tail)
+                // (not pool memory).
+                // SAFETY: both are parts of a response the RPC keeps until the client's next
+                // request on the slot, which only `poll_rx` takes, and store memory changes
+                // only in `exec_run`: neither runs before `port.flush` below returns.
+                unsafe { port.send_borrowed(peer, header, payload, tail) }
             } else {
                 // SAFETY: a one-part payload this long is a slice of a `Response::Pool` the RPC
                 // holds, a `PoolBytes` lease over sealed bytes of this core's pools
@@ -1169,40 +1159,8 @@ pub fn set_socket_buffers(fd: RawFd) {
     let _ = set_socket_option(fd, libc::SO_SNDBUF, SOCKET_RCVBUF_BYTES);
 }
 
-fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
+mod kernel;
+pub use kernel::KernelUdpPort;
 
 #[cfg(test)]
 mod tests;

@@ -189,6 +189,11 @@ fn run(net: &mut Net, total: u64) {
         "each response handed up exactly once"
     );
     assert_eq!(executions.len() as u64, total, "every request ran");
+    assert_eq!(
+        (client.stats().refusals, server.stats().refusals),
+        (0, 0),
+        "ends of one size refuse nothing, whatever the network does"
+    );
     assert!(executions.values().all(|&n| n == 1), "no request ran twice");
     let (cs, ss) = (client.stats(), server.stats());
     println!(
@@ -381,4 +386,107 @@ fn idle_sessions_expire_and_their_handles_go_stale() {
         "a stale handle cannot answer the new session"
     );
     assert!(server.reply(new_handles[0], vec![4]).is_ok());
+}
+
+/// Client and server started with different MTUs: every request fails at once with an error
+/// naming both packet sizes, whichever end notices, instead of timing out after every resend.
+#[test]
+fn mismatched_packet_sizes_fail_at_once_with_both_sizes() {
+    use carmine_dataplane::dgram::{PacketHeader, PacketKind, PACKET_HEADER_BYTES};
+    let server_cfg = config(); // 100 bytes a packet
+    let mut client_cfg = config();
+    client_cfg.packet_payload_bytes = 60;
+    let mut server: RpcServer<u8, Vec<u8>, Vec<u8>> = RpcServer::new(server_cfg);
+    let mut client: RpcClient<u8, Vec<u8>, Vec<u8>> = RpcClient::new(client_cfg, 500);
+    let s = client.open_session(SERVER).unwrap();
+    let size_error = RpcError::PacketSize {
+        client_packet_bytes: 60,
+        server_packet_bytes: Some(100),
+    };
+    let to_server = |c: &mut RpcClient<u8, Vec<u8>, Vec<u8>>| {
+        let mut out = Vec::new();
+        c.flush_tx(&mut |_, h, p| {
+            out.push([h, p].concat());
+            true
+        });
+        out
+    };
+    let to_client = |srv: &mut RpcServer<u8, Vec<u8>, Vec<u8>>| {
+        let mut out = Vec::new();
+        srv.flush_tx(&mut |_, h, p| {
+            out.push([h, p].concat());
+            true
+        });
+        out
+    };
+
+    // A request of several packets: the server refuses it and never runs it.
+    let big = client.request(s, vec![1; 250], 0).unwrap();
+    let mut delivered = 0;
+    for packet in to_server(&mut client) {
+        server.receive(CLIENT, packet, 0, 0, &mut |_, _| delivered += 1);
+    }
+    assert_eq!(
+        delivered, 0,
+        "a request laid out for another size never runs"
+    );
+    assert!(server.stats().refusals >= 1);
+    // What the client hands up of the server's packets: (session, id, error).
+    let answers = |srv: &mut RpcServer<u8, Vec<u8>, Vec<u8>>,
+                   c: &mut RpcClient<u8, Vec<u8>, Vec<u8>>| {
+        let mut results = Vec::new();
+        for packet in to_client(srv) {
+            c.receive(SERVER, packet, 0, 0, &mut |session, id, r| {
+                results.push((session, id, r.err()))
+            });
+        }
+        results
+    };
+    assert_eq!(
+        answers(&mut server, &mut client),
+        vec![(s, big, Some(size_error))],
+        "one failure, no wait"
+    );
+    assert_eq!(client.in_flight(s), 0);
+    assert!(size_error
+        .to_string()
+        .contains("start both with the same --rpc-mtu"));
+
+    // A one-packet request runs, but its response comes in the server's larger packets.
+    let small = client.request(s, vec![2; 10], 0).unwrap();
+    let mut handles = Vec::new();
+    for packet in to_server(&mut client) {
+        server.receive(CLIENT, packet, 0, 0, &mut |h, _| handles.push(h));
+    }
+    assert_eq!(handles.len(), 1, "a request that fits both sizes runs");
+    server.reply(handles[0], vec![3; 250]).unwrap();
+    assert_eq!(
+        answers(&mut server, &mut client),
+        vec![(s, small, Some(size_error))],
+        "the first (full) response packet shows the server's size; the rest are stale"
+    );
+
+    // A refusal that names the client's own size is not believed: the request stays.
+    let kept = client.request(s, vec![4; 10], 0).unwrap();
+    let mut refusal = [0u8; PACKET_HEADER_BYTES];
+    PacketHeader {
+        kind: PacketKind::Refuse,
+        session: 500 + s.0,
+        request_id: kept,
+        message_bytes: 0,
+        packet_index: 0,
+        packet_count: 0,
+        ack_count: 0,
+        payload_bytes: 0,
+        detail: 60,
+    }
+    .encode(&mut refusal);
+    client.receive(SERVER, refusal.to_vec(), 0, 0, &mut |_, _, r| {
+        panic!(
+            "a refusal naming the client's own size failed a request: {r:?}",
+            r = r.err()
+        )
+    });
+    assert_eq!(client.in_flight(s), 1);
+    assert_eq!(client.stats().refusals, 2);
 }

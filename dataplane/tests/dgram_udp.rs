@@ -20,7 +20,7 @@ fn body(i: u64) -> Vec<u8> {
     (0..len).map(|b| (b as u64 ^ i) as u8).collect()
 }
 
-fn send(port: &UdpSocketPort, to: &SocketAddr, header: &[u8], payload: &[u8]) -> bool {
+fn send(port: &mut UdpSocketPort, to: &SocketAddr, header: &[u8], payload: &[u8]) -> bool {
     port.send(to, header, payload).expect("send_to")
 }
 
@@ -51,7 +51,8 @@ fn kernel_udp_round_trips() {
             for (handle, r) in replies.drain(..) {
                 rpc.reply(handle, r).unwrap();
             }
-            rpc.flush_tx(&mut |to, h, p| send(&port, to, h, p));
+            rpc.flush_tx(&mut |to, h, p| send(&mut port, to, h, p));
+            port.flush().expect("sendmmsg");
             if idle {
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -81,7 +82,8 @@ fn kernel_udp_round_trips() {
                 Err(_) => break,
             }
         }
-        rpc.flush_tx(&mut |to, h, p| send(&port, to, h, p));
+        rpc.flush_tx(&mut |to, h, p| send(&mut port, to, h, p));
+        port.flush().expect("sendmmsg");
         while let Some((buf, from)) = port.recv().unwrap() {
             rpc.receive(from, buf, 0, now(), &mut |_, id, result| {
                 let index = ids.remove(&id).expect("matches a request");

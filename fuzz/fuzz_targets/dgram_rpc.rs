@@ -78,6 +78,8 @@ fn forged_packet(input: &mut Input<'_>, kind: PacketKind) -> Option<Vec<u8>> {
         packet_count: u16::from(input.byte()? % 8),
         ack_count: u16::from(input.byte()?),
         payload_bytes: u16::from(input.byte()? % 24),
+        // A refusal's packet size: the client's own (16, not believed) or another.
+        detail: u32::from(input.byte()? % 32),
     };
     let mut packet = vec![0u8; PACKET_HEADER_BYTES];
     header.encode((&mut packet[..]).try_into().unwrap());
@@ -132,9 +134,10 @@ fuzz_target!(|bytes: &[u8]| {
             }
             // A well-formed response or ack (or raw bytes) to the client, "from the server".
             2 => {
-                let kind = match input.byte().unwrap_or(0) % 3 {
+                let kind = match input.byte().unwrap_or(0) % 4 {
                     0 => PacketKind::Response,
                     1 => PacketKind::Ack,
+                    2 => PacketKind::Refuse,
                     _ => PacketKind::Request,
                 };
                 let Some(packet) = forged_packet(&mut input, kind) else { break };
@@ -214,7 +217,9 @@ fuzz_target!(|bytes: &[u8]| {
                             client.receive(HONEST, packet.clone(), 0, now, &mut |session, id, result| {
                                 let body = expected.remove(&(session, id));
                                 assert!(body.is_some(), "handed up once");
-                                if let (Ok(message), false) = (result, forged_for_client) {
+                                if !forged_for_client {
+                                    // Ends of one packet size never refuse each other.
+                                    let message = result.expect("an honest exchange succeeds");
                                     assert_eq!(message.to_vec(), body.unwrap(), "the echo of the request");
                                 }
                             });

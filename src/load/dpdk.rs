@@ -332,8 +332,9 @@ impl<'a> DpdkGenerator<'a> {
             } else if now - last_progress.0 >= REPLY_TIMEOUT {
                 return Err(format!(
                     "no response from {:?} for {} s with {} requests in flight (is the server up, \
-                     and was it started with this client's --rpc-mtu {}? packets sized for \
-                     another MTU are dropped)",
+                     and was it started with this client's --rpc-mtu {}? a server that receives \
+                     packets sized for another MTU refuses them with an error naming both, but \
+                     a port or link may drop frames larger than its own MTU before that)",
                     self.server.ip,
                     REPLY_TIMEOUT.as_secs(),
                     self.work.in_flight,

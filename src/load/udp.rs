@@ -186,9 +186,9 @@ impl<'a> UdpGenerator<'a> {
 
     fn flush(&mut self, token: usize) -> Result<(), String> {
         let client = &mut self.clients[token];
-        let port = &client.port;
+        let (port, rpc) = (&mut client.port, &mut client.rpc);
         let mut error = None;
-        client.rpc.flush_tx(
+        rpc.flush_tx(
             &mut |peer, head, payload| match port.send(peer, head, payload) {
                 Ok(sent) => sent,
                 Err(e) => {
@@ -197,6 +197,10 @@ impl<'a> UdpGenerator<'a> {
                 }
             },
         );
+        // One sendmmsg for the pass's packets (a socket error drops the one it is about).
+        if let Err(e) = port.flush() {
+            error.get_or_insert(e);
+        }
         match error {
             Some(e) if e.kind() != std::io::ErrorKind::ConnectionRefused => {
                 Err(self.client_error(token, format!("send: {}", client::io_reason(&e))))
@@ -282,8 +286,9 @@ impl<'a> UdpGenerator<'a> {
             } else if now - last_progress.0 >= REPLY_TIMEOUT {
                 return Err(format!(
                     "no response from {} for {} s with {} requests in flight (is the server up, \
-                     and was it started with this client's --rpc-mtu {}? packets sized for \
-                     another MTU are dropped)",
+                     and was it started with this client's --rpc-mtu {}? a server that receives \
+                     packets sized for another MTU refuses them with an error naming both, but \
+                     a link may drop datagrams larger than its own MTU before that)",
                     self.target,
                     REPLY_TIMEOUT.as_secs(),
                     self.work.in_flight,
@@ -400,6 +405,7 @@ pub(super) fn book<B: AsRef<[u8]>>(
                     .to_string(),
             )
         }
+        Err(e @ RpcError::PacketSize { .. }) => return Err(e.to_string()),
     };
     let bytes = match message.as_single() {
         Some(bytes) => bytes,
@@ -462,13 +468,14 @@ pub(super) fn fetch_status(target: &str, mtu: u16) -> Result<serde_json::Value, 
             ));
         }
         rpc.flush_tx(&mut |peer, head, payload| port.send(peer, head, payload).unwrap_or(true));
+        let _ = port.flush(); // a lost status request is resent on the timer
         let mut on_response =
             |_: SessionId, _: u64, result: Result<&Message<'_, RecvBuf>, RpcError>| {
                 reply = Some(match result {
                     Ok(message) => {
                         client::reply_from_frame(&message.to_vec(), Opcode::Status, request_id)
                     }
-                    Err(RpcError::TimedOut) => Err("no reply after every resend".to_string()),
+                    Err(e) => Err(e.to_string()),
                 });
             };
         while let Ok(Some((buf, from))) = port.recv() {

@@ -1547,6 +1547,11 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     );
     c.set(Counter::udp_dropped_injected, udp.dropped_injected);
     c.set(Counter::udp_sessions_refused, udp.rpc.sessions_refused);
+    c.set(Counter::udp_refusals, udp.rpc.refusals);
+    // A kernel socket's system calls (zero over DPDK): each recvmmsg / sendmmsg carries up to
+    // 32 datagrams.
+    c.set(Counter::udp_rx_syscalls, udp.port.recv_calls);
+    c.set(Counter::udp_tx_syscalls, udp.port.send_calls);
     // The port's own counters (zero on a kernel socket): over DPDK a received datagram is
     // leased in the mbuf's room (`dpdk_rx_in_place`), or copied once from its mbuf into a pool
     // chunk when the port cannot (`dpdk_rx_copies`).

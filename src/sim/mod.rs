@@ -105,6 +105,8 @@ pub struct BatchReport {
     /// Seeds in which the cleaner freed or cleaned a segment, and in which a checkpoint was
     /// written (coverage: the cuts must also hit those).
     pub seeds_cleaning: u64,
+    /// Seeds whose cleaner wrote copies to its cold head.
+    pub seeds_cold: u64,
     pub seeds_checkpointing: u64,
     /// Seeds formatted with a spare (`mkfs --spare`).
     pub seeds_with_spare: u64,
@@ -124,6 +126,7 @@ impl BatchReport {
         self.objects_checked += report.objects_checked;
         self.unknown_ops += report.unknown_ops;
         self.seeds_cleaning += u64::from(report.segments_cleaned > 0);
+        self.seeds_cold += u64::from(report.blocks_moved_cold > 0);
         self.seeds_checkpointing += u64::from(report.checkpoints > 0);
         self.seeds_with_spare += u64::from(report.spare_percent > 0);
         self.cuts_with_two_records += report.cuts_with_two_records;
@@ -202,7 +205,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
     match result {
         Ok(batch) => {
             println!(
-                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds, checkpoints in {}, a spare in {}; {} shard cuts met two journal records in flight; {} read errors injected, {} ops answered Io; {:.1} s",
+                "sim: seeds {}..{} passed: {} power cuts, {} ops ({} acknowledged, {} unanswered at a cut), {} reads checked during runs, {} objects checked after remounts; cleaner at work in {} seeds (copies in cold segments in {}), checkpoints in {}, a spare in {}; {} shard cuts met two journal records in flight; {} read errors injected, {} ops answered Io; {:.1} s",
                 args.first_seed,
                 args.first_seed + batch.seeds,
                 batch.cuts,
@@ -212,6 +215,7 @@ pub fn run(args: &SimArgs) -> Result<(), String> {
                 batch.reads_checked,
                 batch.objects_checked,
                 batch.seeds_cleaning,
+                batch.seeds_cold,
                 batch.seeds_checkpointing,
                 batch.seeds_with_spare,
                 batch.cuts_with_two_records,

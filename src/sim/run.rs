@@ -75,6 +75,8 @@ pub struct SeedReport {
     pub reads_checked: u64,
     pub objects_checked: u64,
     pub segments_cleaned: u64,
+    /// Blocks the cleaner moved to its cold head (cold segments), summed at the last cut.
+    pub blocks_moved_cold: u64,
     pub checkpoints: u64,
     /// Shards that had two journal records in flight at a cut (the overlap a torn earlier
     /// record and a surviving later one come from).
@@ -711,6 +713,8 @@ impl Sim {
                 .segments_cleaned
                 .max(stats.segments_cleaned + stats.segments_freed_empty);
             self.report.checkpoints = self.report.checkpoints.max(stats.checkpoints);
+            self.report.blocks_moved_cold =
+                self.report.blocks_moved_cold.max(stats.blocks_moved_cold);
         }
         self.powered_off = true;
         if self.verbose {

@@ -464,6 +464,7 @@ fn power_cuts_under_churn_with_the_cleaner_at_work() {
     let mut overlapped = 0;
     let mut cuts_beside = 0;
     let mut tree_checkpoints = 0;
+    let mut moved_cold = 0;
     let runs = seeds.len();
     for seed in seeds {
         let run = crash_run(seed, CHURN);
@@ -471,10 +472,15 @@ fn power_cuts_under_churn_with_the_cleaner_at_work() {
         cleaned += stats.segments_cleaned + stats.segments_freed_empty;
         checkpoints += stats.checkpoints;
         tree_checkpoints += stats.checkpoints_incremental;
+        moved_cold += stats.blocks_moved_cold;
         overlapped += stats.records_overlapped;
         cuts_beside += u64::from(run.two_records_in_flight);
     }
-    eprintln!("churn: {overlapped} records sealed beside another, {cuts_beside} cuts with two records in flight, {tree_checkpoints} of {checkpoints} checkpoints wrote the tree");
+    eprintln!("churn: {overlapped} records sealed beside another, {cuts_beside} cuts with two records in flight, {tree_checkpoints} of {checkpoints} checkpoints wrote the tree, {moved_cold} blocks moved to cold segments");
+    assert!(
+        runs < 20 || moved_cold > 0,
+        "the cleaner never wrote to its cold head: cuts never met a cold run"
+    );
     assert!(
         cleaned > 0 && checkpoints > 0,
         "the churn never made the cleaner work"

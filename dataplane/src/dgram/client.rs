@@ -16,6 +16,44 @@ pub struct SessionId(pub u32);
 pub enum RpcError {
     /// No progress after `retries_max` resends. The server may or may not have run it.
     TimedOut,
+    /// The two ends size packets differently (they were started with different MTUs): the
+    /// server refused the request's packets, which said its packet payload size, or a response
+    /// came in packets this client's size does not describe (the server's size is known when
+    /// a full packet showed it). No resend can fix it. After a refusal the server did not run
+    /// the request; after a response it did.
+    PacketSize {
+        client_packet_bytes: u16,
+        server_packet_bytes: Option<u16>,
+    },
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpcError::TimedOut => write!(f, "no response after every resend"),
+            RpcError::PacketSize {
+                client_packet_bytes,
+                server_packet_bytes,
+            } => {
+                let client_mtu = RpcConfig::mtu_for_packet_bytes(*client_packet_bytes);
+                match server_packet_bytes {
+                    Some(server) => write!(
+                        f,
+                        "the server sizes its packets for MTU {} ({server} payload bytes a \
+                         packet) and this client for MTU {client_mtu} ({client_packet_bytes}): \
+                         start both with the same --rpc-mtu",
+                        RpcConfig::mtu_for_packet_bytes(*server),
+                    ),
+                    None => write!(
+                        f,
+                        "the server's response packets do not fit this client's packet size \
+                         (MTU {client_mtu}, {client_packet_bytes} payload bytes a packet): the \
+                         server runs with another --rpc-mtu; start both with the same"
+                    ),
+                }
+            }
+        }
+    }
 }
 
 /// Where responses (or failures) go: `(session, request_id, response)`; the message borrows the
@@ -188,6 +226,24 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
             self.stats.stale += 1;
             return;
         }
+        let own = self.config.packet_payload_bytes;
+        if h.kind == PacketKind::Refuse {
+            // A refusal that names this client's own size is not about sizes (a damaged packet
+            // on the way): the resends go on.
+            if h.detail == u32::from(own) || h.detail == 0 || h.detail > u32::from(u16::MAX) {
+                self.stats.malformed += 1;
+                return;
+            }
+            self.stats.refusals += 1;
+            let id = slot.request_id;
+            Self::finish(session, slot_index);
+            let error = RpcError::PacketSize {
+                client_packet_bytes: own,
+                server_packet_bytes: Some(h.detail as u16),
+            };
+            on_response(SessionId(index), id, Err(error));
+            return;
+        }
         // Any packet for the current request is progress: push the deadline out.
         slot.deadline_ns = now_ns + self.config.retransmit_timeout_ns;
         slot.retries = 0;
@@ -213,16 +269,22 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
         if h.kind == PacketKind::Ack {
             return;
         }
-        if h.message_bytes as usize > self.config.message_bytes_max() {
-            self.stats.malformed += 1;
+        if !self.config.describes(&h) {
+            // Packed for another packet size: the server's MTU is not this client's.
+            self.stats.refusals += 1;
+            let id = slot.request_id;
+            Self::finish(session, slot_index);
+            let error = RpcError::PacketSize {
+                client_packet_bytes: own,
+                // Every packet but the last is full: such a packet shows the server's size.
+                server_packet_bytes: (h.packet_index + 1 < h.packet_count)
+                    .then_some(h.payload_bytes),
+            };
+            on_response(SessionId(index), id, Err(error));
             return;
         }
-        match slot.rx.insert(
-            &h,
-            buf,
-            header_offset as u16,
-            self.config.packet_payload_bytes,
-        ) {
+        match slot.rx.insert(&h, buf, header_offset as u16, own) {
+            // Disagrees with the packets of the message before it.
             Insert::Mismatch => self.stats.malformed += 1,
             Insert::Duplicate => self.stats.duplicates += 1,
             Insert::Stored => {}
@@ -321,6 +383,7 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
                 packet_count: slot.packet_count,
                 ack_count: 0,
                 payload_bytes: range.len() as u16,
+                detail: 0,
             };
             let mut full = false;
             while slot.resend_next < slot.resend_end {

@@ -23,6 +23,11 @@
 //! - **Retransmission**: a client slot with no progress for `retransmit_timeout_ns` resends its
 //!   unacked request packets (the last one if all were acked: that asks the server to resend the
 //!   response); after `retries_max` tries the request fails with `RpcError::TimedOut`.
+//! - **Packet size**: both ends must pack messages alike (`RpcConfig::packet_payload_bytes`,
+//!   from the MTU). A packet laid out for another size is refused at once rather than dropped
+//!   until the resends run out: the server answers such a request packet with a `Refuse` that
+//!   names its size, and the client fails such a request, or a request whose response is laid
+//!   out for another size, with `RpcError::PacketSize`.
 //!
 //! Shape (like `tcp.rs`): feed received datagrams to `receive` (requests / responses come out
 //! through a callback), call `reply` / `request`, then `flush_tx` hands each outgoing packet as
@@ -33,6 +38,7 @@
 
 pub mod client;
 pub mod ipv4;
+pub mod mmsg;
 pub mod packet;
 mod reassembly;
 pub mod server;
@@ -105,6 +111,22 @@ impl RpcConfig {
         }
     }
 
+    /// The Ethernet MTU whose packets carry `packet_bytes` of message each (`for_mtu`'s
+    /// inverse).
+    pub fn mtu_for_packet_bytes(packet_bytes: u16) -> u32 {
+        u32::from(packet_bytes) + 20 + 8 + PACKET_HEADER_BYTES as u32
+    }
+
+    /// Whether a data packet's header is laid out for this packet size: its message takes
+    /// `packet_count` packets of `packet_payload_bytes`, and it carries what its index holds.
+    /// False for a packet of a peer that sizes packets for another MTU.
+    pub fn describes(&self, h: &PacketHeader) -> bool {
+        let bytes = h.message_bytes as usize;
+        bytes <= self.message_bytes_max()
+            && self.packets_for(bytes) == h.packet_count
+            && self.packet_range(bytes, h.packet_index).len() == usize::from(h.payload_bytes)
+    }
+
     /// Largest request or response.
     pub fn message_bytes_max(&self) -> usize {
         self.packet_payload_bytes as usize * PACKETS_PER_MESSAGE_MAX as usize
@@ -141,8 +163,11 @@ pub struct RpcStats {
     pub retransmits: u64,
     /// Server: first packets refused because the session table was full.
     pub sessions_refused: u64,
-    /// Server: acks dropped because the ack queue was full.
+    /// Server: acks (and refusals) dropped because the ack queue was full.
     pub acks_dropped: u64,
+    /// Server: request packets that did not fit its packet size, answered with a `Refuse`.
+    /// Client: requests failed because the two ends size packets differently.
+    pub refusals: u64,
     /// Server: requests handed up. Client: responses handed up.
     pub messages_delivered: u64,
     /// Client: requests failed after `retries_max`.

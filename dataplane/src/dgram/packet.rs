@@ -2,13 +2,14 @@
 //!
 //! Layout (little-endian):
 //! ```text
-//!  0 magic u16 = 0x4352 ("RC")   2 version u8 = 1   3 kind u8 (1 request, 2 response, 3 ack)
+//!  0 magic u16 = 0x4352 ("RC")   2 version u8 = 1
+//!  3 kind u8 (1 request, 2 response, 3 ack, 4 refuse)
 //!  4 session u32 (the client's id for the session)
 //!  8 request_id u64 (slot = request_id % SLOTS_PER_SESSION)
 //! 16 message_bytes u32 (the whole request or response)
 //! 20 packet_index u16   22 packet_count u16
 //! 24 ack_count u16 (ack: request packets received in a row from 0)   26 payload_bytes u16
-//! 28 reserved u32 (zero)
+//! 28 detail u32 (zero, but in a refusal: the server's packet payload bytes)
 //! ```
 //! A packet carries bytes `[index * packet_payload, ...)` of its message; the payload follows
 //! the header at once.
@@ -31,6 +32,11 @@ pub enum PacketKind {
     Response = 2,
     /// Server to client: request packets received (returns the client's credits).
     Ack = 3,
+    /// Server to client: a request packet did not fit the server's packet size (its `detail`),
+    /// so the request can never be put together there: the two ends were started with
+    /// different MTUs. A peer of an older version drops the kind as malformed (and times out,
+    /// as before the kind existed).
+    Refuse = 4,
 }
 
 /// A decoded header.
@@ -44,6 +50,8 @@ pub struct PacketHeader {
     pub packet_count: u16,
     pub ack_count: u16,
     pub payload_bytes: u16,
+    /// Zero, but in a `Refuse`: the server's packet payload bytes.
+    pub detail: u32,
 }
 
 /// Why a datagram was not a valid packet.
@@ -70,7 +78,7 @@ impl PacketHeader {
         out[22..24].copy_from_slice(&self.packet_count.to_le_bytes());
         out[24..26].copy_from_slice(&self.ack_count.to_le_bytes());
         out[26..28].copy_from_slice(&self.payload_bytes.to_le_bytes());
-        out[28..32].fill(0);
+        out[28..32].copy_from_slice(&self.detail.to_le_bytes());
     }
 
     /// Decodes and checks a datagram (header and payload length).
@@ -87,6 +95,7 @@ impl PacketHeader {
             1 => PacketKind::Request,
             2 => PacketKind::Response,
             3 => PacketKind::Ack,
+            4 => PacketKind::Refuse,
             _ => return Err(PacketError::Malformed),
         };
         let header = PacketHeader {
@@ -98,8 +107,9 @@ impl PacketHeader {
             packet_count: u16_at(22),
             ack_count: u16_at(24),
             payload_bytes: u16_at(26),
+            detail: u32_at(28),
         };
-        let data_kind = kind != PacketKind::Ack;
+        let data_kind = matches!(kind, PacketKind::Request | PacketKind::Response);
         if data_kind
             && (header.packet_count == 0
                 || header.packet_count > PACKETS_PER_MESSAGE_MAX
@@ -128,6 +138,7 @@ mod tests {
             packet_count: 4,
             ack_count: 0,
             payload_bytes: 3,
+            detail: 0,
         }
     }
 
@@ -164,5 +175,24 @@ mod tests {
         assert_eq!(PacketHeader::decode(&p), Err(PacketError::Malformed));
         p[3] = 9;
         assert_eq!(PacketHeader::decode(&p), Err(PacketError::Malformed));
+    }
+
+    #[test]
+    fn a_refusal_carries_the_servers_packet_size() {
+        let refusal = PacketHeader {
+            kind: PacketKind::Refuse,
+            session: 3,
+            request_id: 17,
+            message_bytes: 0,
+            packet_index: 0,
+            packet_count: 0,
+            ack_count: 0,
+            payload_bytes: 0,
+            detail: 1440,
+        };
+        let mut h = [0u8; PACKET_HEADER_BYTES];
+        refusal.encode(&mut h);
+        assert_eq!(h[3], 4);
+        assert_eq!(PacketHeader::decode(&h), Ok(refusal));
     }
 }

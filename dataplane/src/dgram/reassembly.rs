@@ -204,6 +204,7 @@ mod tests {
             packet_count: count,
             ack_count: 0,
             payload_bytes: part.len() as u16,
+            detail: 0,
         };
         let mut buf = vec![0xee; 3]; // something before the RPC header, as on a raw port
         let mut head = [0u8; PACKET_HEADER_BYTES];

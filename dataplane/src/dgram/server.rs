@@ -57,7 +57,9 @@ struct Session<P, B, R> {
     slots: Vec<Slot<B, R>>,
 }
 
+/// A control packet waiting for `flush_parts`: an ack of `count` request packets, or a refusal.
 struct Ack {
+    kind: PacketKind,
     session: u32,
     generation: u32,
     request_id: u64,
@@ -125,16 +127,19 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
                 return;
             }
         };
-        if h.message_bytes as usize > self.config.message_bytes_max() {
-            self.stats.malformed += 1;
-            return;
-        }
         let Some(session) = self.session_for(peer, h.session) else {
             self.stats.sessions_refused += 1;
             return;
         };
         let slot_index = (h.request_id % SLOTS_PER_SESSION as u64) as u8;
         let generation = self.sessions[session as usize].generation;
+        if !self.config.describes(&h) {
+            // Laid out for another packet size: the client packs packets for another MTU.
+            // Resends would never fit, so it is told why instead of being left to time out.
+            self.stats.malformed += 1;
+            self.refuse(session, generation, h.request_id);
+            return;
+        }
         self.sessions[session as usize].last_active_ns = now_ns;
         let slot = &mut self.sessions[session as usize].slots[slot_index as usize];
         if slot.state != SlotState::Idle && h.request_id < slot.request_id {
@@ -162,6 +167,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
                     header_offset as u16,
                     self.config.packet_payload_bytes,
                 ) {
+                    // Disagrees with the packets of the message before it.
                     Insert::Mismatch => self.stats.malformed += 1,
                     Insert::Duplicate => {
                         self.stats.duplicates += 1;
@@ -248,10 +254,29 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
             return;
         }
         self.acks.push_back(Ack {
+            kind: PacketKind::Ack,
             session: handle.session,
             generation: handle.generation,
             request_id: handle.request_id,
             count,
+        });
+    }
+
+    /// Queues a `Refuse` for a request whose packets do not fit this server's packet size
+    /// (sent with the acks; dropped like an ack when their queue is full: the client's resend
+    /// brings another).
+    fn refuse(&mut self, session: u32, generation: u32, request_id: u64) {
+        self.stats.refusals += 1;
+        if self.acks.len() >= ACKS_QUEUED_MAX {
+            self.stats.acks_dropped += 1;
+            return;
+        }
+        self.acks.push_back(Ack {
+            kind: PacketKind::Refuse,
+            session,
+            generation,
+            request_id,
+            count: 0,
         });
     }
 
@@ -375,7 +400,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
                 continue;
             }
             PacketHeader {
-                kind: PacketKind::Ack,
+                kind: ack.kind,
                 session: session.client_session,
                 request_id: ack.request_id,
                 message_bytes: 0,
@@ -383,6 +408,11 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
                 packet_count: 0,
                 ack_count: ack.count,
                 payload_bytes: 0,
+                detail: if ack.kind == PacketKind::Refuse {
+                    u32::from(self.config.packet_payload_bytes)
+                } else {
+                    0
+                },
             }
             .encode(&mut head);
             if !send(&session.peer, &head, &[], &[]) {
@@ -418,6 +448,7 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
                     packet_count: slot.response_packets,
                     ack_count: 0,
                     payload_bytes: range.len() as u16,
+                    detail: 0,
                 }
                 .encode(&mut head);
                 if !send(&session.peer, &head, &first[in_first], &second[in_second]) {

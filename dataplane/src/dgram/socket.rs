@@ -1,12 +1,17 @@
 //! The datagram RPC over a kernel UDP socket: for clients on ordinary hosts (and tests) that
 //! speak the same protocol as a DPDK appliance. Non-blocking; receive buffers come from a fixed
 //! set made at start-up and go back to it when the RPC drops them, so receiving allocates
-//! nothing.
+//! nothing. Both directions batch (`mmsg`): `send` queues and `flush` hands the queue to one
+//! `sendmmsg`; `recv` takes from what one `recvmmsg` brought.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
+
+use super::mmsg::{self, SendBatch, BATCH_MAX};
 
 /// The largest datagram sent: a jumbo frame's IP payload (9000 - 20 - 8).
 pub const DATAGRAM_BYTES_MAX: usize = 8972;
@@ -39,6 +44,14 @@ pub struct UdpSocketPort {
     socket: UdpSocket,
     free: FreeList,
     buffer_bytes: usize,
+    /// Datagrams the last `recvmmsg` brought and `recv` has not handed out yet.
+    received: VecDeque<(RecvBuf, SocketAddr)>,
+    /// Datagrams `send` queued for the next `flush`.
+    tx: SendBatch,
+    /// `recvmmsg` calls made.
+    pub recv_calls: u64,
+    /// The buffers lent to one `recvmmsg` (empty between calls; capacity `BATCH_MAX`).
+    batch_buffers: Vec<Box<[u8]>>,
 }
 
 impl UdpSocketPort {
@@ -63,6 +76,10 @@ impl UdpSocketPort {
             socket,
             free: Rc::new(RefCell::new(free)),
             buffer_bytes,
+            received: VecDeque::with_capacity(BATCH_MAX),
+            tx: SendBatch::new(),
+            recv_calls: 0,
+            batch_buffers: Vec::with_capacity(BATCH_MAX),
         })
     }
 
@@ -76,54 +93,85 @@ impl UdpSocketPort {
         self.socket.as_raw_fd()
     }
 
-    /// Receive buffers not held by the RPC.
+    /// Receive buffers not held by the RPC (nor waiting in `recv`'s batch).
     pub fn free_buffer_count(&self) -> usize {
         self.free.borrow().len()
     }
 
+    /// `sendmmsg` calls made.
+    pub fn send_calls(&self) -> u64 {
+        self.tx.calls
+    }
+
     /// One datagram, or None when none is waiting or every buffer is held (the RPC must let
-    /// some go first: back-pressure, the kernel queues or drops the rest).
+    /// some go first: back-pressure, the kernel queues or drops the rest). Takes up to
+    /// `BATCH_MAX` waiting datagrams from the socket at once, into free buffers.
     pub fn recv(&mut self) -> io::Result<Option<(RecvBuf, SocketAddr)>> {
-        let Some(mut bytes) = self.free.borrow_mut().pop() else {
-            return Ok(None);
+        if let Some(got) = self.received.pop_front() {
+            return Ok(Some(got));
+        }
+        // The buffers lent to this call, kept in a vector made at bind time (no allocation).
+        let taken = &mut self.batch_buffers;
+        debug_assert!(taken.is_empty());
+        {
+            let mut free = self.free.borrow_mut();
+            let count = free.len().min(BATCH_MAX);
+            if count == 0 {
+                return Ok(None);
+            }
+            let from = free.len() - count;
+            taken.extend(free.drain(from..));
+        }
+        let count = taken.len();
+        let mut got = [(0, SocketAddr::from(([0, 0, 0, 0], 0))); BATCH_MAX];
+        let result = {
+            let mut buffers: [&mut [u8]; BATCH_MAX] = Default::default();
+            for (slot, bytes) in buffers.iter_mut().zip(taken.iter_mut()) {
+                debug_assert_eq!(bytes.len(), self.buffer_bytes);
+                *slot = &mut bytes[..];
+            }
+            self.recv_calls += 1;
+            mmsg::recv_batch(self.socket.as_raw_fd(), &mut buffers[..count], &mut got)
         };
-        debug_assert_eq!(bytes.len(), self.buffer_bytes);
-        match self.socket.recv_from(&mut bytes) {
-            Ok((len, from)) => Ok(Some((
+        let received = *result.as_ref().unwrap_or(&0);
+        let mut lent = taken.drain(..);
+        for &(len, from) in &got[..received] {
+            let bytes = lent.next().expect("one buffer per datagram");
+            self.received.push_back((
                 RecvBuf {
                     bytes: Some(bytes),
                     len,
                     home: self.free.clone(),
                 },
                 from,
-            ))),
-            Err(e) => {
-                self.free.borrow_mut().push(bytes);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            ));
         }
+        self.free.borrow_mut().extend(lent);
+        result?;
+        Ok(self.received.pop_front())
     }
 
-    /// Sends one packet (RPC header then payload, joined in a stack buffer). False when the
-    /// socket's send buffer is full: the RPC keeps the packet for the next flush.
-    pub fn send(&self, to: &SocketAddr, header: &[u8], payload: &[u8]) -> io::Result<bool> {
-        let mut datagram = [0u8; DATAGRAM_BYTES_MAX];
-        let len = header.len() + payload.len();
-        assert!(
-            len <= DATAGRAM_BYTES_MAX,
-            "packet of {len} bytes over the datagram limit"
-        );
-        datagram[..header.len()].copy_from_slice(header);
-        datagram[header.len()..len].copy_from_slice(payload);
-        match self.socket.send_to(&datagram[..len], to) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
+    /// Queues one packet (RPC header then payload) for `flush`. False when the queue is full
+    /// and the socket's send buffer too: the RPC keeps the packet for the next flush.
+    pub fn send(&mut self, to: &SocketAddr, header: &[u8], payload: &[u8]) -> io::Result<bool> {
+        if self.tx.is_full() {
+            self.tx.send_queued(self.socket.as_raw_fd())?;
+            if self.tx.is_full() {
+                return Ok(false);
+            }
         }
+        Ok(self.tx.push(to, [header, payload, &[]]))
+    }
+
+    /// Hands what `send` queued to the socket (one `sendmmsg` per `BATCH_MAX`); what a full
+    /// socket does not take waits for the next flush.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.tx.send_queued(self.socket.as_raw_fd())
+    }
+
+    /// Packets queued by `send` that the socket has not taken yet.
+    pub fn queued_tx(&self) -> usize {
+        self.tx.queued()
     }
 }
 
@@ -134,11 +182,18 @@ mod tests {
     #[test]
     fn buffers_are_bounded_and_come_back() {
         let mut a = UdpSocketPort::bind("127.0.0.1:0", 2, 1500).unwrap();
-        let b = UdpSocketPort::bind("127.0.0.1:0", 1, 1500).unwrap();
+        let mut b = UdpSocketPort::bind("127.0.0.1:0", 1, 1500).unwrap();
         let to = a.local_addr().unwrap();
         for i in 0..3u8 {
             assert!(b.send(&to, &[i], b"xyz").unwrap());
         }
+        assert_eq!(b.queued_tx(), 3, "queued until the flush");
+        b.flush().unwrap();
+        assert_eq!(
+            (b.queued_tx(), b.send_calls()),
+            (0, 1),
+            "three packets, one sendmmsg"
+        );
         let wait = |a: &mut UdpSocketPort| loop {
             if let Some(got) = a.recv().unwrap() {
                 return got;

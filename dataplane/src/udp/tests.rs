@@ -38,12 +38,13 @@ fn exchange(
 ) -> (UdpRequest, crate::dgram::socket::UdpSocketPort) {
     use crate::dgram::socket::UdpSocketPort;
     let to = server.local_addr().unwrap();
-    let client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
+    let mut client_port = UdpSocketPort::bind("127.0.0.1:0", 8, DATAGRAM_BYTES_MAX).unwrap();
     let mut client: RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>> =
         RpcClient::new(rpc_config(RPC_MTU_DEFAULT), 7);
     let session = client.open_session(to).unwrap();
     client.request(session, frame, 0).unwrap();
     client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+    client_port.flush().unwrap();
     for _ in 0..100_000 {
         let mut got = None;
         server.poll_rx(pools, 16, 1, &mut |r| got = Some(r));
@@ -126,6 +127,17 @@ fn assert_reply(response: &[u8], expected: &[u8]) {
 
 type TestClient = RpcClient<SocketAddr, crate::dgram::socket::RecvBuf, Vec<u8>>;
 
+/// Answers `request` as a write is answered: OK, one result, no output (kept inline).
+fn reply_one_result(
+    server: &mut UdpRpcTransport,
+    pools: &mut CorePools,
+    handle: RequestHandle,
+    header: &Header,
+) {
+    let results = [(0, 0)];
+    server.reply(pools, handle, header, Status::Ok, &results, Body::None);
+}
+
 /// A kernel-UDP RPC client of `server` with packets sized for `mtu`.
 fn client_of(
     server: &UdpRpcTransport,
@@ -146,7 +158,7 @@ fn client_of(
 fn read_request(
     (client, client_port, session): (
         &mut TestClient,
-        &crate::dgram::socket::UdpSocketPort,
+        &mut crate::dgram::socket::UdpSocketPort,
         crate::dgram::SessionId,
     ),
     server: &mut UdpRpcTransport,
@@ -158,6 +170,7 @@ fn read_request(
     wire::encode_request(&mut frame, Opcode::OsdOp, 9, b"obj.1", &ops, b"");
     client.request(session, frame, now_ns).unwrap();
     client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+    client_port.flush().unwrap();
     for _ in 0..100_000 {
         let mut got = None;
         server.poll_rx(pools, 16, now_ns, &mut |r| got = Some(r));
@@ -235,7 +248,7 @@ fn read_replies_are_sent_from_the_store_with_one_copy_of_the_payload() {
         let (mut client, mut client_port, session) = client_of(&server, mtu);
         let store: Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 256) as u8).collect();
         let request = read_request(
-            (&mut client, &client_port, session),
+            (&mut client, &mut client_port, session),
             &mut server,
             &mut pools,
             1,
@@ -285,7 +298,7 @@ fn a_lost_read_reply_is_resent_byte_identical_even_after_the_store_changed() {
     for (round, change_store) in [false, true].into_iter().enumerate() {
         let start = round as u64 * 10 * timeout_ns;
         let request = read_request(
-            (&mut client, &client_port, session),
+            (&mut client, &mut client_port, session),
             &mut server,
             &mut pools,
             start,
@@ -305,6 +318,7 @@ fn a_lost_read_reply_is_resent_byte_identical_even_after_the_store_changed() {
         let now = start + 2 * timeout_ns;
         client.poll_timers(now, &mut |_, _, _| panic!("no response was received"));
         client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+        client_port.flush().unwrap();
         let retransmits = server.stats().rpc.retransmits;
         for _ in 0..100_000 {
             server.poll_rx(&mut pools, 16, now, &mut |_| panic!("executed twice"));
@@ -353,13 +367,13 @@ fn waiting_stored_bodies_are_copied_out_of_the_store_before_it_changes() {
     let (mut client, mut client_port, session) = client_of(&server, RPC_MTU_DEFAULT);
     let mut store = vec![0x11u8; 4096];
     let first = read_request(
-        (&mut client, &client_port, session),
+        (&mut client, &mut client_port, session),
         &mut server,
         &mut pools,
         1,
     );
     let second = read_request(
-        (&mut client, &client_port, session),
+        (&mut client, &mut client_port, session),
         &mut server,
         &mut pools,
         1,
@@ -437,6 +451,7 @@ fn small_replies_are_kept_inline() {
     let session = client.open_session(to).unwrap();
     client.request(session, write_frame(4096), 0).unwrap();
     client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+    client_port.flush().unwrap();
     let mut request = None;
     for _ in 0..100_000 {
         server.poll_rx(&mut pools, 16, 1, &mut |r| request = Some(r));
@@ -448,15 +463,7 @@ fn small_replies_are_kept_inline() {
     let request = request.expect("request never arrived");
     pools.release_lease(request.frame);
     let in_use = pools.in_use();
-    let results = [(0, 0)];
-    server.reply(
-        &mut pools,
-        request.handle,
-        &request.header,
-        Status::Ok,
-        &results,
-        Body::None,
-    );
+    reply_one_result(&mut server, &mut pools, request.handle, &request.header);
     assert_eq!(pools.in_use(), in_use, "no buffer taken for the response");
     server.flush_tx(&mut pools);
     let response = await_response(&mut client, &mut client_port);
@@ -476,4 +483,72 @@ fn reuseport_sockets_share_one_port() {
     assert!(sockets
         .iter()
         .all(|s| s.local_addr().unwrap().port() == port));
+}
+
+/// A burst of requests costs the server one `recvmmsg` (and one to find the socket empty),
+/// and the burst of replies one `sendmmsg`; every request arrives intact, each reply as sent,
+/// and the chunk slots given to the kernel come back with the leases.
+#[test]
+fn a_burst_is_received_and_answered_in_one_system_call_each() {
+    let mut pools = pools();
+    let mut server = loopback_server();
+    let (mut client, mut client_port, session) = client_of(&server, RPC_MTU_DEFAULT);
+    let burst = crate::dgram::SLOTS_PER_SESSION;
+    let frames: Vec<Vec<u8>> = (0..burst).map(|i| write_frame(100 + 500 * i)).collect();
+    for frame in &frames {
+        client.request(session, frame.clone(), 0).unwrap();
+    }
+    client.flush_tx(&mut |peer, h, p| client_port.send(peer, h, p).unwrap());
+    assert_eq!(client_port.queued_tx(), burst);
+    client_port.flush().unwrap();
+    assert_eq!(
+        client_port.send_calls(),
+        1,
+        "the client's burst is one sendmmsg"
+    );
+    // Let the whole burst land before the server looks, so one call can take it.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut requests = Vec::new();
+    for _ in 0..100 {
+        server.poll_rx(&mut pools, 64, 1, &mut |r| requests.push(r));
+        if requests.len() == burst {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(requests.len(), burst, "every request arrived");
+    let port = server.stats().port;
+    assert!(
+        port.recv_calls <= 3,
+        "{burst} datagrams took {} recvmmsg calls",
+        port.recv_calls
+    );
+    for request in &requests {
+        let id = request.header.request_id;
+        assert!(
+            frames.iter().any(|f| f == request.frame.as_slice()),
+            "request {id} intact"
+        );
+    }
+    for request in requests {
+        reply_one_result(&mut server, &mut pools, request.handle, &request.header);
+        pools.release_lease(request.frame);
+    }
+    server.flush_tx(&mut pools);
+    assert_eq!(
+        server.stats().port.send_calls,
+        1,
+        "the replies are one sendmmsg"
+    );
+    assert!(!server.has_pending_tx());
+    for _ in 0..burst {
+        let response = await_response(&mut client, &mut client_port);
+        assert_reply(&response, &[0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    server.close_all(&mut pools);
+    assert_eq!(
+        pools.in_use(),
+        0,
+        "every buffer came back, the unused slots too"
+    );
 }

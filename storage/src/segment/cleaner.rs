@@ -8,7 +8,9 @@
 //!    them, only their live blocks matter.
 //! 3. A data segment with no live block is free at once. One with some is a candidate victim:
 //!    the cleaner reads its live blocks (crc-checked) and journals them again as
-//!    `ExtentMove`s, mixed with client records. Each move applies only if the block is still
+//!    `ExtentMove`s, in client records, but with their data blocks in a log head of their
+//!    own (cold segments, `Journal::cold`), so that blocks that survived long enough to be
+//!    moved gather apart from hot writes instead of being mixed with them again. Each move applies only if the block is still
 //!    where it was read, so a client write in between always wins. One read request covers
 //!    live blocks up to `MOVE_GAP_BLOCKS_MAX` dead blocks apart (within `MOVE_BLOCKS_MAX`), so
 //!    a victim's scattered live blocks cost a request per few blocks, not per block.
@@ -51,13 +53,18 @@ pub const MOVE_GAP_BLOCKS_MAX: u64 = 16;
 /// and a cleaner that keeps picking such victims would never give clients room.
 pub const VICTIM_DEAD_BLOCKS_MIN: u32 = MOVE_BLOCKS_MAX as u32 + 2;
 
-/// Journal blocks that copying `live` blocks may take, at most: the blocks themselves, their
-/// deltas and record heads (a copy can be a single block, with a delta of some 60 bytes: an
-/// eighth more is generous), and the tail of the open segment if a copy did not fit it (the
-/// cleaner opens at most one fresh segment per victim).
-pub fn copy_blocks_bound(live: u32) -> u64 {
-    let live = u64::from(live);
-    live + live / 8 + MOVE_BLOCKS_MAX as u64 + 2
+/// Blocks of the cleaner's own head (cold segments) that copying `live` blocks may take, at
+/// most: the blocks themselves, the tail of the cold segment if a copy did not fit it (the
+/// cleaner opens at most one fresh cold segment per victim), and that segment's header.
+pub fn copy_cold_blocks_bound(live: u32) -> u64 {
+    u64::from(live) + MOVE_BLOCKS_MAX as u64 + 1
+}
+
+/// Blocks of the clients' head that copying `live` blocks may take, at most: the copies'
+/// deltas, in the heads of the records that carry them (a copy can be a single block, with a
+/// delta of some 60 bytes: an eighth of the blocks is generous).
+pub fn copy_head_blocks_bound(live: u32) -> u64 {
+    u64::from(live) / 8 + 2
 }
 
 /// The data segment to empty next: the best cost-benefit score among data segments with at
@@ -140,6 +147,9 @@ pub struct CleanerStats {
     /// Data segments freed without copying (every block already dead).
     pub segments_freed_empty: u64,
     pub blocks_moved: u64,
+    /// Of `blocks_moved`, those that went to the cold head (the rest went to the clients'
+    /// head, for lack of free segments: `Cleaner::to_cold`).
+    pub blocks_moved_cold: u64,
     pub bytes_moved: u64,
     /// Read requests, and the blocks they spanned (live and the dead gaps between them).
     pub reads: u64,
@@ -151,6 +161,10 @@ pub struct CleanerStats {
 
 pub struct Cleaner {
     pub victim: Option<u32>,
+    /// Where the victim's copies go: the cleaner's own head (cold segments), or, when no
+    /// cold segment can be opened (one free segment left) but the clients' head has room,
+    /// after the heads of the records that carry them, as before the cold head existed.
+    pub to_cold: bool,
     /// Where the walk of the extent tree for the victim's live blocks resumes; Some while
     /// it runs (`SegmentStore::walk_victim`, a step per poll while I/O is in flight), and no
     /// copy starts before it ends.
@@ -182,6 +196,7 @@ impl Cleaner {
     pub fn new() -> Cleaner {
         Cleaner {
             victim: None,
+            to_cold: true,
             walk_from: None,
             todo: Vec::new(),
             moves: (0..MOVES_IN_FLIGHT_MAX)
@@ -350,6 +365,7 @@ mod tests {
                 first_record_seq: 1,
                 replay_start_seq: 0,
                 replay_start_offset: 0,
+                cold: false,
             })
             .collect();
         let log = ShardLog {

@@ -18,7 +18,11 @@ pub const BLOCK_SIZE_BYTES: u64 = 4096;
 /// write the extent tree's nodes as its records' data blocks (each node a 4 KiB block with
 /// its own crc, nonce, address and generation, `btree/node.rs`) and name the tree's root in a
 /// `TreeRoot` delta in its last record, instead of dumping every extent as `ExtentMap` deltas.
-pub const FORMAT_VERSION: u32 = 6;
+/// Version 7: the cleaner's copies have a log head of their own (*cold* segments, whose header
+/// says so and which hold data blocks only); a record names the run of cold blocks it wrote
+/// there (`RecordHeader::cold_*`: device offset, the cold segment's sequence number, block
+/// count and data crc), which the scan checks as it checks the record's own data.
+pub const FORMAT_VERSION: u32 = 7;
 /// Spare `carmine mkfs` leaves by default, in percent of the data capacity: enough that random
 /// 4 KiB overwrites at 80% of the usable capacity cost at most 1.5x in writes (measured 1.38-1.43
 /// in steady state; 35% gave 1.55-1.58: ARCHITECTURE.md, segment store costs).
@@ -34,7 +38,7 @@ pub const SEGMENT_SIZE_MAX_BYTES: u64 = 1 << 32;
 pub const SHARDS_MAX: u32 = 64;
 /// A shard needs an open segment, one being cleaned and a reserve to clean into.
 pub const SEGMENTS_PER_SHARD_MIN: u32 = 4;
-pub const RECORD_HEADER_SIZE_BYTES: usize = 64;
+pub const RECORD_HEADER_SIZE_BYTES: usize = 88;
 /// Bytes of deltas in one record: bounded so a record's head is a bounded read.
 pub const RECORD_METADATA_MAX_BYTES: u32 = 1 << 20;
 /// Data blocks in one record (16 MiB): bounded so a record always fits a segment.
@@ -46,7 +50,7 @@ const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"CRMNSEGH");
 const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"CRMNRECD");
 const SUPERBLOCK_CRC_OFFSET: usize = 76;
 const SEGMENT_HEADER_CRC_OFFSET: usize = 64;
-const RECORD_HEADER_CRC_OFFSET: usize = 60;
+const RECORD_HEADER_CRC_OFFSET: usize = 84;
 
 const _: () = assert!(SUPERBLOCK_CRC_OFFSET + 4 <= BLOCK_SIZE_BYTES as usize);
 const _: () = assert!(RECORD_HEADER_CRC_OFFSET + 4 == RECORD_HEADER_SIZE_BYTES);
@@ -332,6 +336,11 @@ pub struct SegmentHeader {
     /// log has no checkpoint yet: replay starts at the oldest segment's first record.
     pub replay_start_seq: u64,
     pub replay_start_offset: u64,
+    /// A cold segment: the cleaner's log head, holding the data blocks of `ExtentMove`s that
+    /// records in journal segments name (`RecordHeader::cold_offset`), and no record. Never
+    /// part of the log's chain; the scan lists it with the data segments. Its
+    /// `first_record_seq` and replay start are 0.
+    pub cold: bool,
 }
 
 impl SegmentHeader {
@@ -341,6 +350,7 @@ impl SegmentHeader {
         put_u32(&mut block, 8, FORMAT_VERSION);
         put_u32(&mut block, 12, self.shard);
         put_u32(&mut block, 16, self.segment);
+        put_u32(&mut block, 20, u32::from(self.cold));
         put_u64(&mut block, 24, self.nonce);
         put_u64(&mut block, 32, self.segment_seq);
         put_u64(&mut block, 40, self.first_record_seq);
@@ -364,6 +374,15 @@ impl SegmentHeader {
             return Err(FormatError::BadCrc { what: WHAT });
         }
         check_version(WHAT, u32_at(block, 8))?;
+        let cold = match u32_at(block, 20) {
+            0 => false,
+            1 => true,
+            kind => {
+                return Err(FormatError::Geometry(format!(
+                    "segment kind {kind} unknown"
+                )))
+            }
+        };
         let header = SegmentHeader {
             nonce: u64_at(block, 24),
             shard: u32_at(block, 12),
@@ -372,6 +391,7 @@ impl SegmentHeader {
             first_record_seq: u64_at(block, 40),
             replay_start_seq: u64_at(block, 48),
             replay_start_offset: u64_at(block, 56),
+            cold,
         };
         if header.nonce != nonce || header.segment != segment {
             return Err(FormatError::Foreign { what: WHAT });
@@ -399,6 +419,15 @@ pub struct RecordHeader {
     pub data_crc: u32,
     /// `RECORD_FLAG_*` bits.
     pub flags: u32,
+    /// The record's cold run: `cold_blocks` data blocks the cleaner copied, written at device
+    /// offset `cold_offset` in the cold segment whose header carries `cold_segment_seq`,
+    /// covered by `cold_crc` (as `data_crc`). All zero when the record has none. The record
+    /// is valid only if its cold run is (the scan reads and checks it): a record whose cold
+    /// write was torn is a torn record, and ends the log like one.
+    pub cold_offset: u64,
+    pub cold_segment_seq: u64,
+    pub cold_blocks: u32,
+    pub cold_crc: u32,
 }
 
 /// The record is part of a checkpoint: its deltas rebuild metadata from nothing, so replay
@@ -431,6 +460,8 @@ impl RecordHeader {
         assert!(
             self.metadata_len <= RECORD_METADATA_MAX_BYTES
                 && self.data_blocks <= RECORD_DATA_BLOCKS_MAX
+                && self.cold_blocks <= RECORD_DATA_BLOCKS_MAX
+                && (self.cold_blocks == 0) == (self.cold_offset == 0)
         );
         assert_eq!(
             head.len() as u64,
@@ -448,6 +479,10 @@ impl RecordHeader {
         put_u32(head, 48, self.data_crc);
         put_u32(head, 52, FORMAT_VERSION);
         put_u32(head, 56, self.flags);
+        put_u64(head, 60, self.cold_offset);
+        put_u64(head, 68, self.cold_segment_seq);
+        put_u32(head, 76, self.cold_blocks);
+        put_u32(head, 80, self.cold_crc);
         head[RECORD_HEADER_SIZE_BYTES..RECORD_HEADER_SIZE_BYTES + metadata.len()]
             .copy_from_slice(metadata);
         let mut crc = carmine_crc::crc32c(&head[..RECORD_HEADER_CRC_OFFSET]);
@@ -477,9 +512,16 @@ impl RecordHeader {
             data_blocks: u32_at(block, 44),
             data_crc: u32_at(block, 48),
             flags: u32_at(block, 56),
+            cold_offset: u64_at(block, 60),
+            cold_segment_seq: u64_at(block, 68),
+            cold_blocks: u32_at(block, 76),
+            cold_crc: u32_at(block, 80),
         };
         if header.metadata_len > RECORD_METADATA_MAX_BYTES
             || header.data_blocks > RECORD_DATA_BLOCKS_MAX
+            || header.cold_blocks > RECORD_DATA_BLOCKS_MAX
+            || (header.cold_blocks == 0) != (header.cold_offset == 0)
+            || header.cold_offset % BLOCK_SIZE_BYTES != 0
         {
             return Err(FormatError::Geometry(
                 "record larger than the format allows".into(),
@@ -506,6 +548,17 @@ impl RecordHeader {
         let len = self.data_blocks as usize * BLOCK_SIZE_BYTES as usize;
         need(WHAT, data, len)?;
         if record_data_crc(&data[..len]) != self.data_crc {
+            return Err(FormatError::BadCrc { what: WHAT });
+        }
+        Ok(())
+    }
+
+    /// Checks the record's cold run, as read from `cold_offset`.
+    pub fn verify_cold(&self, cold: &[u8]) -> Result<(), FormatError> {
+        const WHAT: &str = "record cold data";
+        let len = self.cold_blocks as usize * BLOCK_SIZE_BYTES as usize;
+        need(WHAT, cold, len)?;
+        if record_data_crc(&cold[..len]) != self.cold_crc {
             return Err(FormatError::BadCrc { what: WHAT });
         }
         Ok(())

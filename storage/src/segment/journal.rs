@@ -72,15 +72,28 @@ const TAG_FLUSH: u64 = 1;
 /// predecessor (`RECORD_FLAG_OVERLAPS`) names only the record just before it, and that is
 /// what lets the mount tell a torn tail of two records from damage (`tail.rs`).
 pub const RECORDS_IN_FLIGHT_MAX: usize = 2;
+/// Bound of `Journal::cold_left` (see there).
+const COLD_LEFT_MAX: usize = RECORDS_IN_FLIGHT_MAX + 3;
 const _: () = assert!(
     RECORDS_IN_FLIGHT_MAX == 2,
     "RECORD_FLAG_OVERLAPS names one record"
 );
+/// Records sealed after the last cold run written into a cold segment before that segment may
+/// be freed (and so overwritten). The scan checks the cold runs of the chain's last
+/// `RECORDS_IN_FLIGHT_MAX` records (`scan::check_cold_at_end`), and a write in flight with
+/// record N (or a segment header before it) may be torn at a crash whose chain ends at N - 2,
+/// so a run checked then belongs to a record >= N - 3: one written at most N - 4 is never
+/// checked by the time its bytes can be overwritten. Without this, a move that no longer
+/// applied (its block rewritten first) or whose blocks the very next record rewrote left its
+/// segment free at once, and a torn write reusing it made the scan end the log at an
+/// acknowledged record (`carmine sim --first-seed 5000 --cuts 3000`, seed 5437).
+pub const COLD_REUSE_RECORDS_AFTER: u64 = RECORDS_IN_FLIGHT_MAX as u64 + 1;
+
 /// A record sealed beside another carries at least this many data blocks per head block.
 /// Every record costs a head (at least one 4 KiB block) and a flush; sealed as soon as a
 /// record is in flight, a batch would often be one op or one cleaner copy, a head block per
 /// data block: write amplification up, and the cleaner's room bound broken
-/// (`cleaner::copy_blocks_bound` counts an eighth for heads and deltas). A smaller batch
+/// (`cleaner::copy_head_blocks_bound` counts an eighth for heads and deltas). A smaller batch
 /// waits for the record in flight and goes next, as it did with one record in flight.
 pub const OVERLAP_DATA_BLOCKS_PER_HEAD_BLOCK_MIN: u32 = 8;
 
@@ -111,6 +124,12 @@ struct Batch {
     data: Vec<IoVec>,
     data_blocks: u32,
     data_crc: u32,
+    /// The cleaner's copies: written to the cold head, not after the record's head. Patches
+    /// index the cold run's blocks.
+    cold_patches: Vec<(usize, u32)>,
+    cold: Vec<IoVec>,
+    cold_blocks: u32,
+    cold_crc: u32,
     delta_count: u32,
     tags: Vec<u64>,
 }
@@ -123,6 +142,10 @@ impl Batch {
             data: Vec::with_capacity(RECORD_DATA_BLOCKS_MAX as usize),
             data_blocks: 0,
             data_crc: 0,
+            cold_patches: Vec::with_capacity(BATCH_OPS_MAX * 4),
+            cold: Vec::with_capacity(RECORD_DATA_BLOCKS_MAX as usize),
+            cold_blocks: 0,
+            cold_crc: 0,
             delta_count: 0,
             tags: Vec::with_capacity(BATCH_OPS_MAX),
         }
@@ -134,8 +157,17 @@ impl Batch {
         self.data.clear();
         self.data_blocks = 0;
         self.data_crc = 0;
+        self.cold_patches.clear();
+        self.cold.clear();
+        self.cold_blocks = 0;
+        self.cold_crc = 0;
         self.delta_count = 0;
         self.tags.clear();
+    }
+
+    /// Data blocks of the record, wherever they go.
+    fn all_blocks(&self) -> u32 {
+        self.data_blocks + self.cold_blocks
     }
 }
 
@@ -165,9 +197,11 @@ impl RecordBuffers {
     fn new() -> RecordBuffers {
         RecordBuffers {
             head: AlignedBuf::new(HEAD_BUFFER_BYTES),
-            write_iovecs: Vec::with_capacity(2 + RECORD_DATA_BLOCKS_MAX as usize),
+            // Head, data, a cold segment's header and the cold run (at most
+            // `RECORD_DATA_BLOCKS_MAX` data blocks in all: `record_data_blocks_max`).
+            write_iovecs: Vec::with_capacity(3 + RECORD_DATA_BLOCKS_MAX as usize),
             pending: Vec::with_capacity(
-                2 + RECORD_DATA_BLOCKS_MAX as usize / IOVECS_PER_REQUEST_MAX + 1,
+                4 + RECORD_DATA_BLOCKS_MAX as usize / IOVECS_PER_REQUEST_MAX + 1,
             ),
             tags: Vec::with_capacity(BATCH_OPS_MAX),
         }
@@ -199,6 +233,8 @@ struct InFlight {
     /// Not a record: a fresh segment's header, written and flushed before any record goes
     /// into that segment (see `Sealed::SegmentHeader`). It acknowledges nothing.
     segment_header_only: bool,
+    /// Blocks of the record's cold run (the cleaner's copies), for stall reports and tests.
+    cold_blocks: u32,
 }
 
 /// What `seal` put in flight.
@@ -225,7 +261,13 @@ pub enum SegmentRole {
     /// Part of the log that replay reads (at or after the segment holding the replay start).
     Journal,
     /// Before the replay start: only its live data blocks matter. The cleaner empties these.
+    /// A cold segment becomes one once the cleaner's head has left it and every record that
+    /// wrote into it is retired (its moves applied).
     Data,
+    /// The cleaner's log head (`Journal::cold`), or a cold segment it left whose records are
+    /// still in flight: its blocks are not all counted live yet, so it is neither freed nor
+    /// cleaned.
+    Cold,
 }
 
 enum Checkpoint {
@@ -251,6 +293,7 @@ enum Checkpoint {
 }
 
 struct OpenSegment {
+    segment: u32,
     next_offset: u64,
     end: u64,
     segment_seq: u64,
@@ -306,6 +349,21 @@ pub struct Journal {
     pub checkpoints_written: u64,
     pub checkpoint_bytes: u64,
     open: Option<OpenSegment>,
+    /// The cleaner's log head: the cold segment its copies go to, apart from the clients'
+    /// writes, so that what the cleaner moved (cold, by having survived) gathers in segments
+    /// of its own instead of being mixed again with hot writes. Opened when a record first
+    /// needs it (after a mount too: a fresh one, never after a possibly torn run).
+    cold: Option<OpenSegment>,
+    /// Cold segments the head left, each with the first record that did not write into it:
+    /// they become data segments once every record before that one is retired and
+    /// `COLD_REUSE_RECORDS_AFTER` more records were sealed. Entries wait for records no older
+    /// than the last few sealed, each of which opens at most one cold segment, plus one left
+    /// by `leave_cold` (and after a mount, the cold segments of the log's last records).
+    cold_left: VecDeque<(u32, u64)>,
+    /// One header block per record buffer: a record that opens a cold segment writes its
+    /// header in the same request as its cold run.
+    cold_headers: AlignedBuf,
+    pub cold_segments_opened: u64,
     next_record_seq: u64,
     next_segment_seq: u64,
     /// The newest segment header this writer knows durable (0: none since mount). Records go
@@ -333,6 +391,10 @@ pub struct OpAppender<'a> {
     data_mark: usize,
     data_blocks_mark: u32,
     data_crc_mark: u32,
+    cold_patches_mark: usize,
+    cold_mark: usize,
+    cold_blocks_mark: u32,
+    cold_crc_mark: u32,
     delta_count_mark: u32,
     committed: bool,
 }
@@ -366,7 +428,7 @@ impl OpAppender<'_> {
         data: IoVec,
         crcs: &[u32],
     ) -> Result<(), JournalError> {
-        self.data_extent(data, crcs, |metadata| {
+        self.data_extent(data, crcs, false, |metadata| {
             encode_extent_map(metadata, oid, logical_offset, 0, crcs)
         })
     }
@@ -377,6 +439,9 @@ impl OpAppender<'_> {
     ///
     /// # Safety
     /// As `extent`: `data` stays valid and unmodified until the op's completion is reported.
+    ///
+    /// `to_cold`: the data goes to the cleaner's head (cold segments); else after the
+    /// record's head, as client data does.
     pub unsafe fn moved_extent(
         &mut self,
         oid: &[u8],
@@ -384,19 +449,22 @@ impl OpAppender<'_> {
         from: u64,
         data: IoVec,
         crcs: &[u32],
+        to_cold: bool,
     ) -> Result<(), JournalError> {
         let blocks = crcs.len() as u32;
-        self.data_extent(data, crcs, |metadata| {
+        self.data_extent(data, crcs, to_cold, |metadata| {
             encode_extent_move(metadata, oid, logical_offset, from, blocks)
         })
     }
 
     /// Adds `data` to the batch with the delta `encode` appends (returning the offset of the
-    /// delta's physical address, patched when the record is placed).
+    /// delta's physical address, patched when the record is placed). `cold`: the data goes
+    /// to the cleaner's head (`Journal::cold`), not after the record's head.
     fn data_extent(
         &mut self,
         data: IoVec,
         crcs: &[u32],
+        cold: bool,
         encode: impl FnOnce(&mut Vec<u8>) -> usize,
     ) -> Result<(), JournalError> {
         let blocks = (data.len() / BLOCK_SIZE_BYTES as usize) as u32;
@@ -407,8 +475,12 @@ impl OpAppender<'_> {
         );
         let data_blocks_max = self.journal.record_data_blocks_max();
         let batch = &mut self.journal.batch;
-        if batch.data_blocks + blocks > data_blocks_max || batch.data.len() == batch.data.capacity()
-        {
+        let iovecs_full = if cold {
+            batch.cold.len() == batch.cold.capacity()
+        } else {
+            batch.data.len() == batch.data.capacity()
+        };
+        if batch.all_blocks() + blocks > data_blocks_max || iovecs_full {
             return Err(JournalError::BatchFull);
         }
         let before = batch.metadata.len();
@@ -418,12 +490,21 @@ impl OpAppender<'_> {
             return Err(JournalError::BatchFull);
         }
         batch.delta_count += 1;
-        batch.patches.push((physical_field, batch.data_blocks));
-        batch.data.push(data);
-        for &crc in crcs {
-            batch.data_crc = crate::segment::format::record_data_crc_append(batch.data_crc, crc);
+        if cold {
+            batch.cold_patches.push((physical_field, batch.cold_blocks));
+            batch.cold.push(data);
+            for &crc in crcs {
+                batch.cold_crc = record_data_crc_append(batch.cold_crc, crc);
+            }
+            batch.cold_blocks += blocks;
+        } else {
+            batch.patches.push((physical_field, batch.data_blocks));
+            batch.data.push(data);
+            for &crc in crcs {
+                batch.data_crc = record_data_crc_append(batch.data_crc, crc);
+            }
+            batch.data_blocks += blocks;
         }
-        batch.data_blocks += blocks;
         Ok(())
     }
 
@@ -437,6 +518,12 @@ impl OpAppender<'_> {
     /// `BatchFull` when the ops before this one fit the open segment and this one does not:
     /// they go there first, and this op waits for the next record, so that a big op never
     /// rolls the journal past a tail that smaller ones could fill.
+    ///
+    /// The cleaner's copies need room in the cold head as well (`Journal::cold`): a batch
+    /// may need two fresh segments, one per head, and then passes only if both can be
+    /// opened. A copy that overflows the cold tail waits for the next record only if copies
+    /// before it in this batch use that tail (else waiting would not help: clients never
+    /// write there).
     pub fn placement(&self, may_use_reserve: bool) -> Result<(), JournalError> {
         let journal = &*self.journal;
         let batch = &journal.batch;
@@ -446,19 +533,22 @@ impl OpAppender<'_> {
         } else {
             (journal.reserve_segments, journal.reserve_segments)
         };
-        if journal.fits_open_segment(batch.metadata.len(), batch.data_blocks) {
+        let client_fits = journal.fits_open_segment(batch.metadata.len(), batch.data_blocks);
+        let cold_fits = journal.fits_cold(batch.cold_blocks);
+        if client_fits && cold_fits {
             return if free >= keep_in_tail {
                 Ok(())
             } else {
                 Err(JournalError::NoSpace)
             };
         }
-        if !batch.tags.is_empty()
-            && journal.fits_open_segment(self.metadata_mark, self.data_blocks_mark)
-        {
+        let before_fits = journal.fits_open_segment(self.metadata_mark, self.data_blocks_mark)
+            && journal.fits_cold(self.cold_blocks_mark);
+        if !batch.tags.is_empty() && before_fits && (!client_fits || self.cold_blocks_mark > 0) {
             return Err(JournalError::BatchFull);
         }
-        if free > keep_to_open {
+        let fresh = usize::from(!client_fits) + usize::from(!cold_fits);
+        if free >= keep_to_open + fresh {
             Ok(())
         } else {
             Err(JournalError::NoSpace)
@@ -487,6 +577,10 @@ impl Drop for OpAppender<'_> {
             batch.data.truncate(data);
             batch.data_blocks = self.data_blocks_mark;
             batch.data_crc = self.data_crc_mark;
+            batch.cold_patches.truncate(self.cold_patches_mark);
+            batch.cold.truncate(self.cold_mark);
+            batch.cold_blocks = self.cold_blocks_mark;
+            batch.cold_crc = self.cold_crc_mark;
             batch.delta_count = self.delta_count_mark;
         }
     }
@@ -495,13 +589,14 @@ impl Drop for OpAppender<'_> {
 impl Journal {
     /// The buffers every record write uses (the heads: header and deltas; the segment
     /// header; a checkpoint's node blocks), to register for DMA once.
-    pub fn dma_regions(&mut self) -> [(*mut u8, usize); RECORDS_IN_FLIGHT_MAX + 2] {
+    pub fn dma_regions(&mut self) -> [(*mut u8, usize); RECORDS_IN_FLIGHT_MAX + 3] {
         let [first, second] = &mut self.buffers;
         [
             first.head.region(),
             second.head.region(),
             self.segment_header.region(),
             self.node_blocks.region(),
+            self.cold_headers.region(),
         ]
     }
 
@@ -523,6 +618,33 @@ impl Journal {
             if live_blocks[header.segment as usize] > 0 {
                 roles[header.segment as usize] = SegmentRole::Data;
             }
+        }
+        // Cold segments the log's last records wrote into stay unfreeable until enough new
+        // records follow (`COLD_REUSE_RECORDS_AFTER`), whatever their live count: a crash
+        // soon after this mount checks those records' cold runs again.
+        let mut cold_left = VecDeque::with_capacity(COLD_LEFT_MAX);
+        for record in &log.records {
+            if record.header.cold_blocks == 0
+                || record.header.record_seq + COLD_REUSE_RECORDS_AFTER < log.next_record_seq
+            {
+                continue;
+            }
+            let segment = sb
+                .segment_at(record.header.cold_offset)
+                .expect("the scan checked the cold run");
+            if roles[segment as usize] == SegmentRole::Journal {
+                // Reused as a journal segment: impossible under the reuse rule (it needs
+                // records this log does not have yet); nothing to protect then.
+                debug_assert!(
+                    false,
+                    "segment {segment} holds a recent cold run and the log"
+                );
+                continue;
+            }
+            roles[segment as usize] = SegmentRole::Cold;
+            cold_left.retain(|&(s, _)| s != segment);
+            assert!(cold_left.len() < cold_left.capacity());
+            cold_left.push_back((segment, record.header.record_seq + 1));
         }
         let free_segments = sb
             .shard_segments(shard)
@@ -548,6 +670,10 @@ impl Journal {
             checkpoints_written: 0,
             checkpoint_bytes: 0,
             open: None,
+            cold: None,
+            cold_left,
+            cold_headers: AlignedBuf::new(RECORDS_IN_FLIGHT_MAX * BLOCK_SIZE_BYTES as usize),
+            cold_segments_opened: 0,
             next_record_seq: log.next_record_seq,
             next_segment_seq: log.next_segment_seq + mount_segment_seq_gap(&sb, shard),
             durable_segment_seq: 0,
@@ -567,6 +693,18 @@ impl Journal {
         self.open
             .as_ref()
             .map_or(0, |open| (open.end - open.next_offset) / BLOCK_SIZE_BYTES)
+    }
+
+    /// Blocks left in the cleaner's head (0 when none is open).
+    pub fn cold_tail_blocks(&self) -> u64 {
+        self.cold
+            .as_ref()
+            .map_or(0, |cold| (cold.end - cold.next_offset) / BLOCK_SIZE_BYTES)
+    }
+
+    /// Whether `blocks` copies fit what is left of the cleaner's head (none always fit).
+    fn fits_cold(&self, blocks: u32) -> bool {
+        blocks == 0 || u64::from(blocks) <= self.cold_tail_blocks()
     }
 
     /// Whether a record of `metadata_len` bytes of deltas and `data_blocks` fits what is left
@@ -627,7 +765,7 @@ impl Journal {
     /// What the journal is doing, for stall reports.
     pub fn debug_state(&self) -> String {
         format!(
-            "records in flight (seq, writes, flush, flush submitted, durable, pending writes) {:?}; batch {} ops {} data blocks; open segment room {:?}; failed {:?}",
+            "records in flight (seq, writes, flush, flush submitted, durable, pending writes, cold blocks) {:?}; batch {} ops {} data blocks {} cold; open segment room {:?}; cold head room {:?}; failed {:?}",
             self.in_flight
                 .iter()
                 .map(|f| (
@@ -636,12 +774,15 @@ impl Journal {
                     f.flush,
                     f.flush_submitted,
                     f.durable,
-                    self.buffers[f.buffers].pending.len()
+                    self.buffers[f.buffers].pending.len(),
+                    f.cold_blocks,
                 ))
                 .collect::<Vec<_>>(),
             self.batch.tags.len(),
             self.batch.data_blocks,
+            self.batch.cold_blocks,
             self.open.as_ref().map(|o| (o.end - o.next_offset) / BLOCK_SIZE_BYTES),
+            self.cold.as_ref().map(|o| (o.end - o.next_offset) / BLOCK_SIZE_BYTES),
             self.failed,
         )
     }
@@ -747,6 +888,10 @@ impl Journal {
             data_mark: self.batch.data.len(),
             data_blocks_mark: self.batch.data_blocks,
             data_crc_mark: self.batch.data_crc,
+            cold_patches_mark: self.batch.cold_patches.len(),
+            cold_mark: self.batch.cold.len(),
+            cold_blocks_mark: self.batch.cold_blocks,
+            cold_crc_mark: self.batch.cold_crc,
             delta_count_mark: self.batch.delta_count,
             committed: false,
             journal: self,
@@ -835,8 +980,53 @@ impl Journal {
         while self.in_flight.front().is_some_and(|r| r.durable) {
             let in_flight = self.in_flight.pop_front().expect("checked");
             work += self.retire_one(&in_flight, durable, done);
+            self.settle_cold_left();
         }
         work
+    }
+
+    /// The cleaner's head leaves its segment, with no copy waiting in the batch for it: space
+    /// is short and no victim is usable, and the head's unwritten tail is room nothing else
+    /// can use. Left, the segment becomes a data segment (once the records that wrote into it
+    /// are retired) whose tail counts as dead, so the cleaner can pick it; the next copy
+    /// opens a fresh cold segment.
+    pub fn leave_cold(&mut self) {
+        assert_eq!(self.batch.cold_blocks, 0, "no copy waits for the cold tail");
+        if let Some(left) = self.cold.take() {
+            assert!(self.cold_left.len() < self.cold_left.capacity());
+            self.cold_left
+                .push_back((left.segment, self.next_record_seq));
+            self.settle_cold_left();
+        }
+    }
+
+    /// Whether a record with a cold run is in flight.
+    pub fn cold_run_in_flight(&self) -> bool {
+        self.in_flight.iter().any(|f| f.cold_blocks > 0)
+    }
+
+    /// Whether copies in the open batch wait for the cold head.
+    pub fn batch_has_cold(&self) -> bool {
+        self.batch.cold_blocks > 0
+    }
+
+    /// Cold segments the cleaner's head left become data segments once every record that
+    /// wrote into them is retired: their moves are applied, so their live count is whole and
+    /// the sweep may free them or the cleaner pick them.
+    fn settle_cold_left(&mut self) {
+        while let Some(&(segment, first_not_in)) = self.cold_left.front() {
+            if self.next_record_seq < first_not_in + COLD_REUSE_RECORDS_AFTER
+                || self
+                    .in_flight
+                    .iter()
+                    .any(|f| !f.segment_header_only && f.record_seq < first_not_in)
+            {
+                break;
+            }
+            self.cold_left.pop_front();
+            debug_assert_eq!(self.roles[segment as usize], SegmentRole::Cold);
+            self.roles[segment as usize] = SegmentRole::Data;
+        }
     }
 
     fn retire_one(
@@ -946,7 +1136,7 @@ impl Journal {
                 .in_flight
                 .iter()
                 .all(|f| f.flush && !f.checkpoint && !f.segment_header_only)
-            && self.batch.data_blocks >= OVERLAP_DATA_BLOCKS_PER_HEAD_BLOCK_MIN * head_blocks
+            && self.batch.all_blocks() >= OVERLAP_DATA_BLOCKS_PER_HEAD_BLOCK_MIN * head_blocks
             && self.fits_open_segment(self.batch.metadata.len(), self.batch.data_blocks)
     }
 
@@ -1047,11 +1237,21 @@ impl Journal {
                 }
             }
         }
-        if self.batch.tags.is_empty() {
+        if self.batch.tags.is_empty() && !self.cold_left_waits_for_records() {
             return Ok(false);
         }
+        // (An empty batch: a record with nothing in it, so a left cold segment does not wait
+        // for client writes to become cleanable. Rare: only when the journal is otherwise idle.)
         self.seal(0, true)?;
         Ok(true)
+    }
+
+    /// A left cold segment waits only for more records to be sealed (nothing in flight).
+    fn cold_left_waits_for_records(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.cold_left.front().is_some_and(|&(_, first_not_in)| {
+                self.next_record_seq < first_not_in + COLD_REUSE_RECORDS_AFTER
+            })
     }
 
     /// Seals a checkpoint record whose data blocks are the next extent-tree nodes of `nodes`
@@ -1222,6 +1422,10 @@ impl Journal {
             data_blocks: self.batch.data_blocks,
             data_crc: self.batch.data_crc,
             flags: flags | if overlaps { RECORD_FLAG_OVERLAPS } else { 0 },
+            cold_offset: 0,
+            cold_segment_seq: 0,
+            cold_blocks: self.batch.cold_blocks,
+            cold_crc: self.batch.cold_crc,
         };
         let record_bytes = u64::from(header.total_blocks()) * BLOCK_SIZE_BYTES;
         let needs_segment = self
@@ -1234,6 +1438,22 @@ impl Journal {
             return Ok(Sealed::SegmentHeader);
         }
         let slot = self.free_buffers();
+        let cold_opened = header.cold_blocks > 0 && !self.fits_cold(header.cold_blocks);
+        if cold_opened {
+            self.open_cold_segment(slot)?;
+        }
+        if header.cold_blocks > 0 {
+            let cold = self.cold.as_ref().expect("open, and the run fits it");
+            assert!(
+                cold.next_offset + u64::from(header.cold_blocks) * BLOCK_SIZE_BYTES <= cold.end
+            );
+            header.cold_offset = cold.next_offset;
+            header.cold_segment_seq = cold.segment_seq;
+            for &(at, block_index) in &self.batch.cold_patches {
+                let physical = header.cold_offset + u64::from(block_index) * BLOCK_SIZE_BYTES;
+                self.batch.metadata[at..at + 8].copy_from_slice(&physical.to_le_bytes());
+            }
+        }
         let buffers = &mut self.buffers[slot];
         buffers.write_iovecs.clear();
         buffers.pending.clear();
@@ -1275,6 +1495,44 @@ impl Journal {
             first += count;
         }
         debug_assert_eq!(offset, record_offset + record_bytes);
+        if header.cold_blocks > 0 {
+            // The cold run (after its segment's header, when this record opened the segment:
+            // one request, and the header is durable with the first record that needs it).
+            let cold = self.cold.as_mut().expect("placed above");
+            let cold_bytes = u64::from(header.cold_blocks) * BLOCK_SIZE_BYTES;
+            let mut first = buffers.write_iovecs.len();
+            let mut offset = header.cold_offset;
+            if cold_opened {
+                // SAFETY: this slot's header block belongs to this record's buffers, which no
+                // other flight uses, and is not touched until the record is retired.
+                let iovec = unsafe {
+                    self.cold_headers
+                        .io_vec_at(slot * BLOCK_SIZE_BYTES as usize, BLOCK_SIZE_BYTES as usize)
+                };
+                buffers.write_iovecs.push(iovec);
+                offset -= BLOCK_SIZE_BYTES;
+                debug_assert_eq!(Some(offset), Some(self.sb.segment_offset(cold.segment)));
+            }
+            buffers.write_iovecs.extend_from_slice(&self.batch.cold);
+            while first < buffers.write_iovecs.len() {
+                let count = (buffers.write_iovecs.len() - first).min(IOVECS_PER_REQUEST_MAX);
+                buffers.pending.push(PendingWrite {
+                    offset,
+                    first,
+                    count,
+                });
+                offset += buffers.write_iovecs[first..first + count]
+                    .iter()
+                    .map(|v| v.len() as u64)
+                    .sum::<u64>();
+                first += count;
+            }
+            debug_assert_eq!(offset, header.cold_offset + cold_bytes);
+            cold.next_offset += cold_bytes;
+            self.bytes_written += cold_bytes;
+        }
+        debug_assert!(buffers.pending.len() <= buffers.pending.capacity());
+        debug_assert!(buffers.write_iovecs.len() <= buffers.write_iovecs.capacity());
         open.next_offset += record_bytes;
         self.next_record_seq += 1;
         self.records_written += 1;
@@ -1303,8 +1561,10 @@ impl Journal {
             checkpoint: false,
             names_replay_start: None,
             segment_header_only: false,
+            cold_blocks: header.cold_blocks,
         });
         self.batch.clear();
+        self.settle_cold_left();
         Ok(Sealed::Record(header.record_seq, record_offset))
     }
 
@@ -1331,6 +1591,48 @@ impl Journal {
             checkpoint: false,
             names_replay_start: Some(self.replay_start_published),
             segment_header_only: true,
+            cold_blocks: 0,
+        });
+        Ok(())
+    }
+
+    /// Moves the cleaner's head to a fresh cold segment, whose header the record sealed in
+    /// `slot` writes in front of its cold run. The segment left becomes a data segment once
+    /// the records before this one are retired (`settle_cold_left`).
+    fn open_cold_segment(&mut self, slot: usize) -> Result<(), JournalError> {
+        let segment = self
+            .free_segments
+            .pop_front()
+            .ok_or(JournalError::NoSpace)?;
+        if let Some(left) = self.cold.take() {
+            assert!(self.cold_left.len() < self.cold_left.capacity());
+            self.cold_left
+                .push_back((left.segment, self.next_record_seq));
+        }
+        let header = SegmentHeader {
+            nonce: self.sb.nonce(),
+            shard: self.shard,
+            segment,
+            segment_seq: self.next_segment_seq,
+            first_record_seq: 0,
+            replay_start_seq: 0,
+            replay_start_offset: 0,
+            cold: true,
+        };
+        debug_assert_eq!(self.roles[segment as usize], SegmentRole::Free);
+        self.roles[segment as usize] = SegmentRole::Cold;
+        self.seqs[segment as usize] = header.segment_seq;
+        self.next_segment_seq += 1;
+        self.cold_segments_opened += 1;
+        let block = BLOCK_SIZE_BYTES as usize;
+        self.cold_headers[slot * block..][..block].copy_from_slice(&header.encode());
+        self.bytes_written += BLOCK_SIZE_BYTES;
+        let start = self.sb.segment_offset(segment);
+        self.cold = Some(OpenSegment {
+            segment,
+            next_offset: start + BLOCK_SIZE_BYTES,
+            end: start + self.sb.segment_size,
+            segment_seq: header.segment_seq,
         });
         Ok(())
     }
@@ -1348,6 +1650,7 @@ impl Journal {
             first_record_seq: self.next_record_seq,
             replay_start_seq: self.replay_start_published.0,
             replay_start_offset: self.replay_start_published.1,
+            cold: false,
         };
         debug_assert_eq!(self.roles[segment as usize], SegmentRole::Free);
         self.roles[segment as usize] = SegmentRole::Journal;
@@ -1367,6 +1670,7 @@ impl Journal {
             count: 1,
         });
         self.open = Some(OpenSegment {
+            segment,
             next_offset: start + BLOCK_SIZE_BYTES,
             end: start + self.sb.segment_size,
             segment_seq: header.segment_seq,

@@ -2,7 +2,7 @@
 //!
 //! Checkpoints and the cleaner: see ARCHITECTURE.md and `cleaner.rs`. Offline check: `fsck.rs`.
 //!
-//! # On-disk layout, version 6
+//! # On-disk layout, version 7
 //!
 //! ```text
 //! offset 0        superblock copy A (one 4 KiB block)
@@ -25,9 +25,14 @@
 //!   network buffer and read back by offset. A checkpoint's records may instead carry
 //!   extent-tree nodes as their data blocks (version 6), the last one naming the root
 //!   (`TreeRoot`; `checkpoint_nodes.rs`).
+//! * The cleaner's copies have a head of their own (version 7): their data blocks go to *cold*
+//!   segments (header flagged cold, data blocks only, no record), as the record's *cold run*,
+//!   which its header names (offset, cold segment sequence, blocks, crc); their deltas stay in
+//!   the record. One record sequence, so replay order is unchanged.
 //! * Replay walks a shard's segments in segment-sequence order and its records in
 //!   record-sequence order; the first record that fails any check (magic, nonce, sequence,
-//!   metadata crc, data crc) ends the log: it is a torn tail and is discarded.
+//!   metadata crc, data crc; for the last two records, the cold run) ends the log: it is a
+//!   torn tail and is discarded.
 //!
 //! Every data block is covered by a crc32c kept in the metadata (4 KiB granularity, so a 4 KiB
 //! read verifies exactly what it reads); every metadata byte is covered by its record's crc.

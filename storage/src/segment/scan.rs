@@ -20,7 +20,10 @@
 //!
 //! Mount-time scanning reads synchronously through `BlockReader`; it is not the data path.
 
+use std::collections::VecDeque;
 use std::io;
+
+use crate::segment::journal::RECORDS_IN_FLIGHT_MAX;
 
 use crate::segment::format::{
     RecordHeader, SegmentHeader, Superblock, BLOCK_SIZE_BYTES, RECORD_DATA_BLOCKS_MAX,
@@ -174,6 +177,10 @@ pub fn scan_shard(
 ) -> Result<ShardLog, ScanError> {
     let mut segments = read_segment_headers(sb, shard, reader)?;
     let next_segment_seq = segments.last().map_or(1, |last| last.segment_seq + 1);
+    // Cold segments (the cleaner's head) hold data blocks only: never part of the chain,
+    // listed with the data segments, which is what they are.
+    let cold: Vec<SegmentHeader> = segments.iter().filter(|h| h.cold).copied().collect();
+    segments.retain(|h| !h.cold);
     let start = segments
         .iter()
         .map(|h| (h.replay_start_seq, h.replay_start_offset))
@@ -191,6 +198,8 @@ pub fn scan_shard(
         data_segments = segments.drain(..position).collect();
         first_offset = Some(offset);
     }
+    let journal_next_segment_seq = segments.last().map_or(0, |last| last.segment_seq + 1);
+    data_segments.extend_from_slice(&cold);
     let mut log = ShardLog {
         segments: Vec::with_capacity(segments.len()),
         data_segments,
@@ -205,9 +214,32 @@ pub fn scan_shard(
         replay_start: start.unwrap_or((0, 0)),
     };
     let mut buf = Vec::new();
+    // Records read but not yet visited: the last `RECORDS_IN_FLIGHT_MAX`, whose cold runs are
+    // checked once the chain's end is known (`check_cold_at_end`).
+    let mut unchecked: VecDeque<(LogRecord, Vec<u8>)> =
+        VecDeque::with_capacity(RECORDS_IN_FLIGHT_MAX + 1);
     let mut remaining = segments.drain(..);
     for segment in remaining.by_ref() {
         let from = first_offset.take();
+        if from.is_none()
+            && segment.first_record_seq < log.next_record_seq
+            && unchecked
+                .front()
+                .is_some_and(|(r, _)| r.header.record_seq <= segment.first_record_seq)
+        {
+            // An earlier mount ended the log at `first_record_seq` because that record's
+            // cold run was torn (`check_cold_at_end`), and its writer continued from there in
+            // this fresh segment. The discarded records still have valid heads, so the walk
+            // took them: they are the last ones read, never visited, and this segment
+            // supersedes them.
+            while unchecked
+                .back()
+                .is_some_and(|(r, _)| r.header.record_seq >= segment.first_record_seq)
+            {
+                unchecked.pop_back();
+            }
+            log.next_record_seq = segment.first_record_seq;
+        }
         if from.is_none() && segment.first_record_seq != log.next_record_seq {
             // The writer opens a segment with the next sequence number; a mismatch means the
             // earlier segment's tail records were lost, so this segment's never counted.
@@ -223,12 +255,24 @@ pub fn scan_shard(
             break;
         }
         log.segments.push(segment);
-        if let Some(stop) = scan_segment(sb, &segment, from, reader, &mut buf, &mut log, visit)? {
+        let more = journal_next_segment_seq > segment.segment_seq + 1;
+        if let Some(stop) = scan_segment(
+            sb,
+            &segment,
+            from,
+            more,
+            reader,
+            &mut buf,
+            &mut log,
+            &mut unchecked,
+            visit,
+        )? {
             log.end = stop;
             break;
         }
     }
     log.orphans.extend(remaining);
+    check_cold_at_end(sb, &cold, reader, &mut log, &mut unchecked, visit)?;
     if start.is_some() && log.records.is_empty() {
         // The checkpoint a durable header names is not there: corruption, not a torn tail.
         let (seq, offset) = log.replay_start;
@@ -237,14 +281,69 @@ pub fn scan_shard(
     Ok(log)
 }
 
+/// The chain's last records, whose cold runs (`RecordHeader::cold_offset`) are checked now:
+/// the first that fails ends the log there, as a torn record does, and it and what follows
+/// are dropped; the others are visited and join the log.
+///
+/// Why only the last `RECORDS_IN_FLIGHT_MAX`: the writer seals record M only when fewer
+/// than that many records are in flight, so every record up to M - 2 was durable, cold run
+/// included, before M was written, and a valid M proves it. Such a record's cold run may
+/// since have been overwritten, legitimately: once its moved blocks died (client writes in
+/// later records), its cold segment was freed and reused while the record itself stays in
+/// the log until a checkpoint (`carmine sim --seed 6` found this when every cold run was
+/// checked). Its moves then replay onto blocks that later records remap, so those bytes
+/// are never read; and every live block keeps its own crc in the metadata (reads and fsck
+/// check it). Only the last records can have a torn cold run, and none of them can have had
+/// its cold segment reused (that takes later records that kill its blocks).
+fn check_cold_at_end(
+    sb: &Superblock,
+    cold: &[SegmentHeader],
+    reader: &mut dyn BlockReader,
+    log: &mut ShardLog,
+    unchecked: &mut VecDeque<(LogRecord, Vec<u8>)>,
+    visit: &mut dyn FnMut(&LogRecord, &[u8]),
+) -> Result<(), ScanError> {
+    while let Some((record, deltas)) = unchecked.pop_front() {
+        if let Err(reason) = check_cold(sb, &record.header, cold, reader)? {
+            log.end = LogEnd::Stop {
+                segment: record.segment,
+                offset: record.offset,
+                reason,
+            };
+            log.next_record_seq = record.header.record_seq;
+            unchecked.clear();
+            // Segments opened after the dropped record hold nothing of the log. (None can
+            // exist: a segment opens with nothing in flight, so the record before it was
+            // durable whole. Kept for images a future writer might leave.)
+            if let Some(at) = log
+                .segments
+                .iter()
+                .position(|h| h.segment == record.segment)
+            {
+                let after: Vec<SegmentHeader> = log.segments.drain(at + 1..).collect();
+                log.orphans.splice(0..0, after);
+            }
+            return Ok(());
+        }
+        visit(&record, &deltas);
+        log.records.push(record);
+    }
+    Ok(())
+}
+
 /// Appends the segment's records to the log. Returns where the log stops, if it stops here.
+/// `more`: journal segments follow this one. Records go through `unchecked` (see
+/// `check_cold_at_end`): each is visited once `RECORDS_IN_FLIGHT_MAX` more follow it.
+#[allow(clippy::too_many_arguments)]
 fn scan_segment(
     sb: &Superblock,
     segment: &SegmentHeader,
     from: Option<u64>,
+    more: bool,
     reader: &mut dyn BlockReader,
     buf: &mut Vec<u8>,
     log: &mut ShardLog,
+    unchecked: &mut VecDeque<(LogRecord, Vec<u8>)>,
     visit: &mut dyn FnMut(&LogRecord, &[u8]),
 ) -> Result<Option<LogEnd>, ScanError> {
     let segment_end = sb.segment_offset(segment.segment) + sb.segment_size;
@@ -265,17 +364,20 @@ fn scan_segment(
                     segment: segment.segment,
                     offset,
                 };
-                visit(
-                    &record,
-                    &buf[RECORD_HEADER_SIZE_BYTES..][..header.metadata_len as usize],
-                );
-                log.records.push(record);
+                let deltas =
+                    buf[RECORD_HEADER_SIZE_BYTES..][..header.metadata_len as usize].to_vec();
+                unchecked.push_back((record, deltas));
+                if unchecked.len() > RECORDS_IN_FLIGHT_MAX {
+                    let (record, deltas) = unchecked.pop_front().expect("not empty");
+                    visit(&record, &deltas);
+                    log.records.push(record);
+                }
                 log.next_record_seq += 1;
                 offset += u64::from(header.total_blocks()) * BLOCK_SIZE_BYTES;
             }
             // The writer moved on to the next segment (it does when a record no longer fits):
             // the log continues there, if that segment starts with the next record.
-            Err(_) if more_segments_follow(log, segment) => return Ok(None),
+            Err(_) if more => return Ok(None),
             Err(reason) => {
                 return Ok(Some(LogEnd::Stop {
                     segment: segment.segment,
@@ -296,6 +398,7 @@ pub fn records_after(
     sb: &Superblock,
     segment: &SegmentHeader,
     from: u64,
+    cold: &[SegmentHeader],
     reader: &mut dyn BlockReader,
     buf: &mut Vec<u8>,
 ) -> Result<Vec<LogRecord>, ScanError> {
@@ -327,6 +430,10 @@ pub fn records_after(
                 &mut image,
                 buf,
             )?;
+            let checked = match checked {
+                Ok(header) => check_cold(sb, &header, cold, reader)?.map(|()| header),
+                Err(reason) => Err(reason),
+            };
             if let Ok(header) = checked {
                 found.push(LogRecord {
                     header,
@@ -359,8 +466,52 @@ impl BlockReader for Window<'_> {
     }
 }
 
-fn more_segments_follow(log: &ShardLog, segment: &SegmentHeader) -> bool {
-    log.next_segment_seq > segment.segment_seq + 1
+/// Checks a record's cold run (`RecordHeader::cold_offset`): inside one cold segment of the
+/// record's shard, past its header, under the header the record names, and its crc. The
+/// outer error is an I/O failure; the inner one says why the record is not valid (a torn
+/// cold write, or damage), which ends the log as a torn record does.
+///
+/// Why the cold header must match: a cold segment's header goes in the same write as its
+/// first cold run, so a power cut may keep the run and tear the header (the record was not
+/// acknowledged: its flush had not completed). Replaying such a record would map blocks into
+/// a segment with no valid header, which mount would hand out as free space.
+pub fn check_cold(
+    sb: &Superblock,
+    header: &RecordHeader,
+    cold: &[SegmentHeader],
+    reader: &mut dyn BlockReader,
+) -> Result<Result<(), String>, ScanError> {
+    if header.cold_blocks == 0 {
+        return Ok(Ok(()));
+    }
+    let bytes = u64::from(header.cold_blocks) * BLOCK_SIZE_BYTES;
+    let Some(segment) = sb.segment_at(header.cold_offset) else {
+        return Ok(Err(format!(
+            "record {}: cold run at {} lies outside the segments",
+            header.record_seq, header.cold_offset
+        )));
+    };
+    let start = sb.segment_offset(segment);
+    let named = cold.iter().find(|h| {
+        h.cold
+            && h.segment == segment
+            && h.shard == header.shard
+            && h.segment_seq == header.cold_segment_seq
+    });
+    if named.is_none()
+        || header.cold_offset < start + BLOCK_SIZE_BYTES
+        || header.cold_offset + bytes > start + sb.segment_size
+    {
+        return Ok(Err(format!(
+            "record {}: cold run at {} ({} blocks) is not in cold segment {segment} of sequence {}",
+            header.record_seq, header.cold_offset, header.cold_blocks, header.cold_segment_seq
+        )));
+    }
+    let mut data = vec![0u8; bytes as usize];
+    reader
+        .read_at(header.cold_offset, &mut data)
+        .map_err(ScanError::Io)?;
+    Ok(header.verify_cold(&data).map_err(|error| error.to_string()))
 }
 
 /// Reads and checks the record at `offset`. The outer error is an I/O failure; the inner one
@@ -457,6 +608,7 @@ mod tests {
                 first_record_seq: self.next_record_seq,
                 replay_start_seq: self.replay_start.0,
                 replay_start_offset: self.replay_start.1,
+                cold: false,
             };
             let at = self.sb.segment_offset(segment) as usize;
             self.bytes[at..at + 4096].copy_from_slice(&header.encode());
@@ -485,6 +637,10 @@ mod tests {
                 data_blocks,
                 data_crc: crate::segment::format::record_data_crc(&data),
                 flags: 0,
+                cold_offset: 0,
+                cold_segment_seq: 0,
+                cold_blocks: 0,
+                cold_crc: 0,
             };
             let mut head = vec![0u8; header.head_blocks() as usize * 4096];
             header.encode_head(&metadata, &mut head);
@@ -680,8 +836,15 @@ mod tests {
         assert_eq!(tags, vec![1], "replay stops at the damaged record");
         let segment = log.segments[0];
         let mut reader: &[u8] = &image.bytes;
-        let found =
-            records_after(&image.sb, &segment, damaged, &mut reader, &mut Vec::new()).unwrap();
+        let found = records_after(
+            &image.sb,
+            &segment,
+            damaged,
+            &[],
+            &mut reader,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(
             found
                 .iter()
@@ -697,7 +860,8 @@ mod tests {
             ..segment
         };
         let start = image.sb.segment_offset(0) + 4096;
-        let found = records_after(&image.sb, &header, start, &mut reader, &mut Vec::new()).unwrap();
+        let found =
+            records_after(&image.sb, &header, start, &[], &mut reader, &mut Vec::new()).unwrap();
         assert!(found.is_empty(), "{found:?}");
     }
 
@@ -715,6 +879,7 @@ mod tests {
             first_record_seq: 2,
             replay_start_seq: 0,
             replay_start_offset: 0,
+            cold: false,
         };
         let at = image.sb.segment_offset(3) as usize;
         image.bytes[at..at + 4096].copy_from_slice(&foreign.encode());

@@ -109,6 +109,12 @@ pub struct SegmentStats {
     /// in flight, else one per `WALK_EXTENTS_PER_STEP` extents).
     pub cleaner_walk_steps: u64,
     pub victims_abandoned: u64,
+    /// Cold segments opened (the cleaner's own log head), and times the head left its
+    /// segment early because space was short (`Journal::leave_cold`).
+    pub cold_segments_opened: u64,
+    pub cold_heads_left: u64,
+    /// Of `blocks_moved`, those the cleaner wrote to its cold head.
+    pub blocks_moved_cold: u64,
     /// Writes that waited for the cleaner to free space.
     pub space_waits: u64,
     /// Logical blocks mapped (client data stored), and how many the spare leaves clients
@@ -155,6 +161,9 @@ impl SegmentStats {
             cleaner_blocks_read: self.cleaner_blocks_read - earlier.cleaner_blocks_read,
             cleaner_walk_steps: self.cleaner_walk_steps - earlier.cleaner_walk_steps,
             victims_abandoned: self.victims_abandoned - earlier.victims_abandoned,
+            cold_segments_opened: self.cold_segments_opened - earlier.cold_segments_opened,
+            cold_heads_left: self.cold_heads_left - earlier.cold_heads_left,
+            blocks_moved_cold: self.blocks_moved_cold - earlier.blocks_moved_cold,
             space_waits: self.space_waits - earlier.space_waits,
             usable_full_refusals: self.usable_full_refusals - earlier.usable_full_refusals,
             ..*self
@@ -478,6 +487,9 @@ pub struct SegmentStore<Q: QueuePair> {
     checkpoint_interval: usize,
     /// Extents a step of the victim walk visits while I/O is in flight.
     walk_step_extents: usize,
+    /// Whether the cleaner may write its copies to its own head (`Cleaner::to_cold`); off,
+    /// they go beside client writes as before format 7 (tests compare the two).
+    cold_head: bool,
     /// Whether checkpoints may write the extent tree's changed nodes instead of dumping the
     /// extents (`take_snapshot`).
     checkpoint_writes: CheckpointWrites,
@@ -546,6 +558,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             sized_at_chain_len: usize::MAX,
             checkpoint_interval: 4,
             walk_step_extents: WALK_EXTENTS_PER_STEP,
+            cold_head: true,
             checkpoint_writes: CheckpointWrites::Cheaper,
             write_out: None,
             checkpoint_generation: 0,
@@ -573,9 +586,17 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// once, so that a backend that can (NVMe) moves 4 KiB writes without a bounce copy. A
     /// refusal costs speed, not correctness: logged, and the ordinary path stays.
     fn register_buffers(&mut self) {
-        let [head, second_head, header, nodes] = self.journal.dma_regions();
+        let [head, second_head, header, nodes, cold_headers] = self.journal.dma_regions();
         let [singles, runs] = self.pool.regions();
-        let regions = [singles, runs, head, second_head, header, nodes];
+        let regions = [
+            singles,
+            runs,
+            head,
+            second_head,
+            header,
+            nodes,
+            cold_headers,
+        ];
         // SAFETY: the arena and the journal's buffers are heap memory owned by this store,
         // never reallocated, and dropped only with the store, after its queue pair (field
         // order: `qp` comes first) stops using them.
@@ -617,6 +638,18 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.walk_step_extents = extents;
     }
 
+    /// Lets the cleaner write its copies to a log head of its own (the default), or not: then
+    /// they go beside client writes, as before format 7. For tests that compare the two.
+    pub fn set_cold_head(&mut self, enabled: bool) {
+        self.cold_head = enabled;
+    }
+
+    /// Whether a record carrying cleaner copies to the cold head is in flight (tests cut the
+    /// power then).
+    pub fn cold_run_in_flight(&self) -> bool {
+        self.journal.cold_run_in_flight()
+    }
+
     /// What `segment` is for now (tests watch a segment through the cleaner).
     pub fn segment_role(&self, segment: u32) -> SegmentRole {
         self.journal.role(segment)
@@ -653,6 +686,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
         extra.cleaner_blocks_read = cleaned.blocks_read;
         extra.cleaner_walk_steps = cleaned.walk_steps;
         extra.victims_abandoned = cleaned.victims_abandoned;
+        extra.cold_segments_opened = self.journal.cold_segments_opened;
+        extra.blocks_moved_cold = cleaned.blocks_moved_cold;
         extra.mapped_blocks = self.mapped_blocks();
         extra.usable_blocks = self.usable_blocks;
         extra

@@ -134,13 +134,14 @@ pub fn records_after_end(
             first_record_seq: header.record_seq,
             replay_start_seq: 0,
             replay_start_offset: 0,
+            cold: false,
         };
         places.push((lost, first, false));
     }
     let end_segment = next_position(sb, log).map(|(segment, _)| segment);
     let mut found_all = Vec::new();
     for (segment, from, header_valid) in places {
-        let mut found = records_after(sb, &segment, from, reader, buf)?;
+        let mut found = records_after(sb, &segment, from, &log.data_segments, reader, buf)?;
         if !header_valid {
             // The log's next record, alone in a segment whose header is torn: the crash hit
             // while the segment was being opened.

@@ -72,7 +72,7 @@ fn superblock_keeps_the_spare_and_refuses_other_versions() {
     );
     assert!(error
         .to_string()
-        .contains("format version 4, this build reads version 6"));
+        .contains("format version 4, this build reads version 7"));
     // A version 5 image: its checkpoints are dumps, which version 6 still writes, but it
     // is refused the same way (one version read per build; no upgrade path yet).
     let mut v5 = sb.encode();
@@ -82,7 +82,7 @@ fn superblock_keeps_the_spare_and_refuses_other_versions() {
     assert!(Superblock::decode(&v5)
         .unwrap_err()
         .to_string()
-        .contains("format version 5, this build reads version 6"));
+        .contains("format version 5, this build reads version 7"));
 }
 
 #[test]
@@ -174,6 +174,7 @@ fn segment_header_checks_owner() {
         first_record_seq: 1000,
         replay_start_seq: 990,
         replay_start_offset: 1 << 30,
+        cold: false,
     };
     let block = header.encode();
     assert_eq!(SegmentHeader::decode(&block, 7, 9), Ok(header));
@@ -234,6 +235,10 @@ fn sample_record() -> (RecordHeader, Vec<u8>, Vec<u8>) {
         data_blocks: 2,
         data_crc: record_data_crc(&data),
         flags: 0,
+        cold_offset: 0,
+        cold_segment_seq: 0,
+        cold_blocks: 0,
+        cold_crc: 0,
     };
     (header, metadata, data)
 }
@@ -392,4 +397,57 @@ proptest! {
         let decoded = DeltaReader::new(&moved).next().unwrap().unwrap();
         prop_assert_eq!(decoded, deltas[10]);
     }
+}
+
+/// Format 7: a record names its cold run, covered by the head's crc and checked by its own
+/// crc; a segment header says whether the segment is cold, and an unknown kind is refused.
+#[test]
+fn cold_runs_and_cold_segments_round_trip() {
+    let (mut header, metadata, _) = sample_record();
+    let cold = vec![0x5au8; 3 * 4096];
+    header.cold_offset = 9 << 20;
+    header.cold_segment_seq = 41;
+    header.cold_blocks = 3;
+    header.cold_crc = record_data_crc(&cold);
+    let mut head = vec![0u8; header.head_blocks() as usize * 4096];
+    header.encode_head(&metadata, &mut head);
+    let decoded = RecordHeader::decode(&head, 5).unwrap();
+    assert_eq!(decoded, header);
+    decoded.verify_head(&head).unwrap();
+    decoded.verify_cold(&cold).unwrap();
+    let mut torn = cold.clone();
+    torn[2 * 4096 + 7] ^= 1;
+    assert!(
+        decoded.verify_cold(&torn).is_err(),
+        "a torn cold block fails"
+    );
+    assert!(decoded.verify_cold(&cold[..4096]).is_err(), "short");
+    // A changed cold field fails the head's crc.
+    let mut changed = head.clone();
+    changed[68] ^= 1;
+    assert!(RecordHeader::decode(&changed, 5)
+        .unwrap()
+        .verify_head(&changed)
+        .is_err());
+    // Blocks without an offset (or the reverse) never decode.
+    let mut inconsistent = head.clone();
+    put_u64(&mut inconsistent, 60, 0);
+    assert!(RecordHeader::decode(&inconsistent, 5).is_err());
+
+    let segment = SegmentHeader {
+        nonce: 7,
+        shard: 0,
+        segment: 9,
+        segment_seq: 41,
+        first_record_seq: 0,
+        replay_start_seq: 0,
+        replay_start_offset: 0,
+        cold: true,
+    };
+    let mut block = segment.encode();
+    assert_eq!(SegmentHeader::decode(&block, 7, 9), Ok(segment));
+    put_u32(&mut block, 20, 2);
+    let crc = carmine_crc::crc32c(&block[..SEGMENT_HEADER_CRC_OFFSET]);
+    put_u32(&mut block, SEGMENT_HEADER_CRC_OFFSET, crc);
+    assert!(SegmentHeader::decode(&block, 7, 9).is_err(), "unknown kind");
 }

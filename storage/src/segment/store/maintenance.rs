@@ -92,6 +92,19 @@ impl<Q: QueuePair> SegmentStore<Q> {
         if low && self.cleaner.victim.is_none() {
             self.start_victim();
         }
+        if low
+            && self.cleaner.victim.is_none()
+            && self.cleaner.moves_in_flight() == 0
+            && !self.journal.batch_has_cold()
+            && self.journal.cold_tail_blocks() >= u64::from(cleaner::VICTIM_DEAD_BLOCKS_MIN)
+        {
+            // Nothing to clean, and the cold head's tail is room only the cleaner could use:
+            // leaving it makes that segment a victim with the tail counted dead (a small
+            // shard's spare is a few segments: without this, random overwrites at high fill
+            // ran out of space with every victim short of `VICTIM_DEAD_BLOCKS_MIN`).
+            self.journal.leave_cold();
+            self.extra.cold_heads_left += 1;
+        }
         self.run_cleaner();
     }
 
@@ -118,7 +131,8 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// The victim the cleaner would pick, if all its copies fit where the cleaner may write:
     /// a cleaner that ran out of room halfway would hold its victim and the last free
     /// segments, and nothing could move again.
-    fn usable_victim(&self) -> Option<u32> {
+    /// Returns the victim and whether its copies go to the cold head (`Cleaner::to_cold`).
+    fn usable_victim(&self) -> Option<(u32, bool)> {
         let victim = cleaner::pick_victim(
             &self.journal,
             &self.metadata,
@@ -127,18 +141,41 @@ impl<Q: QueuePair> SegmentStore<Q> {
             &self.cleaner.stuck,
             &self.cleaner.nodes_waiting,
         )?;
-        // The cleaner copies into the open segment's tail and at most one fresh segment, never
-        // the last free one: a victim copied so gives back at least the segment it took, so
-        // cleaning never leaves less free space than it found, even when a crash interrupts
-        // it (the copies made are durable; the victim is simply less live after replay).
-        let fresh = if self.journal.free_segment_count() >= 2 {
+        // The cleaner copies into its cold head's tail and at most one fresh cold segment,
+        // never the last free one: a victim copied so gives back at least the segment it
+        // took, so cleaning never leaves less free space than it found, even when a crash
+        // interrupts it (the copies made are durable; the victim is simply less live after
+        // replay). The copies' deltas go in the clients' head: its tail, or a fresh segment
+        // too if the tail is short, which then holds the heads of many victims to come (an
+        // eighth of a victim's blocks at most, ~1/60 in practice). Both fresh segments are
+        // taken only with a third left free.
+        // With one free segment left, the copies may still go where they went before the
+        // cold head existed: after the record heads, in the clients' head's tail.
+        let live = self.metadata.live_blocks(victim);
+        let free = self.journal.free_segment_count();
+        let (cold, heads) = (
+            cleaner::copy_cold_blocks_bound(live),
+            cleaner::copy_head_blocks_bound(live),
+        );
+        debug_assert!(
+            cold <= u64::from(self.blocks_per_segment()),
+            "a victim's copies fit a fresh segment (it has VICTIM_DEAD_BLOCKS_MIN dead blocks)"
+        );
+        let cold_fresh = cold > self.journal.cold_tail_blocks();
+        let head_fresh = heads > self.journal.open_tail_blocks();
+        if self.cold_head
+            && free > self.journal.reserve_segments
+            && (!cold_fresh || free >= 2)
+            && (!head_fresh || free >= 2 + usize::from(cold_fresh))
+        {
+            return Some((victim, true));
+        }
+        let fresh = if free >= 2 {
             u64::from(self.blocks_per_segment())
         } else {
             0
         };
-        let room = self.journal.open_tail_blocks() + fresh;
-        let need = cleaner::copy_blocks_bound(self.metadata.live_blocks(victim));
-        (need <= room).then_some(victim)
+        (cold + heads <= self.journal.open_tail_blocks() + fresh).then_some((victim, false))
     }
 
     /// Dead blocks in journal segments other than the newest: a checkpoint would make them
@@ -191,9 +228,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     fn start_victim(&mut self) {
-        let Some(victim) = self.usable_victim() else {
+        let Some((victim, to_cold)) = self.usable_victim() else {
             return;
         };
+        self.cleaner.to_cold = to_cold;
         debug_assert_eq!(self.cleaner.moves_in_flight(), 0);
         self.cleaner.todo.clear();
         self.cleaner.victim = Some(victim);
@@ -383,6 +421,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
                     m.from + at as u64,
                     iovec,
                     run_crcs,
+                    self.cleaner.to_cold,
                 )
             };
             if appended.is_err() {
@@ -403,6 +442,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let m = &mut self.cleaner.moves[mv];
         if moved {
             self.cleaner.stats.blocks_moved += u64::from(m.blocks);
+            if self.cleaner.to_cold {
+                self.cleaner.stats.blocks_moved_cold += u64::from(m.blocks);
+            }
         }
         if let Some(buf) = m.buf.take() {
             self.pool.give(buf);
