@@ -61,6 +61,16 @@ impl KernelUdpPort {
         self.dont_fragment
     }
 
+    /// A slot for one more packet: a full batch goes to the socket first. False when the
+    /// socket took none of it (the RPC keeps the packet for the next flush).
+    fn make_room(&mut self) -> bool {
+        if self.tx.is_full() {
+            let result = self.tx.send_queued(self.socket.as_raw_fd());
+            self.after_send(result);
+        }
+        !self.tx.is_full()
+    }
+
     /// A send error loses its datagram (the batch drops it; the client's timer resends). A
     /// datagram too long for its route with DF set is the sign to stop setting it: the
     /// resend then goes out fragmented.
@@ -173,12 +183,8 @@ impl DatagramPort for KernelUdpPort {
         payload: &[u8],
         tail: &[u8],
     ) -> io::Result<bool> {
-        if self.tx.is_full() {
-            let result = self.tx.send_queued(self.socket.as_raw_fd());
-            self.after_send(result);
-            if self.tx.is_full() {
-                return Ok(false);
-            }
+        if !self.make_room() {
+            return Ok(false);
         }
         Ok(self.tx.push(peer, [header, payload, tail]))
     }
@@ -190,12 +196,8 @@ impl DatagramPort for KernelUdpPort {
         payload: &[u8],
         tail: &[u8],
     ) -> io::Result<bool> {
-        if self.tx.is_full() {
-            let result = self.tx.send_queued(self.socket.as_raw_fd());
-            self.after_send(result);
-            if self.tx.is_full() {
-                return Ok(false);
-            }
+        if !self.make_room() {
+            return Ok(false);
         }
         // SAFETY: the caller keeps `payload` and `tail` until the next `flush` returns, and
         // `flush` ends with `send_queued`, which sends them or copies them into the batch.

@@ -194,6 +194,25 @@ struct RecordBuffers {
 }
 
 impl RecordBuffers {
+    /// Cuts `write_iovecs[first..]` into writes of at most `IOVECS_PER_REQUEST_MAX` iovecs,
+    /// back to back from `offset`; returns the offset after the last.
+    fn queue_writes(&mut self, mut first: usize, mut offset: u64) -> u64 {
+        while first < self.write_iovecs.len() {
+            let count = (self.write_iovecs.len() - first).min(IOVECS_PER_REQUEST_MAX);
+            self.pending.push(PendingWrite {
+                offset,
+                first,
+                count,
+            });
+            offset += self.write_iovecs[first..first + count]
+                .iter()
+                .map(|v| v.len() as u64)
+                .sum::<u64>();
+            first += count;
+        }
+        offset
+    }
+
     fn new() -> RecordBuffers {
         RecordBuffers {
             head: AlignedBuf::new(HEAD_BUFFER_BYTES),
@@ -1477,30 +1496,16 @@ impl Journal {
         // Head and data are contiguous on the device: one request covers both (and as much
         // data as a request's buffer list holds), so a small record costs one device write.
         debug_assert_eq!(record_offset + head_len as u64, data_start);
-        let mut first = 0;
         buffers.write_iovecs.push(head_iovec);
         buffers.write_iovecs.extend_from_slice(&self.batch.data);
-        let mut offset = record_offset;
-        while first < buffers.write_iovecs.len() {
-            let count = (buffers.write_iovecs.len() - first).min(IOVECS_PER_REQUEST_MAX);
-            buffers.pending.push(PendingWrite {
-                offset,
-                first,
-                count,
-            });
-            offset += buffers.write_iovecs[first..first + count]
-                .iter()
-                .map(|v| v.len() as u64)
-                .sum::<u64>();
-            first += count;
-        }
-        debug_assert_eq!(offset, record_offset + record_bytes);
+        let end = buffers.queue_writes(0, record_offset);
+        debug_assert_eq!(end, record_offset + record_bytes);
         if header.cold_blocks > 0 {
             // The cold run (after its segment's header, when this record opened the segment:
             // one request, and the header is durable with the first record that needs it).
             let cold = self.cold.as_mut().expect("placed above");
             let cold_bytes = u64::from(header.cold_blocks) * BLOCK_SIZE_BYTES;
-            let mut first = buffers.write_iovecs.len();
+            let first = buffers.write_iovecs.len();
             let mut offset = header.cold_offset;
             if cold_opened {
                 // SAFETY: this slot's header block belongs to this record's buffers, which no
@@ -1514,20 +1519,8 @@ impl Journal {
                 debug_assert_eq!(Some(offset), Some(self.sb.segment_offset(cold.segment)));
             }
             buffers.write_iovecs.extend_from_slice(&self.batch.cold);
-            while first < buffers.write_iovecs.len() {
-                let count = (buffers.write_iovecs.len() - first).min(IOVECS_PER_REQUEST_MAX);
-                buffers.pending.push(PendingWrite {
-                    offset,
-                    first,
-                    count,
-                });
-                offset += buffers.write_iovecs[first..first + count]
-                    .iter()
-                    .map(|v| v.len() as u64)
-                    .sum::<u64>();
-                first += count;
-            }
-            debug_assert_eq!(offset, header.cold_offset + cold_bytes);
+            let end = buffers.queue_writes(first, offset);
+            debug_assert_eq!(end, header.cold_offset + cold_bytes);
             cold.next_offset += cold_bytes;
             self.bytes_written += cold_bytes;
         }

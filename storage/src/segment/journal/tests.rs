@@ -571,8 +571,19 @@ fn is_cold(headers: &[SegmentHeader], sb: &Superblock, physical: u64) -> bool {
 /// A copy's data goes to a cold segment (its header says so), the client data of the same
 /// record to the journal segment after the record's head; replay maps the moved block at its
 /// cold address, with the bytes read there.
-#[test]
-fn copies_go_to_a_cold_segment_and_replay_from_there() {
+/// What the cold-head tests start from: a fresh journal on `device`'s image in which op 0
+/// wrote block 0 of `o0` (acknowledged, its deltas applied to `metadata`), and where that
+/// block lies (`from`), for a copy to move.
+struct Written {
+    sb: Superblock,
+    qp: MemQueuePair,
+    journal: Journal,
+    metadata: Metadata,
+    acked: Vec<u64>,
+    from: u64,
+}
+
+fn written_block() -> Written {
     let (sb, mut qp) = device(MemFaults::default());
     let log = scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap();
     let mut journal = Journal::new(sb, 0, &log, &vec![0; sb.segment_count as usize]);
@@ -590,6 +601,26 @@ fn copies_go_to_a_cold_segment_and_replay_from_there() {
         .get(0)
         .unwrap()
         .physical;
+    Written {
+        sb,
+        qp,
+        journal,
+        metadata,
+        acked,
+        from,
+    }
+}
+
+#[test]
+fn copies_go_to_a_cold_segment_and_replay_from_there() {
+    let Written {
+        sb,
+        mut qp,
+        mut journal,
+        mut metadata,
+        mut acked,
+        from,
+    } = written_block();
     let mut copy = block(1);
     let mut second = block(2);
     append_move(&mut journal, 0, from, &mut copy, 100).unwrap();
@@ -630,23 +661,14 @@ fn copies_go_to_a_cold_segment_and_replay_from_there() {
 /// its blocks (`scan::check_cold_at_end`).
 #[test]
 fn a_torn_cold_run_ends_the_log_only_among_the_last_records() {
-    let (sb, mut qp) = device(MemFaults::default());
-    let log = scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap();
-    let mut journal = Journal::new(sb, 0, &log, &vec![0; sb.segment_count as usize]);
-    let mut metadata = Metadata::new(sb);
-    let mut acked = Vec::new();
-    let mut first = block(1);
-    append_op(&mut journal, 0, &mut first).unwrap();
-    while acked.is_empty() {
-        step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
-    }
-    let from = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let Written {
+        sb,
+        mut qp,
+        mut journal,
+        mut metadata,
+        mut acked,
+        from,
+    } = written_block();
     let mut copy = block(1);
     append_move(&mut journal, 0, from, &mut copy, 100).unwrap();
     for _ in 0..200 {
@@ -791,23 +813,14 @@ fn power_cuts_with_copies_in_the_cold_head_lose_nothing_acknowledged() {
 /// journal otherwise idle, empty records get it there.
 #[test]
 fn a_cold_segment_is_freeable_only_records_after_its_last_copy() {
-    let (sb, mut qp) = device(MemFaults::default());
-    let log = scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap();
-    let mut journal = Journal::new(sb, 0, &log, &vec![0; sb.segment_count as usize]);
-    let mut metadata = Metadata::new(sb);
-    let mut acked = Vec::new();
-    let mut first = block(1);
-    append_op(&mut journal, 0, &mut first).unwrap();
-    while acked.is_empty() {
-        step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
-    }
-    let from = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let Written {
+        sb,
+        mut qp,
+        mut journal,
+        mut metadata,
+        mut acked,
+        from,
+    } = written_block();
     let mut copy = block(1);
     append_move(&mut journal, 0, from, &mut copy, 100).unwrap();
     while acked.len() < 2 {
@@ -862,23 +875,14 @@ fn a_cold_segment_is_freeable_only_records_after_its_last_copy() {
 /// damage (`carmine sim --first-seed 20000`, seed 20054).
 #[test]
 fn after_a_torn_cold_run_the_next_life_continues_the_log() {
-    let (sb, mut qp) = device(MemFaults::default());
-    let log = scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap();
-    let mut journal = Journal::new(sb, 0, &log, &vec![0; sb.segment_count as usize]);
-    let mut metadata = Metadata::new(sb);
-    let mut acked = Vec::new();
-    let mut first = block(1);
-    append_op(&mut journal, 0, &mut first).unwrap();
-    while acked.is_empty() {
-        step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
-    }
-    let from = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let Written {
+        sb,
+        mut qp,
+        mut journal,
+        mut metadata,
+        mut acked,
+        from,
+    } = written_block();
     let mut copy = block(1);
     append_move(&mut journal, 0, from, &mut copy, 100).unwrap();
     for _ in 0..100 {
