@@ -583,6 +583,17 @@ struct Written {
     from: u64,
 }
 
+/// Where block 0 of `o0` lies now.
+fn block_0_of_o0(metadata: &Metadata) -> u64 {
+    metadata
+        .object(b"o0")
+        .unwrap()
+        .blocks
+        .get(0)
+        .unwrap()
+        .physical
+}
+
 fn written_block() -> Written {
     let (sb, mut qp) = device(MemFaults::default());
     let log = scan_shard(&sb, 0, &mut &qp.durable()[..], &mut |_, _| {}).unwrap();
@@ -594,13 +605,7 @@ fn written_block() -> Written {
     while acked.is_empty() {
         step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
     }
-    let from = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let from = block_0_of_o0(&metadata);
     Written {
         sb,
         qp,
@@ -674,13 +679,7 @@ fn a_torn_cold_run_ends_the_log_only_among_the_last_records() {
     for _ in 0..200 {
         step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
     }
-    let moved_to = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let moved_to = block_0_of_o0(&metadata);
     assert_ne!(moved_to, from);
     // The copy's record is the last: with its cold run lost, the log ends before it.
     let mut torn = qp.durable().to_vec();
@@ -826,13 +825,7 @@ fn a_cold_segment_is_freeable_only_records_after_its_last_copy() {
     while acked.len() < 2 {
         step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
     }
-    let moved_to = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let moved_to = block_0_of_o0(&metadata);
     let cold = sb.segment_at(moved_to).unwrap();
     assert_eq!(journal.role(cold), SegmentRole::Cold);
     // The next record rewrites the block: the cold segment holds nothing live.
@@ -888,13 +881,7 @@ fn after_a_torn_cold_run_the_next_life_continues_the_log() {
     for _ in 0..100 {
         step_applying(&mut journal, &mut qp, &mut metadata, &mut acked);
     }
-    let moved_to = metadata
-        .object(b"o0")
-        .unwrap()
-        .blocks
-        .get(0)
-        .unwrap()
-        .physical;
+    let moved_to = block_0_of_o0(&metadata);
     drop(journal);
     // The copy's cold run torn: mount ends the log before its record.
     let mut image = qp.durable().to_vec();
