@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::load::{self, LoadArgs, Workload};
+use crate::rx_steering::{self, RxSteering};
 use crate::units::{parse_duration, parse_size};
 
 /// Stores compared, in order: the segment store runs on a fresh file in `--out` per server.
@@ -84,6 +85,13 @@ pub struct CompareArgs {
     /// Stores to compare, in order (memory, segment or both).
     #[arg(long, default_value = "memory,segment", value_delimiter = ',')]
     pub stores: Vec<String>,
+    /// Where the kernel processes loopback's received segments. Over loopback a segment is
+    /// delivered in the sender's softirq, so each side would pay the other's TCP receive path on
+    /// its own CPUs; `rfs` (receive flow steering) runs it on the CPU of the socket's reader, as
+    /// two hosts with NICs would, for the run's length (the previous settings are restored at
+    /// exit). auto: rfs when this process may set it (root), else off.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub rx_steering: RxSteering,
 }
 
 /// One workload run against one server.
@@ -456,6 +464,16 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
+    // Held until the table is written: restores the kernel's settings when dropped.
+    let (_steering, steering) = rx_steering::apply(args.rx_steering, online)?;
+    notes.push(format!(
+        "rx steering: {steering} ({})",
+        if steering == "rfs" {
+            "each side's TCP receive path ran on its own CPUs, as between two hosts"
+        } else {
+            "over loopback each side's CPUs also ran the other side's TCP receive path"
+        }
+    ));
     for store in &args.stores {
         if !STORES.contains(&store.as_str()) {
             return Err(format!(
@@ -495,6 +513,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             "objects": args.objects, "object_size": args.object_size,
             "rtc_idle": args.rtc_idle, "rtc_coalesce": args.rtc_coalesce.as_deref().unwrap_or("auto"), "rtc_tcp_io": args.rtc_tcp_io.as_deref().unwrap_or("epoll"),
             "load_gen_threads": 1,
+            "rx_steering": steering,
         },
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
         "goals": goals,

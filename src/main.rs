@@ -11,6 +11,7 @@ mod fsck;
 mod load;
 mod nbd;
 mod osd;
+mod rx_steering;
 mod server;
 mod sim;
 mod status;

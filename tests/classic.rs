@@ -183,6 +183,17 @@ fn classic_hostile_basics() {
 fn compare_writes_json_and_svg() {
     let out = std::env::temp_dir().join(format!("carmine-compare-{}", std::process::id()));
     let out_text = out.to_str().unwrap().to_string();
+    // compare's default `--rx-steering auto` turns RFS on for loopback when it may (root) and
+    // must leave the kernel's settings as it found them.
+    let steering_files = [
+        "/proc/sys/net/core/rps_sock_flow_entries",
+        "/sys/class/net/lo/queues/rx-0/rps_flow_cnt",
+        "/sys/class/net/lo/queues/rx-0/rps_cpus",
+    ];
+    let read_steering = || steering_files.map(|f| std::fs::read_to_string(f).unwrap_or_default());
+    let steering_before = read_steering();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     let output = std::process::Command::new(CARMINE)
         .args([
             "compare",
@@ -241,5 +252,21 @@ fn compare_writes_json_and_svg() {
     assert!(leftover.is_empty(), "devices removed: {leftover:?}");
     let svg = std::fs::read_to_string(out.join("compare.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<rect"));
+    let steering = document["settings"]["rx_steering"].as_str().unwrap();
+    if root && std::path::Path::new(steering_files[2]).exists() {
+        assert_eq!(steering, "rfs", "root may steer loopback: {document}");
+    } else {
+        eprintln!("not root (or no loopback rx queue): compare ran with rx steering {steering}");
+        assert_eq!(steering, "off", "{document}");
+    }
+    assert_eq!(
+        read_steering(),
+        steering_before,
+        "compare restored the loopback steering settings"
+    );
+    assert!(
+        stdout.contains(&format!("rx steering: {steering}")),
+        "{stdout}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
