@@ -235,6 +235,13 @@ fn compare_writes_json_and_svg() {
             row["classic"]["cpu_ns_per_op"].as_f64().unwrap() > 0.0,
             "{row}"
         );
+        let cpu_ratio = row["cpu_ratio_classic_over_rtc"].as_f64().unwrap();
+        let expected = row["classic"]["process_cpu_ns_per_op"].as_f64().unwrap()
+            / row["rtc"]["process_cpu_ns_per_op"].as_f64().unwrap();
+        assert!(
+            cpu_ratio > 0.0 && (cpu_ratio - expected).abs() <= 0.01 + expected * 0.001,
+            "{row}"
+        );
         // The generator is shard-aware against rtc (4 connections routed); classic has no
         // owning cores.
         assert_eq!(row["rtc"]["routed_connections"], 4, "{row}");
