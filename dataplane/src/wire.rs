@@ -490,19 +490,27 @@ impl<'a> Frame<'a> {
         }
     }
 
+    /// The object id alone, as `view(header, bytes).oid` (for a frame viewed before).
+    pub fn oid_of(header: &Header, bytes: &'a [u8]) -> &'a [u8] {
+        &bytes[HEADER_SIZE..HEADER_SIZE + usize::from(header.oid_len)]
+    }
+
     /// True when the crc in the header matches the bytes. `raw` is the frame's first 32 bytes.
     pub fn crc_ok(&self, raw_header: &[u8]) -> bool {
-        let crc = carmine_crc::crc32c(&raw_header[..HEADER_CRC_OFFSET]);
+        let header: &[u8; HEADER_CRC_OFFSET] = raw_header[..HEADER_CRC_OFFSET]
+            .try_into()
+            .expect("a frame starts with its header");
         // The object id and the payload are one contiguous run when `raw_header` is the whole
-        // frame (as received): one pass over it instead of two (fewer short-input crc calls
-        // per op, each with its own set-up).
+        // frame (as received): hashed with the header in one call (`crc32c_append_pair`: for
+        // a short request, one pass of the crc32 instruction).
         let body_len = self.oid.len() + self.payload.len();
         let crc = if raw_header.len() >= HEADER_SIZE + body_len
             && raw_header[HEADER_SIZE..].as_ptr() == self.oid.as_ptr()
         {
-            carmine_crc::crc32c_append(crc, &raw_header[HEADER_SIZE..HEADER_SIZE + body_len])
+            let body = &raw_header[HEADER_SIZE..HEADER_SIZE + body_len];
+            carmine_crc::crc32c_append_pair(0, header, body)
         } else {
-            let crc = carmine_crc::crc32c_append(crc, self.oid);
+            let crc = carmine_crc::crc32c_append_pair(0, header, self.oid);
             carmine_crc::crc32c_append(crc, self.payload)
         };
         crc == self.header.crc
@@ -882,14 +890,14 @@ fn encode_reply_head(
     };
     let mut raw = [0u8; HEADER_SIZE];
     header.encode(&mut raw);
-    // The header's first 28 bytes and the result table are hashed as one run (in `out` the
-    // crc field lies between them): one short crc call per reply head instead of two.
-    let mut hashed = [0u8; HEADER_CRC_OFFSET + SUB_OPS_CEILING as usize * SUB_OP_RESULT_SIZE];
-    hashed[..HEADER_CRC_OFFSET].copy_from_slice(&raw[..HEADER_CRC_OFFSET]);
-    hashed[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + table_len]
-        .copy_from_slice(&out[HEADER_SIZE..HEADER_SIZE + table_len]);
-    let mut crc = FrameCrc(carmine_crc::crc32c(
-        &hashed[..HEADER_CRC_OFFSET + table_len],
+    // The header's first 28 bytes and the result table in one crc call (in `out` the crc
+    // field lies between them; `crc32c_append_pair` hashes both without staging them).
+    let hashed_head: &[u8; HEADER_CRC_OFFSET] =
+        raw[..HEADER_CRC_OFFSET].try_into().expect("28 of 32 bytes");
+    let mut crc = FrameCrc(carmine_crc::crc32c_append_pair(
+        0,
+        hashed_head,
+        &out[HEADER_SIZE..HEADER_SIZE + table_len],
     ));
     append_output(&mut crc);
     set_header_crc(&mut raw, crc.finish());
