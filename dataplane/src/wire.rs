@@ -549,6 +549,12 @@ impl<'a> Frame<'a> {
             body_len += u64::from(name_len) + u64::from(data_len);
             summary.mutates |= code.is_mutation();
             summary.data_bytes += u64::from(data_len);
+            if count == 1 && code == SubOpCode::Read {
+                summary.single_read = Some(ReadRange {
+                    offset: u64_at(desc, 8),
+                    length: u64_at(desc, 16),
+                });
+            }
         }
         if body_len != (self.payload.len() - table_len) as u64 {
             return Err(Status::Malformed);
@@ -562,6 +568,12 @@ impl<'a> Frame<'a> {
         for sub_op in self.sub_ops() {
             summary.mutates |= sub_op.code.is_mutation();
             summary.data_bytes += sub_op.data.len() as u64;
+            if self.header.sub_op_count == 1 && sub_op.code == SubOpCode::Read {
+                summary.single_read = Some(ReadRange {
+                    offset: sub_op.offset,
+                    length: sub_op.length,
+                });
+            }
         }
         summary
     }
@@ -607,6 +619,16 @@ pub struct SubOpsSummary {
     pub mutates: bool,
     /// Data bytes the sub-ops carry (those of writes).
     pub data_bytes: u64,
+    /// The op is one Read sub-op, of this range: what a read served in place needs, without
+    /// a second walk of the table.
+    pub single_read: Option<ReadRange>,
+}
+
+/// The bytes a Read sub-op asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRange {
+    pub offset: u64,
+    pub length: u64,
 }
 
 /// One sub-op, viewed in place.

@@ -312,6 +312,12 @@ proptest! {
         let summary = SubOpsSummary {
             mutates: ops.iter().any(|op| op.code.is_mutation()),
             data_bytes: ops.iter().map(|op| op.data.len() as u64).sum(),
+            single_read: match ops[..] {
+                [SubOpSpec { code: SubOpCode::Read, offset, length, .. }] => {
+                    Some(ReadRange { offset, length })
+                }
+                _ => None,
+            },
         };
         prop_assert_eq!(frame.validate_sub_ops(), Ok(summary));
         prop_assert_eq!(frame.sub_ops_summary(), summary);
@@ -346,4 +352,29 @@ proptest! {
             }
         }
     }
+}
+
+/// Only an op of exactly one Read says its range in the summary (reads in place rely on it);
+/// a Read among other sub-ops, or one other sub-op, does not.
+#[test]
+fn summary_names_the_range_of_a_lone_read_only() {
+    let summary_of = |ops: &[SubOpSpec<'_>]| {
+        let mut buf = Vec::new();
+        encode_request(&mut buf, Opcode::OsdOp, 1, b"obj.1", ops, b"");
+        let frame = parse_one(&buf);
+        let summary = frame.validate_sub_ops().unwrap();
+        assert_eq!(frame.sub_ops_summary(), summary);
+        summary.single_read
+    };
+    assert_eq!(
+        summary_of(&[SubOpSpec::read(8192, 4096)]),
+        Some(ReadRange {
+            offset: 8192,
+            length: 4096
+        })
+    );
+    let stat = SubOpSpec::simple(SubOpCode::Stat);
+    assert_eq!(summary_of(&[SubOpSpec::read(0, 4096), stat]), None);
+    assert_eq!(summary_of(&[stat]), None);
+    assert_eq!(summary_of(&[SubOpSpec::write(0, b"abcd")]), None);
 }
