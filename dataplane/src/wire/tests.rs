@@ -164,6 +164,28 @@ fn reply_heads_of_every_table_size_carry_the_right_crc() {
     }
 }
 
+/// Replies without a body (write acknowledgements, errors) skip their empty piece in the
+/// crc; the receiver's check still holds, and a changed result still fails it.
+#[test]
+fn replies_without_a_body_carry_the_right_crc() {
+    let request = Header {
+        opcode: Opcode::OsdOp as u8,
+        request_id: 6,
+        ..Header::default()
+    };
+    for results in [&[][..], &[(0, 0)][..], &[(0, 0), (2, 0)][..]] {
+        let mut head = [0u8; 64];
+        let n = encode_reply(&mut head, &request, Status::Ok, results, &[&[]]);
+        assert!(parse_one(&head[..n]).crc_ok(&head[..n]));
+        let mut changed = head[..n].to_vec();
+        if let Some(last) = changed.last_mut() {
+            *last ^= 1;
+            let header = parse_header(&changed, &Limits::CEILING).unwrap().unwrap();
+            assert!(!Frame::view(header, &changed).crc_ok(&changed));
+        }
+    }
+}
+
 #[test]
 fn reply_with_a_known_output_crc_is_the_same_frame() {
     let request = Header {
