@@ -22,7 +22,7 @@ use carmine_dataplane::ring::{Consumer, CoreLinks, Producer};
 use carmine_dataplane::tcp::{ConnId, RxFrame, TcpTransport};
 use carmine_dataplane::udp::{RpcNet, UdpRequest};
 use carmine_dataplane::wire::{
-    self as wire, Frame, Header, Opcode, Status, SubOpCode, SubOpView, SubOpsSummary,
+    self as wire, Frame, Header, Opcode, ReadRange, Status, SubOpCode, SubOpView, SubOpsSummary,
     SUB_OPS_CEILING,
 };
 use carmine_storage::{
@@ -102,6 +102,8 @@ struct ExecOp {
     mutates: bool,
     /// Data bytes its sub-ops carry (`SubOpsSummary::data_bytes`), counted when it finishes.
     data_bytes: u64,
+    /// The range of its one Read sub-op, if that is all it is (`SubOpsSummary::single_read`).
+    single_read: Option<ReadRange>,
     /// This op counts in its PG's `unacked_writes`.
     holds_pg: bool,
     output: Option<Buf>,
@@ -768,17 +770,22 @@ impl<N: Network> OsdCore<N> {
             .exec
             .alloc()
             .expect("callers check for a free exec slot");
-        *self.exec.get(op) = ExecOp {
-            origin,
-            header,
-            frame: Some(frame),
-            local_pg,
-            object_hash,
-            mutates,
-            data_bytes: summary.data_bytes,
-            next: SLOT_NONE,
-            ..ExecOp::default()
-        };
+        // Field by field: the slot was released in place (`finish`), owning nothing, and the
+        // result table keeps the last op's items (only the first `count` are ever read), so
+        // its 128 bytes are not zeroed per op as `..ExecOp::default()` did.
+        let slot = self.exec.get(op);
+        debug_assert!(slot.frame.is_none() && slot.output.is_none() && slot.stored.is_none());
+        slot.origin = origin;
+        slot.header = header;
+        slot.frame = Some(frame);
+        slot.local_pg = local_pg;
+        slot.object_hash = object_hash;
+        slot.mutates = mutates;
+        slot.data_bytes = summary.data_bytes;
+        slot.single_read = summary.single_read;
+        slot.holds_pg = false;
+        slot.results.count = 0;
+        slot.next = SLOT_NONE;
         if self.pgs[local_pg as usize].must_queue(mutates) {
             self.counters.add(Counter::pg_queued, 1);
             self.enqueue(op);
@@ -978,9 +985,11 @@ impl<N: Network> OsdCore<N> {
     /// what makes the view sound. True when served.
     fn exec_read_in_place(&mut self, op_ref: OpRef) -> bool {
         let op = self.exec.get(op_ref);
-        if op.mutates || op.header.sub_op_count != 1 {
+        // Said by the sub-op table's check (`SubOpsSummary::single_read`): no second walk.
+        let Some(ReadRange { offset, length }) = op.single_read else {
             return false;
-        }
+        };
+        debug_assert!(!op.mutates && op.header.sub_op_count == 1);
         // TCP's kernel copy waits on memory without the hint (see `StoredBytes::prefetch`).
         // The RPC copies into its packets at the end of the pass too, but whether the hint
         // pays there is unmeasured (no hardware counters here; callgrind counts only its cost).
@@ -993,19 +1002,13 @@ impl<N: Network> OsdCore<N> {
             .frame
             .as_ref()
             .expect("an op holds its frame until it finishes");
-        let view = Frame::view(op.header, frame.as_slice());
-        let Some(sub_op) = view.sub_ops().next() else {
-            return false;
-        };
-        let SubOp::Read { offset, length } = to_store_op(&sub_op) else {
-            return false;
-        };
+        let oid = Frame::oid_of(&op.header, frame.as_slice());
         // Within what the usual path could answer, and what a pool buffer holds should it
         // have to be copied after all.
         if length > self.pools.small.buffer_size() as u64 {
             return false;
         }
-        let Some(read) = self.store.read_in_place(view.oid, offset, length) else {
+        let Some(read) = self.store.read_in_place(oid, offset, length) else {
             return false;
         };
         assert_eq!(read.len as u64, length, "a whole read or none");

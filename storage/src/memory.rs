@@ -27,6 +27,9 @@ use crate::object_store::{
     SubOp, SubOpResult, Submit, READ_IN_PLACE_BLOCK_BYTES, STATUS_OK,
 };
 
+mod oid_hash;
+use oid_hash::OidHashSeed;
+
 /// Bytes of data one kept crc covers.
 const CRC_BLOCK_BYTES: usize = READ_IN_PLACE_BLOCK_BYTES as usize;
 
@@ -205,7 +208,9 @@ fn to_usize(value: u64) -> usize {
 
 /// The in-memory object store.
 pub struct MemoryStore {
-    objects: HashMap<Box<[u8]>, Object>,
+    /// Keyed by object id under a fast keyed hash of our own (`oid_hash`: why not SipHash,
+    /// and why keyed).
+    objects: HashMap<Box<[u8]>, Object, OidHashSeed>,
     capacity_bytes: u64,
     /// Sum of `Object::bytes_accounted` over `objects`; never past `capacity_bytes`.
     bytes_used: u64,
@@ -219,7 +224,7 @@ impl MemoryStore {
     /// keys and values).
     pub fn new(capacity_bytes: u64) -> MemoryStore {
         MemoryStore {
-            objects: HashMap::new(),
+            objects: HashMap::with_hasher(OidHashSeed::random()),
             capacity_bytes,
             bytes_used: 0,
             transactions: 0,

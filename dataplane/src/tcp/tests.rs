@@ -361,6 +361,41 @@ fn runs_of_bodiless_replies_are_one_iovec(io: TcpIo) {
     assert_eq!(pools.in_use(), 0, "every buffer came back");
 }
 
+on_both_paths!(reply_heads_reuse_their_slots_in_queue_order);
+/// Reply heads live in a ring of slots per connection (`Connection::heads`, in-flight limit
+/// + 1 of them): four rounds of three queued replies wrap a 5-slot ring twice, and the bytes
+/// on the wire are still each reply's own head, in order.
+fn reply_heads_reuse_their_slots_in_queue_order(io: TcpIo) {
+    let (mut transport, mut pools, _waker) = setup_on(io);
+    let (mut client, server) = pair();
+    let conn = transport.adopt(server).unwrap();
+    for round in 0..4u32 {
+        let frames = send_three(&mut transport, &mut pools, &mut client, |_| {
+            SubOpSpec::read(0, 100)
+        });
+        let mut expected = Vec::new();
+        for (index, frame) in frames.iter().enumerate() {
+            // Different results per reply, so a head written into another's slot shows.
+            let results = [(round * 3 + index as u32, 0)];
+            let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
+            let len = wire::encode_reply(&mut head, &frame.header, Status::Ok, &results, &[]);
+            expected.extend_from_slice(&head[..len]);
+            assert!(transport
+                .reply(conn, &frame.header, Status::Ok, &results, Body::None)
+                .is_ok());
+        }
+        for frame in frames {
+            pools.release_lease(frame.frame);
+        }
+        assert_eq!(transport.flush_tx(&mut pools), 3, "round {round}");
+        let mut received = vec![0u8; expected.len()];
+        client.read_exact(&mut received).unwrap();
+        assert_eq!(received, expected, "round {round}");
+    }
+    settle(&mut transport, &mut pools);
+    assert_eq!(pools.in_use(), 0, "every buffer came back");
+}
+
 /// Runs passes until no buffer is in use (at most 20). On epoll a written reply's chunk comes
 /// back in the same pass; on io_uring a receive posted under it is cancelled first, and the
 /// cancellation completes in the next pass's enter.

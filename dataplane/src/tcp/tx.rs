@@ -37,22 +37,17 @@ impl TcpTransport {
         answers_frame: bool,
     ) {
         let conn = self.conns[index as usize].as_mut().expect("open");
-        // The in-flight limit bounds the queue: it never grows past its start-up capacity.
+        // The in-flight limit bounds the queue: it never grows past its start-up capacity,
+        // nor past the head slots (so no queued reply's head is overwritten).
         assert!(
-            conn.tx.len() < conn.tx.capacity(),
+            conn.tx.len() < conn.tx.capacity() && conn.tx.len() < conn.heads.len(),
             "tx queue overflow: in-flight limit not enforced"
         );
-        // Queued first and encoded where it sits: building the reply on the stack and moving
-        // it in copied its 160-byte head buffer once more per reply.
-        conn.tx.push_back(TxReply {
-            head: [0; REPLY_HEAD_MAX_BYTES],
-            head_len: 0,
-            body,
-            sent: 0,
-            answers_frame,
-        });
-        let reply = conn.tx.back_mut().expect("just queued");
-        let head_len = match &reply.body {
+        // Encoded in its slot, where it stays until written (`Connection::heads`).
+        let head_slot = conn.next_head;
+        conn.next_head = (head_slot + 1) % conn.heads.len();
+        let head = &mut conn.heads[head_slot];
+        let head_len = match &body {
             // The store kept the crc of these bytes: the payload is not read here at all.
             Body::Stored(stored) => {
                 if !conn.in_stored_list {
@@ -63,7 +58,7 @@ impl TcpTransport {
                 self.stored_bodies += 1;
                 self.stats.stored_bodies_tx += 1;
                 wire::encode_reply_with_output_crc(
-                    &mut reply.head,
+                    head,
                     request,
                     status,
                     results,
@@ -71,15 +66,15 @@ impl TcpTransport {
                     stored.crc(),
                 )
             }
-            body => wire::encode_reply(
-                &mut reply.head,
-                request,
-                status,
-                results,
-                &[body.as_slice()],
-            ),
+            body => wire::encode_reply(head, request, status, results, &[body.as_slice()]),
         };
-        reply.head_len = head_len as u16;
+        conn.tx.push_back(TxReply {
+            head_slot,
+            head_len: head_len as u16,
+            body,
+            sent: 0,
+            answers_frame,
+        });
         if !conn.in_tx_list {
             conn.in_tx_list = true;
             self.tx_list.push(index);
@@ -237,7 +232,7 @@ pub(super) fn gather(
         if iovec_count + 2 > TX_IOVECS_MAX {
             break;
         }
-        let head = &reply.head[..usize::from(reply.head_len)];
+        let head = &conn.heads[reply.head_slot][..usize::from(reply.head_len)];
         let body = reply.body.as_slice();
         let mut skip = reply.sent;
         if skip < head.len() {

@@ -164,6 +164,28 @@ fn reply_heads_of_every_table_size_carry_the_right_crc() {
     }
 }
 
+/// Replies without a body (write acknowledgements, errors) skip their empty piece in the
+/// crc; the receiver's check still holds, and a changed result still fails it.
+#[test]
+fn replies_without_a_body_carry_the_right_crc() {
+    let request = Header {
+        opcode: Opcode::OsdOp as u8,
+        request_id: 6,
+        ..Header::default()
+    };
+    for results in [&[][..], &[(0, 0)][..], &[(0, 0), (2, 0)][..]] {
+        let mut head = [0u8; 64];
+        let n = encode_reply(&mut head, &request, Status::Ok, results, &[&[]]);
+        assert!(parse_one(&head[..n]).crc_ok(&head[..n]));
+        let mut changed = head[..n].to_vec();
+        if let Some(last) = changed.last_mut() {
+            *last ^= 1;
+            let header = parse_header(&changed, &Limits::CEILING).unwrap().unwrap();
+            assert!(!Frame::view(header, &changed).crc_ok(&changed));
+        }
+    }
+}
+
 #[test]
 fn reply_with_a_known_output_crc_is_the_same_frame() {
     let request = Header {
@@ -312,6 +334,12 @@ proptest! {
         let summary = SubOpsSummary {
             mutates: ops.iter().any(|op| op.code.is_mutation()),
             data_bytes: ops.iter().map(|op| op.data.len() as u64).sum(),
+            single_read: match ops[..] {
+                [SubOpSpec { code: SubOpCode::Read, offset, length, .. }] => {
+                    Some(ReadRange { offset, length })
+                }
+                _ => None,
+            },
         };
         prop_assert_eq!(frame.validate_sub_ops(), Ok(summary));
         prop_assert_eq!(frame.sub_ops_summary(), summary);
@@ -346,4 +374,29 @@ proptest! {
             }
         }
     }
+}
+
+/// Only an op of exactly one Read says its range in the summary (reads in place rely on it);
+/// a Read among other sub-ops, or one other sub-op, does not.
+#[test]
+fn summary_names_the_range_of_a_lone_read_only() {
+    let summary_of = |ops: &[SubOpSpec<'_>]| {
+        let mut buf = Vec::new();
+        encode_request(&mut buf, Opcode::OsdOp, 1, b"obj.1", ops, b"");
+        let frame = parse_one(&buf);
+        let summary = frame.validate_sub_ops().unwrap();
+        assert_eq!(frame.sub_ops_summary(), summary);
+        summary.single_read
+    };
+    assert_eq!(
+        summary_of(&[SubOpSpec::read(8192, 4096)]),
+        Some(ReadRange {
+            offset: 8192,
+            length: 4096
+        })
+    );
+    let stat = SubOpSpec::simple(SubOpCode::Stat);
+    assert_eq!(summary_of(&[SubOpSpec::read(0, 4096), stat]), None);
+    assert_eq!(summary_of(&[stat]), None);
+    assert_eq!(summary_of(&[SubOpSpec::write(0, b"abcd")]), None);
 }
