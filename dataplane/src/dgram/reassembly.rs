@@ -31,6 +31,10 @@ pub(crate) enum Insert {
     Duplicate,
     /// Disagrees with the packets before it (count or size): dropped.
     Mismatch,
+    /// Laid out for another packet size (its count, or its length, does not follow from its
+    /// message's size and ours): the peer sizes packets for another MTU, and its message can
+    /// never be put together here. Dropped; the caller says why to the peer.
+    PacketSize,
 }
 
 impl<B: AsRef<[u8]>> Reassembly<B> {
@@ -64,7 +68,10 @@ impl<B: AsRef<[u8]>> Reassembly<B> {
     }
 
     /// Adds a packet whose header is `h` (already decoded and checked against the session).
-    /// `payload_bytes_max` is the sender's packet size: every packet but the last is full.
+    /// `payload_bytes_max` is this end's packet size: every packet but the last is full, so a
+    /// packet's count and length follow from its message's size. This is the one place the
+    /// layout is checked (a packet of another size is `PacketSize`, before it can disagree
+    /// with the packets before it).
     pub(crate) fn insert(
         &mut self,
         h: &PacketHeader,
@@ -73,22 +80,21 @@ impl<B: AsRef<[u8]>> Reassembly<B> {
         payload_bytes_max: u16,
     ) -> Insert {
         debug_assert!(h.packet_index < h.packet_count && h.packet_count <= PACKETS_PER_MESSAGE_MAX);
+        let need = h
+            .message_bytes
+            .div_ceil(u32::from(payload_bytes_max))
+            .max(1);
+        // Cannot overflow: index < 64 and the size is a u16.
+        let start = u32::from(h.packet_index) * u32::from(payload_bytes_max);
+        let expect = (h.message_bytes - start.min(h.message_bytes)).min(payload_bytes_max.into());
+        if need != u32::from(h.packet_count) || u32::from(h.payload_bytes) != expect {
+            return Insert::PacketSize;
+        }
+        // Laid out for our size, so the message is within `PACKETS_PER_MESSAGE_MAX` packets.
         if self.count == 0 {
-            let need = (h.message_bytes as u64)
-                .div_ceil(payload_bytes_max as u64)
-                .max(1);
-            if need != h.packet_count as u64 {
-                return Insert::Mismatch;
-            }
             self.count = h.packet_count;
             self.message_bytes = h.message_bytes;
         } else if self.count != h.packet_count || self.message_bytes != h.message_bytes {
-            return Insert::Mismatch;
-        }
-        let start = h.packet_index as u32 * payload_bytes_max as u32;
-        let expect =
-            (self.message_bytes - start.min(self.message_bytes)).min(payload_bytes_max as u32);
-        if h.payload_bytes as u32 != expect {
             return Insert::Mismatch;
         }
         let bit = 1u64 << h.packet_index;
@@ -239,11 +245,37 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_of_another_size_is_told_from_one_that_disagrees() {
+        // "0123456789" in packets of 5 (a peer with a larger MTU): 2 packets where ours take 3.
+        let mut first = packet(0, b"0123456789").0;
+        first.packet_count = 2;
+        first.payload_bytes = 5;
+        let mut r = Reassembly::new();
+        assert_eq!(
+            r.insert(&first, vec![0; 40], 3, PAYLOAD),
+            Insert::PacketSize
+        );
+        assert_eq!(r.contiguous(), 0, "nothing kept");
+        // Our layout first; then a packet of another size for the same message is still told
+        // apart from one that disagrees with it in our layout.
+        let (h0, b0) = packet(0, b"0123456789");
+        assert_eq!(r.insert(&h0, b0, 3, PAYLOAD), Insert::Stored);
+        let mut long = packet(1, b"0123456789").0;
+        long.payload_bytes = 5;
+        assert_eq!(r.insert(&long, vec![0; 40], 3, PAYLOAD), Insert::PacketSize);
+        let (mut other, b2) = packet(2, b"0123456789");
+        other.message_bytes = 9; // our layout, but another message than packet 0's
+        other.payload_bytes = 1;
+        assert_eq!(r.insert(&other, b2, 3, PAYLOAD), Insert::Mismatch);
+        assert_eq!(r.contiguous(), 1);
+    }
+
+    #[test]
     fn short_last_packet_and_empty_message() {
         let mut r = Reassembly::new();
         let (mut h, b) = packet(0, b"ab");
         h.payload_bytes = 1; // the only packet must carry the whole message
-        assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::Mismatch);
+        assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::PacketSize);
         let mut r = Reassembly::new();
         let (h, b) = packet(0, b"");
         assert_eq!(r.insert(&h, b, 3, PAYLOAD), Insert::Complete);

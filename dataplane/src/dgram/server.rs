@@ -133,13 +133,6 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
         };
         let slot_index = (h.request_id % SLOTS_PER_SESSION as u64) as u8;
         let generation = self.sessions[session as usize].generation;
-        if !self.config.describes(&h) {
-            // Laid out for another packet size: the client packs packets for another MTU.
-            // Resends would never fit, so it is told why instead of being left to time out.
-            self.stats.malformed += 1;
-            self.refuse(session, generation, h.request_id);
-            return;
-        }
         self.sessions[session as usize].last_active_ns = now_ns;
         let slot = &mut self.sessions[session as usize].slots[slot_index as usize];
         if slot.state != SlotState::Idle && h.request_id < slot.request_id {
@@ -169,6 +162,13 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
                 ) {
                     // Disagrees with the packets of the message before it.
                     Insert::Mismatch => self.stats.malformed += 1,
+                    Insert::PacketSize => {
+                        // Laid out for another packet size: the client packs packets for
+                        // another MTU. Resends would never fit, so it is told why instead of
+                        // being left to time out.
+                        self.stats.malformed += 1;
+                        self.refuse(session, generation, h.request_id);
+                    }
                     Insert::Duplicate => {
                         self.stats.duplicates += 1;
                         let count = slot.rx.contiguous();
