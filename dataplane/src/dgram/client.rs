@@ -269,7 +269,10 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
         if h.kind == PacketKind::Ack {
             return;
         }
-        match slot.rx.insert(&h, buf, header_offset as u16, own) {
+        match slot
+            .rx
+            .insert(&h, buf, (header_offset + PACKET_HEADER_BYTES) as u16, own)
+        {
             // Disagrees with the packets of the message before it.
             Insert::Mismatch => self.stats.malformed += 1,
             Insert::PacketSize => {

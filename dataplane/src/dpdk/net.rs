@@ -50,8 +50,9 @@ use super::{
 use crate::buffers::CorePools;
 use crate::dgram::ipv4::{self, Endpoint, Parsed};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
+use crate::dgram::PACKET_HEADER_BYTES;
 use crate::pool::{Buf, BufferPool};
-use crate::udp::{recv_into_chunk, DatagramPort, PortStats, Received};
+use crate::udp::{recv_into_chunk, split_datagram, DatagramPort, PortStats, Received};
 
 /// Data room of each mbuf: the default headroom (128) plus a whole jumbo frame of the RPC's
 /// packet size (Ethernet/IPv4/UDP headers + `DATAGRAM_BYTES_MAX`), so every packet is one
@@ -362,12 +363,22 @@ impl DatagramPort for DpdkDatagramPort {
         let Some((m, offset, len, source)) = self.next_datagram() else {
             return Ok(Received::Empty);
         };
+        let Some(rest) = len.checked_sub(PACKET_HEADER_BYTES) else {
+            return Ok(Received::Runt); // the mbuf goes back to DPDK with its room
+        };
+        // The RPC header is copied out and the rest leased (see `Received::Datagram`).
+        let mut header = [0u8; PACKET_HEADER_BYTES];
+        header.copy_from_slice(&m.data()[offset..offset + PACKET_HEADER_BYTES]);
         let rooms = self.rooms.as_mut().expect("checked above");
-        match rooms.lease(pools, m, offset, len) {
-            Ok(lease) => {
+        match rooms.lease(pools, m, offset + PACKET_HEADER_BYTES, rest) {
+            Ok(payload) => {
                 self.stats.rx_in_place += 1;
                 self.stats.rx_rooms_leased = rooms.leased_count() as u64;
-                Ok(Received::Datagram(lease, source))
+                Ok(Received::Datagram {
+                    header,
+                    payload,
+                    peer: source,
+                })
             }
             Err(m) => {
                 // Not one of our rooms: copied into a chunk, as a copying port would.
@@ -381,7 +392,7 @@ impl DatagramPort for DpdkDatagramPort {
                 let chunk = chunk.as_mut().expect("rx_spare leaves a chunk");
                 let at = chunk.sealed_len();
                 chunk.seal(len);
-                Ok(Received::Datagram(pools.lease(chunk, at, len), source))
+                Ok(split_datagram(pools, chunk, at, len, source))
             }
         }
     }
