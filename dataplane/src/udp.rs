@@ -8,8 +8,8 @@
 //! request that came in one packet is that lease: the RPC hands it over
 //! (`RpcServer::take_request`) and it goes up as the frame, **no copy between the socket and
 //! the store**, and one lease per request, not a second one inside the datagram's (callgrind:
-//! ~130 instructions fewer per op, a `lease_within` and a `release_lease`). A request of several packets is
-//! copied once into one contiguous buffer (the frame parser and the store need contiguous
+//! ~100 instructions fewer per op, a `lease_within` and a `release_lease`). A request of
+//! several packets is copied once into one contiguous buffer (the frame parser and the store need contiguous
 //! bytes); `stats.frames_copied` / `rx_copied_bytes` count exactly that. Responses are copied
 //! once into a pool chunk (reply head and output back to back, several per chunk), because the
 //! RPC slices a response into packets and keeps it for resends until the client moves on. A
@@ -807,6 +807,10 @@ impl<P: DatagramPort> RpcTransport<P> {
         results: &[(u32, u32)],
         body: Body,
     ) {
+        let body = match self.reply_in_slot(handle, request, status, results, body) {
+            Ok(()) => return,
+            Err(body) => body,
+        };
         let mut head = [0u8; REPLY_HEAD_MAX_BYTES];
         let body_len = body.as_slice().len();
         let mut head_len = match &body {
@@ -842,6 +846,58 @@ impl<P: DatagramPort> RpcTransport<P> {
         }
     }
 
+    /// The common replies, encoded straight into the response the RPC keeps: a head that fits
+    /// `INLINE_RESPONSE_MAX_BYTES` with no body (every write's) or with bytes left in the
+    /// store (a read from its memory), when no earlier reply waits for a buffer. They take no
+    /// buffer, so they cannot wait; the head is written once, into the response, instead of
+    /// into a `REPLY_HEAD_MAX_BYTES` staging head and then copied. The body back otherwise.
+    fn reply_in_slot(
+        &mut self,
+        handle: RequestHandle,
+        request: &Header,
+        status: Status,
+        results: &[(u32, u32)],
+        body: Body,
+    ) -> Result<(), Body> {
+        let head_len = wire::HEADER_SIZE + results.len() * wire::SUB_OP_RESULT_SIZE;
+        if head_len > INLINE_RESPONSE_MAX_BYTES || !self.pending.is_empty() {
+            return Err(body);
+        }
+        let mut head = [0u8; INLINE_RESPONSE_MAX_BYTES];
+        match body {
+            Body::None => {
+                let len = wire::encode_reply(&mut head, request, status, results, &[]);
+                debug_assert_eq!(len, head_len);
+                self.stats.tx_copied_bytes += len as u64;
+                let response = Response::Inline {
+                    bytes: head,
+                    len: len as u8,
+                };
+                // Err: the client gave up on the request and moved on; the response is dropped.
+                let _ = self.rpc.reply(handle, response);
+                Ok(())
+            }
+            Body::Stored(stored)
+                if head_len + stored.as_slice().len() <= self.message_bytes_max
+                    && !self.port.sends_pool_in_place() =>
+            {
+                // The store kept the bytes' crc: they are not read here.
+                let len = wire::encode_reply_with_output_crc(
+                    &mut head,
+                    request,
+                    status,
+                    results,
+                    stored.as_slice().len(),
+                    stored.crc(),
+                );
+                debug_assert_eq!(len, head_len);
+                self.reply_from_store(handle, head, len, stored);
+                Ok(())
+            }
+            body => Err(body),
+        }
+    }
+
     fn wait_for_buffer(
         &mut self,
         handle: RequestHandle,
@@ -872,7 +928,9 @@ impl<P: DatagramPort> RpcTransport<P> {
             Body::Stored(stored)
                 if head.len() <= INLINE_RESPONSE_MAX_BYTES && !self.port.sends_pool_in_place() =>
             {
-                self.reply_from_store(handle, head, stored);
+                let mut bytes = [0u8; INLINE_RESPONSE_MAX_BYTES];
+                bytes[..head.len()].copy_from_slice(head);
+                self.reply_from_store(handle, bytes, head.len(), stored);
                 return Ok(());
             }
             body => body,
@@ -908,18 +966,23 @@ impl<P: DatagramPort> RpcTransport<P> {
         Ok(())
     }
 
-    /// Keeps a reply from the store's memory as `Response::Stored`: its head copied into the
-    /// RPC's slot, its bytes left in the store (copied once, into the packets, when sent) and
-    /// listed for `copy_stored_bodies`. Takes no buffer, so it cannot fail.
-    fn reply_from_store(&mut self, handle: RequestHandle, head: &[u8], body: StoredBytes) {
-        assert!(head.len() <= INLINE_RESPONSE_MAX_BYTES);
-        let mut bytes = [0u8; INLINE_RESPONSE_MAX_BYTES];
-        bytes[..head.len()].copy_from_slice(head);
-        self.stats.tx_copied_bytes += head.len() as u64;
+    /// Keeps a reply from the store's memory as `Response::Stored`: its head (the first
+    /// `head_len` bytes of `head`) in the RPC's slot, its bytes left in the store (copied once,
+    /// into the packets, when sent) and listed for `copy_stored_bodies`. Takes no buffer, so
+    /// it cannot fail.
+    fn reply_from_store(
+        &mut self,
+        handle: RequestHandle,
+        head: [u8; INLINE_RESPONSE_MAX_BYTES],
+        head_len: usize,
+        body: StoredBytes,
+    ) {
+        assert!(head_len <= INLINE_RESPONSE_MAX_BYTES);
+        self.stats.tx_copied_bytes += head_len as u64;
         self.stats.replies_from_store += 1;
         let response = Response::Stored {
-            head: bytes,
-            head_len: head.len() as u8,
+            head,
+            head_len: head_len as u8,
             body,
         };
         if self.rpc.reply(handle, response).is_err() {
