@@ -48,7 +48,7 @@ use super::{
     udp, DpdkError, Eal, MacAddr, Mbuf, Mempool, Port, PortConfig, RxQueue, TxAttach, TxQueue,
 };
 use crate::buffers::CorePools;
-use crate::dgram::ipv4::{self, Endpoint, Parsed};
+use crate::dgram::ipv4::{self, Endpoint, Parsed, UdpHeaderTemplate};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
 use crate::dgram::PACKET_HEADER_BYTES;
 use crate::pool::{Buf, BufferPool};
@@ -83,6 +83,8 @@ const _: () = assert!(DATAGRAM_BYTES_MAX + ipv4::UDP_FRAME_HEADER_BYTES <= 9216)
 /// One reactor's queue pair of a started port, with the address it answers for.
 pub struct DpdkDatagramPort {
     local: Endpoint,
+    /// The Ethernet/IPv4/UDP header of what this queue sends, less the peer's fields.
+    udp_header: UdpHeaderTemplate,
     /// Where sent frames (and ARP replies) are built; also the rx pool unless `rooms` is set.
     pool: &'static Mempool,
     rx: RxQueue<'static, 'static>,
@@ -191,6 +193,11 @@ pub fn open(
                 ip,
                 port: udp_port,
             },
+            udp_header: UdpHeaderTemplate::new(&Endpoint {
+                mac: mac.0,
+                ip,
+                port: udp_port,
+            }),
             pool,
             rx,
             tx,
@@ -404,7 +411,7 @@ impl DatagramPort for DpdkDatagramPort {
         payload: &[u8],
         tail: &[u8],
     ) -> io::Result<bool> {
-        let frame = udp::udp_frame_parts(self.pool, &self.local, peer, header, payload, tail);
+        let frame = udp::udp_frame_from(self.pool, &self.udp_header, peer, header, payload, tail);
         if frame.is_some() {
             self.stats.tx_copied_bytes += (payload.len() + tail.len()) as u64;
         }
@@ -434,7 +441,8 @@ impl DatagramPort for DpdkDatagramPort {
             return self.send(peer, header, payload, &[]);
         };
         let mut head = [0u8; ipv4::UDP_FRAME_HEADER_BYTES];
-        ipv4::build_udp_header(&mut head, &self.local, peer, header.len() + payload.len());
+        self.udp_header
+            .build(&mut head, peer, header.len() + payload.len());
         match attach.frame(self.pool, &[&head, header], lease) {
             Ok(frame) => {
                 if self.push_tx(Some(frame)) {
