@@ -8,6 +8,11 @@
 # server's STATUS gives ops and poll passes for the same interval. Reported:
 #   total/op  = Ir / ops                      (everything the reactor ran, idle polling included)
 #   path/op   = (Ir - passes * Ir_idle_pass) / ops   (idle-pass skeleton removed)
+# path/op moves with passes per op (the generator's scheduling: +-150 Ir between runs of one
+# binary), so the inclusive Ir per op of two per-op entry points is printed too, which does not:
+# `OsdCore::handle_frame` (every op's check, store and reply) and `RpcNet::reply` (the datagram
+# reply). Names are left uncompressed (`--compress-strings=no`) so that callgrind_annotate
+# reads every dump, not only the first.
 #
 #   cargo build --release --features dpdk && scripts/dpdk-callgrind.sh
 # Then, per load, the functions' self cost per op (scripts/callgrind-self.py), memcpy included.
@@ -27,7 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$OUT/cg.%p" \
+valgrind --tool=callgrind --separate-threads=yes --compress-strings=no --callgrind-out-file="$OUT/cg.%p" \
   "$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" \
   --transport dpdk --udp 10.77.0.1:6800 --dpdk-args="$(eal carmine-cg-serve-$$ server)" \
   >"$OUT/serve.log" 2>&1 &
@@ -76,4 +81,19 @@ for op in randwrite randread; do
   f=$(file_of "$op" | cut -d' ' -f2)
   ops=$(( $(echo "${after[$op]}" | cut -d' ' -f1) - $(echo "${before[$op]}" | cut -d' ' -f1) ))
   python3 scripts/callgrind-self.py "$OUT" "${f##*-}" "$op" "$ops" "${TOP:-12}"
+done
+for op in randwrite randread; do
+  f=$(file_of "$op" | cut -d' ' -f2)
+  ops=$(( $(echo "${after[$op]}" | cut -d' ' -f1) - $(echo "${before[$op]}" | cut -d' ' -f1) ))
+  callgrind_annotate --inclusive=yes "$f" 2>/dev/null | python3 -c '
+import re, sys
+op, ops = sys.argv[1], int(sys.argv[2])
+wanted = {"OsdCore<N>::handle_frame": None, "RpcNet>::reply": None}
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \(.*?\)\s+\S*?:(.*) \[", line)
+    for key in wanted:
+        if m and wanted[key] is None and m.group(2).endswith(key):
+            wanted[key] = int(m.group(1).replace(",", ""))
+print(f"{op}: inclusive Ir/op " + ", ".join(f"{k} {v / ops:.0f}" for k, v in wanted.items() if v))
+' "$op" "$ops"
 done

@@ -108,11 +108,18 @@ fn main() {
         }
         tx.tx_burst(&mut out);
         match server.recv(&mut pools, &mut chunk).expect("recv") {
-            Received::Datagram(lease, peer) => {
+            Received::Datagram {
+                header,
+                payload: lease,
+                peer,
+            } => {
                 assert_eq!(peer, from);
+                // The first 32 bytes (the RPC packet header's room) come copied out, the rest
+                // as the lease.
+                let sent = [&b"rpc-head"[..], &payload(received)].concat();
+                assert_eq!(&header[..], &sent[..32], "datagram {received}'s header");
                 let bytes = lease.as_slice();
-                assert_eq!(&bytes[..8], b"rpc-head");
-                assert_eq!(&bytes[8..], &payload(received)[..], "datagram {received}");
+                assert_eq!(bytes, &sent[32..], "datagram {received}");
                 let at = bytes.as_ptr() as usize;
                 assert!(
                     lease.pool() == pool_id(0, SizeClass::Nic)
@@ -125,6 +132,7 @@ fn main() {
             }
             Received::Empty => {}
             Received::NoBuffer => panic!("in-place receive needs no chunk"),
+            Received::Runt => panic!("every datagram sent is longer than a packet header"),
         }
     }
     assert!(chunk.is_none(), "no chunk was taken to copy into");

@@ -269,23 +269,25 @@ impl<P: Copy + Eq, B: AsRef<[u8]>, Q: AsRef<[u8]>> RpcClient<P, B, Q> {
         if h.kind == PacketKind::Ack {
             return;
         }
-        if !self.config.describes(&h) {
-            // Packed for another packet size: the server's MTU is not this client's.
-            self.stats.refusals += 1;
-            let id = slot.request_id;
-            Self::finish(session, slot_index);
-            let error = RpcError::PacketSize {
-                client_packet_bytes: own,
-                // Every packet but the last is full: such a packet shows the server's size.
-                server_packet_bytes: (h.packet_index + 1 < h.packet_count)
-                    .then_some(h.payload_bytes),
-            };
-            on_response(SessionId(index), id, Err(error));
-            return;
-        }
-        match slot.rx.insert(&h, buf, header_offset as u16, own) {
+        match slot
+            .rx
+            .insert(&h, buf, (header_offset + PACKET_HEADER_BYTES) as u16, own)
+        {
             // Disagrees with the packets of the message before it.
             Insert::Mismatch => self.stats.malformed += 1,
+            Insert::PacketSize => {
+                // Packed for another packet size: the server's MTU is not this client's.
+                self.stats.refusals += 1;
+                let id = slot.request_id;
+                Self::finish(session, slot_index);
+                let error = RpcError::PacketSize {
+                    client_packet_bytes: own,
+                    // Every packet but the last is full: such a packet shows the server's size.
+                    server_packet_bytes: (h.packet_index + 1 < h.packet_count)
+                        .then_some(h.payload_bytes),
+                };
+                on_response(SessionId(index), id, Err(error));
+            }
             Insert::Duplicate => self.stats.duplicates += 1,
             Insert::Stored => {}
             Insert::Complete => {

@@ -115,18 +115,6 @@ pub fn parse(frame: &[u8], local_ip: Ipv4Addr) -> Parsed {
     }
 }
 
-/// The IPv4 header checksum (ones' complement sum of 16-bit words).
-fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for pair in header.chunks(2) {
-        sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Writes Ethernet + IPv4 + UDP headers for a datagram of `payload_bytes` into `out`.
 pub fn build_udp_header(
     out: &mut [u8; UDP_FRAME_HEADER_BYTES],
@@ -134,31 +122,69 @@ pub fn build_udp_header(
     target: &Endpoint,
     payload_bytes: usize,
 ) {
-    assert!(
-        payload_bytes <= 65535 - 28,
-        "UDP payload of {payload_bytes} bytes does not fit IPv4"
-    );
-    out[0..6].copy_from_slice(&target.mac);
-    out[6..12].copy_from_slice(&source.mac);
-    out[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    let ip = &mut out[14..34];
-    ip[0] = 0x45;
-    ip[1] = 0;
-    ip[2..4].copy_from_slice(&((20 + 8 + payload_bytes) as u16).to_be_bytes());
-    ip[4..6].fill(0); // identification: unused without fragments
-    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
-    ip[8] = 64;
-    ip[9] = IP_PROTO_UDP;
-    ip[10..12].fill(0);
-    ip[12..16].copy_from_slice(&source.ip.octets());
-    ip[16..20].copy_from_slice(&target.ip.octets());
-    let sum = ip_checksum(ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let udp = &mut out[34..42];
-    udp[0..2].copy_from_slice(&source.port.to_be_bytes());
-    udp[2..4].copy_from_slice(&target.port.to_be_bytes());
-    udp[4..6].copy_from_slice(&((8 + payload_bytes) as u16).to_be_bytes());
-    udp[6..8].fill(0);
+    UdpHeaderTemplate::new(source).build(out, target, payload_bytes);
+}
+
+/// The Ethernet/IPv4/UDP header of one sender's datagrams with what never changes already
+/// written (its MAC, IP and port, the IPv4 constants) and those words' ones' complement sum:
+/// a packet then writes only the peer's fields and the lengths, and finishes the checksum from
+/// four words (a port builds one per packet it sends; summing the 10-word header each time cost
+/// ~60 instructions a packet under callgrind).
+#[derive(Debug, Clone, Copy)]
+pub struct UdpHeaderTemplate {
+    bytes: [u8; UDP_FRAME_HEADER_BYTES],
+    /// Sum of the IPv4 header's 16-bit words that do not depend on the packet.
+    fixed_sum: u32,
+}
+
+impl UdpHeaderTemplate {
+    pub fn new(source: &Endpoint) -> UdpHeaderTemplate {
+        let mut out = [0u8; UDP_FRAME_HEADER_BYTES];
+        out[6..12].copy_from_slice(&source.mac);
+        out[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        let ip = &mut out[14..34];
+        ip[0] = 0x45;
+        // ip[4..6] identification: 0, unused without fragments.
+        ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
+        ip[8] = 64;
+        ip[9] = IP_PROTO_UDP;
+        ip[12..16].copy_from_slice(&source.ip.octets());
+        // The checksum over the header so far: total length, checksum and target address are
+        // zero here, so they add nothing.
+        let fixed_sum = ip.chunks_exact(2).map(|w| u32::from(u16_at(w, 0))).sum();
+        out[34..36].copy_from_slice(&source.port.to_be_bytes());
+        UdpHeaderTemplate {
+            bytes: out,
+            fixed_sum,
+        }
+    }
+
+    /// Writes the header of a datagram of `payload_bytes` to `target` into `out`.
+    #[inline]
+    pub fn build(
+        &self,
+        out: &mut [u8; UDP_FRAME_HEADER_BYTES],
+        target: &Endpoint,
+        payload_bytes: usize,
+    ) {
+        assert!(
+            payload_bytes <= 65535 - 28,
+            "UDP payload of {payload_bytes} bytes does not fit IPv4"
+        );
+        *out = self.bytes;
+        out[0..6].copy_from_slice(&target.mac);
+        let total = (20 + 8 + payload_bytes) as u16;
+        let target_ip = u32::from(target.ip);
+        out[16..18].copy_from_slice(&total.to_be_bytes());
+        out[30..34].copy_from_slice(&target_ip.to_be_bytes());
+        // At most 10 words of 16 bits: no overflow, and two folds take any carry back in.
+        let mut sum = self.fixed_sum + u32::from(total) + (target_ip >> 16) + (target_ip & 0xffff);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        out[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        out[36..38].copy_from_slice(&target.port.to_be_bytes());
+        out[38..40].copy_from_slice(&((8 + payload_bytes) as u16).to_be_bytes());
+    }
 }
 
 /// Writes the ARP reply telling `asker` that `local_ip` is at `local_mac`.
@@ -216,6 +242,19 @@ pub fn parse_arp_reply(frame: &[u8], local_ip: Ipv4Addr) -> Option<([u8; 6], Ipv
 mod tests {
     use super::*;
 
+    /// The IPv4 header checksum (ones' complement sum of 16-bit words), straight from its
+    /// definition: what `UdpHeaderTemplate`'s incremental sum is checked against.
+    fn ip_checksum(header: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for pair in header.chunks(2) {
+            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
     const A: Endpoint = Endpoint {
         mac: [2, 0, 0, 0, 0, 1],
         ip: Ipv4Addr::new(10, 9, 0, 1),
@@ -251,6 +290,45 @@ mod tests {
         frame[14 + 6] = 0x20; // more-fragments
         assert_eq!(parse(&frame, B.ip), Parsed::Ignored);
         assert_eq!(parse(&frame[..30], B.ip), Parsed::Ignored);
+    }
+
+    #[test]
+    fn a_template_builds_the_header_a_straight_checksum_agrees_with() {
+        let peers = [
+            B,
+            A,
+            Endpoint {
+                mac: [0xff; 6],
+                ip: Ipv4Addr::new(255, 255, 255, 254),
+                port: 65535,
+            },
+        ];
+        for source in [A, peers[2]] {
+            let template = UdpHeaderTemplate::new(&source);
+            for target in peers {
+                for payload in [0, 5, 4128, 8972, 65535 - 28] {
+                    let mut head = [0u8; UDP_FRAME_HEADER_BYTES];
+                    template.build(&mut head, &target, payload);
+                    assert_eq!(
+                        ip_checksum(&head[14..34]),
+                        0,
+                        "a header with its checksum sums to zero"
+                    );
+                    let mut frame = head.to_vec();
+                    frame.resize(UDP_FRAME_HEADER_BYTES + payload, 0);
+                    assert_eq!(
+                        parse(&frame, target.ip),
+                        Parsed::Udp {
+                            source,
+                            target_port: target.port,
+                            payload_offset: UDP_FRAME_HEADER_BYTES,
+                            payload_bytes: payload,
+                        }
+                    );
+                    assert_eq!(&head[0..6], &target.mac);
+                }
+            }
+        }
     }
 
     #[test]

@@ -117,16 +117,6 @@ impl RpcConfig {
         u32::from(packet_bytes) + 20 + 8 + PACKET_HEADER_BYTES as u32
     }
 
-    /// Whether a data packet's header is laid out for this packet size: its message takes
-    /// `packet_count` packets of `packet_payload_bytes`, and it carries what its index holds.
-    /// False for a packet of a peer that sizes packets for another MTU.
-    pub fn describes(&self, h: &PacketHeader) -> bool {
-        let bytes = h.message_bytes as usize;
-        bytes <= self.message_bytes_max()
-            && self.packets_for(bytes) == h.packet_count
-            && self.packet_range(bytes, h.packet_index).len() == usize::from(h.payload_bytes)
-    }
-
     /// Largest request or response.
     pub fn message_bytes_max(&self) -> usize {
         self.packet_payload_bytes as usize * PACKETS_PER_MESSAGE_MAX as usize

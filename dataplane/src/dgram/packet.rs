@@ -83,9 +83,18 @@ impl PacketHeader {
 
     /// Decodes and checks a datagram (header and payload length).
     pub fn decode(datagram: &[u8]) -> Result<PacketHeader, PacketError> {
-        if datagram.len() < PACKET_HEADER_BYTES {
+        let Some((header, payload)) = datagram.split_first_chunk::<PACKET_HEADER_BYTES>() else {
             return Err(PacketError::Short);
-        }
+        };
+        PacketHeader::decode_split(header, payload.len())
+    }
+
+    /// `decode` for a datagram whose header was taken apart from its payload (a receive that
+    /// keeps the payload as a buffer of its own): the header's bytes and how many followed.
+    pub fn decode_split(
+        datagram: &[u8; PACKET_HEADER_BYTES],
+        payload_len: usize,
+    ) -> Result<PacketHeader, PacketError> {
         let u16_at = |i: usize| u16::from_le_bytes([datagram[i], datagram[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes(datagram[i..i + 4].try_into().unwrap());
         if u16_at(0) != PACKET_MAGIC || datagram[2] != PACKET_VERSION {
@@ -117,7 +126,7 @@ impl PacketHeader {
         {
             return Err(PacketError::Malformed);
         }
-        if datagram.len() < PACKET_HEADER_BYTES + header.payload_bytes as usize {
+        if payload_len < header.payload_bytes as usize {
             return Err(PacketError::Short);
         }
         Ok(header)

@@ -119,27 +119,48 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
         now_ns: u64,
         on_request: &mut dyn FnMut(RequestHandle, &Message<'_, B>),
     ) {
-        self.stats.packets_rx += 1;
         let h = match PacketHeader::decode(&buf.as_ref()[header_offset.min(buf.as_ref().len())..]) {
-            Ok(h) if h.kind == PacketKind::Request => h,
-            _ => {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.packets_rx += 1;
                 self.stats.malformed += 1;
                 return;
             }
         };
+        self.receive_packet(
+            peer,
+            &h,
+            buf,
+            header_offset + PACKET_HEADER_BYTES,
+            now_ns,
+            on_request,
+        )
+    }
+
+    /// `receive` for a packet whose header the caller decoded (`PacketHeader::decode_split`)
+    /// and whose payload starts at `payload_start` in `buf`: for a receiver that keeps a
+    /// datagram's payload as a buffer of its own, which `take_request` can then hand over
+    /// whole for a one-packet request.
+    pub fn receive_packet(
+        &mut self,
+        peer: P,
+        h: &PacketHeader,
+        buf: B,
+        payload_start: usize,
+        now_ns: u64,
+        on_request: &mut dyn FnMut(RequestHandle, &Message<'_, B>),
+    ) {
+        self.stats.packets_rx += 1;
+        if h.kind != PacketKind::Request {
+            self.stats.malformed += 1;
+            return;
+        }
         let Some(session) = self.session_for(peer, h.session) else {
             self.stats.sessions_refused += 1;
             return;
         };
         let slot_index = (h.request_id % SLOTS_PER_SESSION as u64) as u8;
         let generation = self.sessions[session as usize].generation;
-        if !self.config.describes(&h) {
-            // Laid out for another packet size: the client packs packets for another MTU.
-            // Resends would never fit, so it is told why instead of being left to time out.
-            self.stats.malformed += 1;
-            self.refuse(session, generation, h.request_id);
-            return;
-        }
         self.sessions[session as usize].last_active_ns = now_ns;
         let slot = &mut self.sessions[session as usize].slots[slot_index as usize];
         if slot.state != SlotState::Idle && h.request_id < slot.request_id {
@@ -161,14 +182,22 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
         };
         match slot.state {
             SlotState::Receiving => {
+                debug_assert!(payload_start <= usize::from(u16::MAX));
                 match slot.rx.insert(
-                    &h,
+                    h,
                     buf,
-                    header_offset as u16,
+                    payload_start as u16,
                     self.config.packet_payload_bytes,
                 ) {
                     // Disagrees with the packets of the message before it.
                     Insert::Mismatch => self.stats.malformed += 1,
+                    Insert::PacketSize => {
+                        // Laid out for another packet size: the client packs packets for
+                        // another MTU. Resends would never fit, so it is told why instead of
+                        // being left to time out.
+                        self.stats.malformed += 1;
+                        self.refuse(session, generation, h.request_id);
+                    }
                     Insert::Duplicate => {
                         self.stats.duplicates += 1;
                         let count = slot.rx.contiguous();
@@ -281,15 +310,34 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
     }
 
     /// The request behind `handle`, while it waits for its reply: its bytes where they were
-    /// received. None once replied to or superseded.
+    /// received. None once replied to or superseded, or taken by `take_request`.
     pub fn request(&self, handle: RequestHandle) -> Option<Message<'_, B>> {
         let session = self.sessions.get(handle.session as usize)?;
         if session.generation != handle.generation {
             return None;
         }
         let slot = &session.slots[handle.slot as usize];
-        (slot.state == SlotState::Executing && slot.request_id == handle.request_id)
-            .then(|| slot.rx.message())
+        (slot.state == SlotState::Executing
+            && slot.request_id == handle.request_id
+            && slot.rx.is_held())
+        .then(|| slot.rx.message())
+    }
+
+    /// The buffer of `handle`'s request when it came in one packet, and its payload's range in
+    /// it, moved out to the caller, who reads the request from it from now on: one handle on
+    /// the bytes instead of two. The request stays the slot's (duplicates, the reply, resends
+    /// work as before); `request` is None for it from then on. None for a request of several
+    /// packets (read it with `request`), or one replied to, superseded or taken already.
+    pub fn take_request(&mut self, handle: RequestHandle) -> Option<(B, std::ops::Range<usize>)> {
+        let session = self.sessions.get_mut(handle.session as usize)?;
+        if session.generation != handle.generation {
+            return None;
+        }
+        let slot = &mut session.slots[handle.slot as usize];
+        if slot.state != SlotState::Executing || slot.request_id != handle.request_id {
+            return None;
+        }
+        slot.rx.take_single()
     }
 
     /// The response kept for `handle`'s request (for resends), while the client has not moved

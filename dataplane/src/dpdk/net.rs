@@ -48,10 +48,11 @@ use super::{
     udp, DpdkError, Eal, MacAddr, Mbuf, Mempool, Port, PortConfig, RxQueue, TxAttach, TxQueue,
 };
 use crate::buffers::CorePools;
-use crate::dgram::ipv4::{self, Endpoint, Parsed};
+use crate::dgram::ipv4::{self, Endpoint, Parsed, UdpHeaderTemplate};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
+use crate::dgram::PACKET_HEADER_BYTES;
 use crate::pool::{Buf, BufferPool};
-use crate::udp::{recv_into_chunk, DatagramPort, PortStats, Received};
+use crate::udp::{recv_into_chunk, split_datagram, DatagramPort, PortStats, Received};
 
 /// Data room of each mbuf: the default headroom (128) plus a whole jumbo frame of the RPC's
 /// packet size (Ethernet/IPv4/UDP headers + `DATAGRAM_BYTES_MAX`), so every packet is one
@@ -82,6 +83,8 @@ const _: () = assert!(DATAGRAM_BYTES_MAX + ipv4::UDP_FRAME_HEADER_BYTES <= 9216)
 /// One reactor's queue pair of a started port, with the address it answers for.
 pub struct DpdkDatagramPort {
     local: Endpoint,
+    /// The Ethernet/IPv4/UDP header of what this queue sends, less the peer's fields.
+    udp_header: UdpHeaderTemplate,
     /// Where sent frames (and ARP replies) are built; also the rx pool unless `rooms` is set.
     pool: &'static Mempool,
     rx: RxQueue<'static, 'static>,
@@ -190,6 +193,11 @@ pub fn open(
                 ip,
                 port: udp_port,
             },
+            udp_header: UdpHeaderTemplate::new(&Endpoint {
+                mac: mac.0,
+                ip,
+                port: udp_port,
+            }),
             pool,
             rx,
             tx,
@@ -362,12 +370,22 @@ impl DatagramPort for DpdkDatagramPort {
         let Some((m, offset, len, source)) = self.next_datagram() else {
             return Ok(Received::Empty);
         };
+        let Some(rest) = len.checked_sub(PACKET_HEADER_BYTES) else {
+            return Ok(Received::Runt); // the mbuf goes back to DPDK with its room
+        };
+        // The RPC header is copied out and the rest leased (see `Received::Datagram`).
+        let mut header = [0u8; PACKET_HEADER_BYTES];
+        header.copy_from_slice(&m.data()[offset..offset + PACKET_HEADER_BYTES]);
         let rooms = self.rooms.as_mut().expect("checked above");
-        match rooms.lease(pools, m, offset, len) {
-            Ok(lease) => {
+        match rooms.lease(pools, m, offset + PACKET_HEADER_BYTES, rest) {
+            Ok(payload) => {
                 self.stats.rx_in_place += 1;
                 self.stats.rx_rooms_leased = rooms.leased_count() as u64;
-                Ok(Received::Datagram(lease, source))
+                Ok(Received::Datagram {
+                    header,
+                    payload,
+                    peer: source,
+                })
             }
             Err(m) => {
                 // Not one of our rooms: copied into a chunk, as a copying port would.
@@ -381,7 +399,7 @@ impl DatagramPort for DpdkDatagramPort {
                 let chunk = chunk.as_mut().expect("rx_spare leaves a chunk");
                 let at = chunk.sealed_len();
                 chunk.seal(len);
-                Ok(Received::Datagram(pools.lease(chunk, at, len), source))
+                Ok(split_datagram(pools, chunk, at, len, source))
             }
         }
     }
@@ -393,7 +411,7 @@ impl DatagramPort for DpdkDatagramPort {
         payload: &[u8],
         tail: &[u8],
     ) -> io::Result<bool> {
-        let frame = udp::udp_frame_parts(self.pool, &self.local, peer, header, payload, tail);
+        let frame = udp::udp_frame_from(self.pool, &self.udp_header, peer, header, payload, tail);
         if frame.is_some() {
             self.stats.tx_copied_bytes += (payload.len() + tail.len()) as u64;
         }
@@ -423,7 +441,8 @@ impl DatagramPort for DpdkDatagramPort {
             return self.send(peer, header, payload, &[]);
         };
         let mut head = [0u8; ipv4::UDP_FRAME_HEADER_BYTES];
-        ipv4::build_udp_header(&mut head, &self.local, peer, header.len() + payload.len());
+        self.udp_header
+            .build(&mut head, peer, header.len() + payload.len());
         match attach.frame(self.pool, &[&head, header], lease) {
             Ok(frame) => {
                 if self.push_tx(Some(frame)) {

@@ -2,7 +2,7 @@
 //! frames out) and a DPDK port.
 
 use super::{Mbuf, Mempool};
-use crate::dgram::ipv4::{self, Endpoint, UDP_FRAME_HEADER_BYTES};
+use crate::dgram::ipv4::{self, Endpoint, UdpHeaderTemplate, UDP_FRAME_HEADER_BYTES};
 
 /// Builds one frame: Ethernet/IPv4/UDP headers, then the RPC header, then `payload` (copied:
 /// the one copy on the send side, into the NIC's buffer). None when the pool is empty or the
@@ -27,10 +27,27 @@ pub fn udp_frame_parts<'p>(
     payload: &[u8],
     tail: &[u8],
 ) -> Option<Mbuf<'p>> {
+    let template = UdpHeaderTemplate::new(source);
+    udp_frame_from(pool, &template, target, rpc_header, payload, tail)
+}
+
+/// `udp_frame_parts` from a sender's header template (a port makes it once).
+#[inline]
+pub fn udp_frame_from<'p>(
+    pool: &'p Mempool,
+    source: &UdpHeaderTemplate,
+    target: &Endpoint,
+    rpc_header: &[u8],
+    payload: &[u8],
+    tail: &[u8],
+) -> Option<Mbuf<'p>> {
     let mut m = pool.alloc()?;
     let mut head = [0u8; UDP_FRAME_HEADER_BYTES];
-    let udp_payload = rpc_header.len() + payload.len() + tail.len();
-    ipv4::build_udp_header(&mut head, source, target, udp_payload);
+    source.build(
+        &mut head,
+        target,
+        rpc_header.len() + payload.len() + tail.len(),
+    );
     // Written straight into the mbuf: appending zeroed room first cost a memset per packet
     // (a fifth of the server's instructions per 4 KiB read under callgrind).
     m.extend_from_slices(&[&head, rpc_header, payload, tail])

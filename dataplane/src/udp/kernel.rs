@@ -14,11 +14,11 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::{rx_spare, DatagramPort, PortStats, Received};
+use super::{rx_spare, split_datagram, DatagramPort, PortStats, Received};
 use crate::buffers::CorePools;
 use crate::dgram::mmsg::{self, SendBatch, BATCH_MAX};
 use crate::dgram::socket::DATAGRAM_BYTES_MAX;
-use crate::pool::{Buf, Lease};
+use crate::pool::Buf;
 
 /// A non-blocking kernel UDP socket whose sends and receives are batched.
 pub struct KernelUdpPort {
@@ -31,7 +31,7 @@ pub struct KernelUdpPort {
     dont_fragment: bool,
     /// Datagrams the last `recvmmsg` brought that `recv` has not handed up yet (at most
     /// `BATCH_MAX`).
-    received: VecDeque<(Lease, SocketAddr)>,
+    received: VecDeque<Received<SocketAddr>>,
     /// Packets `send` queued for `flush`.
     tx: SendBatch,
     recv_calls: u64,
@@ -136,8 +136,8 @@ impl DatagramPort for KernelUdpPort {
         pools: &mut CorePools,
         chunk: &mut Option<Buf>,
     ) -> io::Result<Received<SocketAddr>> {
-        if let Some((lease, peer)) = self.received.pop_front() {
-            return Ok(Received::Datagram(lease, peer));
+        if let Some(received) = self.received.pop_front() {
+            return Ok(received);
         }
         let Some(spare) = rx_spare(chunk, pools) else {
             return Ok(Received::NoBuffer);
@@ -170,10 +170,9 @@ impl DatagramPort for KernelUdpPort {
             chunk.seal(offset - chunk.sealed_len());
             chunk.seal(len);
             self.received
-                .push_back((pools.lease(chunk, offset, len), peer));
+                .push_back(split_datagram(pools, chunk, offset, len, peer));
         }
-        let (lease, peer) = self.received.pop_front().expect("received > 0");
-        Ok(Received::Datagram(lease, peer))
+        Ok(self.received.pop_front().expect("received > 0"))
     }
 
     fn send(
@@ -226,8 +225,10 @@ impl DatagramPort for KernelUdpPort {
     }
 
     fn close(&mut self, pools: &mut CorePools) {
-        while let Some((lease, _)) = self.received.pop_front() {
-            pools.release_lease(lease);
+        while let Some(received) = self.received.pop_front() {
+            if let Received::Datagram { payload, .. } = received {
+                pools.release_lease(payload);
+            }
         }
     }
 

@@ -75,6 +75,10 @@ fn one_packet_request_is_leased_in_place_and_several_are_copied_once() {
     let stats = server.stats();
     assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 0));
     assert_eq!(stats.rx_copied_bytes, 0, "a one-packet write is not copied");
+    assert_eq!(
+        server.held, 0,
+        "the RPC handed its lease over the packet up as the frame (no second lease)"
+    );
     pools.release_lease(request.frame);
 
     let big = write_frame(20_000); // three packets of 8940 bytes
@@ -83,7 +87,36 @@ fn one_packet_request_is_leased_in_place_and_several_are_copied_once() {
     let stats = server.stats();
     assert_eq!((stats.frames_in_place, stats.frames_copied), (1, 1));
     assert_eq!(stats.rx_copied_bytes, big.len() as u64);
+    assert_eq!(
+        server.held, 3,
+        "the RPC keeps a request's packets until the reply"
+    );
     pools.release_lease(request.frame);
+    server.close_all(&mut pools);
+    assert_eq!(pools.in_use(), 0, "every buffer came back");
+}
+
+#[test]
+fn datagrams_that_are_not_packets_are_counted_malformed_and_hold_nothing() {
+    let mut pools = pools();
+    let mut server = loopback_server();
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = server.local_addr().unwrap();
+    sender.send_to(b"short", to).unwrap(); // under a packet header
+    sender.send_to(&[0x5a; 64], to).unwrap(); // a header's length, not a header
+    let mut seen = 0;
+    for _ in 0..100_000 {
+        server.poll_rx(&mut pools, 16, 1, &mut |_| panic!("nothing to hand up"));
+        seen = server.stats().rpc.packets_rx;
+        if seen == 2 {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    assert_eq!(seen, 2, "both datagrams arrived");
+    let stats = server.stats();
+    assert_eq!((stats.datagrams_rx, stats.rpc.malformed), (2, 2));
+    assert_eq!(server.held, 0, "neither is kept");
     server.close_all(&mut pools);
     assert_eq!(pools.in_use(), 0, "every buffer came back");
 }
