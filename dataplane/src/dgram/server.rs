@@ -329,30 +329,27 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
     /// work as before); `request` is None for it from then on. None for a request of several
     /// packets (read it with `request`), or one replied to, superseded or taken already.
     pub fn take_request(&mut self, handle: RequestHandle) -> Option<(B, std::ops::Range<usize>)> {
+        self.slot_of(handle, SlotState::Executing)?.rx.take_single()
+    }
+
+    /// `handle`'s slot while it still holds `handle`'s request in `state`: None once the
+    /// session expired (another generation) or the slot moved on to another request or state.
+    fn slot_of(&mut self, handle: RequestHandle, state: SlotState) -> Option<&mut Slot<B, R>> {
         let session = self.sessions.get_mut(handle.session as usize)?;
         if session.generation != handle.generation {
             return None;
         }
         let slot = &mut session.slots[handle.slot as usize];
-        if slot.state != SlotState::Executing || slot.request_id != handle.request_id {
-            return None;
-        }
-        slot.rx.take_single()
+        (slot.state == state && slot.request_id == handle.request_id).then_some(slot)
     }
 
     /// The response kept for `handle`'s request (for resends), while the client has not moved
     /// on: to replace it with one of the same bytes (e.g. moved out of memory about to
     /// change). None once the slot has a newer request or the session expired.
     pub fn response_mut(&mut self, handle: RequestHandle) -> Option<&mut R> {
-        let session = self.sessions.get_mut(handle.session as usize)?;
-        if session.generation != handle.generation {
-            return None;
-        }
-        let slot = &mut session.slots[handle.slot as usize];
-        if slot.state != SlotState::Responded || slot.request_id != handle.request_id {
-            return None;
-        }
-        slot.response.as_mut()
+        self.slot_of(handle, SlotState::Responded)?
+            .response
+            .as_mut()
     }
 
     /// Queues the response to a request handed up by `receive`. Gives the body back if the
@@ -363,23 +360,18 @@ impl<P: Copy + Eq + Hash, B: AsRef<[u8]>, R: ResponseParts> RpcServer<P, B, R> {
             response_len <= self.config.message_bytes_max(),
             "response over the limit"
         );
-        let Some(session) = self.sessions.get_mut(handle.session as usize) else {
+        let response_packets = self.config.packets_for(response_len);
+        let Some(slot) = self.slot_of(handle, SlotState::Executing) else {
             return Err(response);
         };
-        if session.generation != handle.generation {
-            return Err(response);
-        }
-        let slot = &mut session.slots[handle.slot as usize];
-        if slot.state != SlotState::Executing || slot.request_id != handle.request_id {
-            return Err(response);
-        }
         slot.rx.clear(); // the request's packets go back to their pool
-        slot.response_packets = self.config.packets_for(response_len);
+        slot.response_packets = response_packets;
         slot.response = Some(response);
         slot.state = SlotState::Responded;
         slot.tx_next = 0;
-        if !slot.in_tx_list {
-            slot.in_tx_list = true;
+        let newly_queued = !slot.in_tx_list;
+        slot.in_tx_list = true;
+        if newly_queued {
             self.tx_list.push_back((handle.session, handle.slot));
         }
         Ok(())
