@@ -473,7 +473,12 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     // Held until the table is written: restores the kernel's settings when dropped.
-    let (_steering, steering) = rx_steering::apply(args.rx_steering, online)?;
+    let steering_guard = rx_steering::apply(args.rx_steering, online)?;
+    let steering = if steering_guard.is_some() {
+        "rfs"
+    } else {
+        "off"
+    };
     notes.push(format!(
         "rx steering: {steering} ({})",
         if steering == "rfs" {

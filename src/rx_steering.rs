@@ -89,16 +89,16 @@ impl Drop for LoopbackRfs {
     }
 }
 
-/// Chooses what `mode` asks for: the guard if RFS is on, and the name of what is in force.
-pub fn apply(mode: RxSteering, cpus: usize) -> Result<(Option<LoopbackRfs>, String), String> {
+/// Chooses what `mode` asks for: the guard while RFS is on (None: left off).
+pub fn apply(mode: RxSteering, cpus: usize) -> Result<Option<LoopbackRfs>, String> {
     match mode {
-        RxSteering::Off => Ok((None, "off".into())),
-        RxSteering::Rfs => LoopbackRfs::enable(cpus).map(|guard| (Some(guard), "rfs".into())),
+        RxSteering::Off => Ok(None),
+        RxSteering::Rfs => LoopbackRfs::enable(cpus).map(Some),
         RxSteering::Auto => match LoopbackRfs::enable(cpus) {
-            Ok(guard) => Ok((Some(guard), "rfs".into())),
+            Ok(guard) => Ok(Some(guard)),
             Err(error) => {
                 log::warn!("rx steering: left off ({error}); --rx-steering off hides this");
-                Ok((None, "off".into()))
+                Ok(None)
             }
         },
     }

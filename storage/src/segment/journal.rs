@@ -1593,44 +1593,30 @@ impl Journal {
     /// `slot` writes in front of its cold run. The segment left becomes a data segment once
     /// the records before this one are retired (`settle_cold_left`).
     fn open_cold_segment(&mut self, slot: usize) -> Result<(), JournalError> {
-        let segment = self
-            .free_segments
-            .pop_front()
-            .ok_or(JournalError::NoSpace)?;
+        // Cold segments hold no records: no first record, no replay start.
+        let (header, opened) = self.take_free_segment(SegmentRole::Cold, 0, (0, 0))?;
         if let Some(left) = self.cold.take() {
             assert!(self.cold_left.len() < self.cold_left.capacity());
             self.cold_left
                 .push_back((left.segment, self.next_record_seq));
         }
-        let header = SegmentHeader {
-            nonce: self.sb.nonce(),
-            shard: self.shard,
-            segment,
-            segment_seq: self.next_segment_seq,
-            first_record_seq: 0,
-            replay_start_seq: 0,
-            replay_start_offset: 0,
-            cold: true,
-        };
-        debug_assert_eq!(self.roles[segment as usize], SegmentRole::Free);
-        self.roles[segment as usize] = SegmentRole::Cold;
-        self.seqs[segment as usize] = header.segment_seq;
-        self.next_segment_seq += 1;
         self.cold_segments_opened += 1;
         let block = BLOCK_SIZE_BYTES as usize;
         self.cold_headers[slot * block..][..block].copy_from_slice(&header.encode());
-        self.bytes_written += BLOCK_SIZE_BYTES;
-        let start = self.sb.segment_offset(segment);
-        self.cold = Some(OpenSegment {
-            segment,
-            next_offset: start + BLOCK_SIZE_BYTES,
-            end: start + self.sb.segment_size,
-            segment_seq: header.segment_seq,
-        });
+        self.cold = Some(opened);
         Ok(())
     }
 
-    fn open_segment(&mut self, slot: usize) -> Result<(), JournalError> {
+    /// Takes the next free segment for `role` (Journal or Cold): its header (written by the
+    /// caller, in front of what the segment will hold, and counted in `bytes_written` here),
+    /// its role and sequence number recorded, and the room after the header.
+    fn take_free_segment(
+        &mut self,
+        role: SegmentRole,
+        first_record_seq: u64,
+        replay_start: (u64, u64),
+    ) -> Result<(SegmentHeader, OpenSegment), JournalError> {
+        debug_assert!(matches!(role, SegmentRole::Journal | SegmentRole::Cold));
         let segment = self
             .free_segments
             .pop_front()
@@ -1640,34 +1626,44 @@ impl Journal {
             shard: self.shard,
             segment,
             segment_seq: self.next_segment_seq,
-            first_record_seq: self.next_record_seq,
-            replay_start_seq: self.replay_start_published.0,
-            replay_start_offset: self.replay_start_published.1,
-            cold: false,
+            first_record_seq,
+            replay_start_seq: replay_start.0,
+            replay_start_offset: replay_start.1,
+            cold: role == SegmentRole::Cold,
         };
         debug_assert_eq!(self.roles[segment as usize], SegmentRole::Free);
-        self.roles[segment as usize] = SegmentRole::Journal;
+        self.roles[segment as usize] = role;
         self.seqs[segment as usize] = header.segment_seq;
-        self.chain.push_back(segment);
         self.next_segment_seq += 1;
-        self.segment_header.copy_from_slice(&header.encode());
-        let start = self.sb.segment_offset(segment);
         self.bytes_written += BLOCK_SIZE_BYTES;
+        let start = self.sb.segment_offset(segment);
+        let opened = OpenSegment {
+            segment,
+            next_offset: start + BLOCK_SIZE_BYTES,
+            end: start + self.sb.segment_size,
+            segment_seq: header.segment_seq,
+        };
+        Ok((header, opened))
+    }
+
+    fn open_segment(&mut self, slot: usize) -> Result<(), JournalError> {
+        let (header, opened) = self.take_free_segment(
+            SegmentRole::Journal,
+            self.next_record_seq,
+            self.replay_start_published,
+        )?;
+        self.chain.push_back(opened.segment);
+        self.segment_header.copy_from_slice(&header.encode());
         // SAFETY: the header buffer is owned by the journal and unchanged until the record completes.
         let iovec = unsafe { self.segment_header.as_io_vec() };
         let buffers = &mut self.buffers[slot];
         buffers.write_iovecs.push(iovec);
         buffers.pending.push(PendingWrite {
-            offset: start,
+            offset: self.sb.segment_offset(opened.segment),
             first: buffers.write_iovecs.len() - 1,
             count: 1,
         });
-        self.open = Some(OpenSegment {
-            segment,
-            next_offset: start + BLOCK_SIZE_BYTES,
-            end: start + self.sb.segment_size,
-            segment_seq: header.segment_seq,
-        });
+        self.open = Some(opened);
         Ok(())
     }
 }

@@ -568,9 +568,6 @@ fn is_cold(headers: &[SegmentHeader], sb: &Superblock, physical: u64) -> bool {
     headers.iter().any(|h| h.segment == segment && h.cold)
 }
 
-/// A copy's data goes to a cold segment (its header says so), the client data of the same
-/// record to the journal segment after the record's head; replay maps the moved block at its
-/// cold address, with the bytes read there.
 /// What the cold-head tests start from: a fresh journal on `device`'s image in which op 0
 /// wrote block 0 of `o0` (acknowledged, its deltas applied to `metadata`), and where that
 /// block lies (`from`), for a copy to move.
@@ -616,6 +613,9 @@ fn written_block() -> Written {
     }
 }
 
+/// A copy's data goes to a cold segment (its header says so), the client data of the same
+/// record to the journal segment after the record's head; replay maps the moved block at its
+/// cold address, with the bytes read there.
 #[test]
 fn copies_go_to_a_cold_segment_and_replay_from_there() {
     let Written {
