@@ -224,6 +224,7 @@ mod dpdk {
         "rte_pktmbuf_attach_extbuf",
         "rte_pktmbuf_chain",
         "rte_eal_iova_mode",
+        "rte_memzone_reserve_aligned",
         "rte_mempool_free",
         "rte_mempool_avail_count",
         "rte_mempool_in_use_count",
@@ -260,6 +261,7 @@ mod dpdk {
 
     const TYPES: &[&str] = &[
         "rte_mbuf",
+        "rte_memzone",
         "rte_mempool",
         "rte_pktmbuf_extmem",
         "rte_mbuf_ext_shared_info",
@@ -278,6 +280,7 @@ mod dpdk {
         "RTE_MAX_ETHPORTS",
         "RTE_ETHER_MTU",
         "RTE_ETHER_MAX_LEN",
+        "RTE_MEMZONE_SIZE_HINT_ONLY",
         "SOCKET_ID_ANY",
     ];
 

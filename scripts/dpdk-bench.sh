@@ -26,6 +26,15 @@
 #   DGRAM=udp scripts/dpdk-bench.sh   # the datagram RPC on kernel UDP sockets instead of DPDK
 #                                     # (`serve --transport udp`, `load --transport udp`; no
 #                                     # dpdk feature needed)
+#   MEMIF_ZC=1 scripts/dpdk-bench.sh  # the server's memif port is a zero-copy client
+#                                     # (role=client,zero-copy=yes) and the generator's the memif
+#                                     # server: the generator writes requests into the server's
+#                                     # rx rooms and reads replies from its mbufs, as a NIC's DMA
+#                                     # would, so the copies memif makes are the generator's. A
+#                                     # memif client connects once: each round starts a fresh
+#                                     # server after the DPDK generator's port is up, and the
+#                                     # generator prefills through DPDK (the window below starts
+#                                     # after its prefill); the TCP run then uses that server.
 # Needs root (the EAL's runtime files and the memif socket live under /run), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +47,10 @@ SERVER_IP=10.77.0.1:6800
 OUT=${OUT:-target/dpdk-bench}
 mkdir -p "$OUT"
 cpus=$(nproc)
-eal() { echo "--no-huge --no-pci -m 256 --lcores 0@(0-$((cpus - 1))) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK,bsize=9216"; }
+# --single-file-segments: a zero-copy memif client shares the EAL's memory as one file.
+eal() { echo "--no-huge --no-pci -m 256 --single-file-segments --lcores 0@(0-$((cpus - 1))) --file-prefix $1 --log-level lib.eal:error --vdev net_memif0,role=$2,socket=$SOCK,bsize=9216"; }
+MEMIF_ZC=${MEMIF_ZC:-0}
+if [ "$MEMIF_ZC" = 1 ]; then serve_role=client,zero-copy=yes; load_role=server; else serve_role=server; load_role=client; fi
 
 cleanup() {
   [ -n "${server:-}" ] && kill -INT "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
@@ -50,17 +62,28 @@ trap cleanup EXIT
 DGRAM=${DGRAM:-dpdk}
 if [ "$DGRAM" = udp ]; then
   SERVER_IP=127.0.0.1:${UDP_PORT:-16901}
-  dgram_serve=(--transport udp --udp "$SERVER_IP")
-else
-  dgram_serve=(--transport dpdk --udp "$SERVER_IP" "--dpdk-args=$(eal carmine-bench-serve-$$ server)")
 fi
-# shellcheck disable=SC2086 # SERVE_ARGS: extra serve arguments, split at spaces (e.g. "--coalesce off")
-"$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" ${SERVE_ARGS:-} \
-  "${dgram_serve[@]}" >"$OUT/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 100); do grep -q "serving on" "$OUT/serve.log" && break; sleep 0.1; done
-grep -q "serving on" "$OUT/serve.log" || { cat "$OUT/serve.log"; exit 1; }
-reactor=$(grep -l carmine-core-0 /proc/"$server"/task/*/comm | head -1 | cut -d/ -f5)
+serves=0
+start_serve() { # -> $server, $reactor
+  local dgram_serve
+  serves=$((serves + 1))
+  if [ "$DGRAM" = udp ]; then
+    dgram_serve=(--transport udp --udp "$SERVER_IP")
+  else
+    dgram_serve=(--transport dpdk --udp "$SERVER_IP" "--dpdk-args=$(eal carmine-bench-serve$serves-$$ "$serve_role")")
+  fi
+  # shellcheck disable=SC2086 # SERVE_ARGS: extra serve arguments, split at spaces (e.g. "--coalesce off")
+  "$B" serve --store memory --cores 1 --cpus 1 --idle spin --listen "$LISTEN" ${SERVE_ARGS:-} \
+    "${dgram_serve[@]}" >"$OUT/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 100); do grep -q "serving on" "$OUT/serve.log" && break; sleep 0.1; done
+  grep -q "serving on" "$OUT/serve.log" || { cat "$OUT/serve.log"; exit 1; }
+  reactor=$(grep -l carmine-core-0 /proc/"$server"/task/*/comm | head -1 | cut -d/ -f5)
+}
+stop_serve() {
+  kill -INT "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  server=""
+}
 
 shape=(--bs 4096 --objects 64 --object-size 1MiB --clients "${CLIENTS:-4}" --qd "${QD:-32}" --cpus 0 --json)
 n=0
@@ -70,9 +93,25 @@ run() { # transport op -> one line of results
   if [ "$transport" = udp ]; then
     extra=(--transport udp --target "$SERVER_IP" --status-target "$LISTEN")
   elif [ "$transport" = dpdk ]; then
-    extra=(--transport dpdk --target "$SERVER_IP" --status-target "$LISTEN" "--dpdk-args=$(eal carmine-bench-load$n-$$ client)")
+    extra=(--transport dpdk --target "$SERVER_IP" --status-target "$LISTEN" "--dpdk-args=$(eal carmine-bench-load$n-$$ "$load_role")")
   else
     extra=(--target "$LISTEN")
+  fi
+  local zc_load=""
+  if [ "$transport" = dpdk ] && [ "$MEMIF_ZC" = 1 ]; then
+    # The generator (memif server) first, then a fresh server (zero-copy memif client) once
+    # the generator's port is up; the window starts when its prefill is through.
+    [ -n "${server:-}" ] && stop_serve
+    rm -f "$SOCK"
+    /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
+      "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --prefill --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err" &
+    zc_load=$!
+    for _ in $(seq 300); do grep -q "DPDK port 0 started" "$OUT/load-$n.err" && break; sleep 0.1; done
+    start_serve
+    for _ in $(seq 300); do
+      [ "$("$B" status --target "$LISTEN" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"]["ops"])')" -ge "$prefill_ops" ] && break
+      sleep 0.1
+    done
   fi
   "$B" status --target "$LISTEN" --json >"$OUT/before.json"
   local sched_before; sched_before=$(cat "/proc/$server/task/$reactor/schedstat")
@@ -85,8 +124,12 @@ run() { # transport op -> one line of results
      "$B" status --target "$LISTEN" --json >"$OUT/perf-after.json") &
     perf=$!
   fi
-  /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
-    "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err"
+  if [ -n "$zc_load" ]; then
+    wait "$zc_load"
+  else
+    /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
+      "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err"
+  fi
   local sched_after; sched_after=$(cat "/proc/$server/task/$reactor/schedstat")
   [ -n "$perf" ] && { wait "$perf" || true; }
   "$B" status --target "$LISTEN" --json >"$OUT/after.json"
@@ -120,11 +163,22 @@ print(f"{transport:5} {op:9} iops {r['iops']:9.0f}  p50 {r['latency_us']['p50']:
 EOF
 }
 
-"$B" load --target "$LISTEN" "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null
-echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run; ${CLIENTS:-4} clients x QD${QD:-32}"
-for round in $(seq "$ROUNDS"); do
-  for op in randwrite randread; do
-    run tcp "$op"
-    run "$DGRAM" "$op"
+prefill_ops=$((64 * 256)) # --objects 64 --object-size 1MiB in 4 KiB blocks
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); duration $DURATION per run; ${CLIENTS:-4} clients x QD${QD:-32}; memif zero-copy server: $MEMIF_ZC"
+if [ "$MEMIF_ZC" = 1 ] && [ "$DGRAM" = dpdk ]; then
+  for round in $(seq "$ROUNDS"); do
+    for op in randwrite randread; do
+      run dpdk "$op" # starts the server this round's TCP run uses too
+      run tcp "$op"
+    done
   done
-done
+else
+  start_serve
+  "$B" load --target "$LISTEN" "${shape[@]}" --op randwrite --prefill --duration 1s >/dev/null
+  for round in $(seq "$ROUNDS"); do
+    for op in randwrite randread; do
+      run tcp "$op"
+      run "$DGRAM" "$op"
+    done
+  done
+fi

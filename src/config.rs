@@ -134,7 +134,7 @@ serve_options! {
     rpc_mtu: u16 = "9000", parse_rpc_mtu;
     /// Test knob for --transport udp and dpdk: drop every Nth datagram received (0: none), so that loss and resends run end to end.
     udp_drop_every: u32 = "0", parse_u32;
-    /// EAL arguments for --transport dpdk, split at spaces, e.g. "--no-huge --no-pci -m 256 --file-prefix srv --vdev net_memif0,role=server,socket=/run/m.sock".
+    /// EAL arguments for --transport dpdk, split at spaces, e.g. "--no-huge --no-pci -m 256 --file-prefix srv --vdev net_memif0,role=server,socket=/run/m.sock". With `role=client,zero-copy=yes` the memif peer (which must be up first: a memif client connects once, at start) writes requests straight into this server's rx rooms and reads replies from its mbufs, as a NIC's DMA would: the server copies no frame (scripts/dpdk-bench.sh, MEMIF_ZC=1).
     dpdk_args: String = "", parse_text;
     /// The DPDK port (ethdev id) --transport dpdk serves on.
     dpdk_port: u16 = "0", parse_u16;
@@ -291,6 +291,14 @@ impl ServeConfig {
                     "transport dpdk: --udp {} must be an IPv4 address with a port (the DPDK port answers for it)",
                     self.udp
                 ));
+            }
+            if self.dpdk_tx_in_place && self.dpdk_args.contains("zero-copy=yes") {
+                return Err(
+                    "dpdk_tx_in_place: a zero-copy memif client (zero-copy=yes) sends \
+                    only from DPDK's own memory, and attached payloads lie in Carmine's pools; \
+                    leave --dpdk-tx-in-place off"
+                        .into(),
+                );
             }
         }
         if self.nbd.is_some() && self.mode == "classic" {

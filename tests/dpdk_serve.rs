@@ -4,7 +4,8 @@
 //! ops complete and verify, that the server's counters agree with what the client saw (ARP
 //! answered, one datagram per 4 KiB request, each copied exactly once from its mbuf and never
 //! again, writes executed exactly once), on one core and on two cores sharing one queue (the
-//! other core's PGs over the ring), and under injected loss (`--udp-drop-every`). Then the
+//! other core's PGs over the ring), under injected loss (`--udp-drop-every`), and with the
+//! server as a zero-copy memif client (the generator writes into its rx rooms). Then the
 //! kernel-UDP client (`carmine load --transport udp`, no DPDK) in a network namespace reaching
 //! the server's `net_af_packet` port over a veth pair, and a `net_tap` port at `--rpc-mtu 1500`.
 //! `harness = false`: a plain main that prints each case, or why the whole test is skipped.
@@ -44,9 +45,11 @@ mod run {
 
     fn eal(prefix: &str, vdev: &str) -> String {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Single-file segments: what a zero-copy memif client needs (its memory shared with
+        // the peer is the EAL's one memfd); memif checks the flag itself, so it is given.
         format!(
-            "--dpdk-args=--no-huge --no-pci -m 256 --lcores 0@(0-{}) --file-prefix {prefix} \
-             --log-level lib.eal:error --vdev {vdev}",
+            "--dpdk-args=--no-huge --no-pci -m 256 --single-file-segments --lcores 0@(0-{}) \
+             --file-prefix {prefix} --log-level lib.eal:error --vdev {vdev}",
             cpus - 1
         )
     }
@@ -370,6 +373,134 @@ mod run {
         assert!(server.stop().success(), "clean exit on SIGINT");
     }
 
+    /// The server as a zero-copy memif *client* (`role=client,zero-copy=yes`), the generator
+    /// as the memif server: the generator then writes each request straight into one of the
+    /// server's rx rooms (which are EAL memory, the memory memif shares in this mode) and reads
+    /// each reply out of the server's mbuf, as a NIC's DMA would, so the server makes no copy
+    /// of a frame at all, not even memif's. A memif client connects once, at start: the
+    /// generator is started first, and one generator run is all one server sees.
+    fn zero_copy_client() {
+        let mut case = Case::new("zc");
+        let _ = std::fs::remove_file(&case.socket);
+        let server_vdev = format!(
+            "net_memif0,role=client,zero-copy=yes,socket={},bsize={MEMIF_BUFFER}",
+            case.socket
+        );
+        // Attached reply payloads lie in Carmine's pools, which such a peer cannot read:
+        // refused before the EAL starts, with the reason.
+        let refused = std::process::Command::new(CARMINE)
+            .args([
+                "serve",
+                "--transport",
+                "dpdk",
+                "--udp",
+                SERVER,
+                "--dpdk-tx-in-place",
+                "true",
+            ])
+            .arg(eal(&case.prefix("refused"), &server_vdev))
+            .output()
+            .expect("run carmine serve");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success(),
+            "tx in place with zero-copy refused"
+        );
+        assert!(
+            stderr.contains("zero-copy"),
+            "the refusal says why: {stderr}"
+        );
+
+        let load_vdev = format!(
+            "net_memif0,role=server,socket={},bsize={MEMIF_BUFFER}",
+            case.socket
+        );
+        let load_eal = eal(&case.prefix("load"), &load_vdev);
+        // The generator asks for the server's MAC by ARP until the server's client port
+        // connects (up to 30 s), then prefills and runs; no --status-target (the server's
+        // address is not known yet): its status is read below. The server starts once the
+        // generator's port has (its log line): a memif server not yet started turns a
+        // client away, and a client does not try again.
+        let mut load = std::process::Command::new(CARMINE)
+            .args([
+                "load",
+                "--transport",
+                "dpdk",
+                "--target",
+                SERVER,
+                "--json",
+                &load_eal,
+            ])
+            .args([
+                "--objects",
+                "16",
+                "--object-size",
+                "256KiB",
+                "--clients",
+                "4",
+                "--qd",
+                "16",
+            ])
+            .args(["--op", "mixed", "--prefill", "--verify", "--duration", "2s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn carmine load");
+        let stderr = load.stderr.take().expect("piped stderr");
+        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines_tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains("DPDK port 0 started") => break,
+                Ok(_) => {}
+                Err(e) => panic!("the generator's port did not start ({e})"),
+            }
+        }
+        let mut server = case.server_on(&server_vdev, SERVER, &["--cores", "1"]);
+        let mut stdout = load.stdout.take().expect("piped stdout");
+        let mut report_text = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut report_text).expect("read the report");
+        let exit = load.wait().expect("wait for carmine load");
+        let load_log = reader.join().expect("stderr reader");
+        assert!(exit.success(), "load: {load_log}");
+        let report: Value = serde_json::from_slice(&report_text).expect("load's JSON report");
+        assert_clean(&report, "mixed over a zero-copy memif");
+        assert_eq!(report["unwritten_reads"], 0, "{report}");
+        let ops = report["prefill_ops"].as_u64().unwrap() + report["ops"].as_u64().unwrap();
+        let status = status(&server.addr);
+        assert_eq!(
+            total(&status, "ops_read") + total(&status, "ops_write"),
+            ops,
+            "the server ran exactly the ops the client completed: {status}"
+        );
+        let reads = total(&status, "ops_read");
+        assert!(reads > 0 && total(&status, "ops_write") > 0, "{status}");
+        // Every datagram was taken where the peer wrote it: one of the rooms.
+        let datagrams = total(&status, "udp_datagrams_rx");
+        assert!(datagrams >= ops, "{status}");
+        assert_eq!(total(&status, "dpdk_rx_in_place"), datagrams, "{status}");
+        assert_eq!(total(&status, "dpdk_rx_copies"), 0, "{status}");
+        assert_eq!(total(&status, "udp_payload_copies"), 0, "{status}");
+        assert_eq!(total(&status, "dpdk_rx_rooms_leased"), 0, "{status}");
+        assert_eq!(total(&status, "dpdk_tx_in_place"), 0, "{status}");
+        assert_read_payloads_copied_once(&status);
+        assert!(server.stop().success(), "clean exit on SIGINT");
+    }
+
     fn loss() {
         let mut case = Case::new("loss");
         let mut server = case.server(&["--cores", "1", "--udp-drop-every", "7"]);
@@ -591,10 +722,11 @@ mod run {
             return;
         }
         let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-        let cases: [(&str, fn()); 5] = [
+        let cases: [(&str, fn()); 6] = [
             ("memif_one_core_verify", one_core),
             ("memif_two_cores_one_queue", two_cores_one_queue),
             ("memif_loss_every_op_once", loss),
+            ("memif_zero_copy_client_verify", zero_copy_client),
             ("af_packet_netns_kernel_udp_verify", af_packet_netns),
             ("tap_standard_mtu_kernel_udp_verify", tap_standard_mtu),
         ];

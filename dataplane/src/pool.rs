@@ -71,7 +71,8 @@ const fn is_aligned(value: usize, alignment: usize) -> bool {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct PoolId(pub u16);
 
-/// One anonymous mapping holding every buffer of one pool; unmapped on drop.
+/// One anonymous mapping holding every buffer of one pool; unmapped on drop (unless the memory
+/// is someone else's: `BufferPool::over_memory`).
 ///
 /// Shared through an `Arc` so that every core can keep every pool's memory alive until all cores
 /// stopped, whatever order they stop in (handles on other cores point into it), and so that the
@@ -80,6 +81,8 @@ pub struct PoolMemory {
     base: NonNull<u8>,
     size: usize,
     hugepage_backed: bool,
+    /// Mapped here (and so unmapped on drop), rather than lent for the process's life.
+    owned: bool,
 }
 
 // SAFETY: `PoolMemory` only records where the mapping is; it never reads or writes the bytes
@@ -100,7 +103,14 @@ impl PoolMemory {
         if hugepages {
             let size_huge = size.next_multiple_of(HUGE_PAGE_SIZE_BYTES);
             match mmap_anonymous(size_huge, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB) {
-                Ok(base) => return Ok(PoolMemory { base, size: size_huge, hugepage_backed: true }),
+                Ok(base) => {
+                    return Ok(PoolMemory {
+                        base,
+                        size: size_huge,
+                        hugepage_backed: true,
+                        owned: true,
+                    })
+                }
                 Err(error) => log::info!(
                     "huge pages unavailable for a {size_huge} byte pool ({error}), using normal pages"
                 ),
@@ -111,6 +121,7 @@ impl PoolMemory {
             base,
             size,
             hugepage_backed: false,
+            owned: true,
         })
     }
 
@@ -132,6 +143,9 @@ impl PoolMemory {
 
 impl Drop for PoolMemory {
     fn drop(&mut self) {
+        if !self.owned {
+            return; // lent for the process's life (`BufferPool::over_memory`)
+        }
         // SAFETY: `base` and `size` are exactly what `mmap` returned and was given; this is the
         // last reference to the mapping (the `Arc` is gone), and no handle points into it: a pool
         // with buffers in use leaks its `Arc` instead of letting it reach here.
@@ -316,6 +330,46 @@ impl BufferPool {
         buffer_count: u32,
         hugepages: bool,
     ) -> io::Result<BufferPool> {
+        let size = Self::memory_bytes(buffer_size, buffer_count)?;
+        let memory = PoolMemory::map(size, hugepages)?;
+        Ok(Self::over(id, buffer_size, buffer_count, memory))
+    }
+
+    /// A pool over memory someone else keeps for the rest of the process (DPDK's, for rx
+    /// rooms a zero-copy memif peer writes into: see `dpdk::rooms`), which must hold
+    /// `buffer_count` buffers of `buffer_size` bytes and start `BUFFER_ALIGNMENT_BYTES`-aligned.
+    /// Shape errors as in [`BufferPool::new`].
+    ///
+    /// # Safety
+    /// `[base, base + len)` must be readable and writable for the rest of the process and
+    /// reached by nothing but this pool and its handles (and a driver writing rooms the caller
+    /// hands it, under the caller's own protocol).
+    pub unsafe fn over_memory(
+        id: PoolId,
+        buffer_size: usize,
+        buffer_count: u32,
+        base: NonNull<u8>,
+        len: usize,
+    ) -> io::Result<BufferPool> {
+        let size = Self::memory_bytes(buffer_size, buffer_count)?;
+        if len < size || !is_aligned(base.as_ptr() as usize, BUFFER_ALIGNMENT_BYTES) {
+            return Err(invalid_input(format!(
+                "{len} bytes at {base:p} cannot hold {buffer_count} aligned buffers of \
+                 {buffer_size} bytes"
+            )));
+        }
+        let memory = PoolMemory {
+            base,
+            size: len,
+            hugepage_backed: false,
+            owned: false,
+        };
+        Ok(Self::over(id, buffer_size, buffer_count, memory))
+    }
+
+    /// Bytes of memory `buffer_count` buffers of `buffer_size` take, or why that shape is
+    /// refused.
+    fn memory_bytes(buffer_size: usize, buffer_count: u32) -> io::Result<usize> {
         if buffer_size == 0
             || !is_aligned(buffer_size, BUFFER_ALIGNMENT_BYTES)
             || buffer_size > BUFFER_SIZE_MAX_BYTES
@@ -337,16 +391,20 @@ impl BufferPool {
                 "pool of {size} bytes exceeds {POOL_MEMORY_MAX_BYTES} bytes"
             )));
         }
+        Ok(size)
+    }
 
-        let memory = Arc::new(PoolMemory::map(size, hugepages)?);
+    fn over(id: PoolId, buffer_size: usize, buffer_count: u32, memory: PoolMemory) -> BufferPool {
+        let memory = Arc::new(memory);
+        let size = buffer_size * buffer_count as usize;
+
         assert!(memory.size_bytes() >= size);
-
         let mut free = Vec::with_capacity(buffer_count as usize);
         // Reversed so that buffer 0 is handed out first.
         free.extend((0..buffer_count).rev());
         assert_eq!(free.len(), free.capacity());
 
-        Ok(BufferPool {
+        BufferPool {
             id,
             base: memory.base,
             buffer_size: buffer_size as u32,
@@ -354,7 +412,7 @@ impl BufferPool {
             refcounts: vec![0; buffer_count as usize],
             free,
             memory,
-        })
+        }
     }
 
     pub fn id(&self) -> PoolId {

@@ -87,6 +87,13 @@ pub(super) fn open(args: &LoadArgs) -> Result<(), String> {
     .map_err(|e| format!("DPDK port {port} ({} ports found): {e}", eal.port_count()))?;
     let queue = opened.queues.into_iter().next().expect("one queue");
     let local = queue.local();
+    // Scripts wait for this line before starting a server whose memif port is the client
+    // side: a memif client connects once, and a server port not yet started turns it away.
+    log::info!(
+        "DPDK port {port} started ({}), {}: the server is resolved by ARP next",
+        opened.driver,
+        local.ip
+    );
     let (pool, rx, tx) = queue.into_parts();
     *LINK.lock().unwrap() = Some(Link {
         local,

@@ -7,6 +7,7 @@
 
 use super::{sys, DpdkError};
 use std::ffi::{c_char, c_int, CString};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by the first `Eal::init`, never cleared: DPDK forbids a second init.
@@ -68,11 +69,68 @@ impl Eal {
         unsafe { sys::rte_eth_dev_count_avail() }
     }
 
+    /// Reserves `len` bytes of the EAL's own memory (a memzone named `name`, unique in the
+    /// process), aligned to `align` (a power of two), for the rest of the process: memzones are
+    /// never freed here, since what uses them (rx rooms behind a mempool) lives as long.
+    ///
+    /// Why EAL memory rather than an anonymous mapping: it is the memory a memif peer sees when
+    /// the port is a zero-copy client (memif shares the EAL's memory segments with the peer,
+    /// which then writes received frames straight into our rooms), and it has an IOVA.
+    pub fn reserve_memory(
+        &self,
+        name: &str,
+        len: usize,
+        align: u32,
+    ) -> Result<EalMemory, DpdkError> {
+        assert!(len > 0);
+        assert!(align.is_power_of_two());
+        let cname = CString::new(name).map_err(|_| DpdkError {
+            call: "rte_memzone_reserve_aligned (name has a NUL byte)",
+            code: libc::EINVAL,
+        })?;
+        // SAFETY: the EAL is running (self exists); the name is a valid C string that DPDK
+        // copies; the call allocates and returns a descriptor DPDK keeps (or null).
+        let zone = unsafe {
+            sys::rte_memzone_reserve_aligned(
+                cname.as_ptr(),
+                len,
+                sys::SOCKET_ID_ANY,
+                sys::RTE_MEMZONE_SIZE_HINT_ONLY,
+                align,
+            )
+        };
+        if zone.is_null() {
+            return Err(DpdkError::from_errno("rte_memzone_reserve_aligned"));
+        }
+        // SAFETY: a non-null memzone is DPDK's descriptor, valid until freed, which nobody does.
+        let (addr, iova, zone_len) = unsafe {
+            let zone = &*zone;
+            (zone.__bindgen_anon_1.addr, zone.iova, zone.len)
+        };
+        assert!(zone_len >= len, "memzone of {zone_len} bytes for {len}");
+        let ptr = NonNull::new(addr.cast::<u8>()).expect("a reserved memzone has an address");
+        assert_eq!(
+            ptr.as_ptr() as usize % align as usize,
+            0,
+            "memzone alignment"
+        );
+        Ok(EalMemory { ptr, len, iova })
+    }
+
     /// The NUMA socket of the calling thread (`SOCKET_ID_ANY` maps to 0 with `--no-huge`).
     pub fn socket_id(&self) -> i32 {
         // SAFETY: reads the calling lcore's per-thread socket id; no preconditions.
         unsafe { sys::rte_socket_id() as i32 }
     }
+}
+
+/// A piece of the EAL's memory, reserved for the rest of the process (`Eal::reserve_memory`).
+#[derive(Debug, Clone, Copy)]
+pub struct EalMemory {
+    pub ptr: NonNull<u8>,
+    pub len: usize,
+    /// The device address of `ptr` (`u64::MAX`, DPDK's RTE_BAD_IOVA, when it has none).
+    pub iova: u64,
 }
 
 /// Gives the calling thread (not started by the EAL: a reactor, the load generator) an lcore

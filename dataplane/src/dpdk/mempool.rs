@@ -51,11 +51,12 @@ impl Mempool {
         })
     }
 
-    /// Creates a pool of `count` mbufs whose data rooms are not DPDK memory but `count`
-    /// consecutive `room_stride`-byte pieces of `rooms` (`rte_pktmbuf_pool_create_extbuf`): mbuf
-    /// `k`'s data area is pinned for life to one piece, so a frame the driver receives into it is
-    /// in Carmine's own buffer memory (see `net.rs`: a received mbuf becomes a pool `Lease`).
-    /// Each piece holds `data_room_bytes` (headroom included) at its start.
+    /// Creates a pool of `count` mbufs whose data rooms are `count` consecutive
+    /// `room_stride`-byte pieces of `rooms` (`rte_pktmbuf_pool_create_extbuf`), at device address
+    /// `rooms_iova`: mbuf `k`'s data area is pinned for life to one piece, so a frame the driver
+    /// receives into it is in a Carmine buffer pool's memory (see `net.rs`: a received mbuf
+    /// becomes a pool `Lease`). Each piece holds `data_room_bytes` (headroom included) at its
+    /// start.
     ///
     /// # Safety
     /// `rooms` must stay mapped, readable and writable for the rest of the process (the pool is
@@ -67,6 +68,7 @@ impl Mempool {
         count: u32,
         data_room_bytes: u16,
         rooms: *mut u8,
+        rooms_iova: u64,
         room_stride: u16,
     ) -> Result<Mempool, DpdkError> {
         assert!(count > 0);
@@ -77,13 +79,9 @@ impl Mempool {
             call: "rte_pktmbuf_pool_create_extbuf (name has a NUL byte)",
             code: libc::EINVAL,
         })?;
-        // With IOVA as VA the device address is the virtual one; otherwise unknown (the memory
-        // is not DPDK's): only software ports that copy (memif, ring) may use the pool then.
-        // SAFETY: the EAL is running; the call reads its configuration.
-        let iova_is_va = unsafe { sys::rte_eal_iova_mode() } == sys::RTE_IOVA_VA;
         let extmem = sys::rte_pktmbuf_extmem {
             buf_ptr: rooms.cast(),
-            buf_iova: if iova_is_va { rooms as u64 } else { u64::MAX }, // RTE_BAD_IOVA
+            buf_iova: rooms_iova,
             buf_len: count as usize * room_stride as usize,
             elt_size: room_stride,
         };

@@ -15,7 +15,7 @@ mod rooms;
 pub mod udp;
 
 pub use attach::TxAttach;
-pub use eal::{register_current_thread, Eal};
+pub use eal::{register_current_thread, Eal, EalMemory};
 pub use mbuf::Mbuf;
 pub use mempool::Mempool;
 pub use port::{MacAddr, Port, PortConfig, PortStats, RxQueue, TxQueue, BURST_MAX};

@@ -20,10 +20,11 @@
 //! (`rx_copies`). memif's own PMD copies the frame from its shared-memory ring into the mbuf;
 //! that copy is the driver's (a NIC's DMA does not make it), not Carmine's.
 //!
-//! The rooms' memory is not registered for device DMA (`rte_extmem_register` and
-//! `rte_dev_dma_map` are not wired), so in-place receive is used only on drivers that copy into
-//! the mbuf in software ([`SOFTWARE_DRIVERS`]); other ports receive into an ordinary mempool and
-//! copy once, as before.
+//! The rooms are EAL memory (`rooms.rs`), which is what lets a memif port in zero-copy client
+//! mode (`role=client,zero-copy=yes`) have its peer write frames straight into them and read
+//! replies out of our tx mbufs: then memif makes no copy on this side either. In-place receive
+//! is used only on drivers that write the mbuf in software ([`SOFTWARE_DRIVERS`]; on a NIC it
+//! is untested); other ports receive into an ordinary mempool and copy once, as before.
 //!
 //! Send: each packet is built in a fresh mbuf of the queue's tx pool (Ethernet/IPv4/UDP header,
 //! RPC header, payload: one copy, as a kernel socket's send makes) and queued; `flush` hands the
@@ -115,6 +116,8 @@ pub struct InPlace {
 /// What [`open`] started: one [`DpdkDatagramPort`] per queue, and the port's MAC address.
 pub struct OpenedPort {
     pub queues: Vec<DpdkDatagramPort>,
+    /// The port's driver (`net_memif`, ...).
+    pub driver: String,
     pub mac: MacAddr,
     pub mtu: u16,
 }
@@ -141,8 +144,8 @@ pub fn open(
     let attach = in_place && in_place_asked.tx;
     if in_place_asked.rx && !in_place {
         log::info!(
-            "DPDK port {port_id} ({driver}): receive copies once (in-place receive needs the \
-             pool memory mapped for the device's DMA, which is not wired)"
+            "DPDK port {port_id} ({driver}): receive copies once (in-place receive is used on \
+             software drivers only: untested on a NIC's DMA)"
         );
     }
     let mut rx_pools: Vec<&'static Mempool> = Vec::with_capacity(queue_count as usize);
@@ -211,6 +214,7 @@ pub fn open(
         .collect();
     Ok(OpenedPort {
         queues,
+        driver,
         mac,
         mtu: port.mtu(),
     })

@@ -6,6 +6,9 @@
 //! `lease` turns a received mbuf into a lease over its room and keeps the mbuf; `reclaim`
 //! takes back, as their owner, the rooms whose every lease came home (free in the `nic` pool)
 //! and frees their mbufs, which returns the rooms to DPDK.
+//!
+//! The rooms are EAL memory (a memzone per queue), not a mapping of our own: a memif peer in
+//! zero-copy mode writes into them through its mapping of the EAL's memory, and nothing else.
 
 use super::net::{MBUFS_PER_QUEUE, MBUF_DATA_ROOM};
 use super::{DpdkError, Eal, Mbuf, Mempool};
@@ -40,20 +43,40 @@ impl Rooms {
     /// every room owned here, and a mempool over them (named `name`), for the rx queue.
     pub(super) fn open(eal: &Eal, name: &str, q: u16) -> Result<Rooms, DpdkError> {
         let count = MBUFS_PER_QUEUE as usize;
-        let mut buffers = BufferPool::new(
-            pool_id(q as usize, SizeClass::Nic),
-            ROOM_STRIDE_BYTES,
-            MBUFS_PER_QUEUE,
-            false,
-        )
+        let bytes = count * ROOM_STRIDE_BYTES;
+        // EAL memory, not an anonymous mapping: a zero-copy memif peer writes frames into our
+        // rooms through its mapping of the EAL's memory segments (and only those), and the
+        // rooms get an IOVA. Reserved for the process's life, as the mempool needs.
+        let memory = eal
+            .reserve_memory(
+                &format!("{name}-rooms"),
+                bytes,
+                BUFFER_ALIGNMENT_BYTES as u32,
+            )
+            .map_err(|e| {
+                log::error!(
+                    "rx rooms of queue {q}: {} MiB of DPDK memory not available ({e}); give \
+                     the EAL more (-m)",
+                    bytes >> 20
+                );
+                e
+            })?;
+        let base = memory.ptr.as_ptr() as usize;
+        // SAFETY: the memzone is `bytes` long, aligned as asked, never freed, and reached only
+        // through this pool (and the driver writing the rooms the port hands it, below).
+        let mut buffers = unsafe {
+            BufferPool::over_memory(
+                pool_id(q as usize, SizeClass::Nic),
+                ROOM_STRIDE_BYTES,
+                MBUFS_PER_QUEUE,
+                memory.ptr,
+                bytes,
+            )
+        }
         .map_err(|e| DpdkError {
-            call: "BufferPool::new (rx rooms)",
-            code: e.raw_os_error().unwrap_or(libc::ENOMEM),
+            call: "BufferPool::over_memory (rx rooms)",
+            code: e.raw_os_error().unwrap_or(libc::EINVAL),
         })?;
-        let memory = buffers.memory();
-        let base = memory.as_ptr() as usize;
-        // The mempool uses the mapping for the rest of the process: it must never be unmapped.
-        std::mem::forget(memory);
         let owners: Vec<Option<Buf>> = (0..count)
             .map(|i| {
                 let owner = buffers.acquire().expect("a fresh pool has every room");
@@ -62,7 +85,7 @@ impl Rooms {
             })
             .collect();
         // SAFETY: the rooms are `count` buffers of `ROOM_STRIDE_BYTES` from `base`, in a
-        // mapping leaked above (never unmapped); their owners are held here, and nothing writes
+        // memzone never freed; their owners are held here, and nothing writes
         // through them (rooms are only sealed and leased as the driver wrote them), so only the
         // driver writes a room while its mbuf is DPDK's.
         let pool = unsafe {
@@ -72,6 +95,7 @@ impl Rooms {
                 MBUFS_PER_QUEUE,
                 MBUF_DATA_ROOM,
                 base as *mut u8,
+                memory.iova,
                 ROOM_STRIDE_BYTES as u16,
             )?
         };

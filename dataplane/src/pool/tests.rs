@@ -504,3 +504,40 @@ proptest! {
         prop_assert_eq!(pool.free_count(), COUNT);
     }
 }
+
+#[test]
+fn over_memory_uses_lent_memory_and_leaves_it_mapped() {
+    use std::alloc::{alloc_zeroed, dealloc, Layout};
+    let layout = Layout::from_size_align(4 * PAGE, PAGE).unwrap();
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let raw = unsafe { alloc_zeroed(layout) };
+    let base = NonNull::new(raw).expect("allocation");
+    // Too short for the shape, or misaligned: refused, nothing taken.
+    // SAFETY (each call): the memory is ours, alive until the dealloc below, used only here.
+    let short = unsafe { BufferPool::over_memory(PoolId(7), PAGE, 5, base, 4 * PAGE) };
+    assert_eq!(short.err().unwrap().kind(), io::ErrorKind::InvalidInput);
+    let skewed = NonNull::new(raw.wrapping_add(64)).unwrap();
+    let misaligned = unsafe { BufferPool::over_memory(PoolId(7), PAGE, 2, skewed, 3 * PAGE) };
+    assert_eq!(
+        misaligned.err().unwrap().kind(),
+        io::ErrorKind::InvalidInput
+    );
+
+    let mut pool = unsafe { BufferPool::over_memory(PoolId(7), PAGE, 4, base, 4 * PAGE) }.unwrap();
+    let buf = filled(&mut pool, b"lent");
+    assert_eq!(
+        buf.as_ptr(),
+        raw.cast_const(),
+        "buffer 0 is the lent memory's start"
+    );
+    let second = pool.acquire().unwrap();
+    assert_eq!(second.as_ptr() as usize, raw as usize + PAGE);
+    pool.release(second);
+    pool.release(buf);
+    drop(pool);
+    // Dropping the pool left the memory to its owner: still ours to read and free.
+    // SAFETY: raw holds 4 pages, initialised (zeroed, then written through the pool).
+    assert_eq!(unsafe { std::slice::from_raw_parts(raw, 4) }, b"lent");
+    // SAFETY: allocated above with this layout and no longer used.
+    unsafe { dealloc(raw, layout) };
+}

@@ -7,6 +7,7 @@
 #include <rte_ethdev.h>
 #include <rte_ether.h>
 #include <rte_memory.h>
+#include <rte_memzone.h>
 
 /* shim.c: what bindgen cannot see because DPDK spells it as a macro. */
 int carmine_rte_errno(void);
