@@ -260,7 +260,16 @@ fn open_dpdk(
         },
         config.rpc_mtu,
     )
-    .map_err(|e| format!("DPDK port {port}: {e}"))?;
+    .map_err(|e| {
+        // memif's client role connects to its server's socket when the port starts, once.
+        let hint = if config.dpdk_args.contains("role=client") {
+            " (a memif client port connects to its server's socket when it starts: is the \
+             peer up, with its port started?)"
+        } else {
+            ""
+        };
+        format!("DPDK port {port}: {e}{hint}")
+    })?;
     let mac = opened.mac.0;
     log::info!(
         "DPDK port {port}: {queue_count} queue(s), MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, \
