@@ -63,7 +63,7 @@ if pkg-config --exists libdpdk && command -v clang >/dev/null; then
   cargo build --locked --features dpdk
   timeout 600 cargo test --locked -p carmine-ffi -p carmine-dataplane --features dpdk --lib
   timeout 300 cargo test --locked -p carmine-dataplane --features dpdk --doc
-  timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc --test dpdk_rooms
+  timeout 600 cargo test --locked -p carmine-dataplane --features dpdk --test dpdk_ring --test dpdk_memif --test dpdk_rpc --test dpdk_rooms --test dpdk_store_tx
   # serve/load --transport dpdk end to end over a net_memif pair: verify on 1 and 2 cores, and
   # every op exactly once under injected loss; and the kernel-UDP client in a network namespace
   # reaching the server's net_af_packet port over a veth pair, and a net_tap port at

@@ -134,7 +134,7 @@ serve_options! {
     rpc_mtu: u16 = "9000", parse_rpc_mtu;
     /// Test knob for --transport udp and dpdk: drop every Nth datagram received (0: none), so that loss and resends run end to end.
     udp_drop_every: u32 = "0", parse_u32;
-    /// EAL arguments for --transport dpdk, split at spaces, e.g. "--no-huge --no-pci -m 256 --file-prefix srv --vdev net_memif0,role=server,socket=/run/m.sock". With `role=client,zero-copy=yes` the memif peer (which must be up first: a memif client connects once, at start) writes requests straight into this server's rx rooms and reads replies from its mbufs, as a NIC's DMA would: the server copies no frame (scripts/dpdk-bench.sh, MEMIF_ZC=1).
+    /// EAL arguments for --transport dpdk, split at spaces, e.g. "--no-huge --no-pci -m 256 --file-prefix srv --vdev net_memif0,role=server,socket=/run/m.sock". With `role=client,zero-copy=yes` the memif peer (which must be up first: a memif client connects once, at start) writes requests straight into this server's rx rooms and reads replies from its memory, as a NIC's DMA would: the server copies no frame, and 4 KiB reads of the memory store go out from the store's own bytes (its objects then come from the EAL's heap: size -m for them; scripts/dpdk-bench.sh, MEMIF_ZC=1).
     dpdk_args: String = "", parse_text;
     /// The DPDK port (ethdev id) --transport dpdk serves on.
     dpdk_port: u16 = "0", parse_u16;

@@ -18,7 +18,7 @@ mod status;
 mod store_bench;
 mod units;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,23 +44,119 @@ pub fn thread_allocations() -> u64 {
     ALLOCATIONS.try_with(|count| count.get()).unwrap_or(0)
 }
 
-// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged;
-// counting touches only a const-initialised thread-local Cell, which never allocates.
+/// Large allocations from the EAL heap, once a zero-copy DPDK port asked for it
+/// (`carmine_dataplane::dpdk::heap`): the memory store's objects then lie in memory the port's
+/// peer can read replies from. Everything else, and everything without that port, is the
+/// system allocator's.
+#[cfg(feature = "dpdk")]
+mod eal_heap {
+    use carmine_dataplane::dpdk::heap;
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    fn wanted(size: usize) -> bool {
+        size >= heap::LARGE_ALLOCATION_BYTES && heap::enabled()
+    }
+
+    /// SAFETY (all): as `GlobalAlloc`'s methods; `heap::alloc` needs `heap::enable` first,
+    /// which `heap::enabled` says was called.
+    pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
+        if wanted(layout.size()) {
+            // SAFETY: enabled (above); a Layout's alignment is a power of two.
+            let p = unsafe { heap::alloc(layout.size(), layout.align()) };
+            if !p.is_null() {
+                if zeroed {
+                    // SAFETY: p holds layout.size() bytes, just allocated.
+                    unsafe { p.write_bytes(0, layout.size()) };
+                }
+                return p;
+            }
+        }
+        // SAFETY: the caller's layout, unchanged.
+        unsafe {
+            if zeroed {
+                System.alloc_zeroed(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+
+    pub unsafe fn dealloc(ptr: *mut u8, layout: Layout) {
+        // Only a large block can be the heap's; `owns` tells which allocator made it.
+        if layout.size() >= heap::LARGE_ALLOCATION_BYTES && heap::owns(ptr) {
+            // SAFETY: EAL memory handed out by the global allocator came from `heap::alloc`.
+            unsafe { heap::free(ptr) }
+        } else {
+            // SAFETY: otherwise it came from the system allocator with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let old_large = layout.size() >= heap::LARGE_ALLOCATION_BYTES && heap::owns(ptr);
+        if !old_large && !wanted(new_size) {
+            // SAFETY: a system block, staying one.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        // Across allocators (or within the EAL heap): allocate, copy, free.
+        // SAFETY: new_size is non-zero and, rounded to the alignment, fits isize (the
+        // caller's promise for realloc).
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: as above.
+        let new = unsafe { alloc(new_layout, false) };
+        if !new.is_null() {
+            // SAFETY: both blocks hold at least the smaller size; distinct allocations.
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+}
+
+#[cfg(not(feature = "dpdk"))]
+mod eal_heap {
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
+        // SAFETY: the caller's layout, unchanged.
+        unsafe {
+            if zeroed {
+                System.alloc_zeroed(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+    pub unsafe fn dealloc(ptr: *mut u8, layout: Layout) {
+        // SAFETY: as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+// SAFETY: every method forwards to the system allocator (or, large blocks with a zero-copy
+// DPDK port, to the EAL heap: `eal_heap`) with the caller's arguments; counting touches only
+// a const-initialised thread-local Cell, which never allocates.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count_allocation();
-        System.alloc(layout)
+        eal_heap::alloc(layout, false)
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count_allocation();
-        System.alloc_zeroed(layout)
+        eal_heap::alloc(layout, true)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count_allocation();
-        System.realloc(ptr, layout, new_size)
+        eal_heap::realloc(ptr, layout, new_size)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
+        eal_heap::dealloc(ptr, layout)
     }
 }
 

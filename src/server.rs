@@ -247,6 +247,17 @@ fn open_dpdk(
     let std::net::SocketAddr::V4(addr) = config.udp else {
         return Err("--udp must be IPv4 for --transport dpdk".into());
     };
+    // A zero-copy memif client's peer reads replies where they lie: the memory store's
+    // objects then come from the EAL's heap (large allocations, `dpdk::heap`), so that
+    // reads are sent from them in place.
+    let zero_copy = config.dpdk_args.contains("zero-copy=yes");
+    if zero_copy {
+        carmine_dataplane::dpdk::heap::enable(&eal);
+        log::info!(
+            "DPDK port {port}: zero-copy memif: replies from the memory store are sent where \
+             they lie (objects in the EAL's memory: size -m for them)"
+        );
+    }
     let opened = net::open(
         &eal,
         port,
@@ -257,6 +268,7 @@ fn open_dpdk(
         net::InPlace {
             rx: true, // requests are read from the mbufs' rooms
             tx: config.dpdk_tx_in_place,
+            tx_store: zero_copy,
         },
         config.rpc_mtu,
     )

@@ -196,6 +196,9 @@ pub struct UdpStats {
     /// Responses kept from the store's memory (`Response::Stored`) that the RPC still held
     /// for resends when an op was about to change the store, moved into a pool chunk then.
     pub stored_responses_copied: u64,
+    /// Times an op about to change the store waited because the port still had frames in
+    /// flight from the store's memory (`DatagramPort::stored_in_flight`).
+    pub stored_frames_waits: u64,
     /// Complete messages that were not a valid wire frame.
     pub malformed_frames: u64,
     /// Receives skipped (no chunk, or `HELD_MAX` leases out) and replies that waited for one.
@@ -273,6 +276,33 @@ pub trait DatagramPort {
     ) -> io::Result<bool> {
         self.send(peer, header, payload, tail)
     }
+    /// `send_borrowed` for a reply whose `stored` part is the store's memory: a port may send
+    /// it where it lies, past the next `flush`, for as long as `stored_in_flight` counts the
+    /// frame. By default `send_borrowed`.
+    ///
+    /// # Safety
+    /// `header` and `payload` as for `send_borrowed`; `stored` stays valid and unchanged
+    /// while `stored_in_flight` is above zero (the core holds back every mutation until it
+    /// reads zero).
+    unsafe fn send_stored(
+        &mut self,
+        peer: &Self::Addr,
+        header: &[u8],
+        payload: &[u8],
+        stored: &[u8],
+    ) -> io::Result<bool> {
+        // SAFETY: a stronger promise than `send_borrowed` asks for.
+        unsafe { self.send_borrowed(peer, header, payload, stored) }
+    }
+    /// Frames sent from the store's memory (`send_stored`) that the driver may still read,
+    /// after letting it free what it is done with. By default none.
+    fn stored_in_flight(&mut self, _pools: &mut CorePools) -> usize {
+        0
+    }
+    /// Whether some were, as last counted (cheap: no call into the driver).
+    fn holds_stored(&self) -> bool {
+        false
+    }
     /// Whether `send_from_pool` sends payloads in place (no copy). When it does, a reply from
     /// the store's memory is copied into a pool chunk, so that its packets can be sent from
     /// there; otherwise it is sent from the store, and copied once, by `send`.
@@ -332,6 +362,8 @@ pub struct PortStats {
     pub ignored: u64,
     /// Frames sent with their payload attached in place (no copy into the mbuf).
     pub tx_in_place: u64,
+    /// Of those, replies attached to the store's memory (`DatagramPort::send_stored`).
+    pub tx_from_store: u64,
     /// Payload bytes copied into mbufs on send.
     pub tx_copied_bytes: u64,
     /// Frames with an attached payload the driver has not freed yet.
@@ -549,7 +581,7 @@ impl<P: DatagramPort> RpcTransport<P> {
     /// Whether replies waiting for a buffer, or responses the RPC keeps for resends, may
     /// still hold bytes in store memory.
     pub fn has_stored_bodies(&self) -> bool {
-        self.pending_stored > 0 || !self.stored_responses.is_empty()
+        self.pending_stored > 0 || !self.stored_responses.is_empty() || self.port.holds_stored()
     }
 
     /// Copies the store bytes of every waiting `Body::Stored` reply into a pool buffer of its
@@ -604,6 +636,12 @@ impl<P: DatagramPort> RpcTransport<P> {
             self.stats.stored_bodies_copied += 1;
         }
         assert_eq!(self.pending_stored, 0, "every stored body was copied");
+        // Frames the port sent from store memory itself (`send_stored`): the mutation waits
+        // until the driver let go of the last (its peer copies them out within microseconds).
+        if self.port.stored_in_flight(pools) > 0 {
+            self.stats.stored_frames_waits += 1;
+            return false;
+        }
         true
     }
 
@@ -1032,12 +1070,17 @@ impl<P: DatagramPort> RpcTransport<P> {
         let (port, stats, core) = (&mut self.port, &mut self.stats, self.core);
         let sent = self.rpc.flush_parts(&mut |peer, header, payload, tail| {
             let len = header.len() + payload.len() + tail.len();
-            let sent = if !tail.is_empty() || payload.len() <= INLINE_RESPONSE_MAX_BYTES {
-                // A `Response::Stored` (its head, then store memory) or a `Response::Inline`
-                // (not pool memory).
-                // SAFETY: both are parts of a response the RPC keeps until the client's next
-                // request on the slot, which only `poll_rx` takes, and store memory changes
-                // only in `exec_run`: neither runs before `port.flush` below returns.
+            let sent = if !tail.is_empty() {
+                // A `Response::Stored`: its head, then store memory.
+                // SAFETY: the head is part of a response the RPC keeps until the client's next
+                // request on the slot, which only `poll_rx` takes, not before `port.flush`
+                // below returns; store memory changes only in `exec_run`, after
+                // `copy_stored_bodies` found no frame in flight from it (`stored_in_flight`).
+                unsafe { port.send_stored(peer, header, payload, tail) }
+            } else if payload.len() <= INLINE_RESPONSE_MAX_BYTES {
+                // A `Response::Inline` (not pool memory).
+                // SAFETY: part of a response the RPC keeps until the client's next request on
+                // the slot, which only `poll_rx` takes: not before `port.flush` below returns.
                 unsafe { port.send_borrowed(peer, header, payload, tail) }
             } else {
                 // SAFETY: a one-part payload this long is a slice of a `Response::Pool` the RPC

@@ -46,6 +46,7 @@ fn main() {
     let in_place = net::InPlace {
         rx: true,
         tx: false,
+        tx_store: false,
     };
     let mut opened = net::open(
         &eal,

@@ -81,6 +81,7 @@ pub(super) fn open(args: &LoadArgs) -> Result<(), String> {
         net::InPlace {
             rx: false,
             tx: false,
+            tx_store: false,
         },
         args.rpc_mtu,
     )

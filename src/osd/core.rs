@@ -1538,6 +1538,9 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
         Counter::udp_stored_responses_copied,
         udp.stored_responses_copied,
     );
+    // Ops about to change the store that waited for the port's frames sent from store
+    // memory to be let go of (zero-copy memif).
+    c.set(Counter::udp_stored_frames_waits, udp.stored_frames_waits);
     c.set(
         Counter::udp_malformed,
         udp.malformed_frames + udp.rpc.malformed,
@@ -1565,6 +1568,8 @@ fn publish_udp(c: &mut Counters, udp: &carmine_dataplane::udp::UdpStats) {
     // Replies: payloads of 1 KiB and more are sent from the response chunk in place
     // (`dpdk_tx_in_place`), smaller ones copied into the frame (`dpdk_tx_copied_bytes`).
     c.set(Counter::dpdk_tx_in_place, udp.port.tx_in_place);
+    // Of those, read replies sent from the store's own memory (zero-copy memif).
+    c.set(Counter::dpdk_tx_from_store, udp.port.tx_from_store);
     c.set(Counter::dpdk_tx_copied_bytes, udp.port.tx_copied_bytes);
     c.set(Counter::dpdk_tx_attached_held, udp.port.tx_attached_held);
     c.set(Counter::dpdk_arp_replies, udp.port.arp_replies);

@@ -7,6 +7,7 @@
 
 mod attach;
 mod eal;
+pub mod heap;
 mod mbuf;
 mod mempool;
 pub mod net;

@@ -43,6 +43,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
+use super::heap;
 use super::rooms::Rooms;
 use super::BURST_MAX;
 use super::{
@@ -96,6 +97,10 @@ pub struct DpdkDatagramPort {
     rooms: Option<Rooms>,
     /// Payloads sent in place (on the same ports as in-place receive).
     attach: Option<TxAttach>,
+    /// Pool payloads are sent attached (`InPlace::tx`).
+    attach_pool: bool,
+    /// Replies from the store's memory are sent attached (`InPlace::tx_store`).
+    attach_store: bool,
     /// Frames built and not yet taken by the driver.
     tx_out: Vec<Mbuf<'static>>,
     /// Since when the driver has taken nothing while frames wait (see `TX_STUCK_DROP_AFTER`).
@@ -111,6 +116,11 @@ pub struct InPlace {
     /// Send payloads of `ATTACH_MIN_BYTES` and more attached from pool memory (`attach.rs`);
     /// only with `rx` (the same drivers).
     pub tx: bool,
+    /// Send replies from the store's memory attached where they lie (a zero-copy memif
+    /// client, whose peer reads them there, as a NIC's DMA would): only bytes in the EAL's
+    /// memory (`heap`), only with `rx`. The core then holds back every mutation while such
+    /// frames are in flight (`DatagramPort::stored_in_flight`).
+    pub tx_store: bool,
 }
 
 /// What [`open`] started: one [`DpdkDatagramPort`] per queue, and the port's MAC address.
@@ -141,7 +151,8 @@ pub fn open(
 ) -> Result<OpenedPort, DpdkError> {
     let driver = Port::driver_name(eal, port_id)?;
     let in_place = in_place_asked.rx && SOFTWARE_DRIVERS.contains(&driver.as_str());
-    let attach = in_place && in_place_asked.tx;
+    let attach_pool = in_place && in_place_asked.tx;
+    let attach_store = in_place && in_place_asked.tx_store;
     if in_place_asked.rx && !in_place {
         log::info!(
             "DPDK port {port_id} ({driver}): receive copies once (in-place receive is used on \
@@ -205,7 +216,9 @@ pub fn open(
             rx,
             tx,
             rx_batch: Vec::with_capacity(BURST_MAX),
-            attach: attach.then(|| TxAttach::new(ATTACH_SLOTS)),
+            attach: (attach_pool || attach_store).then(|| TxAttach::new(ATTACH_SLOTS)),
+            attach_pool,
+            attach_store,
             rooms,
             tx_out: Vec::with_capacity(BURST_MAX),
             tx_stuck_since: None,
@@ -423,7 +436,68 @@ impl DatagramPort for DpdkDatagramPort {
     }
 
     fn sends_pool_in_place(&self) -> bool {
-        self.attach.is_some()
+        self.attach_pool
+    }
+
+    unsafe fn send_stored(
+        &mut self,
+        peer: &Endpoint,
+        header: &[u8],
+        payload: &[u8],
+        stored: &[u8],
+    ) -> io::Result<bool> {
+        let last = stored.as_ptr().wrapping_add(stored.len().saturating_sub(1));
+        let Some(attach) = self.attach.as_mut().filter(|_| {
+            self.attach_store
+                && stored.len() >= ATTACH_MIN_BYTES
+                && heap::same_memory(stored.as_ptr(), last)
+        }) else {
+            return self.send(peer, header, payload, stored);
+        };
+        let mut head = [0u8; ipv4::UDP_FRAME_HEADER_BYTES];
+        self.udp_header
+            .build(&mut head, peer, header.len() + payload.len() + stored.len());
+        // SAFETY: the caller's promise (the bytes stay as they are while `stored_in_flight`
+        // counts the frame), and they lie in one segment list of the EAL's memory, which the
+        // peer of the only port this is turned on for (a zero-copy memif client) maps.
+        match unsafe { attach.frame_from_store(self.pool, &[&head, header, payload], stored) } {
+            Some(frame) => {
+                self.stats.tx_copied_bytes += payload.len() as u64;
+                if self.push_tx(Some(frame)) {
+                    self.stats.tx_in_place += 1;
+                    self.stats.tx_from_store += 1;
+                    return Ok(true);
+                }
+                // Refused (queue and driver full): dropped here, its slot comes back through
+                // the free callback; the RPC sends it again later.
+                Ok(false)
+            }
+            None => self.send(peer, header, payload, stored),
+        }
+    }
+
+    fn holds_stored(&self) -> bool {
+        self.attach
+            .as_ref()
+            .is_some_and(|a| a.store_in_flight() > 0)
+    }
+
+    fn stored_in_flight(&mut self, pools: &mut CorePools) -> usize {
+        let Some(attach) = self.attach.as_mut() else {
+            return 0;
+        };
+        if attach.store_in_flight() == 0 {
+            return 0;
+        }
+        // The peer frees what it has copied out at our next burst call: make one.
+        self.tx.tx_reclaim();
+        attach.reap(pools);
+        let in_flight = attach.store_in_flight();
+        if in_flight > 0 && !self.tx.link_up() {
+            // No peer reads our memory any more (a memif client never reconnects).
+            return 0;
+        }
+        in_flight
     }
 
     unsafe fn send_from_pool(
@@ -436,7 +510,7 @@ impl DatagramPort for DpdkDatagramPort {
         let Some(attach) = self
             .attach
             .as_mut()
-            .filter(|_| payload.len() >= ATTACH_MIN_BYTES)
+            .filter(|_| self.attach_pool && payload.len() >= ATTACH_MIN_BYTES)
         else {
             return self.send(peer, header, payload, &[]);
         };

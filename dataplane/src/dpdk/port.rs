@@ -374,6 +374,23 @@ impl<'pool> RxQueue<'_, 'pool> {
 }
 
 impl<'pool> TxQueue<'_, 'pool> {
+    /// Lets the driver free what its peer or device is done with, sending nothing: drivers
+    /// that free sent frames lazily (memif) do it at the start of every burst call.
+    pub fn tx_reclaim(&mut self) {
+        // SAFETY: a burst of zero frames (the array is never read); &mut self makes this
+        // thread the queue's only user.
+        unsafe { sys::rte_eth_tx_burst(self.port, self.queue, std::ptr::null_mut(), 0) };
+    }
+
+    /// Whether the port's link is up now (memif: connected to its peer).
+    pub fn link_up(&self) -> bool {
+        let mut link = sys::rte_eth_link::default();
+        // SAFETY: the port exists (the queue borrows it); the call fills `link` and does not
+        // wait.
+        let rc = unsafe { sys::rte_eth_link_get_nowait(self.port, &mut link) };
+        rc == 0 && link.link_status() != 0
+    }
+
     /// Sends frames from the front of `frames` (at most `BURST_MAX`); the sent ones leave the
     /// vector (the driver frees them once on the wire), the rest stay, in order, for the next
     /// call. Returns how many were sent. Never allocates.

@@ -8,6 +8,7 @@
 #include <rte_ether.h>
 #include <rte_memory.h>
 #include <rte_memzone.h>
+#include <rte_malloc.h>
 
 /* shim.c: what bindgen cannot see because DPDK spells it as a macro. */
 int carmine_rte_errno(void);
