@@ -18,7 +18,7 @@ mod status;
 mod store_bench;
 mod units;
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +47,8 @@ pub fn thread_allocations() -> u64 {
 /// Large allocations from the EAL heap, once a zero-copy DPDK port asked for it
 /// (`carmine_dataplane::dpdk::heap`): the memory store's objects then lie in memory the port's
 /// peer can read replies from. Everything else, and everything without that port, is the
-/// system allocator's.
+/// system allocator's. Each function says whether it took the call (None / false: the system
+/// allocator's).
 #[cfg(feature = "dpdk")]
 mod eal_heap {
     use carmine_dataplane::dpdk::heap;
@@ -57,85 +58,64 @@ mod eal_heap {
         size >= heap::LARGE_ALLOCATION_BYTES && heap::enabled()
     }
 
-    /// SAFETY (all): as `GlobalAlloc`'s methods; `heap::alloc` needs `heap::enable` first,
-    /// which `heap::enabled` says was called.
-    pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
-        if wanted(layout.size()) {
-            // SAFETY: enabled (above); a Layout's alignment is a power of two.
-            let p = unsafe { heap::alloc(layout.size(), layout.align()) };
-            if !p.is_null() {
-                if zeroed {
-                    // SAFETY: p holds layout.size() bytes, just allocated.
-                    unsafe { p.write_bytes(0, layout.size()) };
-                }
-                return p;
-            }
-        }
-        // SAFETY: the caller's layout, unchanged.
-        unsafe {
-            if zeroed {
-                System.alloc_zeroed(layout)
-            } else {
-                System.alloc(layout)
-            }
-        }
-    }
-
-    pub unsafe fn dealloc(ptr: *mut u8, layout: Layout) {
+    fn is_heap_block(ptr: *mut u8, layout: Layout) -> bool {
         // Only a large block can be the heap's; `owns` tells which allocator made it.
-        if layout.size() >= heap::LARGE_ALLOCATION_BYTES && heap::owns(ptr) {
-            // SAFETY: EAL memory handed out by the global allocator came from `heap::alloc`.
-            unsafe { heap::free(ptr) }
-        } else {
-            // SAFETY: otherwise it came from the system allocator with this layout.
-            unsafe { System.dealloc(ptr, layout) }
-        }
+        layout.size() >= heap::LARGE_ALLOCATION_BYTES && heap::owns(ptr)
     }
 
-    pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let old_large = layout.size() >= heap::LARGE_ALLOCATION_BYTES && heap::owns(ptr);
-        if !old_large && !wanted(new_size) {
-            // SAFETY: a system block, staying one.
-            return unsafe { System.realloc(ptr, layout, new_size) };
+    /// # Safety
+    /// As `GlobalAlloc::alloc`.
+    pub unsafe fn alloc(layout: Layout, zeroed: bool) -> Option<*mut u8> {
+        if !wanted(layout.size()) {
+            return None;
+        }
+        // SAFETY: enabled (`wanted`); a Layout's alignment is a power of two.
+        let p = unsafe { heap::alloc(layout.size(), layout.align()) };
+        if p.is_null() {
+            return None; // full: the system's
+        }
+        if zeroed {
+            // SAFETY: p holds layout.size() bytes, just allocated.
+            unsafe { p.write_bytes(0, layout.size()) };
+        }
+        Some(p)
+    }
+
+    /// # Safety
+    /// As `GlobalAlloc::dealloc`.
+    pub unsafe fn dealloc(ptr: *mut u8, layout: Layout) -> bool {
+        if !is_heap_block(ptr, layout) {
+            return false;
+        }
+        // SAFETY: EAL memory handed out by the global allocator came from `heap::alloc`.
+        unsafe { heap::free(ptr) };
+        true
+    }
+
+    /// # Safety
+    /// As `GlobalAlloc::realloc`.
+    pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> Option<*mut u8> {
+        if !is_heap_block(ptr, layout) && !wanted(new_size) {
+            return None; // a system block, staying one
         }
         // Across allocators (or within the EAL heap): allocate, copy, free.
         // SAFETY: new_size is non-zero and, rounded to the alignment, fits isize (the
         // caller's promise for realloc).
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        // SAFETY: as above.
-        let new = unsafe { alloc(new_layout, false) };
+        // SAFETY: as the caller's.
+        let new = unsafe { alloc(new_layout, false) }
+            .unwrap_or_else(|| unsafe { System.alloc(new_layout) });
         if !new.is_null() {
-            // SAFETY: both blocks hold at least the smaller size; distinct allocations.
+            // SAFETY: both blocks hold at least the smaller size; distinct allocations; the
+            // old one is freed by whoever made it.
             unsafe {
                 std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                dealloc(ptr, layout);
+                if !dealloc(ptr, layout) {
+                    System.dealloc(ptr, layout);
+                }
             }
         }
-        new
-    }
-}
-
-#[cfg(not(feature = "dpdk"))]
-mod eal_heap {
-    use std::alloc::{GlobalAlloc, Layout, System};
-
-    pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
-        // SAFETY: the caller's layout, unchanged.
-        unsafe {
-            if zeroed {
-                System.alloc_zeroed(layout)
-            } else {
-                System.alloc(layout)
-            }
-        }
-    }
-    pub unsafe fn dealloc(ptr: *mut u8, layout: Layout) {
-        // SAFETY: as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        Some(new)
     }
 }
 
@@ -145,18 +125,34 @@ mod eal_heap {
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count_allocation();
-        eal_heap::alloc(layout, false)
+        #[cfg(feature = "dpdk")]
+        if let Some(p) = eal_heap::alloc(layout, false) {
+            return p;
+        }
+        System.alloc(layout)
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count_allocation();
-        eal_heap::alloc(layout, true)
+        #[cfg(feature = "dpdk")]
+        if let Some(p) = eal_heap::alloc(layout, true) {
+            return p;
+        }
+        System.alloc_zeroed(layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count_allocation();
-        eal_heap::realloc(ptr, layout, new_size)
+        #[cfg(feature = "dpdk")]
+        if let Some(p) = eal_heap::realloc(ptr, layout, new_size) {
+            return p;
+        }
+        System.realloc(ptr, layout, new_size)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        eal_heap::dealloc(ptr, layout)
+        #[cfg(feature = "dpdk")]
+        if eal_heap::dealloc(ptr, layout) {
+            return;
+        }
+        System.dealloc(ptr, layout)
     }
 }
 

@@ -37,6 +37,17 @@ mod run {
     /// RPC resent; the client's reply crc check caught a corrupted reply). Not Carmine's path:
     /// with one descriptor per packet the same load runs clean.
     const MEMIF_BUFFER: u32 = 9216;
+    /// The load every case runs: 16 objects of 256 KiB, 4 clients x QD16.
+    const LOAD_SHAPE: [&str; 8] = [
+        "--objects",
+        "16",
+        "--object-size",
+        "256KiB",
+        "--clients",
+        "4",
+        "--qd",
+        "16",
+    ];
 
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -123,17 +134,10 @@ mod run {
                 &server.addr,
                 "--json",
                 &eal,
-                "--objects",
-                "16",
-                "--object-size",
-                "256KiB",
-                "--clients",
-                "4",
-                "--qd",
-                "16",
                 "--duration",
                 "1s",
             ];
+            full.extend_from_slice(&LOAD_SHAPE);
             full.extend_from_slice(args);
             carmine_json(&full)
         }
@@ -431,16 +435,7 @@ mod run {
                 "--json",
                 &load_eal,
             ])
-            .args([
-                "--objects",
-                "16",
-                "--object-size",
-                "256KiB",
-                "--clients",
-                "4",
-                "--qd",
-                "16",
-            ])
+            .args(LOAD_SHAPE)
             .args(["--op", "mixed", "--prefill", "--verify", "--duration", "2s"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

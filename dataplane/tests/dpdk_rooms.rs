@@ -16,7 +16,7 @@ fn main() {
 
 #[cfg(feature = "dpdk")]
 fn main() {
-    use carmine_dataplane::buffers::{pool_id, CorePools, PoolSizes, SizeClass};
+    use carmine_dataplane::buffers::{pool_id, SizeClass};
     use carmine_dataplane::dgram::ipv4::Endpoint;
     use carmine_dataplane::dpdk::{net, udp, Eal, Mempool, Port, PortConfig};
     use carmine_dataplane::udp::{DatagramPort, Received};
@@ -25,14 +25,7 @@ fn main() {
     const DATAGRAMS: usize = 200;
     let socket = format!("/run/carmine-rooms-{}.sock", std::process::id());
     let prefix = dpdk_common::file_prefix("rooms");
-    let mut args = dpdk_common::eal_args(
-        &prefix,
-        &format!("net_memif0,role=server,id=0,socket={socket},bsize=9216"),
-    );
-    args.push("--vdev".into());
-    args.push(format!(
-        "net_memif1,role=client,id=0,socket={socket},bsize=9216"
-    ));
+    let args = dpdk_common::memif_pair_args(&prefix, &socket, "");
     let eal = match Eal::init(&args) {
         Ok(eal) => eal,
         Err(e) => {
@@ -60,17 +53,7 @@ fn main() {
     )
     .expect("open");
     let mut server = opened.queues.pop().expect("one queue");
-    let mut pools = CorePools::new(
-        0,
-        PoolSizes {
-            small_size_bytes: 128 << 10,
-            small_count: 8,
-            large_size_bytes: 1 << 20,
-            large_count: 2,
-        },
-        false,
-    )
-    .unwrap();
+    let mut pools = dpdk_common::core_pools();
     pools.attach_nic(server.take_nic_pool().expect("memif receives in place"));
     let rooms = pools.nic.as_ref().unwrap().memory();
     let rooms_start = rooms.as_ptr() as usize;

@@ -19,7 +19,6 @@ fn main() {
 
 #[cfg(feature = "dpdk")]
 fn main() {
-    use carmine_dataplane::buffers::{CorePools, PoolSizes};
     use carmine_dataplane::dgram::ipv4::Endpoint;
     use carmine_dataplane::dpdk::{heap, net, Eal, Mbuf, Mempool, Port, PortConfig};
     use carmine_dataplane::udp::DatagramPort;
@@ -27,15 +26,7 @@ fn main() {
 
     let socket = format!("/run/carmine-store-tx-{}.sock", std::process::id());
     let prefix = dpdk_common::file_prefix("store-tx");
-    let mut args = dpdk_common::eal_args(
-        &prefix,
-        &format!("net_memif0,role=server,id=0,socket={socket},bsize=9216"),
-    );
-    args.push("--vdev".into());
-    args.push(format!(
-        "net_memif1,role=client,id=0,zero-copy=yes,socket={socket},bsize=9216"
-    ));
-    args.push("--single-file-segments".into());
+    let args = dpdk_common::memif_pair_args(&prefix, &socket, "zero-copy=yes,");
     let eal = match Eal::init(&args) {
         Ok(eal) => eal,
         Err(e) => {
@@ -70,17 +61,7 @@ fn main() {
     )
     .expect("open the zero-copy client port");
     let mut port = opened.queues.pop().expect("one queue");
-    let mut pools = CorePools::new(
-        0,
-        PoolSizes {
-            small_size_bytes: 128 << 10,
-            small_count: 8,
-            large_size_bytes: 1 << 20,
-            large_count: 2,
-        },
-        false,
-    )
-    .unwrap();
+    let mut pools = dpdk_common::core_pools();
     pools.attach_nic(port.take_nic_pool().expect("memif receives in place"));
 
     let start = Instant::now();

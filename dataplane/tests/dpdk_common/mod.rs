@@ -64,3 +64,36 @@ pub fn spawn_self(role_env: &str, socket_env: &str, socket: &str) -> std::proces
         .spawn()
         .expect("start the client process")
 }
+
+/// The core pools a port test gives a `DpdkDatagramPort` (small: a few chunks).
+#[cfg(feature = "dpdk")]
+pub fn core_pools() -> carmine_dataplane::buffers::CorePools {
+    use carmine_dataplane::buffers::{CorePools, PoolSizes};
+    CorePools::new(
+        0,
+        PoolSizes {
+            small_size_bytes: 128 << 10,
+            small_count: 8,
+            large_size_bytes: 1 << 20,
+            large_count: 2,
+        },
+        false,
+    )
+    .expect("core pools")
+}
+
+/// EAL arguments for both ends of a memif pair in one process over `socket`: `net_memif0`
+/// (server) and `net_memif1` (client, with `client_extra` devargs, e.g. "zero-copy=yes,"),
+/// with single-file segments (what memif's zero-copy client needs; harmless otherwise).
+pub fn memif_pair_args(prefix: &str, socket: &str, client_extra: &str) -> Vec<String> {
+    let mut args = eal_args(
+        prefix,
+        &format!("net_memif0,role=server,id=0,socket={socket},bsize=9216"),
+    );
+    args.push("--vdev".into());
+    args.push(format!(
+        "net_memif1,role=client,id=0,{client_extra}socket={socket},bsize=9216"
+    ));
+    args.push("--single-file-segments".into());
+    args
+}
