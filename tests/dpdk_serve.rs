@@ -507,6 +507,13 @@ mod run {
         // Writes among the reads wait while a frame from store memory is in flight (how often
         // depends on timing: `udp_stored_frames_waits`); the verified reads are what that rule
         // protects, and `dataplane/tests/dpdk_store_tx.rs` checks the count itself.
+        // The generator has gone, with frames from store memory perhaps still in memif's ring:
+        // with the link down nobody reads them, so writes (over TCP now) do not wait forever.
+        let tcp = super::common::load(
+            &server.addr,
+            &["--op", "randwrite", "--verify", "--duration", "500ms"],
+        );
+        assert_clean(&tcp, "TCP writes after the memif peer left");
         assert!(server.stop().success(), "clean exit on SIGINT");
     }
 
