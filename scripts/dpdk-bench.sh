@@ -98,13 +98,16 @@ run() { # transport op -> one line of results
     extra=(--target "$LISTEN")
   fi
   local zc_load=""
+  launch_load() { # extra load arguments; the load's report, stderr and time go to this run's files
+    /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
+      "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --duration "$DURATION" "$@" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err"
+  }
   if [ "$transport" = dpdk ] && [ "$MEMIF_ZC" = 1 ]; then
     # The generator (memif server) first, then a fresh server (zero-copy memif client) once
     # the generator's port is up; the window starts when its prefill is through.
     [ -n "${server:-}" ] && stop_serve
     rm -f "$SOCK"
-    /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
-      "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --prefill --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err" &
+    launch_load --prefill &
     zc_load=$!
     for _ in $(seq 300); do grep -q "DPDK port 0 started" "$OUT/load-$n.err" && break; sleep 0.1; done
     start_serve
@@ -127,8 +130,7 @@ run() { # transport op -> one line of results
   if [ -n "$zc_load" ]; then
     wait "$zc_load"
   else
-    /usr/bin/time -f "%e %U %S" -o "$OUT/load-$n.time" \
-      "$B" load "${extra[@]}" "${shape[@]}" --op "$op" --duration "$DURATION" >"$OUT/$transport-$op-$n.json" 2>"$OUT/load-$n.err"
+    launch_load
   fi
   local sched_after; sched_after=$(cat "/proc/$server/task/$reactor/schedstat")
   [ -n "$perf" ] && { wait "$perf" || true; }

@@ -292,7 +292,7 @@ impl ServeConfig {
                     self.udp
                 ));
             }
-            if self.dpdk_tx_in_place && self.dpdk_args.contains("zero-copy=yes") {
+            if self.dpdk_tx_in_place && self.memif_zero_copy() {
                 return Err(
                     "dpdk_tx_in_place: a zero-copy memif client (zero-copy=yes) sends \
                     only from DPDK's own memory, and attached payloads lie in Carmine's pools; \
@@ -327,6 +327,12 @@ impl ServeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The DPDK port is a zero-copy memif client (`zero-copy=yes` in its devargs): its peer
+    /// reads replies in place, from EAL memory only.
+    pub fn memif_zero_copy(&self) -> bool {
+        self.dpdk_args.contains("zero-copy=yes")
     }
 
     pub fn limits(&self) -> Limits {

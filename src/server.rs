@@ -250,7 +250,7 @@ fn open_dpdk(
     // A zero-copy memif client's peer reads replies where they lie: the memory store's
     // objects then come from the EAL's heap (large allocations, `dpdk::heap`), so that
     // reads are sent from them in place.
-    let zero_copy = config.dpdk_args.contains("zero-copy=yes");
+    let zero_copy = config.memif_zero_copy();
     if zero_copy {
         carmine_dataplane::dpdk::heap::enable(&eal);
         log::info!(

@@ -868,8 +868,9 @@ impl<N: Network> OsdCore<N> {
     fn exec_run(&mut self, op_ref: OpRef) -> bool {
         let op = self.exec.get(op_ref);
         if op.mutates && !self.copy_stored_bodies() {
-            // Replies still send from store memory this op may change or free; copying
-            // them ran out of buffers. The next pass writes some and copies the rest.
+            // Replies still send from store memory this op may change or free: copying
+            // them ran out of buffers, or a DPDK port still has frames sent from it in
+            // flight (`udp_stored_frames_waits`). The next pass tries again.
             self.counters.add(Counter::buffer_waits, 1);
             return false;
         }
