@@ -302,11 +302,12 @@ fn print_human(report: &StoreBenchReport) {
         number("capacity_bytes") >> 20
     );
     println!(
-        "  store        {:>12} records ({} beside another)   {} block reads   {} lane waits   {} of {} segments free",
+        "  store        {:>12} records ({} beside another)   {} block reads   {} lane waits   {} writes behind journaled ones   {} of {} segments free",
         number("records_written"),
         number("records_overlapped"),
         number("block_reads"),
         number("lane_waits"),
+        number("lane_pipelined"),
         number("free_segments"),
         number("segments")
     );
@@ -1002,6 +1003,8 @@ fn server_json(
         "checksum_errors": after.checksum_errors.saturating_sub(before.checksum_errors),
         "read_errors": after.read_errors.saturating_sub(before.read_errors),
         "lane_waits": after.lane_waits.saturating_sub(before.lane_waits),
+        // Whole-block writes that started behind journaled writes to their object.
+        "lane_pipelined": after.lane_pipelined.saturating_sub(before.lane_pipelined),
         "batch_full_waits": after.batch_full_waits.saturating_sub(before.batch_full_waits),
         // Writes that found no free segment and waited for the cleaner.
         "space_waits": after.space_waits.saturating_sub(before.space_waits),

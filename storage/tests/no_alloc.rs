@@ -262,8 +262,9 @@ fn segment_store_overwrites_do_not_allocate_in_steady_state() {
     // Warm up: every buffer pool, lane and scratch vector reaches its working size, and the
     // first checkpoint is written (a full dump of the metadata into fresh records: background
     // work that allocates, not the op path; due every 15 journal segments on this device,
-    // ~16 MiB of these rounds, so none falls in the measured 200 rounds).
-    for r in 0..400 {
+    // ~16 MiB of these rounds, about 36 KiB each (one record: the second write to an object
+    // no longer waits for the first's record), so none falls in the measured 200 rounds).
+    for r in 0..550 {
         round(&mut store, r);
     }
     let checkpoints = store.segment_stats().checkpoints;

@@ -84,22 +84,32 @@ impl Plan {
         }
     }
 
-    /// Makes this (recycled) plan the starting point of an op on `old`, keeping the vectors'
-    /// capacity. Its buffers must have gone back to the pool.
-    fn reset(&mut self, old: Option<ObjectRef<'_>>) {
+    /// Makes this (recycled) plan the starting point of an op on `old`, or on what the
+    /// journaled ops before it leave (`after`), keeping the vectors' capacity. Its buffers
+    /// must have gone back to the pool.
+    fn reset(&mut self, old: Option<ObjectRef<'_>>, after: Option<After>) {
         assert!(
             self.bufs.is_empty(),
             "a recycled plan's buffers go back to the pool first"
         );
-        self.existed = old.is_some();
-        self.exists = old.is_some();
+        self.existed = old.is_some() || after.is_some();
+        self.exists = self.existed;
         self.dropped = false;
         self.mutated = false;
-        self.size = old.map_or(0, |o| o.size);
+        self.size = after.map_or(old.map_or(0, |o| o.size), |a| a.size);
         self.dirty.clear();
         self.meta.clear();
-        self.generation = old.map_or(0, |o| o.changes);
+        self.generation = after.map_or(old.map_or(0, |o| o.changes), |a| a.generation);
         self.old_blocks_dropped = false;
+    }
+
+    /// What the object is after this op, for an op pipelined behind it (`pipelines`).
+    pub fn after(&self) -> After {
+        debug_assert!(self.exists && !self.dropped);
+        After {
+            size: self.size,
+            generation: self.generation,
+        }
     }
 
     /// Whether the op changes anything durable (else it completes without a record).
@@ -316,12 +326,42 @@ fn edges(offset: u64, length: u64, push: &mut dyn FnMut(u64, u64)) {
     }
 }
 
+/// The object as a chain of journaled, not yet durable writes leaves it: it exists, with
+/// this size and generation. Its block map is the metadata's plus the chain's blocks, which
+/// an op that `pipelines` never looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct After {
+    pub size: u64,
+    pub generation: u64,
+}
+
+/// Whether `ops` may run behind journaled ops of the same object before they are durable:
+/// whole-block writes only. Such an op reads nothing of the object (no edge block, no
+/// hole), so the one thing it takes from the ops before it is `After`, and its deltas
+/// (extent maps and the new size) replay the same after theirs as they would have with
+/// their effects in the metadata. Anything else waits in the object's lane.
+pub fn pipelines(ops: &[SubOp<'_>]) -> bool {
+    !ops.is_empty()
+        && ops.iter().all(|op| match *op {
+            SubOp::Write { offset, data } => {
+                !data.is_empty()
+                    && offset.is_multiple_of(BLOCK)
+                    && (data.len() as u64).is_multiple_of(BLOCK)
+            }
+            _ => false,
+        })
+}
+
 /// Runs `ops` on the object `old` (None if missing) in `plan` (a recycled one: its vectors
-/// keep their capacity). Read-like sub-ops put their output in `out` and their status in
-/// `results`. Returns the plan, or the first failing mutation's error with the plan back
-/// (its buffers returned to the pool; nothing planned, `results`/`out` mean nothing).
+/// keep their capacity); with `after`, on the object as journaled ops before it leave it
+/// (then `ops` must be ones that `pipelines`). Read-like sub-ops put their output in `out`
+/// and their status in `results`. Returns the plan, or the first failing mutation's error
+/// with the plan back (its buffers returned to the pool; nothing planned, `results`/`out`
+/// mean nothing).
+#[allow(clippy::too_many_arguments)]
 pub fn execute(
     old: Option<ObjectRef<'_>>,
+    after: Option<After>,
     ops: &[SubOp<'_>],
     blocks: &dyn OldBlocks,
     out: &mut OutputBuffer<'_>,
@@ -329,7 +369,11 @@ pub fn execute(
     pool: &mut BlockPool,
     mut plan: Plan,
 ) -> Result<Plan, (StoreError, Plan)> {
-    plan.reset(old);
+    assert!(
+        after.is_none() || pipelines(ops),
+        "only whole-block writes run behind journaled ops"
+    );
+    plan.reset(old, after);
     let mut work = Working {
         old,
         blocks,

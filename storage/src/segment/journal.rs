@@ -97,6 +97,15 @@ pub const COLD_REUSE_RECORDS_AFTER: u64 = RECORDS_IN_FLIGHT_MAX as u64 + 1;
 /// waits for the record in flight and goes next, as it did with one record in flight.
 pub const OVERLAP_DATA_BLOCKS_PER_HEAD_BLOCK_MIN: u32 = 8;
 
+/// Data blocks a client batch takes while no record is in flight; later client ops wait for
+/// the next batch, which is sealed beside it (`Journal::client_batch_closed`). Sealed alone,
+/// a closed-loop load's whole window went into one record and the device had one write and
+/// one flush to work on at a time: with whole-block writes no longer waiting in their
+/// objects' lanes, 4 KiB random writes at queue depth 128 (`carmine store-bench --qd 128`)
+/// fell from 274k to 212-225k IOPS in one record per window; with this limit, 281k (64
+/// blocks: 268k), and through the server 348k (no limit: 293-304k). See ARCHITECTURE.md.
+pub const LONE_BATCH_DATA_BLOCKS_MAX: u32 = 32;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JournalError {
     /// The op does not fit the open batch: retry after the next record completes.
@@ -915,6 +924,14 @@ impl Journal {
             committed: false,
             journal: self,
         })
+    }
+
+    /// Whether the open batch takes no more client ops for now: no record is in flight and
+    /// it holds `LONE_BATCH_DATA_BLOCKS_MAX` data blocks, so the next `pump` seals it and
+    /// the ops after it make the record that goes beside it. Cleaner copies are not held
+    /// back (they are how space comes back).
+    pub fn client_batch_closed(&self) -> bool {
+        self.in_flight.is_empty() && self.batch.data_blocks >= LONE_BATCH_DATA_BLOCKS_MAX
     }
 
     /// Hands the journal a completion whose tag has `JOURNAL_TAG_BIT` set.

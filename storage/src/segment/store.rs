@@ -30,7 +30,7 @@ use crate::object_store::{
 use crate::queue_pair::{AlignedBuf, IoError, QueuePair, SubmitError};
 use crate::segment::btree::WriteOut;
 use crate::segment::cleaner::{self, Cleaner, MoveStage, CLEANER_TAG_BIT};
-use crate::segment::exec::{self, BlockPool, Dirty, OldBlocks, Plan};
+use crate::segment::exec::{self, After, BlockPool, Dirty, OldBlocks, Plan};
 use crate::segment::format::{Delta, DeltaReader, Superblock, BLOCK_SIZE_BYTES};
 use crate::segment::journal::{
     Journal, JournalError, SegmentRole, CHECKPOINT_CHUNK_MAX_BYTES, JOURNAL_TAG_BIT,
@@ -77,6 +77,9 @@ pub struct SegmentStats {
     pub checksum_errors: u64,
     pub read_errors: u64,
     pub lane_waits: u64,
+    /// Whole-block writes that started behind journaled, not yet durable writes to the same
+    /// object instead of waiting in its lane (`exec::pipelines`).
+    pub lane_pipelined: u64,
     pub batch_full_waits: u64,
     pub buffer_allocations: u64,
     pub free_segments: u64,
@@ -146,6 +149,7 @@ impl SegmentStats {
             checksum_errors: self.checksum_errors - earlier.checksum_errors,
             read_errors: self.read_errors - earlier.read_errors,
             lane_waits: self.lane_waits - earlier.lane_waits,
+            lane_pipelined: self.lane_pipelined - earlier.lane_pipelined,
             batch_full_waits: self.batch_full_waits - earlier.batch_full_waits,
             buffer_allocations: self.buffer_allocations - earlier.buffer_allocations,
             checkpoints: self.checkpoints - earlier.checkpoints,
@@ -250,8 +254,11 @@ struct Slot {
     plan: Option<Plan>,
     /// Client payload bytes the op writes (write amplification's denominator).
     write_bytes: u64,
-    /// The op has a mutating sub-op (it runs alone in its object's lane).
+    /// The op has a mutating sub-op (it runs alone in its object's lane, or behind a chain
+    /// of journaled writes when it `pipelines`).
     mutates: bool,
+    /// Whole-block writes only (`exec::pipelines`).
+    pipelines: bool,
     /// Blocks its plan maps that were not mapped before, counted in `pending_new_blocks`
     /// from admission until its record is durable (or failed).
     new_blocks: u64,
@@ -277,6 +284,7 @@ impl Slot {
             plan: None,
             write_bytes: 0,
             mutates: false,
+            pipelines: false,
             new_blocks: 0,
         }
     }
@@ -438,6 +446,19 @@ struct Lane {
     /// object id once however often it looks its lane up.
     hash: u64,
     active: u32,
+    /// Of the `active` ops, those whose records are in the journal (not yet durable). The
+    /// others are at most one: an op started behind them that is not journaled yet.
+    journaled: u32,
+    /// While the journaled ops are a chain of whole-block writes: what the newest leaves
+    /// the object as. A whole-block write may then start at once behind them
+    /// (`exec::pipelines`); its record goes after theirs, so replay and acknowledgements
+    /// keep the order.
+    after: Option<After>,
+    /// Blocks (sorted indexes) the journaled chain maps that the metadata did not have
+    /// mapped, until their op is durable: a write behind the chain to one of them maps
+    /// nothing new (the space admission counts each block once, as when the second write
+    /// waited for the first to be applied).
+    chain_new: Vec<u64>,
     /// The ops in progress are read-only: another read-only op may join them, unless an op
     /// waits (a read submitted after a write must see it).
     reading: bool,
@@ -457,11 +478,16 @@ pub struct SegmentStore<Q: QueuePair> {
     lanes: HashTable<Lane>,
     /// Keys and queues of closed lanes, reused: opening a lane allocates nothing once as
     /// many lanes as ever were open at once have been.
-    spare_lanes: Vec<(Vec<u8>, VecDeque<u32>)>,
+    spare_lanes: Vec<(Vec<u8>, VecDeque<u32>, Vec<u64>)>,
+    /// The blocks an op being journaled maps anew (`journal_plan`).
+    new_scratch: Vec<u64>,
     /// Slots whose reads all completed, to execute.
     ready: VecDeque<u32>,
     /// Slots with a plan that did not fit the open batch.
     blocked: VecDeque<u32>,
+    /// Slots just journaled whose lanes have ops waiting: a waiting whole-block write may
+    /// start behind them (`start_pipelined`).
+    pipeline_checks: Vec<u32>,
     /// Slots with reads the queue pair did not accept yet.
     unsubmitted: VecDeque<u32>,
     /// Finished slots, to report.
@@ -539,8 +565,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
             free_slots: (0..OPS_IN_FLIGHT_MAX as u32).rev().collect(),
             lanes: HashTable::with_capacity(OPS_IN_FLIGHT_MAX),
             spare_lanes: Vec::new(),
+            new_scratch: Vec::new(),
             ready: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             blocked: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
+            pipeline_checks: Vec::with_capacity(OPS_IN_FLIGHT_MAX),
             unsubmitted: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             finished: VecDeque::with_capacity(OPS_IN_FLIGHT_MAX),
             pool: BlockPool::new(BLOCK_BUFFERS_RETAINED),
@@ -745,6 +773,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
             })
             .sum();
         slot.mutates = ops.iter().any(SubOp::is_mutation);
+        slot.pipelines = exec::pipelines(ops);
         slot.tag = tag;
         slot.oid.clear();
         slot.oid.extend_from_slice(oid);
@@ -768,7 +797,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         exec::blocks_to_read(old, ops, slot.out_capacity, &mut self.needed);
         if self.needed.is_empty() {
-            self.run(slot_index);
+            self.run(slot_index, None);
             return;
         }
         self.start_reads(slot_index);
@@ -800,8 +829,9 @@ impl<Q: QueuePair> SegmentStore<Q> {
         self.submit_reads();
     }
 
-    /// Runs the op in `slot` with its reads complete, and journals its plan.
-    fn run(&mut self, slot_index: u32) {
+    /// Runs the op in `slot` with its reads complete (or, with `after`, behind journaled
+    /// writes to its object), and journals its plan.
+    fn run(&mut self, slot_index: u32, after: Option<After>) {
         let slot = &mut self.slots[slot_index as usize];
         let mut all = [SubOp::Stat; SUB_OPS_MAX];
         Slot::sub_ops(&slot.ops, &slot.args, &mut all);
@@ -818,6 +848,7 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
         let executed = exec::execute(
             old,
+            after,
             &ops,
             &blocks,
             &mut out,
@@ -856,25 +887,57 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let plan = slot.plan.as_mut().expect("a planned op");
         let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         debug_assert_eq!(slot.new_blocks, 0, "admitted once");
-        let new_blocks = new_mapped_blocks(plan, old);
+        let chain: &[u64] = self
+            .lanes
+            .find(slot.oid_hash, |l| l.oid == slot.oid)
+            .map_or(&[], |lane| &lane.chain_new);
+        new_mapped_blocks(plan, old, chain, &mut self.new_scratch);
+        let new_blocks = self.new_scratch.len() as u64;
         if new_blocks > 0 && mapped + self.pending_new_blocks + new_blocks > self.usable_blocks {
             self.extra.usable_full_refusals += 1;
             return self.finish(slot_index, Err(StoreError::NoSpace));
         }
-        let appended = append_plan(
-            &mut self.journal,
-            &slot.oid,
-            old,
-            plan,
-            &mut self.crcs,
-            slot_index as u64,
-        );
+        let appended = if self.journal.client_batch_closed() {
+            Err(JournalError::BatchFull)
+        } else {
+            append_plan(
+                &mut self.journal,
+                &slot.oid,
+                old,
+                plan,
+                &mut self.crcs,
+                slot_index as u64,
+            )
+        };
         match appended {
             Ok(()) => {
                 slot.stage = Stage::Journaled;
                 slot.new_blocks = new_blocks;
                 self.pending_new_blocks += new_blocks;
                 self.extra.client_bytes_written += slot.write_bytes;
+                let after = slot.pipelines.then(|| plan.after());
+                let (oid, hash) = (&slot.oid, slot.oid_hash);
+                let lane = self
+                    .lanes
+                    .find_mut(hash, |l| l.oid == *oid)
+                    .expect("an op in progress holds its object's lane");
+                debug_assert!(lane.journaled < lane.active && !lane.reading);
+                // The chain goes on only from a whole-block write whose predecessors still
+                // in the journal are one too (or that has none left there).
+                lane.after = after.filter(|_| lane.journaled == 0 || lane.after.is_some());
+                lane.journaled += 1;
+                if lane.after.is_some() {
+                    for &index in &self.new_scratch {
+                        if let Err(at) = lane.chain_new.binary_search(&index) {
+                            lane.chain_new.insert(at, index);
+                        }
+                    }
+                } else {
+                    lane.chain_new.clear();
+                }
+                if !lane.waiting.is_empty() && lane.after.is_some() {
+                    self.pipeline_checks.push(slot_index);
+                }
             }
             Err(JournalError::BatchFull) => {
                 slot.stage = Stage::Blocked;
@@ -905,16 +968,33 @@ impl<Q: QueuePair> SegmentStore<Q> {
     /// The op is over (with `result`): report it and let its object's next op start.
     fn finish(&mut self, slot_index: u32, result: Result<(), StoreError>) {
         if let Some(plan) = self.slots[slot_index as usize].plan.take() {
+            let slot = &self.slots[slot_index as usize];
+            if slot.stage == Stage::Journaled {
+                // Its blocks are in the metadata now (or the journal failed): the chain's
+                // list need not cover them any more.
+                let lane = self
+                    .lanes
+                    .find_mut(slot.oid_hash, |l| l.oid == slot.oid)
+                    .expect("an op in progress holds its object's lane");
+                if !lane.chain_new.is_empty() {
+                    for &(index, _) in plan.dirty.entries() {
+                        if let Ok(at) = lane.chain_new.binary_search(&index) {
+                            lane.chain_new.remove(at);
+                        }
+                    }
+                }
+            }
             self.recycle_plan(plan);
         }
         let slot = &mut self.slots[slot_index as usize];
         if result.is_err() {
             self.stats.errors += 1;
         }
+        let journaled = slot.stage == Stage::Journaled;
         slot.result = result;
         slot.stage = Stage::Done;
         self.finished.push_back(slot_index);
-        self.release_lane(slot_index);
+        self.release_lane(slot_index, journaled);
     }
 
     /// `oid`'s lane (`hash` is its hash), with one op (a mutation unless `reading`) in progress.
@@ -924,14 +1004,17 @@ impl<Q: QueuePair> SegmentStore<Q> {
             self.lanes.find(hash, |l| l.oid == oid).is_none(),
             "one lane per object"
         );
-        let (mut key, waiting) = self.spare_lanes.pop().unwrap_or_default();
-        debug_assert!(waiting.is_empty());
+        let (mut key, waiting, chain_new) = self.spare_lanes.pop().unwrap_or_default();
+        debug_assert!(waiting.is_empty() && chain_new.is_empty());
         key.clear();
         key.extend_from_slice(oid);
         let lane = Lane {
             oid: key,
             hash,
             active: 1,
+            journaled: 0,
+            after: None,
+            chain_new,
             reading,
             waiting,
         };
@@ -945,21 +1028,29 @@ impl<Q: QueuePair> SegmentStore<Q> {
             .expect("an op in progress holds its object's lane")
     }
 
-    fn release_lane(&mut self, slot_index: u32) {
+    /// The op in `slot` (`journaled`: its record was in the journal) is over: the next ops
+    /// of its object start when it was the last in progress.
+    fn release_lane(&mut self, slot_index: u32, journaled: bool) {
         let slot = &self.slots[slot_index as usize];
         let (oid, hash) = (&slot.oid, slot.oid_hash);
         let Ok(mut entry) = self.lanes.find_entry(hash, |l| l.oid == *oid) else {
             panic!("an op holds its lane");
         };
         let lane = entry.get_mut();
-        debug_assert!(lane.active > 0);
+        debug_assert!(lane.active > 0 && lane.journaled >= u32::from(journaled));
         lane.active -= 1;
+        lane.journaled -= u32::from(journaled);
         if lane.active > 0 {
             return;
         }
+        debug_assert_eq!(lane.journaled, 0);
+        lane.after = None;
+        lane.chain_new.clear();
         let Some(&front) = lane.waiting.front() else {
             let (lane, _) = entry.remove();
-            self.spare_lanes.push((lane.oid, lane.waiting));
+            let mut chain_new = lane.chain_new;
+            chain_new.clear();
+            self.spare_lanes.push((lane.oid, lane.waiting, chain_new));
             return;
         };
         // Next: one mutation, or every read-only op up to the next mutation. All are counted
@@ -983,6 +1074,37 @@ impl<Q: QueuePair> SegmentStore<Q> {
             let next = lane.waiting.pop_front().expect("counted above");
             self.start(next);
         }
+    }
+
+    /// Starts the waiting whole-block writes that may now run behind the chains of
+    /// journaled writes `journal_plan` noted (each may extend its chain and note it again).
+    /// Returns how many started.
+    fn start_pipelined(&mut self) -> usize {
+        let mut started = 0;
+        while let Some(slot_index) = self.pipeline_checks.pop() {
+            let slot = &self.slots[slot_index as usize];
+            if slot.stage != Stage::Journaled {
+                continue; // Durable since (or failed): its lane moved on without it.
+            }
+            let Some(lane) = self.lanes.find_mut(slot.oid_hash, |l| l.oid == slot.oid) else {
+                continue;
+            };
+            let Some(after) = lane.after else { continue };
+            let next = match lane.waiting.front() {
+                Some(&next)
+                    if lane.active == lane.journaled && self.slots[next as usize].pipelines =>
+                {
+                    next
+                }
+                _ => continue,
+            };
+            lane.waiting.pop_front();
+            lane.active += 1;
+            self.extra.lane_pipelined += 1;
+            started += 1;
+            self.run(next, Some(after));
+        }
+        started
     }
 
     fn submit_reads(&mut self) {
@@ -1110,15 +1232,19 @@ fn build_runs(
     }
 }
 
-/// Blocks `plan` maps that `old` did not have mapped: what the op adds to the mapped count
-/// once applied. A dropped object's blocks are unmapped by the same record, but they are
-/// counted as they stand until then: admission may refuse early, never late.
-fn new_mapped_blocks(plan: &Plan, old: Option<ObjectRef<'_>>) -> u64 {
+/// Puts in `new` the blocks `plan` maps that neither `old` nor the journaled writes before
+/// it (`chain`, sorted) have mapped: what the op adds to the mapped count once applied. A
+/// dropped object's blocks are unmapped by the same record, but they are counted as they
+/// stand until then: admission may refuse early, never late.
+fn new_mapped_blocks(plan: &Plan, old: Option<ObjectRef<'_>>, chain: &[u64], new: &mut Vec<u64>) {
+    new.clear();
     let data = plan
         .dirty
         .entries()
         .iter()
-        .filter(|(_, dirty)| matches!(dirty, Dirty::Data { .. }));
+        .filter(|(_, dirty)| matches!(dirty, Dirty::Data { .. }))
+        .filter(|(index, _)| chain.binary_search(index).is_err());
+    let indexes = |(index, _): &(u64, Dirty)| *index;
     match old {
         Some(old) if !plan.dropped && old.mapped_blocks > 0 => {
             // No block is mapped at or past the object's size (fsck's `BlockPastSize` rule:
@@ -1139,9 +1265,10 @@ fn new_mapped_blocks(plan: &Plan, old: Option<ObjectRef<'_>>) -> u64 {
                 );
                 !mapped
             })
-            .count() as u64
+            .map(indexes)
+            .for_each(|index| new.push(index));
         }
-        _ => data.count() as u64,
+        _ => data.map(indexes).for_each(|index| new.push(index)),
     }
 }
 
@@ -1289,19 +1416,34 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         }
         // Keyed SipHash (ids come from clients), once: the lane and the object are found by it.
         let hash = self.metadata.hash_oid(oid);
-        let (idle, joins) = match self.lanes.find(hash, |l| l.oid == oid) {
-            None => (true, false),
-            Some(lane) => (false, read_only && lane.reading && lane.waiting.is_empty()),
+        let (idle, joins, after) = match self.lanes.find(hash, |l| l.oid == oid) {
+            None => (true, false, None),
+            Some(lane) => (
+                false,
+                read_only && lane.reading && lane.waiting.is_empty(),
+                // Behind a chain of journaled whole-block writes, with nothing else waiting.
+                lane.after.filter(|_| {
+                    lane.waiting.is_empty() && lane.active == lane.journaled && exec::pipelines(ops)
+                }),
+            ),
         };
-        if idle || joins {
+        if idle || joins || after.is_some() {
             // Fast path: nothing to read and nothing to wait for runs right here, with the
             // caller's sub-ops, and completes now unless it journals.
             let old = self.metadata.object_hashed(oid, hash);
             exec::blocks_to_read(old, ops, out.capacity(), &mut self.needed);
             if self.needed.is_empty() {
                 let plan = self.spare_plans.pop().unwrap_or_else(Plan::new);
-                let executed =
-                    exec::execute(old, ops, &NoBlocks, out, results, &mut self.pool, plan);
+                let executed = exec::execute(
+                    old,
+                    after,
+                    ops,
+                    &NoBlocks,
+                    out,
+                    results,
+                    &mut self.pool,
+                    plan,
+                );
                 count_reads(&mut self.stats, ops);
                 let plan = match executed {
                     Err((error, plan)) => {
@@ -1327,8 +1469,13 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
                 slot.results[..ops.len()].copy_from_slice(&results[..ops.len()]);
                 slot.result_count = ops.len();
                 slot.plan = Some(plan);
-                debug_assert!(idle, "only a mutation journals, and it runs alone");
-                self.open_lane(oid, hash, false);
+                if idle {
+                    self.open_lane(oid, hash, false);
+                } else {
+                    debug_assert!(after.is_some(), "a mutation runs alone or behind a chain");
+                    self.lane_mut(oid, hash).active += 1;
+                    self.extra.lane_pipelined += 1;
+                }
                 self.journal_plan(slot_index);
                 self.stats.transactions += 1;
                 return Ok(Submit::Pending);
@@ -1403,7 +1550,7 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
         // 2. Ops whose reads are in, then ops waiting for batch room, then the journal.
         self.submit_reads();
         while let Some(slot_index) = self.ready.pop_front() {
-            self.run(slot_index);
+            self.run(slot_index, None);
         }
         self.pump_journal();
         let blocked = self.blocked.len();
@@ -1411,7 +1558,8 @@ impl<Q: QueuePair> ObjectStore for SegmentStore<Q> {
             let slot_index = self.blocked.pop_front().expect("counted");
             self.journal_plan(slot_index);
         }
-        if blocked > 0 {
+        let pipelined = self.start_pipelined();
+        if blocked > 0 || pipelined > 0 {
             self.pump_journal();
         }
         self.maintain();

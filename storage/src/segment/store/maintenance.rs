@@ -109,10 +109,14 @@ impl<Q: QueuePair> SegmentStore<Q> {
     }
 
     /// Whether a write that found no room should wait for the cleaner rather than fail: the
-    /// cleaner or a checkpoint is at work, or one of them can start and bring space back.
+    /// cleaner or a checkpoint is at work, or one of them can start and bring space back, or
+    /// records are on their way (their overwrites, once applied, leave blocks dead that may
+    /// make a victim usable: with whole-block writes to one object journaled side by side,
+    /// a window of overwrites can be in flight when the open segment fills).
     /// (Never true when nothing can move: a waiting write would wait forever.)
     pub(super) fn space_reclaimable(&self) -> bool {
-        self.cleaner.active()
+        self.journal.records_in_flight() > 0
+            || self.cleaner.active()
             || !self.journal.checkpoint_idle()
             || self.usable_victim().is_some()
             || self.checkpoint_can_start()
