@@ -1707,6 +1707,11 @@ impl<N: Network> Core for OsdCore<N> {
         !self.store.busy()
     }
 
+    fn waits_on_device(&self) -> bool {
+        // As `park_timeout`: a parked core hears of completions only when the store signals.
+        !self.nic_polled && self.store_wakes && self.store.busy()
+    }
+
     fn drained(&self) -> bool {
         let bit = 1u64 << self.index;
         if self.locally_quiet() {
