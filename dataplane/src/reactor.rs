@@ -536,56 +536,50 @@ mod tests {
         }
     }
 
-    #[test]
-    fn adaptive_policy_parks_soon_while_waiting_on_the_device() {
+    /// Runs a `DeviceWaitCore` under a day-long `park_after` until it parks or a stopper
+    /// thread ends the run after `limit`. Returns the core, the counters and the run's time.
+    fn run_device_wait(
+        waits_on_device: bool,
+        limit: Duration,
+    ) -> (DeviceWaitCore, LoopCounters, Duration) {
         let policy = IdlePolicy::Adaptive {
-            park_after: Duration::from_secs(3600),
+            park_after: Duration::from_secs(86_400),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let mut core = DeviceWaitCore {
             idle_passes: 0,
             parks: 0,
-            waits_on_device: true,
+            waits_on_device,
             stop: stop.clone(),
         };
-        // A stopper ends the run after 2 s should the core never park (it would poll on).
         let stopper = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(2));
+                std::thread::sleep(limit);
                 stop.store(true, Ordering::Relaxed);
             })
         };
         let started = Instant::now();
         let counters = run(&mut core, policy, &stop);
         let took = started.elapsed();
-        drop(stopper); // Left to set a flag nobody reads any more.
+        drop(stopper); // Once the core parked, left to set a flag nobody reads any more.
+        (core, counters, took)
+    }
+
+    #[test]
+    fn adaptive_policy_parks_soon_while_waiting_on_the_device() {
+        let (core, counters, took) = run_device_wait(true, Duration::from_secs(2));
         assert_eq!(
             (core.parks, counters.parks),
             (1, 1),
             "parked after DEVICE_PARK_AFTER, not after park_after"
         );
         assert!(took < Duration::from_secs(1), "{took:?}");
-        // Without device I/O the same core polls on past DEVICE_PARK_AFTER (a stopper ends
-        // it after 50 ms, with no park).
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut core = DeviceWaitCore {
-            idle_passes: 0,
-            parks: 0,
-            waits_on_device: false,
-            stop: stop.clone(),
-        };
-        let stopper = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                stop.store(true, Ordering::Relaxed);
-            })
-        };
-        let counters = run(&mut core, policy, &stop);
-        stopper.join().unwrap();
+        // Without device I/O the same core polls on past DEVICE_PARK_AFTER until the stopper
+        // ends the run, with no park.
+        let (core, counters, _) = run_device_wait(false, Duration::from_millis(50));
         assert_eq!((core.parks, counters.parks), (0, 0), "{counters:?}");
-        assert!(counters.idle_ns >= 40_000_000);
+        assert!(counters.idle_ns >= 40_000_000 && core.idle_passes > 0);
     }
 
     /// A core nothing can wake (it polls a NIC queue): its park timeout is zero.
