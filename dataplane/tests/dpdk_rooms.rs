@@ -18,22 +18,15 @@ fn main() {
 fn main() {
     use carmine_dataplane::buffers::{pool_id, SizeClass};
     use carmine_dataplane::dgram::ipv4::Endpoint;
-    use carmine_dataplane::dpdk::{net, udp, Eal, Mempool, Port, PortConfig};
+    use carmine_dataplane::dpdk::{net, udp, Mempool, Port, PortConfig};
     use carmine_dataplane::udp::{DatagramPort, Received};
     use std::time::{Duration, Instant};
 
     const DATAGRAMS: usize = 200;
-    let socket = format!("/run/carmine-rooms-{}.sock", std::process::id());
-    let prefix = dpdk_common::file_prefix("rooms");
-    let args = dpdk_common::memif_pair_args(&prefix, &socket, "");
-    let eal = match Eal::init(&args) {
-        Ok(eal) => eal,
-        Err(e) => {
-            eprintln!("SKIP: EAL does not start here ({e}); args {args:?}");
-            return;
-        }
+    let Some(pair) = dpdk_common::start_memif_pair("rooms", "") else {
+        return;
     };
-    assert_eq!(eal.port_count(), 2, "the memif server and client ports");
+    let eal = &pair.eal;
 
     let server_ip = "10.78.0.1".parse().unwrap();
     let in_place = net::InPlace {
@@ -144,6 +137,5 @@ fn main() {
     println!("test memif_datagrams_leased_in_their_rooms ... ok");
     println!("\ndpdk_rooms: 1 passed, 0 failed");
     drop(queues);
-    let _ = std::fs::remove_file(&socket);
-    dpdk_common::remove_runtime_dir(&prefix);
+    pair.remove_files();
 }

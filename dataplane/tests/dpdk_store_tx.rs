@@ -20,21 +20,14 @@ fn main() {
 #[cfg(feature = "dpdk")]
 fn main() {
     use carmine_dataplane::dgram::ipv4::Endpoint;
-    use carmine_dataplane::dpdk::{heap, net, Eal, Mbuf, Mempool, Port, PortConfig};
+    use carmine_dataplane::dpdk::{heap, net, Mbuf, Mempool, Port, PortConfig};
     use carmine_dataplane::udp::DatagramPort;
     use std::time::{Duration, Instant};
 
-    let socket = format!("/run/carmine-store-tx-{}.sock", std::process::id());
-    let prefix = dpdk_common::file_prefix("store-tx");
-    let args = dpdk_common::memif_pair_args(&prefix, &socket, "zero-copy=yes,");
-    let eal = match Eal::init(&args) {
-        Ok(eal) => eal,
-        Err(e) => {
-            eprintln!("SKIP: EAL does not start here ({e}); args {args:?}");
-            return;
-        }
+    let Some(pair) = dpdk_common::start_memif_pair("store-tx", "zero-copy=yes,") else {
+        return;
     };
-    assert_eq!(eal.port_count(), 2, "the memif server and client ports");
+    let eal = &pair.eal;
 
     // The peer first (a memif client connects when its port starts).
     let peer_pool = Mempool::new(&eal, "store-tx-peer", 1023, 128 + 9216).unwrap();
@@ -146,6 +139,5 @@ fn main() {
 
     println!("\ndpdk_store_tx: 2 passed, 0 failed");
     drop(peer_queues);
-    let _ = std::fs::remove_file(&socket);
-    dpdk_common::remove_runtime_dir(&prefix);
+    pair.remove_files();
 }

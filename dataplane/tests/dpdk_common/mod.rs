@@ -97,3 +97,44 @@ pub fn memif_pair_args(prefix: &str, socket: &str, client_extra: &str) -> Vec<St
     args.push("--single-file-segments".into());
     args
 }
+
+/// Both ends of a memif pair in this process, over a socket of its own (`memif_pair_args`).
+#[cfg(feature = "dpdk")]
+pub struct MemifPair {
+    pub eal: carmine_dataplane::dpdk::Eal,
+    socket: String,
+    prefix: String,
+}
+
+/// Starts the EAL with a memif pair for `test` (`client_extra`: the client's extra devargs).
+/// None, with a SKIP line that says why, where the EAL does not start (CI runs these as root,
+/// where it does).
+#[cfg(feature = "dpdk")]
+pub fn start_memif_pair(test: &str, client_extra: &str) -> Option<MemifPair> {
+    let socket = format!("/run/carmine-{test}-{}.sock", std::process::id());
+    let prefix = file_prefix(test);
+    let args = memif_pair_args(&prefix, &socket, client_extra);
+    match carmine_dataplane::dpdk::Eal::init(&args) {
+        Ok(eal) => {
+            assert_eq!(eal.port_count(), 2, "the memif server and client ports");
+            Some(MemifPair {
+                eal,
+                socket,
+                prefix,
+            })
+        }
+        Err(e) => {
+            eprintln!("SKIP: EAL does not start here ({e}); args {args:?}");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "dpdk")]
+impl MemifPair {
+    /// Removes the socket and the EAL's runtime files (best effort: the outcome is decided).
+    pub fn remove_files(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+        remove_runtime_dir(&self.prefix);
+    }
+}

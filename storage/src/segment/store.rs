@@ -5,6 +5,9 @@
 //!    blocks being read, or its record not yet durable), it waits in that object's lane: a
 //!    mutation runs alone, in order, so each op sees the durable result of the one before (and
 //!    a read never sees data that a crash could still take back); reads in a row run together.
+//!    The exception: a whole-block write starts at once behind journaled whole-block writes
+//!    (`exec::pipelines`, `Lane::after`), since it reads nothing of the object and its record
+//!    goes after theirs.
 //! 2. The blocks it needs from the device (reads, and the edges of partial-block writes) are
 //!    read, each checked against the crc32c in the metadata.
 //! 3. `exec::execute` runs its sub-ops on a private working set: read outputs are produced,
@@ -887,11 +890,11 @@ impl<Q: QueuePair> SegmentStore<Q> {
         let plan = slot.plan.as_mut().expect("a planned op");
         let old = self.metadata.object_hashed(&slot.oid, slot.oid_hash);
         debug_assert_eq!(slot.new_blocks, 0, "admitted once");
-        let chain: &[u64] = self
+        let lane = self
             .lanes
-            .find(slot.oid_hash, |l| l.oid == slot.oid)
-            .map_or(&[], |lane| &lane.chain_new);
-        new_mapped_blocks(plan, old, chain, &mut self.new_scratch);
+            .find_mut(slot.oid_hash, |l| l.oid == slot.oid)
+            .expect("an op in progress holds its object's lane");
+        new_mapped_blocks(plan, old, &lane.chain_new, &mut self.new_scratch);
         let new_blocks = self.new_scratch.len() as u64;
         if new_blocks > 0 && mapped + self.pending_new_blocks + new_blocks > self.usable_blocks {
             self.extra.usable_full_refusals += 1;
@@ -916,11 +919,6 @@ impl<Q: QueuePair> SegmentStore<Q> {
                 self.pending_new_blocks += new_blocks;
                 self.extra.client_bytes_written += slot.write_bytes;
                 let after = slot.pipelines.then(|| plan.after());
-                let (oid, hash) = (&slot.oid, slot.oid_hash);
-                let lane = self
-                    .lanes
-                    .find_mut(hash, |l| l.oid == *oid)
-                    .expect("an op in progress holds its object's lane");
                 debug_assert!(lane.journaled < lane.active && !lane.reading);
                 // The chain goes on only from a whole-block write whose predecessors still
                 // in the journal are one too (or that has none left there).
@@ -967,26 +965,12 @@ impl<Q: QueuePair> SegmentStore<Q> {
 
     /// The op is over (with `result`): report it and let its object's next op start.
     fn finish(&mut self, slot_index: u32, result: Result<(), StoreError>) {
-        if let Some(plan) = self.slots[slot_index as usize].plan.take() {
-            let slot = &self.slots[slot_index as usize];
-            if slot.stage == Stage::Journaled {
-                // Its blocks are in the metadata now (or the journal failed): the chain's
-                // list need not cover them any more.
-                let lane = self
-                    .lanes
-                    .find_mut(slot.oid_hash, |l| l.oid == slot.oid)
-                    .expect("an op in progress holds its object's lane");
-                if !lane.chain_new.is_empty() {
-                    for &(index, _) in plan.dirty.entries() {
-                        if let Ok(at) = lane.chain_new.binary_search(&index) {
-                            lane.chain_new.remove(at);
-                        }
-                    }
-                }
-            }
-            self.recycle_plan(plan);
-        }
         let slot = &mut self.slots[slot_index as usize];
+        let mut plan = slot.plan.take();
+        if let Some(plan) = plan.as_mut() {
+            // Before the lane starts the next op, which takes buffers from the pool.
+            self.pool.give_all(&mut plan.bufs);
+        }
         if result.is_err() {
             self.stats.errors += 1;
         }
@@ -994,7 +978,10 @@ impl<Q: QueuePair> SegmentStore<Q> {
         slot.result = result;
         slot.stage = Stage::Done;
         self.finished.push_back(slot_index);
-        self.release_lane(slot_index, journaled);
+        self.release_lane(slot_index, plan.as_ref().filter(|_| journaled));
+        if let Some(plan) = plan {
+            self.recycle_plan(plan);
+        }
     }
 
     /// `oid`'s lane (`hash` is its hash), with one op (a mutation unless `reading`) in progress.
@@ -1028,18 +1015,29 @@ impl<Q: QueuePair> SegmentStore<Q> {
             .expect("an op in progress holds its object's lane")
     }
 
-    /// The op in `slot` (`journaled`: its record was in the journal) is over: the next ops
-    /// of its object start when it was the last in progress.
-    fn release_lane(&mut self, slot_index: u32, journaled: bool) {
+    /// The op in `slot` is over (`journaled`: the plan of an op whose record was in the
+    /// journal): the next ops of its object start when it was the last in progress.
+    fn release_lane(&mut self, slot_index: u32, journaled: Option<&Plan>) {
         let slot = &self.slots[slot_index as usize];
         let (oid, hash) = (&slot.oid, slot.oid_hash);
         let Ok(mut entry) = self.lanes.find_entry(hash, |l| l.oid == *oid) else {
             panic!("an op holds its lane");
         };
         let lane = entry.get_mut();
-        debug_assert!(lane.active > 0 && lane.journaled >= u32::from(journaled));
+        debug_assert!(lane.active > 0 && lane.journaled >= u32::from(journaled.is_some()));
         lane.active -= 1;
-        lane.journaled -= u32::from(journaled);
+        if let Some(plan) = journaled {
+            lane.journaled -= 1;
+            if lane.active > 0 && !lane.chain_new.is_empty() {
+                // Its blocks are in the metadata now (or the journal failed): the chain's
+                // list need not cover them any more.
+                for &(index, _) in plan.dirty.entries() {
+                    if let Ok(at) = lane.chain_new.binary_search(&index) {
+                        lane.chain_new.remove(at);
+                    }
+                }
+            }
+        }
         if lane.active > 0 {
             return;
         }
